@@ -1,0 +1,144 @@
+"""Labelled image sets read from a folder or an archive, and seeded stratified splits.
+
+Two layouts are understood, inside a directory or a ``.tar``/``.tar.gz``/``.zip`` archive
+(optionally below one top-level folder):
+
+* class folders: ``<class>/<image>.jpg`` — classes are the sorted folder names;
+* a ``labels.tsv`` with columns ``index  wnid  name  file`` (the ImageNet sample layout):
+  class ``index`` is the label, ``name`` the class name, ``file`` relative to the tsv.
+
+Images are decoded on demand with Pillow; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+import numpy as np
+
+from .errors import DatasetError
+from .images import load_image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images with integer labels; ``sources`` are file paths or encoded bytes."""
+
+    sources: tuple[Path | bytes, ...]
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    origin: str = ""
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def image(self, i: int) -> np.ndarray:
+        """Decode image ``i`` as an HxWx3 uint8 RGB array."""
+        source = self.sources[i]
+        return load_image(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageSet":
+        """The images at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(tuple(self.sources[i] for i in idx), self.labels[idx], self.classes, self.origin)
+
+    def split(self, fractions: Sequence[float], seed: int = 0) -> list["ImageSet"]:
+        """Stratified split: each class is shuffled with ``seed`` and cut by ``fractions``.
+
+        Fractions must sum to at most 1; every part gets ``round(f * n_class)`` images of each
+        class (the last part takes the rounding remainder when fractions sum to 1).
+        """
+        return [self.subset(part) for part in stratified_indices(self.labels, fractions, seed)]
+
+    def take_per_class(self, n: int, seed: int = 0) -> "ImageSet":
+        """At most ``n`` images of each class, chosen with ``seed``."""
+        rng = np.random.default_rng(seed)
+        picked = []
+        for c in np.unique(self.labels):
+            members = np.flatnonzero(self.labels == c)
+            picked.extend(rng.permutation(members)[:n].tolist())
+        return self.subset(sorted(picked))
+
+
+def stratified_indices(labels: np.ndarray, fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:
+    """Index arrays of a seeded stratified split of ``labels`` by ``fractions``."""
+    if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+        raise ValueError(f"split fractions must be non-negative and sum to at most 1, got {list(fractions)}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in fractions]
+    whole = abs(sum(fractions) - 1) < 1e-9
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        start = 0
+        for k, f in enumerate(fractions):
+            end = len(members) if whole and k == len(fractions) - 1 else start + int(round(f * len(members)))
+            parts[k].extend(members[start:end].tolist())
+            start = end
+    return [np.array(sorted(p), dtype=np.int64) for p in parts]
+
+
+def open_image_set(path: str | Path) -> ImageSet:
+    """Read a labelled image set from a directory or an archive (see the module doc)."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"image data not found: {path}. Give a folder of class sub-folders or an archive of one.")
+    if path.is_dir():
+        files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+        return _from_listing(files, str(path))
+    name = path.name.lower()
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        with tarfile.open(path) as tar:
+            files = {}
+            for member in tar.getmembers():
+                if member.isfile():
+                    handle = tar.extractfile(member)
+                    if handle is not None:
+                        files[member.name] = handle.read()
+        return _from_listing(files, str(path))
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(path) as zf:
+            files = {n: zf.read(n) for n in zf.namelist() if not n.endswith("/")}
+        return _from_listing(files, str(path))
+    raise DatasetError(f"{path}: not a folder, .tar, .tar.gz or .zip archive of images")
+
+
+def _from_listing(files: dict[str, Path | bytes], origin: str) -> ImageSet:
+    tsv = sorted((k for k in files if PurePosixPath(k).name == "labels.tsv"), key=len)
+    if tsv:
+        return _from_labels_tsv(tsv[0], files, origin)
+    images = sorted(k for k in files if k.lower().endswith(IMAGE_SUFFIXES))
+    if not images:
+        raise DatasetError(f"{origin}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    depth = min(len(PurePosixPath(k).parts) for k in images)
+    if depth < 2:
+        raise DatasetError(f"{origin}: images must sit in one folder per class (<class>/<image>.jpg)")
+    class_level = depth - 2
+    classes = sorted({PurePosixPath(k).parts[class_level] for k in images})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[PurePosixPath(k).parts[class_level]] for k in images], dtype=np.int64)
+    return ImageSet(tuple(files[k] for k in images), labels, tuple(classes), origin)
+
+
+def _from_labels_tsv(tsv_key: str, files: dict[str, Path | bytes], origin: str) -> ImageSet:
+    raw = files[tsv_key]
+    text = raw.decode() if isinstance(raw, bytes) else Path(raw).read_text()
+    base = PurePosixPath(tsv_key).parent
+    rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
+    try:
+        rows.sort(key=lambda r: int(r[0]))
+        classes = tuple(r[2] for r in rows)
+        sources, labels = [], []
+        for r in rows:
+            key = (base / r[3]).as_posix()
+            sources.append(files[key])
+            labels.append(int(r[0]))
+    except (IndexError, ValueError, KeyError) as exc:
+        raise DatasetError(f"{origin}: labels.tsv must have columns index, wnid, name, file ({exc})") from exc
+    return ImageSet(tuple(sources), np.array(labels, dtype=np.int64), classes, origin)

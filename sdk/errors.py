@@ -1,0 +1,62 @@
+"""Exceptions raised by stagewise; each message says what to do about it."""
+
+from __future__ import annotations
+
+
+class StagewiseError(Exception):
+    """Base class of every error stagewise raises on purpose."""
+
+
+class BundleError(StagewiseError):
+    """A bundle cannot be read: missing, unreadable or not a bundle."""
+
+
+class ManifestError(BundleError):
+    """``manifest.json`` does not follow the schema; the message names the field."""
+
+
+class IntegrityError(BundleError):
+    """An artifact's content does not match the sha256 recorded in the manifest."""
+
+
+class UnsafeArchiveError(BundleError):
+    """A ``.swb`` archive holds a member that would land outside the bundle."""
+
+
+class ImageInputError(StagewiseError, ValueError):
+    """An image has the wrong type, shape or dtype."""
+
+
+class BackendUnavailableError(StagewiseError):
+    """The requested runtime is not installed, or the bundle has no artifact for it."""
+
+
+class DeviceUnavailableError(StagewiseError):
+    """The requested device does not exist on this machine."""
+
+
+class UnknownOperatingPointError(StagewiseError, KeyError):
+    """An operating point name that the bundle does not define."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConversionError(StagewiseError):
+    """A model could not be converted; no bundle was written."""
+
+
+class InvalidCutPointError(ConversionError):
+    """A cut point is not one where a single tensor crosses; the message lists valid ones."""
+
+
+class VerificationError(ConversionError):
+    """An exported stage disagrees with its source model beyond tolerance."""
+
+
+class DatasetError(StagewiseError):
+    """Image data cannot be read as a labelled set."""
+
+
+class CalibrationError(StagewiseError):
+    """No thresholds satisfy the requested goal."""
