@@ -1,1 +1,11 @@
-"""placeholder"""
+"""Device-side runtime: backend adapters and the sequential executor.
+
+Importing this package loads numpy and stagewise's own modules only; a backend is imported
+when a bundle is loaded on it.
+"""
+
+from .base import RUNTIMES, LoadOptions, Runtime, StageIO, StageSession, register_runtime, resolve_runtime
+from .executor import Cascade, Prediction, StageRecord, load, profile_name
+
+__all__ = ["RUNTIMES", "Cascade", "LoadOptions", "Prediction", "Runtime", "StageIO", "StageRecord", "StageSession",
+           "load", "profile_name", "register_runtime", "resolve_runtime"]

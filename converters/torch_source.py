@@ -1,0 +1,46 @@
+"""Load a torch model factory given as ``path/to/file.py:factory`` or ``package.module:factory``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from stagewise.errors import ConversionError
+
+
+def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
+    """Resolve ``spec`` to a callable returning an ``nn.Module``."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ConversionError(f"model {spec!r}: give it as path/to/file.py:factory or package.module:factory")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ConversionError(f"model file not found: {path}")
+        module_name = f"_stagewise_model_{abs(hash(path.resolve()))}"
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[module_name] = module
+        loader.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ConversionError(f"cannot import {where!r} for model {spec!r}: {exc}") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ConversionError(f"{where} has no callable {name!r}")
+    return factory
+
+
+def build_model(spec: str) -> torch.nn.Module:
+    """Call the factory named by ``spec`` and return the model in eval mode."""
+    model = load_factory(spec)()
+    if not isinstance(model, torch.nn.Module):
+        raise ConversionError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()

@@ -1,0 +1,110 @@
+"""The backend adapter interface and the registry of runtimes.
+
+A runtime turns one stage's artifact files into a :class:`StageSession` that maps one input
+tensor to named output tensors. Adapters import their backend lazily, so importing this
+module costs nothing and a missing backend is reported only when it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from stagewise.errors import BackendUnavailableError
+
+
+class StageSession(Protocol):
+    """One loaded stage: ``run`` takes the stage input batch, returns outputs by tensor name."""
+
+    def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Options every runtime understands; ``extra`` carries runtime-specific settings."""
+
+    threads: int | None = None
+    device: str = "CPU"
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """Tensor names of one stage as recorded in the manifest."""
+
+    input: str
+    outputs: tuple[str, ...]
+
+
+Opener = Callable[[Sequence[Path], StageIO, LoadOptions], StageSession]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A registered runtime: its name, the artifact format it reads, and how to open a stage."""
+
+    name: str
+    artifact_format: str
+    module: str
+    package: str
+    install_hint: str
+
+    def installed(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.package) is not None
+        except (ImportError, ValueError):
+            return False
+
+    def opener(self) -> Opener:
+        if not self.installed():
+            raise BackendUnavailableError(
+                f"runtime {self.name!r} is not installed; install it with: {self.install_hint}")
+        return importlib.import_module(self.module).open_stage
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "onnxruntime": Runtime("onnxruntime", "onnx", "stagewise.runtimes.onnxruntime_adapter", "onnxruntime",
+                           'pip install "stagewise[onnxruntime]"'),
+    "openvino": Runtime("openvino", "openvino", "stagewise.runtimes.openvino_adapter", "openvino",
+                        'pip install "stagewise[openvino]"'),
+    "litert": Runtime("litert", "tflite", "stagewise.runtimes.litert_adapter", "ai_edge_litert",
+                      'pip install "stagewise[litert]"'),
+}
+
+DEFAULT_PREFERENCE = ("onnxruntime", "openvino", "litert")
+
+
+def register_runtime(runtime: Runtime) -> None:
+    """Add or replace a runtime (tests use this for a mock backend)."""
+    RUNTIMES[runtime.name] = runtime
+
+
+def resolve_runtime(requested: str, formats: Sequence[str], prefer: Sequence[str] = DEFAULT_PREFERENCE) -> Runtime:
+    """The runtime to use for a bundle carrying artifact ``formats``.
+
+    ``requested`` is a runtime name or ``"auto"`` (the first of ``prefer`` that is installed
+    and whose artifact format the bundle carries).
+    """
+    if requested != "auto":
+        if requested not in RUNTIMES:
+            raise BackendUnavailableError(
+                f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)} or 'auto'")
+        runtime = RUNTIMES[requested]
+        if runtime.artifact_format not in formats:
+            raise BackendUnavailableError(
+                f"this bundle has no {runtime.artifact_format!r} artifacts for runtime {requested!r} "
+                f"(it carries: {', '.join(formats) or 'none'}); reconvert with --backend {runtime.artifact_format} "
+                "or load it with a runtime it supports")
+        return runtime
+    candidates = [RUNTIMES[n] for n in prefer if n in RUNTIMES and RUNTIMES[n].artifact_format in formats]
+    for runtime in candidates:
+        if runtime.installed():
+            return runtime
+    hints = "; ".join(f"{r.name}: {r.install_hint}" for r in candidates) or "none match its formats"
+    raise BackendUnavailableError(
+        f"no installed runtime can run this bundle (it carries: {', '.join(formats)}); install one: {hints}")
