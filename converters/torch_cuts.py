@@ -1,0 +1,194 @@
+"""Find where a PyTorch classifier can be cut into sequential stages, and cut it there.
+
+The model is traced with :func:`torch.fx.symbolic_trace` (in eval mode). A submodule is a *cut
+point* when its nodes are contiguous in the traced graph and the only value computed up to its
+last node that is still needed afterwards is that last node, the module's output. Splitting at
+cut points yields segments that each take one tensor and return one tensor.
+
+Parameters, buffers and constants (``get_attr`` nodes) never count as crossing a cut: each
+segment gets its own copy of those it uses. Batch-size queries (``t.size(0)``,
+``t.shape[0]``, ``t.size()[0]``) do not count either: a later segment recomputes them as
+``carry.size(0)``, which assumes, as in any per-sample classifier, that dimension 0 is the
+batch dimension of every carried tensor. Everything else crossing a cut, including the model
+input itself, makes the cut invalid.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Sequence
+
+import torch
+from torch import fx
+
+from stagewise.errors import ConversionError, InvalidCutPointError
+
+_SKIPPED_OPS = ("placeholder", "get_attr", "output")
+
+
+def list_cut_points(model: torch.nn.Module) -> list[str]:
+    """Names of submodules (as in ``model.named_modules()``) after whose output ``model`` can be cut.
+
+    Exactly one tensor, that module's output, crosses such a cut: every value computed before it
+    that is used after it is that output itself. Names are in forward (topological) order; the
+    root and the module producing the final output are excluded.
+
+    Raises :class:`ConversionError` if the model cannot be traced with ``torch.fx`` and
+    :class:`InvalidCutPointError` if it does not return a single tensor.
+    """
+    _, _, cuts = _analyse(model)
+    return list(cuts)
+
+
+def split_model(model: torch.nn.Module, cuts: Sequence[str]) -> list[fx.GraphModule]:
+    """Cut ``model`` after each module named in ``cuts`` and return ``len(cuts) + 1`` segments.
+
+    Segment 0 maps the model input to the output of ``cuts[0]``; segment ``k`` maps that carried
+    tensor (its input is named ``carry``) to the output of ``cuts[k]``; the last segment maps the
+    last carry to the model's output, so composing the segments equals ``model(x)``. Each segment
+    is an eval-mode :class:`torch.fx.GraphModule` holding copies of only the submodules and
+    parameters it uses; ``model`` itself is left unchanged.
+
+    Raises :class:`InvalidCutPointError`, naming the bad cut and listing all valid cut points,
+    when a name is unknown, is not a valid cut point, or the cuts are not in strictly forward
+    order; :class:`ConversionError` when the model cannot be traced with ``torch.fx``.
+    """
+    traced, nodes, valid = _analyse(model)
+    known = {name for name, _ in model.named_modules()}
+    ends: list[int] = []
+    for cut in cuts:
+        if cut not in valid:
+            problem = "is not a submodule of the model" if cut not in known else (
+                "is not a valid cut point: more than one value would cross it, it does not run "
+                "as one contiguous piece of forward(), or it produces the final output")
+            raise InvalidCutPointError(f"cut {cut!r} {problem}. {_valid_list(valid)}")
+        if ends and valid[cut] <= ends[-1]:
+            raise InvalidCutPointError(
+                f"cut {cut!r} does not come after {cuts[len(ends) - 1]!r}; cuts must be in forward "
+                f"order without duplicates. {_valid_list(valid)}")
+        ends.append(valid[cut])
+
+    output = _output_node(traced)
+    starts = [0] + [end + 1 for end in ends]
+    carries: list[fx.Node | None] = [None] + [nodes[end] for end in ends]
+    outs = [nodes[end] for end in ends] + [output]
+    stops = [end + 1 for end in ends] + [len(nodes)]
+    return [_segment(model, traced.graph, nodes[start:stop], carry, out)
+            for start, stop, carry, out in zip(starts, stops, carries, outs)]
+
+
+def _trace(model: torch.nn.Module) -> fx.GraphModule:
+    """Trace ``model`` in eval mode, restoring each submodule's training flag afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as error:
+        raise ConversionError(
+            f"{type(model).__name__} cannot be split: the model must be fx-traceable "
+            "(torch.fx.symbolic_trace; no control flow that depends on tensor values). "
+            f"Tracing failed with {type(error).__name__}: {error}") from error
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _output_node(traced: fx.GraphModule) -> fx.Node:
+    """The single node whose value the traced model returns."""
+    (result,) = (node.args[0] for node in traced.graph.nodes if node.op == "output")
+    if not isinstance(result, fx.Node):
+        raise InvalidCutPointError(
+            f"the model returns a {type(result).__name__}, not a single tensor; wrap it so "
+            "that forward() returns only the logits tensor")
+    return result
+
+
+def _analyse(model: torch.nn.Module) -> tuple[fx.GraphModule, list[fx.Node], dict[str, int]]:
+    """Trace ``model``; return the trace, its computing nodes in order, and the valid cut points
+    mapped to the index of their last node, in forward order."""
+    traced = _trace(model)
+    output = _output_node(traced)
+    nodes = [node for node in traced.graph.nodes if node.op not in _SKIPPED_OPS]
+    position = {node: index for index, node in enumerate(nodes)}
+
+    spans: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name, _ in node.meta.get("nn_module_stack", {}).values():
+            spans.setdefault(name, []).append(index)
+
+    # A value is live across every cut from where it is computed up to its last use.
+    live: list[tuple[int, int, fx.Node]] = []
+    for node in traced.graph.nodes:
+        if node.op in ("get_attr", "output") or _is_batch_size(node):
+            continue
+        last_use = max((position.get(user, len(nodes)) for user in node.users), default=-1)
+        live.append((position.get(node, -1), last_use, node))
+
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    valid: dict[str, int] = {}
+    for name in sorted(spans, key=lambda name: (spans[name][-1], order[name])):
+        span = spans[name]
+        end = span[-1]
+        crossing = {node for start, last_use, node in live if start <= end < last_use}
+        if (name and span == list(range(span[0], end + 1)) and nodes[end] is not output
+                and crossing == {nodes[end]}):
+            valid[name] = end
+    return traced, nodes, valid
+
+
+def _valid_list(valid: dict[str, int]) -> str:
+    return "Valid cut points, in forward order: " + (", ".join(valid) or "none") + "."
+
+
+def _is_batch_size(node: fx.Node) -> bool:
+    """True for ``t.size(0)``, ``t.shape[0]`` and ``t.size()[0]``."""
+    if node.op == "call_method" and node.target == "size":
+        return (node.args[1:] == (0,) and not node.kwargs) or node.kwargs == {"dim": 0}
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        source = node.args[0]
+        return isinstance(source, fx.Node) and (
+            (source.op == "call_method" and source.target == "size" and len(source.args) == 1
+             and not source.kwargs)
+            or (source.op == "call_function" and source.target is getattr
+                and source.args[1] == "shape"))
+    return False
+
+
+def _segment(model: torch.nn.Module, graph: fx.Graph, members: list[fx.Node],
+             carry: fx.Node | None, out: fx.Node) -> fx.GraphModule:
+    """Copy the nodes of ``members`` that ``out`` depends on into a new eval-mode GraphModule
+    whose input is ``carry`` (or the model inputs when ``carry`` is None)."""
+    inside = set(members)
+    needed: set[fx.Node] = set()
+    pending = [out]
+    while pending:
+        node = pending.pop()
+        if node in inside and node not in needed:
+            needed.add(node)
+            pending.extend(node.all_input_nodes)
+
+    new_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    if carry is None:
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                env[node] = new_graph.node_copy(node)
+    else:
+        env[carry] = new_graph.placeholder("carry")
+
+    def value(node: fx.Node) -> fx.Node:
+        if node not in env:
+            if node.op == "get_attr":
+                env[node] = new_graph.get_attr(node.target)
+            elif _is_batch_size(node) and carry is not None:
+                env[node] = new_graph.call_method("size", (env[carry], 0))
+            else:
+                raise AssertionError(f"{node.name} crosses a cut that was checked to be valid")
+        return env[node]
+
+    for node in members:
+        if node in needed:
+            env[node] = new_graph.node_copy(node, value)
+    new_graph.output(value(out))
+    return copy.deepcopy(fx.GraphModule(model, new_graph)).eval()
