@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import importlib.util
 import sys
 from pathlib import Path
@@ -38,9 +39,21 @@ def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
     return factory
 
 
-def build_model(spec: str) -> torch.nn.Module:
-    """Call the factory named by ``spec`` and return the model in eval mode."""
-    model = load_factory(spec)()
+def build_model(spec: str, image_size: int | None = None) -> torch.nn.Module:
+    """Call the factory named by ``spec`` and return the model in eval mode.
+
+    A factory that takes an ``image_size`` parameter is given the stage's input size (models
+    such as EfficientNet-Lite build their padding for it).
+    """
+    factory = load_factory(spec)
+    kwargs = {}
+    if image_size is not None:
+        try:
+            if "image_size" in inspect.signature(factory).parameters:
+                kwargs["image_size"] = image_size
+        except (TypeError, ValueError):
+            pass
+    model = factory(**kwargs)
     if not isinstance(model, torch.nn.Module):
         raise ConversionError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -78,11 +78,14 @@ class _Stage:
 class Cascade:
     """A loaded bundle, ready to classify images stage by stage."""
 
-    def __init__(self, bundle: Bundle, sessions: Sequence[StageSession], runtime: str, threads: int | None):
+    def __init__(self, bundle: Bundle, sessions: Sequence[StageSession], runtime: str, threads: int | None,
+                 device: str = "CPU", clock: Callable[[], float] = time.perf_counter):
         m = bundle.manifest
+        self._clock = clock
         self.bundle = bundle
         self.runtime = runtime
         self.threads = threads
+        self.device = device
         self.labels: list[str] = m["task"]["labels"]
         self.preprocess = Preprocess.from_manifest(m["input"])
         names = [s["name"] for s in m["stages"]]
@@ -90,9 +93,9 @@ class Cascade:
         self._points = {p["name"]: p for p in m["operating_points"]}
         self.operating_point = m["default_operating_point"]
         self.latency = LatencyModel(len(self._stages))
-        profile = _matching_profile(m, runtime, threads)
+        profile = profile_name(runtime, threads, device)
         for k, spec in enumerate(m["stages"]):
-            recorded = spec["cost"].get("latency_ms", {}).get(profile) if profile else None
+            recorded = spec["cost"].get("latency_ms", {}).get(profile)
             if recorded:
                 self.latency.seed(k, recorded.get("p95", recorded["p50"]))
 
@@ -133,10 +136,55 @@ class Cascade:
         size = max((s.size for s in self._stages if s.size), key=lambda hw: hw[0] * hw[1])
         grey = np.full((size[0], size[1], 3), 128, dtype=np.uint8)
         for r in range(runs):
-            prediction = self._run(grey, np.full(len(self._stages), np.inf), None, observe=False)
+            prediction = self.run_all_stages(grey)
             if r == runs - 1:
                 for k, record in enumerate(prediction.trace):
                     self.latency.seed(k, max(record.latency_ms, self.latency.predict(k)))
+
+    def run_all_stages(self, image: Any) -> Prediction:
+        """Run every stage on one image regardless of thresholds (for profiling and inspection)."""
+        return self._run(load_image(image), np.full(len(self._stages), np.inf), None, observe=False)
+
+    def stage_logits(self, images: Sequence[Any], batch_size: int = 32) -> list[np.ndarray]:
+        """Every stage's raw logits for every image (N x C per stage), in batches."""
+        per_stage: list[list[np.ndarray]] = [[] for _ in self._stages]
+        for i in range(0, len(images), batch_size):
+            chunk = [load_image(im) for im in images[i:i + batch_size]]
+            carries: dict[int, np.ndarray] = {}
+            for k, st in enumerate(self._stages):
+                x = self.preprocess.tensor(chunk, st.size) if st.size else carries[st.carry_from]
+                out = st.session.run(x)
+                per_stage[k].append(out[st.logits])
+                if st.carry:
+                    carries[k] = out[st.carry]
+        return [np.concatenate(xs) for xs in per_stage]
+
+    def predict_stage(self, image: Any, stage: int) -> Prediction:
+        """The answer of the single network that ends at ``stage``, on its own probabilities.
+
+        For a stage that reads the image this runs that stage alone (one model of a cascade);
+        for a carry stage it runs the chain of stages feeding it (a truncated network).
+        """
+        start = self._clock()
+        img = load_image(image)
+        chain = [stage]
+        while self._stages[chain[-1]].carry_from is not None:
+            chain.append(self._stages[chain[-1]].carry_from)
+        carries: dict[int, np.ndarray] = {}
+        records = []
+        for k in reversed(chain):
+            st = self._stages[k]
+            t0 = self._clock()
+            out = st.session.run(self.preprocess.tensor([img], st.size) if st.size else carries[st.carry_from])
+            if st.carry:
+                carries[k] = out[st.carry]
+            probs = softmax(out[st.logits], st.temperature)
+            score = float(confidence(st.score, probs, out[st.logits])[0])
+            records.append(StageRecord(st.name, "last" if k == stage else "continue", score, int(probs[0].argmax()),
+                                       (self._clock() - t0) * 1e3, None, None))
+        label = int(probs[0].argmax())
+        return Prediction(label, self.labels[label], score, stage, (self._clock() - start) * 1e3,
+                          tuple(records), probs[0])
 
     def predict(self, image: Any, budget_ms: float | None = None, operating_point: str | None = None) -> Prediction:
         """Classify one image (HxWx3 uint8 RGB array, PIL image or path).
@@ -144,13 +192,13 @@ class Cascade:
         With ``budget_ms``, a stage after the first runs only if its predicted latency fits in
         the time left; otherwise the best answer so far is returned with ``budget_limited``.
         """
-        start = time.perf_counter()
+        start = self._clock()
         thresholds = self._thresholds(operating_point)
         return self._run(load_image(image), thresholds, budget_ms, start=start)
 
     def _run(self, image: np.ndarray, thresholds: np.ndarray, budget_ms: float | None,
              start: float | None = None, observe: bool = True) -> Prediction:
-        start = time.perf_counter() if start is None else start
+        start = self._clock() if start is None else start
         records: list[StageRecord] = []
         carries: dict[int, np.ndarray] = {}
         total = None
@@ -160,19 +208,19 @@ class Cascade:
         for k, st in enumerate(self._stages):
             predicted = self.latency.predict(k) if budget_ms is not None else None
             if predicted is not None and best is not None:
-                left = budget_ms - (time.perf_counter() - start) * 1e3
+                left = budget_ms - (self._clock() - start) * 1e3
                 if predicted > left:
                     limited = True
                     records.extend(StageRecord(s.name, "skipped_budget", None, None, None,
                                                self.latency.predict(j), None)
                                    for j, s in enumerate(self._stages[k:], start=k))
                     break
-            t0 = time.perf_counter()
+            t0 = self._clock()
             x = self.preprocess.tensor([image], st.size) if st.size else carries[st.carry_from]
             out = st.session.run(x)
             probs, total = self._decide(st, k, out[st.logits], total)
             score = float(confidence(st.score, probs, out[st.logits])[0])
-            ms = (time.perf_counter() - t0) * 1e3
+            ms = (self._clock() - t0) * 1e3
             if observe:
                 self.latency.observe(k, ms)
             if st.carry:
@@ -186,7 +234,7 @@ class Cascade:
                 break
         k, probs, score = best
         label = int(probs.argmax())
-        return Prediction(label, self.labels[label], score, k, (time.perf_counter() - start) * 1e3,
+        return Prediction(label, self.labels[label], score, k, (self._clock() - start) * 1e3,
                           tuple(records), probs, limited)
 
     @staticmethod
@@ -198,7 +246,7 @@ class Cascade:
 
     def predict_batch(self, images: Iterable[Any], operating_point: str | None = None) -> list[Prediction]:
         """Classify many images with per-sample routing; same answers as ``predict`` one by one."""
-        start = time.perf_counter()
+        start = self._clock()
         thresholds = self._thresholds(operating_point)
         imgs = [load_image(im) for im in images]
         n = len(imgs)
@@ -211,7 +259,7 @@ class Cascade:
         for k, st in enumerate(self._stages):
             if not len(active):
                 break
-            t0 = time.perf_counter()
+            t0 = self._clock()
             x = self.preprocess.tensor([imgs[i] for i in active], st.size) if st.size else carries[st.carry_from][active]
             out = st.session.run(x)
             logits = out[st.logits]
@@ -221,12 +269,12 @@ class Cascade:
             total[active] += own
             probs = total[active] / (k + 1) if st.combine == "mean_probs" else own
             scores = confidence(st.score, probs, logits)
-            ms = (time.perf_counter() - t0) * 1e3
+            ms = (self._clock() - t0) * 1e3
             if st.carry:
                 carry = out[st.carry]
                 carries.setdefault(k, np.zeros((n,) + carry.shape[1:], dtype=carry.dtype))[active] = carry
             done = np.full(len(active), True) if k == last else scores >= thresholds[k]
-            now = (time.perf_counter() - start) * 1e3
+            now = (self._clock() - start) * 1e3
             for row, i in enumerate(active):
                 decision = "last" if k == last else ("exit" if done[row] else "continue")
                 traces[i].append(StageRecord(st.name, decision, float(scores[row]), int(probs[row].argmax()), ms, None,
@@ -261,11 +309,6 @@ def profile_name(runtime: str, threads: int | None, device: str = "CPU") -> str:
     return f"{runtime}-{device.lower()}-{threads or 'default'}t"
 
 
-def _matching_profile(manifest: dict, runtime: str, threads: int | None) -> str | None:
-    name = profile_name(runtime, threads)
-    return name if name in manifest.get("profiles", {}) else None
-
-
 def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: int | None = None,
          prefer: Sequence[str] = DEFAULT_PREFERENCE, warmup: bool = True, options: dict | None = None) -> Cascade:
     """Open a bundle (directory or ``.swb``) on a runtime and return a ready :class:`Cascade`.
@@ -285,7 +328,7 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
     except BaseException:
         bundle.close()
         raise
-    cascade = Cascade(bundle, sessions, runtime.name, threads)
+    cascade = Cascade(bundle, sessions, runtime.name, threads, device)
     if warmup:
         cascade.warm_up()
     return cascade

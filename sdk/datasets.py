@@ -68,20 +68,40 @@ class ImageSet:
 
 
 def stratified_indices(labels: np.ndarray, fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:
-    """Index arrays of a seeded stratified split of ``labels`` by ``fractions``."""
+    """Index arrays of a seeded stratified split of ``labels`` by ``fractions``.
+
+    Each part gets ``round(f * N)`` images in all and, per class, the floor of its share plus
+    one more for the classes whose share has the largest remainder (ties broken at random), so
+    even a set with one image per class splits to the requested sizes.
+    """
     if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
         raise ValueError(f"split fractions must be non-negative and sum to at most 1, got {list(fractions)}")
     rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[] for _ in fractions]
+    classes = np.unique(labels)
+    members = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    left = np.array([len(m) for m in members])
+    taken = np.zeros(len(classes), dtype=np.int64)
     whole = abs(sum(fractions) - 1) < 1e-9
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        start = 0
-        for k, f in enumerate(fractions):
-            end = len(members) if whole and k == len(fractions) - 1 else start + int(round(f * len(members)))
-            parts[k].extend(members[start:end].tolist())
-            start = end
-    return [np.array(sorted(p), dtype=np.int64) for p in parts]
+    parts = []
+    for k, f in enumerate(fractions):
+        if whole and k == len(fractions) - 1:
+            counts = left.copy()
+        else:
+            exact = f * np.array([len(m) for m in members])
+            counts = np.minimum(np.floor(exact).astype(np.int64), left)
+            extra = int(round(f * len(labels))) - int(counts.sum())
+            order = rng.permutation(len(classes))
+            order = order[np.argsort(-(exact - np.floor(exact))[order], kind="stable")]
+            for c in order:
+                if extra <= 0:
+                    break
+                if counts[c] < left[c]:
+                    counts[c] += 1
+                    extra -= 1
+        parts.append(np.sort(np.concatenate([m[t:t + n] for m, t, n in zip(members, taken, counts)]).astype(np.int64)))
+        taken += counts
+        left -= counts
+    return parts
 
 
 def open_image_set(path: str | Path) -> ImageSet:
@@ -133,7 +153,8 @@ def _from_labels_tsv(tsv_key: str, files: dict[str, Path | bytes], origin: str) 
     rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
     try:
         rows.sort(key=lambda r: int(r[0]))
-        classes = tuple(r[2] for r in rows)
+        names = {int(r[0]): r[2] for r in rows}
+        classes = tuple(names.get(i, f"class_{i}") for i in range(max(names) + 1))
         sources, labels = [], []
         for r in rows:
             key = (base / r[3]).as_posix()

@@ -1,0 +1,217 @@
+"""From torch stage modules to a calibrated bundle.
+
+The pipeline, shared by early-exit and cascade conversions:
+
+1. compute each stage's real input tensors (fp32 torch) for a few calibration images;
+2. export every stage to each requested artifact format, verify it against torch, and
+   quantize it to INT8 when asked (a stage whose top-1 agreement with fp32 falls below the
+   tolerance stays fp32, and the manifest says so);
+3. load the exported stages on the real runtime, record every stage's logits on the
+   calibration images and each stage's latency on this machine;
+4. pick operating points from those logits and latencies and publish the bundle atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+import stagewise
+from stagewise.bundle import write_bundle
+from stagewise.datasets import ImageSet
+from stagewise.errors import ConversionError
+from stagewise.images import Preprocess
+from stagewise.progress import progress_bar
+from stagewise.runtimes import load
+from stagewise.runtimes.base import RUNTIMES
+from stagewise.runtimes.calibrate import DEFAULT_DROPS, calibrate_manifest
+
+from .onnx_export import export_onnx, verify_onnx
+from .onnx_quantize import quantize_onnx, top1_agreement
+
+
+@dataclass
+class StagePlan:
+    """One stage ready for export: a torch module from its input tensor to its outputs.
+
+    ``module`` returns ``logits`` or, when ``has_carry``, ``(carry, logits)``. ``source`` is
+    the manifest's stage input without the tensor name: ``{"source": "image", "size": [h, w]}``
+    or ``{"source": "carry", "from": <earlier stage name>}``.
+    """
+
+    name: str
+    module: torch.nn.Module
+    source: dict
+    has_carry: bool
+    exit: dict
+    macs: int
+    params: int
+    head: dict | None = None
+
+    @property
+    def input_name(self) -> str:
+        return "image" if self.source["source"] == "image" else "carry"
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["carry", "logits"] if self.has_carry else ["logits"]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Choices of a conversion. Drops are fractions of top-1 (0.005 = half a point)."""
+
+    formats: tuple[str, ...] = ("onnx",)
+    int8: bool = False
+    int8_tolerance: float = 0.98
+    quantization_images: int = 256
+    target_drops: tuple[float, ...] = DEFAULT_DROPS
+    default_drop: float = 0.005
+    threads: int = 1
+    profile_images: int = 40
+    verify_tolerance: float = 1e-3
+    overwrite: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageInputs:
+    """Real fp32 inputs of one stage: for verification, quantization and agreement checks."""
+
+    verify: np.ndarray
+    calibrate: np.ndarray
+    agree: np.ndarray
+
+
+Exporter = Callable[[StagePlan, Path, StageInputs, BuildOptions], tuple[dict, dict[str, Path]]]
+
+
+def torch_stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, images: list[np.ndarray],
+                       batch: int = 64) -> list[np.ndarray]:
+    """Every stage's fp32 input tensor for ``images``, computed through the torch stages."""
+    per_stage: list[list[np.ndarray]] = [[] for _ in plans]
+    index = {p.name: k for k, p in enumerate(plans)}
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            chunk = images[i:i + batch]
+            carries: dict[int, torch.Tensor] = {}
+            for k, plan in enumerate(plans):
+                if plan.source["source"] == "image":
+                    x = torch.from_numpy(preprocess.tensor(chunk, tuple(plan.source["size"])))
+                else:
+                    x = carries[index[plan.source["from"]]]
+                per_stage[k].append(x.numpy())
+                out = plan.module(x)
+                if plan.has_carry:
+                    carries[k] = out[0]
+    return [np.concatenate(xs) for xs in per_stage]
+
+
+def export_onnx_stage(plan: StagePlan, workdir: Path, inputs: StageInputs, options: BuildOptions) -> tuple[dict, dict[str, Path]]:
+    """ONNX artifact of one stage (fp32, or INT8 QDQ when it keeps agreement with fp32)."""
+    fp32 = workdir / f"{plan.name}.onnx"
+    example = torch.from_numpy(inputs.verify[:1])
+    export_onnx(plan.module, example, fp32, plan.input_name, plan.output_names)
+    verification = verify_onnx(fp32, plan.module, torch.from_numpy(inputs.verify), plan.input_name,
+                               plan.output_names, options.verify_tolerance)
+    artifact = {"precision": "fp32", "verification": verification}
+    chosen = fp32
+    if options.int8:
+        int8 = workdir / f"{plan.name}.int8.onnx"
+        record = quantize_onnx(fp32, int8, plan.input_name, inputs.calibrate)
+        agreement = top1_agreement(fp32, int8, plan.input_name, inputs.agree)
+        kept = agreement >= options.int8_tolerance
+        record.update(agreement_with_fp32=agreement, agreement_images=int(len(inputs.agree)),
+                      tolerance=options.int8_tolerance, kept_fp32=not kept)
+        artifact["quantization"] = record
+        if kept:
+            artifact["precision"], chosen = "int8", int8
+    rel = f"onnx/{chosen.name}"
+    artifact["files"] = [{"path": rel}]
+    return artifact, {rel: chosen}
+
+
+EXPORTERS: dict[str, Exporter] = {"onnx": export_onnx_stage}
+
+
+def _primary_runtime(formats: Sequence[str]) -> str:
+    for runtime in RUNTIMES.values():
+        if runtime.artifact_format == formats[0]:
+            return runtime.name
+    raise ConversionError(f"no runtime reads {formats[0]!r} artifacts")
+
+
+def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preprocess: Preprocess,
+                 labels: Sequence[str], calibration: ImageSet, options: BuildOptions = BuildOptions(),
+                 kind: str = "early_exit", source_framework: str = "torch") -> Path:
+    """Export, verify, quantize, calibrate on ``calibration`` images and write the bundle at ``out``."""
+    unknown = [f for f in options.formats if f not in EXPORTERS]
+    if unknown:
+        raise ConversionError(f"unsupported artifact format(s) {unknown}; available: {', '.join(EXPORTERS)}")
+    if len(calibration) < 20:
+        raise ConversionError(f"calibration needs labelled images; got {len(calibration)} (use at least a few hundred)")
+    rng = np.random.default_rng(options.seed)
+    n_small = min(len(calibration), max(options.quantization_images, 64))
+    sample = rng.choice(len(calibration), size=n_small, replace=False)
+    images = [calibration.image(int(i)) for i in progress_bar(sample, "decoding calibration sample")]
+    stage_inputs = torch_stage_inputs(plans, preprocess, images)
+    with torch.no_grad():
+        classes = plans[-1].module(torch.from_numpy(stage_inputs[-1][:1])).shape[1]
+    if classes != len(labels):
+        raise ConversionError(f"the model predicts {classes} classes but {len(labels)} labels were given; "
+                              "the images' classes must match the model's outputs")
+    half = max(1, n_small // 2)
+    inputs = [StageInputs(verify=x[:16], calibrate=x[:half], agree=x[half:] if n_small > half else x) for x in stage_inputs]
+
+    with tempfile.TemporaryDirectory(prefix="stagewise-build-") as tmp:
+        work = Path(tmp)
+        stages, files = [], {}
+        for plan, plan_inputs in progress_bar(list(zip(plans, inputs)), "exporting stages"):
+            artifacts = {}
+            for fmt in options.formats:
+                (work / fmt).mkdir(exist_ok=True)
+                artifacts[fmt], produced = EXPORTERS[fmt](plan, work / fmt, plan_inputs, options)
+                files.update(produced)
+            stages.append(_stage_entry(plan, artifacts))
+        manifest = {
+            "format": "stagewise-bundle", "format_version": 1, "name": name,
+            "producer": {"stagewise": stagewise.__version__, "source_framework": source_framework,
+                         "source_version": torch.__version__,
+                         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "kind": kind},
+            "task": {"type": "classification", "labels": list(labels), "top_k": min(5, len(labels))},
+            "input": preprocess.to_manifest(),
+            "stages": stages,
+            "operating_points": [{"name": "full", "thresholds": [None] * len(stages), "goal": {"kind": "full"}}],
+            "default_operating_point": "full",
+        }
+        staged = write_bundle(work / "staged", manifest, files)
+        manifest = _calibrate_on_runtime(staged, manifest, calibration, options)
+        return write_bundle(out, manifest, files, overwrite=options.overwrite)
+
+
+def _stage_entry(plan: StagePlan, artifacts: dict) -> dict:
+    source = dict(plan.source, tensor=plan.input_name)
+    entry = {"name": plan.name, "input": source, "artifacts": artifacts,
+             "outputs": {name: name for name in plan.output_names}, "exit": plan.exit,
+             "cost": {"macs": plan.macs, "params": plan.params}}
+    if plan.head:
+        entry["head"] = plan.head
+    return entry
+
+
+def _calibrate_on_runtime(staged: Path, manifest: dict, calibration: ImageSet, options: BuildOptions) -> dict:
+    with load(staged, backend=_primary_runtime(options.formats), threads=options.threads) as cascade:
+        images = [calibration.image(i) for i in progress_bar(range(len(calibration)), "decoding calibration images")]
+        manifest = calibrate_manifest(cascade, manifest, images, calibration.labels, calibration.origin,
+                                      default_drop=options.default_drop, target_drops=options.target_drops,
+                                      seed=options.seed, profile_images=options.profile_images)
+    manifest["producer"]["machine"] = platform.machine()
+    return manifest

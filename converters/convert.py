@@ -1,0 +1,191 @@
+"""Conversion jobs: what the CLI's ``convert`` (flags or a TOML config) asks for, and running it.
+
+A TOML config names the same things as the flags::
+
+    name = "effnet-cascade"
+    kind = "cascade"                 # or "early_exit"
+    out = "effnet.swb"
+    data = "path/to/images"          # labelled images (class folders, archive or labels.tsv)
+
+    [[stages]]                       # cascade: one table per stage
+    model = "stagewise.converters.zoo:efficientnet_lite0"
+    size = 224
+
+    [[stages]]
+    model = "stagewise.converters.zoo:efficientnet_lite2"
+    size = 260
+
+    [exit]
+    score = "max_softmax"
+    combine = "mean_probs"
+
+    [build]
+    backend = "onnx"
+    int8 = true
+    target_drop = 0.5                # points of top-1
+
+For ``kind = "early_exit"`` give ``model = "file.py:factory"`` and ``exits = ["layer1", ...]``
+at the top level instead of ``[[stages]]``. Flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stagewise.datasets import ImageSet, open_image_set
+from stagewise.errors import ConversionError
+from stagewise.images import Preprocess
+
+from .build import BuildOptions, build_bundle
+from .heads import HeadTraining
+from .torch_cascade import cascade_plans
+from .torch_early_exit import early_exit_plans
+from .torch_source import build_model
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+@dataclass
+class StageSource:
+    """One source model: a factory spec and, for cascades, its input size."""
+
+    model: str
+    size: int | None = None
+    name: str | None = None
+
+
+@dataclass
+class ConvertJob:
+    """Everything a conversion needs; built from flags and/or a TOML config."""
+
+    kind: str
+    sources: list[StageSource]
+    out: Path
+    data: Path | None = None
+    calibration_data: Path | None = None
+    calibration_fraction: float = 0.2
+    max_head_images: int | None = None
+    max_calibration_images: int | None = None
+    exits: list[str] = field(default_factory=list)
+    name: str | None = None
+    input: dict = field(default_factory=dict)
+    input_size: int | None = None
+    score: str = "max_softmax"
+    combine: str = "own"
+    head: HeadTraining = HeadTraining()
+    build: BuildOptions = BuildOptions()
+
+
+def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
+    """Read a TOML conversion config; ``overrides`` (non-None flag values) win over it."""
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConversionError(f"cannot read config {path}: {exc}") from exc
+    kind = cfg.get("kind", "cascade" if "stages" in cfg else "early_exit")
+    if kind == "cascade":
+        sources = [StageSource(s["model"], s.get("size"), s.get("name")) for s in cfg.get("stages", [])]
+    else:
+        sources = [StageSource(cfg["model"], cfg.get("size"))] if "model" in cfg else []
+    if not sources:
+        raise ConversionError(f"{path}: give `model = ...` (early exit) or [[stages]] tables (cascade)")
+    build_cfg = cfg.get("build", {})
+    exit_cfg = cfg.get("exit", {})
+    base = path.parent
+    values = {
+        "kind": kind, "sources": sources, "name": cfg.get("name"),
+        "out": base / cfg["out"] if "out" in cfg else None,
+        "data": base / cfg["data"] if "data" in cfg else None,
+        "calibration_data": base / cfg["calibration_data"] if "calibration_data" in cfg else None,
+        "exits": list(cfg.get("exits", [])), "input": dict(cfg.get("input", {})),
+        "score": exit_cfg.get("score", "max_softmax"), "combine": exit_cfg.get("combine", "own"),
+        "backend": build_cfg.get("backend"), "int8": build_cfg.get("int8"),
+        "target_drop": build_cfg.get("target_drop"), "threads": build_cfg.get("threads"),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
+    return make_job(**values)
+
+
+def make_job(kind: str, sources: list[StageSource], out: Path | None, backend: str | None = None,
+             int8: bool | None = None, target_drop: float | None = None, threads: int | None = None,
+             force: bool = False, **fields: Any) -> ConvertJob:
+    """A job from flag-style values (``target_drop`` in points, ``backend`` comma-separated)."""
+    if out is None:
+        raise ConversionError("say where to write the bundle with --out (a directory, or a file ending in .swb)")
+    build = BuildOptions(formats=tuple((backend or "onnx").split(",")), int8=bool(int8),
+                         default_drop=(0.5 if target_drop is None else target_drop) / 100,
+                         threads=threads or 1, overwrite=force)
+    return ConvertJob(kind=kind, sources=sources, out=Path(out), build=build,
+                      **{k: v for k, v in fields.items() if v is not None})
+
+
+def _preprocess(job: ConvertJob, model: torch.nn.Module) -> Preprocess:
+    spec = {**getattr(model, "stagewise_input", {}), **job.input}
+    missing = [k for k in ("mean", "std") if k not in spec]
+    if missing:
+        raise ConversionError(
+            f"the model does not declare its input normalisation; pass --mean and --std (0-255 units), "
+            f"missing: {', '.join(missing)}")
+    return Preprocess(mean=tuple(spec["mean"]), std=tuple(spec["std"]), layout="NCHW",
+                      resize=spec.get("resize", "shorter_crop"), crop_fraction=spec.get("crop_fraction", 0.875),
+                      interpolation=spec.get("interpolation", "bilinear"))
+
+
+def _size(job: ConvertJob, source: StageSource, model: torch.nn.Module, images: ImageSet) -> tuple[int, int]:
+    size = source.size or job.input_size or getattr(model, "stagewise_input", {}).get("size")
+    if size:
+        return (size, size) if isinstance(size, int) else tuple(size)
+    shapes = {images.image(i).shape[:2] for i in range(min(len(images), 50))}
+    if len(shapes) == 1:
+        return shapes.pop()
+    raise ConversionError("the images have different sizes, so the model's input size is not fixed by them; "
+                          "pass --input-size")
+
+
+def _cap(images: ImageSet, limit: int | None, seed: int) -> ImageSet:
+    if limit is None or len(images) <= limit:
+        return images
+    return images.split([limit / len(images)], seed=seed)[0]
+
+
+def run_job(job: ConvertJob) -> Path:
+    """Convert, calibrate and write the bundle that ``job`` describes; returns its path."""
+    if job.out.exists() and not job.build.overwrite:
+        raise ConversionError(f"{job.out} already exists; pass --force to replace it")
+    if job.data is None:
+        raise ConversionError("conversion needs labelled images: pass --data (class folders, archive or labels.tsv)")
+    data = open_image_set(job.data)
+    if job.calibration_data is not None:
+        train, calib = data, open_image_set(job.calibration_data)
+    else:
+        train, calib = data.split([1 - job.calibration_fraction, job.calibration_fraction], seed=job.build.seed)
+    calib = _cap(calib, job.max_calibration_images, job.build.seed)
+    torch.manual_seed(job.build.seed)
+    if job.kind == "early_exit":
+        if len(job.sources) != 1 or not job.exits:
+            raise ConversionError("an early-exit conversion needs one model and --exits (cut points, comma-separated)")
+        model = build_model(job.sources[0].model)
+        pre = _preprocess(job, model)
+        plans = early_exit_plans(model, job.exits, pre, _size(job, job.sources[0], model, train),
+                                 _cap(train, job.max_head_images, job.build.seed), job.head, job.score)
+    elif job.kind == "cascade":
+        models = [(s, build_model(s.model, s.size)) for s in job.sources]
+        pre = _preprocess(job, models[0][1])
+        named = [(s.name or f"stage{k}", m, _size(job, s, m, calib)) for k, (s, m) in enumerate(models)]
+        plans = cascade_plans(named, job.combine, job.score)
+    else:
+        raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit or cascade")
+    labels = getattr(models[0][1] if job.kind == "cascade" else model, "stagewise_labels", None) or calib.classes
+    if len(np.unique(calib.labels)) < 2:
+        raise ConversionError("calibration images must cover at least two classes")
+    name = job.name or job.out.stem
+    return build_bundle(job.out, name, plans, pre, labels, calib, job.build, kind=job.kind)

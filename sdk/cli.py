@@ -1,0 +1,248 @@
+"""The ``stagewise`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import StagewiseError
+
+
+def _triple(value: str | None) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    parts = [float(v) for v in value.split(",")]
+    if len(parts) != 3:
+        raise click.BadParameter("give three comma-separated numbers (R,G,B)")
+    return tuple(parts)
+
+
+def _load(bundle: str, backend: str, threads: int | None):
+    from .runtimes import load
+
+    return load(bundle, backend=backend, threads=threads)
+
+
+backend_option = click.option("--backend", default="auto", show_default=True,
+                              help="runtime: onnxruntime, openvino, litert or auto")
+threads_option = click.option("--threads", type=int, default=None, help="intra-op threads of the runtime")
+
+
+@click.group()
+@click.version_option(package_name="stagewise")
+def cli() -> None:
+    """stagewise: image classifiers as sequences of stages that stop early."""
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--stage", "stages", multiple=True, metavar="MODEL@SIZE",
+              help="cascade stage: a model factory and its input size (repeat, cheapest first)")
+@click.option("--exits", help="early exit: cut points after which to attach exit heads, comma-separated")
+@click.option("--data", type=click.Path(path_type=Path), help="labelled images: class folders, an archive, or labels.tsv")
+@click.option("--calibration-data", type=click.Path(path_type=Path),
+              help="separate labelled images for thresholds (default: a stratified 20%% of --data)")
+@click.option("--backend", help="artifact formats, comma-separated: onnx (default), openvino, tflite")
+@click.option("--int8/--no-int8", default=None, help="post-training INT8 quantization with the calibration images")
+@click.option("--target-drop", type=float, help="allowed top-1 drop in points for the default operating point [0.5]")
+@click.option("--out", type=click.Path(path_type=Path), help="bundle directory, or a file ending in .swb")
+@click.option("--input-size", type=int, help="square input size (optional when the images or model fix it)")
+@click.option("--mean", help="input normalisation mean R,G,B in 0-255 units")
+@click.option("--std", help="input normalisation std R,G,B in 0-255 units")
+@click.option("--resize", type=click.Choice(["shorter_crop", "stretch"]), help="how images reach the input size")
+@click.option("--crop-fraction", type=float, help="centre-crop fraction for shorter_crop [0.875]")
+@click.option("--combine", type=click.Choice(["own", "mean_probs"]), help="cascade stages decide on own or averaged probabilities")
+@click.option("--score", type=click.Choice(["max_softmax", "margin", "entropy"]), help="exit score [max_softmax]")
+@click.option("--max-head-images", type=int, help="cap on images used to train exit heads")
+@click.option("--max-calibration-images", type=int, help="cap on images used to pick thresholds")
+@click.option("--threads", type=int, help="runtime threads for calibration and profiling [1]")
+@click.option("--force", is_flag=True, help="replace an existing bundle at --out")
+def convert(model, stages, exits, data, calibration_data, backend, int8, target_drop, out, input_size, mean, std,
+            resize, crop_fraction, combine, score, max_head_images, max_calibration_images, threads, force):
+    """Build a bundle from a torch model (file.py:factory or module:factory) or a TOML config."""
+    from .converters.convert import StageSource, job_from_toml, make_job, run_job
+
+    spec = {k: v for k, v in (("mean", _triple(mean)), ("std", _triple(std)), ("resize", resize),
+                              ("crop_fraction", crop_fraction)) if v is not None}
+    flags = dict(out=out, data=data, calibration_data=calibration_data, backend=backend, int8=int8,
+                 target_drop=target_drop, threads=threads, input_size=input_size, combine=combine, score=score,
+                 max_head_images=max_head_images, max_calibration_images=max_calibration_images,
+                 exits=exits.split(",") if exits else None, input=spec or None, force=force or None)
+    if model and model.endswith(".toml"):
+        job = job_from_toml(Path(model), flags)
+    elif stages:
+        sources = []
+        for s in stages:
+            factory, _, size = s.rpartition("@")
+            if not factory or not size.isdigit():
+                raise click.BadParameter(f"{s!r}: write MODEL@SIZE, e.g. models.py:small@128", param_hint="--stage")
+            sources.append(StageSource(factory, int(size)))
+        job = make_job(kind="cascade", sources=sources, **flags)
+    elif model:
+        job = make_job(kind="early_exit", sources=[StageSource(model)], **flags)
+    else:
+        raise click.UsageError("give a MODEL (early exit, with --exits), --stage twice or more (cascade), or a .toml config")
+    path = run_job(job)
+    click.echo(f"wrote {path}")
+    from .bundle import read_bundle
+    from .reports import manifest_tables, print_tables
+
+    bundle = read_bundle(path)
+    print_tables(*manifest_tables(bundle.manifest))
+    bundle.close()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+def inspect(bundle, as_json):
+    """Stages, precisions, thresholds, costs and operating points of a bundle."""
+    from .bundle import read_bundle
+    from .reports import manifest_tables, print_tables
+
+    b = read_bundle(bundle)
+    try:
+        if as_json:
+            click.echo(json.dumps(b.manifest, indent=2))
+        else:
+            print_tables(*manifest_tables(b.manifest))
+            cal = b.manifest.get("calibration")
+            if cal:
+                click.echo(f"calibrated on {cal['n']} images ({cal['data']}): running every stage gives top-1 "
+                           f"{100 * cal['reference_accuracy']:.1f}%, oracle {100 * cal['oracle']['accuracy']:.1f}% "
+                           f"at {cal['oracle']['mean_cost']:.2f} ms")
+    finally:
+        b.close()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@backend_option
+@threads_option
+@click.option("--operating-point", help="named operating point (see inspect)")
+@click.option("--budget-ms", type=float, help="latency budget per image")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
+def run(bundle, images, backend, threads, operating_point, budget_ms, as_json):
+    """Classify images: label, score, exit stage and time."""
+    with _load(bundle, backend, threads) as cascade:
+        if operating_point:
+            cascade.use(operating_point)
+        for path in images:
+            p = cascade.predict(path, budget_ms=budget_ms)
+            if as_json:
+                click.echo(json.dumps({"image": path, "label": p.label, "name": p.name, "score": p.score,
+                                       "stage": cascade.stage_names[p.stage], "elapsed_ms": p.elapsed_ms,
+                                       "budget_limited": p.budget_limited,
+                                       "trace": [r.__dict__ for r in p.trace]}))
+            else:
+                flag = " (budget-limited)" if p.budget_limited else ""
+                click.echo(f"{path}: {p.name} [{p.label}] score {p.score:.3f} at {cascade.stage_names[p.stage]} "
+                           f"in {p.elapsed_ms:.2f} ms{flag}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True))
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
+              help="labelled images the thresholds never saw")
+@backend_option
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--limit", type=int, help="use at most this many images (stratified, seeded)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--operating-point", "points", multiple=True, help="only these operating points (repeat)")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the result as JSON")
+@click.option("--plot", type=click.Path(path_type=Path), help="write a Pareto plot (PNG)")
+def bench(bundle, data, backend, threads, limit, seed, points, json_out, plot):
+    """Top-1/top-5, latency p50/p95, exits and speed-up of each operating point and single stage."""
+    from .datasets import open_image_set
+    from .reports import bench_table, pareto_plot, print_tables
+    from .runtimes.bench import benchmark
+
+    images = open_image_set(data)
+    if limit and limit < len(images):
+        images = images.split([limit / len(images)], seed=seed)[0]
+    with _load(bundle, backend, threads) as cascade:
+        result = benchmark(cascade, [images.image(i) for i in range(len(images))], images.labels, points or None)
+    result.update(bundle=str(bundle), data=str(data))
+    print_tables(bench_table(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+        click.echo(f"wrote {json_out}")
+    if plot:
+        click.echo(f"wrote {pareto_plot(result, plot)}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True))
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path), help="labelled held-out images")
+@click.option("--target-drop", type=float, help="default point: cheapest with top-1 at most this many points below full")
+@click.option("--budget-ms", type=float, help="default point: most accurate with mean latency at most this")
+@backend_option
+@click.option("--threads", type=int, default=1, show_default=True)
+def calibrate(bundle, data, target_drop, budget_ms, backend, threads):
+    """Re-pick thresholds and operating points on new data, without reconverting."""
+    from .runtimes.calibrate import recalibrate
+
+    if (target_drop is None) == (budget_ms is None):
+        raise click.UsageError("give exactly one goal: --target-drop or --budget-ms")
+    recalibrate(bundle, data, backend, threads, target_drop=target_drop, budget_ms=budget_ms)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True))
+@click.option("--data", type=click.Path(exists=True, path_type=Path), help="images to time on (default: grey images)")
+@backend_option
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--images", "count", type=int, default=50, show_default=True, help="how many images to time")
+def profile(bundle, data, backend, threads, count):
+    """Measure each stage's latency on this device and store it in the bundle as a profile."""
+    from .bundle import update_manifest
+    from .datasets import open_image_set
+    from .runtimes import profile_name
+    from .runtimes.profiling import measure_stage_latency, record_profile
+
+    with _load(bundle, backend, threads) as cascade:
+        if data:
+            images = open_image_set(data)
+            frames = [images.image(i) for i in range(min(count, len(images)))]
+        else:
+            rng = np.random.default_rng(0)
+            frames = [rng.integers(0, 256, (320, 320, 3), dtype=np.uint8) for _ in range(count)]
+        stats = measure_stage_latency(cascade, frames)
+
+        def store(manifest: dict) -> dict:
+            record_profile(manifest, cascade, stats)
+            return manifest
+        update_manifest(bundle, store)
+        name = profile_name(cascade.runtime, cascade.threads, cascade.device)
+    for stage, s in zip(cascade.stage_names, stats):
+        click.echo(f"{stage}: p50 {s['p50']:.2f} ms, p95 {s['p95']:.2f} ms (n={s['n']})")
+    click.echo(f"stored as profile {name}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("stagewise-demo"), show_default=True,
+              help="folder for the demo bundle and results")
+@click.option("--int8/--no-int8", default=False, show_default=True, help="also quantize the stages to INT8")
+def demo(out, int8):
+    """The whole path on the built-in example, from nothing to a benchmark table."""
+    from .demo import run_demo
+
+    run_demo(out, int8=int8)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except StagewiseError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,106 @@
+"""Human-readable tables of bundles and benchmark results, and the Pareto plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _threshold(t: float | None) -> str:
+    return "-" if t is None else f"{t:.3f}"
+
+
+def manifest_tables(manifest: dict) -> list[Table]:
+    """Stages (inputs, precision per format, cost) and operating points of a bundle."""
+    stages = Table(title=f"{manifest['name']}: {len(manifest['stages'])} stages "
+                         f"({manifest['producer'].get('kind', 'stages')}, from {manifest['producer']['source_framework']})")
+    for col in ("stage", "input", "artifacts", "exit score", "MMACs", "latency p50 (ms)"):
+        stages.add_column(col)
+    for s in manifest["stages"]:
+        src = s["input"]
+        where = f"image {src['size'][0]}x{src['size'][1]}" if src["source"] == "image" else f"carry from {src['from']}"
+        arts = ", ".join(f"{fmt}:{a['precision']}" + (" (int8 rejected)" if a.get("quantization", {}).get("kept_fp32") else "")
+                         for fmt, a in s["artifacts"].items())
+        lat = ", ".join(f"{v['p50']:.2f} [{k}]" for k, v in s["cost"].get("latency_ms", {}).items()) or "-"
+        exit_rule = f"{s['exit']['score']} T={s['exit']['temperature']:g}"
+        if s["exit"].get("combine", "own") != "own":
+            exit_rule += f" {s['exit']['combine']}"
+        stages.add_row(s["name"], where, arts, exit_rule, f"{s['cost'].get('macs', 0) / 1e6:.1f}", lat)
+    points = Table(title=f"operating points (default: {manifest['default_operating_point']})")
+    for col in ("name", "thresholds", "expected top-1", "expected mean cost", "exit rates", "n"):
+        points.add_column(col)
+    for p in manifest["operating_points"]:
+        e = p.get("expected", {})
+        cost = f"{e['mean_cost']:.2f} {e.get('cost_unit', '')}" if "mean_cost" in e else "-"
+        rates = " / ".join(f"{100 * r:.0f}%" for r in e.get("exit_rates", [])) or "-"
+        points.add_row(p["name"], " ".join(_threshold(t) for t in p["thresholds"]), _pct(e.get("accuracy")), cost,
+                       rates, str(e.get("n", "-")))
+    return [stages, points]
+
+
+def bench_table(result: dict) -> Table:
+    """One row per operating point and single stage of a :func:`benchmark` result."""
+    table = Table(title=f"{result.get('bundle', 'bundle')} on {result['runtime']} ({result['threads'] or 'default'} "
+                        f"threads, batch 1), {result['n']} images")
+    for col in ("configuration", "top-1", "top-5", "mean ms", "p50 ms", "p95 ms", "exits per stage",
+                "speed-up vs full", "vs single at equal top-1"):
+        table.add_column(col)
+    for r in result["rows"]:
+        label = r["name"] if r["kind"] == "operating_point" else f"{r['name']} alone"
+        eq = "-"
+        if "speedup_vs_equal_accuracy_single" in r:
+            eq = f"{r['speedup_vs_equal_accuracy_single']:.2f}x ({r['equal_accuracy_reference']})"
+        elif r.get("more_accurate_than_every_single"):
+            eq = "beats every single"
+        table.add_row(label, _pct(r["top1"]), _pct(r["top5"]), f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}",
+                      f"{r['p95_ms']:.2f}", "/".join(map(str, r["exit_histogram"])) if r["kind"] == "operating_point" else "-",
+                      f"{r['speedup_vs_full']:.2f}x" if "speedup_vs_full" in r else "-", eq)
+    o = result["oracle"]
+    table.caption = (f"oracle exit rule (each image leaves at the first stage that is right): top-1 {_pct(o['top1'])}, "
+                     f"mean {o['mean_ms']:.2f} ms")
+    return table
+
+
+def print_tables(*tables: Table) -> None:
+    console = Console()
+    for t in tables:
+        console.print(t)
+
+
+def pareto_plot(result: dict, path: str | Path) -> Path:
+    """Top-1 against mean latency for every configuration of a benchmark result (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # matplotlib is an optional dependency of the device install
+        raise RuntimeError('the plot needs matplotlib: pip install "stagewise[torch]" or pip install matplotlib') from exc
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for kind, marker, colour in (("operating_point", "o", "tab:blue"), ("stage_alone", "s", "tab:orange")):
+        rows = sorted((r for r in result["rows"] if r["kind"] == kind), key=lambda r: r["mean_ms"])
+        if not rows:
+            continue
+        ax.plot([r["mean_ms"] for r in rows], [100 * r["top1"] for r in rows], marker=marker, color=colour,
+                linestyle="-" if kind == "operating_point" else "none",
+                label="operating points" if kind == "operating_point" else "single stage alone")
+        for r in rows:
+            ax.annotate(r["name"], (r["mean_ms"], 100 * r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    o = result["oracle"]
+    ax.plot([o["mean_ms"]], [100 * o["top1"]], marker="*", color="tab:green", linestyle="none", markersize=10,
+            label="oracle exit rule")
+    ax.set_xlabel(f"mean latency per image (ms, {result['runtime']}, batch 1)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{result.get('bundle', '')}: n={result['n']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

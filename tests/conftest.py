@@ -1,0 +1,91 @@
+"""Shared test fixtures: tiny labelled image folders, hand-made manifests and a scripted mock backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 40, size: int = 16, seed: int = 0) -> Path:
+    """Class folders of noisy images whose dominant colour channel is the class (easy to learn)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 110, (size, size, 3)).astype(np.uint8)
+            img[..., c % 3] += np.uint8(100 + 40 * (c // 3))
+            Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def stage_entry(name: str, source: dict, files: list[str], carry: bool, score: str = "max_softmax",
+                combine: str = "own") -> dict:
+    return {"name": name, "input": source,
+            "artifacts": {"onnx": {"files": [{"path": f} for f in files], "precision": "fp32"}},
+            "outputs": {"logits": "logits", **({"carry": "carry"} if carry else {})},
+            "exit": {"score": score, "temperature": 1.0, "combine": combine}, "cost": {"macs": 1}}
+
+
+def manifest_for(stages: list[dict], labels: list[str], thresholds: dict[str, list]) -> dict:
+    """A valid manifest around ``stages`` with named operating points."""
+    return {
+        "format": "stagewise-bundle", "format_version": 1, "name": "test",
+        "producer": {"stagewise": "0.1.0", "source_framework": "torch"},
+        "task": {"type": "classification", "labels": labels},
+        "input": {"color": "RGB", "layout": "NCHW", "dtype": "float32", "mean": [0, 0, 0], "std": [1, 1, 1],
+                  "resize": "stretch"},
+        "stages": stages,
+        "operating_points": [{"name": n, "thresholds": t} for n, t in thresholds.items()],
+        "default_operating_point": next(iter(thresholds)),
+    }
+
+
+class FakeClock:
+    """A clock that only moves when a mock stage 'runs'."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedStage:
+    """A mock stage: takes ``latency_ms`` on the fake clock; its confidence comes from the input.
+
+    Stage ``k`` reads pixel (0, k) of channel 0 as a confidence in 0-255 and predicts the class in
+    channel 1, pixel (0, 0); the carry is the input itself, so every stage sees the image.
+    """
+
+    def __init__(self, k: int, clock: FakeClock, latency_ms: float | list[float], classes: int = 3):
+        self.k, self.clock, self.classes = k, clock, classes
+        self.latencies = latency_ms if isinstance(latency_ms, list) else None
+        self.latency = latency_ms
+        self.calls: list[int] = []
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self.calls.append(len(x))
+        ms = self.latencies.pop(0) if self.latencies else self.latency
+        self.clock.now += ms / 1e3
+        confidence = x[:, 0, 0, self.k] / 255.0
+        label = x[:, 1, 0, 0].astype(int) % self.classes
+        logits = np.zeros((len(x), self.classes), dtype=np.float32)
+        strength = np.log(np.clip(confidence, 1e-3, 1 - 1e-3) / (1 - np.clip(confidence, 1e-3, 1 - 1e-3)) * (self.classes - 1))
+        logits[np.arange(len(x)), label] = strength
+        return {"logits": logits, "carry": x}
+
+
+def scripted_image(confidences: list[int], label: int, size: int = 8) -> np.ndarray:
+    img = np.zeros((size, size, 3), dtype=np.uint8)
+    img[0, :len(confidences), 0] = confidences
+    img[0, 0, 1] = label
+    return img

@@ -1,0 +1,138 @@
+"""PyTorch -> ONNX early-exit and cascade conversion, end to end on ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import stagewise
+from stagewise.converters.build import BuildOptions, StageInputs, build_bundle, export_onnx_stage, torch_stage_inputs
+from stagewise.converters.heads import HeadTraining
+from stagewise.converters.onnx_export import ort_session
+from stagewise.converters.torch_cascade import cascade_plans
+from stagewise.converters.torch_early_exit import early_exit_plans
+from stagewise.datasets import open_image_set
+from stagewise.errors import ConversionError, InvalidCutPointError
+from stagewise.images import Preprocess
+from toy_models import concat_net, residual_net
+
+PRE = Preprocess(mean=(128, 128, 128), std=(64, 64, 64), resize="stretch", crop_fraction=1.0)
+FAST_HEADS = HeadTraining(epochs=15, batch_size=32, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def splits(image_folder):
+    return open_image_set(image_folder).split([0.5, 0.5], seed=0)
+
+
+@pytest.mark.parametrize("factory, cuts", [(residual_net, ["layer1"]), (concat_net, ["block1"])])
+def test_onnx_stages_match_torch(tmp_path, splits, factory, cuts):
+    train, calib = splits
+    model = factory()
+    plans = early_exit_plans(model, cuts, PRE, (16, 16), train, FAST_HEADS)
+    images = [calib.image(i) for i in range(12)]
+    inputs = torch_stage_inputs(plans, PRE, images)
+    carry = None
+    for plan, x in zip(plans, inputs):
+        art, files = export_onnx_stage(plan, tmp_path, StageInputs(x, x, x), BuildOptions())
+        assert art["verification"]["top1_agreement"] == 1.0
+        assert max(art["verification"]["max_abs_diff"].values()) < 1e-4
+        session = ort_session(next(iter(files.values())))
+        outs = session.run(plan.output_names, {plan.input_name: x if carry is None else carry})
+        carry = outs[0] if plan.has_carry else None
+    with torch.no_grad():
+        reference = model(torch.from_numpy(PRE.tensor(images, (16, 16)))).numpy()
+    np.testing.assert_allclose(outs[-1], reference, atol=1e-4)
+
+
+def test_invalid_cut_lists_valid_ones(splits):
+    with pytest.raises(InvalidCutPointError) as err:
+        early_exit_plans(residual_net(), ["layer1.conv1"], PRE, (16, 16), splits[0], FAST_HEADS)
+    for name in ("layer1", "down", "layer2"):
+        assert name in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory, splits):
+    train, calib = splits
+    plans = early_exit_plans(residual_net(), ["layer1"], PRE, (16, 16), train, FAST_HEADS)
+    out = tmp_path_factory.mktemp("b") / "toy.swb"
+    return build_bundle(out, "toy", plans, PRE, train.classes, calib,
+                        BuildOptions(int8=True, int8_tolerance=0.9, quantization_images=32, profile_images=5))
+
+
+def test_bundle_records_precision_agreement_and_calibration(int8_bundle, splits):
+    with stagewise.load(int8_bundle, threads=1) as cascade:
+        m = cascade.bundle.manifest
+        for stage in m["stages"]:
+            onnx = stage["artifacts"]["onnx"]
+            q = onnx["quantization"]
+            assert 0.0 <= q["agreement_with_fp32"] <= 1.0
+            assert onnx["precision"] == ("fp32" if q["kept_fp32"] else "int8")
+            assert q["kept_fp32"] == (q["agreement_with_fp32"] < 0.9)
+            assert stage["cost"]["latency_ms"]["onnxruntime-cpu-1t"]["p50"] > 0
+        cal = m["calibration"]
+        for point in m["operating_points"]:
+            goal = point["goal"]
+            if goal["kind"] == "max_accuracy_drop":
+                assert point["expected"]["accuracy"] >= goal["reference_accuracy"] - goal["drop"] - 1e-12
+        assert m["default_operating_point"] == "drop-0.5pt"
+        assert cal["n"] == len(splits[1])
+
+
+def test_calibration_expectation_matches_runtime_on_calibration_images(int8_bundle, splits):
+    _, calib = splits
+    images = [calib.image(i) for i in range(len(calib))]
+    with stagewise.load(int8_bundle, threads=1) as cascade:
+        for point in cascade.bundle.manifest["operating_points"]:
+            preds = cascade.predict_batch(images, operating_point=point["name"])
+            acc = np.mean([p.label == y for p, y in zip(preds, calib.labels)])
+            assert acc == pytest.approx(point["expected"]["accuracy"])
+            rates = np.bincount([p.stage for p in preds], minlength=2) / len(preds)
+            np.testing.assert_allclose(rates, point["expected"]["exit_rates"])
+
+
+def test_batch_equals_single_on_real_runtime(int8_bundle, splits):
+    _, calib = splits
+    images = [calib.image(i) for i in range(len(calib))]
+    with stagewise.load(int8_bundle, threads=1) as cascade:
+        cascade.use("drop-2pt")
+        single = [cascade.predict(im) for im in images]
+        batch = cascade.predict_batch(images)
+    assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
+
+
+def test_cascade_stages_see_their_own_resolution(tmp_path, splits):
+    _, calib = splits
+    class SizeProbe(torch.nn.Module):
+        def __init__(self, classes=3):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4, classes)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    plans = cascade_plans([("small", SizeProbe(), (8, 8)), ("large", SizeProbe(), (16, 12))], combine="mean_probs")
+    out = build_bundle(tmp_path / "c", "c", plans, PRE, calib.classes, calib, BuildOptions(profile_images=3))
+    with stagewise.load(out, threads=1) as cascade:
+        inputs = [s["input"] for s in cascade.bundle.manifest["stages"]]
+        assert [i["size"] for i in inputs] == [[8, 8], [16, 12]]
+        sessions = [s.session for s in cascade._stages]
+        shapes = []
+        for s in sessions:
+            original = s.run
+            s.run = lambda x, original=original: (shapes.append(x.shape), original(x))[1]
+        cascade.predict(calib.image(0), operating_point="full")
+    assert shapes == [(1, 3, 8, 8), (1, 3, 16, 12)]
+
+
+def test_label_mismatch_fails_without_writing(tmp_path, splits):
+    train, calib = splits
+    plans = early_exit_plans(residual_net(), ["layer1"], PRE, (16, 16), train, FAST_HEADS)
+    out = tmp_path / "never.swb"
+    with pytest.raises(ConversionError, match="predicts 3 classes but 2 labels"):
+        build_bundle(out, "x", plans, PRE, ["a", "b"], calib, BuildOptions())
+    assert list(tmp_path.iterdir()) == []
