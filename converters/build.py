@@ -14,6 +14,7 @@ The pipeline, shared by early-exit and cascade conversions:
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import platform
 import tempfile
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ class BuildOptions:
     verify_tolerance: float = 1e-3
     overwrite: bool = False
     seed: int = 0
+    fp16: bool = False  # OpenVINO artifacts: fp16 weights (compute stays f32 on CPU)
+    npu: bool = False  # OpenVINO artifacts: NPU preset (static batch-1 shapes, fp16 weights, NPU INT8 scheme)
     extra: dict = field(default_factory=dict)
 
 
@@ -139,7 +142,23 @@ def export_onnx_stage(plan: StagePlan, workdir: Path, inputs: StageInputs, optio
     return artifact, {rel: chosen}
 
 
-EXPORTERS: dict[str, Exporter] = {"onnx": export_onnx_stage}
+EXPORTERS: dict[str, str] = {
+    "onnx": "stagewise.converters.build:export_onnx_stage",
+    "openvino": "stagewise.converters.openvino_export:export_openvino_stage",
+    "tflite": "stagewise.converters.tflite_export:export_tflite_stage",
+}
+
+
+def exporter(artifact_format: str) -> Exporter:
+    """The export function for ``artifact_format``, imported on first use."""
+    if artifact_format not in EXPORTERS:
+        raise ConversionError(f"unknown artifact format {artifact_format!r}; choose from {', '.join(EXPORTERS)}")
+    module, _, name = EXPORTERS[artifact_format].partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise ConversionError(f"exporting {artifact_format!r} artifacts needs a package that is not installed ({exc}); "
+                              f'install it with pip install "stagewise[{artifact_format}]"') from exc
 
 
 def _primary_runtime(formats: Sequence[str]) -> str:
@@ -153,9 +172,7 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
                  labels: Sequence[str], calibration: ImageSet, options: BuildOptions = BuildOptions(),
                  kind: str = "early_exit", source_framework: str = "torch") -> Path:
     """Export, verify, quantize, calibrate on ``calibration`` images and write the bundle at ``out``."""
-    unknown = [f for f in options.formats if f not in EXPORTERS]
-    if unknown:
-        raise ConversionError(f"unsupported artifact format(s) {unknown}; available: {', '.join(EXPORTERS)}")
+    exporters = {fmt: exporter(fmt) for fmt in options.formats}
     if len(calibration) < 20:
         raise ConversionError(f"calibration needs labelled images; got {len(calibration)} (use at least a few hundred)")
     rng = np.random.default_rng(options.seed)
@@ -178,7 +195,7 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
             artifacts = {}
             for fmt in options.formats:
                 (work / fmt).mkdir(exist_ok=True)
-                artifacts[fmt], produced = EXPORTERS[fmt](plan, work / fmt, plan_inputs, options)
+                artifacts[fmt], produced = exporters[fmt](plan, work / fmt, plan_inputs, options)
                 files.update(produced)
             stages.append(_stage_entry(plan, artifacts))
         manifest = {

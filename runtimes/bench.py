@@ -6,62 +6,50 @@ slows all of them alike and the ratios stay meaningful.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from stagewise.calibration import ExitTable
 from stagewise.progress import progress_bar
 
+from .calibrate import exit_table
 from .executor import Cascade, Prediction
 
 
-def _row(name: str, kind: str, preds: list[Prediction], labels: np.ndarray, stages: int) -> dict:
+def summarize(name: str, kind: str, preds: list[Prediction], labels: np.ndarray, stages: int) -> dict:
+    """Accuracy, latency percentiles and exit histogram of one configuration's predictions."""
     ms = np.array([p.elapsed_ms for p in preds])
-    top5 = [labels[i] in [c for c, _ in p.top_k(5)] for i, p in enumerate(preds)]
+    labels = np.asarray(labels)
     return {
         "name": name, "kind": kind, "n": len(preds),
         "top1": float(np.mean([p.label == labels[i] for i, p in enumerate(preds)])),
-        "top5": float(np.mean(top5)),
+        "top5": float(np.mean([labels[i] in [c for c, _ in p.top_k(5)] for i, p in enumerate(preds)])),
         "mean_ms": float(ms.mean()), "p50_ms": float(np.median(ms)), "p95_ms": float(np.quantile(ms, 0.95)),
         "p99_ms": float(np.quantile(ms, 0.99)),
         "exit_histogram": np.bincount([p.stage for p in preds], minlength=stages).tolist(),
     }
 
 
-def benchmark(cascade: Cascade, images: Sequence[np.ndarray], labels: np.ndarray,
-              operating_points: Sequence[str] | None = None, single_stages: bool = True) -> dict:
-    """Accuracy, latency and exits of each operating point (and each single stage) on ``images``.
+def round_robin(configs: dict[str, Callable[[np.ndarray], Prediction]], images: Sequence[np.ndarray]
+                ) -> dict[str, list[Prediction]]:
+    """Run every configuration on every image, image by image, so machine noise hits all alike."""
+    out: dict[str, list[Prediction]] = {name: [] for name in configs}
+    for image in progress_bar(images, f"benchmarking {len(configs)} configurations"):
+        for name, run in configs.items():
+            out[name].append(run(image))
+    return out
 
-    Returns ``{"rows": [...], "oracle": {...}, ...}``; each operating-point row carries its
-    speed-up over ``full`` and over the fastest single stage at least as accurate.
-    """
-    points = list(operating_points or cascade.operating_points)
-    if "full" not in points:
-        points.insert(0, "full")
-    stages = len(cascade.stage_names)
-    runs: dict[tuple[str, str], list[Prediction]] = {("operating_point", p): [] for p in points}
-    if single_stages:
-        runs.update({("stage_alone", n): [] for n in cascade.stage_names})
-    for image in progress_bar(images, f"benchmarking {len(runs)} configurations"):
-        for kind, name in runs:
-            if kind == "operating_point":
-                runs[(kind, name)].append(cascade.predict(image, operating_point=name))
-            else:
-                runs[(kind, name)].append(cascade.predict_stage(image, cascade.stage_names.index(name)))
-    labels = np.asarray(labels)
-    rows = [_row(name, kind, preds, labels, stages) for (kind, name), preds in runs.items()]
-    full_stage_ms = np.array([np.median([p.trace[k].latency_ms for p in runs[("operating_point", "full")]])
-                              for k in range(stages)])
-    logits_table = ExitTable.from_logits(cascade.stage_logits(list(images)), labels, full_stage_ms,
-                                         *_exit_rules(cascade))
-    oracle = logits_table.oracle()
-    full = next(r for r in rows if r["name"] == "full" and r["kind"] == "operating_point")
+
+def compare(rows: list[dict]) -> None:
+    """Add to each operating-point row its speed-up over ``full`` and over the fastest single stage
+    that is at least as accurate (or mark it more accurate than every single stage)."""
+    full = next((r for r in rows if r["name"] == "full" and r["kind"] == "operating_point"), None)
     singles = [r for r in rows if r["kind"] == "stage_alone"]
     for r in rows:
         if r["kind"] != "operating_point":
             continue
-        r["speedup_vs_full"] = full["mean_ms"] / r["mean_ms"]
+        if full is not None:
+            r["speedup_vs_full"] = full["mean_ms"] / r["mean_ms"]
         reaching = [s for s in singles if s["top1"] >= r["top1"]]
         if reaching:
             best = min(reaching, key=lambda s: s["mean_ms"])
@@ -70,11 +58,27 @@ def benchmark(cascade: Cascade, images: Sequence[np.ndarray], labels: np.ndarray
         elif singles:
             r["equal_accuracy_reference"] = None
             r["more_accurate_than_every_single"] = True
+
+
+def benchmark(cascade: Cascade, images: Sequence[np.ndarray], labels: np.ndarray,
+              operating_points: Sequence[str] | None = None, single_stages: bool = True) -> dict:
+    """Accuracy, latency and exits of each operating point (and each single stage) on ``images``.
+
+    Returns ``{"rows": [...], "oracle": {...}, ...}``; see :func:`compare` for the speed-ups.
+    """
+    points = list(operating_points or cascade.operating_points)
+    if "full" not in points:
+        points.insert(0, "full")
+    names = cascade.stage_names
+    configs = {("operating_point", p): (lambda im, p=p: cascade.predict(im, operating_point=p)) for p in points}
+    if single_stages:
+        configs.update({("stage_alone", n): (lambda im, k=k: cascade.predict_stage(im, k)) for k, n in enumerate(names)})
+    runs = round_robin(configs, images)
+    rows = [summarize(name, kind, preds, labels, len(names)) for (kind, name), preds in runs.items()]
+    compare(rows)
+    stage_ms = np.array([np.median([p.trace[k].latency_ms for p in runs[("operating_point", "full")]])
+                         for k in range(len(names))])
+    oracle = exit_table(cascade, list(images), labels, stage_ms).oracle()
     return {"runtime": cascade.runtime, "threads": cascade.threads, "n": len(images), "rows": rows,
-            "stage_p50_ms": full_stage_ms.tolist(),
+            "stage_p50_ms": stage_ms.tolist(),
             "oracle": {"top1": oracle.accuracy, "mean_ms": oracle.mean_cost, "exit_rates": list(oracle.exit_rates)}}
-
-
-def _exit_rules(cascade: Cascade) -> tuple[list[str], list[float], list[str]]:
-    specs = [s["exit"] for s in cascade.bundle.manifest["stages"]]
-    return [e["score"] for e in specs], [e["temperature"] for e in specs], [e.get("combine", "own") for e in specs]

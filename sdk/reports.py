@@ -74,7 +74,11 @@ def print_tables(*tables: Table) -> None:
 
 
 def pareto_plot(result: dict, path: str | Path) -> Path:
-    """Top-1 against mean latency for every configuration of a benchmark result (PNG)."""
+    """Top-1 against mean latency for every row of a benchmark result (PNG).
+
+    Rows are grouped by their ``series`` (default: their ``kind``); a series of operating
+    points is drawn as a connected front, single networks as separate markers.
+    """
     try:
         import matplotlib
 
@@ -82,24 +86,27 @@ def pareto_plot(result: dict, path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as exc:  # matplotlib is an optional dependency of the device install
         raise RuntimeError('the plot needs matplotlib: pip install "stagewise[torch]" or pip install matplotlib') from exc
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for kind, marker, colour in (("operating_point", "o", "tab:blue"), ("stage_alone", "s", "tab:orange")):
-        rows = sorted((r for r in result["rows"] if r["kind"] == kind), key=lambda r: r["mean_ms"])
-        if not rows:
-            continue
-        ax.plot([r["mean_ms"] for r in rows], [100 * r["top1"] for r in rows], marker=marker, color=colour,
-                linestyle="-" if kind == "operating_point" else "none",
-                label="operating points" if kind == "operating_point" else "single stage alone")
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    series: dict[str, list[dict]] = {}
+    for r in result["rows"]:
+        series.setdefault(r.get("series", r["kind"]), []).append(r)
+    for name, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["mean_ms"])
+        front = rows[0]["kind"] in ("operating_point", "cascade")
+        ax.plot([r["mean_ms"] for r in rows], [100 * r["top1"] for r in rows], marker="o" if front else "s",
+                linestyle="-" if front else "none", label=name.replace("_", " "))
         for r in rows:
-            ax.annotate(r["name"], (r["mean_ms"], 100 * r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    o = result["oracle"]
-    ax.plot([o["mean_ms"]], [100 * o["top1"]], marker="*", color="tab:green", linestyle="none", markersize=10,
-            label="oracle exit rule")
+            ax.annotate(r.get("short", r["name"]), (r["mean_ms"], 100 * r["top1"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    o = result.get("oracle")
+    if o:
+        ax.plot([o["mean_ms"]], [100 * o["top1"]], marker="*", color="tab:green", linestyle="none", markersize=10,
+                label="oracle exit rule")
     ax.set_xlabel(f"mean latency per image (ms, {result['runtime']}, batch 1)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"{result.get('bundle', '')}: n={result['n']}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,124 @@
+"""CIFAR-10 early exit on ONNX Runtime: the bundle (fp32 and INT8) against the full model alone.
+
+Data: the CIFAR-10 training archive in ../shared/data, split stratified with seed 0 into
+40,000 train (backbone and exit heads) / 5,000 calibration (thresholds) / 5,000 test (every
+number reported). The backbone is examples/cifar10/model.py:resnet_cifar with its committed
+weights (trained by examples/cifar10/train.py on the train part only).
+
+Everything is measured in one run, round robin image by image, batch 1, fixed threads: the
+full model alone (a one-stage bundle, fp32 and INT8), the early-exit bundle (fp32 and INT8)
+at each operating point, and each truncated network (stage k with its head, alone).
+
+    python benchmarks/cifar10_early_exit.py            # writes benchmarks/results/cifar10_early_exit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import DEFAULT_DATA, REPO_ROOT, RESULTS, decode_all, machine, require_data, save
+
+sys.path.insert(0, str(REPO_ROOT / "examples" / "cifar10"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=RESULTS / "cifar10_early_exit.json")
+    ap.add_argument("--bundles", type=Path, default=REPO_ROOT / "runs" / "cifar10")
+    ap.add_argument("--cuts", default="layer1,layer2")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--head-images", type=int, default=40000)
+    ap.add_argument("--test-limit", type=int, default=None, help="report on fewer test images (faster, noisier)")
+    args = ap.parse_args()
+
+    from model import MEAN, STD, resnet_cifar
+
+    from stagewise.converters.build import BuildOptions, build_bundle
+    from stagewise.converters.heads import HeadTraining
+    from stagewise.converters.torch_cascade import cascade_plans
+    from stagewise.converters.torch_early_exit import early_exit_plans
+    from stagewise.datasets import open_image_set
+    from stagewise.images import Preprocess
+    from stagewise.runtimes import load
+    from stagewise.runtimes.bench import round_robin, summarize
+    from stagewise.runtimes.calibrate import exit_table
+
+    archive = require_data(args.data, "cifar10-train.tar.gz")
+    torch.set_num_threads(2)
+    data = open_image_set(archive)
+    train, calib, test = data.split([0.8, 0.1, 0.1], seed=0)
+    if args.test_limit:
+        test = test.split([args.test_limit / len(test)], seed=1)[0]
+    heads_on = train if args.head_images >= len(train) else train.split([args.head_images / len(train)], seed=0)[0]
+    pre = Preprocess(mean=MEAN, std=STD, resize="stretch", crop_fraction=1.0)
+    model = resnet_cifar()
+    cuts = args.cuts.split(",")
+    t0 = time.time()
+    plans = early_exit_plans(model, cuts, pre, (32, 32), heads_on, HeadTraining())
+    head_seconds = time.time() - t0
+    args.bundles.mkdir(parents=True, exist_ok=True)
+    built = {}
+    for int8 in (False, True):
+        tag = "int8" if int8 else "fp32"
+        opts = BuildOptions(int8=int8, threads=args.threads, overwrite=True)
+        built[f"early-exit {tag}"] = build_bundle(args.bundles / f"early_exit_{tag}.swb", f"cifar10-resnet-ee-{tag}",
+                                                  plans, pre, data.classes, calib, opts)
+        single = cascade_plans([("resnet", model, (32, 32))])
+        built[f"full model {tag}"] = build_bundle(args.bundles / f"full_model_{tag}.swb", f"cifar10-resnet-{tag}",
+                                                  single, pre, data.classes, calib, opts)
+    cascades = {name: load(path, backend="onnxruntime", threads=args.threads) for name, path in built.items()}
+    images = decode_all(test, "decoding test images")
+    configs, meta = {}, {}
+    for name, cascade in cascades.items():
+        if name.startswith("full model"):
+            configs[name] = lambda im, c=cascade: c.predict(im, operating_point="full")
+            meta[name] = ("full_model", 1)
+            continue
+        for point in cascade.operating_points:
+            configs[f"{name} @ {point}"] = lambda im, c=cascade, p=point: c.predict(im, operating_point=p)
+            meta[f"{name} @ {point}"] = ("operating_point", len(cascade.stage_names))
+        for k, stage in enumerate(cascade.stage_names[:-1]):
+            configs[f"{name} truncated at {stage} ({cuts[k]})"] = lambda im, c=cascade, k=k: c.predict_stage(im, k)
+            meta[f"{name} truncated at {stage} ({cuts[k]})"] = ("truncated", len(cascade.stage_names))
+    runs = round_robin(configs, images)
+    rows = [summarize(name, meta[name][0], preds, test.labels, meta[name][1]) for name, preds in runs.items()]
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        for tag in ("fp32", "int8"):
+            if r["name"].startswith(f"early-exit {tag}") or r["name"].startswith(f"full model {tag}"):
+                ref = by_name[f"full model {tag}"]
+                r["speedup_vs_full_model_same_precision"] = ref["mean_ms"] / r["mean_ms"]
+                r["top1_minus_full_model_same_precision"] = r["top1"] - ref["top1"]
+        r["speedup_vs_full_model_fp32"] = by_name["full model fp32"]["mean_ms"] / r["mean_ms"]
+    oracles = {}
+    for name, cascade in cascades.items():
+        if name.startswith("early-exit"):
+            stage_ms = cascade.bundle.manifest["stages"]
+            costs = np.array([s["cost"]["latency_ms"][f"onnxruntime-cpu-{args.threads}t"]["p50"] for s in stage_ms])
+            o = exit_table(cascade, images, test.labels, costs).oracle()
+            oracles[name] = {"top1": o.accuracy, "mean_cost_ms": o.mean_cost, "exit_rates": list(o.exit_rates)}
+    result = {
+        "benchmark": "cifar10_early_exit", "machine": machine(), "threads": args.threads, "runtime": "onnxruntime",
+        "batch": 1, "data": {"archive": str(archive), "split": "stratified 0.8/0.1/0.1 seed 0", "train": len(train),
+                             "head_images": len(heads_on), "calibration": len(calib), "test": len(test)},
+        "cuts": cuts, "head_training_seconds": head_seconds, "rows": rows, "oracle_on_test": oracles,
+        "operating_points": {name: cascades[name].bundle.manifest["operating_points"] for name in cascades
+                             if name.startswith("early-exit")},
+        "command": "python benchmarks/cifar10_early_exit.py " + " ".join(sys.argv[1:]),
+    }
+    save(result, args.out)
+    for r in rows:
+        print(f"{r['name']:58s} top1 {100 * r['top1']:6.2f}  mean {r['mean_ms']:6.3f} ms  p95 {r['p95_ms']:6.3f} ms  "
+              f"speed-up same precision {r.get('speedup_vs_full_model_same_precision', float('nan')):5.2f}x  "
+              f"exits {r['exit_histogram']}")
+
+
+if __name__ == "__main__":
+    main()

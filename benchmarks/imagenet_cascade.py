@@ -1,0 +1,167 @@
+"""ImageNet resolution cascades of pretrained EfficientNet-Lite models on ONNX Runtime.
+
+Data: the 1,000-image ImageNet sample in ../shared/data (one image per class), split with
+seed 0 into 500 calibration images (thresholds) and 500 test images (every number reported).
+
+Measured in one run, round robin image by image, batch 1, fixed threads: each single model at
+its resolution (fp32 and INT8, each a one-stage bundle), and each cascade at each operating
+point (fp32 and INT8), with mean/p50/p95 latency, top-1/top-5, exit rates, and the oracle
+bound (each image leaves at the first stage that is right). Before timing, every single
+model's fp32 bundle is checked against PyTorch on all 1,000 images (top-1 agreement).
+
+    python benchmarks/imagenet_cascade.py      # writes benchmarks/results/imagenet_cascade.json and .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import DEFAULT_DATA, REPO_ROOT, RESULTS, decode_all, machine, require_data, save
+
+ZOO = "stagewise.converters.zoo:efficientnet_lite{}"
+SINGLES = {"lite0@224": (0, 224), "lite1@240": (1, 240), "lite2@260": (2, 260)}
+CASCADES = {
+    "lite0@224>lite2@260 mean": ([(0, 224), (2, 260)], "mean_probs"),
+    "lite0@224>lite2@260 own": ([(0, 224), (2, 260)], "own"),
+    "lite0@192>lite0@224>lite2@260 mean": ([(0, 192), (0, 224), (2, 260)], "mean_probs"),
+}
+
+
+def _model(variant: int, size: int) -> torch.nn.Module:
+    from stagewise.converters.torch_source import build_model
+
+    return build_model(ZOO.format(variant), image_size=size)
+
+
+def torch_top1(model: torch.nn.Module, pre, images: list[np.ndarray], size: int) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 50):
+            out.append(model(torch.from_numpy(pre.tensor(images[i:i + 50], (size, size)))).argmax(1).numpy())
+    return np.concatenate(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=RESULTS / "imagenet_cascade.json")
+    ap.add_argument("--bundles", type=Path, default=REPO_ROOT / "runs" / "imagenet")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--cascades", default=",".join(CASCADES), help="comma-separated names from: " + ", ".join(CASCADES))
+    args = ap.parse_args()
+
+    from stagewise.converters.build import BuildOptions, build_bundle
+    from stagewise.converters.torch_cascade import cascade_plans
+    from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS, imagenet_labels
+    from stagewise.datasets import open_image_set
+    from stagewise.images import Preprocess
+    from stagewise.reports import pareto_plot
+    from stagewise.runtimes import load
+    from stagewise.runtimes.bench import round_robin, summarize
+    from stagewise.runtimes.calibrate import exit_table
+
+    archive = require_data(args.data, "imagenet-sample-320.tar")
+    torch.set_num_threads(2)
+    data = open_image_set(archive)
+    calib, test = data.split([0.5, 0.5], seed=0)
+    pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
+    labels = imagenet_labels()
+    precisions = ["fp32"] if args.no_int8 else ["fp32", "int8"]
+    args.bundles.mkdir(parents=True, exist_ok=True)
+
+    bundles: dict[str, Path] = {}
+    kinds: dict[str, str] = {}
+    for tag in precisions:
+        opts = BuildOptions(int8=tag == "int8", threads=args.threads, overwrite=True)
+        for name, (variant, size) in SINGLES.items():
+            plans = cascade_plans([(name, _model(variant, size), (size, size))])
+            bundles[f"{name} {tag}"] = build_bundle(args.bundles / f"{name}_{tag}.swb", f"{name}-{tag}", plans, pre,
+                                                    labels, calib, opts, kind="cascade")
+            kinds[f"{name} {tag}"] = "single"
+        for name in args.cascades.split(","):
+            stages, combine = CASCADES[name]
+            plans = cascade_plans([(f"lite{v}@{s}", _model(v, s), (s, s)) for v, s in stages], combine=combine)
+            file = name.replace(">", "_").replace(" ", "_").replace("@", "")
+            bundles[f"{name} {tag}"] = build_bundle(args.bundles / f"{file}_{tag}.swb", f"{name}-{tag}", plans, pre,
+                                                    labels, calib, opts, kind="cascade")
+            kinds[f"{name} {tag}"] = "cascade"
+
+    cascades = {name: load(path, backend="onnxruntime", threads=args.threads) for name, path in bundles.items()}
+    all_images = decode_all(data, "decoding all sample images")
+    agreement = {}
+    for name, (variant, size) in SINGLES.items():
+        reference = torch_top1(_model(variant, size), pre, all_images, size)
+        got = np.concatenate([cascades[f"{name} fp32"].stage_logits(all_images[i:i + 100])[0].argmax(1)
+                              for i in range(0, len(all_images), 100)])
+        agreement[name] = {"top1_agreement_with_torch": float((reference == got).mean()), "n": len(all_images),
+                           "torch_top1": float((reference == data.labels).mean())}
+        print(f"{name}: bundle vs torch top-1 agreement {100 * agreement[name]['top1_agreement_with_torch']:.2f}% "
+              f"(n={len(all_images)}), torch top-1 {100 * agreement[name]['torch_top1']:.1f}%")
+
+    images = decode_all(test, "decoding test images")
+    configs, meta = {}, {}
+    for name, cascade in cascades.items():
+        if kinds[name] == "single":
+            configs[name] = lambda im, c=cascade: c.predict(im, operating_point="full")
+            meta[name] = ("single", 1)
+        else:
+            for point in cascade.operating_points:
+                configs[f"{name} @ {point}"] = lambda im, c=cascade, p=point: c.predict(im, operating_point=p)
+                meta[f"{name} @ {point}"] = ("cascade", len(cascade.stage_names))
+    runs = round_robin(configs, images)
+    rows = [summarize(name, meta[name][0], preds, test.labels, meta[name][1]) for name, preds in runs.items()]
+    for tag in precisions:
+        singles = [r for r in rows if r["kind"] == "single" and r["name"].endswith(tag)]
+        for r in rows:
+            if r["kind"] != "cascade" or f" {tag} @ " not in r["name"]:
+                continue
+            reaching = [s for s in singles if s["top1"] >= r["top1"]]
+            if reaching:
+                best = min(reaching, key=lambda s: s["mean_ms"])
+                r["equal_accuracy_single"] = best["name"]
+                r["speedup_vs_equal_accuracy_single"] = best["mean_ms"] / r["mean_ms"]
+            else:
+                best = max(singles, key=lambda s: s["top1"])
+                r["more_accurate_than_every_single"] = True
+                r["most_accurate_single"] = best["name"]
+                r["speedup_vs_most_accurate_single"] = best["mean_ms"] / r["mean_ms"]
+    oracles = {}
+    for name, cascade in cascades.items():
+        if kinds[name] == "cascade":
+            profile = f"onnxruntime-cpu-{args.threads}t"
+            costs = np.array([s["cost"]["latency_ms"][profile]["p50"] for s in cascade.bundle.manifest["stages"]])
+            o = exit_table(cascade, images, test.labels, costs).oracle()
+            oracles[name] = {"top1": o.accuracy, "mean_ms_from_stage_p50": o.mean_cost, "exit_rates": list(o.exit_rates)}
+    result = {
+        "benchmark": "imagenet_cascade", "machine": machine(), "runtime": "onnxruntime", "threads": args.threads,
+        "batch": 1, "data": {"archive": str(archive), "calibration": len(calib), "test": len(test),
+                             "split": "random halves, seed 0 (one image per class)"},
+        "torch_agreement": agreement, "rows": rows, "oracle_on_test": oracles,
+        "int8": {name: [s["artifacts"]["onnx"].get("quantization") for s in c.bundle.manifest["stages"]]
+                 for name, c in cascades.items() if name.endswith("int8")},
+        "command": "python benchmarks/imagenet_cascade.py " + " ".join(sys.argv[1:]),
+    }
+    save(result, args.out)
+    plot_rows = [dict(r, series=r["name"].split(" @ ")[0] if r["kind"] == "cascade" else "single models fp32",
+                      short=r["name"].split(" @ ")[-1] if r["kind"] == "cascade" else r["name"])
+                 for r in rows if r["name"].split(" @ ")[0].endswith("fp32")]
+    pareto_plot({"rows": plot_rows, "runtime": "onnxruntime", "n": len(test), "bundle": "ImageNet sample, fp32"},
+                args.out.with_suffix(".png"))
+    for r in rows:
+        extra = ""
+        if "speedup_vs_equal_accuracy_single" in r:
+            extra = f"{r['speedup_vs_equal_accuracy_single']:.2f}x vs {r['equal_accuracy_single']}"
+        elif r.get("more_accurate_than_every_single"):
+            extra = f"beats every single; {r['speedup_vs_most_accurate_single']:.2f}x vs {r['most_accurate_single']}"
+        print(f"{r['name']:52s} top1 {100 * r['top1']:5.1f}  mean {r['mean_ms']:7.2f} ms  p95 {r['p95_ms']:7.2f} ms  "
+              f"exits {r['exit_histogram']}  {extra}")
+
+
+if __name__ == "__main__":
+    main()
