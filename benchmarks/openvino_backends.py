@@ -1,0 +1,274 @@
+"""ONNX Runtime against OpenVINO on the same bundles: accuracy, consistency, latency and load time.
+
+Builds, in one run, bundles that carry ONNX and OpenVINO artifacts side by side (fp32, and INT8
+where each backend's own quantizer made it: ONNX Runtime static QDQ and NNCF), then loads each
+bundle on both runtimes (CPU, batch 1, ``--threads`` threads) and measures:
+
+* accuracy (top-1) of each runtime at the bundle's default operating point and with every stage
+  run ("full");
+* consistency: the share of test images on which the two runtimes give the same top-1 and take
+  the same exit, at every operating point, plus per-stage top-1 agreement of the raw logits;
+* latency: mean, p50, p95 per image, every configuration on every image in turn (round robin,
+  so machine noise hits all alike);
+* load time: ``stagewise.load`` in a fresh process, OpenVINO cold (empty model cache) and warm
+  (second load from the cache), ONNX Runtime (which has no compiled-model cache) likewise.
+
+Parts (``--parts``):
+
+``cifar10``   the CIFAR-10 ResNet (examples/cifar10/model.py, weights resnet_cifar.pt) cut after
+              layer1 and layer2 with trained exit heads. Data: cifar10-train.tar.gz split stratified,
+              seed 0, 0.8/0.1/0.1 (as examples/cifar10/train.py): heads on (a seeded subset of) the
+              train part, thresholds and quantization on the calibration part, every number on the
+              test part.
+``imagenet``  EfficientNet-Lite0@224 -> Lite2@260 deciding on mean probabilities
+              (``stagewise.converters.zoo``). Data: the 1,000-image ImageNet sample, split into
+              halves with seed 0: thresholds and quantization on one, every number on the other.
+
+    python benchmarks/openvino_backends.py          # writes benchmarks/results/openvino_backends.json
+
+Nothing is downloaded; a missing data archive skips with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import DEFAULT_DATA, REPO_ROOT, RESULTS, decode_all, machine, require_data, save
+
+RUNTIMES = ("onnxruntime", "openvino")
+PRECISIONS = ("fp32", "int8")
+
+LOAD_CODE = """
+import json, sys, time
+t0 = time.perf_counter()
+import stagewise
+from stagewise.runtimes.base import RUNTIMES
+RUNTIMES[sys.argv[2]].opener()          # import the backend before timing the load itself
+t1 = time.perf_counter()
+c = stagewise.load(sys.argv[1], backend=sys.argv[2], threads=int(sys.argv[3]), warmup=False)
+t2 = time.perf_counter()
+c.run_all_stages(__import__("numpy").full((320, 320, 3), 128, dtype="uint8"))
+t3 = time.perf_counter()
+cached = [getattr(s.session, "loaded_from_cache", None) for s in c._stages]
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_inference_s": t3 - t2, "from_cache": cached}))
+"""
+
+
+def time_load(bundle: Path, runtime: str, threads: int, cache_dir: Path) -> dict:
+    env = dict(os.environ, STAGEWISE_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", LOAD_CODE, str(bundle), runtime, str(threads)], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def load_times(bundle: Path, runtime: str, threads: int, repeats: int) -> dict:
+    """Median cold and warm ``stagewise.load`` seconds over ``repeats`` fresh caches (fresh processes)."""
+    cold, warm, first = [], [], []
+    flags = {}
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="sw-bench-cache-") as cache:
+            a = time_load(bundle, runtime, threads, Path(cache))
+            b = time_load(bundle, runtime, threads, Path(cache))
+        cold.append(a["load_s"])
+        warm.append(b["load_s"])
+        first.append(a["first_inference_s"])
+        flags = {"cold_from_cache": a["from_cache"], "warm_from_cache": b["from_cache"]}
+    return {"cold_s": float(np.median(cold)), "warm_s": float(np.median(warm)),
+            "first_inference_s": float(np.median(first)), "n": repeats, **flags}
+
+
+def consistency(a, b, images: list[np.ndarray], points: list[str]) -> dict:
+    """Agreement of two loaded cascades on ``images``: top-1 and exit stage at each point, per-stage logits."""
+    out = {"n": len(images), "points": {}}
+    for point in points:
+        pa, pb = a.predict_batch(images, operating_point=point), b.predict_batch(images, operating_point=point)
+        out["points"][point] = {
+            "same_top1": float(np.mean([x.label == y.label for x, y in zip(pa, pb)])),
+            "same_exit": float(np.mean([x.stage == y.stage for x, y in zip(pa, pb)])),
+        }
+    la, lb = a.stage_logits(images), b.stage_logits(images)
+    out["stage_top1_agreement"] = [float((x.argmax(1) == y.argmax(1)).mean()) for x, y in zip(la, lb)]
+    out["stage_max_abs_logit_diff"] = [float(np.abs(x - y).max()) for x, y in zip(la, lb)]
+    return out
+
+
+def measure_part(part: str, bundles: dict[str, Path], test_images: list[np.ndarray], labels: np.ndarray,
+                 threads: int, load_repeats: int) -> dict:
+    from stagewise.runtimes import load
+    from stagewise.runtimes.bench import round_robin, summarize
+
+    cascades = {(prec, rt): load(bundles[prec], backend=rt, threads=threads) for prec in bundles for rt in RUNTIMES}
+    default = {prec: cascades[(prec, "onnxruntime")].operating_point for prec in bundles}
+    configs, meta = {}, {}
+    for (prec, rt), c in cascades.items():
+        for point in (default[prec], "full"):
+            name = f"{rt} {prec} @ {point}"
+            configs[name] = lambda im, c=c, p=point: c.predict(im, operating_point=p)
+            meta[name] = len(c.stage_names)
+    runs = round_robin(configs, test_images)
+    rows = [summarize(name, "operating_point", preds, labels, meta[name]) for name, preds in runs.items()]
+    by_name = {r["name"]: r for r in rows}
+    for prec in bundles:
+        for point in (default[prec], "full"):
+            ort, ovn = by_name[f"onnxruntime {prec} @ {point}"], by_name[f"openvino {prec} @ {point}"]
+            ovn["mean_ms_ratio_vs_onnxruntime"] = ovn["mean_ms"] / ort["mean_ms"]
+            ovn["p50_ms_ratio_vs_onnxruntime"] = ovn["p50_ms"] / ort["p50_ms"]
+    agreement = {}
+    for prec in bundles:
+        points = cascades[(prec, "onnxruntime")].operating_points
+        agreement[f"onnxruntime vs openvino, {prec}"] = consistency(
+            cascades[(prec, "onnxruntime")], cascades[(prec, "openvino")], test_images, points)
+    if "int8" in bundles and "fp32" in bundles:
+        for rt in RUNTIMES:
+            agreement[f"{rt} int8 vs {rt} fp32"] = consistency(cascades[("int8", rt)], cascades[("fp32", rt)],
+                                                               test_images, ["full"])
+    artifacts = {}
+    for prec, path in bundles.items():
+        m = cascades[(prec, "onnxruntime")].bundle.manifest
+        artifacts[prec] = [{
+            "stage": s["name"],
+            **{fmt: {"precision": a["precision"], "bytes": sum(f.get("bytes", 0) for f in a["files"]),
+                     "verification": a.get("verification"), "quantization": a.get("quantization")}
+               for fmt, a in s["artifacts"].items()}} for s in m["stages"]]
+    for c in cascades.values():
+        c.close()
+    loads = {f"{rt} {prec}": load_times(bundles[prec], rt, threads, load_repeats) for prec in bundles for rt in RUNTIMES}
+    return {"part": part, "rows": rows, "default_operating_point": default, "consistency": agreement,
+            "load": loads, "artifacts": artifacts, "bundles": {k: str(v) for k, v in bundles.items()}}
+
+
+def _limit(images, limit: int | None):
+    """A seeded stratified subset of at most ``limit`` images (for a quick run)."""
+    return images.split([limit / len(images)], seed=1)[0] if limit and limit < len(images) else images
+
+
+def cifar10_part(args, build_options) -> dict:
+    sys.path.insert(0, str(REPO_ROOT / "examples" / "cifar10"))
+    from model import MEAN, STD, resnet_cifar
+
+    from stagewise.converters.build import build_bundle
+    from stagewise.converters.heads import HeadTraining
+    from stagewise.converters.torch_early_exit import early_exit_plans
+    from stagewise.datasets import open_image_set
+    from stagewise.images import Preprocess
+
+    archive = require_data(args.data, "cifar10-train.tar.gz")
+    data = open_image_set(archive)
+    train, calib, test = data.split([0.8, 0.1, 0.1], seed=0)
+    test = _limit(test, args.test_limit)
+    heads_on = train.split([args.head_images / len(train)], seed=0)[0] if args.head_images < len(train) else train
+    pre = Preprocess(mean=MEAN, std=STD, resize="stretch", crop_fraction=1.0)
+    model = resnet_cifar(weights=args.cifar_weights) if args.cifar_weights else resnet_cifar()
+    t0 = time.time()
+    plans = early_exit_plans(model, ["layer1", "layer2"], pre, (32, 32), heads_on, HeadTraining())
+    bundles = {}
+    for prec in PRECISIONS:
+        bundles[prec] = build_bundle(args.bundles / f"cifar10_ee_{prec}", f"cifar10-ee-{prec}", plans, pre,
+                                     data.classes, calib, build_options(prec))
+    build_s = time.time() - t0
+    result = measure_part("cifar10", bundles, decode_all(test, "decoding CIFAR-10 test images"), test.labels,
+                          args.threads, args.load_repeats)
+    result["data"] = {"archive": str(archive), "split": "stratified 0.8/0.1/0.1 seed 0", "head_images": len(heads_on),
+                      "calibration": len(calib), "test": len(test)}
+    result["build_seconds"] = build_s
+    return result
+
+
+def imagenet_part(args, build_options) -> dict:
+    from stagewise.converters.build import build_bundle
+    from stagewise.converters.torch_cascade import cascade_plans
+    from stagewise.converters.torch_source import build_model
+    from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS
+    from stagewise.datasets import open_image_set
+    from stagewise.images import Preprocess
+
+    archive = require_data(args.data, "imagenet-sample-320.tar")
+    data = open_image_set(archive)
+    calib, test = data.split([0.5, 0.5], seed=0)
+    test = _limit(test, args.test_limit)
+    pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
+    stages = [(0, 224), (2, 260)]
+    t0 = time.time()
+    plans = cascade_plans([(f"lite{v}@{s}", build_model(f"stagewise.converters.zoo:efficientnet_lite{v}", image_size=s),
+                            (s, s)) for v, s in stages], combine="mean_probs")
+    bundles = {}
+    for prec in PRECISIONS:
+        bundles[prec] = build_bundle(args.bundles / f"imagenet_lite0_lite2_{prec}", f"imagenet-lite0-lite2-{prec}",
+                                     plans, pre, data.classes, calib, build_options(prec), kind="cascade")
+    build_s = time.time() - t0
+    result = measure_part("imagenet", bundles, decode_all(test, "decoding ImageNet test images"), test.labels,
+                          args.threads, args.load_repeats)
+    result["data"] = {"archive": str(archive), "split": "halves, seed 0 (one image per class)",
+                      "calibration": len(calib), "test": len(test)}
+    result["cascade"] = "efficientnet_lite0@224 -> efficientnet_lite2@260, mean_probs"
+    result["build_seconds"] = build_s
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=RESULTS / "openvino_backends.json")
+    ap.add_argument("--bundles", type=Path, default=REPO_ROOT / "runs" / "openvino_backends")
+    ap.add_argument("--parts", default="cifar10,imagenet")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--head-images", type=int, default=10000, help="CIFAR-10 train images for the exit heads")
+    ap.add_argument("--test-limit", type=int, default=None, help="report on fewer test images (quick, noisier)")
+    ap.add_argument("--cifar-weights", type=Path, default=None, help="CIFAR-10 ResNet weights (default: committed)")
+    ap.add_argument("--load-repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+
+    from stagewise.converters.build import BuildOptions
+
+    torch.set_num_threads(args.threads)
+    args.bundles.mkdir(parents=True, exist_ok=True)
+
+    def build_options(prec: str) -> BuildOptions:
+        return BuildOptions(formats=("onnx", "openvino"), int8=prec == "int8", threads=args.threads, overwrite=True)
+
+    import openvino
+    import onnxruntime
+
+    result = {"benchmark": "openvino_backends", "machine": machine(), "threads": args.threads, "batch": 1,
+              "device": "CPU", "versions": {"openvino": openvino.get_version(), "onnxruntime": onnxruntime.__version__,
+                                            "torch": torch.__version__},
+              "command": "python benchmarks/openvino_backends.py " + " ".join(sys.argv[1:]), "parts": {}}
+    if args.out.exists():  # keep parts measured by an earlier run with --parts
+        previous = json.loads(args.out.read_text())
+        result["parts"].update(previous.get("parts", {}))
+    for part in args.parts.split(","):
+        runner = {"cifar10": cifar10_part, "imagenet": imagenet_part}[part]
+        result["parts"][part] = runner(args, build_options)
+        result["parts"][part]["measured"] = machine()["date"]
+        save(result, args.out)
+        report(result["parts"][part])
+
+
+def report(part: dict) -> None:
+    print(f"== {part['part']}")
+    for r in part["rows"]:
+        ratio = r.get("mean_ms_ratio_vs_onnxruntime")
+        print(f"{r['name']:36s} top1 {100 * r['top1']:6.2f}  mean {r['mean_ms']:7.2f} ms  p95 {r['p95_ms']:7.2f} ms"
+              f"  exits {r['exit_histogram']}" + (f"  OV/ORT mean {ratio:.2f}" if ratio else ""))
+    for name, c in part["consistency"].items():
+        pts = ", ".join(f"{p}: top1 {100 * v['same_top1']:.2f}% exit {100 * v['same_exit']:.2f}%"
+                        for p, v in c["points"].items())
+        print(f"{name} (n={c['n']}): {pts}; per stage {[round(100 * a, 2) for a in c['stage_top1_agreement']]}")
+    for name, v in part["load"].items():
+        print(f"load {name}: cold {v['cold_s']:.3f}s warm {v['warm_s']:.3f}s (cache {v['cold_from_cache']}->"
+              f"{v['warm_from_cache']})")
+
+
+if __name__ == "__main__":
+    main()

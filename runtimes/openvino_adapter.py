@@ -1,0 +1,269 @@
+"""OpenVINO adapter: one compiled model and one reused infer request per stage.
+
+Only the ``openvino`` runtime package is used here (``read_model``, ``compile_model``), never
+its model converter, so a device needs ``pip install "stagewise[openvino]"`` and nothing else.
+
+Choices, each overridable through ``stagewise.load(..., options={...})``:
+
+``device`` (``LoadOptions.device``)
+    ``CPU``, ``GPU`` (or ``GPU.1``), ``NPU``, ``AUTO`` (or ``AUTO:GPU,CPU``), ``HETERO:GPU,CPU``.
+    A device that this machine does not have raises
+    :class:`~stagewise.errors.DeviceUnavailableError` listing ``ov.Core().available_devices``.
+``threads`` (``LoadOptions.threads``)
+    ``INFERENCE_NUM_THREADS`` on CPU (also when CPU is reached through AUTO or HETERO).
+``inference_precision`` (default ``"f32"``)
+    Execution precision on CPU and GPU. OpenVINO's own default is bf16 on CPUs with AVX512-BF16
+    or AMX and f16 on GPUs, which changes the logits the bundle's thresholds were calibrated
+    on; a stagewise bundle states its precision, so fp32 and fp16-weight artifacts run in f32
+    unless you ask for ``"bf16"``, ``"f16"`` or ``"device_default"``. NPUs always compute in
+    f16 and are left alone.
+``cpu_pinning`` (default False)
+    ``ENABLE_CPU_PINNING`` on CPU. OpenVINO pins its inference threads to cores by default on
+    Linux; on a machine whose cores are shared with other work (the 2-core machine this was
+    measured on, or a device that also runs its camera pipeline) a pinned thread waits for its
+    busy core: a CIFAR-10 ResNet stage took 4.5 ms median pinned against 1.1 ms unpinned there
+    (ONNX Runtime: 0.85 ms). Set True on a dedicated device if it measures faster.
+``cache_dir`` (default ``$STAGEWISE_CACHE_DIR/openvino`` or ``~/.cache/stagewise/openvino``)
+    OpenVINO model caching: a compiled blob is stored on the first load and imported on the
+    next. The model is compiled from the ``ov.Model`` read from the bundle, so the cache key is
+    a hash of the model's content: compiling from a file path would key the cache on the path
+    alone, and a bundle rebuilt in place would then silently load the stale blob. ``False`` or
+    ``""`` turns caching off.
+``static_shapes`` (default: only for NPU)
+    Reshape a dynamic-batch stage to batch 1 before compiling. A stage compiled with a fixed
+    batch (an ``--npu`` bundle, or this option) still accepts any batch: :meth:`OpenVinoStage.run`
+    splits it into chunks of the compiled batch, so the executor never sees the difference.
+``config``
+    Extra ``compile_model`` properties, passed as given (they win over the defaults above).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import openvino as ov
+
+from stagewise.errors import BundleError, DeviceUnavailableError
+
+from .base import LoadOptions, StageIO
+
+VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
+STATIC_SHAPE_DEVICES = ("NPU",)
+"""Devices that compile only models with fully static shapes."""
+
+_CORE: ov.Core | None = None
+
+
+def core() -> ov.Core:
+    """The process-wide ``ov.Core`` (plugins are loaded once and shared by every stage)."""
+    global _CORE
+    if _CORE is None:
+        _CORE = ov.Core()
+    return _CORE
+
+
+def default_cache_dir() -> Path:
+    """Where compiled models are cached unless ``cache_dir`` says otherwise."""
+    root = os.environ.get("STAGEWISE_CACHE_DIR")
+    if root:
+        return Path(root) / "openvino"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "stagewise" / "openvino"
+
+
+def target_devices(device: str) -> list[str]:
+    """The physical devices that ``device`` names (``AUTO:GPU,CPU`` -> GPU, CPU; ``AUTO`` -> [])."""
+    head, _, rest = device.partition(":")
+    if head not in VIRTUAL_DEVICES:
+        return [device]
+    return [d.strip().lstrip("-").split("(")[0] for d in rest.split(",") if d.strip()]
+
+
+def check_device(device: str, available: Sequence[str]) -> None:
+    """Raise :class:`DeviceUnavailableError` unless every device that ``device`` names is present.
+
+    ``GPU`` matches ``GPU.0``; ``GPU.1`` must be listed as such.
+    """
+    if not device:
+        raise DeviceUnavailableError(f"no device given; available devices: {', '.join(available) or 'none'}")
+    for target in target_devices(device):
+        if target not in available and not any(a.split(".")[0] == target for a in available):
+            raise DeviceUnavailableError(
+                f"OpenVINO device {target!r} is not available on this machine (asked for {device!r}); "
+                f"available devices: {', '.join(available) or 'none'}. Pass device= one of them or 'AUTO' "
+                "(a GPU or NPU also needs its driver installed)")
+
+
+def _physical(device: str, available: Sequence[str]) -> list[str]:
+    named = target_devices(device)
+    if named:
+        return named
+    return list(dict.fromkeys(a.split(".")[0] for a in available))  # plain AUTO/MULTI: all of them
+
+
+def _supported(ov_core: Any, device: str) -> set[str]:
+    try:
+        return set(ov_core.get_property(device, "SUPPORTED_PROPERTIES"))
+    except Exception:  # an unusual plugin that cannot answer: set nothing device-specific
+        return set()
+
+
+def _device_settings(ov_core: Any, device: str, threads: int | None, precision: str, pinning: bool) -> dict:
+    """Threads, pinning and precision for one physical device, limited to what its plugin supports."""
+    family = device.split(".")[0]
+    wanted: dict[str, Any] = {}
+    if family == "CPU":
+        if threads:
+            wanted["INFERENCE_NUM_THREADS"] = int(threads)
+        wanted["ENABLE_CPU_PINNING"] = pinning
+    if precision != "device_default" and family in ("CPU", "GPU"):
+        wanted["INFERENCE_PRECISION_HINT"] = precision
+    supported = _supported(ov_core, device)
+    return {k: v for k, v in wanted.items() if k in supported}
+
+
+def compile_config(ov_core: Any, device: str, options: LoadOptions) -> dict:
+    """The ``compile_model`` properties for ``device``: latency hint, threads, precision, cache."""
+    extra = options.extra
+    precision = str(extra.get("inference_precision", "f32"))
+    pinning = bool(extra.get("cpu_pinning", False))
+    cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    head = device.partition(":")[0]
+    if head in VIRTUAL_DEVICES:
+        per_device = {d: s for d in _physical(device, ov_core.available_devices)
+                      if (s := _device_settings(ov_core, d, options.threads, precision, pinning))}
+        if per_device:
+            cfg["DEVICE_PROPERTIES"] = per_device
+    else:
+        cfg.update(_device_settings(ov_core, device, options.threads, precision, pinning))
+        if "PERFORMANCE_HINT" not in _supported(ov_core, device):
+            cfg.pop("PERFORMANCE_HINT")
+    cache = extra.get("cache_dir", default_cache_dir())
+    if cache:
+        cache = Path(cache)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            cfg["CACHE_DIR"] = str(cache)
+        except OSError:
+            pass  # an unwritable cache only costs load time; never fail a load over it
+    cfg.update(extra.get("config", {}))
+    return cfg
+
+
+def needs_static_shapes(device: str, options: LoadOptions, available: Sequence[str]) -> bool:
+    if "static_shapes" in options.extra:
+        return bool(options.extra["static_shapes"])
+    return any(d.split(".")[0] in STATIC_SHAPE_DEVICES for d in target_devices(device))
+
+
+def _read(ov_core: Any, files: Sequence[Path]) -> Any:
+    if len(files) < 2:
+        raise BundleError(f"an OpenVINO stage needs its .xml and .bin files; the manifest names {[f.name for f in files]}")
+    xml, weights = Path(files[0]), Path(files[1])
+    for f, what in ((xml, "model (.xml)"), (weights, "weights (.bin)")):
+        if not f.is_file():
+            raise BundleError(f"OpenVINO {what} file {f} is missing; the bundle is incomplete, rebuild or re-copy it")
+    try:
+        return ov_core.read_model(str(xml), str(weights))
+    except Exception as exc:  # openvino raises RuntimeError with a C++ trace for any malformed IR
+        raise BundleError(f"OpenVINO cannot read {xml.name} with {weights.name}: {_first_line(exc)}; "
+                          "the IR is corrupt or was modified, rebuild the bundle") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith("Exception from")]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _static_batch_one(model: Any, name: str) -> None:
+    shape = model.inputs[0].get_partial_shape()
+    dims = list(shape)
+    if any(d.is_dynamic for d in dims[1:]):
+        raise BundleError(f"{name}: input shape {shape} has dynamic dimensions besides the batch; a device that needs "
+                          "static shapes cannot compile it. Rebuild the bundle with the --npu preset")
+    model.reshape({model.inputs[0]: ov.PartialShape([1] + [d.get_length() for d in dims[1:]])})
+
+
+class OpenVinoStage:
+    """One stage compiled for an OpenVINO device, with one infer request reused by every call.
+
+    Attributes useful for diagnostics: ``device`` (as asked), ``execution_devices`` (where it
+    runs, e.g. ``['CPU']`` under AUTO), ``compile_ms``, ``loaded_from_cache``, ``static_batch``
+    (the compiled batch size, or ``None`` when the batch is dynamic) and ``config``.
+    """
+
+    def __init__(self, files: Sequence[Path], io: StageIO, options: LoadOptions, ov_core: Any | None = None):
+        ov_core = ov_core or core()
+        device = (options.device or "CPU").upper()
+        available = list(ov_core.available_devices)
+        check_device(device, available)
+        name = Path(files[0]).name if files else "stage"
+        model = _read(ov_core, files)
+        if len(model.inputs) != 1:
+            raise BundleError(f"{name}: a stage has one input, this IR has {len(model.inputs)}")
+        if needs_static_shapes(device, options, available) and model.inputs[0].get_partial_shape().is_dynamic:
+            _static_batch_one(model, name)
+        self.device = device
+        self.config = compile_config(ov_core, device, options)
+        start = time.perf_counter()
+        try:
+            compiled = ov_core.compile_model(model, device, self.config)
+        except Exception as exc:
+            raise BundleError(f"OpenVINO cannot compile {name} for device {device!r}: {_first_line(exc)}") from exc
+        self.compile_ms = (time.perf_counter() - start) * 1e3
+        self._compiled = compiled
+        self.loaded_from_cache = bool(_property(compiled, "LOADED_FROM_CACHE", False))
+        self.execution_devices = list(_property(compiled, "EXECUTION_DEVICES", [device]))
+        port = compiled.inputs[0]
+        shape = port.get_partial_shape()
+        self.input_shape = [d.get_length() if d.is_static else -1 for d in shape]
+        self.static_batch = self.input_shape[0] if self.input_shape and self.input_shape[0] > 0 else None
+        self._input_dtype = port.get_element_type().to_dtype()
+        self._outputs: dict[str, Any] = {}
+        names = {n: out for out in compiled.outputs for n in out.get_names()}
+        for out_name in io.outputs:
+            if out_name not in names:
+                raise BundleError(f"{name} has no output named {out_name!r} (it has: {', '.join(sorted(names))}); "
+                                  "the manifest and the IR do not match, rebuild the bundle")
+            self._outputs[out_name] = names[out_name]
+        self._request = compiled.create_infer_request()
+
+    def _infer(self, x: np.ndarray) -> list[np.ndarray]:
+        result = self._request.infer({0: x}, share_inputs=True, share_outputs=False)  # outputs are copies
+        return [result[port] for port in self._outputs.values()]
+
+    def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs by name for ``tensor`` (any batch size; copies, safe to keep across calls)."""
+        x = np.ascontiguousarray(tensor, dtype=self._input_dtype)
+        expected = self.input_shape[1:]
+        if x.ndim != len(self.input_shape) or any(e > 0 and e != g for e, g in zip(expected, x.shape[1:])):
+            raise ValueError(f"stage input has shape {list(x.shape)}; the compiled model expects {self.input_shape} "
+                             "(-1: any)")
+        b = self.static_batch
+        if b is None or len(x) == b:
+            outs = self._infer(x)
+        else:
+            chunks = []
+            for i in range(0, len(x), b):
+                part = x[i:i + b]
+                if len(part) < b:
+                    part = np.concatenate([part, np.zeros((b - len(part),) + part.shape[1:], part.dtype)])
+                chunks.append(self._infer(part))
+            outs = [np.concatenate([c[j] for c in chunks])[:len(x)] for j in range(len(self._outputs))]
+        return dict(zip(self._outputs, outs))
+
+
+def _property(compiled: Any, key: str, default: Any) -> Any:
+    try:
+        return compiled.get_property(key)
+    except Exception:
+        return default
+
+
+def open_stage(files: Sequence[Path], io: StageIO, options: LoadOptions) -> OpenVinoStage:
+    """Compile one stage from its ``.xml`` (``files[0]``) and ``.bin`` (``files[1]``)."""
+    return OpenVinoStage(files, io, options)
