@@ -1,0 +1,313 @@
+"""Deadline-aware scheduling on the real ImageNet cascade (ONNX Runtime) with the CPU deliberately loaded.
+
+The cascade: EfficientNet-Lite0@224 -> Lite2@260 deciding on mean probabilities, calibrated on
+500 images of the 1,000-image ImageNet sample (seed-0 halves); every number is on the other 500.
+ONNX Runtime, 1 intra-op thread, batch 1, images decoded beforehand (a budget starts when
+``predict`` is called). A second process runs a busy numpy matmul loop on one core for the
+whole measurement (started and stopped here, bounded in time).
+
+1. **References** (round robin, image by image): Lite0@224 alone, Lite2@260 alone (the full
+   model: the always-run-the-full-model baseline) and the full cascade (both stages on every
+   image), each timed from the call to the answer.
+2. **Per-request deadlines**: for budgets from Lite0's p50 to the full cascade's p95, every
+   test image under each budget (round robin over budgets, so load changes hit all alike), at
+   the bundle's default operating point and at ``full``. Reported per budget: share of
+   answers within budget (hit rate), top-1, top-1 counting late answers as wrong, the share
+   of misses the scheduler caused (it ran or planned a second stage that overran) and the
+   misses where the first stage alone overran; and the same for the baselines.
+3. **Average budget**: the mean-budget controller at a target between Lite0's and the full
+   cascade's mean cost, through three phases: the one-core load, no extra load, then a
+   heavier two-process load; per phase the mean cost after settling, top-1 and the points used.
+
+    python benchmarks/budget_imagenet.py        # writes benchmarks/results/budget_imagenet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from budget_build import BUNDLE, build
+from common import DEFAULT_DATA, RESULTS, decode_all, machine, require_data, save
+
+LOAD_CODE = """
+import sys, time
+import numpy as np
+end = time.monotonic() + float(sys.argv[1])
+a = np.random.default_rng(0).random((384, 384))
+while time.monotonic() < end:
+    a = a @ a
+    a /= np.abs(a).max() + 1.0
+"""
+
+
+class CpuLoad:
+    """``n`` busy single-threaded processes for at most ``seconds``; stopped by :meth:`stop` (or on exit)."""
+
+    def __init__(self, n: int = 1, seconds: float = 1800.0):
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        self.procs = [subprocess.Popen([sys.executable, "-c", LOAD_CODE, str(seconds)], env=env)
+                      for _ in range(n)]
+        time.sleep(1.0)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs = []
+
+    def __enter__(self) -> "CpuLoad":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def timed(fn, image):
+    t0 = time.perf_counter()
+    p = fn(image)
+    return p, (time.perf_counter() - t0) * 1e3
+
+
+def dist(ms) -> dict:
+    ms = np.asarray(ms)
+    return {"mean": float(ms.mean()), "p50": float(np.median(ms)), "p95": float(np.quantile(ms, 0.95)),
+            "p99": float(np.quantile(ms, 0.99)), "max": float(ms.max())}
+
+
+def references(cascade, images, labels) -> dict:
+    runs = {"lite0_224 alone": lambda im: cascade.predict_stage(im, 0),
+            "lite2_260 alone (full model)": lambda im: cascade.predict_stage(im, 1),
+            "full cascade": lambda im: cascade.predict(im, operating_point="full")}
+    out = {name: {"ms": [], "correct": []} for name in runs}
+    for i, im in enumerate(images):
+        for name, fn in runs.items():
+            p, ms = timed(fn, im)
+            out[name]["ms"].append(ms)
+            out[name]["correct"].append(bool(p.label == labels[i]))
+    return out
+
+
+def summarize_reference(r: dict, budget: float) -> dict:
+    ms, correct = np.array(r["ms"]), np.array(r["correct"])
+    hit = ms <= budget
+    return {"hit_rate": float(hit.mean()), "top1": float(correct.mean()), "top1_on_time": float((correct & hit).mean())}
+
+
+def sweep(cascade, images, labels, budgets, points) -> dict:
+    configs = [(b, p) for p in points for b in budgets]
+    rows = {c: {"ms": [], "correct": [], "stage": [], "limited": [], "planned": [], "ran": []} for c in configs}
+    for i, im in enumerate(images):
+        for b, point in configs:
+            p, ms = timed(lambda x: cascade.predict(x, budget_ms=b, operating_point=point), im)
+            r = rows[(b, point)]
+            r["ms"].append(ms)
+            r["correct"].append(bool(p.label == labels[i]))
+            r["stage"].append(p.stage)
+            r["limited"].append(p.budget_limited)
+            r["planned"].append(any(t.reason == "planned_skip" for t in p.trace))
+            r["ran"].append(sum(t.latency_ms is not None for t in p.trace))
+        if (i + 1) % 50 == 0:
+            print(f"  {i + 1}/{len(images)} images; margin {cascade.latency.margin():.2f}, "
+                  f"speed {cascade.latency.speed():.2f}, "
+                  f"predicted stage ms {[round(cascade.latency.predict(k), 1) for k in range(2)]}", flush=True)
+    out = []
+    for (b, point), r in rows.items():
+        ms, correct = np.array(r["ms"]), np.array(r["correct"])
+        hit = ms <= b
+        chose = (np.array(r["ran"]) > 1) | np.array(r["planned"])
+        out.append({"budget_ms": b, "operating_point": point, "n": len(ms), "hit_rate": float(hit.mean()),
+                    "top1": float(correct.mean()), "top1_on_time": float((correct & hit).mean()),
+                    "misses_by_choice": int((~hit & chose).sum()), "misses_first_stage_alone": int((~hit & ~chose).sum()),
+                    "budget_limited": float(np.mean(r["limited"])), "planned_skip": float(np.mean(r["planned"])),
+                    "answered_by_stage": np.bincount(r["stage"], minlength=2).tolist(), "latency_ms": dist(ms)})
+    return out
+
+
+class ControllerRun:
+    """Mean-budget mode over the test images in a fixed random order, one phase at a time."""
+
+    def __init__(self, cascade, images, labels, target: float):
+        self.cascade, self.images, self.labels = cascade, images, labels
+        cascade.set_mean_budget(target, horizon=100)
+        self.order = np.random.default_rng(1).permutation(len(images))
+        self.j = 0
+
+    def phase(self, name: str, requests: int) -> dict:
+        costs, correct, points, stages = [], [], [], []
+        for _ in range(requests):
+            i = self.order[self.j % len(self.order)]
+            self.j += 1
+            p, ms = timed(self.cascade.predict, self.images[i])
+            costs.append(ms)
+            correct.append(bool(p.label == self.labels[i]))
+            points.append(p.operating_point)
+            stages.append(p.stage)
+        return {"phase": name, "costs": costs, "correct": correct, "points": points, "stages": stages,
+                "state_at_end": dict(vars(self.cascade.controller.state()))}
+
+
+def markdown(result: dict) -> str:
+    """The docs/benchmarks.md tables of a result."""
+    refs = result["references"]
+    names = list(refs)
+    lines = ["| reference (loaded CPU) | top-1 | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|"]
+    for n in names:
+        d = refs[n]["latency_ms"]
+        lines.append(f"| {n} | {100 * refs[n]['top1']:.1f}% | {d['p50']:.1f} | {d['p95']:.1f} | {d['p99']:.1f} |")
+    full_model = {b["budget_ms"]: b for b in refs["lite2_260 alone (full model)"]["per_budget"]}
+    lines += ["", "| budget ms | operating point | within budget | top-1 | top-1 on time | late by scheduler's choice "
+                  "| late, first stage alone | answered by Lite0 / Lite2 | best single that fits (p99) | "
+                  "full model: within budget | full model: top-1 on time |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    singles = [n for n in names if "alone" in n]
+    for r in result["deadline"]:
+        b = full_model[r["budget_ms"]]
+        # fits: p99 within the budget (budgets are printed to 0.1 ms)
+        fits = [n for n in singles if refs[n]["latency_ms"]["p99"] <= r["budget_ms"] + 0.05]
+        top = max(fits, key=lambda n: refs[n]["top1"]) if fits else None
+        best = "-" if top is None else f"{top.split(' ')[0]} {100 * refs[top]['top1']:.1f}%"
+        lines.append(f"| {r['budget_ms']:.1f} | {r['operating_point']} | {100 * r['hit_rate']:.1f}% | {100 * r['top1']:.1f}% | "
+                     f"{100 * r['top1_on_time']:.1f}% | {r['misses_by_choice']} | {r['misses_first_stage_alone']} | "
+                     f"{r['answered_by_stage'][0]} / {r['answered_by_stage'][1]} | {best} | {100 * b['hit_rate']:.1f}% | "
+                     f"{100 * b['top1_on_time']:.1f}% |")
+    c = result["controller"]
+    lines += ["", f"Average budget {c['target_ms']:.1f} ms (horizon {c['horizon']} requests; means after the first "
+                  f"{c['settle']} requests of each phase):", "",
+              "| phase | mean ms | top-1 | reaching Lite2 | windowed means (100 requests) | points used |", "|---|---|---|---|---|---|"]
+    for ph in c["phases"]:
+        wm = ", ".join(f"{x:.0f}" for x in ph["windowed_means_100"])
+        used = ", ".join(f"{k} {v}" for k, v in ph["points_used"].items())
+        lines.append(f"| {ph['phase']} | {ph['mean_ms_after_settling']:.1f} | {100 * ph['top1']:.1f}% | "
+                     f"{100 * ph['second_stage_share']:.0f}% | {wm} | {used} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--bundle", type=Path, default=BUNDLE)
+    ap.add_argument("--out", type=Path, default=RESULTS / "budget_imagenet.json")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--limit", type=int, help="use only this many test images (quick runs)")
+    ap.add_argument("--budgets", type=int, default=7, help="how many evenly spaced budgets between the end points")
+    ap.add_argument("--points", default="default,full", help="operating points for the deadline sweep")
+    ap.add_argument("--controller-requests", type=int, default=600, help="requests per controller phase")
+    ap.add_argument("--heavy-load", type=int, default=2, help="busy processes in the controller's slow phase")
+    ap.add_argument("--markdown", type=Path, help="only print the tables of an existing result JSON")
+    args = ap.parse_args()
+    if args.markdown:
+        import json
+
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
+
+    archive = require_data(args.data, "imagenet-sample-320.tar")
+    bundle = build(archive, args.bundle)
+    from stagewise.datasets import open_image_set
+    from stagewise.runtimes import load
+
+    data = open_image_set(archive)
+    _, test = data.split([0.5, 0.5], seed=0)
+    if args.limit:
+        test = test.subset(np.arange(min(args.limit, len(test))))
+    images = decode_all(test, "decoding test images")
+    labels = np.asarray(test.labels)
+    started = time.time()
+    load_avg = [os.getloadavg()[0]]
+
+    cascade = load(bundle, backend="onnxruntime", threads=args.threads)
+    default_point = cascade.operating_point
+    points = [default_point if p == "default" else p for p in args.points.split(",")]
+    with CpuLoad(1) as cpu:
+        for im in images[:30]:  # let the latency model see the loaded device
+            cascade.predict(im)
+        print("references (round robin, loaded CPU) ...", flush=True)
+        ref = references(cascade, images, labels)
+        load_avg.append(os.getloadavg()[0])
+        s0, full_model, full = (dist(ref[k]["ms"]) for k in ref)
+        lo, hi = s0["p50"], full["p95"]
+        up = lambda x: math.ceil(float(x) * 10) / 10  # noqa: E731 (budgets in 0.1 ms, rounded up)
+        budgets = sorted({up(b) for b in np.linspace(lo, hi, args.budgets)}
+                         | {up(s0["p95"]), up(s0["p99"]), up(full_model["p95"]), up(full_model["p99"])})
+        print(f"budgets (ms): {budgets}", flush=True)
+        rows = sweep(cascade, images, labels, budgets, points)
+        load_avg.append(os.getloadavg()[0])
+        ref_summary = {name: {"latency_ms": dist(r["ms"]), "top1": float(np.mean(r["correct"])), "n": len(r["ms"]),
+                              "per_budget": [dict(budget_ms=b, **summarize_reference(r, b)) for b in budgets]}
+                       for name, r in ref.items()}
+        singles = {"lite0_224 alone": s0, "lite2_260 alone (full model)": full_model}
+        for row in rows:
+            # a single model "fits" a budget when it meets it 99% of the time (its p99 under this load),
+            # the standard the scheduler is held to; the p95 reading is kept alongside
+            for q, key in (("p99", "best_single_that_fits"), ("p95", "best_single_p95_fits")):
+                fits = [n for n, d in singles.items() if d[q] <= row["budget_ms"]]
+                best = max(fits, key=lambda n: ref_summary[n]["top1"]) if fits else None
+                row[key] = best
+                row[key.replace("that_fits", "top1").replace("p95_fits", "p95_top1")] = ref_summary[best]["top1"] if best else None
+        # a target where the budget binds under the reference load: about 12% of images may reach Lite2
+        target = (ref_summary["lite0_224 alone"]["latency_ms"]["mean"]
+                  + 0.12 * ref_summary["lite2_260 alone (full model)"]["latency_ms"]["mean"])
+        print(f"average-budget controller at {target:.1f} ms ...", flush=True)
+        run = ControllerRun(cascade, images, labels, target)
+        phases = [run.phase("one busy process", args.controller_requests)]
+        cpu.stop()
+        time.sleep(1.0)
+        phases.append(run.phase("no extra load", args.controller_requests))
+        with CpuLoad(args.heavy_load):
+            phases.append(run.phase(f"{args.heavy_load} busy processes", args.controller_requests))
+    load_avg.append(os.getloadavg()[0])
+    settle = min(100, args.controller_requests // 3)
+    for ph in phases:
+        c = np.array(ph["costs"])
+        ph["summary"] = {"mean_ms_after_settling": float(c[settle:].mean()), "mean_ms": float(c.mean()),
+                         "top1": float(np.mean(ph["correct"])), "second_stage_share": float(np.mean(np.array(ph["stages"]) == 1)),
+                         "points_used": {p: ph["points"].count(p) for p in sorted(set(ph["points"]))},
+                         "windowed_means_100": [float(c[i:i + 100].mean()) for i in range(0, len(c) - 99, 100)]}
+    all_costs = np.concatenate([ph["costs"] for ph in phases])
+    result = {
+        "benchmark": "budget_imagenet", "machine": machine(), "runtime": "onnxruntime", "threads": args.threads,
+        "bundle": str(bundle), "default_operating_point": default_point,
+        "data": {"archive": str(archive), "test": len(images), "split": "random halves, seed 0; thresholds from the other half"},
+        "load": "1 busy numpy process (1 thread) during references and the deadline sweep; the controller phases "
+                f"switch between 1, 0 and {args.heavy_load} busy processes; other users of the machine not controlled",
+        "loadavg_1min": load_avg, "seconds": time.time() - started,
+        "references": ref_summary, "budgets_ms": budgets, "deadline": rows,
+        "controller": {"target_ms": target, "horizon": 100, "settle": settle,
+                       "overall_mean_ms": float(all_costs.mean()),
+                       "phases": [{"phase": ph["phase"], **ph["summary"],
+                                   "state_at_end": {k: v for k, v in ph["state_at_end"].items() if k != "predicted_ms"},
+                                   "predicted_ms_at_end": ph["state_at_end"]["predicted_ms"]} for ph in phases]},
+        "command": "python benchmarks/budget_imagenet.py " + " ".join(sys.argv[1:]),
+    }
+    save(result, args.out)
+    print(f"\nreferences: " + "; ".join(f"{n}: top-1 {100 * r['top1']:.1f}%, p50 {r['latency_ms']['p50']:.1f} ms, "
+                                          f"p95 {r['latency_ms']['p95']:.1f} ms" for n, r in ref_summary.items()))
+    base = ref_summary["lite2_260 alone (full model)"]["per_budget"]
+    print(f"{'budget':>7} {'point':>11} {'hit':>6} {'top1':>6} {'ontime':>6} {'byChoice':>8} {'s0late':>6} "
+          f"{'bestSingle':>10} | {'full hit':>8} {'full ontime':>11}")
+    for row in rows:
+        b = next(x for x in base if x["budget_ms"] == row["budget_ms"])
+        bs = "-" if row["best_single_top1"] is None else f"{100 * row['best_single_top1']:.1f}"
+        print(f"{row['budget_ms']:7.1f} {row['operating_point']:>11} {100 * row['hit_rate']:5.1f}% {100 * row['top1']:5.1f}% "
+              f"{100 * row['top1_on_time']:5.1f}% {row['misses_by_choice']:8d} {row['misses_first_stage_alone']:6d} {bs:>10} | "
+              f"{100 * b['hit_rate']:7.1f}% {100 * b['top1_on_time']:10.1f}%")
+    for ph in result["controller"]["phases"]:
+        print(f"controller [{ph['phase']}]: mean {ph['mean_ms_after_settling']:.1f} ms after settling "
+              f"(target {target:.1f}), top-1 {100 * ph['top1']:.1f}%, second stage {100 * ph['second_stage_share']:.0f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""`stagewise profile` on a mock runtime: the stored distribution, named profiles, and the runtime seeding from them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import manifest_for, stage_entry
+from stagewise.bundle import read_bundle, write_bundle
+from stagewise.cli import cli
+from stagewise.runtimes import RUNTIMES, load, register_runtime
+from stagewise.runtimes.base import Runtime
+
+
+class EchoStage:
+    """Answers instantly with confident logits (real clock; no timing is asserted)."""
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        logits = np.zeros((len(x), 3), dtype=np.float32)
+        logits[:, 1] = 5.0
+        return {"logits": logits, "carry": x}
+
+
+@dataclass(frozen=True)
+class MockRuntime(Runtime):
+    def installed(self) -> bool:
+        return True
+
+    def opener(self):
+        return lambda paths, io, options: EchoStage()
+
+
+@pytest.fixture
+def mock_runtime():
+    saved = dict(RUNTIMES)
+    register_runtime(MockRuntime("mockrt", "onnx", "unused", "unused", "nothing to install"))
+    yield "mockrt"
+    RUNTIMES.clear()
+    RUNTIMES.update(saved)
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    stages = [stage_entry("s0", {"source": "image", "size": [8, 8], "tensor": "image"}, ["s0.bin"], carry=True),
+              stage_entry("s1", {"source": "carry", "from": "s0", "tensor": "carry"}, ["s1.bin"], carry=False)]
+    files = {}
+    for k in range(2):
+        f = tmp_path / f"s{k}.bin"
+        f.write_bytes(bytes([k]) * 16)
+        files[f"s{k}.bin"] = f
+    return write_bundle(tmp_path / "bundle", manifest_for(stages, ["a", "b", "c"], {"full": [None, None]}), files)
+
+
+def test_profile_stores_the_distribution_and_the_runtime_seeds_from_it(bundle, mock_runtime):
+    runner = CliRunner()
+    out = runner.invoke(cli, ["profile", str(bundle), "--backend", mock_runtime, "--images", "6", "--repeats", "2"])
+    assert out.exit_code == 0, out.output
+    assert "stored as profile mockrt-cpu-1t" in out.output
+    m = read_bundle(bundle).manifest
+    prof = m["profiles"]["mockrt-cpu-1t"]
+    assert prof["runtime"] == "mockrt" and prof["threads"] == 1 and prof["precision"] == ["fp32", "fp32"]
+    assert prof["images"] == 6 and prof["repeats"] == 2 and set(prof["return_ms"]) >= {"p50", "p95"}
+    for s in m["stages"]:
+        d = s["cost"]["latency_ms"]["mockrt-cpu-1t"]
+        assert d["n"] == 12 and d["p50"] <= d["p95"] <= d["p99"] <= d["max"]
+    # a named profile next to it, and a dry run that writes nothing
+    assert runner.invoke(cli, ["profile", str(bundle), "--backend", mock_runtime, "--images", "3",
+                               "--name", "busy-device"]).exit_code == 0
+    dry = runner.invoke(cli, ["profile", str(bundle), "--backend", mock_runtime, "--images", "3",
+                              "--name", "never-stored", "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.output)["profile"] == "never-stored"
+    m = read_bundle(bundle).manifest
+    assert set(m["profiles"]) == {"mockrt-cpu-1t", "busy-device"}
+    # the runtime seeds its latency model from the profile of its configuration, or the one named
+    with load(bundle, backend=mock_runtime, threads=1, warmup=False) as c:
+        assert c.profile == "mockrt-cpu-1t"
+        assert c.latency.predict(1) == pytest.approx(m["stages"][1]["cost"]["latency_ms"]["mockrt-cpu-1t"]["p95"])
+        assert c.latency.return_overhead() == pytest.approx(prof["return_ms"]["p95"])
+    with load(bundle, backend=mock_runtime, threads=1, warmup=False, profile="busy-device") as c:
+        assert c.latency.predict(0) == pytest.approx(m["stages"][0]["cost"]["latency_ms"]["busy-device"]["p95"])
