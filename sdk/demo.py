@@ -46,7 +46,7 @@ def run_demo(out: Path, int8: bool = False, threads: int = 1) -> dict:
     images = open_image_set(demo_images())
     calibration, test = images.split([0.5, 0.5], seed=0)
     click.echo(f"demo: {len(images)} real ImageNet images ({len(calibration)} to calibrate, {len(test)} to report on)")
-    pre = Preprocess(**EFFICIENTNET_LITE_PREPROCESS)
+    pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
     plans = cascade_plans([(name, build_model(spec, image_size=size), (size, size)) for name, spec, size in STAGES],
                           combine="mean_probs")
     bundle = build_bundle(out / "effnet-lite-cascade.swb", "effnet-lite-cascade", plans, pre, imagenet_labels(),
