@@ -86,23 +86,50 @@ def load_times(bundle: Path, runtime: str, threads: int, repeats: int) -> dict:
             "first_inference_s": float(np.median(first)), "n": repeats, **flags}
 
 
-def consistency(a, b, images: list[np.ndarray], points: list[str]) -> dict:
-    """Agreement of two loaded cascades on ``images``: top-1 and exit stage at each point, per-stage logits."""
-    out = {"n": len(images), "points": {}}
-    for point in points:
-        pa, pb = a.predict_batch(images, operating_point=point), b.predict_batch(images, operating_point=point)
-        out["points"][point] = {
-            "same_top1": float(np.mean([x.label == y.label for x, y in zip(pa, pb)])),
-            "same_exit": float(np.mean([x.stage == y.stage for x, y in zip(pa, pb)])),
-        }
-    la, lb = a.stage_logits(images), b.stage_logits(images)
+def decisions(cascade, images: list[np.ndarray], labels: np.ndarray) -> tuple[list[np.ndarray], dict]:
+    """Every stage's logits on ``images`` (one pass) and, for every operating point, each image's
+    (label, exit stage) derived from them with the calibration's own exit rules.
+
+    The executor is checked against the derivation at the default point (``predict_batch``).
+    """
+    from stagewise.calibration import thresholds_of
+    from stagewise.exits import stage_probabilities
+    from stagewise.runtimes.calibrate import exit_table
+
+    logits = cascade.stage_logits(images)
+    specs = [s["exit"] for s in cascade.bundle.manifest["stages"]]
+    probs = stage_probabilities(logits, [e["temperature"] for e in specs], [e.get("combine", "own") for e in specs])
+    cascade.stage_logits = lambda _images: logits  # exit_table reuses this pass
+    try:
+        table = exit_table(cascade, images, labels, np.zeros(len(specs)))
+    finally:
+        del cascade.stage_logits
+    idx = np.arange(len(images))
+    out = {}
+    for point in cascade.bundle.manifest["operating_points"]:
+        stage = table.exit_stage(thresholds_of(point))
+        label = np.stack([p.argmax(1) for p in probs])[stage, idx]
+        out[point["name"]] = (label, stage)
+    batch = cascade.predict_batch(images)
+    label, stage = out[cascade.operating_point]
+    cascade.executor_check = float(np.mean([(p.label, p.stage) == (a, b) for p, a, b in zip(batch, label, stage)]))
+    return logits, out
+
+
+def consistency(a: tuple, b: tuple, n: int) -> dict:
+    """Agreement of two runtimes' (logits, decisions) on the same images, at every operating point."""
+    (la, da), (lb, db) = a, b
+    out = {"n": n, "points": {}}
+    for point in da:
+        out["points"][point] = {"same_top1": float(np.mean(da[point][0] == db[point][0])),
+                                "same_exit": float(np.mean(da[point][1] == db[point][1]))}
     out["stage_top1_agreement"] = [float((x.argmax(1) == y.argmax(1)).mean()) for x, y in zip(la, lb)]
     out["stage_max_abs_logit_diff"] = [float(np.abs(x - y).max()) for x, y in zip(la, lb)]
     return out
 
 
 def measure_part(part: str, bundles: dict[str, Path], test_images: list[np.ndarray], labels: np.ndarray,
-                 threads: int, load_repeats: int) -> dict:
+                 threads: int, load_repeats: int, latency_limit: int | None = None) -> dict:
     from stagewise.runtimes import load
     from stagewise.runtimes.bench import round_robin, summarize
 
@@ -114,23 +141,32 @@ def measure_part(part: str, bundles: dict[str, Path], test_images: list[np.ndarr
             name = f"{rt} {prec} @ {point}"
             configs[name] = lambda im, c=c, p=point: c.predict(im, operating_point=p)
             meta[name] = len(c.stage_names)
-    runs = round_robin(configs, test_images)
-    rows = [summarize(name, "operating_point", preds, labels, meta[name]) for name, preds in runs.items()]
+    order = np.arange(len(test_images))
+    if latency_limit and latency_limit < len(test_images):
+        order = np.sort(np.random.default_rng(1).permutation(len(test_images))[:latency_limit])
+    timed = [test_images[i] for i in order]
+    runs = round_robin(configs, timed)
+    rows = [summarize(name, "operating_point", preds, np.asarray(labels)[order], meta[name])
+            for name, preds in runs.items()]
     by_name = {r["name"]: r for r in rows}
     for prec in bundles:
         for point in (default[prec], "full"):
             ort, ovn = by_name[f"onnxruntime {prec} @ {point}"], by_name[f"openvino {prec} @ {point}"]
             ovn["mean_ms_ratio_vs_onnxruntime"] = ovn["mean_ms"] / ort["mean_ms"]
             ovn["p50_ms_ratio_vs_onnxruntime"] = ovn["p50_ms"] / ort["p50_ms"]
+    derived = {key: decisions(c, test_images, labels) for key, c in cascades.items()}
+    accuracy = {f"{rt} {prec}": {point: float(np.mean(d[0] == labels)) for point, d in derived[(prec, rt)][1].items()}
+                for prec, rt in cascades}
+    executor_check = {f"{rt} {prec}": c.executor_check for (prec, rt), c in cascades.items()}
     agreement = {}
     for prec in bundles:
-        points = cascades[(prec, "onnxruntime")].operating_points
         agreement[f"onnxruntime vs openvino, {prec}"] = consistency(
-            cascades[(prec, "onnxruntime")], cascades[(prec, "openvino")], test_images, points)
+            derived[(prec, "onnxruntime")], derived[(prec, "openvino")], len(test_images))
     if "int8" in bundles and "fp32" in bundles:
         for rt in RUNTIMES:
-            agreement[f"{rt} int8 vs {rt} fp32"] = consistency(cascades[("int8", rt)], cascades[("fp32", rt)],
-                                                               test_images, ["full"])
+            agreement[f"{rt} int8 vs {rt} fp32"] = consistency(
+                (derived[("int8", rt)][0], {"full": derived[("int8", rt)][1]["full"]}),
+                (derived[("fp32", rt)][0], {"full": derived[("fp32", rt)][1]["full"]}), len(test_images))
     artifacts = {}
     for prec, path in bundles.items():
         m = cascades[(prec, "onnxruntime")].bundle.manifest
@@ -142,8 +178,16 @@ def measure_part(part: str, bundles: dict[str, Path], test_images: list[np.ndarr
     for c in cascades.values():
         c.close()
     loads = {f"{rt} {prec}": load_times(bundles[prec], rt, threads, load_repeats) for prec in bundles for rt in RUNTIMES}
-    return {"part": part, "rows": rows, "default_operating_point": default, "consistency": agreement,
+    return {"part": part, "rows": rows, "latency_images": len(timed), "accuracy_all_test_images": accuracy,
+            "executor_matches_derived_decisions": executor_check, "default_operating_point": default,
+            "consistency": agreement,
             "load": loads, "artifacts": artifacts, "bundles": {k: str(v) for k, v in bundles.items()}}
+
+
+def _built(args, name: str) -> Path | None:
+    """With ``--reuse``, an already built bundle of that name (same data split and options)."""
+    path = args.bundles / name
+    return path if args.reuse and (path / "manifest.json").is_file() else None
 
 
 def _limit(images, limit: int | None):
@@ -169,14 +213,16 @@ def cifar10_part(args, build_options) -> dict:
     pre = Preprocess(mean=MEAN, std=STD, resize="stretch", crop_fraction=1.0)
     model = resnet_cifar(weights=args.cifar_weights) if args.cifar_weights else resnet_cifar()
     t0 = time.time()
-    plans = early_exit_plans(model, ["layer1", "layer2"], pre, (32, 32), heads_on, HeadTraining())
+    plans = None if all(_built(args, f"cifar10_ee_{p}") for p in PRECISIONS) else early_exit_plans(
+        model, ["layer1", "layer2"], pre, (32, 32), heads_on, HeadTraining())
     bundles = {}
     for prec in PRECISIONS:
-        bundles[prec] = build_bundle(args.bundles / f"cifar10_ee_{prec}", f"cifar10-ee-{prec}", plans, pre,
-                                     data.classes, calib, build_options(prec))
+        bundles[prec] = _built(args, f"cifar10_ee_{prec}") or build_bundle(
+            args.bundles / f"cifar10_ee_{prec}", f"cifar10-ee-{prec}", plans, pre, data.classes, calib,
+            build_options(prec))
     build_s = time.time() - t0
     result = measure_part("cifar10", bundles, decode_all(test, "decoding CIFAR-10 test images"), test.labels,
-                          args.threads, args.load_repeats)
+                          args.threads, args.load_repeats, args.latency_limit)
     result["data"] = {"archive": str(archive), "split": "stratified 0.8/0.1/0.1 seed 0", "head_images": len(heads_on),
                       "calibration": len(calib), "test": len(test)}
     result["build_seconds"] = build_s
@@ -198,15 +244,16 @@ def imagenet_part(args, build_options) -> dict:
     pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
     stages = [(0, 224), (2, 260)]
     t0 = time.time()
-    plans = cascade_plans([(f"lite{v}@{s}", build_model(f"stagewise.converters.zoo:efficientnet_lite{v}", image_size=s),
+    plans = cascade_plans([(f"lite{v}_{s}", build_model(f"stagewise.converters.zoo:efficientnet_lite{v}", image_size=s),
                             (s, s)) for v, s in stages], combine="mean_probs")
     bundles = {}
     for prec in PRECISIONS:
-        bundles[prec] = build_bundle(args.bundles / f"imagenet_lite0_lite2_{prec}", f"imagenet-lite0-lite2-{prec}",
-                                     plans, pre, data.classes, calib, build_options(prec), kind="cascade")
+        bundles[prec] = _built(args, f"imagenet_lite0_lite2_{prec}") or build_bundle(
+            args.bundles / f"imagenet_lite0_lite2_{prec}", f"imagenet-lite0-lite2-{prec}", plans, pre, data.classes,
+            calib, build_options(prec), kind="cascade")
     build_s = time.time() - t0
     result = measure_part("imagenet", bundles, decode_all(test, "decoding ImageNet test images"), test.labels,
-                          args.threads, args.load_repeats)
+                          args.threads, args.load_repeats, args.latency_limit)
     result["data"] = {"archive": str(archive), "split": "halves, seed 0 (one image per class)",
                       "calibration": len(calib), "test": len(test)}
     result["cascade"] = "efficientnet_lite0@224 -> efficientnet_lite2@260, mean_probs"
@@ -225,7 +272,14 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None, help="report on fewer test images (quick, noisier)")
     ap.add_argument("--cifar-weights", type=Path, default=None, help="CIFAR-10 ResNet weights (default: committed)")
     ap.add_argument("--load-repeats", type=int, default=3)
+    ap.add_argument("--latency-limit", type=int, default=300,
+                    help="time this many test images (seeded subset; accuracy and consistency use all); 0: all")
+    ap.add_argument("--reuse", action="store_true", help="measure bundles already built in --bundles (skip building)")
+    ap.add_argument("--markdown", action="store_true", help="print the tables of --out as markdown and stop")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
 
     import torch
 
@@ -253,6 +307,44 @@ def main() -> None:
         result["parts"][part]["measured"] = machine()["date"]
         save(result, args.out)
         report(result["parts"][part])
+
+
+def markdown(result: dict) -> str:
+    """The results as markdown tables (``--markdown``), as pasted into docs/benchmarks.md."""
+    lines = []
+    for part in result["parts"].values():
+        n = part["rows"][0]["n"]
+        total = next(iter(part["consistency"].values()))["n"]
+        lines += [f"**{part['part']}**: latency on {n} test images (seeded subset), accuracy and consistency on all "
+                  f"{total}; default operating point "
+                  f"{', '.join(f'{k}: `{v}`' for k, v in part['default_operating_point'].items())}", "",
+                  "| top-1 on all test images | " + " | ".join(part["accuracy_all_test_images"]) + " |",
+                  "|---|" + "---|" * len(part["accuracy_all_test_images"])]
+        points = list(dict.fromkeys(p for acc in part["accuracy_all_test_images"].values() for p in acc))
+        for point in points:
+            lines.append(f"| {point} | " + " | ".join(f"{100 * acc[point]:.2f}%" if point in acc else "-"
+                                                     for acc in part["accuracy_all_test_images"].values()) + " |")
+        lines += ["", "Latency (batch 1, round robin):", "",
+                  "| runtime | precision | operating point | top-1 | mean ms | p50 ms | p95 ms | OV/ORT mean | exits |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in part["rows"]:
+            rt, prec, _, point = r["name"].split(" ", 3)
+            ratio = r.get("mean_ms_ratio_vs_onnxruntime")
+            lines.append(f"| {rt} | {prec} | {point} | {100 * r['top1']:.2f}% | {r['mean_ms']:.2f} | {r['p50_ms']:.2f} | "
+                         f"{r['p95_ms']:.2f} | {'' if ratio is None else f'{ratio:.2f}'} | {r['exit_histogram']} |")
+        lines += ["", "| comparison | operating point | same top-1 | same exit |", "|---|---|---|---|"]
+        for name, c in part["consistency"].items():
+            for point, v in c["points"].items():
+                lines.append(f"| {name} | {point} | {100 * v['same_top1']:.2f}% | {100 * v['same_exit']:.2f}% |")
+            stages = ", ".join(f"{100 * a:.2f}%" for a in c["stage_top1_agreement"])
+            diffs = ", ".join(f"{d:.2g}" for d in c["stage_max_abs_logit_diff"])
+            lines.append(f"| {name} | per-stage top-1 (max abs logit diff) | {stages} ({diffs}) | |")
+        lines += ["", "| load (fresh process, median) | cold s | warm s | from cache cold -> warm |", "|---|---|---|---|"]
+        for name, v in part["load"].items():
+            cache = "" if v["cold_from_cache"][0] is None else f"{v['cold_from_cache']} -> {v['warm_from_cache']}"
+            lines.append(f"| {name} | {v['cold_s']:.3f} | {v['warm_s']:.3f} | {cache} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def report(part: dict) -> None:

@@ -19,9 +19,10 @@ Options (from :class:`~stagewise.converters.build.BuildOptions`):
   in fp16), and INT8 with NNCF's NPU hardware config (``target_device=NPU``), symmetric
   per-tensor activations and symmetric per-channel weights.
 
-Keras stages (``plan.framework == "keras"``) are handed to ``convert_model`` as the
-``keras.Model`` itself (OpenVINO's TensorFlow frontend) and verified against the pipeline's
-Keras runner; that route needs TensorFlow at conversion time.
+Keras stages have their own converter (:mod:`stagewise.converters.keras_export`, from the
+stage's SavedModel) and reuse :func:`save_ir`, :func:`verify_ir` (which runs the source model
+through the pipeline's runner for its framework), :func:`quantize_ir`, :func:`cpu_stage`,
+:func:`top1_agreement` and :func:`npu_target_record` from here.
 
 ``extra`` keys: ``openvino_source`` (``"torch"``, ``"onnx"`` or ``"best"``), ``openvino_preset``
 (NNCF preset ``"performance"``: symmetric activations, or ``"mixed"``: asymmetric activations),
@@ -59,15 +60,13 @@ def convert_stage(plan: StagePlan, example: np.ndarray, batch: int | None, sourc
     """
     shape = [-1 if batch is None else batch, *example.shape[1:]]
     framework = getattr(plan, "framework", "torch")
-    if framework != "torch" and source != "torch":
-        raise ConversionError(f"stage {plan.name}: openvino_source {source!r} needs a torch model; "
-                              f"{framework} stages convert directly")
+    if framework != "torch":
+        raise ConversionError(f"stage {plan.name}: this converter reads torch stages; {framework} stages go through "
+                              "their own exporter (stagewise.converters.keras_export for Keras)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if framework != "torch":  # e.g. a keras.Model: OpenVINO's TensorFlow frontend reads it directly
-                model = ov.convert_model(plan.module, input=[ov.PartialShape(shape)])
-            elif source == "torch":
+            if source == "torch":
                 model = ov.convert_model(plan.module.eval(), example_input=torch.from_numpy(example[:1]),
                                          input=[ov.PartialShape(shape)])
             elif source == "onnx":
@@ -297,5 +296,6 @@ def ir_inputs_static(xml: Path) -> bool:
     return all(not p.get_partial_shape().is_dynamic for p in model.inputs)
 
 
-__all__: Sequence[str] = ("FP16_TOLERANCE", "check_npu_constraints", "convert_stage", "export_openvino_stage",
-                          "quantize_ir", "save_ir", "top1_agreement", "verify_ir")
+__all__: Sequence[str] = ("FP16_TOLERANCE", "check_npu_constraints", "convert_stage", "cpu_stage", "export_openvino_stage",
+                          "ir_inputs_static", "npu_target_record", "quantize_ir", "reference_outputs", "save_ir",
+                          "top1_agreement", "verify_ir")

@@ -244,6 +244,9 @@ class OpenVinoStage:
             raise ValueError(f"stage input has shape {list(x.shape)}; the compiled model expects {self.input_shape} "
                              "(-1: any)")
         b = self.static_batch
+        if len(x) == 0:  # nothing to run (OpenVINO rejects an empty batch)
+            return {name: np.zeros((0, *[d.get_length() if d.is_static else 0 for d in list(port.get_partial_shape())[1:]]),
+                                   dtype=port.get_element_type().to_dtype()) for name, port in self._outputs.items()}
         if b is None or len(x) == b:
             outs = self._infer(x)
         else:

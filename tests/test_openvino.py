@@ -61,7 +61,8 @@ def images(splits):
 
 @pytest.fixture(scope="module")
 def ee_plans(splits):
-    return early_exit_plans(residual_net(), ["layer1"], PRE, (16, 16), splits[0], FAST_HEADS)
+    # two cuts: the middle stage reads a carry and writes one (distinct tensor names needed)
+    return early_exit_plans(residual_net(), ["layer1", "down"], PRE, (16, 16), splits[0], FAST_HEADS)
 
 
 class SizeProbe(torch.nn.Module):
@@ -161,7 +162,7 @@ def _copy(bundle: Path, dest: Path) -> Path:
     return dest
 
 
-def _stage_files(bundle: Path, k: int = 1) -> tuple[list[Path], StageIO]:
+def _stage_files(bundle: Path, k: int = -1) -> tuple[list[Path], StageIO]:
     m = json.loads((bundle / "manifest.json").read_text())
     spec = m["stages"][k]
     return [bundle / f["path"] for f in spec["artifacts"]["openvino"]["files"]], stage_io(spec)
@@ -199,20 +200,20 @@ def test_second_load_comes_from_the_content_keyed_cache(tmp_path, ee_bundle, npu
     cache = tmp_path / "cache"
     opts = {"cache_dir": str(cache)}
     with stagewise.load(ee_bundle, backend="openvino", threads=1, options=opts, warmup=False) as c:
-        assert [s.session.loaded_from_cache for s in c._stages] == [False, False]
+        assert [s.session.loaded_from_cache for s in c._stages] == [False] * 3
     assert any(cache.iterdir())
     with stagewise.load(ee_bundle, backend="openvino", threads=1, options=opts, warmup=False) as c:
-        assert [s.session.loaded_from_cache for s in c._stages] == [True, True]
+        assert [s.session.loaded_from_cache for s in c._stages] == [True] * 3
         expected = c.stage_logits(images[:8])
     # other content at the same path must not be served from the cache (a path-keyed cache would)
     same_path = tmp_path / "bundle"
     _copy(npu_bundle, same_path)
     with stagewise.load(same_path, backend="openvino", threads=1, options=opts, warmup=False) as c:
-        assert [s.session.loaded_from_cache for s in c._stages] == [False, False]
+        assert [s.session.loaded_from_cache for s in c._stages] == [False] * 3
     shutil.rmtree(same_path)
     _copy(ee_bundle, same_path)
     with stagewise.load(same_path, backend="openvino", threads=1, options=opts, warmup=False) as c:
-        assert [s.session.loaded_from_cache for s in c._stages] == [True, True]
+        assert [s.session.loaded_from_cache for s in c._stages] == [True] * 3
         for a, b in zip(expected, c.stage_logits(images[:8])):
             np.testing.assert_array_equal(a, b)
     with stagewise.load(ee_bundle, backend="openvino", threads=1, options={"cache_dir": False}, warmup=False) as c:
@@ -266,19 +267,19 @@ def test_npu_preset_is_static_and_runs_any_batch_on_cpu(npu_bundle, images):
     # calibrated on OpenVINO, the first format
     assert "openvino-cpu-1t" in m["stages"][0]["cost"]["latency_ms"]
     with stagewise.load(npu_bundle, backend="openvino", threads=1) as c:
-        assert [s.session.static_batch for s in c._stages] == [1, 1]
+        assert [s.session.static_batch for s in c._stages] == [1] * 3
         batch = c.predict_batch(images)
         single = [c.predict(im) for im in images]
         assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
         logits = c.stage_logits(images[:5], batch_size=5)
-        rows = np.concatenate([c.stage_logits([im])[1] for im in images[:5]])
-        np.testing.assert_allclose(logits[1], rows, rtol=1e-6, atol=1e-6)
+        rows = np.concatenate([c.stage_logits([im])[2] for im in images[:5]])
+        np.testing.assert_allclose(logits[2], rows, rtol=1e-6, atol=1e-6)
 
 
 def test_static_shapes_option_matches_dynamic(ee_bundle, images):
     with stagewise.load(ee_bundle, backend="openvino", threads=1, options={"static_shapes": True}) as static, \
             stagewise.load(ee_bundle, backend="openvino", threads=1) as dynamic:
-        assert [s.session.static_batch for s in static._stages] == [1, 1]
+        assert [s.session.static_batch for s in static._stages] == [1] * 3
         for a, b in zip(static.stage_logits(images[:7]), dynamic.stage_logits(images[:7])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -315,6 +316,8 @@ def test_npu_request_is_static_and_carries_no_cpu_only_properties(ee_bundle):
     assert not {"INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "ENABLE_CPU_PINNING"} & set(config)
     out = stage.run(np.zeros((3, 3, 16, 16), np.float32))  # batch 3 through a batch-1 model
     assert out["logits"].shape == (3, 3) and out["carry"].shape == (3, 8, 16, 16)
+    empty = stage.run(np.zeros((0, 3, 16, 16), np.float32))
+    assert empty["logits"].shape == (0, 3) and empty["carry"].shape == (0, 8, 16, 16)
 
 
 def test_exporter_fp16_int8_fallback_and_sources(tmp_path, ee_plans, images):
