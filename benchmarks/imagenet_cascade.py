@@ -27,12 +27,11 @@ import torch
 from common import DEFAULT_DATA, REPO_ROOT, RESULTS, decode_all, machine, require_data, save
 
 ZOO = "stagewise.converters.zoo:efficientnet_lite{}"
-SINGLES = {"lite0@224": (0, 224), "lite1@240": (1, 240), "lite2@240": (2, 240), "lite2@260": (2, 260)}
+SINGLES = {"lite0@224": (0, 224), "lite1@240": (1, 240), "lite2@260": (2, 260), "lite2@240": (2, 240)}
 CASCADES = {
     "lite0@224>lite2@260 mean": ([(0, 224), (2, 260)], "mean_probs"),
     "lite0@224>lite2@260 own": ([(0, 224), (2, 260)], "own"),
     "lite0@224>lite2@240 mean": ([(0, 224), (2, 240)], "mean_probs"),
-    "lite0@160>lite0@224>lite2@260 mean": ([(0, 160), (0, 224), (2, 260)], "mean_probs"),
 }
 
 
@@ -57,8 +56,11 @@ def main() -> None:
     ap.add_argument("--bundles", type=Path, default=REPO_ROOT / "runs" / "imagenet")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-int8", action="store_true")
-    ap.add_argument("--cascades", default=",".join(CASCADES), help="comma-separated names from: " + ", ".join(CASCADES))
+    ap.add_argument("--cascades", default="lite0@224>lite2@260 mean,lite0@224>lite2@260 own", help="comma-separated names from: " + ", ".join(CASCADES))
+    ap.add_argument("--singles", default="lite0@224,lite1@240,lite2@260", help="from: " + ", ".join(SINGLES))
     ap.add_argument("--int8-cascades", default=next(iter(CASCADES)), help="cascades also built in INT8")
+    ap.add_argument("--int8-singles", default="lite0@224,lite2@260", help="single models also built in INT8")
+    ap.add_argument("--reuse", action="store_true", help="load bundles already under --bundles instead of rebuilding")
     ap.add_argument("--timing-images", type=int, default=200,
                     help="test images timed at batch 1 (accuracy always uses every test image)")
     args = ap.parse_args()
@@ -86,25 +88,32 @@ def main() -> None:
     kinds: dict[str, str] = {}
     for tag in precisions:
         opts = BuildOptions(int8=tag == "int8", threads=args.threads, overwrite=True)
-        for name, (variant, size) in SINGLES.items():
-            plans = cascade_plans([(name.replace("@", "_"), _model(variant, size), (size, size))])
-            bundles[f"{name} {tag}"] = build_bundle(args.bundles / f"{name}_{tag}.swb", f"{name}-{tag}", plans, pre,
-                                                    labels, calib, opts, kind="cascade")
+        for name in args.singles.split(","):
+            if tag == "int8" and name not in args.int8_singles.split(","):
+                continue
+            variant, size = SINGLES[name]
+            path = args.bundles / f"{name}_{tag}.swb"
+            if not (args.reuse and path.exists()):
+                plans = cascade_plans([(name.replace("@", "_"), _model(variant, size), (size, size))])
+                build_bundle(path, f"{name}-{tag}", plans, pre, labels, calib, opts, kind="cascade")
+            bundles[f"{name} {tag}"] = path
             kinds[f"{name} {tag}"] = "single"
         for name in args.cascades.split(","):
             if tag == "int8" and name not in args.int8_cascades.split(","):
                 continue
             stages, combine = CASCADES[name]
-            plans = cascade_plans([(f"lite{v}_{s}", _model(v, s), (s, s)) for v, s in stages], combine=combine)
-            file = name.replace(">", "_").replace(" ", "_").replace("@", "")
-            bundles[f"{name} {tag}"] = build_bundle(args.bundles / f"{file}_{tag}.swb", f"{name}-{tag}", plans, pre,
-                                                    labels, calib, opts, kind="cascade")
+            path = args.bundles / f"{name.replace('>', '_').replace(' ', '_').replace('@', '')}_{tag}.swb"
+            if not (args.reuse and path.exists()):
+                plans = cascade_plans([(f"lite{v}_{s}", _model(v, s), (s, s)) for v, s in stages], combine=combine)
+                build_bundle(path, f"{name}-{tag}", plans, pre, labels, calib, opts, kind="cascade")
+            bundles[f"{name} {tag}"] = path
             kinds[f"{name} {tag}"] = "cascade"
 
     cascades = {name: load(path, backend="onnxruntime", threads=args.threads) for name, path in bundles.items()}
     all_images = decode_all(data, "decoding all sample images")
     agreement = {}
-    for name, (variant, size) in SINGLES.items():
+    for name in args.singles.split(","):
+        variant, size = SINGLES[name]
         reference = torch_top1(_model(variant, size), pre, all_images, size)
         got = np.concatenate([cascades[f"{name} fp32"].stage_logits(all_images[i:i + 100])[0].argmax(1)
                               for i in range(0, len(all_images), 100)])

@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "openvino_conversion.json")
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cifar-weights", type=Path, default=None, help="CIFAR-10 ResNet weights (default: committed)")
     args = ap.parse_args()
 
     import torch
@@ -108,15 +109,17 @@ def main() -> None:
     sys.path.insert(0, str(REPO_ROOT / "examples" / "cifar10"))
     from model import MEAN, STD, WEIGHTS, resnet_cifar
 
-    if WEIGHTS.is_file():
+    weights = args.cifar_weights or WEIGHTS
+    if weights.is_file():
         cifar = open_image_set(require_data(args.data, "cifar10-train.tar.gz")).split([0.8, 0.1, 0.1], seed=0)[1]
         cifar = cifar.split([args.images / len(cifar)], seed=1)[0]
         x = Preprocess(mean=MEAN, std=STD, resize="stretch", crop_fraction=1.0).tensor(
             [cifar.image(i) for i in range(len(cifar))], (32, 32))
-        result["models"]["resnet_cifar@32"] = routes("resnet_cifar", resnet_cifar(), x, args.threads)
+        result["models"]["resnet_cifar@32"] = routes("resnet_cifar", resnet_cifar(weights=weights), x, args.threads)
+        result["models"]["resnet_cifar@32"]["weights"] = str(weights)
         print("resnet_cifar", result["models"]["resnet_cifar@32"])
     else:
-        result["models"]["resnet_cifar@32"] = f"skipped: {WEIGHTS} not found"
+        result["models"]["resnet_cifar@32"] = f"skipped: {weights} not found"
     save(result, args.out)
 
 

@@ -19,10 +19,9 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
 import stagewise
 from stagewise.bundle import write_bundle
@@ -34,31 +33,33 @@ from stagewise.runtimes import load
 from stagewise.runtimes.base import RUNTIMES
 from stagewise.runtimes.calibrate import DEFAULT_DROPS, calibrate_manifest
 
-from .onnx_export import export_onnx, verify_onnx
-from .onnx_quantize import quantize_onnx, top1_agreement
-
 
 @dataclass
 class StagePlan:
-    """One stage ready for export: a torch module from its input tensor to its outputs.
+    """One stage ready for export: a model from its input tensor to its outputs.
 
     ``module`` returns ``logits`` or, when ``has_carry``, ``(carry, logits)``. ``source`` is
     the manifest's stage input without the tensor name: ``{"source": "image", "size": [h, w]}``
-    or ``{"source": "carry", "from": <earlier stage name>}``.
+    or ``{"source": "carry", "from": <earlier stage name>}``. ``framework`` says what ``module``
+    is: ``"torch"`` (an ``nn.Module``, NCHW) or ``"keras"`` (a ``keras.Model``, NHWC; see
+    :mod:`stagewise.converters.keras_source`); :func:`stage_runner` runs it.
     """
 
     name: str
-    module: torch.nn.Module
+    module: Any
     source: dict
     has_carry: bool
     exit: dict
     macs: int
     params: int
     head: dict | None = None
+    framework: str = "torch"
 
     @property
     def input_name(self) -> str:
-        return "image" if self.source["source"] == "image" else "carry"
+        # not "carry": a middle early-exit stage also *outputs* "carry", and ONNX (whose exporter then
+        # silently renames the input to "carry.1") and OpenVINO need distinct tensor names
+        return "image" if self.source["source"] == "image" else "carry_in"
 
     @property
     def output_names(self) -> list[str]:
@@ -82,6 +83,7 @@ class BuildOptions:
     seed: int = 0
     fp16: bool = False  # OpenVINO artifacts: fp16 weights (compute stays f32 on CPU)
     npu: bool = False  # OpenVINO artifacts: NPU preset (static batch-1 shapes, fp16 weights, NPU INT8 scheme)
+    int8_io: bool = False  # TFLite artifacts: INT8 models take/return int8 tensors (integer-only NPUs)
     extra: dict = field(default_factory=dict)
 
 
@@ -100,6 +102,8 @@ Exporter = Callable[[StagePlan, Path, StageInputs, BuildOptions], tuple[dict, di
 def torch_stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, images: list[np.ndarray],
                        batch: int = 64) -> list[np.ndarray]:
     """Every stage's fp32 input tensor for ``images``, computed through the torch stages."""
+    import torch
+
     per_stage: list[list[np.ndarray]] = [[] for _ in plans]
     index = {p.name: k for k, p in enumerate(plans)}
     with torch.no_grad():
@@ -118,8 +122,58 @@ def torch_stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, image
     return [np.concatenate(xs) for xs in per_stage]
 
 
+class TorchRunner:
+    """How the pipeline runs torch stage modules: stage inputs, named outputs and the version."""
+
+    framework = "torch"
+
+    @staticmethod
+    def version() -> str:
+        import torch
+
+        return torch.__version__
+
+    @staticmethod
+    def stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, images: list[np.ndarray]) -> list[np.ndarray]:
+        return torch_stage_inputs(plans, preprocess, images)
+
+    @staticmethod
+    def outputs(plan: StagePlan, x: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            out = plan.module.eval()(torch.from_numpy(np.ascontiguousarray(x)))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {name: o.numpy() for name, o in zip(plan.output_names, out)}
+
+
+RUNNERS: dict[str, str] = {
+    "torch": "stagewise.converters.build:TorchRunner",
+    "keras": "stagewise.converters.keras_source:KerasRunner",
+}
+"""Source frameworks: each runner has ``version()``, ``stage_inputs(plans, preprocess, images)``
+and ``outputs(plan, x) -> {name: array}`` (numpy in, numpy out)."""
+
+
+def stage_runner(framework: str) -> Any:
+    """The runner of a source ``framework`` (``"torch"`` or ``"keras"``), imported on first use."""
+    if framework not in RUNNERS:
+        raise ConversionError(f"unknown source framework {framework!r}; choose from {', '.join(RUNNERS)}")
+    module, _, name = RUNNERS[framework].partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise ConversionError(f"{framework} source models need a package that is not installed ({exc}); "
+                              f'install it with pip install "stagewise[{framework}]"') from exc
+
+
 def export_onnx_stage(plan: StagePlan, workdir: Path, inputs: StageInputs, options: BuildOptions) -> tuple[dict, dict[str, Path]]:
     """ONNX artifact of one stage (fp32, or INT8 QDQ when it keeps agreement with fp32)."""
+    import torch
+
+    from .onnx_export import export_onnx, verify_onnx
+    from .onnx_quantize import quantize_onnx, top1_agreement
+
     fp32 = workdir / f"{plan.name}.onnx"
     example = torch.from_numpy(inputs.verify[:1])
     export_onnx(plan.module, example, fp32, plan.input_name, plan.output_names)
@@ -148,17 +202,30 @@ EXPORTERS: dict[str, str] = {
     "tflite": "stagewise.converters.tflite_export:export_tflite_stage",
 }
 
+FRAMEWORK_EXPORTERS: dict[str, dict[str, str]] = {
+    "torch": EXPORTERS,
+    "keras": {
+        "onnx": "stagewise.converters.keras_export:export_onnx_keras_stage",
+        "openvino": "stagewise.converters.keras_export:export_openvino_keras_stage",
+        "tflite": "stagewise.converters.tflite_export:export_tflite_stage",
+    },
+}
+"""Exporters per source framework (see docs/litert.md for the source -> backend matrix)."""
 
-def exporter(artifact_format: str) -> Exporter:
-    """The export function for ``artifact_format``, imported on first use."""
-    if artifact_format not in EXPORTERS:
-        raise ConversionError(f"unknown artifact format {artifact_format!r}; choose from {', '.join(EXPORTERS)}")
-    module, _, name = EXPORTERS[artifact_format].partition(":")
+
+def exporter(artifact_format: str, framework: str = "torch") -> Exporter:
+    """The export function for ``artifact_format`` from ``framework`` stages, imported on first use."""
+    table = FRAMEWORK_EXPORTERS.get(framework, {})
+    if artifact_format not in table:
+        raise ConversionError(f"unknown artifact format {artifact_format!r} for {framework} models; "
+                              f"choose from {', '.join(table)}")
+    module, _, name = table[artifact_format].partition(":")
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as exc:
         raise ConversionError(f"exporting {artifact_format!r} artifacts needs a package that is not installed ({exc}); "
-                              f'install it with pip install "stagewise[{artifact_format}]"') from exc
+                              f'install it with pip install "stagewise[{artifact_format if framework == "torch" else framework}]"'
+                              ) from exc
 
 
 def _primary_runtime(formats: Sequence[str]) -> str:
@@ -170,18 +237,23 @@ def _primary_runtime(formats: Sequence[str]) -> str:
 
 def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preprocess: Preprocess,
                  labels: Sequence[str], calibration: ImageSet, options: BuildOptions = BuildOptions(),
-                 kind: str = "early_exit", source_framework: str = "torch") -> Path:
+                 kind: str = "early_exit", source_framework: str | None = None) -> Path:
     """Export, verify, quantize, calibrate on ``calibration`` images and write the bundle at ``out``."""
-    exporters = {fmt: exporter(fmt) for fmt in options.formats}
+    frameworks = {plan.framework for plan in plans}
+    if len(frameworks) != 1 or (source_framework or next(iter(frameworks))) not in frameworks:
+        raise ConversionError(f"all stages must come from one framework; got {sorted(frameworks)}"
+                              + (f" for source_framework={source_framework!r}" if source_framework else ""))
+    source_framework = next(iter(frameworks))
+    runner = stage_runner(source_framework)
+    exporters = {fmt: exporter(fmt, source_framework) for fmt in options.formats}
     if len(calibration) < 20:
         raise ConversionError(f"calibration needs labelled images; got {len(calibration)} (use at least a few hundred)")
     rng = np.random.default_rng(options.seed)
     n_small = min(len(calibration), max(options.quantization_images, 64))
     sample = rng.choice(len(calibration), size=n_small, replace=False)
     images = [calibration.image(int(i)) for i in progress_bar(sample, "decoding calibration sample")]
-    stage_inputs = torch_stage_inputs(plans, preprocess, images)
-    with torch.no_grad():
-        classes = plans[-1].module(torch.from_numpy(stage_inputs[-1][:1])).shape[1]
+    stage_inputs = runner.stage_inputs(plans, preprocess, images)
+    classes = runner.outputs(plans[-1], stage_inputs[-1][:1])["logits"].shape[1]
     if classes != len(labels):
         raise ConversionError(f"the model predicts {classes} classes but {len(labels)} labels were given; "
                               "the images' classes must match the model's outputs")
@@ -201,7 +273,7 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
         manifest = {
             "format": "stagewise-bundle", "format_version": 1, "name": name,
             "producer": {"stagewise": stagewise.__version__, "source_framework": source_framework,
-                         "source_version": torch.__version__,
+                         "source_version": runner.version(),
                          "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "kind": kind},
             "task": {"type": "classification", "labels": list(labels), "top_k": min(5, len(labels))},
             "input": preprocess.to_manifest(),

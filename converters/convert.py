@@ -82,6 +82,7 @@ class ConvertJob:
     score: str = "max_softmax"
     combine: str = "own"
     head: HeadTraining = HeadTraining()
+    head_kind: str | None = None  # exit heads of Keras sources: gap_linear (default) or savchenko
     build: BuildOptions = BuildOptions()
 
 
@@ -110,6 +111,8 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "score": exit_cfg.get("score", "max_softmax"), "combine": exit_cfg.get("combine", "own"),
         "backend": build_cfg.get("backend"), "int8": build_cfg.get("int8"),
         "target_drop": build_cfg.get("target_drop"), "threads": build_cfg.get("threads"),
+        "fp16": build_cfg.get("fp16"), "npu": build_cfg.get("npu"),
+        "int8_io": build_cfg.get("int8_io"), "head_kind": exit_cfg.get("head"),
     }
     values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
     return make_job(**values)
@@ -117,15 +120,22 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
 
 def make_job(kind: str, sources: list[StageSource], out: Path | None, backend: str | None = None,
              int8: bool | None = None, target_drop: float | None = None, threads: int | None = None,
-             force: bool = False, **fields: Any) -> ConvertJob:
+             force: bool = False, fp16: bool | None = None, npu: bool | None = None, int8_io: bool | None = None,
+             **fields: Any) -> ConvertJob:
     """A job from flag-style values (``target_drop`` in points, ``backend`` comma-separated)."""
     if out is None:
         raise ConversionError("say where to write the bundle with --out (a directory, or a file ending in .swb)")
     build = BuildOptions(formats=tuple((backend or "onnx").split(",")), int8=bool(int8),
                          default_drop=(0.5 if target_drop is None else target_drop) / 100,
-                         threads=threads or 1, overwrite=force)
+                         threads=threads or 1, overwrite=force, fp16=bool(fp16), npu=bool(npu), int8_io=bool(int8_io))
     return ConvertJob(kind=kind, sources=sources, out=Path(out), build=build,
                       **{k: v for k, v in fields.items() if v is not None})
+
+
+def _framework(model: Any) -> str:
+    """``"keras"`` for a Keras model, ``"torch"`` otherwise (Keras is never imported here)."""
+    keras = sys.modules.get("keras")
+    return "keras" if keras is not None and isinstance(model, keras.Model) else "torch"
 
 
 def _preprocess(job: ConvertJob, model: torch.nn.Module) -> Preprocess:
@@ -135,7 +145,8 @@ def _preprocess(job: ConvertJob, model: torch.nn.Module) -> Preprocess:
         raise ConversionError(
             f"the model does not declare its input normalisation; pass --mean and --std (0-255 units), "
             f"missing: {', '.join(missing)}")
-    return Preprocess(mean=tuple(spec["mean"]), std=tuple(spec["std"]), layout="NCHW",
+    layout = "NHWC" if _framework(model) == "keras" else "NCHW"
+    return Preprocess(mean=tuple(spec["mean"]), std=tuple(spec["std"]), layout=layout,
                       resize=spec.get("resize", "shorter_crop"), crop_fraction=spec.get("crop_fraction", 0.875),
                       interpolation=spec.get("interpolation", "bilinear"))
 
@@ -175,13 +186,28 @@ def run_job(job: ConvertJob) -> Path:
             raise ConversionError("an early-exit conversion needs one model and --exits (cut points, comma-separated)")
         model = build_model(job.sources[0].model)
         pre = _preprocess(job, model)
-        plans = early_exit_plans(model, job.exits, pre, _size(job, job.sources[0], model, train),
-                                 _cap(train, job.max_head_images, job.build.seed), job.head, job.score)
+        size, head_images = _size(job, job.sources[0], model, train), _cap(train, job.max_head_images, job.build.seed)
+        if _framework(model) == "keras":
+            from .keras_early_exit import keras_early_exit_plans
+
+            plans = keras_early_exit_plans(model, job.exits, pre, size, head_images, job.head, job.score, job.head_kind)
+        elif job.head_kind not in (None, "gap_linear"):
+            raise ConversionError(f"exit head {job.head_kind!r} is available for Keras models; torch models use gap_linear")
+        else:
+            plans = early_exit_plans(model, job.exits, pre, size, head_images, job.head, job.score)
     elif job.kind == "cascade":
         models = [(s, build_model(s.model, s.size)) for s in job.sources]
         pre = _preprocess(job, models[0][1])
         named = [(s.name or f"stage{k}", m, _size(job, s, m, calib)) for k, (s, m) in enumerate(models)]
-        plans = cascade_plans(named, job.combine, job.score)
+        frameworks = {_framework(m) for _, m in models}
+        if len(frameworks) != 1:
+            raise ConversionError("the stages of a cascade must all be torch models or all Keras models")
+        if frameworks == {"keras"}:
+            from .keras_early_exit import keras_cascade_plans
+
+            plans = keras_cascade_plans(named, job.combine, job.score)
+        else:
+            plans = cascade_plans(named, job.combine, job.score)
     else:
         raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit or cascade")
     labels = getattr(models[0][1] if job.kind == "cascade" else model, "stagewise_labels", None) or calib.classes

@@ -8,7 +8,6 @@ from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from stagewise.errors import ConversionError, VerificationError
 
@@ -22,6 +21,8 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, inpu
     Uses ``torch.onnx.export``'s TorchScript-based exporter (``dynamo=False``), which exports
     the CNN stages here faithfully and several times faster than the dynamo exporter.
     """
+    import torch
+
     axes = {name: {0: "batch"} for name in [input_name, *output_names]}
     try:
         with warnings.catch_warnings():
@@ -50,6 +51,8 @@ def verify_onnx(path: Path, module: torch.nn.Module, inputs: torch.Tensor, input
     raises :class:`VerificationError` when an output differs by more than ``tolerance``
     relative to its largest magnitude.
     """
+    import torch
+
     with torch.no_grad():
         expected = module.eval()(inputs)
     expected = expected if isinstance(expected, tuple) else (expected,)

@@ -40,7 +40,7 @@ def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
 
 
 def build_model(spec: str, image_size: int | None = None) -> torch.nn.Module:
-    """Call the factory named by ``spec`` and return the model in eval mode.
+    """Call the factory named by ``spec`` and return the model (a torch model in eval mode, or a Keras model).
 
     A factory that takes an ``image_size`` parameter is given the stage's input size (models
     such as EfficientNet-Lite build their padding for it).
@@ -54,6 +54,9 @@ def build_model(spec: str, image_size: int | None = None) -> torch.nn.Module:
         except (TypeError, ValueError):
             pass
     model = factory(**kwargs)
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, keras.Model):
+        return model  # a Keras source model (see stagewise.converters.keras_source)
     if not isinstance(model, torch.nn.Module):
-        raise ConversionError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ConversionError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module or a keras.Model")
     return model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -53,12 +54,16 @@ class Runtime:
     module: str
     package: str
     install_hint: str
+    alternatives: tuple[str, ...] = ()  # other packages that provide the same runtime (e.g. tflite_runtime)
 
     def installed(self) -> bool:
-        try:
-            return importlib.util.find_spec(self.package) is not None
-        except (ImportError, ValueError):
-            return False
+        for package in (self.package, *self.alternatives):
+            try:
+                if importlib.util.find_spec(package) is not None:
+                    return True
+            except (ImportError, ValueError):
+                pass
+        return False
 
     def opener(self) -> Opener:
         if not self.installed():
@@ -73,7 +78,7 @@ RUNTIMES: dict[str, Runtime] = {
     "openvino": Runtime("openvino", "openvino", "stagewise.runtimes.openvino_adapter", "openvino",
                         'pip install "stagewise[openvino]"'),
     "litert": Runtime("litert", "tflite", "stagewise.runtimes.litert_adapter", "ai_edge_litert",
-                      'pip install "stagewise[litert]"'),
+                      'pip install "stagewise[litert]"', alternatives=("tflite_runtime",)),
 }
 
 DEFAULT_PREFERENCE = ("onnxruntime", "openvino", "litert")
@@ -84,12 +89,27 @@ def register_runtime(runtime: Runtime) -> None:
     RUNTIMES[runtime.name] = runtime
 
 
-def resolve_runtime(requested: str, formats: Sequence[str], prefer: Sequence[str] = DEFAULT_PREFERENCE) -> Runtime:
+def preference() -> tuple[str, ...]:
+    """The order ``"auto"`` tries runtimes in: ``$STAGEWISE_PREFER`` (comma-separated) or the default."""
+    env = os.environ.get("STAGEWISE_PREFER", "").strip()
+    return tuple(n.strip() for n in env.split(",") if n.strip()) if env else DEFAULT_PREFERENCE
+
+
+def resolve_runtime(requested: str, formats: Sequence[str], prefer: Sequence[str] | None = None) -> Runtime:
     """The runtime to use for a bundle carrying artifact ``formats``.
 
-    ``requested`` is a runtime name or ``"auto"`` (the first of ``prefer`` that is installed
-    and whose artifact format the bundle carries).
+    ``requested`` is a runtime name, ``"auto"`` (the first of ``prefer`` that is installed
+    and whose artifact format the bundle carries; ``prefer`` defaults to :func:`preference`),
+    or a comma-separated preference list such as ``"openvino,onnxruntime"`` (auto in that order).
     """
+    if prefer is None:
+        prefer = preference()
+    if "," in requested:
+        prefer, requested = tuple(n.strip() for n in requested.split(",") if n.strip()), "auto"
+    unknown = [n for n in prefer if n not in RUNTIMES]
+    if unknown:
+        raise BackendUnavailableError(f"unknown runtime(s) {', '.join(map(repr, unknown))} in the preference order; "
+                                      f"choose from {', '.join(RUNTIMES)}")
     if requested != "auto":
         if requested not in RUNTIMES:
             raise BackendUnavailableError(

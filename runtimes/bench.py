@@ -16,16 +16,25 @@ from .calibrate import exit_table
 from .executor import Cascade, Prediction
 
 
-def summarize(name: str, kind: str, preds: list[Prediction], labels: np.ndarray, stages: int) -> dict:
-    """Accuracy, latency percentiles and exit histogram of one configuration's predictions."""
+def latency_stats(preds: Sequence[Prediction]) -> dict:
+    """Mean and percentiles (ms) of the end-to-end latency of ``preds``."""
     ms = np.array([p.elapsed_ms for p in preds])
+    return {"timed_n": len(ms), "mean_ms": float(ms.mean()), "p50_ms": float(np.median(ms)),
+            "p95_ms": float(np.quantile(ms, 0.95)), "p99_ms": float(np.quantile(ms, 0.99))}
+
+
+def summarize(name: str, kind: str, preds: list[Prediction], labels: np.ndarray, stages: int,
+              timed: Sequence[Prediction] | None = None) -> dict:
+    """Accuracy, latency percentiles and exit histogram of one configuration's predictions.
+
+    Latency comes from ``timed`` (batch-1 runs on a subset) when given, else from ``preds``.
+    """
     labels = np.asarray(labels)
     return {
         "name": name, "kind": kind, "n": len(preds),
         "top1": float(np.mean([p.label == labels[i] for i, p in enumerate(preds)])),
         "top5": float(np.mean([labels[i] in [c for c, _ in p.top_k(5)] for i, p in enumerate(preds)])),
-        "mean_ms": float(ms.mean()), "p50_ms": float(np.median(ms)), "p95_ms": float(np.quantile(ms, 0.95)),
-        "p99_ms": float(np.quantile(ms, 0.99)),
+        **latency_stats(preds if timed is None else timed),
         "exit_histogram": np.bincount([p.stage for p in preds], minlength=stages).tolist(),
     }
 

@@ -1,70 +1,204 @@
-"""Calibrating a loaded cascade: per-stage logits and latencies on held-out images -> operating points."""
+"""Calibrating a loaded cascade: per-stage logits and latencies on held-out images -> operating points.
+
+Used by the converters (right after export, on the real runtime) and by ``stagewise calibrate``
+on an existing bundle, without reconverting. The statistics live in
+:func:`stagewise.calibration.calibrate_stages`; this module runs the stages, measures their
+latency on this device, writes learned exit-score models into the bundle and rewrites the
+manifest atomically.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
 
-from stagewise.calibration import ExitTable, calibrate
+from stagewise.calibration import DEFAULT_DROPS, Calibration, ExitTable, Goal, Settings, calibrate_stages
+from stagewise.datasets import IMAGE_SUFFIXES, ImageSet, open_image_set
+from stagewise.errors import CalibrationError, DatasetError
+from stagewise.exits import load_exit_model
 
 from .executor import Cascade
 from .profiling import measure_stage_latency, record_profile
 
-DEFAULT_DROPS = (0.0, 0.005, 0.01, 0.02)
+EXIT_MODEL_DIR = "exits"
 
 
 def exit_table(cascade: Cascade, images: Sequence[np.ndarray], labels: np.ndarray, stage_costs: np.ndarray) -> ExitTable:
     """Scores and correctness of every stage of ``cascade`` on ``images``, with the given stage costs."""
     specs = [s["exit"] for s in cascade.bundle.manifest["stages"]]
+    models = [load_exit_model(cascade.bundle.root, e) for e in specs]
     return ExitTable.from_logits(cascade.stage_logits(images), np.asarray(labels), stage_costs,
                                  [e["score"] for e in specs], [e["temperature"] for e in specs],
-                                 [e.get("combine", "own") for e in specs])
+                                 [e.get("combine", "own") for e in specs], models)
 
 
-def calibrate_manifest(cascade: Cascade, manifest: dict, images: Sequence[np.ndarray], labels: np.ndarray,
-                       origin: str, default_drop: float | None = None, default_budget_ms: float | None = None,
-                       target_drops: Sequence[float] = DEFAULT_DROPS, seed: int = 0, profile_images: int = 40) -> dict:
-    """Profile the stages on this device, pick operating points on ``images`` and return the manifest.
+def _store_models(result: Calibration, manifest: dict, root: Path, files: dict[str, Path] | None) -> None:
+    """Write learned exit-score models as ``exits/<stage>-learned-<sha>.npz`` under ``root`` and name them."""
+    for stage, exit_spec, model in zip(manifest["stages"], result.exits, result.models):
+        if model is None:
+            continue
+        buffer = io.BytesIO()
+        model.save(buffer)
+        data = buffer.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        rel = f"{EXIT_MODEL_DIR}/{stage['name']}-learned-{digest[:12]}.npz"
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            part = target.with_name(f".{target.name}.part")
+            part.write_bytes(data)
+            part.replace(target)
+        exit_spec["model"] = {"path": rel, "sha256": digest, "bytes": len(data)}
+        if files is not None:
+            files[rel] = target
 
-    ``default_drop`` (a fraction) or ``default_budget_ms`` chooses the default operating point.
-    """
-    stats = measure_stage_latency(cascade, images[:profile_images])
-    profile = record_profile(manifest, cascade, stats)
-    table = exit_table(cascade, images, labels, np.array([s["p50"] for s in stats]))
-    drops = sorted(set(target_drops) | ({default_drop} if default_drop is not None else set()))
-    budgets = [default_budget_ms] if default_budget_ms is not None else []
-    points, default = calibrate(table, drops, budgets, "ms", default_drop=default_drop)
-    if default_budget_ms is not None:
-        default = points[-1]["name"]
-    oracle = table.oracle()
-    manifest["operating_points"] = points
-    manifest["default_operating_point"] = default
-    manifest["calibration"] = {
-        "method": "exact per-stage threshold search (coordinate descent)",
-        "cost": f"latency_ms:{profile}", "n": int(table.n), "data": origin, "seed": seed,
-        "reference_accuracy": table.full().accuracy,
-        "stage_accuracy": [float(c.mean()) for c in table.correct],
-        "oracle": {"accuracy": oracle.accuracy, "mean_cost": oracle.mean_cost, "exit_rates": list(oracle.exit_rates)},
-    }
+
+def apply_calibration(manifest: dict, result: Calibration, root: Path, files: dict[str, Path] | None = None) -> dict:
+    """Put a :class:`Calibration` into ``manifest`` (exit rules, model files, operating points, record)."""
+    _store_models(result, manifest, root, files)
+    for stage, exit_spec in zip(manifest["stages"], result.exits):
+        stage["exit"] = exit_spec
+    manifest["operating_points"] = result.points
+    manifest["default_operating_point"] = result.default
+    manifest["calibration"] = dict(manifest.get("calibration") or {}, **result.record)
     return manifest
 
 
-def recalibrate(bundle: str | Path, data: str | Path, backend: str = "auto", threads: int | None = 1,
-                target_drop: float | None = None, budget_ms: float | None = None) -> dict:
-    """``stagewise calibrate``: re-pick a bundle's operating points on labelled ``data``, atomically.
+def calibrate_manifest(cascade: Cascade, manifest: dict, images: Sequence[np.ndarray], labels: np.ndarray | None,
+                       origin: str, default_drop: float | None = None, default_budget_ms: float | None = None,
+                       target_drops: Sequence[float] = DEFAULT_DROPS, seed: int = 0, profile_images: int = 40,
+                       goal: Goal | None = None, settings: Settings | None = None,
+                       files: dict[str, Path] | None = None, model_root: Path | None = None) -> dict:
+    """Profile the stages on this device, pick operating points on ``images`` and return the manifest.
 
-    ``target_drop`` is in points of top-1.
+    The default operating point follows ``goal`` (see :class:`~stagewise.calibration.Goal`), or
+    for compatibility ``default_drop`` (a fraction) / ``default_budget_ms``; without any, ``full``.
+    ``labels=None`` calibrates against the full model's own answers. Learned exit-score models
+    are written under ``model_root`` (default: the loaded bundle's folder) and, when ``files``
+    is given, added to it (``{bundle path: local file}``, as :func:`~stagewise.bundle.write_bundle` takes).
     """
-    from stagewise.bundle import update_manifest
-    from stagewise.datasets import open_image_set
+    if goal is None:
+        if default_budget_ms is not None:
+            goal = Goal("budget", default_budget_ms)
+        elif default_drop is not None:
+            goal = Goal("drop", default_drop)
+        else:
+            goal = Goal("full", None)
+    settings = settings or Settings(target_drops=tuple(target_drops), seed=seed)
+    stats = measure_stage_latency(cascade, images[:profile_images])
+    profile = record_profile(manifest, cascade, stats)
+    current = [dict(s["exit"]) for s in manifest["stages"]]
+    logits = cascade.stage_logits(images)
+    result = calibrate_stages(logits, current, np.array([s["p50"] for s in stats]),
+                              None if labels is None else np.asarray(labels), goal, settings, cost_unit="ms")
+    manifest = apply_calibration(manifest, result, Path(model_root or cascade.bundle.root), files)
+    manifest["calibration"].update(cost=f"latency_ms:{profile}", data=origin)
+    return manifest
 
+
+def unlabelled_images(path: str | Path) -> ImageSet:
+    """Every image under a folder or in an archive, labels ignored (label-free calibration).
+
+    Class folders or a ``labels.tsv`` are fine too; their labels are simply not used.
+    """
+    try:
+        found = open_image_set(path)
+        return ImageSet(found.sources, np.zeros(len(found), dtype=np.int64), ("unlabelled",), found.origin)
+    except DatasetError as exc:
+        if "no images" in str(exc) or "not found" in str(exc):
+            raise
+    path = Path(path)
+    sources: list[Path | bytes] = []
+    if path.is_dir():
+        sources = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
+        with tarfile.open(path) as tar:
+            for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                if member.isfile() and PurePosixPath(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                    sources.append(tar.extractfile(member).read())
+    elif path.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(path) as zf:
+            sources = [zf.read(n) for n in sorted(zf.namelist()) if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES]
+    if not sources:
+        raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return ImageSet(tuple(sources), np.zeros(len(sources), dtype=np.int64), ("unlabelled",), str(path))
+
+
+def recalibrate(bundle: str | Path, data: str | Path, backend: str = "auto", threads: int | None = 1,
+                target_drop: float | None = None, budget_ms: float | None = None, alpha: float | None = None,
+                risk: float | None = None, delta: float | None = None, risk_kind: str = "disagreement",
+                labels: bool = True, settings: Settings | None = None, limit: int | None = None) -> dict:
+    """``stagewise calibrate``: re-pick a bundle's operating points on ``data``, atomically.
+
+    Exactly one goal: ``target_drop`` (points of top-1), ``budget_ms``, ``alpha`` (Savchenko's
+    false-acceptance rate) or ``risk`` with ``delta`` (a guarantee on ``risk_kind``). With
+    ``labels=False`` the images need no labels (a flat folder is fine): the targets are the full
+    model's own answers. Returns the new manifest.
+    """
     from .executor import load
 
-    images = open_image_set(data)
+    goals = [g for g in (("drop", target_drop), ("budget", budget_ms), ("alpha", alpha), ("risk", risk)) if g[1] is not None]
+    if len(goals) != 1:
+        raise CalibrationError("give exactly one goal: a target drop, a budget, alpha, or risk with delta")
+    kind, value = goals[0]
+    if kind == "risk" and delta is None:
+        raise CalibrationError("the risk goal needs delta, the allowed probability that the bound fails (e.g. 0.1)")
+    if kind == "risk" and risk_kind == "error_increase" and not labels:
+        raise CalibrationError("bounding the error increase needs labels; without labels use the disagreement risk")
+    goal = Goal(kind, value / 100 if kind == "drop" else value, delta, risk_kind)
+    images = open_image_set(data) if labels else unlabelled_images(data)
+    if limit and limit < len(images):
+        images = images.subset(np.sort(np.random.default_rng(0).choice(len(images), limit, replace=False)))
     frames = [images.image(i) for i in range(len(images))]
+    bundle = Path(bundle)
     with load(bundle, backend=backend, threads=threads) as cascade:
-        drop = None if target_drop is None else target_drop / 100
-        return update_manifest(bundle, lambda m: calibrate_manifest(
-            cascade, m, frames, images.labels, images.origin, default_drop=drop, default_budget_ms=budget_ms))
+        def change(manifest: dict, root: Path) -> dict:
+            return calibrate_manifest(cascade, manifest, frames, images.labels if labels else None, images.origin,
+                                      goal=goal, settings=settings or Settings(), model_root=root)
+        manifest = rewrite_manifest(bundle, change)
+    return manifest
+
+
+def rewrite_manifest(path: str | Path, change) -> dict:
+    """Atomically rewrite a bundle's manifest with ``change(manifest, root) -> manifest``.
+
+    ``change`` may add files under ``root`` (learned exit-score models) and name them in the
+    manifest with their sha256. A directory bundle gets the new files in place under new
+    (content-addressed) names, so the old manifest stays valid until the new one replaces it;
+    files no longer named are removed afterwards. A ``.swb`` is repacked and swapped atomically.
+    """
+    from stagewise.bundle import artifact_files, read_bundle, update_manifest, write_bundle
+
+    path = Path(path)
+    if path.is_dir():
+        try:
+            manifest = update_manifest(path, lambda m: change(m, path))
+        except BaseException:
+            _remove_unused_exit_models(path, json.loads((path / "manifest.json").read_text()))
+            raise
+        _remove_unused_exit_models(path, manifest)
+        return manifest
+    opened = read_bundle(path)
+    try:
+        manifest = change(json.loads(json.dumps(opened.manifest)), opened.root)
+        files = {e["path"]: opened.root / e["path"] for e in artifact_files(manifest)}
+        write_bundle(path, manifest, files, overwrite=True)
+    finally:
+        opened.close()
+    return manifest
+
+
+def _remove_unused_exit_models(bundle: Path, manifest: dict) -> None:
+    used = {s["exit"]["model"]["path"] for s in manifest["stages"] if "model" in s["exit"]}
+    folder = bundle / EXIT_MODEL_DIR
+    if folder.is_dir():
+        for f in folder.glob("*.npz"):
+            if f"{EXIT_MODEL_DIR}/{f.name}" not in used:
+                f.unlink(missing_ok=True)

@@ -18,10 +18,11 @@ import numpy as np
 from stagewise.bundle import Bundle, read_bundle
 from stagewise.calibration import thresholds_of
 from stagewise.errors import UnknownOperatingPointError
-from stagewise.exits import confidence, softmax
+from stagewise.exits import exit_scores, load_exit_model, softmax
 from stagewise.images import Preprocess, load_image
 
 from .base import DEFAULT_PREFERENCE, LoadOptions, StageIO, StageSession, resolve_runtime
+from .controller import MeanBudgetController
 from .latency import LatencyModel
 
 
@@ -31,6 +32,13 @@ class StageRecord:
 
     ``decision`` is ``"exit"`` (score reached the threshold), ``"continue"``, ``"last"`` (the
     final stage always answers) or ``"skipped_budget"`` (not run: predicted to overrun).
+    ``latency_ms`` is the stage's step time (input preparation, backend call, exit rule);
+    ``predicted_ms`` the latency model's quantile for it before it ran. Under a budget,
+    ``left_ms`` is what was left of it when the stage was considered and ``needed_ms`` what the
+    scheduler reserved for it (prediction x learned margin + time to return); ``reason`` says
+    why the stage ran or not: ``"no_budget"``, ``"first"`` (the first stage to run always runs),
+    ``"fits"`` (needed <= left), ``"over_budget"`` (needed > left: skipped) or
+    ``"planned_skip"`` (skipped so that a later, more accurate stage reading the image fits).
     """
 
     stage: str
@@ -40,6 +48,26 @@ class StageRecord:
     latency_ms: float | None
     predicted_ms: float | None
     threshold: float | None
+    left_ms: float | None = None
+    needed_ms: float | None = None
+    reason: str | None = None
+
+    def explain(self) -> str:
+        """One line saying why this stage ran or not."""
+        if self.reason == "planned_skip":
+            return (f"{self.stage}: skipped so that a later stage fits: {self.left_ms:.2f} ms left "
+                    f"(this one needs {self.needed_ms:.2f})")
+        if self.reason == "over_budget":
+            return (f"{self.stage}: skipped, needs {self.needed_ms:.2f} ms (predicted {self.predicted_ms:.2f}) "
+                    f"but {self.left_ms:.2f} ms left")
+        ran = f"{self.stage}: ran in {self.latency_ms:.2f} ms -> {self.decision}"
+        if self.score is not None:
+            ran += f" (score {self.score:.3f}" + (f" vs {self.threshold:.3f})" if self.threshold is not None else ")")
+        if self.reason == "first":
+            return ran + f"; the first stage run always runs ({self.left_ms:.2f} ms left, needs {self.needed_ms:.2f})"
+        if self.reason == "fits":
+            return ran + f"; fitted: needs {self.needed_ms:.2f} ms of {self.left_ms:.2f} ms left"
+        return ran
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,13 @@ class Prediction:
     trace: tuple[StageRecord, ...]
     probabilities: np.ndarray
     budget_limited: bool = False
+    budget_ms: float | None = None
+    operating_point: str | None = None
+
+    @property
+    def deadline_missed(self) -> bool:
+        """True when a per-request budget was given and the answer took longer."""
+        return self.budget_ms is not None and self.elapsed_ms > self.budget_ms
 
     def top_k(self, k: int = 5) -> list[tuple[int, float]]:
         """The ``k`` most probable classes with their probabilities."""
@@ -73,13 +108,16 @@ class _Stage:
     score: str
     temperature: float
     combine: str
+    exit_model: Any = None  # the learned exit score's model (stagewise.exits.LearnedExitScore)
 
 
 class Cascade:
     """A loaded bundle, ready to classify images stage by stage."""
 
     def __init__(self, bundle: Bundle, sessions: Sequence[StageSession], runtime: str, threads: int | None,
-                 device: str = "CPU", clock: Callable[[], float] = time.perf_counter):
+                 device: str = "CPU", clock: Callable[[], float] = time.perf_counter,
+                 mean_budget_ms: float | None = None, latency: LatencyModel | dict | None = None,
+                 profile: str | None = None, controller: dict | None = None):
         m = bundle.manifest
         self._clock = clock
         self.bundle = bundle
@@ -89,18 +127,48 @@ class Cascade:
         self.labels: list[str] = m["task"]["labels"]
         self.preprocess = Preprocess.from_manifest(m["input"])
         names = [s["name"] for s in m["stages"]]
-        self._stages = [self._plan(spec, session, names) for spec, session in zip(m["stages"], sessions)]
+        self._stages = [self._plan(spec, session, names, bundle.root) for spec, session in zip(m["stages"], sessions)]
         self._points = {p["name"]: p for p in m["operating_points"]}
+        # under a budget, a cascade may skip cheap stages when only a later, image-reading stage fits
+        self._can_jump = any(st.size is not None for st in self._stages[1:])
         self.operating_point = m["default_operating_point"]
-        self.latency = LatencyModel(len(self._stages))
-        profile = profile_name(runtime, threads, device)
+        # Budget scheduling: the latency model (options as a dict, or a ready model), seeded from
+        # the bundle's device profile (``profile``; default: this runtime/device/threads).
+        self.latency = latency if isinstance(latency, LatencyModel) else LatencyModel(len(self._stages),
+                                                                                      **(latency or {}))
+        self.profile = profile or profile_name(runtime, threads, device)
         for k, spec in enumerate(m["stages"]):
-            recorded = spec["cost"].get("latency_ms", {}).get(profile)
+            recorded = spec["cost"].get("latency_ms", {}).get(self.profile)
             if recorded:
                 self.latency.seed(k, recorded.get("p95", recorded["p50"]))
+        recorded = m.get("profiles", {}).get(self.profile, {}).get("return_ms")
+        if recorded:
+            self.latency.seed_return(recorded.get("p95", recorded["p50"]))
+        self._controller_options = dict(controller or {})
+        self.controller: MeanBudgetController | None = None
+        if mean_budget_ms is not None:
+            self.set_mean_budget(mean_budget_ms)
+
+    def set_mean_budget(self, mean_budget_ms: float | None, **options: Any) -> None:
+        """Average-budget mode: keep the running mean latency per image at ``mean_budget_ms``.
+
+        Calls of :meth:`predict` that name no operating point then use the point chosen by a
+        :class:`~stagewise.runtimes.controller.MeanBudgetController` (``options``: ``horizon``,
+        ``gain``, ``headroom``). A new budget keeps what the controller learned; ``None`` turns
+        the mode off.
+        """
+        if mean_budget_ms is None:
+            self.controller = None
+            return
+        if self.controller is not None and not options:
+            self.controller.retarget(mean_budget_ms)
+            return
+        self._controller_options.update(options)
+        self.controller = MeanBudgetController.from_manifest(self.bundle.manifest, self.latency, mean_budget_ms,
+                                                             **self._controller_options)
 
     @staticmethod
-    def _plan(spec: dict, session: StageSession, names: list[str]) -> _Stage:
+    def _plan(spec: dict, session: StageSession, names: list[str], root: Path | None = None) -> _Stage:
         source = spec["input"]
         outputs = spec["outputs"]
         return _Stage(
@@ -108,7 +176,8 @@ class Cascade:
             size=tuple(source["size"]) if source["source"] == "image" else None,
             carry_from=names.index(source["from"]) if source["source"] == "carry" else None,
             logits=outputs["logits"], carry=outputs.get("carry"), score=spec["exit"]["score"],
-            temperature=spec["exit"]["temperature"], combine=spec["exit"].get("combine", "own"))
+            temperature=spec["exit"]["temperature"], combine=spec["exit"].get("combine", "own"),
+            exit_model=load_exit_model(root, spec["exit"]))
 
     @property
     def stage_names(self) -> list[str]:
@@ -179,70 +248,145 @@ class Cascade:
             if st.carry:
                 carries[k] = out[st.carry]
             probs = softmax(out[st.logits], st.temperature)
-            score = float(confidence(st.score, probs, out[st.logits])[0])
+            score = float(exit_scores(st.score, probs, out[st.logits], st.temperature, model=st.exit_model)[0])
             records.append(StageRecord(st.name, "last" if k == stage else "continue", score, int(probs[0].argmax()),
                                        (self._clock() - t0) * 1e3, None, None))
         label = int(probs[0].argmax())
         return Prediction(label, self.labels[label], score, stage, (self._clock() - start) * 1e3,
                           tuple(records), probs[0])
 
-    def predict(self, image: Any, budget_ms: float | None = None, operating_point: str | None = None) -> Prediction:
+    def predict(self, image: Any, budget_ms: float | None = None, operating_point: str | None = None,
+                mean_budget_ms: float | None = None) -> Prediction:
         """Classify one image (HxWx3 uint8 RGB array, PIL image or path).
 
-        With ``budget_ms``, a stage after the first runs only if its predicted latency fits in
-        the time left; otherwise the best answer so far is returned with ``budget_limited``.
+        ``budget_ms`` is a per-request deadline, counted from this call: a stage after the
+        first runs only if ``elapsed + needed <= budget_ms``, where ``needed`` is the stage's
+        predicted step time (a high quantile of its recent live measurements) times a safety
+        margin learned from past prediction errors, plus the time to return (see
+        :mod:`stagewise.runtimes.latency`). Otherwise the best answer so far is returned with
+        ``budget_limited``. The first stage always runs; ``deadline_missed`` tells whether the
+        answer came late anyway.
+
+        ``mean_budget_ms`` (or :meth:`set_mean_budget`) switches on the average-budget mode:
+        without an explicit ``operating_point``, a controller picks each request's point so
+        the running mean latency stays at the target.
         """
         start = self._clock()
-        thresholds = self._thresholds(operating_point)
-        return self._run(load_image(image), thresholds, budget_ms, start=start)
+        if mean_budget_ms is not None and (self.controller is None or self.controller.budget_ms != mean_budget_ms):
+            self.set_mean_budget(mean_budget_ms)
+        controller = self.controller if operating_point is None else None
+        if controller is not None:
+            point, thresholds = controller.choose()
+        else:
+            point, thresholds = operating_point or self.operating_point, self._thresholds(operating_point)
+        prediction = self._run(load_image(image), thresholds, budget_ms, start=start, point=point)
+        if controller is not None:
+            controller.observe(prediction)
+        return prediction
 
     def _run(self, image: np.ndarray, thresholds: np.ndarray, budget_ms: float | None,
-             start: float | None = None, observe: bool = True) -> Prediction:
-        start = self._clock() if start is None else start
+             start: float | None = None, observe: bool = True, point: str | None = None) -> Prediction:
+        clock, latency = self._clock, self.latency
+        start = clock() if start is None else start
         records: list[StageRecord] = []
         carries: dict[int, np.ndarray] = {}
         total = None
         best = None
         limited = False
         last = len(self._stages) - 1
+        now = clock()
+        first = 0
+        if budget_ms is not None and self._can_jump:
+            left = budget_ms - (now - start) * 1e3
+            first = self._start_stage(left)
+            if first:
+                limited = True
+                records.extend(StageRecord(s.name, "skipped_budget", None, None, None, latency.predict(j), None,
+                                           left, latency.needed(j), "planned_skip")
+                               for j, s in enumerate(self._stages[:first]))
+        runs = 0
         for k, st in enumerate(self._stages):
-            predicted = self.latency.predict(k) if budget_ms is not None else None
-            if predicted is not None and best is not None:
-                left = budget_ms - (self._clock() - start) * 1e3
-                if predicted > left:
+            if k < first:
+                continue
+            predicted = latency.predict(k)
+            left = needed = None
+            reason = "no_budget"
+            if budget_ms is not None:
+                left = budget_ms - (now - start) * 1e3
+                needed = latency.needed(k)
+                if k > first and needed > left:
                     limited = True
-                    records.extend(StageRecord(s.name, "skipped_budget", None, None, None,
-                                               self.latency.predict(j), None)
+                    records.extend(StageRecord(s.name, "skipped_budget", None, None, None, latency.predict(j), None,
+                                               left, latency.needed(j), "over_budget")
                                    for j, s in enumerate(self._stages[k:], start=k))
                     break
-            t0 = self._clock()
+                reason = "fits" if k > first else "first"
+            t0 = now
             x = self.preprocess.tensor([image], st.size) if st.size else carries[st.carry_from]
             out = st.session.run(x)
-            probs, total = self._decide(st, k, out[st.logits], total)
-            score = float(confidence(st.score, probs, out[st.logits])[0])
-            ms = (self._clock() - t0) * 1e3
-            if observe:
-                self.latency.observe(k, ms)
+            runs += 1
+            probs, total = self._decide(st, k, out[st.logits], total, runs)
+            score = float(exit_scores(st.score, probs, out[st.logits], st.temperature, total, k, st.exit_model)[0])
             if st.carry:
                 carries[k] = out[st.carry]
             best = (k, probs[0], score)
             done = k == last or score >= thresholds[k]
             decision = "last" if k == last else ("exit" if done else "continue")
+            now = clock()
+            ms = (now - t0) * 1e3
+            if observe:
+                latency.observe(k, ms, predicted)
             records.append(StageRecord(st.name, decision, score, int(probs[0].argmax()), ms, predicted,
-                                       None if k == last or not np.isfinite(thresholds[k]) else float(thresholds[k])))
+                                       None if k == last or not np.isfinite(thresholds[k]) else float(thresholds[k]),
+                                       left, needed, reason))
             if done:
                 break
         k, probs, score = best
         label = int(probs.argmax())
-        return Prediction(label, self.labels[label], score, k, (self._clock() - start) * 1e3,
-                          tuple(records), probs, limited)
+        name = self.labels[label]
+        end = clock()
+        if observe:
+            latency.observe_return((end - now) * 1e3)
+        return Prediction(label, name, score, k, (end - start) * 1e3, tuple(records), probs, limited, budget_ms, point)
 
     @staticmethod
-    def _decide(st: _Stage, k: int, logits: np.ndarray, total: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """The stage's deciding probabilities and the updated running sum of probabilities."""
+    def _decide(st: _Stage, k: int, logits: np.ndarray, total: np.ndarray | None,
+                runs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The stage's deciding probabilities and the updated running sum of probabilities
+        (``runs``: how many stages the sum holds, when a budget plan skipped earlier ones)."""
         own = softmax(logits, st.temperature)
         total = own if total is None else total + own
-        return (total / (k + 1) if st.combine == "mean_probs" else own), total
+        return (total / (runs or k + 1) if st.combine == "mean_probs" else own), total
+
+    def _start_stage(self, left_ms: float) -> int:
+        """Budget plan for a cascade whose later stages read the image: where to start.
+
+        A path that starts at stage ``s`` (one that reads the image) and goes on in order
+        reaches the deepest stage ``m`` whose needs, summed from ``s``, fit in ``left_ms``. The
+        plan starts where the deepest stage is reachable, and at the earliest such start (so
+        early exits and combined probabilities still help); it is stage 0 unless skipping
+        cheap stages is the only way for a more accurate one to fit. With nothing that fits,
+        stage 0 runs alone.
+        """
+        latency = self.latency
+        margin, ret = latency.margin(), latency.return_overhead()
+        needs = [latency.predict(k) * margin for k in range(len(self._stages))]
+        best_start, best_reach = 0, -1
+        for s, st in enumerate(self._stages):
+            if s and st.size is None:
+                continue  # a carry stage cannot start a path
+            used, reach = ret, -1
+            for j in range(s, len(self._stages)):
+                later = self._stages[j]
+                if j > s and later.carry_from is not None and later.carry_from < s:
+                    break
+                used += needs[j]
+                if used > left_ms:
+                    break
+                reach = j
+            if reach > best_reach:
+                best_start, best_reach = s, reach
+        return best_start
 
     def predict_batch(self, images: Iterable[Any], operating_point: str | None = None) -> list[Prediction]:
         """Classify many images with per-sample routing; same answers as ``predict`` one by one."""
@@ -268,7 +412,7 @@ class Cascade:
                 total = np.zeros((n, own.shape[1]))
             total[active] += own
             probs = total[active] / (k + 1) if st.combine == "mean_probs" else own
-            scores = confidence(st.score, probs, logits)
+            scores = exit_scores(st.score, probs, logits, st.temperature, total[active], k, st.exit_model)
             ms = (self._clock() - t0) * 1e3
             if st.carry:
                 carry = out[st.carry]
@@ -310,12 +454,18 @@ def profile_name(runtime: str, threads: int | None, device: str = "CPU") -> str:
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: int | None = None,
-         prefer: Sequence[str] = DEFAULT_PREFERENCE, warmup: bool = True, options: dict | None = None) -> Cascade:
+         prefer: Sequence[str] | None = None, warmup: bool = True, options: dict | None = None,
+         mean_budget_ms: float | None = None, profile: str | None = None, latency: dict | None = None) -> Cascade:
     """Open a bundle (directory or ``.swb``) on a runtime and return a ready :class:`Cascade`.
 
     ``backend`` is ``"onnxruntime"``, ``"openvino"``, ``"litert"`` or ``"auto"`` (the first
-    of ``prefer`` that is installed and that the bundle carries artifacts for). ``threads`` sets
+    of ``prefer`` that is installed and that the bundle carries artifacts for; ``prefer`` defaults to
+    ``$STAGEWISE_PREFER`` or onnxruntime, openvino, litert) or a comma-separated preference list such
+    as ``"openvino,onnxruntime"``. ``device`` is the runtime's device (OpenVINO: CPU, GPU, NPU, AUTO). ``threads`` sets
     the runtime's intra-op threads; ``options`` passes runtime-specific settings.
+    ``mean_budget_ms`` starts the average-budget mode (see :meth:`Cascade.set_mean_budget`);
+    ``profile`` names the device profile that seeds the latency model (default: the one for
+    this runtime, device and thread count); ``latency`` passes :class:`LatencyModel` options.
     """
     bundle = read_bundle(path)
     try:
@@ -328,7 +478,8 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
     except BaseException:
         bundle.close()
         raise
-    cascade = Cascade(bundle, sessions, runtime.name, threads, device)
+    cascade = Cascade(bundle, sessions, runtime.name, threads, device, mean_budget_ms=mean_budget_ms,
+                      latency=latency, profile=profile)
     if warmup:
         cascade.warm_up()
     return cascade

@@ -76,11 +76,12 @@ def default_cache_dir() -> Path:
 
 
 def target_devices(device: str) -> list[str]:
-    """The physical devices that ``device`` names (``AUTO:GPU,CPU`` -> GPU, CPU; ``AUTO`` -> [])."""
+    """The physical devices that ``device`` names (``AUTO:GPU,CPU`` -> GPU, CPU; ``AUTO`` -> [];
+    an excluded ``-GPU`` in ``AUTO:-GPU`` is not one)."""
     head, _, rest = device.partition(":")
     if head not in VIRTUAL_DEVICES:
         return [device]
-    return [d.strip().lstrip("-").split("(")[0] for d in rest.split(",") if d.strip()]
+    return [d.strip().split("(")[0] for d in rest.split(",") if d.strip() and not d.strip().startswith("-")]
 
 
 def check_device(device: str, available: Sequence[str]) -> None:
@@ -138,6 +139,8 @@ def compile_config(ov_core: Any, device: str, options: LoadOptions) -> dict:
                       if (s := _device_settings(ov_core, d, options.threads, precision, pinning))}
         if per_device:
             cfg["DEVICE_PROPERTIES"] = per_device
+        if "PERFORMANCE_HINT" not in _supported(ov_core, head):  # HETERO has none
+            cfg.pop("PERFORMANCE_HINT")
     else:
         cfg.update(_device_settings(ov_core, device, options.threads, precision, pinning))
         if "PERFORMANCE_HINT" not in _supported(ov_core, device):

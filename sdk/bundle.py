@@ -89,10 +89,12 @@ def sha256_file(path: Path) -> str:
 
 
 def artifact_files(manifest: dict) -> Iterator[dict]:
-    """Every ``{path, sha256}`` entry the manifest names, in stage order."""
+    """Every ``{path, sha256}`` entry the manifest names, in stage order (model files, then exit-score models)."""
     for stage in manifest["stages"]:
         for artifact in stage["artifacts"].values():
             yield from artifact["files"]
+        if "model" in stage.get("exit", {}):
+            yield stage["exit"]["model"]
 
 
 @dataclass

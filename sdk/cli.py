@@ -21,14 +21,17 @@ def _triple(value: str | None) -> tuple[float, float, float] | None:
     return tuple(parts)
 
 
-def _load(bundle: str, backend: str, threads: int | None):
+def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU"):
     from .runtimes import load
 
-    return load(bundle, backend=backend, threads=threads)
+    return load(bundle, backend=backend, threads=threads, device=device)
 
 
 backend_option = click.option("--backend", default="auto", show_default=True,
-                              help="runtime: onnxruntime, openvino, litert or auto")
+                              help="runtime: onnxruntime, openvino, litert, auto, or a preference order "
+                                   "such as openvino,onnxruntime")
+device_option = click.option("--device", default="CPU", show_default=True,
+                             help="device for the runtime: CPU, or with OpenVINO also GPU, NPU, AUTO")
 threads_option = click.option("--threads", type=int, default=None, help="intra-op threads of the runtime")
 
 
@@ -48,6 +51,15 @@ def cli() -> None:
               help="separate labelled images for thresholds (default: a stratified 20%% of --data)")
 @click.option("--backend", help="artifact formats, comma-separated: onnx (default), openvino, tflite")
 @click.option("--int8/--no-int8", default=None, help="post-training INT8 quantization with the calibration images")
+@click.option("--fp16/--no-fp16", default=None,
+              help="OpenVINO and TFLite artifacts: store weights as fp16 (half the size)")
+@click.option("--int8-io/--no-int8-io", default=None,
+              help="TFLite INT8 artifacts take and return int8 tensors (integer-only NPUs such as the Edge TPU)")
+@click.option("--head", "head_kind", type=click.Choice(["gap_linear", "savchenko"]),
+              help="exit heads of Keras models: trained GAP+dense [gap_linear], or Savchenko's linear head "
+                   "on L2-normalised pooled features")
+@click.option("--npu", is_flag=True, default=None,
+              help="OpenVINO artifacts: NPU preset (static batch-1 shapes, fp16 weights, NPU INT8 scheme)")
 @click.option("--target-drop", type=float, help="allowed top-1 drop in points for the default operating point [0.5]")
 @click.option("--out", type=click.Path(path_type=Path), help="bundle directory, or a file ending in .swb")
 @click.option("--input-size", type=int, help="square input size (optional when the images or model fix it)")
@@ -61,14 +73,16 @@ def cli() -> None:
 @click.option("--max-calibration-images", type=int, help="cap on images used to pick thresholds")
 @click.option("--threads", type=int, help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
-def convert(model, stages, exits, data, calibration_data, backend, int8, target_drop, out, input_size, mean, std,
-            resize, crop_fraction, combine, score, max_head_images, max_calibration_images, threads, force):
-    """Build a bundle from a torch model (file.py:factory or module:factory) or a TOML config."""
+def convert(model, stages, exits, data, calibration_data, backend, int8, fp16, int8_io, head_kind, npu, target_drop, out,
+            input_size, mean, std, resize, crop_fraction, combine, score, max_head_images, max_calibration_images,
+            threads, force):
+    """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
     from .converters.convert import StageSource, job_from_toml, make_job, run_job
 
     spec = {k: v for k, v in (("mean", _triple(mean)), ("std", _triple(std)), ("resize", resize),
                               ("crop_fraction", crop_fraction)) if v is not None}
-    flags = dict(out=out, data=data, calibration_data=calibration_data, backend=backend, int8=int8,
+    flags = dict(out=out, data=data, calibration_data=calibration_data, backend=backend, int8=int8, fp16=fp16,
+                 npu=npu or None, int8_io=int8_io, head_kind=head_kind,
                  target_drop=target_drop, threads=threads, input_size=input_size, combine=combine, score=score,
                  max_head_images=max_head_images, max_calibration_images=max_calibration_images,
                  exits=exits.split(",") if exits else None, input=spec or None, force=force or None)
@@ -123,13 +137,14 @@ def inspect(bundle, as_json):
 @click.argument("bundle", type=click.Path(exists=True))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @backend_option
+@device_option
 @threads_option
 @click.option("--operating-point", help="named operating point (see inspect)")
 @click.option("--budget-ms", type=float, help="latency budget per image")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
-def run(bundle, images, backend, threads, operating_point, budget_ms, as_json):
+def run(bundle, images, backend, device, threads, operating_point, budget_ms, as_json):
     """Classify images: label, score, exit stage and time."""
-    with _load(bundle, backend, threads) as cascade:
+    with _load(bundle, backend, threads, device) as cascade:
         if operating_point:
             cascade.use(operating_point)
         for path in images:
@@ -150,13 +165,14 @@ def run(bundle, images, backend, threads, operating_point, budget_ms, as_json):
 @click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
               help="labelled images the thresholds never saw")
 @backend_option
+@device_option
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--limit", type=int, help="use at most this many images (stratified, seeded)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--operating-point", "points", multiple=True, help="only these operating points (repeat)")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the result as JSON")
 @click.option("--plot", type=click.Path(path_type=Path), help="write a Pareto plot (PNG)")
-def bench(bundle, data, backend, threads, limit, seed, points, json_out, plot):
+def bench(bundle, data, backend, device, threads, limit, seed, points, json_out, plot):
     """Top-1/top-5, latency p50/p95, exits and speed-up of each operating point and single stage."""
     from .datasets import open_image_set
     from .reports import bench_table, pareto_plot, print_tables
@@ -165,7 +181,7 @@ def bench(bundle, data, backend, threads, limit, seed, points, json_out, plot):
     images = open_image_set(data)
     if limit and limit < len(images):
         images = images.split([limit / len(images)], seed=seed)[0]
-    with _load(bundle, backend, threads) as cascade:
+    with _load(bundle, backend, threads, device) as cascade:
         result = benchmark(cascade, [images.image(i) for i in range(len(images))], images.labels, points or None)
     result.update(bundle=str(bundle), data=str(data))
     print_tables(bench_table(result))
@@ -178,50 +194,132 @@ def bench(bundle, data, backend, threads, limit, seed, points, json_out, plot):
 
 @cli.command()
 @click.argument("bundle", type=click.Path(exists=True))
-@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path), help="labelled held-out images")
-@click.option("--target-drop", type=float, help="default point: cheapest with top-1 at most this many points below full")
-@click.option("--budget-ms", type=float, help="default point: most accurate with mean latency at most this")
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
+              help="held-out images: class folders, labels.tsv or an archive; with --no-labels any folder of images")
+@click.option("--target-drop", type=float, help="goal: cheapest point with top-1 at most this many points below full")
+@click.option("--budget-ms", type=float, help="goal: most accurate point with mean latency at most this")
+@click.option("--alpha", type=float,
+              help="goal: Savchenko's thresholds, false-acceptance rate alpha*m/M at stage m (Benjamini-Hochberg)")
+@click.option("--risk", type=float,
+              help="goal: guarantee that the risk (see --risk-kind) is at most this fraction, with probability 1-DELTA")
+@click.option("--delta", type=float, help="with --risk: allowed probability that the guarantee fails (e.g. 0.1)")
+@click.option("--risk-kind", type=click.Choice(["disagreement", "error_increase"]), default="disagreement",
+              show_default=True, help="with --risk: disagreement with the full model, or error increase (needs labels)")
+@click.option("--no-labels", is_flag=True, help="calibrate against the full model's own answers (images need no labels)")
+@click.option("--score", type=click.Choice(["max_softmax", "margin", "entropy", "max_logit", "learned"]),
+              help="switch the exit score of the non-final stages (default: keep the bundle's)")
+@click.option("--temperature/--no-temperature", default=True, show_default=True,
+              help="fit each stage's softmax temperature by NLL before choosing thresholds")
+@click.option("--front", "front_points", type=int, default=6, show_default=True,
+              help="also store this many Pareto-front points as pareto-1 (cheapest) ...")
+@click.option("--tune-fraction", type=float, default=0.5, show_default=True,
+              help="share of the images that fits the learned score (and, with --risk, picks the candidate order)")
+@click.option("--limit", type=int, help="use at most this many images (seeded random subset)")
+@click.option("--seed", type=int, default=0, show_default=True)
 @backend_option
 @click.option("--threads", type=int, default=1, show_default=True)
-def calibrate(bundle, data, target_drop, budget_ms, backend, threads):
-    """Re-pick thresholds and operating points on new data, without reconverting."""
+def calibrate(bundle, data, target_drop, budget_ms, alpha, risk, delta, risk_kind, no_labels, score, temperature,
+              front_points, tune_fraction, limit, seed, backend, threads):
+    """Re-pick thresholds and operating points on new data, without reconverting.
+
+    Exactly one goal: --target-drop, --budget-ms, --alpha, or --risk with --delta. The manifest's
+    operating points are rewritten atomically and the expected accuracy / cost table is printed.
+    """
+    from .calibration import Settings
+    from .reports import manifest_tables, print_tables
     from .runtimes.calibrate import recalibrate
 
-    if (target_drop is None) == (budget_ms is None):
-        raise click.UsageError("give exactly one goal: --target-drop or --budget-ms")
-    recalibrate(bundle, data, backend, threads, target_drop=target_drop, budget_ms=budget_ms)
+    goals = [g for g in (target_drop, budget_ms, alpha, risk) if g is not None]
+    if len(goals) != 1:
+        raise click.UsageError("give exactly one goal: --target-drop, --budget-ms, --alpha, or --risk with --delta")
+    if risk is not None and delta is None:
+        raise click.UsageError("--risk needs --delta, the allowed probability that the guarantee fails (e.g. 0.1)")
+    if delta is not None and risk is None:
+        raise click.UsageError("--delta goes with --risk")
+    if alpha is not None and not 0 < alpha < 1:
+        raise click.BadParameter("alpha must lie in (0, 1)", param_hint="--alpha")
+    if risk is not None and not (0 < risk < 1 and 0 < delta < 1):
+        raise click.BadParameter("risk and delta must lie in (0, 1) (fractions: 0.02 is 2%)", param_hint="--risk")
+    settings = Settings(score=score, fit_temperature=temperature, front_points=front_points,
+                        tune_fraction=tune_fraction, seed=seed)
+    manifest = recalibrate(bundle, data, backend, threads, target_drop=target_drop, budget_ms=budget_ms, alpha=alpha,
+                           risk=risk, delta=delta, risk_kind=risk_kind, labels=not no_labels, settings=settings,
+                           limit=limit)
+    print_tables(manifest_tables(manifest)[1])
+    cal = manifest["calibration"]
+    what = "agreement with the full model" if no_labels else "top-1"
+    click.echo(f"calibrated on {cal['n']} images ({'no labels' if no_labels else 'labels'}): expected {what} and mean "
+               f"latency per point above; oracle exit rule {100 * cal['oracle']['accuracy']:.1f}% at "
+               f"{cal['oracle']['mean_cost']:.2f} ms; default point: {manifest['default_operating_point']}")
+    point = next(p for p in manifest["operating_points"] if p["name"] == manifest["default_operating_point"])
+    g = point.get("guarantee")
+    if g:
+        click.echo(f"guarantee: {g['risk']} <= {100 * g['epsilon']:g}% with probability >= {1 - g['delta']:g} "
+                   f"(n={g['n']} test images, {g['n_tune']} tune; observed {100 * g['empirical_risk']:.2f}%, "
+                   f"{1 - g['delta']:g} upper bound {100 * g['upper_bound']:.2f}%)")
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(exists=True))
-@click.option("--data", type=click.Path(exists=True, path_type=Path), help="images to time on (default: grey images)")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), help="images to time on (default: random images)")
 @backend_option
+@device_option
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--images", "count", type=int, default=50, show_default=True, help="how many images to time")
-def profile(bundle, data, backend, threads, count):
-    """Measure each stage's latency on this device and store it in the bundle as a profile."""
+@click.option("--repeats", type=int, default=2, show_default=True, help="passes over the images")
+@click.option("--name", help="profile name (default: <runtime>-<device>-<threads>t, the one the runtime looks up)")
+@click.option("--dry-run", is_flag=True, help="measure and print, do not write the bundle")
+@click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
+def profile(bundle, data, backend, device, threads, count, repeats, name, dry_run, as_json):
+    """Measure each stage's latency distribution on this device and store it in the bundle as a profile.
+
+    Every stage runs at batch 1 on each image (step time: input preparation, backend call and
+    exit rule, as the budget scheduler sees it); p50/p90/p95/p99/mean/max are stored per stage
+    under the profile's name, with the runtime, device, threads, precisions, machine, date and
+    the load average while measuring. The runtime seeds its latency model from the profile of
+    its configuration, and calibration and bench cost stages with it.
+    """
+    import os
+    import platform
+
     from .bundle import update_manifest
     from .datasets import open_image_set
-    from .runtimes import profile_name
-    from .runtimes.profiling import measure_stage_latency, record_profile
+    from .runtimes.profiling import measure_return_overhead, measure_stage_latency, record_profile
 
-    with _load(bundle, backend, threads) as cascade:
+    with _load(bundle, backend, threads, device) as cascade:
         if data:
             images = open_image_set(data)
             frames = [images.image(i) for i in range(min(count, len(images)))]
         else:
             rng = np.random.default_rng(0)
             frames = [rng.integers(0, 256, (320, 320, 3), dtype=np.uint8) for _ in range(count)]
-        stats = measure_stage_latency(cascade, frames)
+        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        stats = measure_stage_latency(cascade, frames, repeats=repeats)
+        ret = measure_return_overhead(cascade, frames[0], runs=min(50, 10 * len(frames)))
+        extra = {"return_ms": {k: ret[k] for k in ("p50", "p95", "p99", "n")}, "images": len(frames),
+                 "repeats": repeats, "data": str(data) if data else "random 320x320 images",
+                 "python": platform.python_version()}
+        if load_before is not None:
+            extra["loadavg_1min"] = [load_before, os.getloadavg()[0]]
+        profile_id = None
 
         def store(manifest: dict) -> dict:
-            record_profile(manifest, cascade, stats)
+            nonlocal profile_id
+            profile_id = record_profile(manifest, cascade, stats, name=name, extra=extra)
             return manifest
-        update_manifest(bundle, store)
-        name = profile_name(cascade.runtime, cascade.threads, cascade.device)
-    for stage, s in zip(cascade.stage_names, stats):
-        click.echo(f"{stage}: p50 {s['p50']:.2f} ms, p95 {s['p95']:.2f} ms (n={s['n']})")
-    click.echo(f"stored as profile {name}")
+        if dry_run:
+            store(json.loads(json.dumps(cascade.bundle.manifest)))
+        else:
+            update_manifest(bundle, store)
+        stage_names = cascade.stage_names
+    if as_json:
+        click.echo(json.dumps({"profile": profile_id, "stages": dict(zip(stage_names, stats)), **extra}, indent=2))
+        return
+    for stage, s in zip(stage_names, stats):
+        click.echo(f"{stage}: p50 {s['p50']:.2f} ms, p95 {s['p95']:.2f} ms, p99 {s['p99']:.2f} ms, "
+                   f"max {s['max']:.2f} ms (n={s['n']})")
+    click.echo(f"return overhead: p95 {ret['p95']:.3f} ms")
+    click.echo(f"{'measured (not stored)' if dry_run else 'stored as profile'} {profile_id}")
 
 
 @cli.command()

@@ -3,13 +3,31 @@
 Every score is computed on a batch of logits (N x C) after dividing by the stage's
 temperature. A stage may also decide on the mean of its own and all earlier stages'
 probabilities (``combine="mean_probs"``), so earlier work is not wasted.
+
+Scores:
+
+* ``max_softmax``, ``margin``, ``entropy``: from the deciding probabilities;
+* ``max_logit``: the top raw logit; with a linear head whose outputs are decision values (a
+  linear SVM, Savchenko's heads) this is the head's top decision value;
+* ``learned``: a tiny per-stage model (:class:`LearnedExitScore`, logistic regression on
+  :data:`LEARNED_FEATURES`) that predicts whether this stage's answer is already right, from
+  its own probabilities and those of the earlier stages. Its weights are plain arrays in an
+  ``.npz`` file of the bundle (read with ``allow_pickle=False``), so the runtime stays numpy-only.
+
+Runtimes call :func:`exit_scores`, which covers every kind; :func:`confidence` covers the kinds
+that need nothing but the stage's own probabilities and logits.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-SCORES = ("max_softmax", "margin", "entropy", "max_logit")
+SCORES = ("max_softmax", "margin", "entropy", "max_logit", "learned")
+PER_CLASS_SCORES = ("max_softmax", "max_logit")
+"""Scores that are the maximum over classes of a per-class score (probability, decision value)."""
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -41,6 +59,9 @@ def confidence(kind: str, probs: np.ndarray, logits: np.ndarray | None = None) -
         if logits is None:
             raise ValueError("max_logit needs the logits")
         return np.asarray(logits, dtype=np.float64).max(axis=1)
+    if kind == "learned":
+        raise ValueError("the learned exit score needs its model and the earlier stages' probabilities; "
+                         "use exit_scores(..., model=...)")
     raise ValueError(f"unknown exit score {kind!r}; choose one of {', '.join(SCORES)}")
 
 
@@ -54,3 +75,169 @@ def stage_probabilities(stage_logits: list[np.ndarray], temperatures: list[float
         total = probs if total is None else total + probs
         out.append(total / (k + 1) if combine[k] == "mean_probs" else probs)
     return out
+
+
+LEARNED_FEATURES = ("log_max_prob", "log_ratio_top2", "entropy_score", "top_logit", "log_earlier_support",
+                    "agrees_with_earlier", "log_earlier_max", "log_mean_max")
+"""Inputs of the learned exit score, per sample, for stage k (0-based):
+
+own probabilities ``p`` (softmax of the stage's logits at its temperature), the mean ``e`` of
+the earlier stages' own probabilities (``e = p`` at stage 0) and the running mean
+``q = (k e + p) / (k + 1)``: log p_top, log(p_top / p_second), 1 - H(p)/log C, the top raw
+logit, log e[argmax p] (do the earlier stages back this answer?), [argmax p == argmax e],
+log e_top, log q_top."""
+
+_EPS = 1e-12
+
+
+def exit_features(logits: np.ndarray, own: np.ndarray, earlier: np.ndarray | None, k: int = 0) -> np.ndarray:
+    """The :data:`LEARNED_FEATURES` matrix (N x F) of one stage."""
+    own = np.asarray(own, dtype=np.float64)
+    earlier = own if earlier is None else np.asarray(earlier, dtype=np.float64)
+    n = len(own)
+    rows = np.arange(n)
+    top2 = np.partition(own, -2, axis=1)[:, -2:] if own.shape[1] > 1 else np.concatenate([np.zeros((n, 1)), own], 1)
+    pred = own.argmax(axis=1)
+    q = (k * earlier + own) / (k + 1)
+    return np.stack([
+        np.log(top2[:, 1] + _EPS),
+        np.log(top2[:, 1] + _EPS) - np.log(top2[:, 0] + _EPS),
+        confidence("entropy", own),
+        np.asarray(logits, dtype=np.float64).max(axis=1),
+        np.log(earlier[rows, pred] + _EPS),
+        (earlier.argmax(axis=1) == pred).astype(np.float64),
+        np.log(earlier.max(axis=1) + _EPS),
+        np.log(q.max(axis=1) + _EPS),
+    ], axis=1)
+
+
+@dataclass(frozen=True)
+class LearnedExitScore:
+    """``sigmoid(w . (f - mean) / scale + b)``: the estimated probability that a stage is right."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    bias: float
+    features: tuple[str, ...] = LEARNED_FEATURES
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        z = ((np.asarray(features, dtype=np.float64) - self.mean) / self.scale) @ self.weights + self.bias
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+    @classmethod
+    def fit(cls, features: np.ndarray, right: np.ndarray, l2: float = 1e-2, iterations: int = 50) -> "LearnedExitScore":
+        """L2-regularised logistic regression by Newton's method (IRLS) on standardised features."""
+        x = np.asarray(features, dtype=np.float64)
+        y = np.asarray(right, dtype=np.float64)
+        mean = x.mean(axis=0)
+        scale = x.std(axis=0)
+        scale[scale < 1e-9] = 1.0
+        z = np.concatenate([(x - mean) / scale, np.ones((len(x), 1))], axis=1)
+        w = np.zeros(z.shape[1])
+        w[-1] = np.log((y.mean() + 1e-3) / (1 - y.mean() + 1e-3))
+        reg = np.full(z.shape[1], l2 * len(x) / max(len(x), 1))
+        reg[-1] = 0.0
+        for _ in range(iterations):
+            p = 1 / (1 + np.exp(-np.clip(z @ w, -60, 60)))
+            grad = z.T @ (p - y) / len(x) + reg * w
+            hess = (z * (p * (1 - p))[:, None]).T @ z / len(x) + np.diag(reg + 1e-9)
+            step = np.linalg.solve(hess, grad)
+            w -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        return cls(mean=mean, scale=scale, weights=w[:-1], bias=float(w[-1]))
+
+    def save(self, path) -> None:
+        """Write the model as plain arrays (no pickles) to a path or a binary file object."""
+        np.savez(path, kind=np.array("logistic"), features=np.array(self.features), mean=self.mean,
+                 scale=self.scale, weights=self.weights, bias=np.array(self.bias))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LearnedExitScore":
+        """Read a model written by :meth:`save` (``allow_pickle=False``); checks the feature list."""
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["kind"]) != "logistic":
+                raise ValueError(f"{path}: unsupported learned exit score kind {str(z['kind'])!r}")
+            features = tuple(str(f) for f in z["features"])
+            if features != LEARNED_FEATURES:
+                raise ValueError(f"{path}: learned exit score uses features {features}, this stagewise computes "
+                                 f"{LEARNED_FEATURES}; recalibrate the bundle with this version")
+            return cls(mean=z["mean"].astype(np.float64), scale=z["scale"].astype(np.float64),
+                       weights=z["weights"].astype(np.float64), bias=float(z["bias"]), features=features)
+
+
+def load_exit_model(root: str | Path | None, exit_spec: dict) -> LearnedExitScore | None:
+    """The learned exit score model a manifest stage's ``exit`` names (``None`` for other scores)."""
+    if exit_spec.get("score") != "learned":
+        return None
+    if root is None or "model" not in exit_spec:
+        raise ValueError("a stage with the learned exit score must name its model file (exit.model)")
+    return LearnedExitScore.load(Path(root) / exit_spec["model"]["path"])
+
+
+def earlier_mean(own: np.ndarray, total: np.ndarray | None, k: int) -> np.ndarray | None:
+    """Mean of the earlier stages' own probabilities from the running sum ``total`` (which includes ``own``)."""
+    if total is None or k == 0:
+        return None
+    return (np.asarray(total, dtype=np.float64) - own) / k
+
+
+def exit_scores(kind: str, probs: np.ndarray, logits: np.ndarray, temperature: float = 1.0,
+                total: np.ndarray | None = None, k: int = 0, model: LearnedExitScore | None = None) -> np.ndarray:
+    """Exit scores of any kind, as the executor computes them after stage ``k``.
+
+    ``probs`` are the deciding probabilities, ``logits`` the raw logits, ``total`` the running
+    sum of every stage's own probabilities up to and including this one (``None`` when only this
+    stage ran) and ``model`` the stage's :class:`LearnedExitScore` for ``kind="learned"``.
+    """
+    if kind != "learned":
+        return confidence(kind, probs, logits)
+    if model is None:
+        raise ValueError("the learned exit score needs the stage's model")
+    own = softmax(logits, temperature)
+    return model(exit_features(logits, own, earlier_mean(own, total, k), k if total is not None else 0))
+
+
+def all_stage_scores(kinds: list[str], stage_logits: list[np.ndarray], temperatures: list[float], combine: list[str],
+                     models: list[LearnedExitScore | None] | None = None) -> np.ndarray:
+    """Every stage's exit scores (K x N) exactly as the executor computes them."""
+    models = models or [None] * len(stage_logits)
+    probs = stage_probabilities(stage_logits, temperatures, combine)
+    total = None
+    out = []
+    for k, (kind, lg, t, p, m) in enumerate(zip(kinds, stage_logits, temperatures, probs, models)):
+        own = softmax(lg, t)
+        total = own if total is None else total + own
+        out.append(exit_scores(kind, p, lg, t, total, k, m))
+    return np.stack(out)
+
+
+def stage_features(stage_logits: list[np.ndarray], temperatures: list[float]) -> list[np.ndarray]:
+    """The learned-score feature matrix of every stage (as :func:`exit_scores` builds it)."""
+    total = None
+    out = []
+    for k, (lg, t) in enumerate(zip(stage_logits, temperatures)):
+        own = softmax(lg, t)
+        total = own if total is None else total + own
+        out.append(exit_features(lg, own, earlier_mean(own, total, k), k))
+    return out
+
+
+def wrong_class_scores(kind: str, probs: np.ndarray, logits: np.ndarray, targets: np.ndarray,
+                       scores: np.ndarray | None = None) -> np.ndarray:
+    """Per sample, the highest score the stage could exit with on a wrong answer.
+
+    For per-class scores (``max_softmax``, ``max_logit``: Savchenko's rule) this is the maximal
+    score over the classes other than the target; a stage exits wrongly only if it reaches the
+    threshold. For other scores it is the sample's exit score when the stage's answer is wrong
+    and ``-inf`` when it is right (``scores`` gives those exit scores, else they are computed).
+    """
+    t = np.asarray(targets, dtype=np.int64)
+    rows = np.arange(len(t))
+    if kind in PER_CLASS_SCORES:
+        values = np.array(probs if kind == "max_softmax" else logits, dtype=np.float64, copy=True)
+        values[rows, t] = -np.inf
+        return values.max(axis=1)
+    s = confidence(kind, probs, logits) if scores is None else np.asarray(scores, dtype=np.float64)
+    return np.where(np.asarray(probs).argmax(axis=1) == t, -np.inf, s)

@@ -33,14 +33,18 @@ def manifest_tables(manifest: dict) -> list[Table]:
             exit_rule += f" {s['exit']['combine']}"
         stages.add_row(s["name"], where, arts, exit_rule, f"{s['cost'].get('macs', 0) / 1e6:.1f}", lat)
     points = Table(title=f"operating points (default: {manifest['default_operating_point']})")
-    for col in ("name", "thresholds", "expected top-1", "expected mean cost", "exit rates", "n"):
+    for col in ("name", "thresholds", "expected top-1", "agreement with full", "expected mean cost", "exit rates", "n",
+                "guarantee"):
         points.add_column(col)
     for p in manifest["operating_points"]:
         e = p.get("expected", {})
         cost = f"{e['mean_cost']:.2f} {e.get('cost_unit', '')}" if "mean_cost" in e else "-"
         rates = " / ".join(f"{100 * r:.0f}%" for r in e.get("exit_rates", [])) or "-"
-        points.add_row(p["name"], " ".join(_threshold(t) for t in p["thresholds"]), _pct(e.get("accuracy")), cost,
-                       rates, str(e.get("n", "-")))
+        g = p.get("guarantee")
+        promise = (f"{g['risk'].replace('_', ' ')} <= {100 * g['epsilon']:g}% w.p. >= {1 - g['delta']:g} (n={g['n']})"
+                   if g else "-")
+        points.add_row(p["name"], " ".join(_threshold(t) for t in p["thresholds"]), _pct(e.get("accuracy")),
+                       _pct(e.get("agreement")), cost, rates, str(e.get("n", "-")), promise)
     return [stages, points]
 
 
@@ -68,7 +72,10 @@ def bench_table(result: dict) -> Table:
 
 
 def print_tables(*tables: Table) -> None:
+    """Print tables to stdout (at least 150 columns wide when not on a terminal, e.g. in CI logs)."""
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 150))
     for t in tables:
         console.print(t)
 
