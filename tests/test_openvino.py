@@ -132,7 +132,7 @@ def test_manifest_lists_xml_then_bin_with_verification(ee_bundle):
         assert art["precision"] == "fp32"
         assert art["verification"]["top1_agreement"] == 1.0
         assert max(art["verification"]["max_abs_diff"].values()) < 1e-4
-        assert art["verification"]["converted_from"] == "torch"
+        assert art["verification"]["converted_from"] == "onnx"  # the measured more faithful route
         assert "onnx" in stage["artifacts"]
     # the xml is dynamic in the batch, static elsewhere
     assert not ir_inputs_static(ee_bundle / "openvino" / "exit0.xml")
@@ -324,7 +324,7 @@ def test_exporter_fp16_int8_fallback_and_sources(tmp_path, ee_plans, images):
     plan = ee_plans[0]
     x = torch_stage_inputs([plan], PRE, images)[0]
     inputs = StageInputs(verify=x[:16], calibrate=x[:30], agree=x[30:])
-    for d in "abcd":
+    for d in "abcde":
         (tmp_path / d).mkdir()
     art32, files32 = export_openvino_stage(plan, tmp_path / "a", inputs, BuildOptions())
     art16, files16 = export_openvino_stage(plan, tmp_path / "b", inputs,
@@ -342,6 +342,9 @@ def test_exporter_fp16_int8_fallback_and_sources(tmp_path, ee_plans, images):
     assert q["kept_fp32"] is True and art8["precision"] == "fp32" and 0.0 <= q["agreement_with_fp32"] <= 1.0
     assert q["tool"] == "nncf.quantize" and q["calibration_images"] == 30 and q["agreement_images"] == len(x) - 30
     assert files8["openvino/exit0.bin"].read_bytes() == files32["openvino/exit0.bin"].read_bytes()
+    direct, _ = export_openvino_stage(plan, tmp_path / "e", inputs, BuildOptions(extra={"openvino_source": "torch"}))
+    assert direct["verification"]["converted_from"] == "torch"
+    assert max(direct["verification"]["max_abs_diff"].values()) < 1e-4
     with pytest.raises(ConversionError, match="openvino_source"):
         export_openvino_stage(plan, tmp_path / "d", inputs, BuildOptions(extra={"openvino_source": "tf"}))
 
