@@ -151,16 +151,18 @@ class ControllerRun:
         self.cascade.set_mean_budget(target)
 
     def phase(self, name: str, requests: int) -> dict:
-        costs, correct, points, stages = [], [], [], []
+        costs, correct, points, stages, feasible = [], [], [], [], []
         for _ in range(requests):
             i = self.order[self.j % len(self.order)]
             self.j += 1
             p, ms = timed(self.cascade.predict, self.images[i])
+            feasible.append(self.cascade.controller.feasible)
             costs.append(ms)
             correct.append(bool(p.label == self.labels[i]))
             points.append(p.operating_point)
             stages.append(p.stage)
         return {"phase": name, "costs": costs, "correct": correct, "points": points, "stages": stages,
+                "feasible": feasible,
                 "state_at_end": dict(vars(self.cascade.controller.state()))}
 
 
@@ -188,7 +190,10 @@ def controller_experiment(cascade, images, labels, requests: int, heavy: int) ->
     for ph in phases:
         c = np.array(ph["costs"])
         st = ph["state_at_end"]
+        ok = np.array(ph["feasible"])
         out.append({"phase": ph["phase"], "mean_ms_after_settling": float(c[settle:].mean()), "mean_ms": float(c.mean()),
+                    "infeasible_share": float(1 - ok.mean()),
+                    "mean_ms_feasible_after_settling": float(c[settle:][ok[settle:]].mean()) if ok[settle:].any() else None,
                     "relative_error_after_settling": float(c[settle:].mean() / target - 1),
                     "top1": float(np.mean(ph["correct"])), "second_stage_share": float(np.mean(np.array(ph["stages"]) == 1)),
                     "points_used": {p: ph["points"].count(p) for p in sorted(set(ph["points"]))},
@@ -229,13 +234,17 @@ def markdown(result: dict) -> str:
     c = result["controller"]
     lines += ["", f"Average budget {c['target_ms']:.1f} ms (horizon {c['horizon']} requests; means after the first "
                   f"{c['settle']} requests of each phase):", "",
-              "| phase | mean ms (vs target) | top-1 | reaching Lite2 | windowed means (100 requests) | points used |",
-              "|---|---|---|---|---|---|"]
+              "| phase | mean ms (vs target) | mean ms while feasible | target infeasible | top-1 | reaching Lite2 "
+              "| windowed means (100 requests) | points used |",
+              "|---|---|---|---|---|---|---|---|"]
     for ph in c["phases"]:
         wm = ", ".join(f"{x:.0f}" for x in ph["windowed_means_100"])
         used = ", ".join(f"{k} {v}" for k, v in ph["points_used"].items())
         err = ph.get("relative_error_after_settling", ph["mean_ms_after_settling"] / c["target_ms"] - 1)
-        lines.append(f"| {ph['phase']} | {ph['mean_ms_after_settling']:.1f} ({100 * err:+.1f}%) | {100 * ph['top1']:.1f}% | "
+        feas = ph.get("mean_ms_feasible_after_settling")
+        feas = "-" if feas is None else f"{feas:.1f} ({100 * (feas / c['target_ms'] - 1):+.1f}%)"
+        lines.append(f"| {ph['phase']} | {ph['mean_ms_after_settling']:.1f} ({100 * err:+.1f}%) | {feas} | "
+                     f"{100 * ph.get('infeasible_share', 0):.0f}% | {100 * ph['top1']:.1f}% | "
                      f"{100 * ph['second_stage_share']:.0f}% | {wm} | {used} |")
     return "\n".join(lines)
 
@@ -347,7 +356,8 @@ def print_controller(c: dict) -> None:
     for ph in c["phases"]:
         print(f"controller [{ph['phase']}]: mean {ph['mean_ms_after_settling']:.1f} ms after settling "
               f"(target {c['target_ms']:.1f}, {100 * ph['relative_error_after_settling']:+.1f}%), top-1 {100 * ph['top1']:.1f}%, "
-              f"second stage {100 * ph['second_stage_share']:.0f}%, windows {[round(x) for x in ph['windowed_means_100']]}")
+              f"second stage {100 * ph['second_stage_share']:.0f}%, infeasible {100 * ph['infeasible_share']:.0f}%, "
+              f"windows {[round(x) for x in ph['windowed_means_100']]}")
 
 
 if __name__ == "__main__":

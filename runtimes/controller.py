@@ -187,7 +187,7 @@ class MeanBudgetController:
         if target <= cost[hull[0]]:
             lo = hi = hull[0]
             mix = 0.0
-            feasible = target >= cost[hull[0]] - 1e-9
+            feasible = bool(target >= cost[hull[0]] - 1e-9)
             self._saturated = -1
         elif target >= cost[hull[-1]]:
             lo = hi = hull[-1]
@@ -206,6 +206,11 @@ class MeanBudgetController:
         self._decision = (lo, hi, mix, feasible)
         self._last = (pick, float(cost[pick]))
         return self.points[pick].name, self.points[pick].thresholds
+
+    @property
+    def feasible(self) -> bool:
+        """False when the last choice could not reach the target: even the cheapest point costs more."""
+        return bool(self._decision[3])
 
     def update(self, cost_ms: float, first_score: float | None = None, steps_ms: float | None = None) -> None:
         """Feed back one request: its total cost, the first stage's exit score, the summed step times."""
