@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--cuts", default="layer1,layer2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--head-images", type=int, default=20000, help="train images used to fit the exit heads")
+    ap.add_argument("--reuse", action="store_true", help="load bundles already under --bundles instead of rebuilding")
     ap.add_argument("--timing-images", type=int, default=1000,
                     help="test images timed at batch 1 (accuracy always uses every test image)")
     args = ap.parse_args()
@@ -62,19 +63,20 @@ def main() -> None:
     pre = Preprocess(mean=MEAN, std=STD, resize="stretch", crop_fraction=1.0)
     model = resnet_cifar()
     cuts = args.cuts.split(",")
-    t0 = time.time()
-    plans = early_exit_plans(model, cuts, pre, (32, 32), heads_on, HeadTraining())
-    head_seconds = time.time() - t0
     args.bundles.mkdir(parents=True, exist_ok=True)
-    built = {}
-    for int8 in (False, True):
-        tag = "int8" if int8 else "fp32"
-        opts = BuildOptions(int8=int8, threads=args.threads, overwrite=True)
-        built[f"early-exit {tag}"] = build_bundle(args.bundles / f"early_exit_{tag}.swb", f"cifar10-resnet-ee-{tag}",
-                                                  plans, pre, data.classes, calib, opts)
+    paths = {f"{kind} {tag}": args.bundles / f"{kind.replace(' ', '_').replace('-', '_')}_{tag}.swb"
+             for kind in ("early-exit", "full model") for tag in ("fp32", "int8")}
+    head_seconds = None
+    if not (args.reuse and all(p.exists() for p in paths.values())):
+        t0 = time.time()
+        plans = early_exit_plans(model, cuts, pre, (32, 32), heads_on, HeadTraining())
+        head_seconds = time.time() - t0
         single = cascade_plans([("resnet", model, (32, 32))])
-        built[f"full model {tag}"] = build_bundle(args.bundles / f"full_model_{tag}.swb", f"cifar10-resnet-{tag}",
-                                                  single, pre, data.classes, calib, opts)
+        for tag in ("fp32", "int8"):
+            opts = BuildOptions(int8=tag == "int8", threads=args.threads, overwrite=True)
+            build_bundle(paths[f"early-exit {tag}"], f"cifar10-resnet-ee-{tag}", plans, pre, data.classes, calib, opts)
+            build_bundle(paths[f"full model {tag}"], f"cifar10-resnet-{tag}", single, pre, data.classes, calib, opts)
+    built = paths
     cascades = {name: load(path, backend="onnxruntime", threads=args.threads) for name, path in built.items()}
     images = decode_all(test, "decoding test images")
     configs, meta, decisions = {}, {}, {}

@@ -388,8 +388,17 @@ class Cascade:
                 best_start, best_reach = s, reach
         return best_start
 
-    def predict_batch(self, images: Iterable[Any], operating_point: str | None = None) -> list[Prediction]:
-        """Classify many images with per-sample routing; same answers as ``predict`` one by one."""
+    def predict_batch(self, images: Iterable[Any], operating_point: str | None = None,
+                      max_batch: int = 64) -> list[Prediction]:
+        """Classify many images with per-sample routing; same answers as ``predict`` one by one.
+
+        Images go through in chunks of at most ``max_batch`` (memory stays bounded however
+        many images are given); within a chunk, samples that exit leave the batch.
+        """
+        images = list(images)
+        if len(images) > max_batch:
+            return [p for i in range(0, len(images), max_batch)
+                    for p in self.predict_batch(images[i:i + max_batch], operating_point, max_batch)]
         start = self._clock()
         thresholds = self._thresholds(operating_point)
         imgs = [load_image(im) for im in images]
