@@ -102,11 +102,11 @@ def test_batch_routing_matches_one_by_one(tmp_path):
     np.testing.assert_allclose([p.score for p in batch], [p.score for p in single], rtol=1e-6)
     exited_first = sum(p.stage == 0 for p in single)
     assert sessions[0].calls == [40]
+    assert sessions[1].calls == [40 - exited_first]
+    assert sessions[2].calls == [sum(p.stage == 2 for p in single)]
     chunked = cascade.predict_batch(images, max_batch=7)
     assert [(p.label, p.stage) for p in chunked] == [(p.label, p.stage) for p in single]
     assert sessions[0].calls[1:] == [7, 7, 7, 7, 7, 5]
-    assert sessions[1].calls == [40 - exited_first]
-    assert sessions[2].calls == [sum(p.stage == 2 for p in single)]
 
 
 def test_mean_probs_combines_earlier_stages(tmp_path):
