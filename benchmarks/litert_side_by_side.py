@@ -51,6 +51,28 @@ def _skip(part: str, why: str) -> dict:
     return {"skipped": why}
 
 
+def _all_built(args: argparse.Namespace, part: str) -> bool:
+    """With --reuse: whether every bundle of ``part`` is already in --bundles (then nothing is rebuilt)."""
+    return args.reuse and all((args.bundles / f"{part}-{r}-{p}{suffix}.swb").exists() for r in RUNTIMES
+                              for p in args.precisions.split(",") for suffix in ("", "-full"))
+
+
+def _verification(built: dict) -> dict:
+    """The build-time check of the LiteRT fp32 artifacts against the source (when the source is not re-run)."""
+    from stagewise.bundle import read_bundle
+
+    paths = built.get(("litert", "fp32"))
+    if not paths:
+        return {}
+    b = read_bundle(paths["bundle"])
+    out = {s["name"]: {"top1_agreement": s["artifacts"]["tflite"]["verification"]["top1_agreement"],
+                       "max_abs_diff": max(s["artifacts"]["tflite"]["verification"]["max_abs_diff"].values()),
+                       "n": s["artifacts"]["tflite"]["verification"]["n"], "on": "build-time verification inputs"}
+           for s in b.manifest["stages"]}
+    b.close()
+    return out
+
+
 def _build_set(args: argparse.Namespace, part: str, plans, single, pre, labels, calib, kind: str) -> dict:
     """{(runtime, precision): {"bundle": path, "full": path}} for every runtime and precision."""
     from stagewise.converters.build import BuildOptions, build_bundle
@@ -62,9 +84,11 @@ def _build_set(args: argparse.Namespace, part: str, plans, single, pre, labels, 
                                 quantization_images=args.quantization_images)
             tag = f"{part}-{runtime}-{precision}"
             t0 = time.time()
-            bundle = build_bundle(args.bundles / f"{tag}.swb", tag, plans, pre, labels, calib, opts, kind=kind)
-            full = build_bundle(args.bundles / f"{tag}-full.swb", f"{tag}-full", single, pre, labels, calib, opts,
-                                kind="cascade")
+            bundle, full = args.bundles / f"{tag}.swb", args.bundles / f"{tag}-full.swb"
+            if not (args.reuse and bundle.exists()):
+                build_bundle(bundle, tag, plans, pre, labels, calib, opts, kind=kind)
+            if not (args.reuse and full.exists()):
+                build_bundle(full, f"{tag}-full", single, pre, labels, calib, opts, kind="cascade")
             seconds[tag] = round(time.time() - t0, 1)
             built[(runtime, precision)] = {"bundle": bundle, "full": full}
     return {"bundles": built, "build_seconds": seconds}
@@ -150,6 +174,17 @@ def _tflite_ops(built: dict) -> dict:
     return ops
 
 
+def _example(folder: str):
+    """``examples/<folder>/model.py`` as a module of its own (both CIFAR-10 examples name it model.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_example_{folder}", REPO_ROOT / "examples" / folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def cifar10(args: argparse.Namespace, framework: str) -> dict:
     part = f"cifar10-{framework}"
     archive = require_data(args.data, "cifar10-train.tar.gz")
@@ -162,9 +197,10 @@ def cifar10(args: argparse.Namespace, framework: str) -> dict:
         test = test.split([args.test_limit / len(test)], seed=1)[0]
     heads_on = train.split([args.head_images / len(train)], seed=0)[0] if args.head_images < len(train) else train
     t0 = time.time()
+    reused = _all_built(args, part)
     if framework == "torch":
-        sys.path.insert(0, str(REPO_ROOT / "examples" / "cifar10"))
-        from model import MEAN, STD, WEIGHTS, resnet_cifar
+        example = _example("cifar10")
+        MEAN, STD, WEIGHTS, resnet_cifar = example.MEAN, example.STD, example.WEIGHTS, example.resnet_cifar
 
         if not Path(WEIGHTS).exists():
             return _skip(part, f"{WEIGHTS} not found (train it with examples/cifar10/train.py)")
@@ -177,11 +213,10 @@ def cifar10(args: argparse.Namespace, framework: str) -> dict:
 
         pre = Preprocess(mean=MEAN, std=STD, resize="stretch", crop_fraction=1.0)
         model, cuts = resnet_cifar(), ["layer1", "layer2"]
-        plans = early_exit_plans(model, cuts, pre, (32, 32), heads_on, HeadTraining())
+        plans = None if reused else early_exit_plans(model, cuts, pre, (32, 32), heads_on, HeadTraining())
         single = cascade_plans([("resnet", model, (32, 32))])
     else:
-        sys.path.insert(0, str(REPO_ROOT / "examples" / "cifar10_keras"))
-        import model as keras_example
+        keras_example = _example("cifar10_keras")
 
         weights = args.keras_weights or keras_example.WEIGHTS
         if not Path(weights).exists():
@@ -195,13 +230,16 @@ def cifar10(args: argparse.Namespace, framework: str) -> dict:
         pre = Preprocess(mean=keras_example.MEAN, std=keras_example.STD, layout="NHWC", resize="stretch",
                          crop_fraction=1.0)
         model, cuts = keras_example.cifar_resnet(weights), list(keras_example.CUTS)
-        plans = keras_early_exit_plans(model, cuts, pre, (32, 32), heads_on)
+        plans = None if reused else keras_early_exit_plans(model, cuts, pre, (32, 32), heads_on)
         single = keras_cascade_plans([("resnet", model, (32, 32))])
     head_seconds = time.time() - t0
     built = _build_set(args, part, plans, single, pre, data.classes, calib, "early_exit")
     images = decode_all(test, f"decoding {part} test images")
-    agreement = _agreement(built["bundles"][("litert", "fp32")], _source_logits(plans, pre, images), images,
-                           args.threads) if ("litert", "fp32") in built["bundles"] else None
+    if plans is None:
+        agreement = _verification(built["bundles"])
+    else:
+        agreement = _agreement(built["bundles"][("litert", "fp32")], _source_logits(plans, pre, images), images,
+                               args.threads) if ("litert", "fp32") in built["bundles"] else None
     rows = _measure(args, built["bundles"], images, np.asarray(test.labels))
     return {"source_framework": framework, "cuts": cuts, "head_training_seconds": round(head_seconds, 1),
             "data": {"archive": str(archive), "split": "stratified 0.8/0.1/0.1 seed 0", "train": len(train),
@@ -302,6 +340,8 @@ def main() -> None:
                     help="operating points to time besides the bundle's default (those the bundle has)")
     ap.add_argument("--keras-weights", type=Path, default=None,
                     help="weights of the Keras CIFAR-10 model (default: examples/cifar10_keras/cifar_resnet.weights.h5)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep bundles already in --bundles (built by an earlier run with the same settings)")
     ap.add_argument("--render", type=Path, nargs="+", default=None,
                     help="do not measure: render the markdown of these result JSON files (their parts merged)")
     ap.add_argument("--markdown", type=Path, default=None,
@@ -324,9 +364,9 @@ def main() -> None:
         if part not in PARTS:
             ap.error(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
         parts[part] = imagenet(args) if part == "imagenet" else cifar10(args, part.split("-")[1])
-    result = {"benchmark": "litert_side_by_side", "machine": machine(), "threads": args.threads, "batch": 1,
-              "parts": parts, "command": "python benchmarks/litert_side_by_side.py " + " ".join(sys.argv[1:])}
-    save(result, args.out)
+        result = {"benchmark": "litert_side_by_side", "machine": machine(), "threads": args.threads, "batch": 1,
+                  "parts": parts, "command": "python benchmarks/litert_side_by_side.py " + " ".join(sys.argv[1:])}
+        save(result, args.out)  # after every part, so a long run keeps what it has measured
     text = markdown([result])
     print(text)
     if args.markdown:

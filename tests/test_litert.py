@@ -140,6 +140,7 @@ def test_garbage_tflite_is_a_bundle_error(tmp_path):
         open_stage([bad], StageIO("image", ("logits",)), LoadOptions(threads=1))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # LiteRT's Delegate.__del__ after a failed load
 def test_load_options(fp32_bundle):
     path = fp32_bundle / "tflite" / "exit0.tflite"
     io = StageIO("image", ("carry", "logits"))
