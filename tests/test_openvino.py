@@ -44,6 +44,7 @@ def private_cache(tmp_path_factory):
     """Keep OpenVINO's compiled-model cache out of the user's home during the tests."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STAGEWISE_CACHE_DIR", str(tmp_path_factory.mktemp("sw-cache")))
+        mp.setenv("CI", "true")  # openvino.convert_model's usage telemetry stays off in CI (as in .ci/run)
         mp.delenv("STAGEWISE_PREFER", raising=False)
         yield
 
