@@ -85,6 +85,11 @@ class BuildOptions:
     npu: bool = False  # OpenVINO artifacts: NPU preset (static batch-1 shapes, fp16 weights, NPU INT8 scheme)
     int8_io: bool = False  # TFLite artifacts: INT8 models take/return int8 tensors (integer-only NPUs)
     extra: dict = field(default_factory=dict)
+    # the calibration suite: a stagewise.calibration.Goal (default: the default_drop point) and Settings
+    # (exit score, temperatures, alphas, front points; default: target_drops, temperatures fitted)
+    goal: Any = None
+    calibration: Any = None
+    labelled: bool = True  # False: calibrate against the full model's own answers (labels are ignored)
 
 
 @dataclass
@@ -172,28 +177,40 @@ def export_onnx_stage(plan: StagePlan, workdir: Path, inputs: StageInputs, optio
     import torch
 
     from .onnx_export import export_onnx, verify_onnx
-    from .onnx_quantize import quantize_onnx, top1_agreement
 
     fp32 = workdir / f"{plan.name}.onnx"
     example = torch.from_numpy(inputs.verify[:1])
     export_onnx(plan.module, example, fp32, plan.input_name, plan.output_names)
     verification = verify_onnx(fp32, plan.module, torch.from_numpy(inputs.verify), plan.input_name,
                                plan.output_names, options.verify_tolerance)
-    artifact = {"precision": "fp32", "verification": verification}
+    return finish_onnx_artifact(plan, fp32, inputs, options, {"precision": "fp32", "verification": verification})
+
+
+def finish_onnx_artifact(plan: StagePlan, fp32: Path, inputs: StageInputs, options: BuildOptions,
+                         artifact: dict) -> tuple[dict, dict[str, Path]]:
+    """Quantize a verified fp32 ONNX stage when asked, keep INT8 only if it agrees with fp32
+    (:func:`keep_int8`), and list the chosen file in ``artifact``."""
+    from .onnx_quantize import quantize_onnx, top1_agreement
+
     chosen = fp32
     if options.int8:
-        int8 = workdir / f"{plan.name}.int8.onnx"
+        int8 = fp32.with_name(f"{plan.name}.int8.onnx")
         record = quantize_onnx(fp32, int8, plan.input_name, inputs.calibrate)
-        agreement = top1_agreement(fp32, int8, plan.input_name, inputs.agree)
-        kept = agreement >= options.int8_tolerance
-        record.update(agreement_with_fp32=agreement, agreement_images=int(len(inputs.agree)),
-                      tolerance=options.int8_tolerance, kept_fp32=not kept)
         artifact["quantization"] = record
-        if kept:
+        if keep_int8(record, top1_agreement(fp32, int8, plan.input_name, inputs.agree), len(inputs.agree), options):
             artifact["precision"], chosen = "int8", int8
     rel = f"onnx/{chosen.name}"
     artifact["files"] = [{"path": rel}]
     return artifact, {rel: chosen}
+
+
+def keep_int8(record: dict, agreement: float, images: int, options: BuildOptions) -> bool:
+    """The accuracy-aware fallback shared by every exporter: record the INT8 model's top-1
+    agreement with fp32 in ``record`` and say whether it reaches ``options.int8_tolerance``."""
+    kept = agreement >= options.int8_tolerance
+    record.update(agreement_with_fp32=agreement, agreement_images=int(images), tolerance=options.int8_tolerance,
+                  kept_fp32=not kept)
+    return kept
 
 
 EXPORTERS: dict[str, str] = {
@@ -282,7 +299,7 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
             "default_operating_point": "full",
         }
         staged = write_bundle(work / "staged", manifest, files)
-        manifest = _calibrate_on_runtime(staged, manifest, calibration, options)
+        manifest = _calibrate_on_runtime(staged, manifest, calibration, options, files)
         return write_bundle(out, manifest, files, overwrite=options.overwrite)
 
 
@@ -296,11 +313,14 @@ def _stage_entry(plan: StagePlan, artifacts: dict) -> dict:
     return entry
 
 
-def _calibrate_on_runtime(staged: Path, manifest: dict, calibration: ImageSet, options: BuildOptions) -> dict:
+def _calibrate_on_runtime(staged: Path, manifest: dict, calibration: ImageSet, options: BuildOptions,
+                          files: dict | None = None) -> dict:
     with load(staged, backend=_primary_runtime(options.formats), threads=options.threads) as cascade:
         images = [calibration.image(i) for i in progress_bar(range(len(calibration)), "decoding calibration images")]
-        manifest = calibrate_manifest(cascade, manifest, images, calibration.labels, calibration.origin,
-                                      default_drop=options.default_drop, target_drops=options.target_drops,
-                                      seed=options.seed, profile_images=options.profile_images)
+        manifest = calibrate_manifest(cascade, manifest, images, calibration.labels if options.labelled else None,
+                                      calibration.origin, default_drop=options.default_drop,
+                                      target_drops=options.target_drops, seed=options.seed,
+                                      profile_images=options.profile_images, goal=options.goal,
+                                      settings=options.calibration, files=files)
     manifest["producer"]["machine"] = platform.machine()
     return manifest

@@ -26,7 +26,7 @@ import numpy as np
 
 from stagewise.errors import ConversionError, VerificationError
 
-from .build import BuildOptions, StageInputs, StagePlan, stage_runner
+from .build import BuildOptions, StageInputs, StagePlan, finish_onnx_artifact, keep_int8, stage_runner
 from .keras_source import input_spec, stage_function, stage_saved_model, tf
 
 OPSET = 17
@@ -86,25 +86,11 @@ def _verify_onnx(path: Path, plan: StagePlan, inputs: np.ndarray, tolerance: flo
 def export_onnx_keras_stage(plan: StagePlan, workdir: Path, inputs: StageInputs,
                             options: BuildOptions) -> tuple[dict, dict[str, Path]]:
     """ONNX artifact of a Keras stage (fp32, or INT8 QDQ when it keeps agreement with fp32)."""
-    from .onnx_quantize import quantize_onnx, top1_agreement
 
     fp32 = export_keras_onnx(plan, inputs.verify.shape, Path(workdir) / f"{plan.name}.onnx")
     artifact: dict[str, Any] = {"precision": "fp32",
                                 "verification": _verify_onnx(fp32, plan, inputs.verify, options.verify_tolerance)}
-    chosen = fp32
-    if options.int8:
-        int8 = Path(workdir) / f"{plan.name}.int8.onnx"
-        record = quantize_onnx(fp32, int8, plan.input_name, inputs.calibrate)
-        agreement = top1_agreement(fp32, int8, plan.input_name, inputs.agree)
-        kept = agreement >= options.int8_tolerance
-        record.update(agreement_with_fp32=agreement, agreement_images=int(len(inputs.agree)),
-                      tolerance=options.int8_tolerance, kept_fp32=not kept)
-        artifact["quantization"] = record
-        if kept:
-            artifact["precision"], chosen = "int8", int8
-    rel = f"onnx/{chosen.name}"
-    artifact["files"] = [{"path": rel}]
-    return artifact, {rel: chosen}
+    return finish_onnx_artifact(plan, fp32, inputs, options, artifact)
 
 
 def convert_keras_openvino(plan: StagePlan, workdir: Path, sample_shape: tuple[int, ...], batch: int | None) -> Any:
@@ -151,9 +137,7 @@ def export_openvino_keras_stage(plan: StagePlan, workdir: Path, inputs: StageInp
         int8_ir = ovx.save_ir(quantized, workdir / f"{plan.name}.int8.xml", fp16)
         agreement = ovx.top1_agreement(ovx.cpu_stage(ir, plan, options.threads),
                                        ovx.cpu_stage(int8_ir, plan, options.threads), inputs.agree)
-        kept = agreement >= options.int8_tolerance
-        record.update(agreement_with_fp32=agreement, agreement_images=int(len(inputs.agree)),
-                      tolerance=options.int8_tolerance, kept_fp32=not kept)
+        kept = keep_int8(record, agreement, len(inputs.agree), options)
         if fp16:
             record["float_reference"] = "fp16 weights"
         artifact["quantization"] = record

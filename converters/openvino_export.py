@@ -46,7 +46,7 @@ from stagewise.errors import ConversionError, VerificationError
 from stagewise.runtimes.base import LoadOptions, StageIO
 from stagewise.runtimes.openvino_adapter import OpenVinoStage
 
-from .build import BuildOptions, StageInputs, StagePlan
+from .build import BuildOptions, StageInputs, StagePlan, keep_int8
 from .onnx_export import export_onnx
 
 SOURCES = ("torch", "onnx", "best")
@@ -228,9 +228,7 @@ def export_openvino_stage(plan: StagePlan, workdir: Path, inputs: StageInputs,
         int8_ir = save_ir(quantized, workdir / f"{plan.name}.int8.xml", fp16)
         agreement = top1_agreement(cpu_stage(ir, plan, options.threads), cpu_stage(int8_ir, plan, options.threads),
                                    inputs.agree)
-        kept = agreement >= options.int8_tolerance
-        record.update(agreement_with_fp32=agreement, agreement_images=int(len(inputs.agree)),
-                      tolerance=options.int8_tolerance, kept_fp32=not kept)
+        kept = keep_int8(record, agreement, len(inputs.agree), options)
         if fp16:
             record["float_reference"] = "fp16 weights"
         artifact["quantization"] = record

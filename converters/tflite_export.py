@@ -46,7 +46,7 @@ from stagewise.errors import ConversionError, VerificationError
 from stagewise.runtimes.base import LoadOptions, StageIO
 from stagewise.runtimes.litert_adapter import LiteRTStage, interpreter_module
 
-from .build import BuildOptions, StageInputs, StagePlan, stage_runner
+from .build import BuildOptions, StageInputs, StagePlan, stage_runner, keep_int8
 
 FP16_TOLERANCE = 2e-2
 """Relative tolerance (of the largest output magnitude) of fp16-weight models against the source."""
@@ -321,9 +321,7 @@ def export_tflite_stage(plan: StagePlan, workdir: Path, inputs: StageInputs,
         check_signature(int8, plan)
         record["io_quantization"] = litert_stage(int8, plan).quantization
         agreement = top1_agreement(reference, int8, plan, inputs.agree, options.threads)
-        kept = agreement >= options.int8_tolerance
-        record.update(agreement_with_fp32=agreement, agreement_images=int(len(inputs.agree)),
-                      tolerance=options.int8_tolerance, kept_fp32=not kept)
+        kept = keep_int8(record, agreement, len(inputs.agree), options)
         if reference is not fp32:
             record["float_reference"] = "fp16 weights"
         artifact["quantization"] = record
