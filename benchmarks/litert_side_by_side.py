@@ -310,7 +310,16 @@ def markdown(results: list[dict]) -> str:
             if res.get("litert_vs_source_fp32"):
                 agree = ", ".join(f"{k} {100 * v['top1_agreement']:.2f}% (max abs diff {v['max_abs_diff']:.1e})"
                                   for k, v in res["litert_vs_source_fp32"].items())
-                text += f" LiteRT fp32 against {res['source_framework']}, top-1 agreement per stage on the test images: {agree}."
+                first = next(iter(res["litert_vs_source_fp32"].values()))
+                where = (f"the {first['n']} build-time verification inputs (bundles reused)" if "on" in first
+                         else f"the {first['n']} test images")
+                text += f" LiteRT fp32 against {res['source_framework']}, top-1 agreement per stage on {where}: {agree}."
+            kept = {prec: sorted({v["precision"] for v in stages.values()}) for prec, stages in
+                    res.get("tflite_artifacts", {}).items()}
+            if kept.get("int8") and kept["int8"] != ["int8"]:
+                text += (" Precision of the LiteRT stages actually stored in the INT8 build: "
+                         + ", ".join(f"{k} {v['precision']} (agreement {v['agreement_with_fp32']:.3f})"
+                                     for k, v in res["tflite_artifacts"]["int8"].items()) + ".")
             lines += [text, "", "| runtime | precision | configuration | top-1 | mean ms | p95 ms | exits % per stage | speed-up |",
                       "|---|---|---|---:|---:|---:|---|---:|"]
             for r in res["rows"]:
