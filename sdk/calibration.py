@@ -157,9 +157,9 @@ class ExitTable:
         found = starts + [self.evaluate(self._descend(np.array(o.thresholds), pick)) for o in starts]
         return min((o for o in found if o.accuracy >= min_accuracy - 1e-12), key=lambda o: (o.mean_cost, -o.accuracy))
 
-    def max_accuracy(self, budget: float) -> Outcome:
-        """Most accurate thresholds whose mean cost is at most ``budget``."""
-        feasible = [o for o in self.front() if o.mean_cost <= budget + 1e-12]
+    def max_accuracy(self, budget: float, front: list[Outcome] | None = None) -> Outcome:
+        """Most accurate thresholds whose mean cost is at most ``budget`` (``front``: a precomputed :meth:`front`)."""
+        feasible = [o for o in (self.front() if front is None else front) if o.mean_cost <= budget + 1e-12]
         if not feasible:
             raise CalibrationError(
                 f"no thresholds keep the mean cost under {budget:.4g} (the first stage alone costs "
@@ -471,15 +471,22 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
 
     points = [point("full", np.full(k, np.inf), {"kind": "full"})]
     full_acc = table.full().accuracy
+    cached: list[list[Outcome]] = []
+
+    def front() -> list[Outcome]:  # traced once, shared by every constrained search
+        if not cached:
+            cached.append(table.front())
+        return cached[0]
+
     drops = sorted(set(settings.target_drops) | ({goal.value} if goal.kind == "drop" else set()))
     for drop in drops:
-        o = table.min_cost(full_acc - drop)
+        o = table.min_cost(full_acc - drop, front())
         points.append(point(f"drop-{100 * drop:g}pt", o.thresholds,
                             {"kind": "max_accuracy_drop", "drop": drop, "reference_accuracy": full_acc,
                              "reference": reference}))
     budgets = sorted(set(settings.budgets) | ({goal.value} if goal.kind == "budget" else set()))
     for budget in budgets:
-        o = table.max_accuracy(budget)
+        o = table.max_accuracy(budget, front())
         points.append(point(f"budget-{budget:g}{cost_unit}", o.thresholds,
                             {"kind": "max_mean_cost", "budget": budget, "reference": reference}))
     alphas = sorted(set(settings.alphas) | ({goal.value} if goal.kind == "alpha" else set()))
@@ -495,7 +502,7 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
                                  "rule": "floor(alpha*m*n/M)-th largest maximal wrong-class score at stage m"
                                  + ("" if faithful else " (score of wrong answers: the score is not per class)"),
                                  "n": int(len(sel))}))
-    for i, o in enumerate(spread(table.front() if settings.front_points > 0 else [], settings.front_points), start=1):
+    for i, o in enumerate(spread(front() if settings.front_points > 0 else [], settings.front_points), start=1):
         points.append(point(f"pareto-{i}", o.thresholds, {"kind": "pareto", "rank": i, "reference": reference}))
 
     guarantee = None

@@ -175,6 +175,7 @@ def test_usage_errors(bundle, data):
 def test_label_free_conversion_end_to_end(tmp_path, data):
     """No labels anywhere: heads distilled from the teacher's softmax, thresholds from agreement."""
     pytest.importorskip("torch")
+    from stagewise.calibration import Goal, Settings
     from stagewise.converters.build import BuildOptions, build_bundle
     from stagewise.converters.heads import HeadTraining
     from stagewise.converters.label_free import MARKER, TEACHER_ONLY, pseudo_labelled
@@ -196,9 +197,18 @@ def test_label_free_conversion_end_to_end(tmp_path, data):
     assert TEACHER_ONLY.distill == 1.0
     fast = HeadTraining(**{**TEACHER_ONLY.__dict__, "epochs": 5, "batch_size": 32})
     plans = early_exit_plans(model, ["layer1"], pre, (8, 8), teacher_set, fast)
-    out = build_bundle(tmp_path / "lf.swb", "lf", plans, pre, ["a", "b", "c"], teacher_set,
-                       BuildOptions(profile_images=5))
-    manifest = recalibrate(out, flat, labels=False, target_drop=2.0)
+    # the converter runs the whole suite too: no labels, learned score, a guarantee as the default point
+    options = BuildOptions(profile_images=5, labelled=False, goal=Goal("risk", 0.1, 0.2),
+                           calibration=Settings(score="learned"))
+    out = build_bundle(tmp_path / "lf.swb", "lf", plans, pre, ["a", "b", "c"], teacher_set, options)
+    built = read_bundle(out)
+    assert built.manifest["stages"][0]["exit"]["score"] == "learned"
+    assert (built.root / built.manifest["stages"][0]["exit"]["model"]["path"]).is_file()
+    assert built.manifest["calibration"]["targets"] == "full_model_agreement"
+    assert built.manifest["default_operating_point"] == "risk-disagree-10pt-d0.2"
+    built.close()
+    manifest = recalibrate(out, flat, labels=False, target_drop=2.0, settings=Settings(score="max_softmax"))
     assert manifest["calibration"]["targets"] == "full_model_agreement"
     point = next(p for p in manifest["operating_points"] if p["name"] == "drop-2pt")
     assert point["expected"]["agreement"] >= 0.98 - 1e-12
+    assert "model" not in manifest["stages"][0]["exit"]

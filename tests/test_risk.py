@@ -81,7 +81,7 @@ def _true_risk(t: float, c: float = 0.5) -> float:
 def test_guarantee_holds_at_promised_rate_in_simulation():
     """Over many calibration draws, the true risk exceeds epsilon in at most ~delta of them."""
     rng = np.random.default_rng(0)
-    eps, delta, trials, n = 0.05, 0.1, 250, 400
+    eps, delta, trials, n = 0.05, 0.1, 200, 400
     costs = np.array([1.0, 4.0])
     violations = naive_violations = 0
     risks = []
