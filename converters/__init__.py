@@ -1,1 +1,94 @@
-"""placeholder"""
+"""Converters: PyTorch or Keras classifiers into stagewise bundles (early exits or cascades).
+
+The Python twin of ``stagewise convert``::
+
+    from stagewise.converters import convert, cut_points
+
+    for cut in cut_points("examples/cifar10/model.py:resnet_cifar", input_size=32):
+        print(cut.name, cut.shape, cut.macs, cut.single_tensor)
+    convert("examples/cifar10/model.py:resnet_cifar", exits=["layer1", "layer2"],
+            data="cifar10-train.tar.gz", out="cifar.swb", int8=True)
+    convert(stages=["stagewise.converters.zoo:efficientnet_lite0@224",
+                    "stagewise.converters.zoo:efficientnet_lite2@260"], combine="mean_probs",
+            data="imagenet-calibration/", out="effnet.swb")
+
+Lower-level pieces, each written once for every source framework and artifact format:
+:mod:`.source` (the source-adapter interface; :mod:`.torch_source`, :mod:`.keras_source`),
+:mod:`.plans` (early-exit and cascade stage plans), :mod:`.heads` (exit-head training),
+:mod:`.export` (the exporter interface and the export pipeline; :mod:`.onnx_export`,
+:mod:`.openvino_export`, :mod:`.tflite_export`), :mod:`.build` (export, calibrate on the real
+runtime, write the bundle). Importing this package imports no training framework; the one a
+model comes from is imported when the model is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from stagewise.errors import ConversionError
+
+from .convert import ConvertJob, StageSource, job_from_toml, make_job, run_job
+from .factory import build_model
+from .heads import HeadTraining
+from .options import BuildOptions
+from .source import CutPoint, source_of
+
+
+def cut_points(model: Any, input_size: int | tuple[int, int] = 224) -> list[CutPoint]:
+    """Every candidate cut of ``model`` (a factory spec or a model object), in graph order.
+
+    One forward pass on a zero image of ``input_size`` gives each cut's output shape, channels,
+    spatial reduction and cumulative MACs; ``single_tensor`` marks the cuts an early exit can
+    use. Needs no data.
+    """
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    built = build_model(model, size[0])
+    return source_of(built).cut_points(built, size)
+
+
+def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Sequence[Any] = (),
+            exits: Sequence[str] = (), calibration_data: str | Path | None = None,
+            formats: str | Sequence[str] = "onnx", int8: bool = False, target_drop: float = 0.5,
+            combine: str = "own", score: str = "max_softmax", head: HeadTraining | str = "gap_linear",
+            input_size: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+            resize: str | None = None, crop_fraction: float | None = None, fp16: bool = False, npu: bool = False,
+            int8_io: bool = False, threads: int = 1, force: bool = False, name: str | None = None,
+            max_head_images: int | None = None, max_calibration_images: int | None = None) -> Path:
+    """Build a bundle, as ``stagewise convert`` does; returns its path.
+
+    Early exit: ``model`` (a ``file.py:factory`` / ``module:factory`` spec or a model object)
+    and ``exits`` (cut points, see :func:`cut_points`). Cascade: ``stages``, each
+    ``"factory@SIZE"`` or ``(model, size)``, cheapest first. ``data`` holds labelled images
+    (class folders, an archive or ``labels.tsv``); heads train on 80 % of it and thresholds are
+    picked on the rest unless ``calibration_data`` is given (cascades calibrate on all of it).
+    ``target_drop`` is in points of top-1 for the default operating point. ``formats``: onnx,
+    openvino, tflite (several: a list or ``"onnx,openvino"``).
+    """
+    sources = []
+    for stage in stages:
+        if isinstance(stage, str):
+            factory, _, size = stage.rpartition("@")
+            if not factory or not size.isdigit():
+                raise ConversionError(f"stage {stage!r}: write MODEL@SIZE, e.g. models.py:small@128")
+            sources.append(StageSource(factory, int(size)))
+        else:
+            sources.append(StageSource(stage[0], int(stage[1])))
+    if sources and model is not None:
+        raise ConversionError("give either a model with exits (early exit) or stages (cascade), not both")
+    spec = {k: v for k, v in (("mean", mean), ("std", std), ("resize", resize), ("crop_fraction", crop_fraction))
+            if v is not None}
+    kind = "cascade" if sources else "early_exit"
+    job = make_job(kind=kind, sources=sources or [StageSource(model)], out=Path(out),
+                   formats=formats if isinstance(formats, str) else ",".join(formats), int8=int8,
+                   target_drop=target_drop, threads=threads, force=force, fp16=fp16, npu=npu, int8_io=int8_io,
+                   head_kind=head if isinstance(head, str) else None, data=Path(data),
+                   calibration_data=None if calibration_data is None else Path(calibration_data),
+                   exits=list(exits), input=spec, input_size=input_size, combine=combine, score=score, name=name,
+                   max_head_images=max_head_images, max_calibration_images=max_calibration_images,
+                   **({"head": head} if isinstance(head, HeadTraining) else {}))
+    return run_job(job)
+
+
+__all__ = ["BuildOptions", "ConvertJob", "CutPoint", "HeadTraining", "StageSource", "build_model", "convert",
+           "cut_points", "job_from_toml", "make_job", "run_job"]

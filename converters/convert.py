@@ -20,7 +20,7 @@ A TOML config names the same things as the flags::
     combine = "mean_probs"
 
     [build]
-    backend = "onnx"
+    format = "onnx"                  # or several: "onnx,openvino" (old name: backend)
     int8 = true
     target_drop = 0.5                # points of top-1
 
@@ -36,17 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from stagewise.datasets import ImageSet, open_image_set
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
 
-from .build import BuildOptions, build_bundle
+from .build import build_bundle
+from .factory import build_model
 from .heads import HeadTraining
-from .torch_cascade import cascade_plans
-from .torch_early_exit import early_exit_plans
-from .torch_source import build_model
+from .options import BuildOptions
+from .plans import cascade_plans, early_exit_plans
+from .source import source_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,9 +56,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 @dataclass
 class StageSource:
-    """One source model: a factory spec and, for cascades, its input size."""
+    """One source model: a factory spec (``file.py:factory``, ``module:factory``) or the model
+    object itself, and, for cascades, its input size."""
 
-    model: str
+    model: Any
     size: int | None = None
     name: str | None = None
 
@@ -82,7 +83,6 @@ class ConvertJob:
     score: str = "max_softmax"
     combine: str = "own"
     head: HeadTraining = HeadTraining()
-    head_kind: str | None = None  # exit heads of Keras sources: gap_linear (default) or savchenko
     build: BuildOptions = BuildOptions()
 
 
@@ -109,7 +109,7 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "calibration_data": base / cfg["calibration_data"] if "calibration_data" in cfg else None,
         "exits": list(cfg.get("exits", [])), "input": dict(cfg.get("input", {})),
         "score": exit_cfg.get("score", "max_softmax"), "combine": exit_cfg.get("combine", "own"),
-        "backend": build_cfg.get("backend"), "int8": build_cfg.get("int8"),
+        "formats": build_cfg.get("format", build_cfg.get("backend")), "int8": build_cfg.get("int8"),
         "target_drop": build_cfg.get("target_drop"), "threads": build_cfg.get("threads"),
         "fp16": build_cfg.get("fp16"), "npu": build_cfg.get("npu"),
         "int8_io": build_cfg.get("int8_io"), "head_kind": exit_cfg.get("head"),
@@ -118,40 +118,36 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
     return make_job(**values)
 
 
-def make_job(kind: str, sources: list[StageSource], out: Path | None, backend: str | None = None,
+def make_job(kind: str, sources: list[StageSource], out: Path | None, formats: str | None = None,
              int8: bool | None = None, target_drop: float | None = None, threads: int | None = None,
              force: bool = False, fp16: bool | None = None, npu: bool | None = None, int8_io: bool | None = None,
-             **fields: Any) -> ConvertJob:
-    """A job from flag-style values (``target_drop`` in points, ``backend`` comma-separated)."""
+             head_kind: str | None = None, **fields: Any) -> ConvertJob:
+    """A job from flag-style values (``target_drop`` in points, ``formats`` comma-separated)."""
     if out is None:
         raise ConversionError("say where to write the bundle with --out (a directory, or a file ending in .swb)")
-    build = BuildOptions(formats=tuple((backend or "onnx").split(",")), int8=bool(int8),
-                         default_drop=(0.5 if target_drop is None else target_drop) / 100,
+    build = BuildOptions(formats=tuple(f.strip() for f in (formats or "onnx").split(",") if f.strip()),
+                         int8=bool(int8), default_drop=(0.5 if target_drop is None else target_drop) / 100,
                          threads=threads or 1, overwrite=force, fp16=bool(fp16), npu=bool(npu), int8_io=bool(int8_io))
+    if head_kind is not None:
+        fields["head"] = HeadTraining(kind=head_kind)
     return ConvertJob(kind=kind, sources=sources, out=Path(out), build=build,
                       **{k: v for k, v in fields.items() if v is not None})
 
 
-def _framework(model: Any) -> str:
-    """``"keras"`` for a Keras model, ``"torch"`` otherwise (Keras is never imported here)."""
-    keras = sys.modules.get("keras")
-    return "keras" if keras is not None and isinstance(model, keras.Model) else "torch"
-
-
-def _preprocess(job: ConvertJob, model: torch.nn.Module) -> Preprocess:
+def _preprocess(job: ConvertJob, model: Any) -> Preprocess:
     spec = {**getattr(model, "stagewise_input", {}), **job.input}
     missing = [k for k in ("mean", "std") if k not in spec]
     if missing:
         raise ConversionError(
             f"the model does not declare its input normalisation; pass --mean and --std (0-255 units), "
             f"missing: {', '.join(missing)}")
-    layout = "NHWC" if _framework(model) == "keras" else "NCHW"
+    layout = source_of(model).layout
     return Preprocess(mean=tuple(spec["mean"]), std=tuple(spec["std"]), layout=layout,
                       resize=spec.get("resize", "shorter_crop"), crop_fraction=spec.get("crop_fraction", 0.875),
                       interpolation=spec.get("interpolation", "bilinear"))
 
 
-def _size(job: ConvertJob, source: StageSource, model: torch.nn.Module, images: ImageSet) -> tuple[int, int]:
+def _size(job: ConvertJob, source: StageSource, model: Any, images: ImageSet) -> tuple[int, int]:
     size = source.size or job.input_size or getattr(model, "stagewise_input", {}).get("size")
     if size:
         return (size, size) if isinstance(size, int) else tuple(size)
@@ -177,37 +173,24 @@ def run_job(job: ConvertJob) -> Path:
     data = open_image_set(job.data)
     if job.calibration_data is not None:
         train, calib = data, open_image_set(job.calibration_data)
+    elif job.kind == "cascade":  # no heads to train: every labelled image calibrates
+        train, calib = data, data
     else:
         train, calib = data.split([1 - job.calibration_fraction, job.calibration_fraction], seed=job.build.seed)
     calib = _cap(calib, job.max_calibration_images, job.build.seed)
-    torch.manual_seed(job.build.seed)
     if job.kind == "early_exit":
         if len(job.sources) != 1 or not job.exits:
-            raise ConversionError("an early-exit conversion needs one model and --exits (cut points, comma-separated)")
+            raise ConversionError("an early-exit conversion needs one model and --exits (cut points, comma-separated; "
+                                  "`stagewise cuts MODEL` lists them)")
         model = build_model(job.sources[0].model)
         pre = _preprocess(job, model)
         size, head_images = _size(job, job.sources[0], model, train), _cap(train, job.max_head_images, job.build.seed)
-        if _framework(model) == "keras":
-            from .keras_early_exit import keras_early_exit_plans
-
-            plans = keras_early_exit_plans(model, job.exits, pre, size, head_images, job.head, job.score, job.head_kind)
-        elif job.head_kind not in (None, "gap_linear"):
-            raise ConversionError(f"exit head {job.head_kind!r} is available for Keras models; torch models use gap_linear")
-        else:
-            plans = early_exit_plans(model, job.exits, pre, size, head_images, job.head, job.score)
+        plans = early_exit_plans(model, job.exits, pre, size, head_images, job.head, job.score)
     elif job.kind == "cascade":
         models = [(s, build_model(s.model, s.size)) for s in job.sources]
         pre = _preprocess(job, models[0][1])
         named = [(s.name or f"stage{k}", m, _size(job, s, m, calib)) for k, (s, m) in enumerate(models)]
-        frameworks = {_framework(m) for _, m in models}
-        if len(frameworks) != 1:
-            raise ConversionError("the stages of a cascade must all be torch models or all Keras models")
-        if frameworks == {"keras"}:
-            from .keras_early_exit import keras_cascade_plans
-
-            plans = keras_cascade_plans(named, job.combine, job.score)
-        else:
-            plans = cascade_plans(named, job.combine, job.score)
+        plans = cascade_plans(named, job.combine, job.score)
     else:
         raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit or cascade")
     labels = getattr(models[0][1] if job.kind == "cascade" else model, "stagewise_labels", None) or calib.classes

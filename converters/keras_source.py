@@ -1,4 +1,4 @@
-"""Keras source models: loading, running stages for the build pipeline, the layer graph, costs.
+"""The Keras source adapter: the layer graph, cut points, exit heads, stage runs, costs, export frontends.
 
 A Keras model enters stagewise the same way a torch model does: a factory named
 ``path/to/file.py:factory`` (or ``package.module:factory``) returning a ``keras.Model``. The
@@ -12,14 +12,24 @@ A factory may set ``model.stagewise_input = {"mean": [...], "std": [...], "size"
 (0-255 units, as for torch) and ``model.stagewise_labels``. Models whose last layer applies a
 softmax (``keras.applications`` by default) are turned into logit models that share the same
 weights: stagewise's exit scores and calibration work on logits.
+
+Frontends: ONNX through ``tf2onnx.convert.from_function`` on the stage's inference function;
+OpenVINO (``openvino.convert_model``) and TFLite (``tf.lite.TFLiteConverter``, with its own
+full-integer INT8 and fp16 quantization) from the stage's SavedModel written by
+``keras.export.ExportArchive``, Keras 3's own route to other runtimes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
+import tempfile
+import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -28,8 +38,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from stagewise.errors import ConversionError  # noqa: E402
-from stagewise.images import Preprocess  # noqa: E402
+from stagewise.errors import ConversionError, InvalidCutPointError  # noqa: E402
+
+from .heads import LinearHead  # noqa: E402
+from .source import CutPoint  # noqa: E402
+
+OPSET = 17
+SIGNATURE = "serving_default"
 
 
 def require_tensorflow_backend() -> None:
@@ -69,44 +84,6 @@ def run_model(model: keras.Model, x: np.ndarray, batch: int = 64) -> list[np.nda
         for store, o in zip(parts, outs):
             store.append(o)
     return [np.concatenate(p) for p in parts]
-
-
-class KerasRunner:
-    """How the build pipeline runs Keras stages: ``plan.module`` is a ``keras.Model`` whose outputs
-    are ``plan.output_names`` in order (``[carry, logits]`` or ``logits``)."""
-
-    framework = "keras"
-
-    @staticmethod
-    def version() -> str:
-        return keras_version()
-
-    @staticmethod
-    def stage_inputs(plans: Sequence[Any], preprocess: Preprocess, images: list[np.ndarray],
-                     batch: int = 64) -> list[np.ndarray]:
-        """Every stage's fp32 NHWC input for ``images``, computed through the Keras stages."""
-        if preprocess.layout != "NHWC":
-            raise ConversionError("Keras stages take NHWC input; build the Preprocess with layout='NHWC'")
-        per_stage: list[list[np.ndarray]] = [[] for _ in plans]
-        index = {p.name: k for k, p in enumerate(plans)}
-        for i in range(0, len(images), batch):
-            chunk = images[i:i + batch]
-            carries: dict[int, np.ndarray] = {}
-            for k, plan in enumerate(plans):
-                if plan.source["source"] == "image":
-                    x = preprocess.tensor(chunk, tuple(plan.source["size"]))
-                else:
-                    x = carries[index[plan.source["from"]]]
-                per_stage[k].append(x)
-                if plan.has_carry or k == len(plans) - 1:
-                    out = run_model(plan.module, x, batch)
-                    if plan.has_carry:
-                        carries[k] = out[0]
-        return [np.concatenate(xs) for xs in per_stage]
-
-    @staticmethod
-    def outputs(plan: Any, x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(plan.output_names, run_model(plan.module, np.ascontiguousarray(x, dtype=np.float32))))
 
 
 # --- the layer graph ------------------------------------------------------------------------
@@ -167,8 +144,6 @@ def valid_cut_points(model: keras.Model) -> list[str]:
 
 def check_cuts(model: keras.Model, cuts: Sequence[str]) -> None:
     """Raise :class:`InvalidCutPointError` for an unknown or invalid cut, listing the valid ones."""
-    from stagewise.errors import InvalidCutPointError
-
     names = [op.name for op in model.operations]
     valid = valid_cut_points(model)
     for cut in cuts:
@@ -275,11 +250,7 @@ def count_params(model: keras.Model) -> int:
     return int(sum(int(np.prod(w.shape)) for w in model.weights))
 
 
-
 # --- SavedModel of a stage --------------------------------------------------------------------
-
-SIGNATURE = "serving_default"
-
 
 def stage_function(plan: Any) -> Any:
     """The stage as a function from its input to ``{output name: tensor}`` (inference mode)."""
@@ -315,3 +286,201 @@ def stage_saved_model(plan: Any, directory: str | os.PathLike, sample_shape: Seq
     except Exception as exc:  # TensorFlow's tracing raises many unrelated types
         raise ConversionError(f"cannot export Keras stage {plan.name} as a SavedModel: {exc}") from exc
     return path
+
+
+def _package_version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _pool_layer(carry: Any, name: str) -> Any:
+    rank = len(carry.shape)
+    if rank == 4:
+        return keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(carry)
+    if rank == 3:
+        return keras.layers.GlobalAveragePooling1D(name=f"{name}_pool")(carry)
+    return keras.layers.Flatten(name=f"{name}_flatten")(carry) if rank != 2 else carry
+
+
+def attach_head(carry: Any, head: LinearHead, name: str) -> Any:
+    """Apply a trained head's Keras layers (pool, optional L2 norm, dense) to the symbolic ``carry``."""
+    x = _pool_layer(carry, name)
+    if head.normalise:
+        x = keras.layers.UnitNormalization(axis=-1, name=f"{name}_l2norm")(x)
+    dense = keras.layers.Dense(head.classes, name=f"{name}_logits")
+    out = dense(x)
+    dense.set_weights([np.asarray(head.weight.T, np.float32), np.asarray(head.bias, np.float32)])
+    return out
+
+
+class KerasSource:
+    """:class:`~stagewise.converters.source.SourceAdapter` for functional Keras 3 models (TensorFlow backend)."""
+
+    framework = "keras"
+    layout = "NHWC"
+    openvino_route = "native"
+
+    def version(self) -> str:
+        return f"{keras.__version__} (tensorflow {tf.__version__})"
+
+    def accepts(self, model: Any) -> bool:
+        return isinstance(model, keras.Model)
+
+    def prepare(self, model: Any) -> keras.Model:
+        """The logit model (same weights), keeping the factory's ``stagewise_input``/``stagewise_labels``."""
+        prepared = logits_model(model)
+        for attribute in ("stagewise_input", "stagewise_labels"):
+            if prepared is not model and hasattr(model, attribute):
+                setattr(prepared, attribute, getattr(model, attribute))
+        return prepared
+
+    def check_image_size(self, model: keras.Model, size: tuple[int, int]) -> None:
+        fixed = tuple(model.inputs[0].shape[1:3])
+        if any(d is not None for d in fixed) and fixed != tuple(size):
+            raise ConversionError(f"the Keras model takes {fixed[0]}x{fixed[1]} images but the stage is "
+                                  f"{size[0]}x{size[1]}; build the model for the stage's input size "
+                                  "(or with input_shape=(None, None, 3))")
+        if len(model.inputs) != 1:
+            raise ConversionError(f"the model has {len(model.inputs)} inputs; a stage reads one image")
+
+    def cut_points(self, model: keras.Model, size: tuple[int, int]) -> list[CutPoint]:
+        ops, _ = layer_graph(model)
+        valid = set(valid_cut_points(model))
+        outputs = {_producer(t) for t in model.outputs}
+        probe_layers = [op for op in ops if not isinstance(op, keras.layers.InputLayer) and op not in outputs
+                        and len(_as_list(op.output)) == 1]
+        probe = keras.Model(model.inputs, [op.output for op in probe_layers])
+        shapes = [tuple(o.shape[1:]) for o in _as_list(probe(np.zeros((1, *size, 3), np.float32), training=False))]
+        records, total = [], 0
+        for op in ops:
+            if isinstance(op, _MAC_LAYERS):
+                cin = int(op.input.shape[-1]) if op.input.shape[-1] is not None else 0
+                out_shape = shapes[probe_layers.index(op)] if op in probe_layers else tuple(op.output.shape[1:])
+                total += _layer_macs(op, cin, (1, *out_shape))
+            if op not in probe_layers:
+                continue
+            shape = tuple(int(d) for d in shapes[probe_layers.index(op)])
+            reduction = max(1, size[0] // max(1, shape[0])) if len(shape) == 3 else None
+            records.append(CutPoint(op.name, shape, int(shape[-1]) if shape else 0, reduction, int(total),
+                                    op.name in valid))
+        return records
+
+    def split(self, model: keras.Model, cuts: Sequence[str]) -> list[keras.Model]:
+        require_tensorflow_backend()
+        return split_model(model, cuts)
+
+    def exit_stage(self, segment: keras.Model, head: LinearHead, name: str) -> keras.Model:
+        logits = attach_head(segment.outputs[0], head, name)
+        return keras.Model(segment.inputs[0], [segment.outputs[0], logits], name=name)
+
+    def final_stage(self, segment: keras.Model, head: LinearHead | None, name: str) -> keras.Model:
+        if head is None:
+            return segment
+        return keras.Model(segment.inputs[0], attach_head(segment.outputs[0], head, name), name=name)
+
+    def run(self, module: keras.Model, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+        return run_model(module, np.ascontiguousarray(x, dtype=np.float32), batch)
+
+    def pool(self, carry: np.ndarray) -> np.ndarray:
+        if carry.ndim == 4:
+            return carry.mean(axis=(1, 2))
+        if carry.ndim == 3:
+            return carry.mean(axis=1)
+        return carry.reshape(len(carry), -1)
+
+    def macs(self, module: keras.Model, input_shape: Sequence[int]) -> int:
+        return count_macs(module, tuple(input_shape[1:3]))
+
+    def params(self, module: keras.Model) -> int:
+        return count_params(module)
+
+    # --- export frontends ------------------------------------------------------------------
+
+    def export_onnx(self, plan: Any, example: np.ndarray, path: Path) -> dict:
+        """Write the stage as ONNX with tf2onnx (opset 17, dynamic batch, NHWC input as the stage is fed)."""
+        try:
+            import tf2onnx
+        except ImportError as exc:
+            raise ConversionError(f'exporting Keras stages to ONNX needs tf2onnx: pip install "stagewise[keras]" '
+                                  f"({exc})") from exc
+        try:  # tf2onnx predates numpy 2; Keras ships the patch it uses for its own ONNX export
+            from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+            patch_tf2onnx()
+        except ImportError:
+            pass
+        spec = input_spec(plan, example.shape)
+        fn = tf.function(stage_function(plan), input_signature=[spec])
+        try:
+            with _quiet():
+                tf2onnx.convert.from_function(fn, input_signature=[spec], opset=OPSET, output_path=str(path))
+        except Exception as exc:  # the converter raises many unrelated types
+            raise ConversionError(f"tf2onnx failed for Keras stage {plan.name}: {exc}") from exc
+        return {"tool": "tf2onnx.convert.from_function", "version": _package_version("tf2onnx"), "opset": OPSET}
+
+    def export_openvino(self, plan: Any, example: np.ndarray, workdir: Path) -> Any:
+        """An ``ov.Model`` read by OpenVINO from the stage's SavedModel."""
+        import openvino as ov
+
+        saved = stage_saved_model(plan, tempfile.mkdtemp(prefix=f"{plan.name}-savedmodel-", dir=workdir),
+                                  example.shape)
+        with _quiet():
+            return ov.convert_model(str(saved))
+
+    def _tflite(self, plan: Any, example: np.ndarray, workdir: Path, out: Path, configure: Any = None) -> None:
+        saved = stage_saved_model(plan, tempfile.mkdtemp(prefix=f"{plan.name}-savedmodel-", dir=workdir),
+                                  example.shape)
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved), signature_keys=[SIGNATURE])
+        if configure:
+            configure(converter)
+        try:
+            with _quiet():
+                out.write_bytes(converter.convert())
+        except Exception as exc:
+            raise ConversionError(f"tf.lite.TFLiteConverter failed for stage {plan.name}: {exc}") from exc
+
+    def export_tflite(self, plan: Any, example: np.ndarray, path: Path) -> dict:
+        """A float ``.tflite`` (dynamic batch) through ``tf.lite.TFLiteConverter``."""
+        self._tflite(plan, example, path.parent, path)
+        return {"tool": "tf.lite.TFLiteConverter.from_saved_model (keras.export.ExportArchive)",
+                "version": tf.__version__, "batch": "dynamic"}
+
+    def tflite_int8(self, plan: Any, example: np.ndarray, out: Path, calibrate: np.ndarray, integer_io: bool) -> dict:
+        """Full-integer post-training INT8 (``TFLITE_BUILTINS_INT8``) with the stage's real inputs."""
+        name = plan.input_name
+
+        def representative():
+            for i in range(len(calibrate)):
+                yield {name: calibrate[i:i + 1]}
+
+        def configure(c: Any) -> None:
+            c.optimizations = [tf.lite.Optimize.DEFAULT]
+            c.representative_dataset = representative
+            c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            if integer_io:
+                c.inference_input_type = tf.int8
+                c.inference_output_type = tf.int8
+
+        self._tflite(plan, example, out.parent, out, configure)
+        return {"tool": "tf.lite.TFLiteConverter full-integer post-training quantization", "version": tf.__version__,
+                "activations": "int8 per-tensor (asymmetric)", "weights": "int8 per-channel (symmetric)",
+                "ops": "TFLITE_BUILTINS_INT8", "io": "int8" if integer_io else "float32",
+                "calibration_images": int(len(calibrate))}
+
+    def tflite_fp16(self, plan: Any, example: np.ndarray, out: Path) -> dict:
+        """The float model with fp16 weights (``supported_types = [tf.float16]``)."""
+        def configure(c: Any) -> None:
+            c.optimizations = [tf.lite.Optimize.DEFAULT]
+            c.target_spec.supported_types = [tf.float16]
+
+        self._tflite(plan, example, out.parent, out, configure)
+        return {"tool": "tf.lite.TFLiteConverter (supported_types float16)", "weights": "fp16", "compute": "fp32 on CPU"}

@@ -23,15 +23,15 @@ See ``docs/calibration.md`` for when calibrating against the model itself is app
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from stagewise.datasets import ImageSet
 from stagewise.images import Preprocess
 
 from .heads import HeadTraining
+from .source import source_of
 
 TEACHER_ONLY = HeadTraining(distill=1.0)
 """Head training on the teacher's softmax only (no labels)."""
@@ -39,18 +39,19 @@ TEACHER_ONLY = HeadTraining(distill=1.0)
 MARKER = " (labels: the full model's own predictions)"
 
 
-def teacher_logits(model: torch.nn.Module, images: ImageSet, preprocess: Preprocess, size: tuple[int, int],
+def teacher_logits(model: Any, images: ImageSet, preprocess: Preprocess, size: tuple[int, int],
                    batch: int = 64) -> np.ndarray:
     """The full model's logits for every image (N x C)."""
+    source = source_of(model)
+    model = source.prepare(model)
     out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            chunk = [images.image(j) for j in range(i, min(i + batch, len(images)))]
-            out.append(model.eval()(torch.from_numpy(preprocess.tensor(chunk, size))).numpy())
+    for i in range(0, len(images), batch):
+        chunk = [images.image(j) for j in range(i, min(i + batch, len(images)))]
+        out.append(source.run(model, preprocess.tensor(chunk, size))[0])
     return np.concatenate(out)
 
 
-def pseudo_labelled(model: torch.nn.Module, images: ImageSet, preprocess: Preprocess, size: tuple[int, int],
+def pseudo_labelled(model: Any, images: ImageSet, preprocess: Preprocess, size: tuple[int, int],
                     classes: Sequence[str]) -> ImageSet:
     """``images`` labelled with the full model's top-1 answers (its ``origin`` says so)."""
     labels = teacher_logits(model, images, preprocess, size).argmax(axis=1).astype(np.int64)

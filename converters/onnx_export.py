@@ -1,71 +1,66 @@
-"""Export torch stage modules to ONNX and check them against PyTorch on ONNX Runtime."""
+"""The ONNX exporter: the source's ONNX frontend, verification on ONNX Runtime, INT8 with ONNX Runtime's quantizer.
+
+INT8 is ONNX Runtime's static QDQ quantization (uint8 activations, int8 per-channel weights),
+calibrated on the stage's real inputs after ``quant_pre_process``.
+"""
 
 from __future__ import annotations
 
-import warnings
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from stagewise.errors import ConversionError, VerificationError
+from .export import Exported, Exporter, StageInputs, TensorSpec
+from .options import BuildOptions
+from .plans import StagePlan
 
-OPSET = 17
-
-
-def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str,
-                output_names: Sequence[str]) -> Path:
-    """Export ``module`` (one tensor in, ``output_names`` out) with a dynamic batch axis.
-
-    Uses ``torch.onnx.export``'s TorchScript-based exporter (``dynamo=False``), which exports
-    the CNN stages here faithfully and several times faster than the dynamo exporter.
-    """
-    import torch
-
-    axes = {name: {0: "batch"} for name in [input_name, *output_names]}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), (example,), str(path), input_names=[input_name],
-                              output_names=list(output_names), dynamic_axes=axes, opset_version=OPSET,
-                              do_constant_folding=True, dynamo=False)
-    except Exception as exc:  # the exporter raises many unrelated types
-        raise ConversionError(f"torch.onnx.export failed for {path.name}: {exc}") from exc
-    return path
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
+              "tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
-def ort_session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session with fixed threads, as used for verification and profiling."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+class _Batches(CalibrationDataReader):
+    def __init__(self, input_name: str, tensors: np.ndarray, batch: int = 16):
+        self._chunks = iter([{input_name: tensors[i:i + batch]} for i in range(0, len(tensors), batch)])
+
+    def get_next(self) -> dict | None:
+        return next(self._chunks, None)
 
 
-def verify_onnx(path: Path, module: torch.nn.Module, inputs: torch.Tensor, input_name: str,
-                output_names: Sequence[str], tolerance: float = 1e-3) -> dict:
-    """Compare the exported model with ``module`` on ``inputs``.
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type),
+                      tuple(d if isinstance(d, int) else None for d in arg.shape))
 
-    Returns ``{"max_abs_diff": {output: value}, "top1_agreement": fraction, "n": count}``;
-    raises :class:`VerificationError` when an output differs by more than ``tolerance``
-    relative to its largest magnitude.
-    """
-    import torch
 
-    with torch.no_grad():
-        expected = module.eval()(inputs)
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    got = ort_session(path).run(list(output_names), {input_name: inputs.numpy()})
-    diffs = {}
-    for name, e, g in zip(output_names, expected, got):
-        e = e.numpy()
-        diff = float(np.abs(e - g).max())
-        diffs[name] = diff
-        if diff > tolerance * max(1.0, float(np.abs(e).max())):
-            raise VerificationError(
-                f"{path.name}: output {name!r} differs from PyTorch by {diff:.3g} (tolerance {tolerance:g} relative); "
-                "the exporter did not reproduce this stage faithfully")
-    logits = output_names.index("logits")
-    agreement = float((expected[logits].numpy().argmax(1) == got[logits].argmax(1)).mean())
-    return {"max_abs_diff": diffs, "top1_agreement": agreement, "n": int(inputs.shape[0])}
+class OnnxExporter(Exporter):
+    """:class:`~stagewise.converters.export.Exporter` for ``.onnx`` artifacts (run by ONNX Runtime)."""
+
+    format = "onnx"
+    runtime = "onnxruntime"
+    suffixes = (".onnx",)
+
+    def export(self, plan: StagePlan, workdir: Path, inputs: StageInputs, options: BuildOptions) -> Exported:
+        path = workdir / f"{plan.name}.onnx"
+        record = plan.adapter.export_onnx(plan, inputs.verify[:1], path)
+        return Exported((path,), record)
+
+    def signature(self, files: Sequence[Path]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        session = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
+        return [_spec(a) for a in session.get_inputs()], [_spec(a) for a in session.get_outputs()]
+
+    def quantize(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
+                 options: BuildOptions) -> Exported:
+        out = workdir / f"{plan.name}.int8.onnx"
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(fp32.files[0]), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(out), _Batches(plan.input_name, inputs.calibrate),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+        return Exported((out,), {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+                                 "per_channel": True, "activations": "uint8", "weights": "int8",
+                                 "calibration_images": int(len(inputs.calibrate))})

@@ -28,13 +28,15 @@ bundle's manifest as operating points ``alpha-<value>``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from stagewise.calibration import bh_thresholds
 from stagewise.datasets import stratified_indices
 from stagewise.errors import ConversionError
+
+from .heads import LinearHead, l2_normalised
 
 CLASSIFIERS = ("svm", "logistic")
 
@@ -50,24 +52,6 @@ class SavchenkoSettings:
     alphas: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
     seed: int = 0
     max_iter: int = 5000
-
-
-def l2_normalised(features: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit Euclidean norm (zero rows stay zero)."""
-    x = np.asarray(features, dtype=np.float64)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
-
-
-@dataclass(frozen=True)
-class LinearHead:
-    """``decision = l2_normalise(x) @ weight.T + bias`` (C x D weights, C biases)."""
-
-    weight: np.ndarray
-    bias: np.ndarray
-
-    def decision(self, features: np.ndarray) -> np.ndarray:
-        return l2_normalised(features) @ self.weight.T + self.bias
 
 
 def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int, settings: SavchenkoSettings) -> LinearHead:
@@ -97,7 +81,7 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int, sett
     bias = np.full(classes, -1e3 if settings.classifier == "svm" else -30.0)  # classes never seen never win
     weight[clf.classes_] = coef
     bias[clf.classes_] = intercept
-    return LinearHead(weight, bias)
+    return LinearHead(weight, bias, normalise=True)
 
 
 def max_wrong_class(decisions: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -142,77 +126,32 @@ def savchenko_heads(stage_features: Sequence[np.ndarray], labels: np.ndarray, cl
     return SavchenkoResult(heads, thresholds, held, labels[rest], record)
 
 
-def _torch_head(head: LinearHead):
-    """``AdaptiveAvgPool2d(1) -> Flatten -> L2 normalise -> Linear`` with the head's weights."""
-    import torch
-
-    class SavchenkoHead(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pool = torch.nn.AdaptiveAvgPool2d(1)
-            self.linear = torch.nn.Linear(head.weight.shape[1], head.weight.shape[0])
-            with torch.no_grad():
-                self.linear.weight.copy_(torch.from_numpy(head.weight.astype(np.float32)))
-                self.linear.bias.copy_(torch.from_numpy(head.bias.astype(np.float32)))
-
-        def forward(self, x):
-            x = self.pool(x).flatten(1) if x.dim() == 4 else x.flatten(1)
-            return self.linear(torch.nn.functional.normalize(x, dim=1, eps=1e-12))
-
-    return SavchenkoHead().eval()
-
-
-def backbone_features(model, cuts: Sequence[str], preprocess, size: tuple[int, int], images, batch: int = 32) -> list[np.ndarray]:
+def backbone_features(model: Any, cuts: Sequence[str], preprocess: Any, size: tuple[int, int], images: Any,
+                      batch: int = 32) -> list[np.ndarray]:
     """Global-average-pooled features (N x C_m) of ``images`` after each cut of the frozen ``model``."""
-    import torch
+    from .plans import segment_features
+    from .source import source_of
 
-    from .heads import pooled
-    from .torch_cuts import split_model
-
-    segments = split_model(model.eval(), list(cuts))[:-1]
-    feats: list[list[np.ndarray]] = [[] for _ in segments]
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = torch.from_numpy(preprocess.tensor([images.image(j) for j in range(i, min(i + batch, len(images)))], size))
-            for k, seg in enumerate(segments):
-                x = seg(x)
-                feats[k].append(pooled(x).numpy())
-    return [np.concatenate(f) for f in feats]
+    source = source_of(model)
+    segments = source.split(source.prepare(model), list(cuts))[:-1]
+    feats, last = segment_features(source, segments, preprocess, size, images, batch)
+    return feats + [source.pool(last)]
 
 
-def plans_from_heads(model, cuts: Sequence[str], preprocess, size: tuple[int, int], heads: Sequence[LinearHead],
-                     example: np.ndarray, record: dict):
-    """Converter stage plans: the backbone cut after each of ``cuts``, each segment ending in its head.
+def plans_from_heads(model: Any, cuts: Sequence[str], preprocess: Any, size: tuple[int, int],
+                     heads: Sequence[LinearHead], record: dict) -> list:
+    """Converter stage plans: the backbone cut after each of ``cuts``, each segment ending in its head
+    (the network's own classifier after the last cut is dropped)."""
+    from .plans import plans_with_heads
+    from .source import source_of
 
-    ``example`` is one HxWx3 uint8 image (for tracing costs).
-    """
-    import torch
-
-    from .build import StagePlan
-    from .costs import count_macs, count_params
-    from .torch_cuts import split_model
-    from .torch_early_exit import ExitStage
-
-    segments = split_model(model.eval(), list(cuts))[:-1]
+    source = source_of(model)
+    segments = source.split(source.prepare(model), list(cuts))[:-1]
     if len(heads) != len(segments):
         raise ConversionError(f"{len(heads)} heads for {len(segments)} cuts")
-    names = [f"exit{k}" for k in range(len(segments) - 1)] + ["final"]
-    x = torch.from_numpy(preprocess.tensor([example], size))
-    plans = []
-    for k, (segment, head) in enumerate(zip(segments, heads)):
-        last = k == len(segments) - 1
-        head_module = _torch_head(head)
-        module = (torch.nn.Sequential(segment, head_module) if last else ExitStage(segment, head_module)).eval()
-        source = {"source": "image", "size": list(size)} if k == 0 else {"source": "carry", "from": names[k - 1]}
-        head_record = dict(record, kind="savchenko_linear", after=cuts[k], trained_on="frozen backbone")
-        head_record.pop("held_out_accuracy", None)
-        plans.append(StagePlan(name=names[k], module=module, source=source, has_carry=not last,
-                               exit={"score": "max_logit", "temperature": 1.0, "combine": "own"},
-                               macs=count_macs(module, x), params=count_params(module), head=head_record))
-        with torch.no_grad():
-            out = module(x)
-        x = out if last else out[0]
-    return plans
+    head_record = dict(record, kind="savchenko_linear", trained_on="frozen backbone")
+    head_record.pop("held_out_accuracy", None)
+    return plans_with_heads(source, segments, list(cuts), size, list(heads), [head_record] * len(heads), "max_logit")
 
 
 def savchenko_plans(model, cuts: Sequence[str], preprocess, size: tuple[int, int], images,
@@ -227,7 +166,7 @@ def savchenko_plans(model, cuts: Sequence[str], preprocess, size: tuple[int, int
     """
     features = backbone_features(model, cuts, preprocess, size, images, batch)
     result = savchenko_heads(features, images.labels, len(images.classes), settings)
-    return plans_from_heads(model, cuts, preprocess, size, result.heads, images.image(0), result.record), result
+    return plans_from_heads(model, cuts, preprocess, size, result.heads, result.record), result
 
 
 def alpha_points(result: SavchenkoResult, stage_costs: np.ndarray, cost_unit: str = "ms") -> list[dict]:

@@ -16,6 +16,7 @@ input itself, makes the cut invalid.
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from typing import Sequence
 
@@ -23,6 +24,8 @@ import torch
 from torch import fx
 
 from stagewise.errors import ConversionError, InvalidCutPointError
+
+from .source import CutPoint
 
 _SKIPPED_OPS = ("placeholder", "get_attr", "output")
 
@@ -37,8 +40,80 @@ def list_cut_points(model: torch.nn.Module) -> list[str]:
     Raises :class:`ConversionError` if the model cannot be traced with ``torch.fx`` and
     :class:`InvalidCutPointError` if it does not return a single tensor.
     """
-    _, _, cuts = _analyse(model)
-    return list(cuts)
+    _, _, valid, spans = _analyse(model)
+    return _listed(valid, spans)
+
+
+def _listed(valid: dict[str, int], spans: dict[str, list[int]]) -> list[str]:
+    """The valid cuts once per crossing tensor: of a module and its last child, the outer one."""
+    chosen: dict[int, str] = {}
+    for name, end in valid.items():
+        if end not in chosen or (spans[name][0], name.count(".")) < (spans[chosen[end]][0], chosen[end].count(".")):
+            chosen[end] = name
+    return [chosen[end] for end in sorted(chosen)]
+
+
+def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoint]:
+    """Every submodule output as a :class:`CutPoint` record, in graph order, valid or not.
+
+    A module and the child that produces the same tensor (its last child) are one candidate,
+    named by the outer module. The final output is not a candidate. Shapes, channels, spatial
+    reduction and cumulative MACs come from one forward pass on ``example`` (a 1 x C x H x W
+    batch), so no data is needed.
+    """
+    traced, nodes, valid, spans = _analyse(model)
+    output = _output_node(traced)
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    by_end: dict[int, list[str]] = {}
+    for name, span in spans.items():
+        if name and nodes[span[-1]] is not output:
+            by_end.setdefault(span[-1], []).append(name)
+    shapes, macs = _forward_record(model, example)
+    records = []
+    for end in sorted(by_end):
+        group = sorted(by_end[end], key=lambda n: (spans[n][0], n.count("."), order[n]))
+        name = next((n for n in group if n in valid), group[0])
+        shape = shapes.get(name)
+        if shape is None:
+            continue
+        if len(shape) == 3:
+            channels, reduction = shape[0], max(1, example.shape[2] // max(1, shape[1]))
+        else:
+            channels, reduction = (shape[-1] if shape else 0), None
+        records.append(CutPoint(name, shape, int(channels), reduction, macs.get(name, 0), name in valid))
+    return records
+
+
+def _forward_record(model: torch.nn.Module, example: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Per named module: its output shape (one sample) and the MACs computed up to its end."""
+    total = 0
+    shapes: dict[str, tuple[int, ...]] = {}
+    macs: dict[str, int] = {}
+
+    def count(m: torch.nn.Module, _inp: object, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, torch.nn.Conv2d):
+            kh, kw = m.kernel_size
+            total += out[0].numel() * (m.in_channels // m.groups) * kh * kw
+        else:
+            total += out[0].numel() * m.in_features
+
+    def record(name: str):
+        def hook(_m: torch.nn.Module, _inp: object, out: object) -> None:
+            if isinstance(out, torch.Tensor):
+                shapes[name] = tuple(int(d) for d in out.shape[1:])
+                macs[name] = int(total)
+        return hook
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks += [m.register_forward_hook(record(name)) for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes, macs
 
 
 def split_model(model: torch.nn.Module, cuts: Sequence[str]) -> list[fx.GraphModule]:
@@ -54,7 +129,7 @@ def split_model(model: torch.nn.Module, cuts: Sequence[str]) -> list[fx.GraphMod
     when a name is unknown, is not a valid cut point, or the cuts are not in strictly forward
     order; :class:`ConversionError` when the model cannot be traced with ``torch.fx``.
     """
-    traced, nodes, valid = _analyse(model)
+    traced, nodes, valid, spans = _analyse(model)
     known = {name for name, _ in model.named_modules()}
     ends: list[int] = []
     for cut in cuts:
@@ -62,11 +137,11 @@ def split_model(model: torch.nn.Module, cuts: Sequence[str]) -> list[fx.GraphMod
             problem = "is not a submodule of the model" if cut not in known else (
                 "is not a valid cut point: more than one value would cross it, it does not run "
                 "as one contiguous piece of forward(), or it produces the final output")
-            raise InvalidCutPointError(f"cut {cut!r} {problem}. {_valid_list(valid)}")
+            raise InvalidCutPointError(f"cut {cut!r} {problem}. {_valid_list(_listed(valid, spans))}")
         if ends and valid[cut] <= ends[-1]:
             raise InvalidCutPointError(
                 f"cut {cut!r} does not come after {cuts[len(ends) - 1]!r}; cuts must be in forward "
-                f"order without duplicates. {_valid_list(valid)}")
+                f"order without duplicates. {_valid_list(_listed(valid, spans))}")
         ends.append(valid[cut])
 
     output = _output_node(traced)
@@ -83,7 +158,7 @@ def _trace(model: torch.nn.Module) -> fx.GraphModule:
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        return fx.symbolic_trace(model)
+        return fx.symbolic_trace(model, concrete_args=_optional_arguments(model) or None)
     except Exception as error:
         raise ConversionError(
             f"{type(model).__name__} cannot be split: the model must be fx-traceable "
@@ -92,6 +167,16 @@ def _trace(model: torch.nn.Module) -> fx.GraphModule:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def _optional_arguments(model: torch.nn.Module) -> dict[str, object]:
+    """``forward``'s parameters with defaults (e.g. ``attn_mask=None``), bound as constants for tracing."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters[1:]
+            if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def _output_node(traced: fx.GraphModule) -> fx.Node:
@@ -104,9 +189,9 @@ def _output_node(traced: fx.GraphModule) -> fx.Node:
     return result
 
 
-def _analyse(model: torch.nn.Module) -> tuple[fx.GraphModule, list[fx.Node], dict[str, int]]:
-    """Trace ``model``; return the trace, its computing nodes in order, and the valid cut points
-    mapped to the index of their last node, in forward order."""
+def _analyse(model: torch.nn.Module) -> tuple[fx.GraphModule, list[fx.Node], dict[str, int], dict[str, list[int]]]:
+    """Trace ``model``; return the trace, its computing nodes in order, the valid cut points
+    mapped to the index of their last node (in forward order), and every module's node indices."""
     traced = _trace(model)
     output = _output_node(traced)
     nodes = [node for node in traced.graph.nodes if node.op not in _SKIPPED_OPS]
@@ -134,10 +219,10 @@ def _analyse(model: torch.nn.Module) -> tuple[fx.GraphModule, list[fx.Node], dic
         if (name and span == list(range(span[0], end + 1)) and nodes[end] is not output
                 and crossing == {nodes[end]}):
             valid[name] = end
-    return traced, nodes, valid
+    return traced, nodes, valid, spans
 
 
-def _valid_list(valid: dict[str, int]) -> str:
+def _valid_list(valid: list[str]) -> str:
     return "Valid cut points, in forward order: " + (", ".join(valid) or "none") + "."
 
 

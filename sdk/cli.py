@@ -49,15 +49,16 @@ def cli() -> None:
 @click.option("--data", type=click.Path(path_type=Path), help="labelled images: class folders, an archive, or labels.tsv")
 @click.option("--calibration-data", type=click.Path(path_type=Path),
               help="separate labelled images for thresholds (default: a stratified 20%% of --data)")
-@click.option("--backend", help="artifact formats, comma-separated: onnx (default), openvino, tflite")
+@click.option("--format", "formats", help="artifact formats, comma-separated: onnx (default), openvino, tflite")
+@click.option("--backend", "legacy_formats", hidden=True, help="deprecated name of --format")
 @click.option("--int8/--no-int8", default=None, help="post-training INT8 quantization with the calibration images")
 @click.option("--fp16/--no-fp16", default=None,
               help="OpenVINO and TFLite artifacts: store weights as fp16 (half the size)")
 @click.option("--int8-io/--no-int8-io", default=None,
               help="TFLite INT8 artifacts take and return int8 tensors (integer-only NPUs such as the Edge TPU)")
 @click.option("--head", "head_kind", type=click.Choice(["gap_linear", "savchenko"]),
-              help="exit heads of Keras models: trained GAP+dense [gap_linear], or Savchenko's linear head "
-                   "on L2-normalised pooled features")
+              help="exit heads: GAP + linear trained on labels and the network's softmax [gap_linear], or "
+                   "Savchenko's linear head on L2-normalised pooled features")
 @click.option("--npu", is_flag=True, default=None,
               help="OpenVINO artifacts: NPU preset (static batch-1 shapes, fp16 weights, NPU INT8 scheme)")
 @click.option("--target-drop", type=float, help="allowed top-1 drop in points for the default operating point [0.5]")
@@ -73,15 +74,19 @@ def cli() -> None:
 @click.option("--max-calibration-images", type=int, help="cap on images used to pick thresholds")
 @click.option("--threads", type=int, help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
-def convert(model, stages, exits, data, calibration_data, backend, int8, fp16, int8_io, head_kind, npu, target_drop, out,
-            input_size, mean, std, resize, crop_fraction, combine, score, max_head_images, max_calibration_images,
-            threads, force):
+def convert(model, stages, exits, data, calibration_data, formats, legacy_formats, int8, fp16, int8_io, head_kind, npu,
+            target_drop, out, input_size, mean, std, resize, crop_fraction, combine, score, max_head_images,
+            max_calibration_images, threads, force):
     """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
     from .converters.convert import StageSource, job_from_toml, make_job, run_job
 
+    if legacy_formats:
+        click.echo("warning: --backend is deprecated for convert; use --format (onnx, openvino, tflite)", err=True)
+        formats = formats or legacy_formats
+
     spec = {k: v for k, v in (("mean", _triple(mean)), ("std", _triple(std)), ("resize", resize),
                               ("crop_fraction", crop_fraction)) if v is not None}
-    flags = dict(out=out, data=data, calibration_data=calibration_data, backend=backend, int8=int8, fp16=fp16,
+    flags = dict(out=out, data=data, calibration_data=calibration_data, formats=formats, int8=int8, fp16=fp16,
                  npu=npu or None, int8_io=int8_io, head_kind=head_kind,
                  target_drop=target_drop, threads=threads, input_size=input_size, combine=combine, score=score,
                  max_head_images=max_head_images, max_calibration_images=max_calibration_images,
@@ -108,6 +113,37 @@ def convert(model, stages, exits, data, calibration_data, backend, int8, fp16, i
     bundle = read_bundle(path)
     print_tables(*manifest_tables(bundle.manifest))
     bundle.close()
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--input-size", type=int, default=224, show_default=True, help="square input size of the probe image")
+@click.option("--all", "show_all", is_flag=True, help="also list places where more than one tensor crosses")
+@click.option("--json", "as_json", is_flag=True, help="print the cut points as JSON records")
+def cuts(model, input_size, show_all, as_json):
+    """The cut points of a torch or Keras model (file.py:factory or module:factory), in graph order.
+
+    Each cut: name (pass it to convert --exits), output shape, channels, spatial reduction,
+    cumulative MACs, and whether a single tensor crosses it (only those can take an exit).
+    Needs no data: one forward pass on a blank image.
+    """
+    from .converters import cut_points
+
+    found = [c for c in cut_points(model, input_size) if show_all or c.single_tensor]
+    if as_json:
+        click.echo(json.dumps([c.to_dict() for c in found], indent=2))
+        return
+    from rich.table import Table
+
+    from .reports import print_tables
+
+    table = Table(title=f"cut points of {model} at {input_size}x{input_size}")
+    for column in ("name", "output shape", "channels", "reduction", "MACs (cumulative)", "single tensor"):
+        table.add_column(column, justify="left" if column == "name" else "right")
+    for c in found:
+        table.add_row(c.name, "x".join(map(str, c.shape)), str(c.channels), "-" if c.reduction is None else f"/{c.reduction}",
+                      f"{c.macs / 1e6:.2f} M", "yes" if c.single_tensor else "no")
+    print_tables(table)
 
 
 @cli.command()

@@ -29,9 +29,10 @@ def demo_images() -> Path:
 def run_demo(out: Path, int8: bool = False, threads: int = 1) -> dict:
     """Convert, calibrate and benchmark the demo cascade under ``out``; returns the bench result."""
     try:
-        from stagewise.converters.build import BuildOptions, build_bundle
-        from stagewise.converters.torch_cascade import cascade_plans
-        from stagewise.converters.torch_source import build_model
+        from stagewise.converters.build import build_bundle
+        from stagewise.converters.factory import build_model
+        from stagewise.converters.options import BuildOptions
+        from stagewise.converters.plans import cascade_plans
         from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS, imagenet_labels
     except ImportError as exc:
         raise click.ClickException(

@@ -176,10 +176,11 @@ def test_label_free_conversion_end_to_end(tmp_path, data):
     """No labels anywhere: heads distilled from the teacher's softmax, thresholds from agreement."""
     pytest.importorskip("torch")
     from stagewise.calibration import Goal, Settings
-    from stagewise.converters.build import BuildOptions, build_bundle
+    from stagewise.converters.build import build_bundle
+    from stagewise.converters.options import BuildOptions
     from stagewise.converters.heads import HeadTraining
     from stagewise.converters.label_free import MARKER, TEACHER_ONLY, pseudo_labelled
-    from stagewise.converters.torch_early_exit import early_exit_plans
+    from stagewise.converters.plans import early_exit_plans
     from stagewise.images import Preprocess
     from stagewise.runtimes.calibrate import recalibrate, unlabelled_images
     from toy_models import residual_net
@@ -195,7 +196,7 @@ def test_label_free_conversion_end_to_end(tmp_path, data):
     teacher_set = pseudo_labelled(model, images, pre, (8, 8), ["a", "b", "c"])
     assert teacher_set.origin.endswith(MARKER)
     assert TEACHER_ONLY.distill == 1.0
-    fast = HeadTraining(**{**TEACHER_ONLY.__dict__, "epochs": 5, "batch_size": 32})
+    fast = HeadTraining(**{**TEACHER_ONLY.__dict__, "max_iter": 50})
     plans = early_exit_plans(model, ["layer1"], pre, (8, 8), teacher_set, fast)
     # the converter runs the whole suite too: no labels, learned score, a guarantee as the default point
     options = BuildOptions(profile_images=5, labelled=False, goal=Goal("risk", 0.1, 0.2),

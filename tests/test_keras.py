@@ -21,12 +21,14 @@ from click.testing import CliRunner  # noqa: E402
 
 import stagewise  # noqa: E402
 from stagewise.cli import cli  # noqa: E402
-from stagewise.converters.build import BuildOptions, StageInputs, build_bundle  # noqa: E402
-from stagewise.converters.keras_early_exit import (KerasHeadTraining, keras_cascade_plans,  # noqa: E402
-                                                   keras_early_exit_plans)
+from stagewise.converters.build import build_bundle  # noqa: E402
+from stagewise.converters.export import StageInputs, export_stage, exporter  # noqa: E402
+from stagewise.converters.heads import HeadTraining  # noqa: E402
 from stagewise.converters.keras_source import (count_macs, keras, logits_model, run_model,  # noqa: E402
                                                split_model, valid_cut_points)
-from stagewise.converters.tflite_export import describe, export_tflite_stage  # noqa: E402
+from stagewise.converters.options import BuildOptions  # noqa: E402
+from stagewise.converters.plans import cascade_plans, early_exit_plans  # noqa: E402
+from stagewise.converters.tflite_export import describe  # noqa: E402
 from stagewise.datasets import open_image_set  # noqa: E402
 from stagewise.errors import InvalidCutPointError  # noqa: E402
 from stagewise.images import Preprocess  # noqa: E402
@@ -35,7 +37,7 @@ tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 
 PRE = Preprocess(mean=(128, 128, 128), std=(64, 64, 64), layout="NHWC", resize="stretch", crop_fraction=1.0)
-FAST_HEADS = KerasHeadTraining(epochs=15, batch_size=32, lr=1e-2)
+FAST_HEADS = HeadTraining(max_iter=100)
 QUICK = dict(quantization_images=32, profile_images=3, threads=1)
 HERE = Path(__file__).parent
 
@@ -61,7 +63,7 @@ def cli_bundle(tmp_path_factory, image_folder):
 def multi_bundle(tmp_path_factory, splits):
     """INT8 bundle of the toy Keras net with TFLite (int8 I/O), ONNX and OpenVINO artifacts."""
     train, calib = splits
-    plans = keras_early_exit_plans(toys.residual_net(), ["block1_out"], PRE, (16, 16), train, FAST_HEADS)
+    plans = early_exit_plans(toys.residual_net(), ["block1_out"], PRE, (16, 16), train, FAST_HEADS)
     out = tmp_path_factory.mktemp("keras") / "multi"
     return build_bundle(out, "multi", plans, PRE, train.classes, calib,
                         BuildOptions(formats=("tflite", "onnx", "openvino"), int8=True, int8_io=True,
@@ -101,7 +103,7 @@ def test_keras_bundle_on_litert_agrees_with_keras(cli_bundle, image_folder):
         heads = [s.get("head") for s in m["stages"]]
     # the same Keras stages, rebuilt through the API with the CLI's settings (heads trained on all the images)
     model = toys.factory()
-    plans = keras_early_exit_plans(model, ["block1_out"], PRE, (16, 16), images, head="savchenko")
+    plans = early_exit_plans(model, ["block1_out"], PRE, (16, 16), images, HeadTraining(kind="savchenko"))
     assert plans[0].head["train_accuracy"] == pytest.approx(heads[0]["train_accuracy"])
     x = PRE.tensor(pictures, (16, 16))
     carry, exit_logits = run_model(plans[0].module, x)
@@ -140,7 +142,7 @@ def test_keras_bundle_carries_onnx_and_openvino(multi_bundle, splits):
             assert max(art["verification"]["max_abs_diff"].values()) < 1e-3  # the float model vs Keras
             assert 0.0 <= art["quantization"]["agreement_with_fp32"] <= 1.0
         assert stage["artifacts"]["onnx"]["verification"]["conversion"]["tool"] == "tf2onnx.convert.from_function"
-        assert stage["artifacts"]["openvino"]["verification"]["converted_from"] == "keras SavedModel"
+        assert stage["artifacts"]["openvino"]["verification"]["conversion"]["route"] == "native"
     labels = {}
     for backend in ("litert", "onnxruntime", "openvino"):
         with stagewise.load(multi_bundle, backend=backend, threads=1) as cascade:
@@ -164,21 +166,21 @@ def test_keras_applications_cut_and_convert(tmp_path, splits, name, build, cut):
     assert cut in valid_cut_points(model)
     pre = Preprocess(mean=(127.5,) * 3, std=(127.5,) * 3, layout="NHWC", resize="stretch", crop_fraction=1.0)
     train = splits[0].subset(range(24))
-    plans = keras_early_exit_plans(model, [cut], pre, (32, 32), train, KerasHeadTraining(epochs=2, batch_size=32))
+    plans = early_exit_plans(model, [cut], pre, (32, 32), train, HeadTraining(max_iter=20))
     assert plans[0].macs > 0 and plans[1].macs > plans[0].macs
     x = pre.tensor([splits[1].image(i) for i in range(8)], (32, 32))
     carry, _ = run_model(plans[0].module, x)
     np.testing.assert_allclose(run_model(plans[1].module, carry)[0], run_model(logits_model(model), x)[0],
                                rtol=1e-4, atol=1e-4)
-    artifact, files = export_tflite_stage(plans[0], tmp_path, StageInputs(x, x, x), BuildOptions(threads=1))
+    artifact, files = export_stage(exporter("tflite"), plans[0], tmp_path, StageInputs(x, x, x), BuildOptions(threads=1))
     assert artifact["verification"]["top1_agreement"] == 1.0
     assert set(files) == {"tflite/exit0.tflite"}
 
 
 def test_keras_resolution_cascade_fp16(tmp_path, splits):
     train, calib = splits
-    plans = keras_cascade_plans([("small", toys.small_cnn(), (8, 8)), ("large", toys.small_cnn(), (16, 16))],
-                                combine="mean_probs")
+    plans = cascade_plans([("small", toys.small_cnn(), (8, 8)), ("large", toys.small_cnn(), (16, 16))],
+                          combine="mean_probs")
     dense = 6 * 3
     assert plans[1].macs - dense == 4 * (plans[0].macs - dense)  # the convolution sees 4x the pixels
     out = build_bundle(tmp_path / "c", "c", plans, PRE, calib.classes, calib,

@@ -16,9 +16,10 @@ pytest.importorskip("litert_torch")
 import torch  # noqa: E402
 
 import stagewise  # noqa: E402
-from stagewise.converters.build import BuildOptions, build_bundle  # noqa: E402
+from stagewise.converters.build import build_bundle  # noqa: E402
+from stagewise.converters.options import BuildOptions  # noqa: E402
 from stagewise.converters.heads import HeadTraining  # noqa: E402
-from stagewise.converters.torch_early_exit import early_exit_plans  # noqa: E402
+from stagewise.converters.plans import early_exit_plans  # noqa: E402
 from stagewise.datasets import open_image_set  # noqa: E402
 from stagewise.errors import BundleError, DeviceUnavailableError, IntegrityError  # noqa: E402
 from stagewise.images import Preprocess  # noqa: E402
@@ -27,7 +28,7 @@ from stagewise.runtimes.litert_adapter import LiteRTStage, open_stage  # noqa: E
 from toy_models import residual_net  # noqa: E402
 
 PRE = Preprocess(mean=(128, 128, 128), std=(64, 64, 64), resize="stretch", crop_fraction=1.0)
-FAST_HEADS = HeadTraining(epochs=15, batch_size=32, lr=1e-2)
+FAST_HEADS = HeadTraining(max_iter=100)
 QUICK = dict(quantization_images=32, profile_images=3, threads=1)
 
 

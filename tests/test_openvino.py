@@ -18,13 +18,13 @@ import openvino as ov  # noqa: E402
 
 import stagewise  # noqa: E402
 from stagewise.bundle import read_bundle  # noqa: E402
-from stagewise.converters.build import BuildOptions, StageInputs, build_bundle, torch_stage_inputs  # noqa: E402
+from stagewise.converters.build import build_bundle, stage_inputs  # noqa: E402
 from stagewise.converters.convert import StageSource, make_job  # noqa: E402
 from stagewise.converters.heads import HeadTraining  # noqa: E402
-from stagewise.converters.openvino_export import (  # noqa: E402
-    check_npu_constraints, export_openvino_stage, ir_inputs_static)
-from stagewise.converters.torch_cascade import cascade_plans  # noqa: E402
-from stagewise.converters.torch_early_exit import early_exit_plans  # noqa: E402
+from stagewise.converters.export import StageInputs, export_stage, exporter  # noqa: E402
+from stagewise.converters.openvino_export import check_npu_constraints, ir_inputs_static  # noqa: E402
+from stagewise.converters.options import BuildOptions  # noqa: E402
+from stagewise.converters.plans import cascade_plans, early_exit_plans  # noqa: E402
 from stagewise.datasets import open_image_set  # noqa: E402
 from stagewise.errors import (  # noqa: E402
     BackendUnavailableError, BundleError, ConversionError, DeviceUnavailableError, IntegrityError)
@@ -35,7 +35,7 @@ from stagewise.runtimes.executor import stage_io  # noqa: E402
 from toy_models import residual_net  # noqa: E402
 
 PRE = Preprocess(mean=(128, 128, 128), std=(64, 64, 64), resize="stretch", crop_fraction=1.0)
-FAST_HEADS = HeadTraining(epochs=15, batch_size=32, lr=1e-2)
+FAST_HEADS = HeadTraining(max_iter=100)
 QUICK = dict(profile_images=3, quantization_images=32)
 
 
@@ -133,7 +133,7 @@ def test_manifest_lists_xml_then_bin_with_verification(ee_bundle):
         assert art["precision"] == "fp32"
         assert art["verification"]["top1_agreement"] == 1.0
         assert max(art["verification"]["max_abs_diff"].values()) < 1e-4
-        assert art["verification"]["converted_from"] == "onnx"  # the measured more faithful route
+        assert art["verification"]["conversion"]["route"] == "onnx"  # the measured more faithful route
         assert "onnx" in stage["artifacts"]
     # the xml is dynamic in the batch, static elsewhere
     assert not ir_inputs_static(ee_bundle / "openvino" / "exit0.xml")
@@ -323,31 +323,32 @@ def test_npu_request_is_static_and_carries_no_cpu_only_properties(ee_bundle):
 
 def test_exporter_fp16_int8_fallback_and_sources(tmp_path, ee_plans, images):
     plan = ee_plans[0]
-    x = torch_stage_inputs([plan], PRE, images)[0]
+    x = stage_inputs([plan], PRE, images)[0]
     inputs = StageInputs(verify=x[:16], calibrate=x[:30], agree=x[30:])
     for d in "abcde":
         (tmp_path / d).mkdir()
-    art32, files32 = export_openvino_stage(plan, tmp_path / "a", inputs, BuildOptions())
-    art16, files16 = export_openvino_stage(plan, tmp_path / "b", inputs,
-                                           BuildOptions(fp16=True, extra={"openvino_source": "best"}))
+    art32, files32 = export_stage(exporter("openvino"), plan, tmp_path / "a", inputs, BuildOptions())
+    art16, files16 = export_stage(exporter("openvino"), plan, tmp_path / "b", inputs,
+                                  BuildOptions(fp16=True, openvino_route="best"))
     assert art32["precision"] == "fp32" and "quantization" not in art32
     assert art16["precision"] == "fp16" and art16["verification"]["tolerance"] >= 1e-2
-    assert set(art16["verification"]["candidates"]) == {"torch", "onnx"}
-    assert art16["verification"]["converted_from"] in ("torch", "onnx")
+    assert set(art16["verification"]["conversion"]["candidates"]) == {"native", "onnx"}
+    assert art16["verification"]["conversion"]["route"] in ("native", "onnx")
     size = {k: v.stat().st_size for k, v in files32.items()}
     size16 = {k: v.stat().st_size for k, v in files16.items()}
     assert size16["openvino/exit0.bin"] < 0.6 * size["openvino/exit0.bin"]
-    strict = BuildOptions(int8=True, int8_tolerance=1.01)  # unreachable: the stage must stay float
-    art8, files8 = export_openvino_stage(plan, tmp_path / "c", inputs, strict)
+    strict = exporter("openvino")
+    strict.agreement = lambda *args, **kwargs: 0.5  # below any sensible tolerance: the stage must stay float
+    art8, files8 = export_stage(strict, plan, tmp_path / "c", inputs, BuildOptions(int8=True))
     q = art8["quantization"]
     assert q["kept_fp32"] is True and art8["precision"] == "fp32" and 0.0 <= q["agreement_with_fp32"] <= 1.0
     assert q["tool"] == "nncf.quantize" and q["calibration_images"] == 30 and q["agreement_images"] == len(x) - 30
     assert files8["openvino/exit0.bin"].read_bytes() == files32["openvino/exit0.bin"].read_bytes()
-    direct, _ = export_openvino_stage(plan, tmp_path / "e", inputs, BuildOptions(extra={"openvino_source": "torch"}))
-    assert direct["verification"]["converted_from"] == "torch"
+    direct, _ = export_stage(exporter("openvino"), plan, tmp_path / "e", inputs, BuildOptions(openvino_route="native"))
+    assert direct["verification"]["conversion"]["route"] == "native"
     assert max(direct["verification"]["max_abs_diff"].values()) < 1e-4
-    with pytest.raises(ConversionError, match="openvino_source"):
-        export_openvino_stage(plan, tmp_path / "d", inputs, BuildOptions(extra={"openvino_source": "tf"}))
+    with pytest.raises(ConversionError, match="OpenVINO route"):
+        BuildOptions(openvino_route="tf")
 
 
 def test_auto_backend_follows_the_preference_order(ee_bundle, monkeypatch):
@@ -366,7 +367,7 @@ def test_auto_backend_follows_the_preference_order(ee_bundle, monkeypatch):
 
 def test_cli_flags_reach_the_build_options(tmp_path):
     job = make_job(kind="early_exit", sources=[StageSource("toy_models.py:residual_net")], out=tmp_path / "x",
-                   backend="onnx,openvino", int8=True, fp16=True, npu=True)
+                   formats="onnx,openvino", int8=True, fp16=True, npu=True)
     assert job.build.formats == ("onnx", "openvino") and job.build.fp16 and job.build.npu and job.build.int8
     plain = make_job(kind="early_exit", sources=[StageSource("m.py:f")], out=tmp_path / "y")
     assert not plain.build.fp16 and not plain.build.npu

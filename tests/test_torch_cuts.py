@@ -62,7 +62,8 @@ class ConcatNet(nn.Module):
         return self.fc(self.drop(x.mean((2, 3)).reshape(batch, -1)))
 
 
-RESIDUAL_CUTS = ["stem", "layer1.0", "layer1", "layer1.1", "pool"]
+# layer1.1 is layer1's last child: the same tensor crosses after both, so it is listed once, as layer1
+RESIDUAL_CUTS = ["stem", "layer1.0", "layer1", "pool"]
 CONCAT_CUTS = ["stem", "dense1", "trans", "dense2", "drop"]
 
 

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 import stagewise
-from stagewise.converters.build import BuildOptions, StageInputs, build_bundle, export_onnx_stage, torch_stage_inputs
+from stagewise.converters.build import build_bundle, stage_inputs
+from stagewise.converters.export import StageInputs, export_stage, exporter
 from stagewise.converters.heads import HeadTraining
-from stagewise.converters.onnx_export import ort_session
-from stagewise.converters.torch_cascade import cascade_plans
-from stagewise.converters.torch_early_exit import early_exit_plans
+from stagewise.converters.options import BuildOptions
+from stagewise.converters.plans import cascade_plans, early_exit_plans
 from stagewise.datasets import open_image_set
 from stagewise.errors import ConversionError, InvalidCutPointError
 from stagewise.images import Preprocess
 from toy_models import concat_net, residual_net
 
 PRE = Preprocess(mean=(128, 128, 128), std=(64, 64, 64), resize="stretch", crop_fraction=1.0)
-FAST_HEADS = HeadTraining(epochs=15, batch_size=32, lr=1e-2)
+FAST_HEADS = HeadTraining(max_iter=100)
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,14 @@ def test_onnx_stages_match_torch(tmp_path, splits, factory, cuts):
     model = factory()
     plans = early_exit_plans(model, cuts, PRE, (16, 16), train, FAST_HEADS)
     images = [calib.image(i) for i in range(12)]
-    inputs = torch_stage_inputs(plans, PRE, images)
+    inputs = stage_inputs(plans, PRE, images)
     carry = None
     for plan, x in zip(plans, inputs):
-        art, files = export_onnx_stage(plan, tmp_path, StageInputs(x, x, x), BuildOptions())
+        art, files = export_stage(exporter("onnx"), plan, tmp_path, StageInputs(x, x, x), BuildOptions())
         assert art["verification"]["top1_agreement"] == 1.0
         assert max(art["verification"]["max_abs_diff"].values()) < 1e-4
-        session = ort_session(next(iter(files.values())))
-        outs = session.run(plan.output_names, {plan.input_name: x if carry is None else carry})
+        got = exporter("onnx").run(plan, list(files.values()), x if carry is None else carry)
+        outs = [got[name] for name in plan.output_names]
         carry = outs[0] if plan.has_carry else None
     with torch.no_grad():
         reference = model(torch.from_numpy(PRE.tensor(images, (16, 16)))).numpy()

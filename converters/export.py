@@ -1,0 +1,237 @@
+"""The exporter interface and the one pipeline that drives it for every stage and every format.
+
+An exporter turns a :class:`~stagewise.converters.plans.StagePlan` into the files of one
+artifact format and knows that format's tools. It promises:
+
+* ``export(plan, workdir, inputs, options)``: write the float model; return its files and a
+  conversion record. Where the step depends on the source framework the exporter asks the
+  plan's source adapter for its frontend (``export_onnx``, ``export_openvino``,
+  ``export_tflite``);
+* ``signature(files)``: the inputs and outputs the written model declares (name, dtype, shape),
+  which the pipeline checks against the stage before anything runs it;
+* ``open(plan, files, threads)``: the model on the runtime that will run it, through the
+  runtime's own adapter, so verification sees what the device will;
+* ``quantize(plan, files, workdir, calibrate, options)``: INT8 files from real stage inputs,
+  with the format's own quantizer, and its record;
+* optionally ``fp16(plan, files, workdir, example, options)``: the float model with fp16 weights.
+
+:class:`Exporter` implements ``verify`` (source model vs exported model on real inputs) and
+``agreement`` (top-1 agreement of two exported models) once for every format on top of ``open``.
+:func:`export_stage` is the pipeline: export, check the declared inputs/outputs, verify,
+optionally fp16, quantize, measure the agreement with the float model, keep INT8 only when it
+meets the tolerance (:func:`keep_int8`), and list the chosen files for the manifest.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from stagewise.errors import ConversionError, VerificationError
+from stagewise.runtimes.base import RUNTIMES, LoadOptions, StageIO
+
+from .options import BuildOptions
+from .plans import StagePlan
+
+FP16_TOLERANCE = 2e-2
+"""Relative tolerance (of the largest output magnitude) of fp16-weight models against the source."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output a model declares: name, element type (numpy name) and shape (None: dynamic)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """Real fp32 inputs of one stage: for verification, quantization and agreement checks."""
+
+    verify: np.ndarray
+    calibrate: np.ndarray
+    agree: np.ndarray
+
+
+@dataclass(frozen=True)
+class Exported:
+    """Files of one artifact variant (main model file first) and what produced them."""
+
+    files: tuple[Path, ...]
+    record: dict
+
+
+class Exporter:
+    """Base of the ONNX, OpenVINO and TFLite exporters (see the module docstring)."""
+
+    format: str = ""
+    runtime: str = ""
+    suffixes: tuple[str, ...] = ()
+    io_dtypes: tuple[str, ...] = ("float32",)
+
+    def export(self, plan: StagePlan, workdir: Path, inputs: StageInputs, options: BuildOptions) -> Exported:
+        raise NotImplementedError
+
+    def signature(self, files: Sequence[Path]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        raise NotImplementedError
+
+    def quantize(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
+                 options: BuildOptions) -> Exported:
+        raise NotImplementedError
+
+    supports_fp16: bool = False
+
+    def fp16(self, plan: StagePlan, fp32: Exported, workdir: Path, example: np.ndarray,
+             options: BuildOptions) -> Exported:
+        """The float model with fp16 weights (formats with ``supports_fp16``)."""
+        raise ConversionError(f"{self.format} artifacts have no fp16 variant")
+
+    def wants_fp16(self, options: BuildOptions) -> bool:
+        return self.supports_fp16 and options.fp16
+
+    def target(self, files: Sequence[Path], options: BuildOptions) -> dict | None:
+        """A device-target record for the manifest (e.g. the OpenVINO NPU preset), or None."""
+        return None
+
+    def load_options(self, threads: int) -> LoadOptions:
+        return LoadOptions(threads=threads)
+
+    def open(self, plan: StagePlan, files: Sequence[Path], threads: int = 1) -> Any:
+        """The exported model on this format's runtime, opened by the runtime's own adapter."""
+        opener = RUNTIMES[self.runtime].opener()
+        return opener(list(files), StageIO(plan.input_name, tuple(plan.output_names)), self.load_options(threads))
+
+    def run(self, plan: StagePlan, files: Sequence[Path], x: np.ndarray, threads: int = 1,
+            batch: int = 64) -> dict[str, np.ndarray]:
+        """The exported model's outputs on ``x``, in batches."""
+        session = self.open(plan, files, threads)
+        parts = [session.run(np.ascontiguousarray(x[i:i + batch])) for i in range(0, len(x), batch)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def verify(self, plan: StagePlan, exported: Exported, inputs: np.ndarray, tolerance: float,
+               threads: int = 1) -> dict:
+        """Compare the exported model with the source model on ``inputs``.
+
+        Returns ``{"max_abs_diff": {output: value}, "top1_agreement": fraction, "n": count,
+        "tolerance": t, "runtime": name}``; raises :class:`VerificationError` when an output's
+        shape differs or a value differs by more than ``tolerance`` relative to the output's
+        largest magnitude.
+        """
+        expected = plan.outputs(inputs)
+        got = self.run(plan, exported.files, inputs, threads)
+        diffs = {}
+        for name in plan.output_names:
+            e, g = expected[name], got[name]
+            if e.shape != g.shape:
+                raise VerificationError(f"stage {plan.name} ({self.format}): output {name!r} has shape {g.shape} on "
+                                        f"{self.runtime}, {e.shape} in {plan.framework}")
+            diff = float(np.abs(e - g).max())
+            diffs[name] = diff
+            if diff > tolerance * max(1.0, float(np.abs(e).max())):
+                raise VerificationError(
+                    f"stage {plan.name} ({self.format}): output {name!r} differs from {plan.framework} by {diff:.3g} "
+                    f"(tolerance {tolerance:g} relative); the exporter did not reproduce this stage faithfully")
+        agreement = float((expected["logits"].argmax(1) == got["logits"].argmax(1)).mean())
+        return {"max_abs_diff": diffs, "top1_agreement": agreement, "n": int(len(inputs)), "tolerance": tolerance,
+                "runtime": self.runtime}
+
+    def agreement(self, plan: StagePlan, a: Exported, b: Exported, inputs: np.ndarray, threads: int = 1) -> float:
+        """Fraction of ``inputs`` on which the two exported models' ``logits`` argmax agree."""
+        la = self.run(plan, a.files, inputs, threads)["logits"]
+        lb = self.run(plan, b.files, inputs, threads)["logits"]
+        return float((la.argmax(1) == lb.argmax(1)).mean())
+
+
+def check_signature(exporter: Exporter, plan: StagePlan, exported: Exported, integer_io: bool = False) -> None:
+    """Raise :class:`ConversionError` naming every way the model's declared inputs/outputs differ from the stage's."""
+    where = f"stage {plan.name}: the exported {exporter.format} model ({exported.files[0].name})"
+    try:
+        inputs, outputs = exporter.signature(exported.files)
+    except Exception as exc:  # each format's reader raises its own types for an unreadable model
+        raise ConversionError(f"{where} cannot be read back by {exporter.runtime}: {exc}") from exc
+    dtypes = ("int8",) if integer_io else exporter.io_dtypes
+    problems = []
+    if [t.name for t in inputs] != [plan.input_name]:
+        problems.append(f"declares inputs {[t.name for t in inputs]}, the stage has one input {plan.input_name!r} "
+                        "(constants the converter turned into graph inputs, e.g. normalisation layers, show up here)")
+    if sorted(t.name for t in outputs) != sorted(plan.output_names):
+        problems.append(f"declares outputs {[t.name for t in outputs]}, the stage has {plan.output_names}")
+    for t in [*inputs, *outputs]:
+        if t.dtype not in dtypes:
+            problems.append(f"tensor {t.name!r} has element type {t.dtype}, expected {' or '.join(dtypes)}")
+    if problems:
+        raise ConversionError(f"{where} " + "; ".join(problems))
+
+
+def keep_int8(record: dict, agreement: float, images: int, options: BuildOptions) -> bool:
+    """The accuracy-aware fallback shared by every exporter: record the INT8 model's top-1
+    agreement with the float model in ``record`` and say whether it reaches ``options.int8_tolerance``."""
+    kept = agreement >= options.int8_tolerance
+    record.update(agreement_with_fp32=agreement, agreement_images=int(images), tolerance=options.int8_tolerance,
+                  kept_fp32=not kept)
+    return kept
+
+
+def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: StageInputs,
+                 options: BuildOptions) -> tuple[dict, dict[str, Path]]:
+    """The pipeline for one stage and one format: returns the manifest artifact and ``{bundle path: file}``."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    example = np.ascontiguousarray(inputs.verify[:1])
+    fp32 = exporter.export(plan, workdir, inputs, options)
+    check_signature(exporter, plan, fp32)
+    verification = exporter.verify(plan, fp32, inputs.verify, options.verify_tolerance, options.threads)
+    verification["conversion"] = fp32.record
+    artifact: dict[str, Any] = {"precision": "fp32", "verification": verification}
+    reference = chosen = fp32
+    if exporter.wants_fp16(options):
+        half = exporter.fp16(plan, fp32, workdir, example, options)
+        check_signature(exporter, plan, half)
+        tolerance = max(options.verify_tolerance, FP16_TOLERANCE)
+        verification16 = exporter.verify(plan, half, inputs.verify, tolerance, options.threads)
+        verification16.update(conversion=fp32.record, fp16=half.record, fp32_max_abs_diff=verification["max_abs_diff"])
+        artifact.update(precision="fp16", verification=verification16)
+        reference = chosen = half
+    if options.int8:
+        quantized = exporter.quantize(plan, fp32, workdir, inputs, options)
+        check_signature(exporter, plan, quantized, integer_io=options.int8_io and exporter.format == "tflite")
+        record = dict(quantized.record)
+        agreement = exporter.agreement(plan, reference, quantized, inputs.agree, options.threads)
+        kept = keep_int8(record, agreement, len(inputs.agree), options)
+        if reference is not fp32:
+            record["float_reference"] = "fp16 weights"
+        artifact["quantization"] = record
+        if kept:
+            artifact["precision"], chosen = "int8", quantized
+    target = exporter.target(chosen.files, options)
+    if target is not None:
+        artifact["target"] = target
+    rels = [f"{exporter.format}/{plan.name}{suffix}" for suffix in exporter.suffixes]
+    artifact["files"] = [{"path": rel} for rel in rels]
+    return artifact, dict(zip(rels, chosen.files))
+
+
+EXPORTERS: dict[str, tuple[str, str, str]] = {
+    "onnx": ("stagewise.converters.onnx_export", "OnnxExporter", "onnxruntime"),
+    "openvino": ("stagewise.converters.openvino_export", "OpenVinoExporter", "openvino-convert"),
+    "tflite": ("stagewise.converters.tflite_export", "TFLiteExporter", "tflite"),
+}
+"""Artifact formats: exporter module, class and the ``stagewise[...]`` extra with its tools."""
+
+
+def exporter(artifact_format: str) -> Exporter:
+    """The exporter of ``artifact_format``, imported on first use (converting to ONNX never imports OpenVINO)."""
+    if artifact_format not in EXPORTERS:
+        raise ConversionError(f"unknown artifact format {artifact_format!r}; choose from {', '.join(EXPORTERS)}")
+    module, name, extra = EXPORTERS[artifact_format]
+    try:
+        return getattr(importlib.import_module(module), name)()
+    except ImportError as exc:
+        raise ConversionError(f"exporting {artifact_format!r} artifacts needs {exc.name or 'a package'}, which is not "
+                              f'installed; install it with pip install "stagewise[{extra}]"') from exc

@@ -1,0 +1,62 @@
+"""The choices of a conversion that reach the export pipeline and the build."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stagewise.calibration import DEFAULT_DROPS
+from stagewise.errors import ConversionError
+
+OPENVINO_ROUTES = ("auto", "onnx", "native", "best")
+OPENVINO_PRESETS = ("performance", "mixed")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Choices of a conversion. Drops are fractions of top-1 (0.005 = half a point).
+
+    ``formats``: artifact formats the bundle carries (the first is calibrated on). ``int8``:
+    post-training INT8, kept per stage only when its top-1 agreement with the float model on
+    real stage inputs reaches ``int8_tolerance``. ``fp16``: OpenVINO and TFLite artifacts store
+    fp16 weights. ``npu``: OpenVINO NPU preset (static batch-1 shapes, fp16 weights, NPU INT8
+    scheme). ``int8_io``: TFLite INT8 models take and return int8 tensors (integer-only NPUs).
+    ``openvino_route``: how OpenVINO reads a stage — ``auto`` (the source's measured best: ONNX
+    for torch, the SavedModel for Keras), ``onnx``, ``native`` (from the framework model) or
+    ``best`` (both, keep the one closer to the source). ``openvino_preset``: NNCF preset
+    (``performance``: symmetric activations, ``mixed``: asymmetric). ``goal``/``calibration``:
+    a :class:`stagewise.calibration.Goal` and ``Settings`` (default: the ``default_drop`` point
+    with ``target_drops`` on the front); ``labelled=False`` calibrates against the full model's
+    own answers.
+    """
+
+    formats: tuple[str, ...] = ("onnx",)
+    int8: bool = False
+    int8_tolerance: float = 0.98
+    quantization_images: int = 256
+    target_drops: tuple[float, ...] = DEFAULT_DROPS
+    default_drop: float = 0.005
+    threads: int = 1
+    profile_images: int = 40
+    verify_tolerance: float = 1e-3
+    overwrite: bool = False
+    seed: int = 0
+    fp16: bool = False
+    npu: bool = False
+    int8_io: bool = False
+    openvino_route: str = "auto"
+    openvino_preset: str = "performance"
+    openvino_weights_per_channel: bool = True
+    goal: Any = None
+    calibration: Any = None
+    labelled: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.formats:
+            raise ConversionError("name at least one artifact format: onnx, openvino or tflite")
+        if self.openvino_route not in OPENVINO_ROUTES:
+            raise ConversionError(f"unknown OpenVINO route {self.openvino_route!r}; choose from {', '.join(OPENVINO_ROUTES)}")
+        if self.openvino_preset not in OPENVINO_PRESETS:
+            raise ConversionError(f"unknown NNCF preset {self.openvino_preset!r}; choose from {', '.join(OPENVINO_PRESETS)}")
+        if not 0.0 <= self.int8_tolerance <= 1.0:
+            raise ConversionError(f"int8_tolerance is a fraction of agreeing images in [0, 1], got {self.int8_tolerance}")

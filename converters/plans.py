@@ -1,0 +1,152 @@
+"""Stage plans: what the export pipeline converts, for early exits and cascades, from any source.
+
+An early-exit plan cuts one network after named cut points and attaches a trained exit head
+to every segment but the last; a cascade plan makes one stage of each model, cheapest first,
+each reading the image at its own size. Both are written once against the
+:class:`~stagewise.converters.source.SourceAdapter` interface, so torch and Keras models go
+through the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from stagewise.datasets import ImageSet
+from stagewise.errors import ConversionError
+from stagewise.images import Preprocess
+from stagewise.progress import progress_bar
+
+from .heads import HeadTraining, LinearHead, train_head
+from .source import SourceAdapter, source_named, source_of
+
+
+@dataclass
+class StagePlan:
+    """One stage ready for export: a model from its input tensor to its outputs.
+
+    ``module`` returns ``logits`` or, when ``has_carry``, ``(carry, logits)``. ``source`` is
+    the manifest's stage input without the tensor name: ``{"source": "image", "size": [h, w]}``
+    or ``{"source": "carry", "from": <earlier stage name>}``. ``framework`` names the source
+    adapter that runs and exports ``module`` (``"torch"`` or ``"keras"``).
+    """
+
+    name: str
+    module: Any
+    source: dict
+    has_carry: bool
+    exit: dict
+    macs: int
+    params: int
+    head: dict | None = None
+    framework: str = "torch"
+
+    @property
+    def input_name(self) -> str:
+        # not "carry": a middle early-exit stage also *outputs* "carry", and ONNX (whose exporter then
+        # silently renames the input to "carry.1") and OpenVINO need distinct tensor names
+        return "image" if self.source["source"] == "image" else "carry_in"
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["carry", "logits"] if self.has_carry else ["logits"]
+
+    @property
+    def adapter(self) -> SourceAdapter:
+        return source_named(self.framework)
+
+    def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The source model's outputs by name on the stage input ``x``."""
+        return dict(zip(self.output_names, self.adapter.run(self.module, x)))
+
+
+def exit_rule(score: str, combine: str = "own") -> dict:
+    """A stage's exit rule as the manifest records it before calibration fits a temperature."""
+    return {"score": score, "temperature": 1.0, "combine": combine}
+
+
+def segment_features(source: SourceAdapter, segments: Sequence[Any], preprocess: Preprocess, size: tuple[int, int],
+                     images: ImageSet, batch: int = 128) -> tuple[list[np.ndarray], np.ndarray]:
+    """Pooled carry features after every segment but the last, and the last segment's outputs, for ``images``."""
+    feats: list[list[np.ndarray]] = [[] for _ in segments[:-1]]
+    final = []
+    for i in progress_bar(range(0, len(images), batch), "backbone features for exit heads"):
+        x = preprocess.tensor([images.image(j) for j in range(i, min(i + batch, len(images)))], size)
+        for k, segment in enumerate(segments):
+            x = source.run(segment, x)[0]
+            if k < len(segments) - 1:
+                feats[k].append(source.pool(x))
+        final.append(x)
+    return [np.concatenate(f) for f in feats], np.concatenate(final)
+
+
+def plans_with_heads(source: SourceAdapter, segments: Sequence[Any], cuts: Sequence[str], size: tuple[int, int],
+                     heads: Sequence[LinearHead | None], records: Sequence[dict | None], score: str) -> list[StagePlan]:
+    """Plans for consecutive ``segments`` (cut after ``cuts``), segment k ending in ``heads[k]``.
+
+    Every segment but the last gets an exit head and passes its carry on; the last keeps the
+    network's own output when ``heads[-1]`` is None, or ends in that head.
+    """
+    names = [f"exit{k}" for k in range(len(segments) - 1)] + ["final"]
+    shape = (1, 3, *size) if source.layout == "NCHW" else (1, *size, 3)
+    x = np.zeros(shape, np.float32)
+    plans = []
+    for k, (segment, head, record) in enumerate(zip(segments, heads, records)):
+        last = k == len(segments) - 1
+        module = (source.final_stage(segment, head, names[k]) if last
+                  else source.exit_stage(segment, head, names[k]))
+        if record is not None and k < len(cuts):
+            record = dict(record, after=cuts[k])
+        stage_input = {"source": "image", "size": list(size)} if k == 0 else {"source": "carry", "from": names[k - 1]}
+        plans.append(StagePlan(name=names[k], module=module, source=stage_input, has_carry=not last,
+                               exit=exit_rule(score), macs=source.macs(module, x.shape), params=source.params(module),
+                               head=record, framework=source.framework))
+        x = source.run(module, x)[0]
+    return plans
+
+
+def early_exit_plans(model: Any, cuts: Sequence[str], preprocess: Preprocess, size: tuple[int, int],
+                     head_images: ImageSet, training: HeadTraining = HeadTraining(),
+                     score: str = "max_softmax") -> list[StagePlan]:
+    """Stages of ``model`` cut after ``cuts``, each non-final one with a trained exit head.
+
+    Heads are trained on ``head_images`` with the backbone frozen (:func:`~.heads.train_head`:
+    labels plus distillation from the network's own final softmax, or Savchenko's L2 head).
+    """
+    if not cuts:
+        raise ConversionError("an early-exit conversion needs at least one cut point (see `stagewise cuts MODEL`)")
+    source = source_of(model)
+    model = source.prepare(model)
+    source.check_image_size(model, size)
+    segments = source.split(model, cuts)
+    feats, teacher = segment_features(source, segments, preprocess, size, head_images)
+    targets = np.asarray(head_images.labels)
+    trained = [train_head(f, targets, teacher, training) for f in feats]
+    heads = [h for h, _ in trained] + [None]
+    records = [r for _, r in trained] + [None]
+    return plans_with_heads(source, segments, cuts, size, heads, records, score)
+
+
+def cascade_plans(models: Sequence[tuple[str, Any, tuple[int, int]]], combine: str = "own",
+                  score: str = "max_softmax") -> list[StagePlan]:
+    """One stage per ``(name, model, (height, width))``, in order of increasing cost.
+
+    With ``combine="mean_probs"`` every stage after the first decides on the mean of its own
+    and the earlier stages' probabilities, so earlier work is not wasted.
+    """
+    sources = {source_of(model).framework for _, model, _ in models}
+    if len(sources) != 1:
+        raise ConversionError("the stages of a cascade must all be torch models or all Keras models")
+    plans = []
+    for k, (name, model, size) in enumerate(models):
+        source = source_of(model)
+        model = source.prepare(model)
+        source.check_image_size(model, size)
+        shape = (1, 3, *size) if source.layout == "NCHW" else (1, *size, 3)
+        plans.append(StagePlan(name=name, module=model, source={"source": "image", "size": list(size)},
+                               has_carry=False, exit=exit_rule(score, combine if k else "own"),
+                               macs=source.macs(model, shape), params=source.params(model),
+                               framework=source.framework))
+    return plans

@@ -1,0 +1,120 @@
+"""The source-adapter interface: what the converter needs from a training framework.
+
+Two adapters implement it, :class:`~stagewise.converters.torch_source.TorchSource` and
+:class:`~stagewise.converters.keras_source.KerasSource`; everything above them (stage plans,
+exit heads, the export pipeline, the build) is written once against this interface. Adapters
+are imported on first use, so a Keras user never imports torch and a torch user never imports
+TensorFlow.
+
+An adapter promises:
+
+* ``cut_points(model, size)``: every candidate cut as a :class:`CutPoint`, in graph order,
+  without needing any data (one forward pass on a zero image of ``size``);
+* ``split(model, cuts)``: segments between consecutive cuts (composing them gives the model);
+* ``exit_stage(segment, head, name)`` / ``final_stage(segment, head, name)``: a segment with a
+  :class:`~stagewise.converters.heads.LinearHead` attached, returning ``(carry, logits)`` or
+  ``logits``;
+* ``run(module, x)``: a stage module's outputs, in order, on a numpy batch (inference mode);
+* ``pool(carry)``: the pooled features a head sees, by the carry's layout;
+* ``macs``/``params``: static costs; ``version()``;
+* frontends used by the exporters: ``export_onnx``, ``export_openvino`` (an ``ov.Model``),
+  ``export_tflite``; optional ``tflite_int8``/``tflite_fp16`` when the framework has its own
+  TFLite quantizer (otherwise the AI Edge Quantizer works on the float ``.tflite``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from stagewise.errors import ConversionError
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """A place after which a model can be cut (in the style of timm's ``feature_info``).
+
+    ``name`` is the module (torch) or layer (Keras) whose output crosses the cut; ``shape`` is
+    that output's shape for one image (without the batch axis); ``channels`` its channel count;
+    ``reduction`` the input size divided by the output's spatial size (None for token or flat
+    outputs); ``macs`` the multiply-accumulates from the input up to and including this point;
+    ``single_tensor`` whether only this one tensor crosses the cut (only such cuts are valid).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    channels: int
+    reduction: int | None
+    macs: int
+    single_tensor: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SourceAdapter(Protocol):
+    """What a training framework provides to the converter (see the module docstring)."""
+
+    framework: str
+    layout: str
+
+    def version(self) -> str: ...
+
+    def accepts(self, model: Any) -> bool: ...
+
+    def prepare(self, model: Any) -> Any: ...
+
+    def check_image_size(self, model: Any, size: tuple[int, int]) -> None: ...
+
+    def cut_points(self, model: Any, size: tuple[int, int]) -> list[CutPoint]: ...
+
+    def split(self, model: Any, cuts: Sequence[str]) -> list[Any]: ...
+
+    def exit_stage(self, segment: Any, head: Any, name: str) -> Any: ...
+
+    def final_stage(self, segment: Any, head: Any | None, name: str) -> Any: ...
+
+    def run(self, module: Any, x: np.ndarray) -> list[np.ndarray]: ...
+
+    def pool(self, carry: np.ndarray) -> np.ndarray: ...
+
+    def macs(self, module: Any, input_shape: Sequence[int]) -> int: ...
+
+    def params(self, module: Any) -> int: ...
+
+
+SOURCES: dict[str, tuple[str, str, str]] = {
+    "torch": ("stagewise.converters.torch_source", "TorchSource", "torch"),
+    "keras": ("stagewise.converters.keras_source", "KerasSource", "keras"),
+}
+"""Source frameworks: adapter module, class and the ``stagewise[...]`` extra that installs it."""
+
+
+def source_named(framework: str) -> SourceAdapter:
+    """The adapter of ``framework`` (``"torch"`` or ``"keras"``), imported on first use."""
+    if framework not in SOURCES:
+        raise ConversionError(f"unknown source framework {framework!r}; choose from {', '.join(SOURCES)}")
+    module, name, extra = SOURCES[framework]
+    try:
+        return getattr(importlib.import_module(module), name)()
+    except ImportError as exc:
+        raise ConversionError(f"{framework} source models need {exc.name or 'a package'}, which is not installed; "
+                              f'install it with pip install "stagewise[{extra}]"') from exc
+
+
+def source_of(model: Any) -> SourceAdapter:
+    """The adapter for ``model``: a ``torch.nn.Module`` or a ``keras.Model``.
+
+    Decided from the frameworks already imported (whoever built the model imported them), so
+    asking never imports a framework the model does not come from.
+    """
+    if "keras" in sys.modules and isinstance(model, sys.modules["keras"].Model):
+        return source_named("keras")
+    if "torch" in sys.modules and isinstance(model, sys.modules["torch"].nn.Module):
+        return source_named("torch")
+    raise ConversionError(f"the model is a {type(model).__module__}.{type(model).__name__}; stagewise converts "
+                          "torch.nn.Module and keras.Model classifiers")
