@@ -40,7 +40,7 @@ CONFIGS = {
 def one_draw(logits, labels, costs, cal_idx, held_idx, risk: str, eps: float, delta: float, seed: int) -> dict:
     from stagewise.calibration import ExitTable, Goal, Settings, calibrate_stages
     from stagewise.exits import all_stage_scores, stage_probabilities
-    from stagewise.risk import loss_matrix
+    from stagewise.calibration.risk import loss_matrix
 
     k = len(costs)
     exits = [{"score": "max_softmax", "temperature": 1.0, "combine": "own"} for _ in range(k)]

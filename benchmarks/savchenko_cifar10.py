@@ -110,7 +110,7 @@ def main() -> None:
     from stagewise.converters.zoo import efficientnet_lite0
     from stagewise.runtimes import load
     from stagewise.runtimes.bench import round_robin, summarize
-    from stagewise.runtimes.calibrate import rewrite_manifest
+    from stagewise.bundle import update_manifest as rewrite_manifest
     from stagewise.runtimes.profiling import measure_stage_latency, record_profile
 
     torch.set_num_threads(args.threads)

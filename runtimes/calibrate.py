@@ -4,24 +4,22 @@ Used by the converters (right after export, on the real runtime) and by ``stagew
 on an existing bundle, without reconverting. The statistics live in
 :func:`stagewise.calibration.calibrate_stages`; this module runs the stages, measures their
 latency on this device, writes learned exit-score models into the bundle and rewrites the
-manifest atomically.
+manifest atomically (:func:`stagewise.bundle.update_manifest`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-import tarfile
-import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from stagewise.calibration import DEFAULT_DROPS, Calibration, ExitTable, Goal, Settings, calibrate_stages
-from stagewise.datasets import IMAGE_SUFFIXES, ImageSet, open_image_set
-from stagewise.errors import CalibrationError, DatasetError
+from stagewise.bundle import update_manifest
+from stagewise.datasets import open_image_set
+from stagewise.errors import CalibrationError
 from stagewise.exits import load_exit_model
 
 from .executor import Cascade
@@ -30,11 +28,11 @@ from .profiling import measure_stage_latency, record_profile
 EXIT_MODEL_DIR = "exits"
 
 
-def exit_table(cascade: Cascade, images: Sequence[np.ndarray], labels: np.ndarray, stage_costs: np.ndarray) -> ExitTable:
-    """Scores and correctness of every stage of ``cascade`` on ``images``, with the given stage costs."""
+def exit_table(cascade: Cascade, images: Sequence[np.ndarray], targets: np.ndarray, stage_costs: np.ndarray) -> ExitTable:
+    """Scores and correctness (against ``targets``) of every stage of ``cascade`` on ``images``, with the given stage costs."""
     specs = [s["exit"] for s in cascade.bundle.manifest["stages"]]
     models = [load_exit_model(cascade.bundle.root, e) for e in specs]
-    return ExitTable.from_logits(cascade.stage_logits(images), np.asarray(labels), stage_costs,
+    return ExitTable.from_logits(cascade.stage_logits(images), np.asarray(targets), stage_costs,
                                  [e["score"] for e in specs], [e["temperature"] for e in specs],
                                  [e.get("combine", "own") for e in specs], models)
 
@@ -71,7 +69,7 @@ def apply_calibration(manifest: dict, result: Calibration, root: Path, files: di
     return manifest
 
 
-def calibrate_manifest(cascade: Cascade, manifest: dict, images: Sequence[np.ndarray], labels: np.ndarray | None,
+def calibrate_manifest(cascade: Cascade, manifest: dict, images: Sequence[np.ndarray], targets: np.ndarray | None,
                        origin: str, default_drop: float | None = None, default_budget_ms: float | None = None,
                        target_drops: Sequence[float] = DEFAULT_DROPS, seed: int = 0, profile_images: int = 40,
                        goal: Goal | None = None, settings: Settings | None = None,
@@ -80,7 +78,8 @@ def calibrate_manifest(cascade: Cascade, manifest: dict, images: Sequence[np.nda
 
     The default operating point follows ``goal`` (see :class:`~stagewise.calibration.Goal`), or
     for compatibility ``default_drop`` (a fraction) / ``default_budget_ms``; without any, ``full``.
-    ``labels=None`` calibrates against the full model's own answers. Learned exit-score models
+    ``targets`` are the images' integer labels; ``None`` calibrates against the full model's own
+    answers. Learned exit-score models
     are written under ``model_root`` (default: the loaded bundle's folder) and, when ``files``
     is given, added to it (``{bundle path: local file}``, as :func:`~stagewise.bundle.write_bundle` takes).
     """
@@ -97,38 +96,10 @@ def calibrate_manifest(cascade: Cascade, manifest: dict, images: Sequence[np.nda
     current = [dict(s["exit"]) for s in manifest["stages"]]
     logits = cascade.stage_logits(images)
     result = calibrate_stages(logits, current, np.array([s["p50"] for s in stats]),
-                              None if labels is None else np.asarray(labels), goal, settings, cost_unit="ms")
+                              None if targets is None else np.asarray(targets), goal, settings, cost_unit="ms")
     manifest = apply_calibration(manifest, result, Path(model_root or cascade.bundle.root), files)
     manifest["calibration"].update(cost=f"latency_ms:{profile}", data=origin)
     return manifest
-
-
-def unlabelled_images(path: str | Path) -> ImageSet:
-    """Every image under a folder or in an archive, labels ignored (label-free calibration).
-
-    Class folders or a ``labels.tsv`` are fine too; their labels are simply not used.
-    """
-    try:
-        found = open_image_set(path)
-        return ImageSet(found.sources, np.zeros(len(found), dtype=np.int64), ("unlabelled",), found.origin)
-    except DatasetError as exc:
-        if "no images" in str(exc) or "not found" in str(exc):
-            raise
-    path = Path(path)
-    sources: list[Path | bytes] = []
-    if path.is_dir():
-        sources = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    elif path.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
-        with tarfile.open(path) as tar:
-            for member in sorted(tar.getmembers(), key=lambda m: m.name):
-                if member.isfile() and PurePosixPath(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                    sources.append(tar.extractfile(member).read())
-    elif path.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(path) as zf:
-            sources = [zf.read(n) for n in sorted(zf.namelist()) if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES]
-    if not sources:
-        raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    return ImageSet(tuple(sources), np.zeros(len(sources), dtype=np.int64), ("unlabelled",), str(path))
 
 
 def recalibrate(bundle: str | Path, data: str | Path, backend: str = "auto", threads: int | None = 1,
@@ -153,7 +124,7 @@ def recalibrate(bundle: str | Path, data: str | Path, backend: str = "auto", thr
     if kind == "risk" and risk_kind == "error_increase" and not labels:
         raise CalibrationError("bounding the error increase needs labels; without labels use the disagreement risk")
     goal = Goal(kind, value / 100 if kind == "drop" else value, delta, risk_kind)
-    images = open_image_set(data) if labels else unlabelled_images(data)
+    images = open_image_set(data, labelled=labels)
     if limit and limit < len(images):
         images = images.subset(np.sort(np.random.default_rng(0).choice(len(images), limit, replace=False)))
     frames = [images.image(i) for i in range(len(images))]
@@ -162,43 +133,4 @@ def recalibrate(bundle: str | Path, data: str | Path, backend: str = "auto", thr
         def change(manifest: dict, root: Path) -> dict:
             return calibrate_manifest(cascade, manifest, frames, images.labels if labels else None, images.origin,
                                       goal=goal, settings=settings or Settings(), model_root=root)
-        manifest = rewrite_manifest(bundle, change)
-    return manifest
-
-
-def rewrite_manifest(path: str | Path, change) -> dict:
-    """Atomically rewrite a bundle's manifest with ``change(manifest, root) -> manifest``.
-
-    ``change`` may add files under ``root`` (learned exit-score models) and name them in the
-    manifest with their sha256. A directory bundle gets the new files in place under new
-    (content-addressed) names, so the old manifest stays valid until the new one replaces it;
-    files no longer named are removed afterwards. A ``.swb`` is repacked and swapped atomically.
-    """
-    from stagewise.bundle import artifact_files, read_bundle, update_manifest, write_bundle
-
-    path = Path(path)
-    if path.is_dir():
-        try:
-            manifest = update_manifest(path, lambda m: change(m, path))
-        except BaseException:
-            _remove_unused_exit_models(path, json.loads((path / "manifest.json").read_text()))
-            raise
-        _remove_unused_exit_models(path, manifest)
-        return manifest
-    opened = read_bundle(path)
-    try:
-        manifest = change(json.loads(json.dumps(opened.manifest)), opened.root)
-        files = {e["path"]: opened.root / e["path"] for e in artifact_files(manifest)}
-        write_bundle(path, manifest, files, overwrite=True)
-    finally:
-        opened.close()
-    return manifest
-
-
-def _remove_unused_exit_models(bundle: Path, manifest: dict) -> None:
-    used = {s["exit"]["model"]["path"] for s in manifest["stages"] if "model" in s["exit"]}
-    folder = bundle / EXIT_MODEL_DIR
-    if folder.is_dir():
-        for f in folder.glob("*.npz"):
-            if f"{EXIT_MODEL_DIR}/{f.name}" not in used:
-                f.unlink(missing_ok=True)
+        return update_manifest(bundle, change)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jsonschema
 
@@ -168,8 +168,12 @@ def _read_manifest(root: Path, origin: Path) -> dict:
 
 def verify_files(root: Path, manifest: dict) -> None:
     """Check that every named file exists inside ``root`` with its recorded sha256."""
+    _verify_entries(root, artifact_files(manifest))
+
+
+def _verify_entries(root: Path, entries: Iterable[dict]) -> None:
     resolved_root = root.resolve()
-    for entry in artifact_files(manifest):
+    for entry in entries:
         file = (root / entry["path"]).resolve()
         if resolved_root not in file.parents:
             raise UnsafeArchiveError(f"manifest names {entry['path']!r}, which lies outside the bundle")
@@ -261,24 +265,60 @@ def pack(bundle_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     return write_bundle(out, bundle.manifest, files, overwrite=overwrite)
 
 
-def update_manifest(path: str | Path, change: Callable[[dict], dict]) -> dict:
-    """Rewrite a bundle's manifest atomically with ``change(manifest) -> manifest``.
+def update_manifest(path: str | Path, change: Callable[[dict, Path], dict]) -> dict:
+    """Rewrite a bundle's manifest atomically with ``change(manifest, root) -> manifest``.
 
-    The model files are verified first and are not modified; the new manifest is validated
-    before it replaces the old one.
+    The bundle's files are verified first. ``change`` gets a copy of the manifest and ``root``, the
+    folder holding the bundle's files (the bundle directory itself, or where a ``.swb`` is
+    unpacked); it may add files under ``root`` and name them in the manifest with their sha256
+    and size, but must not modify a file the current manifest names (new content gets a new,
+    e.g. content-addressed, name). The new manifest is validated and every file it adds verified
+    before it replaces the old one: a bundle directory gets it with one rename (the old manifest
+    stays valid until then), a ``.swb`` is repacked and swapped. Afterwards the files the new
+    manifest no longer names, and files ``change`` added without naming them, are removed. On any
+    error the bundle is left as it was.
     """
     path = Path(path)
     bundle = read_bundle(path)
+    root = bundle.root
     try:
-        manifest = change(json.loads(json.dumps(bundle.manifest)))
-        validate_manifest(manifest)
+        before = _file_tree(root)
+        old_entries = {(e["path"], e["sha256"]) for e in artifact_files(bundle.manifest)}
+        try:
+            manifest = change(json.loads(json.dumps(bundle.manifest)), root)
+            validate_manifest(manifest)
+            _verify_entries(root, (e for e in artifact_files(manifest) if (e["path"], e["sha256"]) not in old_entries))
+            if path.is_dir():
+                tmp = path / f".{MANIFEST}.part"
+                tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+                os.replace(tmp, path / MANIFEST)
+            else:
+                files = {e["path"]: root / e["path"] for e in artifact_files(manifest)}
+                write_bundle(path, manifest, files, overwrite=True)
+        except BaseException:
+            if path.is_dir():
+                _remove_files(root, _file_tree(root) - before)
+            raise
         if path.is_dir():
-            tmp = path / f".{MANIFEST}.part"
-            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-            os.replace(tmp, path / MANIFEST)
-        else:
-            files = {e["path"]: bundle.root / e["path"] for e in artifact_files(manifest)}
-            write_bundle(path, manifest, files, overwrite=True)
+            named = {e["path"] for e in artifact_files(manifest)}
+            unnamed = ({p for p, _ in old_entries} | (_file_tree(root) - before)) - named
+            _remove_files(root, unnamed)
     finally:
         bundle.close()
     return manifest
+
+
+def _file_tree(root: Path) -> set[str]:
+    """Every file under ``root``, as a path relative to it."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _remove_files(root: Path, relative: Iterable[str]) -> None:
+    """Delete files under ``root`` and the folders that this leaves empty (never ``root`` itself)."""
+    for rel in sorted(relative):
+        file = root / rel
+        file.unlink(missing_ok=True)
+        folder = file.parent
+        while folder != root and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent

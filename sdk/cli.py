@@ -346,7 +346,7 @@ def profile(bundle, data, backend, device, threads, count, repeats, name, dry_ru
         if dry_run:
             store(json.loads(json.dumps(cascade.bundle.manifest)))
         else:
-            update_manifest(bundle, store)
+            update_manifest(bundle, lambda manifest, _root: store(manifest))
         stage_names = cascade.stage_names
     if as_json:
         click.echo(json.dumps({"profile": profile_id, "stages": dict(zip(stage_names, stats)), **extra}, indent=2))

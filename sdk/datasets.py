@@ -1,12 +1,13 @@
-"""Labelled image sets read from a folder or an archive, and seeded stratified splits.
+"""Image sets read from a folder or an archive, and seeded stratified splits.
 
-Two layouts are understood, inside a directory or a ``.tar``/``.tar.gz``/``.zip`` archive
+Two labelled layouts are understood, inside a directory or a ``.tar``/``.tar.gz``/``.zip`` archive
 (optionally below one top-level folder):
 
 * class folders: ``<class>/<image>.jpg`` — classes are the sorted folder names;
 * a ``labels.tsv`` with columns ``index  wnid  name  file`` (the ImageNet sample layout):
   class ``index`` is the label, ``name`` the class name, ``file`` relative to the tsv.
 
+Without labels (``open_image_set(path, labelled=False)``) any layout works, a flat folder too.
 Images are decoded on demand with Pillow; nothing is downloaded.
 """
 
@@ -104,28 +105,46 @@ def stratified_indices(labels: np.ndarray, fractions: Sequence[float], seed: int
     return parts
 
 
-def open_image_set(path: str | Path) -> ImageSet:
-    """Read a labelled image set from a directory or an archive (see the module doc)."""
+UNLABELLED = "unlabelled"
+"""The one class name of an image set opened with ``labelled=False``."""
+
+
+def open_image_set(path: str | Path, labelled: bool = True) -> ImageSet:
+    """Read an image set from a directory or an archive (see the module doc).
+
+    With ``labelled=False`` every image under ``path`` is taken in path order, whatever the
+    layout (a flat folder is fine; class folders or a ``labels.tsv`` are not read): every
+    target is 0 and the one class is :data:`UNLABELLED`.
+    """
     path = Path(path)
+    files = _list_files(path)
+    if labelled:
+        return _from_listing(files, str(path))
+    images = sorted(k for k in files if k.lower().endswith(IMAGE_SUFFIXES))
+    if not images:
+        raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return ImageSet(tuple(files[k] for k in images), np.zeros(len(images), dtype=np.int64), (UNLABELLED,), str(path))
+
+
+def _list_files(path: Path) -> dict[str, Path | bytes]:
+    """Every file of a directory (as its path) or of an archive (as its bytes), by relative name."""
     if not path.exists():
         raise DatasetError(f"image data not found: {path}. Give a folder of class sub-folders or an archive of one.")
     if path.is_dir():
-        files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
-        return _from_listing(files, str(path))
+        return {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
     name = path.name.lower()
     if name.endswith((".tar", ".tar.gz", ".tgz")):
         with tarfile.open(path) as tar:
-            files = {}
+            files: dict[str, Path | bytes] = {}
             for member in tar.getmembers():
                 if member.isfile():
                     handle = tar.extractfile(member)
                     if handle is not None:
                         files[member.name] = handle.read()
-        return _from_listing(files, str(path))
+        return files
     if name.endswith(".zip"):
         with zipfile.ZipFile(path) as zf:
-            files = {n: zf.read(n) for n in zf.namelist() if not n.endswith("/")}
-        return _from_listing(files, str(path))
+            return {n: zf.read(n) for n in zf.namelist() if not n.endswith("/")}
     raise DatasetError(f"{path}: not a folder, .tar, .tar.gz or .zip archive of images")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 
@@ -148,20 +149,82 @@ def test_existing_bundle_is_kept_unless_overwrite(tmp_path, files):
 def test_update_manifest_is_atomic(tmp_path, files, suffix):
     out = write_bundle(tmp_path / f"b{suffix}", two_stage_manifest(), files)
 
-    def rename(m):
+    def rename(m, root):
         m["name"] = "renamed"
         return m
 
     update_manifest(out, rename)
     assert read_bundle(out).manifest["name"] == "renamed"
 
-    def break_it(m):
+    def break_it(m, root):
         m["stages"][0]["exit"]["temperature"] = -1
         return m
 
     with pytest.raises(ManifestError, match="stages\\[0\\].exit.temperature"):
         update_manifest(out, break_it)
     assert read_bundle(out).manifest["name"] == "renamed"
+
+
+def _add_exit_model(m: dict, root, content: bytes) -> dict:
+    """Name a new content-addressed file (stage 0's exit-score model) written under ``root``."""
+    digest = hashlib.sha256(content).hexdigest()
+    rel = f"exits/s0-{digest[:12]}.npz"
+    (root / "exits").mkdir(exist_ok=True)
+    (root / rel).write_bytes(content)
+    m["stages"][0]["exit"]["model"] = {"path": rel, "sha256": digest, "bytes": len(content)}
+    return m
+
+
+@pytest.mark.parametrize("suffix", ["", ".swb"])
+def test_update_manifest_adds_files_atomically(tmp_path, files, suffix):
+    out = write_bundle(tmp_path / f"b{suffix}", two_stage_manifest(), files)
+
+    def add(m, root):
+        _add_exit_model(m, root, b"first model")
+        assert "model" not in read_bundle(out).manifest["stages"][0]["exit"]  # the old bundle is still whole
+        return m
+
+    first = update_manifest(out, add)["stages"][0]["exit"]["model"]["path"]
+    bundle = read_bundle(out)
+    assert (bundle.root / first).read_bytes() == b"first model"
+    bundle.close()
+
+    def fail(m, root):
+        _add_exit_model(m, root, b"never named")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        update_manifest(out, fail)
+    bundle = read_bundle(out)
+    assert bundle.manifest["stages"][0]["exit"]["model"]["path"] == first
+    assert sorted(p.relative_to(bundle.root).as_posix() for p in (bundle.root / "exits").iterdir()) == [first]
+    bundle.close()
+
+    def wrong_sha(m, root):
+        _add_exit_model(m, root, b"second model")
+        m["stages"][0]["exit"]["model"]["sha256"] = "0" * 64
+        return m
+
+    with pytest.raises(IntegrityError, match="exits/s0-"):
+        update_manifest(out, wrong_sha)
+    assert read_bundle(out).manifest["stages"][0]["exit"]["model"]["path"] == first
+
+    second = update_manifest(out, lambda m, root: _add_exit_model(m, root, b"second model"))
+    bundle = read_bundle(out)
+    names = sorted(p.relative_to(bundle.root).as_posix() for p in (bundle.root / "exits").iterdir())
+    assert names == [second["stages"][0]["exit"]["model"]["path"]] and first not in names  # the old file is gone
+    bundle.close()
+
+    def drop_model(m, root):
+        del m["stages"][0]["exit"]["model"]
+        return m
+
+    update_manifest(out, drop_model)
+    bundle = read_bundle(out)
+    assert not (bundle.root / "exits").exists()
+    assert sorted(p.relative_to(bundle.root).as_posix() for p in bundle.root.rglob("*") if p.is_file()) == [
+        "m/s0.onnx", "m/s1.onnx", "manifest.json"]
+    bundle.close()
 
 
 def test_pack_directory_to_swb(tmp_path, files):

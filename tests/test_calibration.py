@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from stagewise.calibration import ExitTable, calibrate, pareto
+from stagewise.calibration import ExitTable, Goal, Settings, calibrate_stages, pareto
 from stagewise.errors import CalibrationError
 from stagewise.exits import confidence, softmax, stage_probabilities
 
@@ -88,15 +88,33 @@ def test_front_is_monotone():
     assert pareto(front) == front
 
 
+def synthetic_logits(n=400, classes=4, seed=0) -> tuple[list[np.ndarray], np.ndarray]:
+    """Three stages whose logits carry more of the target with depth."""
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, classes, n)
+    logits = []
+    for signal in (0.8, 1.5, 2.5):
+        z = rng.normal(size=(n, classes))
+        z[np.arange(n), targets] += signal
+        logits.append(z)
+    return logits, targets
+
+
 def test_calibrate_names_points_and_default():
-    table = synthetic_table()
-    points, default = calibrate(table, [0.0, 0.01], [2.0], "ms", default_drop=0.01)
-    names = [p["name"] for p in points]
-    assert names == ["full", "drop-0pt", "drop-1pt", "budget-2ms"] and default == "drop-1pt"
-    for p in points:
+    logits, targets = synthetic_logits()
+    exits = [{"score": "max_softmax", "temperature": 1.0, "combine": "own"} for _ in range(3)]
+    result = calibrate_stages(logits, exits, np.array([1.0, 2.0, 4.0]), targets, Goal("drop", 0.01),
+                              Settings(fit_temperature=False, target_drops=(0.0, 0.01), budgets=(2.0,), front_points=0))
+    names = [p["name"] for p in result.points]
+    assert names == ["full", "drop-0pt", "drop-1pt", "budget-2ms"] and result.default == "drop-1pt"
+    for p in result.points:
         assert p["thresholds"][-1] is None and len(p["thresholds"]) == 3
         assert sum(p["expected"]["exit_rates"]) == pytest.approx(1.0)
-    assert points[2]["expected"]["accuracy"] >= table.full().accuracy - 0.01
+    full = result.table.full().accuracy
+    assert result.points[0]["expected"]["accuracy"] == pytest.approx(full)
+    assert result.points[2]["expected"]["accuracy"] >= full - 0.01
+    assert result.points[2]["expected"]["mean_cost"] < result.points[0]["expected"]["mean_cost"]
+    assert result.points[3]["expected"]["mean_cost"] <= 2.0 + 1e-12
 
 
 def test_exit_scores():

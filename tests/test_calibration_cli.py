@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from conftest import manifest_for, stage_entry
 from stagewise.bundle import read_bundle, write_bundle
 from stagewise.cli import cli
 from stagewise.datasets import open_image_set
+from stagewise.errors import DatasetError
 from stagewise.runtimes import load
 from stagewise.runtimes.calibrate import exit_table
 
@@ -172,6 +174,23 @@ def test_usage_errors(bundle, data):
     assert error_needs_labels.exit_code != 0 and "needs labels" in str(error_needs_labels.exception)
 
 
+def test_open_image_set_without_labels_reads_any_layout(data, tmp_path):
+    labelled, flat = data
+    with tarfile.open(tmp_path / "flat.tar.gz", "w:gz") as tar:
+        tar.add(flat, arcname="photos")
+    from_flat = open_image_set(flat, labelled=False)
+    from_tar = open_image_set(tmp_path / "flat.tar.gz", labelled=False)
+    from_classes = open_image_set(labelled, labelled=False)
+    assert len(from_flat) == len(from_tar) == len(from_classes) == 180
+    assert from_flat.classes == from_classes.classes == ("unlabelled",) and not from_classes.labels.any()
+    np.testing.assert_array_equal(from_flat.image(0), from_tar.image(0))
+    with pytest.raises(DatasetError, match="one folder per class"):
+        open_image_set(flat)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        open_image_set(tmp_path / "empty", labelled=False)
+
+
 def test_label_free_conversion_end_to_end(tmp_path, data):
     """No labels anywhere: heads distilled from the teacher's softmax, thresholds from agreement."""
     pytest.importorskip("torch")
@@ -182,7 +201,7 @@ def test_label_free_conversion_end_to_end(tmp_path, data):
     from stagewise.converters.label_free import MARKER, TEACHER_ONLY, pseudo_labelled
     from stagewise.converters.plans import early_exit_plans
     from stagewise.images import Preprocess
-    from stagewise.runtimes.calibrate import recalibrate, unlabelled_images
+    from stagewise.runtimes.calibrate import recalibrate
     from toy_models import residual_net
 
     import torch
@@ -191,7 +210,7 @@ def test_label_free_conversion_end_to_end(tmp_path, data):
     flat = data[1]
     pre = Preprocess(mean=(128, 128, 128), std=(64, 64, 64), resize="stretch", crop_fraction=1.0)
     model = residual_net()
-    images = unlabelled_images(flat)
+    images = open_image_set(flat, labelled=False)
     assert len(images) == 180 and images.classes == ("unlabelled",)
     teacher_set = pseudo_labelled(model, images, pre, (8, 8), ["a", "b", "c"])
     assert teacher_set.origin.endswith(MARKER)

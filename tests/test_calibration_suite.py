@@ -9,7 +9,7 @@ from stagewise.calibration import (ExitTable, Goal, Settings, bh_rank, bh_thresh
 from stagewise.errors import CalibrationError
 from stagewise.exits import (LEARNED_FEATURES, LearnedExitScore, all_stage_scores, exit_scores, softmax,
                              stage_features, stage_probabilities, wrong_class_scores)
-from stagewise.temperature import fit_temperature, nll
+from stagewise.calibration.temperature import fit_temperature, nll
 
 
 def synthetic_logits(n=600, k=3, classes=5, seed=0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stagewise.calibration import ExitTable
-from stagewise.risk import (binomial_cdf, binomial_pvalue, control, fixed_sequence, loss_matrix, upper_bound)
+from stagewise.calibration.risk import (binomial_cdf, binomial_pvalue, control, fixed_sequence, loss_matrix, upper_bound)
 
 
 def test_binomial_cdf_matches_direct_sum():

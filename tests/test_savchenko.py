@@ -72,13 +72,13 @@ def test_logistic_variant_and_bad_delta():
 
 def test_bundle_heads_match_and_alpha_points_drive_the_runtime(tmp_path, image_folder):
     torch = pytest.importorskip("torch")
+    from stagewise.bundle import update_manifest
     from stagewise.converters.build import build_bundle
     from stagewise.converters.options import BuildOptions
     from stagewise.converters.savchenko import backbone_features, plans_from_heads
     from stagewise.datasets import open_image_set
     from stagewise.images import Preprocess
     from stagewise.runtimes import load
-    from stagewise.runtimes.calibrate import rewrite_manifest
     from toy_models import residual_net
 
     torch.manual_seed(0)
@@ -90,7 +90,7 @@ def test_bundle_heads_match_and_alpha_points_drive_the_runtime(tmp_path, image_f
     result = savchenko_heads(feats, images.labels, 3, SavchenkoSettings(alphas=(0.1, 0.3)))
     plans = plans_from_heads(model, cuts, pre, (16, 16), result.heads, result.record)
     out = build_bundle(tmp_path / "sav.swb", "sav", plans, pre, images.classes, calib, BuildOptions(profile_images=5))
-    manifest = rewrite_manifest(out, lambda m, root: add_alpha_points(m, result, default_alpha=0.3))
+    manifest = update_manifest(out, lambda m, root: add_alpha_points(m, result, default_alpha=0.3))
     assert manifest["default_operating_point"] == "alpha-0.3"
     assert manifest["stages"][0]["exit"]["score"] == "max_logit"
     assert manifest["stages"][0]["head"]["classifier"] == "linear_svm_squared_hinge"

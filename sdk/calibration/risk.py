@@ -34,6 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import CalibrationError
+from .table import ExitTable
+
 RISKS = ("disagreement", "error_increase")
 METHOD = "learn-then-test: fixed-sequence exact binomial tests on a held-out part of the calibration images"
 
@@ -134,7 +137,7 @@ def fixed_sequence(candidates: list[np.ndarray], losses: np.ndarray, epsilon: fl
     return RiskResult(chosen, tested[chosen].thresholds, tested[chosen].losses, n, epsilon, delta, tuple(tested))
 
 
-def loss_matrix(stage_answers: np.ndarray, full_answer: np.ndarray, labels: np.ndarray | None, risk: str) -> np.ndarray:
+def loss_matrix(stage_answers: np.ndarray, full_answer: np.ndarray, targets: np.ndarray | None, risk: str) -> np.ndarray:
     """Per stage and image (K x N), the 0/1 loss of answering at that stage.
 
     ``stage_answers`` is K x N (each stage's deciding top-1), ``full_answer`` the answer of
@@ -145,22 +148,20 @@ def loss_matrix(stage_answers: np.ndarray, full_answer: np.ndarray, labels: np.n
     differs = np.asarray(stage_answers) != np.asarray(full_answer)[None, :]
     if risk == "disagreement":
         return differs
-    if labels is None:
+    if targets is None:
         raise ValueError("the error_increase risk needs labels; use risk='disagreement' without labels")
-    labels = np.asarray(labels)
-    return (np.asarray(stage_answers) != labels[None, :]) & (np.asarray(full_answer) == labels)[None, :]
+    targets = np.asarray(targets)
+    return (np.asarray(stage_answers) != targets[None, :]) & (np.asarray(full_answer) == targets)[None, :]
 
 
-def candidate_sequence(tune_table, epsilon: float, levels: int = 40, span: float = 3.0) -> list[np.ndarray]:
+def candidate_sequence(tune_table: ExitTable, epsilon: float, levels: int = 40, span: float = 3.0) -> list[np.ndarray]:
     """Threshold sets ordered from safest to most aggressive, traced on the tune part only.
 
-    ``tune_table`` is an :class:`~stagewise.calibration.ExitTable` whose ``correct`` is
+    ``tune_table`` is an :class:`~stagewise.calibration.table.ExitTable` whose ``correct`` is
     "no loss". Its ``accuracy`` is then ``1 - risk``; for each level ``rho`` in
     ``linspace(0, span * epsilon, levels)`` the cheapest thresholds with tune-set risk at most
     ``rho`` are found; duplicates are dropped.
     """
-    from .errors import CalibrationError
-
     out: list[np.ndarray] = [np.full(tune_table.k, np.inf)]
     seen = {tuple(out[0])}
     front = tune_table.front()
@@ -182,8 +183,6 @@ def control(scores: np.ndarray, loss: np.ndarray, stage_costs: np.ndarray, tune_
 
     Candidates are traced on the images ``tune_idx`` and tested on ``test_idx`` (disjoint).
     """
-    from .calibration import ExitTable
-
     if len(np.intersect1d(tune_idx, test_idx)):
         raise ValueError("the tune and test parts must be disjoint")
     loss = np.asarray(loss, dtype=bool)
