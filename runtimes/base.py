@@ -16,7 +16,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from stagewise.errors import BackendUnavailableError
+from stagewise.errors import BackendUnavailableError, MissingExtraError
 
 
 class StageSession(Protocol):
@@ -67,8 +67,7 @@ class Runtime:
 
     def opener(self) -> Opener:
         if not self.installed():
-            raise BackendUnavailableError(
-                f"runtime {self.name!r} is not installed; install it with: {self.install_hint}")
+            raise MissingExtraError(f"runtime {self.name!r} is not installed; install it with: {self.install_hint}")
         return importlib.import_module(self.module).open_stage
 
 

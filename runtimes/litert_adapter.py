@@ -50,7 +50,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stagewise.errors import BackendUnavailableError, BundleError, DeviceUnavailableError
+from stagewise.errors import BackendUnavailableError, BundleError, DeviceUnavailableError, MissingExtraError
 
 from .base import LoadOptions, StageIO
 
@@ -68,8 +68,8 @@ def interpreter_module() -> Any:
             return importlib.import_module(f"{package}.interpreter")
         except ImportError as exc:
             errors.append(f"{package}: {exc}")
-    raise BackendUnavailableError('LiteRT is not installed; install it with: pip install "stagewise[litert]" '
-                                  f"(or tflite-runtime on a device that ships only that) [{'; '.join(errors)}]")
+    raise MissingExtraError('LiteRT is not installed; install it with: pip install "stagewise[litert]" '
+                            f"(or tflite-runtime on a device that ships only that) [{'; '.join(errors)}]")
 
 
 def _load_delegates(module: Any, specs: Sequence[Any]) -> list[Any]:

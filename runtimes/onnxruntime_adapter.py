@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from stagewise.errors import BundleError
+from stagewise.extras import require
 
 from .base import LoadOptions, StageIO
+
+ort = require("onnxruntime", "onnxruntime", "running a bundle on ONNX Runtime")
 
 
 class OnnxRuntimeStage:

@@ -45,11 +45,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import openvino as ov
 
 from stagewise.errors import BundleError, DeviceUnavailableError
+from stagewise.extras import require
 
 from .base import LoadOptions, StageIO
+
+ov = require("openvino", "openvino", "running a bundle on OpenVINO")
 
 VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
 STATIC_SHAPE_DEVICES = ("NPU",)

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from stagewise.errors import StagewiseError
+from stagewise.extras import require
 
 from .executor import Cascade, Prediction, StageRecord
 
@@ -233,11 +234,7 @@ def video_frames(source: str | Path | int, limit: int | None = None) -> Iterator
 
     Needs ``opencv-python-headless`` (``pip install "stagewise[video]"``).
     """
-    try:
-        import cv2
-    except ImportError as exc:
-        raise StreamError('reading video needs OpenCV: pip install "stagewise[video]" '
-                          "(or opencv-python-headless); a folder of frames works without it") from exc
+    cv2 = require("cv2", "video", "reading video (a folder of frames works without it)")
     cap = cv2.VideoCapture(source if isinstance(source, int) else str(source))
     if not cap.isOpened():
         raise StreamError(f"cannot open video {source}")

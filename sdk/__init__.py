@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (BackendUnavailableError, BundleError, CalibrationError, ConversionError, DatasetError,
                      DeviceUnavailableError, ImageInputError, IntegrityError, InvalidCutPointError, ManifestError,
-                     StagewiseError, UnknownOperatingPointError, UnsafeArchiveError, VerificationError)
+                     MissingExtraError, StagewiseError, UnknownOperatingPointError, UnsafeArchiveError,
+                     VerificationError)
 
 if TYPE_CHECKING:
     from .runtimes import Cascade
@@ -33,5 +34,5 @@ def load(path: Any, backend: str = "auto", **kwargs: Any) -> "Cascade":
 
 __all__ = ["BackendUnavailableError", "BundleError", "CalibrationError", "ConversionError", "DatasetError",
            "DeviceUnavailableError", "ImageInputError", "IntegrityError", "InvalidCutPointError", "ManifestError",
-           "StagewiseError", "UnknownOperatingPointError", "UnsafeArchiveError", "VerificationError", "__version__",
-           "load"]
+           "MissingExtraError", "StagewiseError", "UnknownOperatingPointError", "UnsafeArchiveError",
+           "VerificationError", "__version__", "load"]

@@ -31,6 +31,10 @@ class BackendUnavailableError(StagewiseError):
     """The requested runtime is not installed, or the bundle has no artifact for it."""
 
 
+class MissingExtraError(StagewiseError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the pip command."""
+
+
 class DeviceUnavailableError(StagewiseError):
     """The requested device does not exist on this machine."""
 

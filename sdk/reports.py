@@ -7,6 +7,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .extras import require
+
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
@@ -86,13 +88,8 @@ def pareto_plot(result: dict, path: str | Path) -> Path:
     Rows are grouped by their ``series`` (default: their ``kind``); a series of operating
     points is drawn as a connected front, single networks as separate markers.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # matplotlib is an optional dependency of the device install
-        raise RuntimeError('the plot needs matplotlib: pip install "stagewise[torch]" or pip install matplotlib') from exc
+    require("matplotlib", "plot", "drawing the plot").use("Agg")
+    plt = require("matplotlib.pyplot", "plot", "drawing the plot")
     fig, ax = plt.subplots(figsize=(7.5, 5))
     series: dict[str, list[dict]] = {}
     for r in result["rows"]:

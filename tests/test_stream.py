@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import scripted_image
+from stagewise import MissingExtraError
 from stagewise.runtimes.stream import Stream, StreamError, folder_frames, stream, video_frames
 from test_budget import make_cascade
 
@@ -154,7 +155,7 @@ def test_video_frames_need_opencv_or_say_so(tmp_path):
     try:
         import cv2  # noqa: F401
     except ImportError:
-        with pytest.raises(StreamError, match="stagewise\\[video\\]"):
+        with pytest.raises(MissingExtraError, match="stagewise\\[video\\]"):
             next(video_frames(tmp_path / "clip.mp4"))
         return
     with pytest.raises(StreamError, match="cannot open"):
