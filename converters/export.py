@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stagewise.errors import ConversionError, VerificationError
+from stagewise.errors import ConversionError, MissingExtraError, VerificationError
 from stagewise.runtimes.base import RUNTIMES, LoadOptions, StageIO
 
 from .options import BuildOptions
@@ -233,5 +233,5 @@ def exporter(artifact_format: str) -> Exporter:
     try:
         return getattr(importlib.import_module(module), name)()
     except ImportError as exc:
-        raise ConversionError(f"exporting {artifact_format!r} artifacts needs {exc.name or 'a package'}, which is not "
-                              f'installed; install it with pip install "stagewise[{extra}]"') from exc
+        raise MissingExtraError(f"exporting {artifact_format!r} artifacts needs {exc.name or 'a package'}, which is "
+                                f'not installed: pip install "stagewise[{extra}]" ({exc})') from exc

@@ -39,6 +39,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from stagewise.errors import ConversionError, InvalidCutPointError  # noqa: E402
+from stagewise.extras import require  # noqa: E402
 
 from .heads import LinearHead  # noqa: E402
 from .source import CutPoint  # noqa: E402
@@ -407,11 +408,7 @@ class KerasSource:
 
     def export_onnx(self, plan: Any, example: np.ndarray, path: Path) -> dict:
         """Write the stage as ONNX with tf2onnx (opset 17, dynamic batch, NHWC input as the stage is fed)."""
-        try:
-            import tf2onnx
-        except ImportError as exc:
-            raise ConversionError(f'exporting Keras stages to ONNX needs tf2onnx: pip install "stagewise[keras]" '
-                                  f"({exc})") from exc
+        tf2onnx = require("tf2onnx", "keras", "exporting Keras stages to ONNX")
         try:  # tf2onnx predates numpy 2; Keras ships the patch it uses for its own ONNX export
             from keras.src.export.tf2onnx_lib import patch_tf2onnx
 

@@ -11,7 +11,7 @@ When the user has images but no labels, the network's own answers stand in for t
 
 Example::
 
-    images = unlabelled_images("photos/")                    # stagewise.runtimes.calibrate
+    images = open_image_set("photos/", labelled=False)       # stagewise.datasets
     teacher_set = pseudo_labelled(model, images, pre, (224, 224), classes)
     heads_part, calib_part = teacher_set.split([0.8, 0.2], seed=0)
     plans = early_exit_plans(model, cuts, pre, (224, 224), heads_part, TEACHER_ONLY)

@@ -27,6 +27,7 @@ import numpy as np
 import openvino as ov
 
 from stagewise.errors import ConversionError, VerificationError
+from stagewise.extras import require
 from stagewise.runtimes.base import LoadOptions
 
 from .export import Exported, Exporter, StageInputs, TensorSpec
@@ -135,20 +136,17 @@ class OpenVinoExporter(Exporter):
 
     def quantize(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
                  options: BuildOptions) -> Exported:
-        try:
-            import nncf
-            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
-        except ImportError as exc:
-            raise ConversionError(f"INT8 OpenVINO artifacts need NNCF ({exc}); install it with "
-                                  'pip install "stagewise[openvino-convert]"') from exc
+        nncf = require("nncf", "openvino-convert", "INT8 OpenVINO artifacts")
+        advanced_parameters = require("nncf.quantization.advanced_parameters", "openvino-convert",
+                                      "INT8 OpenVINO artifacts")
         model = ov.Core().read_model(str(fp32.files[0]))
         static = model.inputs[0].get_partial_shape()[0]
         batch = static.get_length() if static.is_static else 1
         items = [inputs.calibrate[i:i + batch] for i in range(0, len(inputs.calibrate) - batch + 1, batch)]
         target = "NPU" if options.npu else "CPU"
         per_channel = options.openvino_weights_per_channel
-        advanced = AdvancedQuantizationParameters(
-            weights_quantization_params=QuantizationParameters(per_channel=per_channel))
+        advanced = advanced_parameters.AdvancedQuantizationParameters(
+            weights_quantization_params=advanced_parameters.QuantizationParameters(per_channel=per_channel))
         try:
             quantized = nncf.quantize(model, nncf.Dataset(items), preset=nncf.QuantizationPreset(options.openvino_preset),
                                       target_device=nncf.TargetDevice[target], subset_size=len(items),

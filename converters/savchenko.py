@@ -35,6 +35,7 @@ import numpy as np
 from stagewise.calibration import bh_thresholds
 from stagewise.datasets import stratified_indices
 from stagewise.errors import ConversionError
+from stagewise.extras import require
 
 from .heads import LinearHead, l2_normalised
 
@@ -56,11 +57,8 @@ class SavchenkoSettings:
 
 def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int, settings: SavchenkoSettings) -> LinearHead:
     """A linear SVM (squared hinge) or logistic regression on L2-normalised ``features``."""
-    try:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.svm import LinearSVC
-    except ImportError as exc:  # the device install has no scikit-learn; the converter extra does
-        raise ConversionError('Savchenko heads need scikit-learn: pip install "stagewise[torch]"') from exc
+    LogisticRegression = require("sklearn.linear_model", "torch", "Savchenko heads").LogisticRegression
+    LinearSVC = require("sklearn.svm", "torch", "Savchenko heads").LinearSVC
     if settings.classifier not in CLASSIFIERS:
         raise ConversionError(f"unknown classifier {settings.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
     x = l2_normalised(features)

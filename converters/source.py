@@ -31,7 +31,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from stagewise.errors import ConversionError
+from stagewise.errors import ConversionError, MissingExtraError
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def source_named(framework: str) -> SourceAdapter:
     try:
         return getattr(importlib.import_module(module), name)()
     except ImportError as exc:
-        raise ConversionError(f"{framework} source models need {exc.name or 'a package'}, which is not installed; "
-                              f'install it with pip install "stagewise[{extra}]"') from exc
+        raise MissingExtraError(f"converting a {framework} model needs {exc.name or 'a package'}, which is not "
+                                f'installed: pip install "stagewise[{extra}]" ({exc})') from exc
 
 
 def source_of(model: Any) -> SourceAdapter:

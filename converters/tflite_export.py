@@ -21,11 +21,11 @@ import json
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from stagewise.errors import ConversionError
+from stagewise.extras import require
 from stagewise.runtimes.litert_adapter import interpreter_module
 
 from .export import Exported, Exporter, StageInputs, TensorSpec
@@ -65,11 +65,7 @@ def _quiet():
 
 
 def _edge_quantize(plan: StagePlan, fp32: Path, recipe: list[dict], calibrate: np.ndarray | None, out: Path) -> None:
-    try:
-        from ai_edge_quantizer import quantizer as aeq
-    except ImportError as exc:
-        raise ConversionError('quantizing TFLite stages needs ai-edge-quantizer: pip install "stagewise[tflite]" '
-                              f"({exc})") from exc
+    aeq = require("ai_edge_quantizer.quantizer", "tflite", "quantizing TFLite stages")
     with _quiet():
         q = aeq.Quantizer(str(fp32))
         q.load_quantization_recipe(recipe)

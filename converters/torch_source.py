@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from stagewise.errors import ConversionError
+from stagewise.extras import require
 
 from .heads import LinearHead
 from .source import CutPoint
@@ -183,11 +184,7 @@ class TorchSource:
     def export_tflite(self, plan: Any, example: np.ndarray, path: Path) -> dict:
         """A float ``.tflite`` through litert-torch (batch 1; the signature names input and outputs)."""
         os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
-        try:
-            import litert_torch
-        except ImportError as exc:
-            raise ConversionError('exporting torch stages to TFLite needs litert-torch: '
-                                  f'pip install "stagewise[tflite]" ({exc})') from exc
+        litert_torch = require("litert_torch", "tflite", "exporting torch stages to TFLite")
 
         class Named(torch.nn.Module):
             """The stage with named outputs (they become the signature's output names)."""

@@ -7,6 +7,8 @@ fixtures; each bundle is built once and checked by several tests.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +198,48 @@ def test_keras_resolution_cascade_fp16(tmp_path, splits):
             st.session.run = lambda x, original=original: (shapes.append(x.shape), original(x))[1]
         cascade.predict(calib.image(0), operating_point="full")
     assert shapes == [(1, 8, 8, 3), (1, 16, 16, 3)]
+
+
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"No module named {name!r} (blocked: a Keras user has no torch)", name=name)
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def test_keras_conversion_imports_no_torch(tmp_path, image_folder):
+    """`stagewise convert` of a Keras model, loading and predicting, all with torch unimportable."""
+    out = tmp_path / "k.swb"
+    code = BLOCK_TORCH + f"""
+import json
+from click.testing import CliRunner
+from stagewise.cli import cli
+result = CliRunner().invoke(cli, ["convert", {str(HERE / "keras_toy_models.py") + ":factory"!r}, "--exits",
+                                  "block1_out", "--format", "onnx", "--data", {str(image_folder)!r}, "--out", {str(out)!r},
+                                  "--threads", "1"])
+assert result.exit_code == 0, result.output + repr(result.exception)
+import stagewise
+with stagewise.load({str(out)!r}, threads=1) as cascade:
+    p = cascade.predict(next(iter(__import__("pathlib").Path({str(image_folder)!r}).rglob("*.png"))))
+print(json.dumps({{"torch": "torch" in sys.modules, "stage": p.stage, "label": p.label}}))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    assert answer["torch"] is False and answer["label"] in (0, 1, 2)
+
+
+def test_torch_model_without_torch_installed_is_a_clear_error(tmp_path, image_folder):
+    code = BLOCK_TORCH + """
+from stagewise.converters.source import source_named
+from stagewise.errors import MissingExtraError
+try:
+    source_named("torch")
+except MissingExtraError as exc:
+    print(exc)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert 'pip install "stagewise[torch]"' in run.stdout
