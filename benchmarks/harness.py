@@ -138,10 +138,10 @@ OPTIONS: dict[str, tuple[type, str]] = {
 
 
 def parser(doc: str, out: str | None = None, *, bundles: str | None = None, render: bool = False,
-           threads: int = 1, **options: Any) -> argparse.ArgumentParser:
+           threads: int | None = 1, **options: Any) -> argparse.ArgumentParser:
     """The argument parser of a benchmark whose docstring is ``doc``.
 
-    Every benchmark takes ``--data`` and ``--threads``; ``out`` (a file name under
+    Every benchmark takes ``--data`` and (unless ``threads`` is None) ``--threads``; ``out`` (a file name under
     ``benchmarks/results/``) adds ``--out``; ``bundles`` (a folder name under ``runs/``) adds
     ``--bundles`` and ``--reuse``; ``render`` adds the render-only ``--render`` and ``--into``;
     each keyword of :data:`OPTIONS` adds that option with the given default.
@@ -151,7 +151,8 @@ def parser(doc: str, out: str | None = None, *, bundles: str | None = None, rend
                     help="folder holding the real data archives (default: ../shared/data next to the repository)")
     if out is not None:
         ap.add_argument("--out", type=Path, default=RESULTS / out, help=f"result file (default: benchmarks/results/{out})")
-    ap.add_argument("--threads", type=int, default=threads, help=f"intra-op threads of the runtime (default {threads})")
+    if threads is not None:
+        ap.add_argument("--threads", type=int, default=threads, help=f"intra-op threads (default {threads})")
     if bundles is not None:
         ap.add_argument("--bundles", type=Path, default=RUNS / bundles, help=f"where bundles are built (default: runs/{bundles})")
         ap.add_argument("--reuse", action="store_true", help="load bundles already under --bundles instead of rebuilding")
