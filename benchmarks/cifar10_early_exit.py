@@ -27,15 +27,6 @@ from benchmarks import harness
 NAME = "cifar10_early_exit"
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}"
-
-
-def _rates(hist: list[int]) -> str:
-    total = sum(hist) or 1
-    return " / ".join(f"{100 * h / total:.0f}%" for h in hist)
-
-
 def markdown(result: dict) -> str:
     """The docs/benchmarks.md table of a result."""
     d = result["data"]
@@ -46,12 +37,12 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         delta = r.get("top1_minus_full_model_same_precision")
-        lines.append(f"| {r['name']} | {_pct(r['top1'])} | {'' if delta is None else f'{100 * delta:+.2f}'} | "
+        lines.append(f"| {r['name']} | {harness.percent(r['top1'])} | {'' if delta is None else f'{100 * delta:+.2f}'} | "
                      f"{r['mean_ms']:.3f} | {r['p95_ms']:.3f} | {r.get('speedup_vs_full_model_same_precision', 0):.2f}x | "
-                     f"{r['speedup_vs_full_model_fp32']:.2f}x | {_rates(r['exit_histogram']) if r['kind'] == 'operating_point' else '-'} |")
+                     f"{r['speedup_vs_full_model_fp32']:.2f}x | {harness.exit_shares(r['exit_histogram']) if r['kind'] == 'operating_point' else '-'} |")
     lines.append("")
     for name, o in result["oracle_on_test"].items():
-        lines.append(f"Oracle bound, {name}: top-1 {_pct(o['top1'])} % at {o['mean_cost_ms']:.3f} ms mean "
+        lines.append(f"Oracle bound, {name}: top-1 {harness.percent(o['top1'])} % at {o['mean_cost_ms']:.3f} ms mean "
                      f"(from the stages' profiled p50), exits {' / '.join(f'{100 * r:.0f}%' for r in o['exit_rates'])}.")
     return "\n".join(lines)
 

@@ -274,6 +274,17 @@ def load_result(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def percent(x: float) -> str:
+    """A share as a percentage with two decimals, for tables."""
+    return f"{100 * x:.2f}"
+
+
+def exit_shares(histogram: Sequence[int]) -> str:
+    """An exit histogram as the share of images leaving at each stage ("62% / 38%")."""
+    total = sum(histogram) or 1
+    return " / ".join(f"{100 * h / total:.0f}%" for h in histogram)
+
+
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
 

@@ -51,15 +51,6 @@ def torch_top1(model, pre, images: list[np.ndarray], size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}"
-
-
-def _rates(hist: list[int]) -> str:
-    total = sum(hist) or 1
-    return " / ".join(f"{100 * h / total:.0f}%" for h in hist)
-
-
 def markdown(result: dict) -> str:
     """The docs/benchmarks.md table of a result."""
     d = result["data"]
@@ -75,11 +66,11 @@ def markdown(result: dict) -> str:
         elif r.get("more_accurate_than_every_single"):
             note = (f"more accurate than every single; {r['speedup_vs_most_accurate_single']:.2f}x the speed of "
                     f"{r['most_accurate_single']}")
-        lines.append(f"| {r['name']} | {_pct(r['top1'])} | {_pct(r['top5'])} | {r['mean_ms']:.2f} | {r['p95_ms']:.2f} | "
-                     f"{_rates(r['exit_histogram']) if r['kind'] == 'cascade' else '-'} | {note} |")
+        lines.append(f"| {r['name']} | {harness.percent(r['top1'])} | {harness.percent(r['top5'])} | {r['mean_ms']:.2f} | {r['p95_ms']:.2f} | "
+                     f"{harness.exit_shares(r['exit_histogram']) if r['kind'] == 'cascade' else '-'} | {note} |")
     lines.append("")
     for name, o in result["oracle_on_test"].items():
-        lines.append(f"Oracle bound, {name}: top-1 {_pct(o['top1'])} % at {o['mean_ms_from_stage_p50']:.2f} ms mean "
+        lines.append(f"Oracle bound, {name}: top-1 {harness.percent(o['top1'])} % at {o['mean_ms_from_stage_p50']:.2f} ms mean "
                      f"(stage p50s), exits {' / '.join(f'{100 * r:.0f}%' for r in o['exit_rates'])}.")
     lines.append("")
     for name, a in result["torch_agreement"].items():
