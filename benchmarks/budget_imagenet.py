@@ -20,13 +20,13 @@ whole measurement (started and stopped here, bounded in time).
    point on the device as found, through three phases: no extra load, two busy processes,
    no extra load again; per phase the mean cost after settling, top-1 and the points used.
 
-    python benchmarks/budget_imagenet.py        # writes benchmarks/results/budget_imagenet.json
-    python benchmarks/budget_imagenet.py --controller-only   # re-runs part 3 into the same JSON
+    python -m benchmarks.budget_imagenet        # writes benchmarks/results/budget_imagenet.json
+    python -m benchmarks.budget_imagenet --controller-only   # re-runs part 3 into the same JSON
+    python -m benchmarks.budget_imagenet --render            # prints its docs/benchmarks.md tables
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import subprocess
@@ -36,8 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from budget_build import BUNDLE, build
-from common import DEFAULT_DATA, RESULTS, decode_all, machine, require_data, save
+from benchmarks import harness
+from benchmarks.budget_build import BUNDLE, build
+
+NAME = "budget_imagenet"
 
 LOAD_CODE = """
 import sys, time
@@ -77,12 +79,6 @@ class CpuLoad:
         self.stop()
 
 
-def timed(fn, image):
-    t0 = time.perf_counter()
-    p = fn(image)
-    return p, (time.perf_counter() - t0) * 1e3
-
-
 def dist(ms) -> dict:
     ms = np.asarray(ms)
     return {"mean": float(ms.mean()), "p50": float(np.median(ms)), "p95": float(np.quantile(ms, 0.95)),
@@ -93,13 +89,9 @@ def references(cascade, images, labels) -> dict:
     runs = {"lite0_224 alone": lambda im: cascade.predict_stage(im, 0),
             "lite2_260 alone (full model)": lambda im: cascade.predict_stage(im, 1),
             "full cascade": lambda im: cascade.predict(im, operating_point="full")}
-    out = {name: {"ms": [], "correct": []} for name in runs}
-    for i, im in enumerate(images):
-        for name, fn in runs.items():
-            p, ms = timed(fn, im)
-            out[name]["ms"].append(ms)
-            out[name]["correct"].append(bool(p.label == labels[i]))
-    return out
+    timing = harness.round_robin(runs, images, describe="references")
+    return {name: {"ms": timing.ms[name], "correct": [bool(p.label == y) for p, y in zip(timing.outputs[name], labels)]}
+            for name in runs}
 
 
 def summarize_reference(r: dict, budget: float) -> dict:
@@ -109,32 +101,23 @@ def summarize_reference(r: dict, budget: float) -> dict:
 
 
 def sweep(cascade, images, labels, budgets, points) -> dict:
-    configs = [(b, p) for p in points for b in budgets]
-    rows = {c: {"ms": [], "correct": [], "stage": [], "limited": [], "planned": [], "ran": []} for c in configs}
-    for i, im in enumerate(images):
-        for b, point in configs:
-            p, ms = timed(lambda x: cascade.predict(x, budget_ms=b, operating_point=point), im)
-            r = rows[(b, point)]
-            r["ms"].append(ms)
-            r["correct"].append(bool(p.label == labels[i]))
-            r["stage"].append(p.stage)
-            r["limited"].append(p.budget_limited)
-            r["planned"].append(any(t.reason == "planned_skip" for t in p.trace))
-            r["ran"].append(sum(t.latency_ms is not None for t in p.trace))
-        if (i + 1) % 50 == 0:
-            print(f"  {i + 1}/{len(images)} images; margin {cascade.latency.margin():.2f}, "
-                  f"speed {cascade.latency.speed():.2f}, "
-                  f"predicted stage ms {[round(cascade.latency.predict(k), 1) for k in range(2)]}", flush=True)
+    configs = {(b, p): (lambda x, b=b, p=p: cascade.predict(x, budget_ms=b, operating_point=p))
+               for p in points for b in budgets}
+    timing = harness.round_robin(configs, images, describe="deadline sweep")
     out = []
-    for (b, point), r in rows.items():
-        ms, correct = np.array(r["ms"]), np.array(r["correct"])
+    for (b, point), preds in timing.outputs.items():
+        ms, correct = np.array(timing.ms[(b, point)]), np.array([p.label == y for p, y in zip(preds, labels)])
+        planned = np.array([any(t.reason == "planned_skip" for t in p.trace) for p in preds])
+        ran = np.array([sum(t.latency_ms is not None for t in p.trace) for p in preds])
         hit = ms <= b
-        chose = (np.array(r["ran"]) > 1) | np.array(r["planned"])
+        chose = (ran > 1) | planned
         out.append({"budget_ms": b, "operating_point": point, "n": len(ms), "hit_rate": float(hit.mean()),
                     "top1": float(correct.mean()), "top1_on_time": float((correct & hit).mean()),
                     "misses_by_choice": int((~hit & chose).sum()), "misses_first_stage_alone": int((~hit & ~chose).sum()),
-                    "budget_limited": float(np.mean(r["limited"])), "planned_skip": float(np.mean(r["planned"])),
-                    "answered_by_stage": np.bincount(r["stage"], minlength=2).tolist(), "latency_ms": dist(ms)})
+                    "budget_limited": float(np.mean([p.budget_limited for p in preds])),
+                    "planned_skip": float(planned.mean()),
+                    "answered_by_stage": np.bincount([p.stage for p in preds], minlength=2).tolist(),
+                    "latency_ms": dist(ms)})
     return out
 
 
@@ -155,7 +138,7 @@ class ControllerRun:
         for _ in range(requests):
             i = self.order[self.j % len(self.order)]
             self.j += 1
-            p, ms = timed(self.cascade.predict, self.images[i])
+            p, ms = harness.timed_call(self.cascade.predict, self.images[i])
             feasible.append(self.cascade.controller.feasible)
             costs.append(ms)
             correct.append(bool(p.label == self.labels[i]))
@@ -250,49 +233,37 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--bundle", type=Path, default=BUNDLE)
-    ap.add_argument("--out", type=Path, default=RESULTS / "budget_imagenet.json")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--limit", type=int, help="use only this many test images (quick runs)")
+    ap = harness.parser(__doc__, f"{NAME}.json", render=True, limit=None)
+    ap.add_argument("--bundle", type=Path, default=BUNDLE, help="the cascade (built by benchmarks.budget_build if absent)")
     ap.add_argument("--budgets", type=int, default=7, help="how many evenly spaced budgets between the end points")
     ap.add_argument("--points", default="default,full", help="operating points for the deadline sweep")
     ap.add_argument("--controller-requests", type=int, default=600, help="requests per controller phase")
     ap.add_argument("--heavy-load", type=int, default=2, help="busy processes in the controller's slow phase")
-    ap.add_argument("--markdown", type=Path, help="only print the tables of an existing result JSON")
     ap.add_argument("--controller-only", action="store_true",
                     help="only (re)run the average-budget experiment and replace it in the existing --out JSON")
     args = ap.parse_args()
-    if args.markdown:
-        import json
-
-        print(markdown(json.loads(args.markdown.read_text())))
+    if harness.render_only(args, NAME, markdown):
         return
 
-    archive = require_data(args.data, "imagenet-sample-320.tar")
-    bundle = build(archive, args.bundle)
-    from stagewise.datasets import open_image_set
+    parts = harness.imagenet_parts(args.data)
+    bundle = build(parts, args.bundle)
     from stagewise.runtimes import load
 
-    data = open_image_set(archive)
-    _, test = data.split([0.5, 0.5], seed=0)
+    test = parts.test
     if args.limit:
         test = test.subset(np.arange(min(args.limit, len(test))))
-    images = decode_all(test, "decoding test images")
+    images = harness.decode_all(test, "decoding test images")
     labels = np.asarray(test.labels)
     started = time.time()
     load_avg = [os.getloadavg()[0]]
 
     cascade = load(bundle, backend="onnxruntime", threads=args.threads)
     if args.controller_only:
-        import json
-
-        result = json.loads(args.out.read_text())
+        result = harness.load_result(args.out)
         result["controller"] = controller_experiment(cascade, images, labels, args.controller_requests, args.heavy_load)
-        result["controller"].update(machine=machine(), loadavg_1min=os.getloadavg()[0],
-                                    command="python benchmarks/budget_imagenet.py " + " ".join(sys.argv[1:]))
-        save(result, args.out)
+        result["controller"].update(machine=harness.machine(), loadavg_1min=os.getloadavg()[0],
+                                    command=harness.command(NAME))
+        harness.save(result, args.out)
         print_controller(result["controller"])
         return
     default_point = cascade.operating_point
@@ -327,17 +298,17 @@ def main() -> None:
     controller = controller_experiment(cascade, images, labels, args.controller_requests, args.heavy_load)
     load_avg.append(os.getloadavg()[0])
     result = {
-        "benchmark": "budget_imagenet", "machine": machine(), "runtime": "onnxruntime", "threads": args.threads,
+        **harness.metadata(NAME), "runtime": "onnxruntime", "threads": args.threads,
         "bundle": str(bundle), "default_operating_point": default_point,
-        "data": {"archive": str(archive), "test": len(images), "split": "random halves, seed 0; thresholds from the other half"},
+        "data": {"archive": str(parts.archive), "test": len(images),
+                 "split": parts.split + "; thresholds from the other half"},
         "load": "1 busy numpy process (1 thread) during references and the deadline sweep; the controller phases "
                 f"switch between 0, {args.heavy_load} and 0 busy processes; other users of the machine not controlled",
         "loadavg_1min": load_avg, "seconds": time.time() - started,
         "references": ref_summary, "budgets_ms": budgets, "deadline": rows,
         "controller": controller,
-        "command": "python benchmarks/budget_imagenet.py " + " ".join(sys.argv[1:]),
     }
-    save(result, args.out)
+    harness.save(result, args.out)
     print(f"\nreferences: " + "; ".join(f"{n}: top-1 {100 * r['top1']:.1f}%, p50 {r['latency_ms']['p50']:.1f} ms, "
                                           f"p95 {r['latency_ms']['p95']:.1f} ms" for n, r in ref_summary.items()))
     base = ref_summary["lite2_260 alone (full model)"]["per_budget"]

@@ -12,6 +12,8 @@
   thread, batch 1, preprocessing of the 320 px image included) after ``torch.onnx.export``.
 
 Everything is cached under ``runs/calibration/``.
+
+    python -m benchmarks.calibration_data      # fills the cache and prints the stage costs
 """
 
 from __future__ import annotations
@@ -23,17 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DEFAULT_DATA, REPO_ROOT, require_data
+from benchmarks import harness, lite0_cifar10_features as feats_cache
 
-CACHE = REPO_ROOT / "runs" / "calibration"
+CACHE = harness.RUNS / "calibration"
 CIFAR_CUTS = ("_blocks.7", "_blocks.10", "_blocks.14", "_avg_pooling")
 IMAGENET_STAGES = (("lite0", 0, 192), ("lite0", 0, 224), ("lite2", 2, 260))
 
 
-def cifar10(data: Path = DEFAULT_DATA, threads: int = 1) -> dict:
+def cifar10(data: Path = harness.DEFAULT_DATA, threads: int = 1) -> dict:
     """``{"calibration": (logits list, labels), "test": (...), "costs": per-stage ms, "cost_source": str}``."""
-    import lite0_cifar10_features as feats_cache
-
     path = CACHE / "cifar10_lite0_lr_logits.npz"
     if not path.exists():
         from stagewise.converters.savchenko import SavchenkoSettings, fit_linear_head
@@ -82,9 +82,7 @@ def _measure_lite0_stages(path: Path, threads: int) -> None:
     from stagewise.converters.savchenko import LinearHead, plans_from_heads
     from stagewise.converters.zoo import efficientnet_lite0
 
-    import lite0_cifar10_features as feats_cache
-
-    torch.set_num_threads(threads)
+    harness.set_threads(torch=threads)
     dims = (80, 112, 192, 1280)
     heads = [LinearHead(np.zeros((10, d)), np.zeros(10)) for d in dims]
     grey = np.full((32, 32, 3), 128, np.uint8)
@@ -109,7 +107,7 @@ def _measure_lite0_stages(path: Path, threads: int) -> None:
     path.write_text(json.dumps({"p50": p50, "threads": threads}))
 
 
-def imagenet(data: Path = DEFAULT_DATA, threads: int = 1) -> dict:
+def imagenet(data: Path = harness.DEFAULT_DATA, threads: int = 1) -> dict:
     """``{"logits": list per stage (1000 x 1000), "labels", "costs", "stages"}``."""
     path = CACHE / "imagenet_cascade_logits.npz"
     lat_path = CACHE / f"imagenet_cascade_latency_{threads}t.json"
@@ -130,12 +128,10 @@ def _imagenet_extract(data: Path, threads: int, path: Path, lat_path: Path) -> N
 
     from stagewise.converters.onnx_export import export_onnx, ort_session
     from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS, efficientnet_lite0, efficientnet_lite2
-    from stagewise.datasets import open_image_set
     from stagewise.images import Preprocess
 
-    torch.set_num_threads(threads)
-    archive = require_data(data, "imagenet-sample-320.tar")
-    images = open_image_set(archive)
+    harness.set_threads(torch=threads)
+    images = harness.imagenet_parts(data).images
     frames = [images.image(i) for i in range(len(images))]
     pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
     out = {"labels": images.labels}
@@ -166,22 +162,24 @@ def _time_imagenet_models(frames, threads: int, lat_path: Path, rounds: int = 15
     from stagewise.images import Preprocess
 
     pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
-    sessions = [ort_session(CACHE / "onnx" / f"{name}_{size}.onnx", threads) for name, _, size in IMAGENET_STAGES]
-    times: list[list[float]] = [[] for _ in sessions]
-    for i in range(rounds + 10):
-        frame = frames[i % len(frames)]
-        for k, (session, (_, _, size)) in enumerate(zip(sessions, IMAGENET_STAGES)):
-            t1 = time.perf_counter()
-            session.run(None, {"image": pre.tensor([frame], (size, size))})
-            if i >= 10:
-                times[k].append((time.perf_counter() - t1) * 1e3)
-    lat_path.write_text(json.dumps({"p50": [float(np.median(t)) for t in times], "threads": threads,
+    runners = {k: (lambda frame, s=ort_session(CACHE / "onnx" / f"{name}_{size}.onnx", threads), size=size:
+                   s.run(None, {"image": pre.tensor([frame], (size, size))}))
+               for k, (name, _, size) in enumerate(IMAGENET_STAGES)}
+    timing = harness.round_robin(runners, [frames[i % len(frames)] for i in range(rounds + 10)], warmup=10)
+    lat_path.write_text(json.dumps({"p50": list(timing.medians().values()), "threads": threads,
                                     "rounds": rounds, "timing": "interleaved round robin, batch 1, preprocessing included",
                                     "stages": [list(s) for s in IMAGENET_STAGES]}))
 
 
-if __name__ == "__main__":
-    c = cifar10()
+def main() -> None:
+    args = harness.parser(__doc__).parse_args()
+    harness.require_data(args.data, harness.CIFAR10)
+    harness.require_data(args.data, harness.IMAGENET)
+    c = cifar10(args.data, args.threads)
     print("cifar10 costs", c["costs"], c["cost_source"])
-    i = imagenet()
+    i = imagenet(args.data, args.threads)
     print("imagenet costs", i["costs"], [float((lg.argmax(1) == i["labels"]).mean()) for lg in i["logits"]])
+
+
+if __name__ == "__main__":
+    main()

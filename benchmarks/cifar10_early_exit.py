@@ -12,54 +12,62 @@ runtime's batch routing, which makes the same decisions as batch-1 prediction); 
 timed at batch 1, fixed threads, round robin image by image over a seeded subset of the test
 images (--timing-images), so machine noise hits every configuration alike.
 
-    python benchmarks/cifar10_early_exit.py            # writes benchmarks/results/cifar10_early_exit.json
+    python -m benchmarks.cifar10_early_exit            # writes benchmarks/results/cifar10_early_exit.json
+    python -m benchmarks.cifar10_early_exit --render   # prints its docs/benchmarks.md tables
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from common import DEFAULT_DATA, REPO_ROOT, RESULTS, decode_all, machine, require_data, save
+from benchmarks import harness
 
-sys.path.insert(0, str(REPO_ROOT / "examples" / "cifar10"))
+NAME = "cifar10_early_exit"
+
+
+def markdown(result: dict) -> str:
+    """The docs/benchmarks.md table of a result."""
+    d = result["data"]
+    lines = [f"n = {d['test']} test images for top-1 and exits; latency: batch 1, {result['threads']} thread(s), "
+             f"{d['timed_test_images']} test images timed round robin; {result['machine']['cpu']}, "
+             f"{result['machine']['date'][:10]}.", "",
+             "| configuration | top-1 % | Δ top-1 vs full model (same precision) | mean ms | p95 ms | speed-up vs full model (same precision) | speed-up vs fp32 full model | exits per stage |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        delta = r.get("top1_minus_full_model_same_precision")
+        lines.append(f"| {r['name']} | {harness.percent(r['top1'])} | {'' if delta is None else f'{100 * delta:+.2f}'} | "
+                     f"{r['mean_ms']:.3f} | {r['p95_ms']:.3f} | {r.get('speedup_vs_full_model_same_precision', 0):.2f}x | "
+                     f"{r['speedup_vs_full_model_fp32']:.2f}x | {harness.exit_shares(r['exit_histogram']) if r['kind'] == 'operating_point' else '-'} |")
+    lines.append("")
+    for name, o in result["oracle_on_test"].items():
+        lines.append(f"Oracle bound, {name}: top-1 {harness.percent(o['top1'])} % at {o['mean_cost_ms']:.3f} ms mean "
+                     f"(from the stages' profiled p50), exits {' / '.join(f'{100 * r:.0f}%' for r in o['exit_rates'])}.")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=RESULTS / "cifar10_early_exit.json")
-    ap.add_argument("--bundles", type=Path, default=REPO_ROOT / "runs" / "cifar10")
-    ap.add_argument("--cuts", default="layer1,layer2")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--head-images", type=int, default=20000, help="train images used to fit the exit heads")
-    ap.add_argument("--reuse", action="store_true", help="load bundles already under --bundles instead of rebuilding")
-    ap.add_argument("--timing-images", type=int, default=1000,
-                    help="test images timed at batch 1 (accuracy always uses every test image)")
-    args = ap.parse_args()
-
-    from model import MEAN, STD, resnet_cifar
+    args = harness.parser(__doc__, f"{NAME}.json", bundles="cifar10", render=True, cuts="layer1,layer2",
+                          head_images=20000, timing_images=1000).parse_args()
+    if harness.render_only(args, NAME, markdown):
+        return
+    parts = harness.cifar10_parts(args.data)
+    example = harness.example_module("cifar10")
+    MEAN, STD, resnet_cifar = example.MEAN, example.STD, example.resnet_cifar
 
     from stagewise.converters.build import BuildOptions, build_bundle
     from stagewise.converters.heads import HeadTraining
     from stagewise.converters.torch_cascade import cascade_plans
     from stagewise.converters.torch_early_exit import early_exit_plans
-    from stagewise.datasets import open_image_set
     from stagewise.images import Preprocess
     from stagewise.runtimes import load
-    from stagewise.runtimes.bench import round_robin, summarize
+    from stagewise.runtimes.bench import summarize
     from stagewise.runtimes.calibrate import exit_table
 
-    archive = require_data(args.data, "cifar10-train.tar.gz")
-    torch.set_num_threads(2)
-    data = open_image_set(archive)
-    train, calib, test = data.split([0.8, 0.1, 0.1], seed=0)
-    heads_on = train if args.head_images >= len(train) else train.split([args.head_images / len(train)], seed=0)[0]
+    harness.set_threads(torch=2)
+    data, train, calib, test = parts.images, parts.train, parts.calibration, parts.test
+    heads_on = harness.subset(train, args.head_images, seed=0)
     pre = Preprocess(mean=MEAN, std=STD, resize="stretch", crop_fraction=1.0)
     model = resnet_cifar()
     cuts = args.cuts.split(",")
@@ -78,7 +86,7 @@ def main() -> None:
             build_bundle(paths[f"full model {tag}"], f"cifar10-resnet-{tag}", single, pre, data.classes, calib, opts)
     built = paths
     cascades = {name: load(path, backend="onnxruntime", threads=args.threads) for name, path in built.items()}
-    images = decode_all(test, "decoding test images")
+    images = harness.decode_all(test, "decoding test images")
     configs, meta, decisions = {}, {}, {}
     for name, cascade in cascades.items():
         if name.startswith("full model"):
@@ -96,7 +104,7 @@ def main() -> None:
             meta[key] = ("truncated", len(cascade.stage_names))
             decisions[key] = [cascade.predict_stage(im, k) for im in images]
     timed = np.random.default_rng(1).choice(len(images), size=min(args.timing_images, len(images)), replace=False)
-    runs = round_robin(configs, [images[i] for i in timed])
+    runs = harness.round_robin(configs, [images[i] for i in timed]).outputs
     rows = [summarize(name, meta[name][0], decisions[name], test.labels, meta[name][1], timed=runs[name])
             for name in configs]
     by_name = {r["name"]: r for r in rows}
@@ -115,16 +123,15 @@ def main() -> None:
             o = exit_table(cascade, images, test.labels, costs).oracle()
             oracles[name] = {"top1": o.accuracy, "mean_cost_ms": o.mean_cost, "exit_rates": list(o.exit_rates)}
     result = {
-        "benchmark": "cifar10_early_exit", "machine": machine(), "threads": args.threads, "runtime": "onnxruntime",
-        "batch": 1, "data": {"archive": str(archive), "split": "stratified 0.8/0.1/0.1 seed 0", "train": len(train),
+        **harness.metadata(NAME), "threads": args.threads, "runtime": "onnxruntime",
+        "batch": 1, "data": {"archive": str(parts.archive), "split": parts.split, "train": len(train),
                              "head_images": len(heads_on), "calibration": len(calib), "test": len(test),
                              "timed_test_images": len(timed)},
         "cuts": cuts, "head_training_seconds": head_seconds, "rows": rows, "oracle_on_test": oracles,
         "operating_points": {name: cascades[name].bundle.manifest["operating_points"] for name in cascades
                              if name.startswith("early-exit")},
-        "command": "python benchmarks/cifar10_early_exit.py " + " ".join(sys.argv[1:]),
     }
-    save(result, args.out)
+    harness.save(result, args.out)
     for r in rows:
         print(f"{r['name']:58s} top1 {100 * r['top1']:6.2f}  mean {r['mean_ms']:6.3f} ms  p95 {r['p95_ms']:6.3f} ms  "
               f"speed-up same precision {r.get('speedup_vs_full_model_same_precision', float('nan')):5.2f}x  "

@@ -18,19 +18,19 @@ stages; a pool of 4,000 images that trained nothing, 10 stratified splits of 1,5
 
 The oracle (each image leaves at the first stage that is right) is computed on the same test images.
 
-    python benchmarks/exit_scores.py          # writes benchmarks/results/exit_scores.json
+    python -m benchmarks.exit_scores          # writes benchmarks/results/exit_scores.json (and .md)
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from common import DEFAULT_DATA, RESULTS, machine, save
+from benchmarks import harness
+
+NAME = "exit_scores"
 
 SCORES = ("max_softmax", "margin", "entropy", "max_logit", "learned")
 DROPS = (0.005, 0.01, 0.02)
@@ -218,22 +218,18 @@ def markdown(out: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=RESULTS / "exit_scores.json")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = harness.parser(__doc__, f"{NAME}.json", render=True)
     ap.add_argument("--imagenet-splits", type=int, default=20)
     ap.add_argument("--cifar-splits", type=int, default=10)
     args = ap.parse_args()
-    from common import require_data
-
-    require_data(args.data, "cifar10-train.tar.gz")
-    require_data(args.data, "imagenet-sample-320.tar")
-    import calibration_data
+    if harness.render_only(args, NAME, markdown):
+        return
+    harness.require_data(args.data, harness.CIFAR10)
+    harness.require_data(args.data, harness.IMAGENET)
+    from benchmarks import calibration_data
 
     t0 = time.time()
-    out = {"benchmark": "exit_scores", "machine": machine(), "threads": args.threads,
-           "command": "python benchmarks/exit_scores.py " + " ".join(sys.argv[1:])}
+    out = {**harness.metadata(NAME), "threads": args.threads}
 
     from stagewise.datasets import stratified_indices
 
@@ -273,8 +269,7 @@ def main() -> None:
             }
             print(f"{key} done ({time.time() - t0:.0f} s)", file=sys.stderr)
     out["wall_seconds"] = time.time() - t0
-    save(out, args.out)
-    args.out.with_suffix(".md").write_text(markdown(out))
+    harness.save(out, args.out, markdown)
 
 
 if __name__ == "__main__":

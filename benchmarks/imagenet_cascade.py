@@ -12,19 +12,19 @@ noise hits every configuration alike. The oracle bound (each image leaves at the
 that is right) is reported for every cascade. Before timing, every single
 model's fp32 bundle is checked against PyTorch on all 1,000 images (top-1 agreement).
 
-    python benchmarks/imagenet_cascade.py      # writes benchmarks/results/imagenet_cascade.json and .png
+    python -m benchmarks.imagenet_cascade      # writes benchmarks/results/imagenet_cascade.json and .png
+    python -m benchmarks.imagenet_cascade --render   # prints its docs/benchmarks.md tables
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from common import DEFAULT_DATA, REPO_ROOT, RESULTS, decode_all, machine, require_data, save
+from benchmarks import harness
+
+NAME = "imagenet_cascade"
 
 ZOO = "stagewise.converters.zoo:efficientnet_lite{}"
 SINGLES = {"lite0@224": (0, 224), "lite1@240": (1, 240), "lite2@260": (2, 260), "lite2@240": (2, 240)}
@@ -35,13 +35,15 @@ CASCADES = {
 }
 
 
-def _model(variant: int, size: int) -> torch.nn.Module:
+def _model(variant: int, size: int):
     from stagewise.converters.torch_source import build_model
 
     return build_model(ZOO.format(variant), image_size=size)
 
 
-def torch_top1(model: torch.nn.Module, pre, images: list[np.ndarray], size: int) -> np.ndarray:
+def torch_top1(model, pre, images: list[np.ndarray], size: int) -> np.ndarray:
+    import torch
+
     out = []
     with torch.no_grad():
         for i in range(0, len(images), 50):
@@ -49,36 +51,57 @@ def torch_top1(model: torch.nn.Module, pre, images: list[np.ndarray], size: int)
     return np.concatenate(out)
 
 
+def markdown(result: dict) -> str:
+    """The docs/benchmarks.md table of a result."""
+    d = result["data"]
+    lines = [f"n = {d['test']} test images for top-1 and exits ({d['calibration']} other images calibrated the "
+             f"thresholds); latency: batch 1, {result['threads']} thread(s), {d['timed_test_images']} test images timed "
+             f"round robin; {result['machine']['cpu']}, {result['machine']['date'][:10]}.", "",
+             "| configuration | top-1 % | top-5 % | mean ms | p95 ms | exits per stage | against single models |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        note = ""
+        if "speedup_vs_equal_accuracy_single" in r:
+            note = f"{r['speedup_vs_equal_accuracy_single']:.2f}x faster than {r['equal_accuracy_single']} (≥ its top-1)"
+        elif r.get("more_accurate_than_every_single"):
+            note = (f"more accurate than every single; {r['speedup_vs_most_accurate_single']:.2f}x the speed of "
+                    f"{r['most_accurate_single']}")
+        lines.append(f"| {r['name']} | {harness.percent(r['top1'])} | {harness.percent(r['top5'])} | {r['mean_ms']:.2f} | {r['p95_ms']:.2f} | "
+                     f"{harness.exit_shares(r['exit_histogram']) if r['kind'] == 'cascade' else '-'} | {note} |")
+    lines.append("")
+    for name, o in result["oracle_on_test"].items():
+        lines.append(f"Oracle bound, {name}: top-1 {harness.percent(o['top1'])} % at {o['mean_ms_from_stage_p50']:.2f} ms mean "
+                     f"(stage p50s), exits {' / '.join(f'{100 * r:.0f}%' for r in o['exit_rates'])}.")
+    lines.append("")
+    for name, a in result["torch_agreement"].items():
+        lines.append(f"- {name} fp32 bundle vs PyTorch: top-1 agreement {100 * a['top1_agreement_with_torch']:.1f} % on "
+                     f"{a['n']} images (PyTorch top-1 {100 * a['torch_top1']:.1f} %).")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=RESULTS / "imagenet_cascade.json")
-    ap.add_argument("--bundles", type=Path, default=REPO_ROOT / "runs" / "imagenet")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = harness.parser(__doc__, f"{NAME}.json", bundles="imagenet", render=True, timing_images=200)
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--cascades", default="lite0@224>lite2@260 mean,lite0@224>lite2@260 own", help="comma-separated names from: " + ", ".join(CASCADES))
     ap.add_argument("--singles", default="lite0@224,lite1@240,lite2@260", help="from: " + ", ".join(SINGLES))
     ap.add_argument("--int8-cascades", default=next(iter(CASCADES)), help="cascades also built in INT8")
     ap.add_argument("--int8-singles", default="lite0@224,lite2@260", help="single models also built in INT8")
-    ap.add_argument("--reuse", action="store_true", help="load bundles already under --bundles instead of rebuilding")
-    ap.add_argument("--timing-images", type=int, default=200,
-                    help="test images timed at batch 1 (accuracy always uses every test image)")
     args = ap.parse_args()
+    if harness.render_only(args, NAME, markdown):
+        return
+    parts = harness.imagenet_parts(args.data)
 
     from stagewise.converters.build import BuildOptions, build_bundle
     from stagewise.converters.torch_cascade import cascade_plans
     from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS, imagenet_labels
-    from stagewise.datasets import open_image_set
     from stagewise.images import Preprocess
     from stagewise.reports import pareto_plot
     from stagewise.runtimes import load
-    from stagewise.runtimes.bench import round_robin, summarize
+    from stagewise.runtimes.bench import summarize
     from stagewise.runtimes.calibrate import exit_table
 
-    archive = require_data(args.data, "imagenet-sample-320.tar")
-    torch.set_num_threads(2)
-    data = open_image_set(archive)
-    calib, test = data.split([0.5, 0.5], seed=0)
+    harness.set_threads(torch=2)
+    data, calib, test = parts.images, parts.calibration, parts.test
     pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
     labels = imagenet_labels()
     precisions = ["fp32"] if args.no_int8 else ["fp32", "int8"]
@@ -110,7 +133,7 @@ def main() -> None:
             kinds[f"{name} {tag}"] = "cascade"
 
     cascades = {name: load(path, backend="onnxruntime", threads=args.threads) for name, path in bundles.items()}
-    all_images = decode_all(data, "decoding all sample images")
+    all_images = harness.decode_all(data, "decoding all sample images")
     agreement = {}
     for name in args.singles.split(","):
         variant, size = SINGLES[name]
@@ -122,7 +145,7 @@ def main() -> None:
         print(f"{name}: bundle vs torch top-1 agreement {100 * agreement[name]['top1_agreement_with_torch']:.2f}% "
               f"(n={len(all_images)}), torch top-1 {100 * agreement[name]['torch_top1']:.1f}%")
 
-    images = decode_all(test, "decoding test images")
+    images = harness.decode_all(test, "decoding test images")
     configs, meta, decisions = {}, {}, {}
     for name, cascade in cascades.items():
         points = ["full"] if kinds[name] == "single" else [p for p in cascade.operating_points if p != "full"]
@@ -132,7 +155,7 @@ def main() -> None:
             meta[key] = (kinds[name], len(cascade.stage_names))
             decisions[key] = cascade.predict_batch(images, operating_point=point)
     timed = np.random.default_rng(1).choice(len(images), size=min(args.timing_images, len(images)), replace=False)
-    runs = round_robin(configs, [images[i] for i in timed])
+    runs = harness.round_robin(configs, [images[i] for i in timed]).outputs
     rows = [summarize(name, meta[name][0], decisions[name], test.labels, meta[name][1], timed=runs[name])
             for name in configs]
     for tag in precisions:
@@ -158,15 +181,14 @@ def main() -> None:
             o = exit_table(cascade, images, test.labels, costs).oracle()
             oracles[name] = {"top1": o.accuracy, "mean_ms_from_stage_p50": o.mean_cost, "exit_rates": list(o.exit_rates)}
     result = {
-        "benchmark": "imagenet_cascade", "machine": machine(), "runtime": "onnxruntime", "threads": args.threads,
-        "batch": 1, "data": {"archive": str(archive), "calibration": len(calib), "test": len(test),
-                             "timed_test_images": len(timed), "split": "random halves, seed 0 (one image per class)"},
+        **harness.metadata(NAME), "runtime": "onnxruntime", "threads": args.threads,
+        "batch": 1, "data": {"archive": str(parts.archive), "calibration": len(calib), "test": len(test),
+                             "timed_test_images": len(timed), "split": parts.split},
         "torch_agreement": agreement, "rows": rows, "oracle_on_test": oracles,
         "int8": {name: [s["artifacts"]["onnx"].get("quantization") for s in c.bundle.manifest["stages"]]
                  for name, c in cascades.items() if name.endswith("int8")},
-        "command": "python benchmarks/imagenet_cascade.py " + " ".join(sys.argv[1:]),
     }
-    save(result, args.out)
+    harness.save(result, args.out)
     plot_rows = [dict(r, series=r["name"].split(" @ ")[0] if r["kind"] == "cascade" else "single models fp32",
                       short=r["name"].split(" @ ")[-1] if r["kind"] == "cascade" else r["name"])
                  for r in rows if r["name"].split(" @ ")[0].endswith("fp32")]

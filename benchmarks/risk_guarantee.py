@@ -16,20 +16,20 @@ the speed-up each buys.
 The held-out risk is itself an estimate (binomial noise of the held-out rest), so the measured
 violation rate slightly overstates true violations when the chosen point sits close to epsilon.
 
-    python benchmarks/risk_guarantee.py      # writes benchmarks/results/risk_guarantee.json
+    python -m benchmarks.risk_guarantee      # writes benchmarks/results/risk_guarantee.json (and .md)
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from common import DEFAULT_DATA, RESULTS, machine, require_data, save
+from benchmarks import harness
+
+NAME = "risk_guarantee"
 
 CONFIGS = {
     "cifar10": [("disagreement", 0.02), ("disagreement", 0.05), ("error_increase", 0.01), ("error_increase", 0.02)],
@@ -124,23 +124,21 @@ def markdown(out: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=RESULTS / "risk_guarantee.json")
+    ap = harness.parser(__doc__, f"{NAME}.json", render=True)
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--delta", type=float, default=0.1)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    require_data(args.data, "cifar10-train.tar.gz")
-    require_data(args.data, "imagenet-sample-320.tar")
-    import calibration_data
+    if harness.render_only(args, NAME, markdown):
+        return
+    harness.require_data(args.data, harness.CIFAR10)
+    harness.require_data(args.data, harness.IMAGENET)
+    from benchmarks import calibration_data
 
     t0 = time.time()
     c = calibration_data.cifar10(args.data, args.threads)
     logits = [np.concatenate([a, b]) for a, b in zip(c["calibration"][0], c["test"][0])]
     labels = np.concatenate([c["calibration"][1], c["test"][1]])
-    out = {"benchmark": "risk_guarantee", "machine": machine(),
-           "command": "python benchmarks/risk_guarantee.py " + " ".join(sys.argv[1:]),
+    out = {**harness.metadata(NAME),
            "method": "learn-then-test, fixed-sequence exact binomial tests; tune/test halves of each calibration draw",
            "cifar10": {"sequence": "EfficientNet-Lite0 early exits (4 stages), max softmax + temperature",
                        "stage_ms": c["costs"].tolist(), "pool": int(len(labels)),
@@ -152,8 +150,7 @@ def main() -> None:
                        "rows": run_pool("imagenet", inet["logits"], inet["labels"], inet["costs"], 500, args.draws,
                                         args.delta, float(inet["costs"][-1]))}
     out["wall_seconds"] = time.time() - t0
-    save(out, args.out)
-    args.out.with_suffix(".md").write_text(markdown(out))
+    harness.save(out, args.out, markdown)
 
 
 if __name__ == "__main__":

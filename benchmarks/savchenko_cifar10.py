@@ -16,20 +16,20 @@ network) with :mod:`stagewise.converters.savchenko`:
   features) x cumulative stage p50 from that profile. A second, end-to-end measurement runs the
   real executor on ``--measure-images`` test images, round robin, batch 1.
 
-    python benchmarks/savchenko_cifar10.py     # features cached by lite0_cifar10_features.py (~15 min once)
+    python -m benchmarks.savchenko_cifar10     # features cached by benchmarks.lite0_cifar10_features (~15 min once)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import DEFAULT_DATA, REPO_ROOT, RESULTS, machine, require_data, save
+from benchmarks import harness
+
+NAME = "savchenko_cifar10"
 
 ALPHAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 
@@ -89,31 +89,32 @@ def markdown(r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--out", type=Path, default=RESULTS / "savchenko_cifar10.json")
-    ap.add_argument("--bundle", type=Path, default=REPO_ROOT / "runs" / "calibration" / "savchenko_lite0_cifar10.swb")
-    ap.add_argument("--cuts", default="_blocks.7,_blocks.10,_blocks.14")
+    ap = harness.parser(__doc__, f"{NAME}.json", render=True, cuts="_blocks.7,_blocks.10,_blocks.14")
+    ap.add_argument("--bundle", type=Path, default=harness.RUNS / "calibration" / "savchenko_lite0_cifar10.swb")
     ap.add_argument("--delta", type=float, default=0.5)
     ap.add_argument("--classifier", choices=["svm", "logistic"], default="svm")
     ap.add_argument("--C", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--measure-images", type=int, default=300, help="test images for the end-to-end timing (0: skip)")
     args = ap.parse_args()
-    require_data(args.data, "cifar10-train.tar.gz")
+    if harness.render_only(args, NAME, markdown):
+        return
+    harness.require_data(args.data, harness.CIFAR10)
 
-    import torch
-
-    import lite0_cifar10_features as cache
+    from benchmarks import lite0_cifar10_features as cache
     from stagewise.converters.build import BuildOptions, build_bundle
     from stagewise.converters.savchenko import SavchenkoSettings, add_alpha_points, plans_from_heads, savchenko_heads
     from stagewise.converters.zoo import efficientnet_lite0
     from stagewise.runtimes import load
+<<<<<<< HEAD
     from stagewise.runtimes.bench import round_robin, summarize
     from stagewise.bundle import update_manifest as rewrite_manifest
+=======
+    from stagewise.runtimes.bench import summarize
+    from stagewise.runtimes.calibrate import rewrite_manifest
+>>>>>>> bench
     from stagewise.runtimes.profiling import measure_stage_latency, record_profile
 
-    torch.set_num_threads(args.threads)
+    harness.set_threads(torch=args.threads)
     t_start = time.time()
     feats = cache.load(args.data, args.threads)
     cuts = args.cuts.split(",") + ["_avg_pooling"]
@@ -176,14 +177,14 @@ def main() -> None:
             configs["full"] = lambda im: cascade.predict(im, operating_point="full")
             for k in range(len(cuts) - 1):
                 configs[f"stage {k} alone"] = lambda im, k=k: cascade.predict_stage(im, k)
-            runs = round_robin(configs, images)
+            runs = harness.round_robin(configs, images).outputs
             for name, preds in runs.items():
                 measured[name] = summarize(name, "measured", preds, test_images.labels[idx], len(cuts))
             for name in measured:
                 measured[name]["speedup_vs_full"] = measured["full"]["mean_ms"] / measured[name]["mean_ms"]
 
     result_json = {
-        "benchmark": "savchenko_cifar10", "machine": machine(), "threads": args.threads, "runtime": "onnxruntime",
+        **harness.metadata(NAME), "threads": args.threads, "runtime": "onnxruntime",
         "batch": 1, "backbone": "EfficientNet-Lite0 (ImageNet weights, frozen), CIFAR-10 stretched to 224x224",
         "cuts": cuts, "stage_p50_ms": stage_ms.tolist(), "latency_source": f"bundle profile {profile} (p50 per stage over {len(profile_frames)} images, every "
                           "stage on each image in turn)", "load_average_during_profile": load_during_profile,
@@ -193,10 +194,8 @@ def main() -> None:
         "method": result.record, "head_fit_seconds": fit_seconds, "results": main_eval,
         "delta_sensitivity": deltas, "bundle_check": check, "measured_end_to_end": measured,
         "bundle": str(out), "wall_seconds": time.time() - t_start, "load_average_at_end": os.getloadavg(),
-        "command": "python benchmarks/savchenko_cifar10.py " + " ".join(sys.argv[1:]),
     }
-    save(result_json, args.out)
-    args.out.with_suffix(".md").write_text(markdown(result_json))
+    harness.save(result_json, args.out, markdown)
     print(f"full: top-1 {100 * main_eval['full']['top1']:.2f}%  {main_eval['full']['mean_ms']:.2f} ms")
     for s in main_eval["singles"]:
         print(f"stage {s['stage']} alone: top-1 {100 * s['top1']:.2f}%  {s['mean_ms']:.2f} ms")

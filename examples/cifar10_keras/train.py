@@ -3,7 +3,7 @@
 Data: the CIFAR-10 training archive (``../shared/data/cifar10-train.tar.gz`` by default),
 split with ``stagewise.datasets`` stratified with seed 0 into 80% train / 10% calibration /
 10% test: the network is trained on the train part only; the calibration part is left for
-picking thresholds and the test part for reporting (``benchmarks/litert_side_by_side.py``).
+picking thresholds and the test part for reporting (``python -m benchmarks.litert_side_by_side``).
 
 Training: AdamW with a cosine learning rate, batch 128, random horizontal flips and random
 translations of up to 4 pixels; a few epochs keep it within about 15 minutes on 2 CPU cores.

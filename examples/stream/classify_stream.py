@@ -13,7 +13,7 @@ per-stage trace as JSON lines.
 Try it on the ImageNet demo images shipped with the package (a folder of frames) with the
 cascade the budget benchmark builds::
 
-    python benchmarks/budget_build.py                       # prints runs/budget/lite0_224_lite2_260_mean.swb
+    python -m benchmarks.budget_build                       # prints runs/budget/lite0_224_lite2_260_mean.swb
     python examples/stream/classify_stream.py runs/budget/lite0_224_lite2_260_mean.swb \
         sdk/demo_data/imagenet-160/images --fps 10 --limit 40
 """
