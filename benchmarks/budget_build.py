@@ -21,8 +21,9 @@ def build(parts: harness.Parts, out: Path = BUNDLE, threads: int = 1, force: boo
     if out.exists() and not force:
         return out
     from stagewise.converters import zoo
-    from stagewise.converters.build import BuildOptions, build_bundle
-    from stagewise.converters.torch_cascade import cascade_plans
+    from stagewise.converters.build import build_bundle
+    from stagewise.converters.options import BuildOptions
+    from stagewise.converters.plans import cascade_plans
     from stagewise.images import Preprocess
 
     harness.set_threads(torch=2)

@@ -78,23 +78,24 @@ def cifar10_costs(data: Path, threads: int) -> tuple[np.ndarray, str]:
 def _measure_lite0_stages(path: Path, threads: int) -> None:
     import torch
 
-    from stagewise.converters.onnx_export import export_onnx, ort_session
-    from stagewise.converters.savchenko import LinearHead, plans_from_heads
+    from stagewise.converters.heads import LinearHead
+    from stagewise.converters.savchenko import plans_from_heads
+    from stagewise.converters.torch_source import export_onnx
     from stagewise.converters.zoo import efficientnet_lite0
 
     harness.set_threads(torch=threads)
     dims = (80, 112, 192, 1280)
-    heads = [LinearHead(np.zeros((10, d)), np.zeros(10)) for d in dims]
+    heads = [LinearHead(np.zeros((10, d)), np.zeros(10), normalise=True) for d in dims]
     grey = np.full((32, 32, 3), 128, np.uint8)
     pre = feats_cache.preprocess()
-    plans = plans_from_heads(efficientnet_lite0(image_size=224), CIFAR_CUTS, pre, (224, 224), heads, grey, {})
+    plans = plans_from_heads(efficientnet_lite0(image_size=224), CIFAR_CUTS, pre, (224, 224), heads, {})
     x = torch.from_numpy(pre.tensor([grey], (224, 224)))
     p50 = []
     for k, plan in enumerate(plans):
         f = CACHE / "onnx" / f"lite0_stage{k}.onnx"
         f.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(plan.module, x, f, plan.input_name, plan.output_names)
-        session = ort_session(f, threads)
+        export_onnx(plan.module, x.numpy(), f, plan.input_name, plan.output_names)
+        session = harness.ort_session(f, threads)
         feed = {plan.input_name: x.numpy()}
         times = []
         for r in range(60):
@@ -126,7 +127,7 @@ def imagenet(data: Path = harness.DEFAULT_DATA, threads: int = 1) -> dict:
 def _imagenet_extract(data: Path, threads: int, path: Path, lat_path: Path) -> None:
     import torch
 
-    from stagewise.converters.onnx_export import export_onnx, ort_session
+    from stagewise.converters.torch_source import export_onnx
     from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS, efficientnet_lite0, efficientnet_lite2
     from stagewise.images import Preprocess
 
@@ -149,7 +150,7 @@ def _imagenet_extract(data: Path, threads: int, path: Path, lat_path: Path) -> N
         f = CACHE / "onnx" / f"{name}_{size}.onnx"
         f.parent.mkdir(parents=True, exist_ok=True)
         if not f.exists():
-            export_onnx(model, torch.from_numpy(pre.tensor(frames[:1], (size, size))), f, "image", ["logits"])
+            export_onnx(model, pre.tensor(frames[:1], (size, size)), f, "image", ["logits"])
     np.savez(path, **out)
     _time_imagenet_models(frames, threads, lat_path)
 
@@ -157,12 +158,11 @@ def _imagenet_extract(data: Path, threads: int, path: Path, lat_path: Path) -> N
 def _time_imagenet_models(frames, threads: int, lat_path: Path, rounds: int = 150) -> None:
     """Per-model latency, interleaved round robin (image by image, every model in turn) so that a
     busy machine slows every model alike; p50 over ``rounds`` images after 10 warm-up rounds."""
-    from stagewise.converters.onnx_export import ort_session
     from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS
     from stagewise.images import Preprocess
 
     pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
-    runners = {k: (lambda frame, s=ort_session(CACHE / "onnx" / f"{name}_{size}.onnx", threads), size=size:
+    runners = {k: (lambda frame, s=harness.ort_session(CACHE / "onnx" / f"{name}_{size}.onnx", threads), size=size:
                    s.run(None, {"image": pre.tensor([frame], (size, size))}))
                for k, (name, _, size) in enumerate(IMAGENET_STAGES)}
     timing = harness.round_robin(runners, [frames[i % len(frames)] for i in range(rounds + 10)], warmup=10)

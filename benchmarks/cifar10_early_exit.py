@@ -56,10 +56,11 @@ def main() -> None:
     example = harness.example_module("cifar10")
     MEAN, STD, resnet_cifar = example.MEAN, example.STD, example.resnet_cifar
 
-    from stagewise.converters.build import BuildOptions, build_bundle
+    from stagewise.converters.build import build_bundle
+    from stagewise.converters.options import BuildOptions
     from stagewise.converters.heads import HeadTraining
-    from stagewise.converters.torch_cascade import cascade_plans
-    from stagewise.converters.torch_early_exit import early_exit_plans
+    from stagewise.converters.plans import cascade_plans
+    from stagewise.converters.plans import early_exit_plans
     from stagewise.images import Preprocess
     from stagewise.runtimes import load
     from stagewise.runtimes.bench import summarize

@@ -183,6 +183,16 @@ def set_threads(torch: int | None = None, tensorflow: int | None = None) -> None
 
 # ---- round-robin timing -------------------------------------------------------------------------
 
+def ort_session(path: Path, threads: int = 1) -> Any:
+    """A CPU ONNX Runtime session with fixed threads (for timing single exported models)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
 def timed_call(fn: Callable[[Any], Any], x: Any) -> tuple[Any, float]:
     """``fn(x)`` and its wall time in milliseconds."""
     t0 = time.perf_counter()

@@ -36,7 +36,7 @@ CASCADES = {
 
 
 def _model(variant: int, size: int):
-    from stagewise.converters.torch_source import build_model
+    from stagewise.converters.factory import build_model
 
     return build_model(ZOO.format(variant), image_size=size)
 
@@ -91,8 +91,9 @@ def main() -> None:
         return
     parts = harness.imagenet_parts(args.data)
 
-    from stagewise.converters.build import BuildOptions, build_bundle
-    from stagewise.converters.torch_cascade import cascade_plans
+    from stagewise.converters.build import build_bundle
+    from stagewise.converters.options import BuildOptions
+    from stagewise.converters.plans import cascade_plans
     from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS, imagenet_labels
     from stagewise.images import Preprocess
     from stagewise.reports import pareto_plot

@@ -55,8 +55,8 @@ def extract(images, threads: int = 1, batch: int = 32) -> dict[str, np.ndarray]:
     """Pooled features at every cut of :data:`CUTS` for every image of ``images``."""
     import torch
 
-    from stagewise.converters.heads import pooled
     from stagewise.converters.torch_cuts import split_model
+    from stagewise.converters.torch_source import Pool
     from stagewise.converters.zoo import efficientnet_lite0
 
     harness.set_threads(torch=threads)
@@ -69,7 +69,7 @@ def extract(images, threads: int = 1, batch: int = 32) -> dict[str, np.ndarray]:
             x = torch.from_numpy(pre.tensor([images.image(j) for j in range(i, min(i + batch, len(images)))], (SIZE, SIZE)))
             for k, seg in enumerate(segments):
                 x = seg(x)
-                feats[k].append(pooled(x).numpy().astype(np.float32))
+                feats[k].append(Pool()(x).numpy().astype(np.float32))
             done = min(i + batch, len(images))
             if (i // batch) % 10 == 0:
                 print(f"  {done}/{len(images)} images, {done / (time.time() - t0):.1f} img/s", file=sys.stderr, flush=True)

@@ -76,7 +76,8 @@ def _verification(built: dict) -> dict:
 
 def _build_set(args: argparse.Namespace, part: str, plans, single, pre, labels, calib, kind: str) -> dict:
     """{(runtime, precision): {"bundle": path, "full": path}} for every runtime and precision."""
-    from stagewise.converters.build import BuildOptions, build_bundle
+    from stagewise.converters.build import build_bundle
+    from stagewise.converters.options import BuildOptions
 
     built, seconds = {}, {}
     for runtime, fmt in RUNTIMES.items():
@@ -145,14 +146,13 @@ def _agreement(paths: dict, reference: list[np.ndarray], images: list[np.ndarray
 
 
 def _source_logits(plans, pre, images: list[np.ndarray]) -> list[np.ndarray]:
-    from stagewise.converters.build import stage_runner
+    from stagewise.converters.build import stage_inputs
 
-    runner = stage_runner(plans[0].framework)
     out: list[list[np.ndarray]] = [[] for _ in plans]
     for i in range(0, len(images), 128):
-        xs = runner.stage_inputs(plans, pre, images[i:i + 128])
+        xs = stage_inputs(plans, pre, images[i:i + 128])
         for k, (plan, x) in enumerate(zip(plans, xs)):
-            out[k].append(runner.outputs(plan, x)["logits"])
+            out[k].append(plan.outputs(x)["logits"])
     return [np.concatenate(o) for o in out]
 
 
@@ -193,8 +193,8 @@ def cifar10(args: argparse.Namespace, framework: str) -> dict:
             return _skip(part, f"{WEIGHTS} not found (train it with examples/cifar10/train.py)")
         harness.set_threads(torch=args.threads)
         from stagewise.converters.heads import HeadTraining
-        from stagewise.converters.torch_cascade import cascade_plans
-        from stagewise.converters.torch_early_exit import early_exit_plans
+        from stagewise.converters.plans import cascade_plans
+        from stagewise.converters.plans import early_exit_plans
 
         pre = Preprocess(mean=MEAN, std=STD, resize="stretch", crop_fraction=1.0)
         model, cuts = resnet_cifar(), ["layer1", "layer2"]
@@ -207,13 +207,13 @@ def cifar10(args: argparse.Namespace, framework: str) -> dict:
         if not Path(weights).exists():
             return _skip(part, f"{weights} not found (train it with examples/cifar10_keras/train.py)")
         harness.set_threads(tensorflow=args.threads)
-        from stagewise.converters.keras_early_exit import keras_cascade_plans, keras_early_exit_plans
+        from stagewise.converters.plans import cascade_plans, early_exit_plans
 
         pre = Preprocess(mean=keras_example.MEAN, std=keras_example.STD, layout="NHWC", resize="stretch",
                          crop_fraction=1.0)
         model, cuts = keras_example.cifar_resnet(weights), list(keras_example.CUTS)
-        plans = None if reused else keras_early_exit_plans(model, cuts, pre, (32, 32), heads_on)
-        single = keras_cascade_plans([("resnet", model, (32, 32))])
+        plans = None if reused else early_exit_plans(model, cuts, pre, (32, 32), heads_on)
+        single = cascade_plans([("resnet", model, (32, 32))])
     head_seconds = time.time() - t0
     built = _build_set(args, part, plans, single, pre, data.classes, calib, "early_exit")
     images = harness.decode_all(test, f"decoding {part} test images")
@@ -234,8 +234,8 @@ def imagenet(args: argparse.Namespace) -> dict:
     parts = harness.imagenet_parts(args.data)
     try:
         import stagewise.converters.zoo as zoo
-        from stagewise.converters.torch_source import build_model
-        from stagewise.converters.torch_cascade import cascade_plans
+        from stagewise.converters.factory import build_model
+        from stagewise.converters.plans import cascade_plans
 
         lite0 = build_model("stagewise.converters.zoo:efficientnet_lite0", image_size=224)
         lite2 = build_model("stagewise.converters.zoo:efficientnet_lite2", image_size=260)

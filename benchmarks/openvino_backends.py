@@ -198,7 +198,7 @@ def cifar10_part(args, build_options) -> dict:
 
     from stagewise.converters.build import build_bundle
     from stagewise.converters.heads import HeadTraining
-    from stagewise.converters.torch_early_exit import early_exit_plans
+    from stagewise.converters.plans import early_exit_plans
     from stagewise.images import Preprocess
 
     data, train, calib = parts.images, parts.train, parts.calibration
@@ -225,8 +225,8 @@ def cifar10_part(args, build_options) -> dict:
 
 def imagenet_part(args, build_options) -> dict:
     from stagewise.converters.build import build_bundle
-    from stagewise.converters.torch_cascade import cascade_plans
-    from stagewise.converters.torch_source import build_model
+    from stagewise.converters.plans import cascade_plans
+    from stagewise.converters.factory import build_model
     from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS
     from stagewise.images import Preprocess
 
@@ -265,7 +265,7 @@ def main() -> None:
 
     import torch
 
-    from stagewise.converters.build import BuildOptions
+    from stagewise.converters.options import BuildOptions
 
     harness.set_threads(torch=args.threads)
     args.bundles.mkdir(parents=True, exist_ok=True)

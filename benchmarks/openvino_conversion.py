@@ -41,7 +41,7 @@ def routes(name: str, model, x: np.ndarray, threads: int) -> dict:
     import openvino as ov
     import torch
 
-    from stagewise.converters.onnx_export import export_onnx
+    from stagewise.converters.torch_source import export_onnx
 
     core = ov.Core()
     f32 = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}
@@ -60,7 +60,7 @@ def routes(name: str, model, x: np.ndarray, threads: int) -> dict:
         from_torch = ov.convert_model(model, example_input=torch.from_numpy(x[:1]), input=[shape])
         t1 = time.perf_counter()
         onnx_path = Path(tmp) / f"{name}.onnx"
-        export_onnx(model, torch.from_numpy(x[:1]), onnx_path, "image", ["logits"])
+        export_onnx(model, x[:1], onnx_path, "image", ["logits"])
         t2 = time.perf_counter()
         from_onnx = ov.convert_model(str(onnx_path), input=[shape])
         t3 = time.perf_counter()
@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     imagenet = harness.imagenet_parts(args.data).images
 
-    from stagewise.converters.torch_source import build_model
+    from stagewise.converters.factory import build_model
     from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS
     from stagewise.images import Preprocess
 

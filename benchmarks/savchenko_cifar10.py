@@ -101,17 +101,13 @@ def main() -> None:
     harness.require_data(args.data, harness.CIFAR10)
 
     from benchmarks import lite0_cifar10_features as cache
-    from stagewise.converters.build import BuildOptions, build_bundle
+    from stagewise.converters.build import build_bundle
+    from stagewise.converters.options import BuildOptions
     from stagewise.converters.savchenko import SavchenkoSettings, add_alpha_points, plans_from_heads, savchenko_heads
     from stagewise.converters.zoo import efficientnet_lite0
     from stagewise.runtimes import load
-<<<<<<< HEAD
-    from stagewise.runtimes.bench import round_robin, summarize
-    from stagewise.bundle import update_manifest as rewrite_manifest
-=======
+    from stagewise.bundle import update_manifest
     from stagewise.runtimes.bench import summarize
-    from stagewise.runtimes.calibrate import rewrite_manifest
->>>>>>> bench
     from stagewise.runtimes.profiling import measure_stage_latency, record_profile
 
     harness.set_threads(torch=args.threads)
@@ -131,7 +127,7 @@ def main() -> None:
     parts = cache.parts(args.data)
     pre = cache.preprocess()
     model = efficientnet_lite0(image_size=cache.SIZE)
-    plans = plans_from_heads(model, cuts, pre, (cache.SIZE, cache.SIZE), result.heads, parts["user"].image(0),
+    plans = plans_from_heads(model, cuts, pre, (cache.SIZE, cache.SIZE), result.heads,
                              result.record)
     calib = parts["calibration"].take_per_class(20, seed=1)  # only for the bundle's own profile and default points
     args.bundle.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +142,7 @@ def main() -> None:
         def finish(m: dict, root) -> dict:
             record_profile(m, cascade, stats)
             return add_alpha_points(m, result, default_alpha=0.05)
-        manifest = rewrite_manifest(out, finish)
+        manifest = update_manifest(out, finish)
     profile = f"onnxruntime-cpu-{args.threads}t"
     stage_ms = np.array([s["cost"]["latency_ms"][profile]["p50"] for s in manifest["stages"]])
 

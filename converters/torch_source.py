@@ -96,6 +96,20 @@ def count_macs(module: torch.nn.Module, example: torch.Tensor) -> int:
     return int(total)
 
 
+def export_onnx(module: torch.nn.Module, example: np.ndarray, path: Path, input_name: str,
+                output_names: Sequence[str]) -> dict:
+    """Write ``module`` (one tensor in, ``output_names`` out) as ONNX with a dynamic batch axis; returns the record."""
+    axes = {name: {0: "batch"} for name in [input_name, *output_names]}
+    try:
+        with _quiet():
+            torch.onnx.export(module.eval(), (torch.from_numpy(np.ascontiguousarray(example[:1])),), str(path),
+                              input_names=[input_name], output_names=list(output_names), dynamic_axes=axes,
+                              opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    except Exception as exc:  # the exporter raises many unrelated types
+        raise ConversionError(f"torch.onnx.export failed for {Path(path).name}: {exc}") from exc
+    return {"tool": "torch.onnx.export (TorchScript)", "version": torch.__version__, "opset": OPSET}
+
+
 @contextlib.contextmanager
 def _quiet():
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -164,15 +178,7 @@ class TorchSource:
 
     def export_onnx(self, plan: Any, example: np.ndarray, path: Path) -> dict:
         """Write the stage as ONNX (opset 17, dynamic batch), input/outputs named as the manifest says."""
-        axes = {name: {0: "batch"} for name in [plan.input_name, *plan.output_names]}
-        try:
-            with _quiet():
-                torch.onnx.export(plan.module.eval(), (torch.from_numpy(example[:1]),), str(path),
-                                  input_names=[plan.input_name], output_names=list(plan.output_names),
-                                  dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
-        except Exception as exc:  # the exporter raises many unrelated types
-            raise ConversionError(f"torch.onnx.export failed for stage {plan.name}: {exc}") from exc
-        return {"tool": "torch.onnx.export (TorchScript)", "version": torch.__version__, "opset": OPSET}
+        return export_onnx(plan.module, example, path, plan.input_name, plan.output_names)
 
     def export_openvino(self, plan: Any, example: np.ndarray, workdir: Path) -> Any:
         """An ``ov.Model`` converted straight from the module (the ``native`` route)."""
