@@ -24,18 +24,18 @@ meets the tolerance (:func:`keep_int8`), and list the chosen files for the manif
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from stagewise.errors import ConversionError, MissingExtraError, VerificationError
+from stagewise.errors import ConversionError, VerificationError
 from stagewise.runtimes.base import RUNTIMES, LoadOptions, StageIO
 
 from .options import BuildOptions
 from .plans import StagePlan
+from .tooling import plugin
 
 FP16_TOLERANCE = 2e-2
 """Relative tolerance (of the largest output magnitude) of fp16-weight models against the source."""
@@ -230,8 +230,4 @@ def exporter(artifact_format: str) -> Exporter:
     if artifact_format not in EXPORTERS:
         raise ConversionError(f"unknown artifact format {artifact_format!r}; choose from {', '.join(EXPORTERS)}")
     module, name, extra = EXPORTERS[artifact_format]
-    try:
-        return getattr(importlib.import_module(module), name)()
-    except ImportError as exc:
-        raise MissingExtraError(f"exporting {artifact_format!r} artifacts needs {exc.name or 'a package'}, which is "
-                                f'not installed: pip install "stagewise[{extra}]" ({exc})') from exc
+    return plugin(module, name, extra, f"exporting {artifact_format!r} artifacts")

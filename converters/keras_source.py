@@ -21,13 +21,9 @@ full-integer INT8 and fp16 quantization) from the stage's SavedModel written by
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import sys
 import tempfile
-import warnings
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,6 +39,7 @@ from stagewise.extras import require  # noqa: E402
 
 from .heads import LinearHead  # noqa: E402
 from .source import CutPoint  # noqa: E402
+from .tooling import package_version, quiet  # noqa: E402
 
 OPSET = 17
 SIGNATURE = "serving_default"
@@ -289,20 +286,6 @@ def stage_saved_model(plan: Any, directory: str | os.PathLike, sample_shape: Seq
     return path
 
 
-def _package_version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
-
-
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
 def _pool_layer(carry: Any, name: str) -> Any:
     rank = len(carry.shape)
     if rank == 4:
@@ -418,11 +401,11 @@ class KerasSource:
         spec = input_spec(plan, example.shape)
         fn = tf.function(stage_function(plan), input_signature=[spec])
         try:
-            with _quiet():
+            with quiet():
                 tf2onnx.convert.from_function(fn, input_signature=[spec], opset=OPSET, output_path=str(path))
         except Exception as exc:  # the converter raises many unrelated types
             raise ConversionError(f"tf2onnx failed for Keras stage {plan.name}: {exc}") from exc
-        return {"tool": "tf2onnx.convert.from_function", "version": _package_version("tf2onnx"), "opset": OPSET}
+        return {"tool": "tf2onnx.convert.from_function", "version": package_version("tf2onnx"), "opset": OPSET}
 
     def export_openvino(self, plan: Any, example: np.ndarray, workdir: Path) -> Any:
         """An ``ov.Model`` read by OpenVINO from the stage's SavedModel."""
@@ -430,7 +413,7 @@ class KerasSource:
 
         saved = stage_saved_model(plan, tempfile.mkdtemp(prefix=f"{plan.name}-savedmodel-", dir=workdir),
                                   example.shape)
-        with _quiet():
+        with quiet():
             return ov.convert_model(str(saved))
 
     def _tflite(self, plan: Any, example: np.ndarray, workdir: Path, out: Path, configure: Any = None) -> None:
@@ -440,7 +423,7 @@ class KerasSource:
         if configure:
             configure(converter)
         try:
-            with _quiet():
+            with quiet():
                 out.write_bytes(converter.convert())
         except Exception as exc:
             raise ConversionError(f"tf.lite.TFLiteConverter failed for stage {plan.name}: {exc}") from exc

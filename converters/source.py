@@ -24,14 +24,15 @@ An adapter promises:
 
 from __future__ import annotations
 
-import importlib
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from stagewise.errors import ConversionError, MissingExtraError
+from stagewise.errors import ConversionError
+
+from .tooling import plugin
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,7 @@ def source_named(framework: str) -> SourceAdapter:
     if framework not in SOURCES:
         raise ConversionError(f"unknown source framework {framework!r}; choose from {', '.join(SOURCES)}")
     module, name, extra = SOURCES[framework]
-    try:
-        return getattr(importlib.import_module(module), name)()
-    except ImportError as exc:
-        raise MissingExtraError(f"converting a {framework} model needs {exc.name or 'a package'}, which is not "
-                                f'installed: pip install "stagewise[{extra}]" ({exc})') from exc
+    return plugin(module, name, extra, f"converting a {framework} model")
 
 
 def source_of(model: Any) -> SourceAdapter:

@@ -15,11 +15,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import warnings
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +27,7 @@ from stagewise.runtimes.litert_adapter import interpreter_module
 from .export import Exported, Exporter, StageInputs, TensorSpec
 from .options import BuildOptions
 from .plans import StagePlan
+from .tooling import package_version, quiet
 
 SIGNATURE = "serving_default"
 
@@ -48,25 +45,9 @@ _FP16_RECIPE = [{"regex": ".*", "operation": op, "algorithm_key": "float_casting
                 for op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
 
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the quantizer's progress output (it prints to stdout/stderr and warns freely)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
 def _edge_quantize(plan: StagePlan, fp32: Path, recipe: list[dict], calibrate: np.ndarray | None, out: Path) -> None:
     aeq = require("ai_edge_quantizer.quantizer", "tflite", "quantizing TFLite stages")
-    with _quiet():
+    with quiet():
         q = aeq.Quantizer(str(fp32))
         q.load_quantization_recipe(recipe)
         calibration = None
@@ -131,7 +112,7 @@ class TFLiteExporter(Exporter):
             if not options.int8_io:
                 recipe += [{"regex": ".*", "operation": op, "algorithm_key": "no_quantize"} for op in ("INPUT", "OUTPUT")]
             _edge_quantize(plan, fp32.files[0], recipe, inputs.calibrate, out)
-            record = {"tool": "ai_edge_quantizer (static int8, min-max)", "version": _version("ai-edge-quantizer"),
+            record = {"tool": "ai_edge_quantizer (static int8, min-max)", "version": package_version("ai-edge-quantizer"),
                       "activations": "int8 per-tensor (asymmetric)", "weights": "int8 per-channel (symmetric)",
                       "io": "int8" if options.int8_io else "float32", "calibration_images": int(len(inputs.calibrate))}
         record["io_quantization"] = self.open(plan, (out,)).quantization

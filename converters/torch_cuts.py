@@ -84,33 +84,45 @@ def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoi
     return records
 
 
-def _forward_record(model: torch.nn.Module, example: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Per named module: its output shape (one sample) and the MACs computed up to its end."""
-    total = 0
-    shapes: dict[str, tuple[int, ...]] = {}
-    macs: dict[str, int] = {}
+class MacCounter:
+    """Forward hooks on a module's Conv2d and Linear layers that add up their MACs as they run."""
 
-    def count(m: torch.nn.Module, _inp: object, out: torch.Tensor) -> None:
-        nonlocal total
+    def __init__(self, module: torch.nn.Module):
+        self.total = 0
+        self._hooks = [m.register_forward_hook(self._count) for m in module.modules()
+                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    def _count(self, m: torch.nn.Module, _inp: object, out: torch.Tensor) -> None:
         if isinstance(m, torch.nn.Conv2d):
             kh, kw = m.kernel_size
-            total += out[0].numel() * (m.in_channels // m.groups) * kh * kw
+            self.total += out[0].numel() * (m.in_channels // m.groups) * kh * kw
         else:
-            total += out[0].numel() * m.in_features
+            self.total += out[0].numel() * m.in_features
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _forward_record(model: torch.nn.Module, example: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Per named module: its output shape (one sample) and the MACs computed up to its end."""
+    counter = MacCounter(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    macs: dict[str, int] = {}
 
     def record(name: str):
         def hook(_m: torch.nn.Module, _inp: object, out: object) -> None:
             if isinstance(out, torch.Tensor):
                 shapes[name] = tuple(int(d) for d in out.shape[1:])
-                macs[name] = int(total)
+                macs[name] = int(counter.total)
         return hook
 
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    hooks += [m.register_forward_hook(record(name)) for name, m in model.named_modules() if name]
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if name]
     try:
         with torch.no_grad():
             model.eval()(example[:1])
     finally:
+        counter.remove()
         for h in hooks:
             h.remove()
     return shapes, macs

@@ -9,10 +9,7 @@ docs/openvino.md), TFLite through ``litert-torch``.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,7 +21,8 @@ from stagewise.extras import require
 
 from .heads import LinearHead
 from .source import CutPoint
-from .torch_cuts import cut_candidates, split_model
+from .tooling import package_version, quiet
+from .torch_cuts import MacCounter, cut_candidates, split_model
 
 OPSET = 17
 
@@ -74,26 +72,13 @@ class ExitStage(torch.nn.Module):
 
 def count_macs(module: torch.nn.Module, example: torch.Tensor) -> int:
     """MACs of one forward pass on a single sample, counted over Conv2d and Linear layers."""
-    total = 0
-
-    def conv(m: torch.nn.Conv2d, _inp: Any, out: torch.Tensor) -> None:
-        nonlocal total
-        kh, kw = m.kernel_size
-        total += out[0].numel() * (m.in_channels // m.groups) * kh * kw
-
-    def linear(m: torch.nn.Linear, _inp: Any, out: torch.Tensor) -> None:
-        nonlocal total
-        total += out[0].numel() * m.in_features
-
-    hooks = [m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
-             for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    counter = MacCounter(module)
     try:
         with torch.no_grad():
             module.eval()(example[:1])
     finally:
-        for h in hooks:
-            h.remove()
-    return int(total)
+        counter.remove()
+    return counter.total
 
 
 def export_onnx(module: torch.nn.Module, example: np.ndarray, path: Path, input_name: str,
@@ -101,20 +86,13 @@ def export_onnx(module: torch.nn.Module, example: np.ndarray, path: Path, input_
     """Write ``module`` (one tensor in, ``output_names`` out) as ONNX with a dynamic batch axis; returns the record."""
     axes = {name: {0: "batch"} for name in [input_name, *output_names]}
     try:
-        with _quiet():
+        with quiet():
             torch.onnx.export(module.eval(), (torch.from_numpy(np.ascontiguousarray(example[:1])),), str(path),
                               input_names=[input_name], output_names=list(output_names), dynamic_axes=axes,
                               opset_version=OPSET, do_constant_folding=True, dynamo=False)
     except Exception as exc:  # the exporter raises many unrelated types
         raise ConversionError(f"torch.onnx.export failed for {Path(path).name}: {exc}") from exc
     return {"tool": "torch.onnx.export (TorchScript)", "version": torch.__version__, "opset": OPSET}
-
-
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
 
 
 class TorchSource:
@@ -184,7 +162,7 @@ class TorchSource:
         """An ``ov.Model`` converted straight from the module (the ``native`` route)."""
         import openvino as ov
 
-        with _quiet():
+        with quiet():
             return ov.convert_model(plan.module.eval(), example_input=torch.from_numpy(example[:1]))
 
     def export_tflite(self, plan: Any, example: np.ndarray, path: Path) -> dict:
@@ -205,12 +183,10 @@ class TorchSource:
                 return dict(zip(plan.output_names, out))
 
         try:
-            with _quiet():
+            with quiet():
                 edge = litert_torch.convert(Named(plan.module.eval()).eval(), sample_args=(),
                                             sample_kwargs={plan.input_name: torch.from_numpy(example[:1])})
                 edge.export(str(path))
         except Exception as exc:  # the converter raises many unrelated types
             raise ConversionError(f"litert_torch.convert failed for stage {plan.name}: {exc}") from exc
-        from importlib.metadata import version
-
-        return {"tool": "litert_torch.convert", "version": version("litert-torch"), "batch": 1}
+        return {"tool": "litert_torch.convert", "version": package_version("litert-torch"), "batch": 1}

@@ -95,6 +95,13 @@ def _weights_path(variant: int) -> str:
 
 
 def _build(variant: int, image_size: int | None) -> torch.nn.Module:
+    """EfficientNet-Lite ``variant`` with its ImageNet weights, in eval mode.
+
+    ``image_size`` is the square input size the model will be fed; its "SAME" padding is built
+    for it (default: the variant's native size). Input: ``(N, 3, size, size)`` float32
+    preprocessed as :data:`EFFICIENTNET_LITE_PREPROCESS`; output: ``(N, 1000)`` logits.
+    Raises :class:`~stagewise.errors.ConversionError` if the zoo packages are not installed.
+    """
     name = f"efficientnet_lite{variant}"
     size = NATIVE_SIZES[name] if image_size is None else int(image_size)
     if size < 32:
@@ -120,33 +127,15 @@ def _build(variant: int, image_size: int | None) -> torch.nn.Module:
 
 
 def efficientnet_lite0(image_size: int | None = None) -> torch.nn.Module:
-    """ImageNet-pretrained EfficientNet-Lite0 (4.65 M parameters, native 224 px), in eval mode.
-
-    ``image_size`` is the square input size the model will be fed; its "SAME" padding is built
-    for it (default 224). Input: ``(N, 3, size, size)`` float32 preprocessed as
-    :data:`EFFICIENTNET_LITE_PREPROCESS`; output: ``(N, 1000)`` logits.
-    Raises :class:`~stagewise.errors.ConversionError` if the zoo packages are not installed.
-    """
+    """ImageNet-pretrained EfficientNet-Lite0 (4.65 M parameters, native 224 px); see :func:`_build`."""
     return _build(0, image_size)
 
 
 def efficientnet_lite1(image_size: int | None = None) -> torch.nn.Module:
-    """ImageNet-pretrained EfficientNet-Lite1 (5.42 M parameters, native 240 px), in eval mode.
-
-    ``image_size`` is the square input size the model will be fed; its "SAME" padding is built
-    for it (default 240). Input: ``(N, 3, size, size)`` float32 preprocessed as
-    :data:`EFFICIENTNET_LITE_PREPROCESS`; output: ``(N, 1000)`` logits.
-    Raises :class:`~stagewise.errors.ConversionError` if the zoo packages are not installed.
-    """
+    """ImageNet-pretrained EfficientNet-Lite1 (5.42 M parameters, native 240 px); see :func:`_build`."""
     return _build(1, image_size)
 
 
 def efficientnet_lite2(image_size: int | None = None) -> torch.nn.Module:
-    """ImageNet-pretrained EfficientNet-Lite2 (6.09 M parameters, native 260 px), in eval mode.
-
-    ``image_size`` is the square input size the model will be fed; its "SAME" padding is built
-    for it (default 260). Input: ``(N, 3, size, size)`` float32 preprocessed as
-    :data:`EFFICIENTNET_LITE_PREPROCESS`; output: ``(N, 1000)`` logits.
-    Raises :class:`~stagewise.errors.ConversionError` if the zoo packages are not installed.
-    """
+    """ImageNet-pretrained EfficientNet-Lite2 (6.09 M parameters, native 260 px); see :func:`_build`."""
     return _build(2, image_size)
