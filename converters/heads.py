@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import minimize
 
 from stagewise.errors import ConversionError
 
@@ -124,8 +125,6 @@ def train_head(features: np.ndarray, targets: np.ndarray, teacher_logits: np.nda
 
     Returns the head and its training record for the manifest.
     """
-    from scipy.optimize import minimize
-
     targets = np.asarray(targets, dtype=np.int64)
     teacher = np.asarray(teacher_logits, dtype=np.float64)
     x = head_input(features, settings.normalise)
