@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from stagewise.errors import ConversionError, VerificationError
+from stagewise.progress import note
 from stagewise.runtimes.base import RUNTIMES, LoadOptions, StageIO
 
 from .options import BuildOptions
@@ -209,6 +210,10 @@ def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: Sta
         artifact["quantization"] = record
         if kept:
             artifact["precision"], chosen = "int8", quantized
+        else:
+            note(f"stage {plan.name} ({exporter.format}): INT8 agrees with the float model on {100 * agreement:.1f}% "
+                 f"of {len(inputs.agree)} images, below the {100 * options.int8_tolerance:g}% tolerance: kept "
+                 f"{artifact['precision']}")
     target = exporter.target(chosen.files, options)
     if target is not None:
         artifact["target"] = target

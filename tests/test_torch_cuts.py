@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,52 @@ def test_segment_exports_to_onnx(tmp_path):
     assert [i.name for i in session.get_inputs()] == ["carry"]
     (logits,) = session.run(None, {"carry": carry.numpy()})
     np.testing.assert_allclose(logits, tail(carry).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_cut_point_records_without_data():
+    from stagewise.converters import cut_points
+
+    records = cut_points(ResidualNet(), input_size=16)
+    by_name = {r.name: r for r in records}
+    assert [r.name for r in records if r.single_tensor] == RESIDUAL_CUTS
+    assert "layer1.1" not in by_name  # one record per crossing tensor, named by the outer module
+    assert by_name["stem"].shape == (8, 8, 8) and by_name["stem"].reduction == 2 and by_name["stem"].channels == 8
+    assert by_name["stem"].macs == 8 * 8 * 8 * 3 * 9
+    assert by_name["layer1"].macs == by_name["stem"].macs + 4 * 8 * 8 * 8 * 8 * 9
+    assert not by_name["layer1.0.conv1"].single_tensor  # the residual's input crosses it too
+    macs = [r.macs for r in records]
+    assert macs == sorted(macs)  # graph order
+
+
+class Masked(nn.Module):
+    """A forward with an optional argument (as attention blocks have): bound as a constant when tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = ResidualNet()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            x = x * mask
+        return self.body(x)
+
+
+def test_optional_forward_arguments_do_not_block_cuts():
+    assert "body.layer1" in list_cut_points(Masked())
+
+
+def test_cuts_command_lists_records(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from stagewise.cli import cli
+
+    spec = str(Path(__file__).parent / "toy_models.py") + ":residual_net"
+    result = CliRunner().invoke(cli, ["cuts", spec, "--input-size", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.output)
+    assert [r["name"] for r in records] == ["stem.0", "stem", "layer1", "down.0", "down", "layer2", "pool"]
+    assert all(r["single_tensor"] for r in records) and records[2]["shape"] == [8, 16, 16]
+    table = CliRunner().invoke(cli, ["cuts", spec, "--input-size", "16"])
+    assert table.exit_code == 0 and "layer2" in table.output and "single tensor" in table.output

@@ -136,3 +136,24 @@ def test_label_mismatch_fails_without_writing(tmp_path, splits):
     with pytest.raises(ConversionError, match="predicts 3 classes but 2 labels"):
         build_bundle(out, "x", plans, PRE, ["a", "b"], calib, BuildOptions())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exporter_refuses_a_model_that_declares_other_inputs(tmp_path, splits):
+    """A converter that turns constants into graph inputs (as tf2onnx did for Keras Normalization) is caught."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from stagewise.converters.onnx_export import OnnxExporter
+
+    class ExtraInput(OnnxExporter):
+        def export(self, plan, workdir, inputs, options):
+            exported = super().export(plan, workdir, inputs, options)
+            model = onnx.load(str(exported.files[0]))
+            model.graph.input.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, [3]))
+            onnx.save(model, str(exported.files[0]))
+            return exported
+
+    plan = cascade_plans([("only", residual_net(), (16, 16))])[0]
+    x = PRE.tensor([splits[1].image(i) for i in range(4)], (16, 16))
+    with pytest.raises(ConversionError, match=r"declares inputs \['image', 'mean'\]"):
+        export_stage(ExtraInput(), plan, tmp_path, StageInputs(x, x, x), BuildOptions())
