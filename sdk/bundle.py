@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterator
 import jsonschema
 
 from .errors import BundleError, IntegrityError, ManifestError, UnsafeArchiveError
+from .manifest import FORMAT_VERSION, Manifest
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 ARTIFACT_FORMATS = ("onnx", "openvino", "tflite")
 
 
@@ -89,7 +89,10 @@ def sha256_file(path: Path) -> str:
 
 
 def artifact_files(manifest: dict) -> Iterator[dict]:
-    """Every ``{path, sha256}`` entry the manifest names, in stage order (model files, then exit-score models)."""
+    """Every ``{path, sha256}`` entry of a manifest document, in stage order (model files, then exit-score models).
+
+    Writers fill these entries in; readers use :meth:`Manifest.files` of the parsed manifest.
+    """
     for stage in manifest["stages"]:
         for artifact in stage["artifacts"].values():
             yield from artifact["files"]
@@ -106,23 +109,22 @@ class Bundle:
     """
 
     root: Path
-    manifest: dict
+    manifest: Manifest
     source: Path
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
     def labels(self) -> list[str]:
-        return self.manifest["task"]["labels"]
+        return self.manifest.labels
 
     def artifact_paths(self, stage_index: int, artifact_format: str) -> list[Path]:
         """Absolute paths of one stage's files for ``artifact_format`` (main model file first)."""
-        artifact = self.manifest["stages"][stage_index]["artifacts"][artifact_format]
-        return [self.root / f["path"] for f in artifact["files"]]
+        artifact = self.manifest.stages[stage_index].artifacts[artifact_format]
+        return [self.root / f.path for f in artifact.files]
 
     def formats(self) -> list[str]:
         """Artifact formats that every stage carries."""
-        stages = self.manifest["stages"]
-        return [f for f in ARTIFACT_FORMATS if all(f in s["artifacts"] for s in stages)]
+        return [f for f in ARTIFACT_FORMATS if all(f in s.artifacts for s in self.manifest.stages)]
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -150,7 +152,7 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
     return Bundle(root=root, manifest=manifest, source=path, _tmp=tmp)
 
 
-def _read_manifest(root: Path, origin: Path) -> dict:
+def _read_manifest(root: Path, origin: Path) -> Manifest:
     file = root / MANIFEST
     if not file.is_file():
         raise BundleError(f"{origin} has no {MANIFEST}: not a stagewise bundle")
@@ -162,24 +164,23 @@ def _read_manifest(root: Path, origin: Path) -> dict:
         raise ManifestError(
             f"manifest field format_version: {manifest['format_version']!r} is not supported by this stagewise "
             f"(reads version {FORMAT_VERSION}); upgrade stagewise or rebuild the bundle")
-    validate_manifest(manifest)
-    return manifest
+    return Manifest.from_dict(manifest)
 
 
-def verify_files(root: Path, manifest: dict) -> None:
+def verify_files(root: Path, manifest: Manifest) -> None:
     """Check that every named file exists inside ``root`` with its recorded sha256."""
     resolved_root = root.resolve()
-    for entry in artifact_files(manifest):
-        file = (root / entry["path"]).resolve()
+    for entry in manifest.files():
+        file = (root / entry.path).resolve()
         if resolved_root not in file.parents:
-            raise UnsafeArchiveError(f"manifest names {entry['path']!r}, which lies outside the bundle")
+            raise UnsafeArchiveError(f"manifest names {entry.path!r}, which lies outside the bundle")
         if not file.is_file():
-            raise IntegrityError(f"bundle file {entry['path']} is missing; the bundle is incomplete, rebuild or re-copy it")
+            raise IntegrityError(f"bundle file {entry.path} is missing; the bundle is incomplete, rebuild or re-copy it")
         actual = sha256_file(file)
-        if actual != entry["sha256"]:
+        if actual != entry.sha256:
             raise IntegrityError(
-                f"bundle file {entry['path']} has sha256 {actual[:12]}…, the manifest records "
-                f"{entry['sha256'][:12]}…: the file was modified or corrupted; rebuild or re-copy the bundle")
+                f"bundle file {entry.path} has sha256 {actual[:12]}…, the manifest records "
+                f"{entry.sha256[:12]}…: the file was modified or corrupted; rebuild or re-copy the bundle")
 
 
 def _safe_extract(archive: Path, dest: Path) -> None:
@@ -194,8 +195,10 @@ def _safe_extract(archive: Path, dest: Path) -> None:
         zf.extractall(dest)
 
 
-def write_bundle(out: str | Path, manifest: dict, files: dict[str, Path], overwrite: bool = False) -> Path:
+def write_bundle(out: str | Path, manifest: dict | Manifest, files: dict[str, Path], overwrite: bool = False) -> Path:
     """Write a bundle atomically: fill in each file's sha256 and size, validate, then publish.
+
+    ``manifest`` is the JSON document (a dict) or a parsed :class:`Manifest`.
 
     ``files`` maps each manifest path to the local file holding its content. ``out`` ending in
     ``.swb`` gives the single-file form, anything else a directory. On any error nothing is
@@ -204,7 +207,7 @@ def write_bundle(out: str | Path, manifest: dict, files: dict[str, Path], overwr
     out = Path(out)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; choose another --out or pass overwrite (--force)")
-    manifest = json.loads(json.dumps(manifest))
+    manifest = manifest.to_dict() if isinstance(manifest, Manifest) else json.loads(json.dumps(manifest))
     for entry in artifact_files(manifest):
         if entry["path"] not in files:
             raise BundleError(f"no content given for bundle file {entry['path']}")
@@ -257,21 +260,23 @@ def _publish(staged: Path, out: Path) -> None:
 def pack(bundle_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Pack a bundle directory into a ``.swb`` file (verified first)."""
     bundle = read_bundle(bundle_dir)
-    files = {e["path"]: bundle.root / e["path"] for e in artifact_files(bundle.manifest)}
+    files = {f.path: bundle.root / f.path for f in bundle.manifest.files()}
     return write_bundle(out, bundle.manifest, files, overwrite=overwrite)
 
 
-def update_manifest(path: str | Path, change: Callable[[dict], dict]) -> dict:
-    """Rewrite a bundle's manifest atomically with ``change(manifest) -> manifest``.
+def update_manifest(path: str | Path, change: Callable[[dict], dict | Manifest]) -> Manifest:
+    """Rewrite a bundle's manifest atomically with ``change(document) -> document``.
 
-    The model files are verified first and are not modified; the new manifest is validated
-    before it replaces the old one.
+    ``change`` gets the manifest's JSON document (a dict it may edit) and returns the new one
+    (a dict or a :class:`Manifest`). The model files are verified first and are not modified;
+    the new manifest is validated before it replaces the old one, and is returned parsed.
     """
     path = Path(path)
     bundle = read_bundle(path)
     try:
-        manifest = change(json.loads(json.dumps(bundle.manifest)))
-        validate_manifest(manifest)
+        changed = change(bundle.manifest.to_dict())
+        manifest = changed.to_dict() if isinstance(changed, Manifest) else changed
+        parsed = Manifest.from_dict(manifest)
         if path.is_dir():
             tmp = path / f".{MANIFEST}.part"
             tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -281,4 +286,4 @@ def update_manifest(path: str | Path, change: Callable[[dict], dict]) -> dict:
             write_bundle(path, manifest, files, overwrite=True)
     finally:
         bundle.close()
-    return manifest
+    return parsed

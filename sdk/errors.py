@@ -31,6 +31,10 @@ class BackendUnavailableError(StagewiseError):
     """The requested runtime is not installed, or the bundle has no artifact for it."""
 
 
+class UnknownOptionError(StagewiseError):
+    """A runtime option that the chosen runtime does not have; the message lists the valid ones."""
+
+
 class DeviceUnavailableError(StagewiseError):
     """The requested device does not exist on this machine."""
 
