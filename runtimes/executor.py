@@ -25,7 +25,7 @@ from .base import LoadOptions, StageIO, StageSession, resolve_runtime
 from .controller import MeanBudgetController
 from .latency import LatencyModel
 from .options import RuntimeOptions
-from .routing import Carries, StageRouter, stage_tensors
+from .routing import Carries, StageRouter, run_chain
 
 
 @dataclass(frozen=True)
@@ -209,10 +209,12 @@ class Cascade:
 
     def stage_logits(self, images: Sequence[Any], batch_size: int = 32) -> list[np.ndarray]:
         """Every stage's raw logits for every image (N x C per stage), in batches."""
-        decoded = [load_image(im) for im in images]
-        tensors = stage_tensors(self.router, decoded, lambda k, x: self._stages[k].session.run(x), batch_size,
-                                outputs=True)
-        return [out[st.logits] for st, out in zip(self._stages, tensors.outputs)]
+        per_stage: list[list[np.ndarray]] = [[] for _ in self._stages]
+        for i in range(0, len(images), batch_size):
+            chunk = [load_image(im) for im in images[i:i + batch_size]]
+            for k, _, out in run_chain(self.router, chunk, lambda k, x: self._stages[k].session.run(x)):
+                per_stage[k].append(out[self._stages[k].logits])
+        return [np.concatenate(xs) for xs in per_stage]
 
     def predict_stage(self, image: Any, stage: int) -> Prediction:
         """The answer of the single network that ends at ``stage``, on its own probabilities.

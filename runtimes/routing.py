@@ -3,15 +3,16 @@
 A stage reads either the decoded image, resized and normalised to its own size (``"image"``),
 or the carry tensor an earlier stage produced (``"carry"``). :class:`StageRouter` builds stage
 ``k``'s input for any subset of a batch's rows from the decoded images and the :class:`Carries`
-held so far; :func:`stage_tensors` runs a whole chain over many images with any runner (a
-runtime session, a torch or a Keras model), so every caller routes the same way. Only numpy
+held so far; :func:`run_chain` runs one batch through every stage and :func:`stage_tensors`
+many images in batches, with any runner (a runtime session, a torch or a Keras model), so every
+caller routes the same way. Only numpy
 is used here. A new source (image patches) is one more branch of :meth:`StageRouter.input`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -139,25 +140,37 @@ class StageTensors:
     outputs: list[dict[str, np.ndarray]] | None
 
 
+def run_chain(router: StageRouter, images: Sequence[np.ndarray], run_stage: RunStage,
+              run: Collection[int] | None = None) -> Iterator[tuple[int, np.ndarray, Mapping[str, np.ndarray] | None]]:
+    """Route one batch of decoded ``images`` through every stage in order.
+
+    Yields ``(k, input, outputs)`` per stage; ``run_stage(k, x) -> {output name: array}`` is
+    called for the stages in ``run`` (default: all) and for those whose carry a later stage
+    reads; ``outputs`` is ``None`` for a stage that was not run.
+    """
+    wanted = set(range(len(router)) if run is None else run) | router.needed()
+    carries = Carries(len(images))
+    for k in range(len(router)):
+        x = router.input(k, images, carries)
+        out = None
+        if k in wanted:
+            out = run_stage(k, x)
+            router.keep(k, out, carries)
+        yield k, x, out
+
+
 def stage_tensors(router: StageRouter, images: Sequence[np.ndarray], run_stage: RunStage, batch: int = 64,
                   outputs: bool = False) -> StageTensors:
-    """Run the chain over ``images`` in batches with ``run_stage(k, x) -> {output name: array}``.
+    """Every stage's inputs for ``images`` (and with ``outputs`` its outputs), in batches of ``batch``.
 
-    Returns each stage's input tensors; with ``outputs`` also each stage's outputs. Without
-    ``outputs``, only the stages whose carry a later stage reads are run.
+    Without ``outputs``, only the stages whose carry a later stage reads are run.
     """
     per_input: list[list[np.ndarray]] = [[] for _ in range(len(router))]
     per_output: list[dict[str, list[np.ndarray]]] = [{} for _ in range(len(router))]
-    run = set(range(len(router))) if outputs else router.needed()
     for i in range(0, len(images), batch):
-        chunk = list(images[i:i + batch])
-        carries = Carries(len(chunk))
-        for k in range(len(router)):
-            x = router.input(k, chunk, carries)
+        for k, x, out in run_chain(router, list(images[i:i + batch]), run_stage, None if outputs else ()):
             per_input[k].append(x)
-            if k in run:
-                out = run_stage(k, x)
-                router.keep(k, out, carries)
+            if outputs:
                 for name, value in out.items():
                     per_output[k].setdefault(name, []).append(np.asarray(value))
     return StageTensors([np.concatenate(xs) for xs in per_input],

@@ -8,7 +8,7 @@ import pytest
 from stagewise.errors import ManifestError
 from stagewise.images import Preprocess
 from stagewise.manifest import StageInput
-from stagewise.runtimes.routing import Carries, StageRouter, stage_tensors
+from stagewise.runtimes.routing import Carries, StageRouter, run_chain, stage_tensors
 
 PRE = Preprocess(mean=(0, 0, 0), std=(1, 1, 1), layout="NHWC", resize="stretch")
 
@@ -76,3 +76,13 @@ def test_converter_plans_route_the_same_way():
 def test_bad_routes_are_refused(inputs, carry_outputs, message):
     with pytest.raises(ManifestError, match=message):
         StageRouter(("a", "b"), inputs, PRE, carry_outputs)
+
+
+def test_run_chain_runs_what_is_asked_and_what_later_stages_read():
+    router = three_stages()
+
+    def run_stage(k: int, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {"carry": np.ones((len(x), 2)) * k, "logits": np.zeros((len(x), 2))}
+
+    ran = [(k, out is not None) for k, _, out in run_chain(router, images(3), run_stage, run={2})]
+    assert ran == [(0, True), (1, False), (2, True)]
