@@ -89,10 +89,7 @@ def sha256_file(path: Path) -> str:
 
 
 def artifact_files(manifest: dict) -> Iterator[dict]:
-    """Every ``{path, sha256}`` entry of a manifest document, in stage order (model files, then exit-score models).
-
-    Writers fill these entries in; readers use :meth:`Manifest.files` of the parsed manifest.
-    """
+    """Every ``{path, sha256}`` entry of a manifest document, in stage order (model files, then exit-score models)."""
     for stage in manifest["stages"]:
         for artifact in stage["artifacts"].values():
             yield from artifact["files"]
@@ -146,13 +143,14 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
         _safe_extract(path, root)
     else:
         raise BundleError(f"bundle not found: {path}")
-    manifest = _read_manifest(root, path)
+    document = _read_manifest(root, path)
+    manifest = Manifest.from_dict(document)
     if verify:
-        verify_files(root, manifest)
+        verify_files(root, document)
     return Bundle(root=root, manifest=manifest, source=path, _tmp=tmp)
 
 
-def _read_manifest(root: Path, origin: Path) -> Manifest:
+def _read_manifest(root: Path, origin: Path) -> dict:
     file = root / MANIFEST
     if not file.is_file():
         raise BundleError(f"{origin} has no {MANIFEST}: not a stagewise bundle")
@@ -164,23 +162,23 @@ def _read_manifest(root: Path, origin: Path) -> Manifest:
         raise ManifestError(
             f"manifest field format_version: {manifest['format_version']!r} is not supported by this stagewise "
             f"(reads version {FORMAT_VERSION}); upgrade stagewise or rebuild the bundle")
-    return Manifest.from_dict(manifest)
+    return manifest
 
 
-def verify_files(root: Path, manifest: Manifest) -> None:
+def verify_files(root: Path, manifest: dict) -> None:
     """Check that every named file exists inside ``root`` with its recorded sha256."""
     resolved_root = root.resolve()
-    for entry in manifest.files():
-        file = (root / entry.path).resolve()
+    for entry in artifact_files(manifest):
+        file = (root / entry["path"]).resolve()
         if resolved_root not in file.parents:
-            raise UnsafeArchiveError(f"manifest names {entry.path!r}, which lies outside the bundle")
+            raise UnsafeArchiveError(f"manifest names {entry['path']!r}, which lies outside the bundle")
         if not file.is_file():
-            raise IntegrityError(f"bundle file {entry.path} is missing; the bundle is incomplete, rebuild or re-copy it")
+            raise IntegrityError(f"bundle file {entry['path']} is missing; the bundle is incomplete, rebuild or re-copy it")
         actual = sha256_file(file)
-        if actual != entry.sha256:
+        if actual != entry["sha256"]:
             raise IntegrityError(
-                f"bundle file {entry.path} has sha256 {actual[:12]}…, the manifest records "
-                f"{entry.sha256[:12]}…: the file was modified or corrupted; rebuild or re-copy the bundle")
+                f"bundle file {entry['path']} has sha256 {actual[:12]}…, the manifest records "
+                f"{entry['sha256'][:12]}…: the file was modified or corrupted; rebuild or re-copy the bundle")
 
 
 def _safe_extract(archive: Path, dest: Path) -> None:
@@ -264,19 +262,19 @@ def pack(bundle_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     return write_bundle(out, bundle.manifest, files, overwrite=overwrite)
 
 
-def update_manifest(path: str | Path, change: Callable[[dict], dict | Manifest]) -> Manifest:
-    """Rewrite a bundle's manifest atomically with ``change(document) -> document``.
+def update_manifest(path: str | Path, change: Callable[[dict], dict]) -> dict:
+    """Rewrite a bundle's manifest atomically with ``change(document) -> document``; return the new document.
 
-    ``change`` gets the manifest's JSON document (a dict it may edit) and returns the new one
-    (a dict or a :class:`Manifest`). The model files are verified first and are not modified;
-    the new manifest is validated before it replaces the old one, and is returned parsed.
+    ``change`` edits the manifest's JSON document (a copy, :meth:`Manifest.to_dict`).
+
+    The model files are verified first and are not modified; the new manifest is validated
+    before it replaces the old one.
     """
     path = Path(path)
     bundle = read_bundle(path)
     try:
-        changed = change(bundle.manifest.to_dict())
-        manifest = changed.to_dict() if isinstance(changed, Manifest) else changed
-        parsed = Manifest.from_dict(manifest)
+        manifest = change(bundle.manifest.to_dict())
+        validate_manifest(manifest)
         if path.is_dir():
             tmp = path / f".{MANIFEST}.part"
             tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -286,4 +284,4 @@ def update_manifest(path: str | Path, change: Callable[[dict], dict | Manifest])
             write_bundle(path, manifest, files, overwrite=True)
     finally:
         bundle.close()
-    return parsed
+    return manifest

@@ -156,6 +156,8 @@ class ExitRule:
 
     ``combine`` is ``"own"`` (this stage's probabilities) or ``"mean_probs"`` (the mean over
     the stages run so far); ``model`` is the learned exit score's file (score ``"learned"``).
+    ``combine_recorded`` says whether the document wrote ``combine`` (old ones did not), so
+    :meth:`to_dict` writes back what was read.
     """
 
     score: str
@@ -343,7 +345,9 @@ class Manifest(Mapping):
 
     Read it through attributes. As a read-only :class:`~collections.abc.Mapping` it also shows
     its JSON form (``manifest["stages"]`` is a fresh list of dicts), for code that still reads
-    the document by key; :meth:`to_dict` gives a copy to edit and write back.
+    the document by key; :meth:`to_dict` gives a copy to edit and write back. ``input_keys``
+    are the optional ``input`` keys the document wrote (``crop_fraction``, ``interpolation``),
+    so :meth:`to_dict` writes back what was read.
     """
 
     name: str

@@ -140,9 +140,10 @@ def test_bundles_read_typed_and_write_either_form(tmp_path, suffix):
     second = write_bundle(tmp_path / f"second{suffix}", bundle.manifest, {"a.onnx": data})
     assert read_bundle(second).manifest == bundle.manifest
 
-    def rename(d: dict) -> Manifest:
+    def rename(d: dict) -> dict:
+        assert d == doc_with_files
         d["name"] = "renamed"
-        return Manifest.from_dict(d)
-    updated = update_manifest(second, rename)
-    assert updated.name == "renamed" and read_bundle(second).manifest.to_dict()["name"] == "renamed"
+        return d
+    doc_with_files = bundle.manifest.to_dict()
+    assert update_manifest(second, rename)["name"] == "renamed" and read_bundle(second).manifest.name == "renamed"
     bundle.close()
