@@ -134,7 +134,8 @@ class MeanBudgetController:
         self._saturated = 0  # +1: pinned at the most accurate point, -1: at the cheapest
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, latency: LatencyModel, budget_ms: float, **options) -> "MeanBudgetController":
+    def from_manifest(cls, manifest: Manifest, latency: LatencyModel, budget_ms: float,
+                      **options) -> "MeanBudgetController":
         return cls(points_from_manifest(manifest), latency, budget_ms, **options)
 
     def retarget(self, budget_ms: float) -> None:

@@ -461,7 +461,8 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
     bundle = read_bundle(path)
     try:
         runtime = resolve_runtime(backend, bundle.formats(), prefer)
-        load_options = LoadOptions(threads=threads, device=device, runtime_options=runtime.options.from_mapping(options))
+        settings = runtime.options.from_mapping(options)
+        load_options = LoadOptions(threads=threads, device=device, runtime_options=settings)
         opener = runtime.opener()
         sessions = []
         for k, spec in enumerate(bundle.manifest.stages):

@@ -31,7 +31,8 @@ def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
     for s in manifest.stages:
         src = s.input
         where = f"image {src.size[0]}x{src.size[1]}" if src.source == "image" else f"carry from {src.from_stage}"
-        arts = ", ".join(f"{fmt}:{a.precision}" + (" (int8 rejected)" if (a.quantization or {}).get("kept_fp32") else "")
+        arts = ", ".join(f"{fmt}:{a.precision}"
+                         + (" (int8 rejected)" if (a.quantization or {}).get("kept_fp32") else "")
                          for fmt, a in s.artifacts.items())
         lat = ", ".join(f"{v.p50:.2f} [{k}]" for k, v in (s.cost.latency_ms or {}).items()) or "-"
         exit_rule = f"{s.exit.score} T={s.exit.temperature:g}"

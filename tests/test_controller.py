@@ -169,7 +169,8 @@ def test_controller_with_a_scripted_plant_and_no_executor():
     for p in manifest["operating_points"]:
         _, rates, accuracy = POINTS[p["name"]]
         p["expected"] = {"accuracy": accuracy, "exit_rates": rates}
-    ctl = MeanBudgetController(points_from_manifest(Manifest.from_dict(manifest)), latency, budget_ms=12.0, horizon=50, headroom=0.0)
+    points = points_from_manifest(Manifest.from_dict(manifest))
+    ctl = MeanBudgetController(points, latency, budget_ms=12.0, horizon=50, headroom=0.0)
     rng = np.random.default_rng(5)
     costs = []
     for _ in range(2000):

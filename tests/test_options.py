@@ -23,7 +23,8 @@ def test_each_runtime_chooses_its_options():
 def test_a_dict_becomes_the_runtime_options():
     ov = OpenVinoOptions.from_mapping({"cache_dir": False, "config": {"NUM_STREAMS": 1}})
     assert ov.cache_dir is False and ov.config == {"NUM_STREAMS": 1} and ov.inference_precision == "f32"
-    assert OnnxRuntimeOptions.from_mapping({"providers": ["CPUExecutionProvider"]}).providers == ("CPUExecutionProvider",)
+    ort = OnnxRuntimeOptions.from_mapping({"providers": ["CPUExecutionProvider"]})
+    assert ort.providers == ("CPUExecutionProvider",)
     assert LiteRTOptions.from_mapping({"delegates": "libedgetpu.so.1"}).delegates == ("libedgetpu.so.1",)
     assert LiteRTOptions.from_mapping(None) == LiteRTOptions()
     with pytest.raises(TypeError):

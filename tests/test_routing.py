@@ -47,7 +47,8 @@ def test_carries_stored_for_some_rows_are_read_back_by_row():
 
 
 def test_converter_plans_route_the_same_way():
-    sources = [{"source": "image", "size": [4, 4]}, {"source": "carry", "from": "a"}, {"source": "image", "size": [8, 8]}]
+    sources = [{"source": "image", "size": [4, 4]}, {"source": "carry", "from": "a"},
+               {"source": "image", "size": [8, 8]}]
     router = StageRouter.from_sources(["a", "b", "c"], sources, PRE)
     assert router.carry_outputs == ("carry", None, None) and router.inputs[1].tensor is None
     ran = []
