@@ -31,6 +31,7 @@ from stagewise.progress import progress_bar
 from stagewise.runtimes import load
 from stagewise.runtimes.base import RUNTIMES
 from stagewise.runtimes.calibrate import calibrate_manifest
+from stagewise.runtimes.routing import StageRouter, stage_tensors
 
 from .export import StageInputs, export_stage, exporter
 from .options import BuildOptions
@@ -39,22 +40,9 @@ from .plans import StagePlan
 
 def stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, images: list[np.ndarray],
                  batch: int = 64) -> list[np.ndarray]:
-    """Every stage's fp32 input tensor for ``images``, computed through the source stages."""
-    per_stage: list[list[np.ndarray]] = [[] for _ in plans]
-    index = {p.name: k for k, p in enumerate(plans)}
-    needed = {index[p.source["from"]] for p in plans if p.source["source"] == "carry"}
-    for i in range(0, len(images), batch):
-        chunk = images[i:i + batch]
-        carries: dict[int, np.ndarray] = {}
-        for k, plan in enumerate(plans):
-            if plan.source["source"] == "image":
-                x = preprocess.tensor(chunk, tuple(plan.source["size"]))
-            else:
-                x = carries[index[plan.source["from"]]]
-            per_stage[k].append(x)
-            if k in needed:
-                carries[k] = plan.outputs(x)["carry"]
-    return [np.concatenate(xs) for xs in per_stage]
+    """Every stage's fp32 input tensor for ``images``, computed through the source stages (the runtime's router)."""
+    router = StageRouter.from_sources([p.name for p in plans], [p.source for p in plans], preprocess)
+    return stage_tensors(router, images, lambda k, x: plans[k].outputs(x), batch).inputs
 
 
 def _primary_runtime(formats: Sequence[str]) -> str:

@@ -6,6 +6,9 @@ when a bundle is loaded on it.
 
 from .base import RUNTIMES, LoadOptions, Runtime, StageIO, StageSession, register_runtime, resolve_runtime
 from .executor import Cascade, Prediction, StageRecord, load, profile_name
+from .options import LiteRTOptions, OnnxRuntimeOptions, OpenVinoOptions, RuntimeOptions
+from .routing import StageRouter
 
-__all__ = ["RUNTIMES", "Cascade", "LoadOptions", "Prediction", "Runtime", "StageIO", "StageRecord", "StageSession",
-           "load", "profile_name", "register_runtime", "resolve_runtime"]
+__all__ = ["RUNTIMES", "Cascade", "LiteRTOptions", "LoadOptions", "OnnxRuntimeOptions", "OpenVinoOptions", "Prediction",
+           "Runtime", "RuntimeOptions", "StageIO", "StageRecord", "StageRouter", "StageSession", "load", "profile_name",
+           "register_runtime", "resolve_runtime"]

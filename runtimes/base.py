@@ -10,13 +10,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 
 from stagewise.errors import BackendUnavailableError, MissingExtraError
+
+from .options import LiteRTOptions, OnnxRuntimeOptions, OpenVinoOptions, RuntimeOptions
+
+T = TypeVar("T", bound=RuntimeOptions)
 
 
 class StageSession(Protocol):
@@ -27,11 +31,26 @@ class StageSession(Protocol):
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """Options every runtime understands; ``extra`` carries runtime-specific settings."""
+    """How to open a stage: intra-op ``threads``, the runtime's ``device``, and ``runtime_options``.
+
+    ``runtime_options`` is the runtime's own options (e.g. :class:`~stagewise.runtimes.options.OpenVinoOptions`)
+    or a dict of them, checked by :meth:`options_for`; ``extra`` is accepted as its former name.
+    """
 
     threads: int | None = None
     device: str = "CPU"
-    extra: dict = field(default_factory=dict)
+    runtime_options: RuntimeOptions | Mapping[str, Any] | None = None
+    extra: InitVar[Mapping[str, Any] | None] = None
+
+    def __post_init__(self, extra: Mapping[str, Any] | None) -> None:
+        if extra is not None:
+            if self.runtime_options is not None:
+                raise TypeError("LoadOptions takes runtime_options or its former name extra, not both")
+            object.__setattr__(self, "runtime_options", extra)
+
+    def options_for(self, kind: type[T]) -> T:
+        """The runtime options as ``kind`` (a dict is converted; an unknown key raises ``UnknownOptionError``)."""
+        return kind.from_mapping(self.runtime_options)
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,7 @@ class Runtime:
     package: str
     install_hint: str
     alternatives: tuple[str, ...] = ()  # other packages that provide the same runtime (e.g. tflite_runtime)
+    options: type[RuntimeOptions] = RuntimeOptions  # the runtime's own load options
 
     def installed(self) -> bool:
         for package in (self.package, *self.alternatives):
@@ -73,11 +93,11 @@ class Runtime:
 
 RUNTIMES: dict[str, Runtime] = {
     "onnxruntime": Runtime("onnxruntime", "onnx", "stagewise.runtimes.onnxruntime_adapter", "onnxruntime",
-                           'pip install "stagewise[onnxruntime]"'),
+                           'pip install "stagewise[onnxruntime]"', options=OnnxRuntimeOptions),
     "openvino": Runtime("openvino", "openvino", "stagewise.runtimes.openvino_adapter", "openvino",
-                        'pip install "stagewise[openvino]"'),
+                        'pip install "stagewise[openvino]"', options=OpenVinoOptions),
     "litert": Runtime("litert", "tflite", "stagewise.runtimes.litert_adapter", "ai_edge_litert",
-                      'pip install "stagewise[litert]"', alternatives=("tflite_runtime",)),
+                      'pip install "stagewise[litert]"', alternatives=("tflite_runtime",), options=LiteRTOptions),
 }
 
 DEFAULT_PREFERENCE = ("onnxruntime", "openvino", "litert")

@@ -39,8 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
-from stagewise.calibration import thresholds_of
 from stagewise.errors import StagewiseError
+from stagewise.manifest import Manifest
 
 from .latency import LatencyModel
 
@@ -83,20 +83,20 @@ def _hazards(exit_rates: Sequence[float], k: int) -> np.ndarray:
     return np.clip(h, 0.0, 1.0)
 
 
-def points_from_manifest(manifest: dict) -> list[_Point]:
+def points_from_manifest(manifest: Manifest) -> list[_Point]:
     """The operating points usable by the controller (those with calibrated accuracy and exit rates)."""
-    k = len(manifest["stages"])
+    k = len(manifest.stages)
     points = []
-    for p in manifest.get("operating_points", []):
-        expected = p.get("expected") or {}
-        if "accuracy" in expected and "exit_rates" in expected:
-            points.append(_Point(p["name"], thresholds_of(p), float(expected["accuracy"]),
-                                 _hazards(expected["exit_rates"], k)))
-    stage_acc = (manifest.get("calibration") or {}).get("stage_accuracy")
+    for p in manifest.operating_points:
+        expected = p.expected
+        if expected is not None and expected.accuracy is not None and expected.exit_rates is not None:
+            points.append(_Point(p.name, p.threshold_array, float(expected.accuracy),
+                                 _hazards(list(expected.exit_rates), k)))
+    stage_acc = (manifest.calibration or {}).get("stage_accuracy")
     if stage_acc and k > 1:
         first = np.full(k, np.inf)
         first[0] = -np.inf  # every image answers at the first stage
-        name = f"{manifest['stages'][0]['name']}-only"
+        name = f"{manifest.stages[0].name}-only"
         if all(p.name != name for p in points):
             points.append(_Point(name, first, float(stage_acc[0]), _hazards([1.0], k)))
     if not points:
@@ -134,7 +134,8 @@ class MeanBudgetController:
         self._saturated = 0  # +1: pinned at the most accurate point, -1: at the cheapest
 
     @classmethod
-    def from_manifest(cls, manifest: dict, latency: LatencyModel, budget_ms: float, **options) -> "MeanBudgetController":
+    def from_manifest(cls, manifest: Manifest, latency: LatencyModel, budget_ms: float,
+                      **options) -> "MeanBudgetController":
         return cls(points_from_manifest(manifest), latency, budget_ms, **options)
 
     def retarget(self, budget_ms: float) -> None:

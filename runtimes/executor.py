@@ -11,19 +11,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from stagewise.bundle import Bundle, read_bundle
-from stagewise.calibration import thresholds_of
 from stagewise.errors import UnknownOperatingPointError
 from stagewise.exits import exit_scores, load_exit_model, softmax
-from stagewise.images import Preprocess, load_image
+from stagewise.images import load_image
+from stagewise.manifest import StageSpec
 
-from .base import DEFAULT_PREFERENCE, LoadOptions, StageIO, StageSession, resolve_runtime
+from .base import LoadOptions, StageIO, StageSession, resolve_runtime
 from .controller import MeanBudgetController
 from .latency import LatencyModel
+from .options import RuntimeOptions
+from .routing import Carries, StageRouter, run_chain
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,7 @@ class _Stage:
     name: str
     session: StageSession
     io: StageIO
-    size: tuple[int, int] | None
-    carry_from: int | None
     logits: str
-    carry: str | None
     score: str
     temperature: float
     combine: str
@@ -124,24 +123,24 @@ class Cascade:
         self.runtime = runtime
         self.threads = threads
         self.device = device
-        self.labels: list[str] = m["task"]["labels"]
-        self.preprocess = Preprocess.from_manifest(m["input"])
-        names = [s["name"] for s in m["stages"]]
-        self._stages = [self._plan(spec, session, names, bundle.root) for spec, session in zip(m["stages"], sessions)]
-        self._points = {p["name"]: p for p in m["operating_points"]}
+        self.labels: list[str] = m.labels
+        self.preprocess = m.input
+        self.router = StageRouter.from_manifest(m)
+        self._stages = [self._plan(spec, session, bundle.root) for spec, session in zip(m.stages, sessions)]
+        self._points = {p.name: p for p in m.operating_points}
         # under a budget, a cascade may skip cheap stages when only a later, image-reading stage fits
-        self._can_jump = any(st.size is not None for st in self._stages[1:])
-        self.operating_point = m["default_operating_point"]
+        self._can_jump = any(self.router.reads_image(k) for k in range(1, len(self._stages)))
+        self.operating_point = m.default_operating_point
         # Budget scheduling: the latency model (options as a dict, or a ready model), seeded from
         # the bundle's device profile (``profile``; default: this runtime/device/threads).
         self.latency = latency if isinstance(latency, LatencyModel) else LatencyModel(len(self._stages),
                                                                                       **(latency or {}))
         self.profile = profile or profile_name(runtime, threads, device)
-        for k, spec in enumerate(m["stages"]):
-            recorded = spec["cost"].get("latency_ms", {}).get(self.profile)
-            if recorded:
-                self.latency.seed(k, recorded.get("p95", recorded["p50"]))
-        recorded = m.get("profiles", {}).get(self.profile, {}).get("return_ms")
+        for k, spec in enumerate(m.stages):
+            stats = spec.cost.latency(self.profile)
+            if stats:
+                self.latency.seed(k, stats.p50 if stats.p95 is None else stats.p95)
+        recorded = (m.profiles or {}).get(self.profile, {}).get("return_ms")
         if recorded:
             self.latency.seed_return(recorded.get("p95", recorded["p50"]))
         self._controller_options = dict(controller or {})
@@ -168,16 +167,10 @@ class Cascade:
                                                              **self._controller_options)
 
     @staticmethod
-    def _plan(spec: dict, session: StageSession, names: list[str], root: Path | None = None) -> _Stage:
-        source = spec["input"]
-        outputs = spec["outputs"]
-        return _Stage(
-            name=spec["name"], session=session, io=stage_io(spec),
-            size=tuple(source["size"]) if source["source"] == "image" else None,
-            carry_from=names.index(source["from"]) if source["source"] == "carry" else None,
-            logits=outputs["logits"], carry=outputs.get("carry"), score=spec["exit"]["score"],
-            temperature=spec["exit"]["temperature"], combine=spec["exit"].get("combine", "own"),
-            exit_model=load_exit_model(root, spec["exit"]))
+    def _plan(spec: StageSpec, session: StageSession, root: Path | None = None) -> _Stage:
+        return _Stage(name=spec.name, session=session, io=stage_io(spec), logits=spec.outputs.logits,
+                      score=spec.exit.score, temperature=spec.exit.temperature, combine=spec.exit.combine,
+                      exit_model=load_exit_model(root, spec.exit))
 
     @property
     def stage_names(self) -> list[str]:
@@ -198,11 +191,11 @@ class Cascade:
             raise UnknownOperatingPointError(
                 f"unknown operating point {name!r}; this bundle defines: {', '.join(self._points)} "
                 "(see `stagewise inspect`, or add one with `stagewise calibrate`)")
-        return thresholds_of(self._points[name])
+        return self._points[name].threshold_array
 
     def warm_up(self, runs: int = 2) -> None:
         """Run every stage ``runs`` times on a grey image; the last run seeds the latency model."""
-        size = max((s.size for s in self._stages if s.size), key=lambda hw: hw[0] * hw[1])
+        size = max(self.router.image_sizes(), key=lambda hw: hw[0] * hw[1])
         grey = np.full((size[0], size[1], 3), 128, dtype=np.uint8)
         for r in range(runs):
             prediction = self.run_all_stages(grey)
@@ -219,13 +212,8 @@ class Cascade:
         per_stage: list[list[np.ndarray]] = [[] for _ in self._stages]
         for i in range(0, len(images), batch_size):
             chunk = [load_image(im) for im in images[i:i + batch_size]]
-            carries: dict[int, np.ndarray] = {}
-            for k, st in enumerate(self._stages):
-                x = self.preprocess.tensor(chunk, st.size) if st.size else carries[st.carry_from]
-                out = st.session.run(x)
-                per_stage[k].append(out[st.logits])
-                if st.carry:
-                    carries[k] = out[st.carry]
+            for k, _, out in run_chain(self.router, chunk, lambda k, x: self._stages[k].session.run(x)):
+                per_stage[k].append(out[self._stages[k].logits])
         return [np.concatenate(xs) for xs in per_stage]
 
     def predict_stage(self, image: Any, stage: int) -> Prediction:
@@ -235,18 +223,14 @@ class Cascade:
         for a carry stage it runs the chain of stages feeding it (a truncated network).
         """
         start = self._clock()
-        img = load_image(image)
-        chain = [stage]
-        while self._stages[chain[-1]].carry_from is not None:
-            chain.append(self._stages[chain[-1]].carry_from)
-        carries: dict[int, np.ndarray] = {}
+        img = [load_image(image)]
+        carries = Carries(1)
         records = []
-        for k in reversed(chain):
+        for k in self.router.chain(stage):
             st = self._stages[k]
             t0 = self._clock()
-            out = st.session.run(self.preprocess.tensor([img], st.size) if st.size else carries[st.carry_from])
-            if st.carry:
-                carries[k] = out[st.carry]
+            out = st.session.run(self.router.input(k, img, carries))
+            self.router.keep(k, out, carries)
             probs = softmax(out[st.logits], st.temperature)
             score = float(exit_scores(st.score, probs, out[st.logits], st.temperature, model=st.exit_model)[0])
             records.append(StageRecord(st.name, "last" if k == stage else "continue", score, int(probs[0].argmax()),
@@ -289,7 +273,7 @@ class Cascade:
         clock, latency = self._clock, self.latency
         start = clock() if start is None else start
         records: list[StageRecord] = []
-        carries: dict[int, np.ndarray] = {}
+        images, carries = [image], Carries(1)
         total = None
         best = None
         limited = False
@@ -322,13 +306,11 @@ class Cascade:
                     break
                 reason = "fits" if k > first else "first"
             t0 = now
-            x = self.preprocess.tensor([image], st.size) if st.size else carries[st.carry_from]
-            out = st.session.run(x)
+            out = st.session.run(self.router.input(k, images, carries))
             runs += 1
             probs, total = self._decide(st, k, out[st.logits], total, runs)
             score = float(exit_scores(st.score, probs, out[st.logits], st.temperature, total, k, st.exit_model)[0])
-            if st.carry:
-                carries[k] = out[st.carry]
+            self.router.keep(k, out, carries)
             best = (k, probs[0], score)
             done = k == last or score >= thresholds[k]
             decision = "last" if k == last else ("exit" if done else "continue")
@@ -372,13 +354,14 @@ class Cascade:
         margin, ret = latency.margin(), latency.return_overhead()
         needs = [latency.predict(k) * margin for k in range(len(self._stages))]
         best_start, best_reach = 0, -1
-        for s, st in enumerate(self._stages):
-            if s and st.size is None:
+        router = self.router
+        for s in range(len(self._stages)):
+            if s and not router.reads_image(s):
                 continue  # a carry stage cannot start a path
             used, reach = ret, -1
             for j in range(s, len(self._stages)):
-                later = self._stages[j]
-                if j > s and later.carry_from is not None and later.carry_from < s:
+                source = router.carry_from(j)
+                if j > s and source is not None and source < s:
                     break
                 used += needs[j]
                 if used > left_ms:
@@ -404,7 +387,7 @@ class Cascade:
         imgs = [load_image(im) for im in images]
         n = len(imgs)
         active = np.arange(n)
-        carries: dict[int, np.ndarray] = {}
+        carries = Carries(n)
         total: np.ndarray | None = None
         traces: list[list[StageRecord]] = [[] for _ in range(n)]
         results: list[Prediction | None] = [None] * n
@@ -413,8 +396,7 @@ class Cascade:
             if not len(active):
                 break
             t0 = self._clock()
-            x = self.preprocess.tensor([imgs[i] for i in active], st.size) if st.size else carries[st.carry_from][active]
-            out = st.session.run(x)
+            out = st.session.run(self.router.input(k, imgs, carries, active))
             logits = out[st.logits]
             own = softmax(logits, st.temperature)
             if total is None:
@@ -423,9 +405,7 @@ class Cascade:
             probs = total[active] / (k + 1) if st.combine == "mean_probs" else own
             scores = exit_scores(st.score, probs, logits, st.temperature, total[active], k, st.exit_model)
             ms = (self._clock() - t0) * 1e3
-            if st.carry:
-                carry = out[st.carry]
-                carries.setdefault(k, np.zeros((n,) + carry.shape[1:], dtype=carry.dtype))[active] = carry
+            self.router.keep(k, out, carries, active)
             done = np.full(len(active), True) if k == last else scores >= thresholds[k]
             now = (self._clock() - start) * 1e3
             for row, i in enumerate(active):
@@ -451,10 +431,9 @@ class Cascade:
         self.close()
 
 
-def stage_io(spec: dict) -> StageIO:
+def stage_io(spec: StageSpec) -> StageIO:
     """The tensor names of a manifest stage."""
-    outputs = spec["outputs"]
-    return StageIO(spec["input"]["tensor"], tuple(v for v in (outputs["logits"], outputs.get("carry")) if v))
+    return StageIO(spec.input.tensor, spec.outputs.names())
 
 
 def profile_name(runtime: str, threads: int | None, device: str = "CPU") -> str:
@@ -463,15 +442,18 @@ def profile_name(runtime: str, threads: int | None, device: str = "CPU") -> str:
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: int | None = None,
-         prefer: Sequence[str] | None = None, warmup: bool = True, options: dict | None = None,
-         mean_budget_ms: float | None = None, profile: str | None = None, latency: dict | None = None) -> Cascade:
+         prefer: Sequence[str] | None = None, warmup: bool = True,
+         options: RuntimeOptions | Mapping[str, Any] | None = None, mean_budget_ms: float | None = None,
+         profile: str | None = None, latency: dict | None = None) -> Cascade:
     """Open a bundle (directory or ``.swb``) on a runtime and return a ready :class:`Cascade`.
 
     ``backend`` is ``"onnxruntime"``, ``"openvino"``, ``"litert"`` or ``"auto"`` (the first
     of ``prefer`` that is installed and that the bundle carries artifacts for; ``prefer`` defaults to
     ``$STAGEWISE_PREFER`` or onnxruntime, openvino, litert) or a comma-separated preference list such
     as ``"openvino,onnxruntime"``. ``device`` is the runtime's device (OpenVINO: CPU, GPU, NPU, AUTO). ``threads`` sets
-    the runtime's intra-op threads; ``options`` passes runtime-specific settings.
+    the runtime's intra-op threads; ``options`` are the runtime's own settings, its options dataclass
+    (:mod:`stagewise.runtimes.options`) or a dict of them: an unknown key raises
+    :class:`~stagewise.errors.UnknownOptionError` listing the valid ones.
     ``mean_budget_ms`` starts the average-budget mode (see :meth:`Cascade.set_mean_budget`);
     ``profile`` names the device profile that seeds the latency model (default: the one for
     this runtime, device and thread count); ``latency`` passes :class:`LatencyModel` options.
@@ -479,10 +461,11 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
     bundle = read_bundle(path)
     try:
         runtime = resolve_runtime(backend, bundle.formats(), prefer)
+        settings = runtime.options.from_mapping(options)
+        load_options = LoadOptions(threads=threads, device=device, runtime_options=settings)
         opener = runtime.opener()
-        load_options = LoadOptions(threads=threads, device=device, extra=dict(options or {}))
         sessions = []
-        for k, spec in enumerate(bundle.manifest["stages"]):
+        for k, spec in enumerate(bundle.manifest.stages):
             sessions.append(opener(bundle.artifact_paths(k, runtime.artifact_format), stage_io(spec), load_options))
     except BaseException:
         bundle.close()

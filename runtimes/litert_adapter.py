@@ -53,6 +53,7 @@ import numpy as np
 from stagewise.errors import BackendUnavailableError, BundleError, DeviceUnavailableError, MissingExtraError
 
 from .base import LoadOptions, StageIO
+from .options import LiteRTOptions
 
 PACKAGES = ("ai_edge_litert", "tflite_runtime")
 """Where the interpreter is looked for, in order."""
@@ -137,26 +138,24 @@ class LiteRTStage:
 
     def __init__(self, model: Path, io: StageIO, options: LoadOptions):
         module = interpreter_module()
-        extra = options.extra or {}
-        delegate_specs = extra.get("delegates")
+        settings = options.options_for(LiteRTOptions)
+        delegate_specs = settings.delegates
         if delegate_specs is None:
             delegate_specs = [d for d in os.environ.get("STAGEWISE_LITERT_DELEGATES", "").split(os.pathsep) if d]
-        if isinstance(delegate_specs, (str, Path, dict)):
-            delegate_specs = [delegate_specs]
         if options.device.upper() != "CPU" and not delegate_specs:
             raise DeviceUnavailableError(
                 f"LiteRT runs on the CPU unless a delegate is attached; for device {options.device!r} pass its "
                 "delegate library, e.g. stagewise.load(..., backend='litert', options={'delegates': "
                 "['libedgetpu.so.1']}), or use device='CPU'")
-        self.batch_mode = extra.get("batch", "auto")
+        self.batch_mode = settings.batch
         if self.batch_mode not in BATCH_MODES:
             raise BackendUnavailableError(f"LiteRT option batch={self.batch_mode!r}; choose {', '.join(BATCH_MODES)}")
         kwargs: dict[str, Any] = {"model_path": str(model)}
         if options.threads:
             kwargs["num_threads"] = int(options.threads)
-        if not extra.get("xnnpack", True):
+        if not settings.xnnpack:
             kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        self.xnnpack = bool(extra.get("xnnpack", True))
+        self.xnnpack = bool(settings.xnnpack)
         self._delegates = _load_delegates(module, delegate_specs)
         if self._delegates:
             kwargs["experimental_delegates"] = self._delegates

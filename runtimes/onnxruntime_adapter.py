@@ -11,25 +11,26 @@ from stagewise.errors import BundleError
 from stagewise.extras import require
 
 from .base import LoadOptions, StageIO
+from .options import OnnxRuntimeOptions
 
 ort = require("onnxruntime", "onnxruntime", "running a bundle on ONNX Runtime")
 
 
 class OnnxRuntimeStage:
-    """A stage on ONNX Runtime (CPU execution provider unless ``extra['providers']`` says otherwise)."""
+    """A stage on ONNX Runtime (CPU execution provider unless the ``providers`` option says otherwise)."""
 
     def __init__(self, model: Path, io: StageIO, options: LoadOptions):
+        settings = options.options_for(OnnxRuntimeOptions)
         so = ort.SessionOptions()
         if options.threads:
             so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for key, value in options.extra.get("session_config", {}).items():
+        for key, value in settings.session_config.items():
             so.add_session_config_entry(key, str(value))
-        providers = options.extra.get("providers", ["CPUExecutionProvider"])
         try:
-            self._session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
+            self._session = ort.InferenceSession(str(model), sess_options=so, providers=list(settings.providers))
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad models
             raise BundleError(f"ONNX Runtime cannot load {model.name}: {exc}") from exc
         self._input = io.input

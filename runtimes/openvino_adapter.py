@@ -50,6 +50,7 @@ from stagewise.errors import BundleError, DeviceUnavailableError
 from stagewise.extras import require
 
 from .base import LoadOptions, StageIO
+from .options import OpenVinoOptions
 
 ov = require("openvino", "openvino", "running a bundle on OpenVINO")
 
@@ -131,9 +132,9 @@ def _device_settings(ov_core: Any, device: str, threads: int | None, precision: 
 
 def compile_config(ov_core: Any, device: str, options: LoadOptions) -> dict:
     """The ``compile_model`` properties for ``device``: latency hint, threads, precision, cache."""
-    extra = options.extra
-    precision = str(extra.get("inference_precision", "f32"))
-    pinning = bool(extra.get("cpu_pinning", False))
+    settings = options.options_for(OpenVinoOptions)
+    precision = str(settings.inference_precision)
+    pinning = bool(settings.cpu_pinning)
     cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
     head = device.partition(":")[0]
     if head in VIRTUAL_DEVICES:
@@ -147,7 +148,7 @@ def compile_config(ov_core: Any, device: str, options: LoadOptions) -> dict:
         cfg.update(_device_settings(ov_core, device, options.threads, precision, pinning))
         if "PERFORMANCE_HINT" not in _supported(ov_core, device):
             cfg.pop("PERFORMANCE_HINT")
-    cache = extra.get("cache_dir", default_cache_dir())
+    cache = default_cache_dir() if settings.cache_dir is None else settings.cache_dir
     if cache:
         cache = Path(cache)
         try:
@@ -155,13 +156,14 @@ def compile_config(ov_core: Any, device: str, options: LoadOptions) -> dict:
             cfg["CACHE_DIR"] = str(cache)
         except OSError:
             pass  # an unwritable cache only costs load time; never fail a load over it
-    cfg.update(extra.get("config", {}))
+    cfg.update(settings.config)
     return cfg
 
 
 def needs_static_shapes(device: str, options: LoadOptions, available: Sequence[str]) -> bool:
-    if "static_shapes" in options.extra:
-        return bool(options.extra["static_shapes"])
+    static = options.options_for(OpenVinoOptions).static_shapes
+    if static is not None:
+        return bool(static)
     return any(d.split(".")[0] in STATIC_SHAPE_DEVICES for d in target_devices(device))
 
 

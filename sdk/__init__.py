@@ -12,27 +12,47 @@ bundle is loaded and converters (torch, tensorflow) only from ``stagewise.conver
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .errors import (BackendUnavailableError, BundleError, CalibrationError, ConversionError, DatasetError,
                      DeviceUnavailableError, ImageInputError, IntegrityError, InvalidCutPointError, ManifestError,
-                     MissingExtraError, StagewiseError, UnknownOperatingPointError, UnsafeArchiveError,
+                     MissingExtraError, StagewiseError, UnknownOperatingPointError, UnknownOptionError,
+                     UnsafeArchiveError,
                      VerificationError)
 
 if TYPE_CHECKING:
     from .runtimes import Cascade
+    from .runtimes.options import RuntimeOptions
 
 __version__ = "0.1.0"
 
 
-def load(path: Any, backend: str = "auto", **kwargs: Any) -> "Cascade":
-    """Load a bundle for inference; see :func:`stagewise.runtimes.load` for every option."""
+def load(path: str | os.PathLike, backend: str = "auto", device: str = "CPU", threads: int | None = None,
+         options: "RuntimeOptions | Mapping[str, Any] | None" = None, *, prefer: Sequence[str] | None = None,
+         warmup: bool = True, mean_budget_ms: float | None = None, profile: str | None = None,
+         latency: dict | None = None) -> "Cascade":
+    """Open a bundle (directory or ``.swb`` file) and return a :class:`~stagewise.runtimes.Cascade`.
+
+    ``backend``: the runtime, ``"onnxruntime"``, ``"openvino"``, ``"litert"``, ``"auto"`` (the
+    first installed runtime, in the order of ``prefer`` or ``$STAGEWISE_PREFER``, whose format the
+    bundle carries) or a comma-separated preference list. ``device``: the runtime's device (CPU;
+    OpenVINO also GPU, NPU, AUTO; LiteRT a delegate's label). ``threads``: intra-op threads
+    (``None``: the runtime's default). ``options``: the runtime's own settings, as its options
+    dataclass (:class:`~stagewise.runtimes.options.OnnxRuntimeOptions`, ``OpenVinoOptions``,
+    ``LiteRTOptions``) or a dict of them; an unknown key raises :class:`UnknownOptionError`
+    listing the valid ones. ``warmup``: run every stage once before returning.
+    ``mean_budget_ms``: start the average-budget mode; ``profile``: the device profile that
+    seeds the latency model; ``latency``: options of the latency model.
+    """
     from .runtimes import load as _load
 
-    return _load(path, backend=backend, **kwargs)
+    return _load(path, backend=backend, device=device, threads=threads, prefer=prefer, warmup=warmup,
+                 options=options, mean_budget_ms=mean_budget_ms, profile=profile, latency=latency)
 
 
 __all__ = ["BackendUnavailableError", "BundleError", "CalibrationError", "ConversionError", "DatasetError",
            "DeviceUnavailableError", "ImageInputError", "IntegrityError", "InvalidCutPointError", "ManifestError",
-           "MissingExtraError", "StagewiseError", "UnknownOperatingPointError", "UnsafeArchiveError",
+           "MissingExtraError", "StagewiseError", "UnknownOperatingPointError", "UnknownOptionError",
+           "UnsafeArchiveError",
            "VerificationError", "__version__", "load"]

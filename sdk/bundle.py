@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterable, Iterator
 import jsonschema
 
 from .errors import BundleError, IntegrityError, ManifestError, UnsafeArchiveError
+from .manifest import FORMAT_VERSION, Manifest
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 ARTIFACT_FORMATS = ("onnx", "openvino", "tflite")
 
 
@@ -89,7 +89,7 @@ def sha256_file(path: Path) -> str:
 
 
 def artifact_files(manifest: dict) -> Iterator[dict]:
-    """Every ``{path, sha256}`` entry the manifest names, in stage order (model files, then exit-score models)."""
+    """Every ``{path, sha256}`` entry of a manifest document, in stage order (model files, then exit-score models)."""
     for stage in manifest["stages"]:
         for artifact in stage["artifacts"].values():
             yield from artifact["files"]
@@ -106,23 +106,22 @@ class Bundle:
     """
 
     root: Path
-    manifest: dict
+    manifest: Manifest
     source: Path
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
     def labels(self) -> list[str]:
-        return self.manifest["task"]["labels"]
+        return self.manifest.labels
 
     def artifact_paths(self, stage_index: int, artifact_format: str) -> list[Path]:
         """Absolute paths of one stage's files for ``artifact_format`` (main model file first)."""
-        artifact = self.manifest["stages"][stage_index]["artifacts"][artifact_format]
-        return [self.root / f["path"] for f in artifact["files"]]
+        artifact = self.manifest.stages[stage_index].artifacts[artifact_format]
+        return [self.root / f.path for f in artifact.files]
 
     def formats(self) -> list[str]:
         """Artifact formats that every stage carries."""
-        stages = self.manifest["stages"]
-        return [f for f in ARTIFACT_FORMATS if all(f in s["artifacts"] for s in stages)]
+        return [f for f in ARTIFACT_FORMATS if all(f in s.artifacts for s in self.manifest.stages)]
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -144,9 +143,10 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
         _safe_extract(path, root)
     else:
         raise BundleError(f"bundle not found: {path}")
-    manifest = _read_manifest(root, path)
+    document = _read_manifest(root, path)
+    manifest = Manifest.from_dict(document)
     if verify:
-        verify_files(root, manifest)
+        verify_files(root, document)
     return Bundle(root=root, manifest=manifest, source=path, _tmp=tmp)
 
 
@@ -162,7 +162,6 @@ def _read_manifest(root: Path, origin: Path) -> dict:
         raise ManifestError(
             f"manifest field format_version: {manifest['format_version']!r} is not supported by this stagewise "
             f"(reads version {FORMAT_VERSION}); upgrade stagewise or rebuild the bundle")
-    validate_manifest(manifest)
     return manifest
 
 
@@ -198,8 +197,10 @@ def _safe_extract(archive: Path, dest: Path) -> None:
         zf.extractall(dest)
 
 
-def write_bundle(out: str | Path, manifest: dict, files: dict[str, Path], overwrite: bool = False) -> Path:
+def write_bundle(out: str | Path, manifest: dict | Manifest, files: dict[str, Path], overwrite: bool = False) -> Path:
     """Write a bundle atomically: fill in each file's sha256 and size, validate, then publish.
+
+    ``manifest`` is the JSON document (a dict) or a parsed :class:`Manifest`.
 
     ``files`` maps each manifest path to the local file holding its content. ``out`` ending in
     ``.swb`` gives the single-file form, anything else a directory. On any error nothing is
@@ -208,7 +209,7 @@ def write_bundle(out: str | Path, manifest: dict, files: dict[str, Path], overwr
     out = Path(out)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; choose another --out or pass overwrite (--force)")
-    manifest = json.loads(json.dumps(manifest))
+    manifest = manifest.to_dict() if isinstance(manifest, Manifest) else json.loads(json.dumps(manifest))
     for entry in artifact_files(manifest):
         if entry["path"] not in files:
             raise BundleError(f"no content given for bundle file {entry['path']}")
@@ -261,14 +262,15 @@ def _publish(staged: Path, out: Path) -> None:
 def pack(bundle_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Pack a bundle directory into a ``.swb`` file (verified first)."""
     bundle = read_bundle(bundle_dir)
-    files = {e["path"]: bundle.root / e["path"] for e in artifact_files(bundle.manifest)}
+    files = {f.path: bundle.root / f.path for f in bundle.manifest.files()}
     return write_bundle(out, bundle.manifest, files, overwrite=overwrite)
 
 
 def update_manifest(path: str | Path, change: Callable[[dict, Path], dict]) -> dict:
-    """Rewrite a bundle's manifest atomically with ``change(manifest, root) -> manifest``.
+    """Rewrite a bundle's manifest atomically with ``change(document, root) -> document``.
 
-    The bundle's files are verified first. ``change`` gets a copy of the manifest and ``root``, the
+    The bundle's files are verified first. ``change`` gets a copy of the manifest's JSON document
+    (:meth:`Manifest.to_dict`) and ``root``, the
     folder holding the bundle's files (the bundle directory itself, or where a ``.swb`` is
     unpacked); it may add files under ``root`` and name them in the manifest with their sha256
     and size, but must not modify a file the current manifest names (new content gets a new,
@@ -283,9 +285,9 @@ def update_manifest(path: str | Path, change: Callable[[dict, Path], dict]) -> d
     root = bundle.root
     try:
         before = _file_tree(root)
-        old_entries = {(e["path"], e["sha256"]) for e in artifact_files(bundle.manifest)}
+        old_entries = {(f.path, f.sha256) for f in bundle.manifest.files()}
         try:
-            manifest = change(json.loads(json.dumps(bundle.manifest)), root)
+            manifest = change(bundle.manifest.to_dict(), root)
             validate_manifest(manifest)
             _verify_entries(root, (e for e in artifact_files(manifest) if (e["path"], e["sha256"]) not in old_entries))
             if path.is_dir():

@@ -157,10 +157,10 @@ def inspect(bundle, as_json):
     b = read_bundle(bundle)
     try:
         if as_json:
-            click.echo(json.dumps(b.manifest, indent=2))
+            click.echo(json.dumps(b.manifest.to_dict(), indent=2))
         else:
             print_tables(*manifest_tables(b.manifest))
-            cal = b.manifest.get("calibration")
+            cal = b.manifest.calibration
             if cal:
                 click.echo(f"calibrated on {cal['n']} images ({cal['data']}): running every stage gives top-1 "
                            f"{100 * cal['reference_accuracy']:.1f}%, oracle {100 * cal['oracle']['accuracy']:.1f}% "
@@ -344,7 +344,7 @@ def profile(bundle, data, backend, device, threads, count, repeats, name, dry_ru
             profile_id = record_profile(manifest, cascade, stats, name=name, extra=extra)
             return manifest
         if dry_run:
-            store(json.loads(json.dumps(cascade.bundle.manifest)))
+            store(cascade.bundle.manifest.to_dict())
         else:
             update_manifest(bundle, lambda manifest, _root: store(manifest))
         stage_names = cascade.stage_names

@@ -35,6 +35,10 @@ class MissingExtraError(StagewiseError, ImportError):
     """An optional dependency a feature needs is not installed; the message names the pip command."""
 
 
+class UnknownOptionError(StagewiseError):
+    """A runtime option that the chosen runtime does not have; the message lists the valid ones."""
+
+
 class DeviceUnavailableError(StagewiseError):
     """The requested device does not exist on this machine."""
 

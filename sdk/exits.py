@@ -22,8 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
+
+from .manifest import ExitRule
 
 SCORES = ("max_softmax", "margin", "entropy", "max_logit", "learned")
 PER_CLASS_SCORES = ("max_softmax", "max_logit")
@@ -167,13 +170,14 @@ class LearnedExitScore:
                        weights=z["weights"].astype(np.float64), bias=float(z["bias"]), features=features)
 
 
-def load_exit_model(root: str | Path | None, exit_spec: dict) -> LearnedExitScore | None:
-    """The learned exit score model a manifest stage's ``exit`` names (``None`` for other scores)."""
-    if exit_spec.get("score") != "learned":
+def load_exit_model(root: str | Path | None, exit_rule: ExitRule | Mapping[str, Any]) -> LearnedExitScore | None:
+    """The learned exit score model a stage's exit rule (or its manifest record) names (``None`` for other scores)."""
+    rule = exit_rule if isinstance(exit_rule, ExitRule) else ExitRule.from_dict(exit_rule)
+    if rule.score != "learned":
         return None
-    if root is None or "model" not in exit_spec:
+    if root is None or rule.model is None:
         raise ValueError("a stage with the learned exit score must name its model file (exit.model)")
-    return LearnedExitScore.load(Path(root) / exit_spec["model"]["path"])
+    return LearnedExitScore.load(Path(root) / rule.model.path)
 
 
 def earlier_mean(own: np.ndarray, total: np.ndarray | None, k: int) -> np.ndarray | None:

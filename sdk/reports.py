@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 from rich.console import Console
 from rich.table import Table
 
 from .extras import require
+from .manifest import Expected, Manifest
 
 
 def _pct(x: float | None) -> str:
@@ -18,35 +20,39 @@ def _threshold(t: float | None) -> str:
     return "-" if t is None else f"{t:.3f}"
 
 
-def manifest_tables(manifest: dict) -> list[Table]:
-    """Stages (inputs, precision per format, cost) and operating points of a bundle."""
-    stages = Table(title=f"{manifest['name']}: {len(manifest['stages'])} stages "
-                         f"({manifest['producer'].get('kind', 'stages')}, from {manifest['producer']['source_framework']})")
+def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
+    """Stages (inputs, precision per format, cost) and operating points of a bundle (parsed or its JSON document)."""
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_dict(manifest)
+    producer = manifest.producer
+    stages = Table(title=f"{manifest.name}: {len(manifest.stages)} stages "
+                         f"({producer.get('kind', 'stages')}, from {producer['source_framework']})")
     for col in ("stage", "input", "artifacts", "exit score", "MMACs", "latency p50 (ms)"):
         stages.add_column(col)
-    for s in manifest["stages"]:
-        src = s["input"]
-        where = f"image {src['size'][0]}x{src['size'][1]}" if src["source"] == "image" else f"carry from {src['from']}"
-        arts = ", ".join(f"{fmt}:{a['precision']}" + (" (int8 rejected)" if a.get("quantization", {}).get("kept_fp32") else "")
-                         for fmt, a in s["artifacts"].items())
-        lat = ", ".join(f"{v['p50']:.2f} [{k}]" for k, v in s["cost"].get("latency_ms", {}).items()) or "-"
-        exit_rule = f"{s['exit']['score']} T={s['exit']['temperature']:g}"
-        if s["exit"].get("combine", "own") != "own":
-            exit_rule += f" {s['exit']['combine']}"
-        stages.add_row(s["name"], where, arts, exit_rule, f"{s['cost'].get('macs', 0) / 1e6:.1f}", lat)
-    points = Table(title=f"operating points (default: {manifest['default_operating_point']})")
+    for s in manifest.stages:
+        src = s.input
+        where = f"image {src.size[0]}x{src.size[1]}" if src.source == "image" else f"carry from {src.from_stage}"
+        arts = ", ".join(f"{fmt}:{a.precision}"
+                         + (" (int8 rejected)" if (a.quantization or {}).get("kept_fp32") else "")
+                         for fmt, a in s.artifacts.items())
+        lat = ", ".join(f"{v.p50:.2f} [{k}]" for k, v in (s.cost.latency_ms or {}).items()) or "-"
+        exit_rule = f"{s.exit.score} T={s.exit.temperature:g}"
+        if s.exit.combine != "own":
+            exit_rule += f" {s.exit.combine}"
+        stages.add_row(s.name, where, arts, exit_rule, f"{(s.cost.macs or 0) / 1e6:.1f}", lat)
+    points = Table(title=f"operating points (default: {manifest.default_operating_point})")
     for col in ("name", "thresholds", "expected top-1", "agreement with full", "expected mean cost", "exit rates", "n",
                 "guarantee"):
         points.add_column(col)
-    for p in manifest["operating_points"]:
-        e = p.get("expected", {})
-        cost = f"{e['mean_cost']:.2f} {e.get('cost_unit', '')}" if "mean_cost" in e else "-"
-        rates = " / ".join(f"{100 * r:.0f}%" for r in e.get("exit_rates", [])) or "-"
-        g = p.get("guarantee")
-        promise = (f"{g['risk'].replace('_', ' ')} <= {100 * g['epsilon']:g}% w.p. >= {1 - g['delta']:g} (n={g['n']})"
+    for p in manifest.operating_points:
+        e = p.expected or Expected()
+        cost = f"{e.mean_cost:.2f} {e.cost_unit or ''}" if e.mean_cost is not None else "-"
+        rates = " / ".join(f"{100 * r:.0f}%" for r in e.exit_rates or ()) or "-"
+        g = p.guarantee
+        promise = (f"{g.risk.replace('_', ' ')} <= {100 * g.epsilon:g}% w.p. >= {1 - g.delta:g} (n={g.n})"
                    if g else "-")
-        points.add_row(p["name"], " ".join(_threshold(t) for t in p["thresholds"]), _pct(e.get("accuracy")),
-                       _pct(e.get("agreement")), cost, rates, str(e.get("n", "-")), promise)
+        points.add_row(p.name, " ".join(_threshold(t) for t in p.thresholds), _pct(e.accuracy),
+                       _pct(e.agreement), cost, rates, str("-" if e.n is None else e.n), promise)
     return [stages, points]
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from stagewise.manifest import Manifest
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 40, size: int = 16, seed: int = 0) -> Path:
@@ -47,6 +51,16 @@ def manifest_for(stages: list[dict], labels: list[str], thresholds: dict[str, li
         "operating_points": [{"name": n, "thresholds": t} for n, t in thresholds.items()],
         "default_operating_point": next(iter(thresholds)),
     }
+
+
+def assert_manifest_round_trips(bundle: Path) -> None:
+    """The bundle's ``manifest.json`` parses to a :class:`Manifest` whose ``to_dict`` is the document itself."""
+    if bundle.is_dir():
+        doc = json.loads((bundle / "manifest.json").read_text())
+    else:
+        with zipfile.ZipFile(bundle) as zf:
+            doc = json.loads(zf.read("manifest.json"))
+    assert Manifest.from_dict(doc).to_dict() == doc
 
 
 class FakeClock:

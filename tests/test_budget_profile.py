@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import manifest_for, stage_entry
+from conftest import assert_manifest_round_trips, manifest_for, stage_entry
 from stagewise.bundle import read_bundle, write_bundle
 from stagewise.cli import cli
 from stagewise.runtimes import RUNTIMES, load, register_runtime
@@ -60,13 +60,14 @@ def test_profile_stores_the_distribution_and_the_runtime_seeds_from_it(bundle, m
     out = runner.invoke(cli, ["profile", str(bundle), "--backend", mock_runtime, "--images", "6", "--repeats", "2"])
     assert out.exit_code == 0, out.output
     assert "stored as profile mockrt-cpu-1t" in out.output
+    assert_manifest_round_trips(bundle)
     m = read_bundle(bundle).manifest
-    prof = m["profiles"]["mockrt-cpu-1t"]
-    assert prof["runtime"] == "mockrt" and prof["threads"] == 1 and prof["precision"] == ["fp32", "fp32"]
+    prof = m.profiles["mockrt-cpu-1t"]
+    assert prof["runtime"] == "mockrt" and prof["threads"] == 1 and prof["precision"] == ("fp32", "fp32")
     assert prof["images"] == 6 and prof["repeats"] == 2 and set(prof["return_ms"]) >= {"p50", "p95"}
-    for s in m["stages"]:
-        d = s["cost"]["latency_ms"]["mockrt-cpu-1t"]
-        assert d["n"] == 12 and d["p50"] <= d["p95"] <= d["p99"] <= d["max"]
+    for s in m.stages:
+        d = s.cost.latency("mockrt-cpu-1t")
+        assert d.n == 12 and d.p50 <= d.p95 <= d.other["p99"] <= d.other["max"]
     # a named profile next to it, and a dry run that writes nothing
     assert runner.invoke(cli, ["profile", str(bundle), "--backend", mock_runtime, "--images", "3",
                                "--name", "busy-device"]).exit_code == 0
@@ -75,11 +76,11 @@ def test_profile_stores_the_distribution_and_the_runtime_seeds_from_it(bundle, m
     assert dry.exit_code == 0, dry.output
     assert json.loads(dry.output)["profile"] == "never-stored"
     m = read_bundle(bundle).manifest
-    assert set(m["profiles"]) == {"mockrt-cpu-1t", "busy-device"}
+    assert set(m.profiles) == {"mockrt-cpu-1t", "busy-device"}
     # the runtime seeds its latency model from the profile of its configuration, or the one named
     with load(bundle, backend=mock_runtime, threads=1, warmup=False) as c:
         assert c.profile == "mockrt-cpu-1t"
-        assert c.latency.predict(1) == pytest.approx(m["stages"][1]["cost"]["latency_ms"]["mockrt-cpu-1t"]["p95"])
+        assert c.latency.predict(1) == pytest.approx(m.stages[1].cost.latency("mockrt-cpu-1t").p95)
         assert c.latency.return_overhead() == pytest.approx(prof["return_ms"]["p95"])
     with load(bundle, backend=mock_runtime, threads=1, warmup=False, profile="busy-device") as c:
-        assert c.latency.predict(0) == pytest.approx(m["stages"][0]["cost"]["latency_ms"]["busy-device"]["p95"])
+        assert c.latency.predict(0) == pytest.approx(m.stages[0].cost.latency("busy-device").p95)

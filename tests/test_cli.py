@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import assert_manifest_round_trips
 from stagewise.bundle import read_bundle
 from stagewise.cli import cli
 
@@ -27,9 +28,10 @@ def test_convert_writes_calibrated_bundle(converted):
     out, output = converted
     assert f"wrote {out}" in output and "drop-1pt" in output
     manifest = read_bundle(out).manifest
-    assert manifest["default_operating_point"] == "drop-1pt"
-    assert manifest["stages"][0]["input"]["size"] == [16, 16]
-    assert manifest["calibration"]["n"] == 24
+    assert manifest.default_operating_point == "drop-1pt"
+    assert manifest.stages[0].input.size == (16, 16)
+    assert manifest.calibration["n"] == 24
+    assert_manifest_round_trips(out)
 
 
 def test_inspect_run_bench(converted, image_folder, tmp_path):
@@ -61,11 +63,12 @@ def test_calibrate_and_profile_rewrite_manifest(converted, image_folder, tmp_pat
     done = runner.invoke(cli, ["calibrate", str(copy), "--data", str(image_folder), "--budget-ms", "50"])
     assert done.exit_code == 0, done.output
     manifest = read_bundle(copy).manifest
-    assert manifest["default_operating_point"] == "budget-50ms"
-    assert manifest["calibration"]["n"] == 120
+    assert manifest.default_operating_point == "budget-50ms"
+    assert manifest.calibration["n"] == 120
     profiled = runner.invoke(cli, ["profile", str(copy), "--threads", "2", "--images", "5"])
     assert profiled.exit_code == 0, profiled.output
-    assert "onnxruntime-cpu-2t" in read_bundle(copy).manifest["profiles"]
+    assert "onnxruntime-cpu-2t" in read_bundle(copy).manifest.profiles
+    assert_manifest_round_trips(copy)
 
 
 def test_errors_are_clear(converted, image_folder, tmp_path):

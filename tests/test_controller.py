@@ -7,6 +7,7 @@ import pytest
 
 from conftest import FakeClock, ScriptedStage, manifest_for, scripted_image, stage_entry
 from stagewise.bundle import read_bundle, write_bundle
+from stagewise.manifest import Manifest
 from stagewise.runtimes import Cascade
 from stagewise.runtimes.controller import ControllerError, MeanBudgetController, points_from_manifest
 from stagewise.runtimes.latency import LatencyModel
@@ -141,13 +142,21 @@ def test_call_option_explicit_point_and_off_switch(tmp_path):
     assert cascade.controller is None and cascade.predict(Requests(4)()).operating_point == "full"
 
 
+def two_stage_document(points: dict[str, list]) -> dict:
+    """A valid two-stage manifest document (placeholder file hashes) with ``points``."""
+    stages = [stage_entry("s0", {"source": "image", "size": [8, 8], "tensor": "image"}, ["s0.bin"], carry=True),
+              stage_entry("s1", {"source": "carry", "from": "s0", "tensor": "carry"}, ["s1.bin"], carry=False)]
+    for f in (f for s in stages for f in s["artifacts"]["onnx"]["files"]):
+        f["sha256"] = "0" * 64
+    return manifest_for(stages, ["a", "b", "c"], points)
+
+
 def test_bundle_without_calibrated_points_is_refused_clearly(tmp_path):
-    manifest = {"stages": [{"name": "s0"}, {"name": "s1"}],
-                "operating_points": [{"name": "full", "thresholds": [None, None]}]}
+    manifest = two_stage_document({"full": [None, None]})
     with pytest.raises(ControllerError, match="stagewise calibrate"):
-        points_from_manifest(manifest)
+        points_from_manifest(Manifest.from_dict(manifest))
     manifest["calibration"] = {"stage_accuracy": [0.6, 0.7]}
-    assert [p.name for p in points_from_manifest(manifest)] == ["s0-only"]
+    assert [p.name for p in points_from_manifest(Manifest.from_dict(manifest))] == ["s0-only"]
 
 
 def test_controller_with_a_scripted_plant_and_no_executor():
@@ -156,10 +165,12 @@ def test_controller_with_a_scripted_plant_and_no_executor():
     for _ in range(10):
         latency.observe(0, 4.0)
         latency.observe(1, 16.0)
-    manifest = {"stages": [{"name": "a"}, {"name": "b"}],
-                "operating_points": [{"name": n, "thresholds": t, "expected": {"accuracy": a, "exit_rates": r}}
-                                     for n, (t, r, a) in POINTS.items()]}
-    ctl = MeanBudgetController(points_from_manifest(manifest), latency, budget_ms=12.0, horizon=50, headroom=0.0)
+    manifest = two_stage_document({n: t for n, (t, _, _) in POINTS.items()})
+    for p in manifest["operating_points"]:
+        _, rates, accuracy = POINTS[p["name"]]
+        p["expected"] = {"accuracy": accuracy, "exit_rates": rates}
+    points = points_from_manifest(Manifest.from_dict(manifest))
+    ctl = MeanBudgetController(points, latency, budget_ms=12.0, horizon=50, headroom=0.0)
     rng = np.random.default_rng(5)
     costs = []
     for _ in range(2000):

@@ -28,8 +28,11 @@ LINT = ("import sys; from importlinter.cli import lint_imports; "
 def installed_layout(target: Path) -> Path:
     """Copy every package of pyproject.toml's [tool.setuptools] to where installing puts it."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = setuptools["package-dir"]
     for package in setuptools["packages"]:
-        source = ROOT / setuptools["package-dir"][package]
+        # a package without its own entry lies under its parent's folder (stagewise.calibration -> sdk/calibration)
+        parent = max((p for p in mapping if package == p or package.startswith(p + ".")), key=len)
+        source = ROOT / mapping[parent] / Path(*package[len(parent):].lstrip(".").split(".") if package != parent else ())
         destination = target.joinpath(*package.split("."))
         destination.mkdir(parents=True)
         for module in source.glob("*.py"):

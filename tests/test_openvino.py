@@ -18,6 +18,7 @@ import openvino as ov  # noqa: E402
 
 import stagewise  # noqa: E402
 from stagewise.bundle import read_bundle  # noqa: E402
+from stagewise.manifest import Manifest  # noqa: E402
 from stagewise.converters.build import build_bundle, stage_inputs  # noqa: E402
 from stagewise.converters.convert import StageSource, make_job  # noqa: E402
 from stagewise.converters.heads import HeadTraining  # noqa: E402
@@ -164,9 +165,8 @@ def _copy(bundle: Path, dest: Path) -> Path:
 
 
 def _stage_files(bundle: Path, k: int = -1) -> tuple[list[Path], StageIO]:
-    m = json.loads((bundle / "manifest.json").read_text())
-    spec = m["stages"][k]
-    return [bundle / f["path"] for f in spec["artifacts"]["openvino"]["files"]], stage_io(spec)
+    spec = Manifest.from_dict(json.loads((bundle / "manifest.json").read_text())).stages[k]
+    return [bundle / f.path for f in spec.artifacts["openvino"].files], stage_io(spec)
 
 
 def test_missing_bin_is_reported(tmp_path, ee_bundle):

@@ -1,0 +1,421 @@
+"""The bundle manifest as typed, frozen records.
+
+:meth:`Manifest.from_dict` validates a ``manifest.json`` document (JSON Schema plus the
+cross-field rules of :func:`stagewise.bundle.validate_manifest`) and parses it once; readers then
+use attributes (``manifest.stages[k].exit.score``). :meth:`Manifest.to_dict` gives back the JSON
+document: ``Manifest.from_dict(d).to_dict() == d`` for every valid ``d``, so writers keep working
+on plain dicts and old bundles keep their bytes' meaning.
+
+Free-form records (producer, calibration, profiles, goal, head, quantization and verification
+records) are read-only mappings; sequences are tuples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Iterator
+
+import numpy as np
+
+from .images import Preprocess
+
+FORMAT = "stagewise-bundle"
+FORMAT_VERSION = 1
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def freeze(value: Any) -> Any:
+    """A read-only deep copy of a JSON value: dicts become mappings, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """The plain JSON value (dicts and lists) of a frozen one."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
+    return value
+
+
+def _optional(d: Mapping[str, Any], **values: Any) -> dict[str, Any]:
+    """``d`` plus every value that is not ``None`` (absent optional fields stay absent)."""
+    out = dict(d)
+    out.update({k: thaw(v) for k, v in values.items() if v is not None})
+    return out
+
+
+def _others(d: Mapping[str, Any], known: tuple[str, ...]) -> Mapping[str, Any]:
+    return freeze({k: v for k, v in d.items() if k not in known})
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the bundle predicts: ``labels`` are the class names, in target order."""
+
+    labels: tuple[str, ...]
+    top_k: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Task":
+        return cls(labels=tuple(d["labels"]), top_k=d.get("top_k"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional({"type": "classification", "labels": list(self.labels)}, top_k=self.top_k)
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """Where a stage's input comes from.
+
+    ``source`` is ``"image"`` (the decoded image resized to ``size`` = (height, width)) or
+    ``"carry"`` (the carry output of the earlier stage named ``from_stage``). ``tensor`` is the
+    model's input name (``None`` in a converter's plan, before the model is exported);
+    ``shape`` is the carry's recorded shape, when known. Other sources (image patches) would
+    add their own fields next to ``size``.
+    """
+
+    source: str
+    tensor: str | None = None
+    size: tuple[int, int] | None = None
+    from_stage: str | None = None
+    shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.source == "image" and self.size is None:
+            raise ValueError("an image stage input needs its size (height, width)")
+        if self.source == "carry" and self.from_stage is None:
+            raise ValueError("a carry stage input needs the name of the stage it comes from")
+
+    @classmethod
+    def image(cls, size: tuple[int, int], tensor: str | None = None) -> "StageInput":
+        return cls("image", tensor, size=(int(size[0]), int(size[1])))
+
+    @classmethod
+    def carry(cls, from_stage: str, tensor: str | None = None) -> "StageInput":
+        return cls("carry", tensor, from_stage=from_stage)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StageInput":
+        """From a manifest stage ``input`` or a converter plan's ``{"source": ..., "size"/"from": ...}``."""
+        size = d.get("size")
+        shape = d.get("shape")
+        return cls(d["source"], d.get("tensor"), size=tuple(size) if size is not None else None,
+                   from_stage=d.get("from"), shape=tuple(shape) if shape is not None else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional({"source": self.source}, size=self.size, **{"from": self.from_stage}, tensor=self.tensor,
+                         shape=self.shape)
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One file of a bundle: its path inside the bundle, sha256 and size."""
+
+    path: str
+    sha256: str
+    bytes: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ArtifactFile":
+        return cls(d["path"], d["sha256"], d.get("bytes"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional({"path": self.path, "sha256": self.sha256}, bytes=self.bytes)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One stage in one format: its files (main model file first), precision and records."""
+
+    files: tuple[ArtifactFile, ...]
+    precision: str
+    quantization: Mapping[str, Any] | None = None
+    verification: Mapping[str, Any] | None = None
+    target: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Artifact":
+        return cls(tuple(ArtifactFile.from_dict(f) for f in d["files"]), d["precision"],
+                   *(freeze(d[k]) if k in d else None for k in ("quantization", "verification", "target")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional({"files": [f.to_dict() for f in self.files], "precision": self.precision},
+                         quantization=self.quantization, verification=self.verification, target=self.target)
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """How a stage decides to answer: ``score`` of its probabilities at ``temperature``.
+
+    ``combine`` is ``"own"`` (this stage's probabilities) or ``"mean_probs"`` (the mean over
+    the stages run so far); ``model`` is the learned exit score's file (score ``"learned"``).
+    ``combine_recorded`` says whether the document wrote ``combine`` (old ones did not), so
+    :meth:`to_dict` writes back what was read.
+    """
+
+    score: str
+    temperature: float
+    combine: str = "own"
+    model: ArtifactFile | None = None
+    combine_recorded: bool = field(default=True, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ExitRule":
+        model = d.get("model")
+        return cls(d["score"], d["temperature"], d.get("combine", "own"),
+                   ArtifactFile.from_dict(model) if model is not None else None, "combine" in d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _optional({"score": self.score, "temperature": self.temperature},
+                        model=self.model.to_dict() if self.model else None)
+        if self.combine_recorded or self.combine != "own":
+            out["combine"] = self.combine
+        return out
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """A stage's step time (ms) on one device profile; ``other`` holds further quantiles (p90, mean ...)."""
+
+    p50: float
+    p95: float | None = None
+    n: int | None = None
+    other: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LatencyStats":
+        return cls(d["p50"], d.get("p95"), d.get("n"), _others(d, ("p50", "p95", "n")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional({"p50": self.p50, **thaw(self.other)}, p95=self.p95, n=self.n)
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """What a stage costs: multiply-accumulates, parameters, and measured latency per device profile."""
+
+    macs: int | None = None
+    params: int | None = None
+    latency_ms: Mapping[str, LatencyStats] | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StageCost":
+        latency = d.get("latency_ms")
+        return cls(d.get("macs"), d.get("params"), MappingProxyType(
+            {k: LatencyStats.from_dict(v) for k, v in latency.items()}) if latency is not None else None)
+
+    def latency(self, profile: str) -> LatencyStats | None:
+        """The latency recorded for ``profile``, if any."""
+        return (self.latency_ms or {}).get(profile)
+
+    def to_dict(self) -> dict[str, Any]:
+        latency = {k: v.to_dict() for k, v in self.latency_ms.items()} if self.latency_ms is not None else None
+        return _optional({}, macs=self.macs, params=self.params, latency_ms=latency)
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    """Output tensor names: the logits, and the carry handed to a later stage (if any)."""
+
+    logits: str
+    carry: str | None = None
+
+    def names(self) -> tuple[str, ...]:
+        return (self.logits,) + ((self.carry,) if self.carry else ())
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional({"logits": self.logits}, carry=self.carry)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: its input, per-format artifacts, outputs, exit rule and cost."""
+
+    name: str
+    input: StageInput
+    artifacts: Mapping[str, Artifact]
+    outputs: StageOutputs
+    exit: ExitRule
+    cost: StageCost
+    head: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StageSpec":
+        out = d["outputs"]
+        return cls(d["name"], StageInput.from_dict(d["input"]),
+                   MappingProxyType({k: Artifact.from_dict(a) for k, a in d["artifacts"].items()}),
+                   StageOutputs(out["logits"], out.get("carry")), ExitRule.from_dict(d["exit"]),
+                   StageCost.from_dict(d["cost"]), freeze(d["head"]) if "head" in d else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional({"name": self.name, "input": self.input.to_dict(),
+                          "artifacts": {k: a.to_dict() for k, a in self.artifacts.items()},
+                          "outputs": self.outputs.to_dict(), "exit": self.exit.to_dict(),
+                          "cost": self.cost.to_dict()}, head=self.head)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """An operating point's figures measured at calibration (``other``: further records)."""
+
+    accuracy: float | None = None
+    agreement: float | None = None
+    mean_cost: float | None = None
+    cost_unit: str | None = None
+    exit_rates: tuple[float, ...] | None = None
+    n: int | None = None
+    other: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+
+    _KEYS = ("accuracy", "agreement", "mean_cost", "cost_unit", "exit_rates", "n")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Expected":
+        rates = d.get("exit_rates")
+        return cls(d.get("accuracy"), d.get("agreement"), d.get("mean_cost"), d.get("cost_unit"),
+                   tuple(rates) if rates is not None else None, d.get("n"), _others(d, cls._KEYS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional(thaw(self.other), **{k: getattr(self, k) for k in self._KEYS})
+
+
+@dataclass(frozen=True)
+class Guarantee:
+    """A risk guarantee: P(risk > ``epsilon``) <= ``delta`` over ``n`` calibration images."""
+
+    epsilon: float
+    delta: float
+    n: int
+    method: str
+    risk: str
+    n_tune: int | None = None
+    empirical_risk: float | None = None
+    upper_bound: float | None = None
+    other: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+
+    _KEYS = ("epsilon", "delta", "n", "method", "risk", "n_tune", "empirical_risk", "upper_bound")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Guarantee":
+        return cls(*(d.get(k) for k in cls._KEYS), other=_others(d, cls._KEYS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional(thaw(self.other), **{k: getattr(self, k) for k in self._KEYS})
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Named thresholds, one per stage (``None``: that stage never exits early; the last always answers)."""
+
+    name: str
+    thresholds: tuple[float | None, ...]
+    goal: Mapping[str, Any] | None = None
+    expected: Expected | None = None
+    guarantee: Guarantee | None = None
+
+    @property
+    def threshold_array(self) -> np.ndarray:
+        """The thresholds as floats, ``inf`` for stages that never exit."""
+        return np.array([np.inf if t is None else t for t in self.thresholds], dtype=np.float64)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "OperatingPoint":
+        return cls(d["name"], tuple(d["thresholds"]), freeze(d["goal"]) if "goal" in d else None,
+                   Expected.from_dict(d["expected"]) if "expected" in d else None,
+                   Guarantee.from_dict(d["guarantee"]) if "guarantee" in d else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional({"name": self.name, "thresholds": list(self.thresholds)}, goal=self.goal,
+                         expected=self.expected.to_dict() if self.expected else None,
+                         guarantee=self.guarantee.to_dict() if self.guarantee else None)
+
+
+_INPUT_DEFAULTS = ("crop_fraction", "interpolation")
+
+
+@dataclass(frozen=True)
+class Manifest(Mapping):
+    """A validated bundle manifest.
+
+    Read it through attributes. As a read-only :class:`~collections.abc.Mapping` it also shows
+    its JSON form (``manifest["stages"]`` is a fresh list of dicts), for code that still reads
+    the document by key; :meth:`to_dict` gives a copy to edit and write back. ``input_keys``
+    are the optional ``input`` keys the document wrote (``crop_fraction``, ``interpolation``),
+    so :meth:`to_dict` writes back what was read.
+    """
+
+    name: str
+    producer: Mapping[str, Any]
+    task: Task
+    input: Preprocess
+    stages: tuple[StageSpec, ...]
+    operating_points: tuple[OperatingPoint, ...]
+    default_operating_point: str
+    calibration: Mapping[str, Any] | None = None
+    profiles: Mapping[str, Any] | None = None
+    input_keys: frozenset[str] = field(default=frozenset(_INPUT_DEFAULTS), repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
+        """Validate ``d`` (raises :class:`~stagewise.errors.ManifestError` naming the field) and parse it."""
+        from .bundle import validate_manifest
+
+        validate_manifest(d)
+        return cls(d["name"], freeze(d["producer"]), Task.from_dict(d["task"]), Preprocess.from_manifest(d["input"]),
+                   tuple(StageSpec.from_dict(s) for s in d["stages"]),
+                   tuple(OperatingPoint.from_dict(p) for p in d["operating_points"]), d["default_operating_point"],
+                   freeze(d["calibration"]) if "calibration" in d else None,
+                   freeze(d["profiles"]) if "profiles" in d else None,
+                   frozenset(k for k in _INPUT_DEFAULTS if k in d["input"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (a new dict each call)."""
+        spec = self.input.to_manifest()
+        for key in _INPUT_DEFAULTS:
+            if key not in self.input_keys:
+                spec.pop(key)
+        return _optional({"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name,
+                          "producer": thaw(self.producer), "task": self.task.to_dict(), "input": spec,
+                          "stages": [s.to_dict() for s in self.stages],
+                          "operating_points": [p.to_dict() for p in self.operating_points],
+                          "default_operating_point": self.default_operating_point},
+                         calibration=self.calibration, profiles=self.profiles)
+
+    @property
+    def labels(self) -> list[str]:
+        """The class names, in target order."""
+        return list(self.task.labels)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def point(self, name: str) -> OperatingPoint:
+        """The operating point called ``name`` (``KeyError`` if there is none)."""
+        for p in self.operating_points:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def files(self) -> Iterator[ArtifactFile]:
+        """Every file the manifest names, in stage order (model files, then exit-score models)."""
+        for stage in self.stages:
+            for artifact in stage.artifacts.values():
+                yield from artifact.files
+            if stage.exit.model is not None:
+                yield stage.exit.model
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
