@@ -64,7 +64,8 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
     if len(calibration) < 20:
         raise ConversionError(f"calibration needs labelled images; got {len(calibration)} (use at least a few hundred)")
     rng = np.random.default_rng(options.seed)
-    n_small = min(len(calibration), max(options.quantization_images, 64))
+    wanted = options.quantization_images + options.agreement_images if options.int8 else options.quantization_images
+    n_small = min(len(calibration), max(wanted, 64))
     sample = rng.choice(len(calibration), size=n_small, replace=False)
     images = [calibration.image(int(i)) for i in progress_bar(sample, "decoding calibration sample")]
     inputs_per_stage = stage_inputs(plans, preprocess, images)
@@ -72,8 +73,10 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
     if classes != len(labels):
         raise ConversionError(f"the model predicts {classes} classes but {len(labels)} labels were given; "
                               "the images' classes must match the model's outputs")
-    half = max(1, n_small // 2)
-    inputs = [StageInputs(verify=x[:16], calibrate=x[:half], agree=x[half:] if n_small > half else x) for x in inputs_per_stage]
+    # the quantizer calibrates on the first images; the agreement is measured on the others
+    split = min(options.quantization_images, max(1, n_small // 2))
+    inputs = [StageInputs(verify=x[:16], calibrate=x[:split], agree=x[split:] if n_small > split else x)
+              for x in inputs_per_stage]
 
     with tempfile.TemporaryDirectory(prefix="stagewise-build-") as tmp:
         work = Path(tmp)

@@ -113,6 +113,7 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "target_drop": build_cfg.get("target_drop"), "threads": build_cfg.get("threads"),
         "fp16": build_cfg.get("fp16"), "npu": build_cfg.get("npu"),
         "int8_io": build_cfg.get("int8_io"), "head_kind": exit_cfg.get("head"),
+        "int8_tolerance": build_cfg.get("int8_tolerance"), "int8_mixed": build_cfg.get("int8_mixed"),
     }
     values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
     return make_job(**values)
@@ -121,13 +122,16 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
 def make_job(kind: str, sources: list[StageSource], out: Path | None, formats: str | None = None,
              int8: bool | None = None, target_drop: float | None = None, threads: int | None = None,
              force: bool = False, fp16: bool | None = None, npu: bool | None = None, int8_io: bool | None = None,
-             head_kind: str | None = None, **fields: Any) -> ConvertJob:
+             head_kind: str | None = None, int8_tolerance: float | None = None, int8_mixed: bool | None = None,
+             **fields: Any) -> ConvertJob:
     """A job from flag-style values (``target_drop`` in points, ``formats`` comma-separated)."""
     if out is None:
         raise ConversionError("say where to write the bundle with --out (a directory, or a file ending in .swb)")
     build = BuildOptions(formats=tuple(f.strip() for f in (formats or "onnx").split(",") if f.strip()),
                          int8=bool(int8), default_drop=(0.5 if target_drop is None else target_drop) / 100,
-                         threads=threads or 1, overwrite=force, fp16=bool(fp16), npu=bool(npu), int8_io=bool(int8_io))
+                         threads=threads or 1, overwrite=force, fp16=bool(fp16), npu=bool(npu), int8_io=bool(int8_io),
+                         int8_tolerance=0.99 if int8_tolerance is None else int8_tolerance,
+                         int8_mixed=True if int8_mixed is None else int8_mixed)
     if head_kind is not None:
         fields["head"] = HeadTraining(kind=head_kind)
     return ConvertJob(kind=kind, sources=sources, out=Path(out), build=build,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -40,6 +40,51 @@ from .tooling import plugin
 
 FP16_TOLERANCE = 2e-2
 """Relative tolerance (of the largest output magnitude) of fp16-weight models against the source."""
+CONFIDENCE = 0.95
+"""Confidence of the Wilson interval around a measured top-1 agreement."""
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Top-1 agreement of a quantized model with its float reference on ``n`` images, with its Wilson interval."""
+
+    agreeing: int
+    n: int
+
+    @property
+    def rate(self) -> float:
+        return self.agreeing / self.n if self.n else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The two-sided :data:`CONFIDENCE` Wilson score interval of the agreement rate."""
+        from scipy.stats import binomtest
+
+        if not self.n:
+            return 0.0, 1.0
+        ci = binomtest(self.agreeing, self.n).proportion_ci(CONFIDENCE, method="wilson")
+        return float(ci.low), float(ci.high)
+
+    def meets(self, tolerance: float) -> bool:
+        """Whether the interval's lower end reaches ``tolerance``."""
+        return self.interval[0] >= tolerance
+
+    def record(self) -> dict:
+        low, high = self.interval
+        return {"agreement_with_fp32": self.rate, "agreement_images": self.n, "agreement_interval": [low, high],
+                "interval": f"Wilson {100 * CONFIDENCE:g}%"}
+
+
+def minimum_agreeing(n: int, tolerance: float) -> int:
+    """The fewest agreeing images out of ``n`` whose Wilson interval's lower end reaches ``tolerance`` (n + 1: none)."""
+    for k in range(int(np.floor(tolerance * n)), n + 1):
+        if Agreement(k, n).meets(tolerance):
+            return k
+    return n + 1
+
+
+Judge = Callable[["Exported"], Agreement]
+"""Measures a quantized candidate's agreement with the float reference (on the held-back images)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +130,12 @@ class Exporter:
     def quantize(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
                  options: BuildOptions) -> Exported:
         raise NotImplementedError
+
+    def quantize_mixed(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
+                       options: BuildOptions, judge: Judge) -> Exported:
+        """INT8 that meets the tolerance by keeping sensitive layers in float, where the format's tools can;
+        this base version quantizes everything once. The record lists the layers left in float."""
+        return self.quantize(plan, fp32, workdir, inputs, options)
 
     supports_fp16: bool = False
 
@@ -142,11 +193,14 @@ class Exporter:
         return {"max_abs_diff": diffs, "top1_agreement": agreement, "n": int(len(inputs)), "tolerance": tolerance,
                 "runtime": self.runtime}
 
-    def agreement(self, plan: StagePlan, a: Exported, b: Exported, inputs: np.ndarray, threads: int = 1) -> float:
-        """Fraction of ``inputs`` on which the two exported models' ``logits`` argmax agree."""
-        la = self.run(plan, a.files, inputs, threads)["logits"]
-        lb = self.run(plan, b.files, inputs, threads)["logits"]
-        return float((la.argmax(1) == lb.argmax(1)).mean())
+    def judge(self, plan: StagePlan, reference: Exported, inputs: np.ndarray, threads: int = 1) -> Judge:
+        """A :data:`Judge` against ``reference`` on ``inputs`` (the reference runs once)."""
+        expected = self.run(plan, reference.files, inputs, threads)["logits"].argmax(1)
+
+        def judge(candidate: Exported) -> Agreement:
+            got = self.run(plan, candidate.files, inputs, threads)["logits"].argmax(1)
+            return Agreement(int((got == expected).sum()), int(len(expected)))
+        return judge
 
 
 def check_signature(exporter: Exporter, plan: StagePlan, exported: Exported, integer_io: bool = False) -> None:
@@ -170,12 +224,12 @@ def check_signature(exporter: Exporter, plan: StagePlan, exported: Exported, int
         raise ConversionError(f"{where} " + "; ".join(problems))
 
 
-def keep_int8(record: dict, agreement: float, images: int, options: BuildOptions) -> bool:
+def keep_int8(record: dict, agreement: Agreement, options: BuildOptions) -> bool:
     """The accuracy-aware fallback shared by every exporter: record the INT8 model's top-1
-    agreement with the float model in ``record`` and say whether it reaches ``options.int8_tolerance``."""
-    kept = agreement >= options.int8_tolerance
-    record.update(agreement_with_fp32=agreement, agreement_images=int(images), tolerance=options.int8_tolerance,
-                  kept_fp32=not kept)
+    agreement with the float model in ``record`` and say whether its interval's lower end
+    reaches ``options.int8_tolerance``."""
+    kept = agreement.meets(options.int8_tolerance)
+    record.update(agreement.record(), tolerance=options.int8_tolerance, kept_fp32=not kept)
     return kept
 
 
@@ -200,20 +254,27 @@ def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: Sta
         artifact.update(precision="fp16", verification=verification16)
         reference = chosen = half
     if options.int8:
-        quantized = exporter.quantize(plan, fp32, workdir, inputs, options)
+        judge = exporter.judge(plan, reference, inputs.agree, options.threads)
+        if options.int8_mixed:
+            quantized = exporter.quantize_mixed(plan, fp32, workdir, inputs, options, judge)
+        else:
+            quantized = exporter.quantize(plan, fp32, workdir, inputs, options)
         check_signature(exporter, plan, quantized, integer_io=options.int8_io and exporter.format == "tflite")
         record = dict(quantized.record)
-        agreement = exporter.agreement(plan, reference, quantized, inputs.agree, options.threads)
-        kept = keep_int8(record, agreement, len(inputs.agree), options)
+        agreement = judge(quantized)
+        kept = keep_int8(record, agreement, options)
         if reference is not fp32:
             record["float_reference"] = "fp16 weights"
         artifact["quantization"] = record
         if kept:
             artifact["precision"], chosen = "int8", quantized
+            if record.get("float_layers"):
+                note(f"stage {plan.name} ({exporter.format}): mixed INT8, {len(record['float_layers'])} layer(s) kept "
+                     f"in float, agreement {100 * agreement.rate:.1f}% of {agreement.n} images")
         else:
-            note(f"stage {plan.name} ({exporter.format}): INT8 agrees with the float model on {100 * agreement:.1f}% "
-                 f"of {len(inputs.agree)} images, below the {100 * options.int8_tolerance:g}% tolerance: kept "
-                 f"{artifact['precision']}")
+            note(f"stage {plan.name} ({exporter.format}): INT8 agrees with the float model on {100 * agreement.rate:.1f}% "
+                 f"of {agreement.n} images (95% interval from {100 * agreement.interval[0]:.1f}%), below the "
+                 f"{100 * options.int8_tolerance:g}% tolerance: kept {artifact['precision']}")
     target = exporter.target(chosen.files, options)
     if target is not None:
         artifact["target"] = target

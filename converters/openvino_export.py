@@ -9,7 +9,9 @@ SavedModel), ``best`` both, keeping the one closer to the source on the verifica
 * ``fp16``: weights stored as fp16 (``save_model(compress_to_fp16=True)``, about half the size);
   the stage still runs in f32 on CPU.
 * ``int8``: NNCF post-training quantization (``nncf.quantize``, fast bias correction) on the
-  stage's real calibration inputs.
+  stage's real calibration inputs; when that misses the agreement tolerance, NNCF's accuracy
+  control (``nncf.quantize_with_accuracy_control``, validation = top-1 agreement with the float
+  IR on the held-back images) reverts the most harmful layers to float.
 * ``npu``: every stage gets a fully static batch-1 input (NPUs compile only static shapes; the
   runtime feeds larger batches row by row), fp16 weights and NNCF's NPU scheme; the chosen IR
   is checked against the NPU constraints (:func:`check_npu_constraints`) and the manifest
@@ -18,6 +20,7 @@ SavedModel), ``best`` both, keeping the one closer to the source on the verifica
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,7 +33,7 @@ from stagewise.errors import ConversionError, VerificationError
 from stagewise.extras import require
 from stagewise.runtimes.base import LoadOptions
 
-from .export import Exported, Exporter, StageInputs, TensorSpec
+from .export import Exported, Exporter, Judge, StageInputs, TensorSpec, minimum_agreeing
 from .options import BuildOptions
 from .plans import StagePlan
 
@@ -79,6 +82,17 @@ def _shape(model: Any, example: np.ndarray, batch: int | None) -> None:
 def _save(model: Any, xml: Path, fp16: bool) -> tuple[Path, Path]:
     ov.save_model(model, str(xml), compress_to_fp16=fp16)
     return xml, xml.with_suffix(".bin")
+
+
+def float_layers(model: Any) -> list[str]:
+    """Convolutions and matrix products of a quantized IR whose inputs are not fake-quantized (kept in float)."""
+    kept = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul"):
+            sources = [op.input_value(i).get_node().get_type_name() for i in range(op.get_input_size())]
+            if "FakeQuantize" not in sources:
+                kept.append(op.get_friendly_name())
+    return kept
 
 
 def _spec(port: Any) -> TensorSpec:
@@ -135,32 +149,62 @@ class OpenVinoExporter(Exporter):
                                                                                "compute": "f32 on CPU"})
 
     def quantize(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
-                 options: BuildOptions) -> Exported:
+                 options: BuildOptions, judge: Judge | None = None) -> Exported:
+        """NNCF post-training INT8 of the float IR on real stage inputs; with ``judge``, NNCF's
+        accuracy control (``quantize_with_accuracy_control``) reverts the layers that cost agreement
+        with the float model to float until the tolerance is met."""
         nncf = require("nncf", "openvino-convert", "INT8 OpenVINO artifacts")
-        advanced_parameters = require("nncf.quantization.advanced_parameters", "openvino-convert",
-                                      "INT8 OpenVINO artifacts")
+        nncf.set_log_level(logging.WARNING)
+        parameters = require("nncf.quantization.advanced_parameters", "openvino-convert", "INT8 OpenVINO artifacts")
         model = ov.Core().read_model(str(fp32.files[0]))
         static = model.inputs[0].get_partial_shape()[0]
         batch = static.get_length() if static.is_static else 1
         items = [inputs.calibrate[i:i + batch] for i in range(0, len(inputs.calibrate) - batch + 1, batch)]
         target = "NPU" if options.npu else "CPU"
         per_channel = options.openvino_weights_per_channel
-        advanced = advanced_parameters.AdvancedQuantizationParameters(
-            weights_quantization_params=advanced_parameters.QuantizationParameters(per_channel=per_channel))
+        common = dict(preset=nncf.QuantizationPreset(options.openvino_preset), target_device=nncf.TargetDevice[target],
+                      subset_size=len(items), fast_bias_correction=True)
+        advanced = parameters.AdvancedQuantizationParameters(
+            weights_quantization_params=parameters.QuantizationParameters(per_channel=per_channel))
+        record: dict[str, Any] = {}
         try:
-            quantized = nncf.quantize(model, nncf.Dataset(items), preset=nncf.QuantizationPreset(options.openvino_preset),
-                                      target_device=nncf.TargetDevice[target], subset_size=len(items),
-                                      fast_bias_correction=True, advanced_parameters=advanced)
+            if judge is None:
+                quantized = nncf.quantize(model, nncf.Dataset(items), advanced_parameters=advanced, **common)
+            else:
+                expected = self.run(plan, fp32.files, inputs.agree, options.threads)["logits"].argmax(1)
+                checks = [(inputs.agree[i:i + batch], expected[i:i + batch])
+                          for i in range(0, len(expected) - batch + 1, batch)]
+                n = sum(len(e) for _, e in checks)
+                needed = minimum_agreeing(n, options.int8_tolerance)
+
+                def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
+                    output = compiled.output("logits")
+                    same = [float(v) for x, e in data for v in (compiled(x)[output].argmax(1) == e)]
+                    return float(np.mean(same)), same
+
+                quantized = nncf.quantize_with_accuracy_control(
+                    model, nncf.Dataset(items), nncf.Dataset(checks), validate, max_drop=max(0.0, 1 - needed / n),
+                    drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=advanced, **common)
+                record = {"accuracy_control": "nncf.quantize_with_accuracy_control", "metric": "top-1 agreement",
+                          "max_drop": max(0.0, 1 - needed / n), "float_layers": float_layers(quantized)}
         except Exception as exc:  # NNCF raises many unrelated types
             raise ConversionError(f"NNCF quantization failed for stage {plan.name}: {exc}") from exc
         activations = "symmetric" if options.openvino_preset == "performance" else "asymmetric"
-        files = _save(quantized, workdir / f"{plan.name}.int8.xml", self.wants_fp16(options))
+        tag = "int8" if judge is None else "mixed"
+        files = _save(quantized, workdir / f"{plan.name}.{tag}.xml", self.wants_fp16(options))
         return Exported(files, {"tool": "nncf.quantize", "nncf": nncf.__version__, "format": "OpenVINO FakeQuantize",
                                 "target_device": target, "preset": options.openvino_preset,
                                 "activations": f"8-bit {activations} per-tensor",
                                 "weights": f"int8 symmetric {'per-channel' if per_channel else 'per-tensor'}",
                                 "per_channel": per_channel, "fast_bias_correction": True,
-                                "calibration_images": int(len(items) * batch)})
+                                "calibration_images": int(len(items) * batch), "float_layers": [], **record})
+
+    def quantize_mixed(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
+                       options: BuildOptions, judge: Judge) -> Exported:
+        full = self.quantize(plan, fp32, workdir, inputs, options)
+        if judge(full).meets(options.int8_tolerance):
+            return full
+        return self.quantize(plan, fp32, workdir, inputs, options, judge)
 
     def target(self, files: Sequence[Path], options: BuildOptions) -> dict | None:
         return npu_target_record(files[0]) if options.npu else None

@@ -52,6 +52,10 @@ def cli() -> None:
 @click.option("--format", "formats", help="artifact formats, comma-separated: onnx (default), openvino, tflite")
 @click.option("--backend", "legacy_formats", hidden=True, help="deprecated name of --format")
 @click.option("--int8/--no-int8", default=None, help="post-training INT8 quantization with the calibration images")
+@click.option("--int8-tolerance", type=float,
+              help="INT8 is kept where the 95%% lower bound of its top-1 agreement with fp32 reaches this [0.99]")
+@click.option("--int8-mixed/--no-int8-mixed", default=None,
+              help="keep a stage's most sensitive layers in float when full INT8 misses the tolerance [on]")
 @click.option("--fp16/--no-fp16", default=None,
               help="OpenVINO and TFLite artifacts: store weights as fp16 (half the size)")
 @click.option("--int8-io/--no-int8-io", default=None,
@@ -74,7 +78,8 @@ def cli() -> None:
 @click.option("--max-calibration-images", type=int, help="cap on images used to pick thresholds")
 @click.option("--threads", type=int, help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
-def convert(model, stages, exits, data, calibration_data, formats, legacy_formats, int8, fp16, int8_io, head_kind, npu,
+def convert(model, stages, exits, data, calibration_data, formats, legacy_formats, int8, int8_tolerance, int8_mixed,
+            fp16, int8_io, head_kind, npu,
             target_drop, out, input_size, mean, std, resize, crop_fraction, combine, score, max_head_images,
             max_calibration_images, threads, force):
     """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
@@ -86,7 +91,8 @@ def convert(model, stages, exits, data, calibration_data, formats, legacy_format
 
     spec = {k: v for k, v in (("mean", _triple(mean)), ("std", _triple(std)), ("resize", resize),
                               ("crop_fraction", crop_fraction)) if v is not None}
-    flags = dict(out=out, data=data, calibration_data=calibration_data, formats=formats, int8=int8, fp16=fp16,
+    flags = dict(out=out, data=data, calibration_data=calibration_data, formats=formats, int8=int8,
+                 int8_tolerance=int8_tolerance, int8_mixed=int8_mixed, fp16=fp16,
                  npu=npu or None, int8_io=int8_io, head_kind=head_kind,
                  target_drop=target_drop, threads=threads, input_size=input_size, combine=combine, score=score,
                  max_head_images=max_head_images, max_calibration_images=max_calibration_images,

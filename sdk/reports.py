@@ -20,6 +20,19 @@ def _threshold(t: float | None) -> str:
     return "-" if t is None else f"{t:.3f}"
 
 
+def _quantization(record: Mapping[str, Any] | None) -> str:
+    """What INT8 did for one artifact: rejected or mixed, with the agreement and its interval."""
+    if not record or "agreement_with_fp32" not in record:
+        return ""
+    interval = record.get("agreement_interval")
+    agreement = f"{100 * record['agreement_with_fp32']:.1f}%" + (
+        f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "") + f" of {record.get('agreement_images')}"
+    if record.get("kept_fp32"):
+        return f" (int8 rejected: agreement {agreement})"
+    kept = record.get("float_layers") or []
+    return f" (mixed: {len(kept)} float layers, agreement {agreement})" if kept else f" (agreement {agreement})"
+
+
 def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
     """Stages (inputs, precision per format, cost) and operating points of a bundle (parsed or its JSON document)."""
     if not isinstance(manifest, Manifest):
@@ -32,9 +45,7 @@ def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
     for s in manifest.stages:
         src = s.input
         where = f"image {src.size[0]}x{src.size[1]}" if src.source == "image" else f"carry from {src.from_stage}"
-        arts = ", ".join(f"{fmt}:{a.precision}"
-                         + (" (int8 rejected)" if (a.quantization or {}).get("kept_fp32") else "")
-                         for fmt, a in s.artifacts.items())
+        arts = ", ".join(f"{fmt}:{a.precision}{_quantization(a.quantization)}" for fmt, a in s.artifacts.items())
         lat = ", ".join(f"{v.p50:.2f} [{k}]" for k, v in (s.cost.latency_ms or {}).items()) or "-"
         exit_rule = f"{s.exit.score} T={s.exit.temperature:g}"
         if s.exit.combine != "own":

@@ -401,3 +401,19 @@ def test_swb_bundle_loads_on_openvino(cascade_bundle, images):
         bundle.close()
     with stagewise.load(cascade_bundle, backend="openvino", threads=1) as c:
         assert c.predict(images[0]).stage in (0, 1)
+
+
+def test_openvino_accuracy_control_reverts_the_fragile_layer(tmp_path):
+    from toy_models import fragile_net
+
+    x = np.random.default_rng(0).normal(0, 1, (600, 3, 16, 16)).astype(np.float32)
+    plan = cascade_plans([("only", fragile_net(), (16, 16))])[0]
+    inputs = StageInputs(x[:16], x[:100], x[100:])
+    whole, _ = export_stage(exporter("openvino"), plan, tmp_path / "w", inputs,
+                            BuildOptions(int8=True, int8_mixed=False, int8_tolerance=0.9))
+    assert whole["precision"] == "fp32" and whole["quantization"]["agreement_with_fp32"] < 0.6
+    mixed, _ = export_stage(exporter("openvino"), plan, tmp_path / "m", inputs, BuildOptions(int8=True, int8_tolerance=0.9))
+    q = mixed["quantization"]
+    assert mixed["precision"] == "int8" and q["accuracy_control"] == "nncf.quantize_with_accuracy_control"
+    assert any(name.startswith("/mix/Conv") for name in q["float_layers"])
+    assert q["agreement_interval"][0] >= 0.9 and q["agreement_images"] == 500

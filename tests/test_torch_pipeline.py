@@ -157,3 +157,39 @@ def test_exporter_refuses_a_model_that_declares_other_inputs(tmp_path, splits):
     x = PRE.tensor([splits[1].image(i) for i in range(4)], (16, 16))
     with pytest.raises(ConversionError, match=r"declares inputs \['image', 'mean'\]"):
         export_stage(ExtraInput(), plan, tmp_path, StageInputs(x, x, x), BuildOptions())
+
+
+def _fragile_stage():
+    from toy_models import fragile_net
+
+    x = np.random.default_rng(0).normal(0, 1, (600, 3, 16, 16)).astype(np.float32)
+    return cascade_plans([("only", fragile_net(), (16, 16))])[0], StageInputs(x[:16], x[:100], x[100:])
+
+
+def test_mixed_int8_keeps_the_fragile_layer_in_float(tmp_path):
+    plan, inputs = _fragile_stage()
+    whole, _ = export_stage(exporter("onnx"), plan, tmp_path / "whole", inputs,
+                            BuildOptions(int8=True, int8_mixed=False, int8_tolerance=0.9))
+    assert whole["precision"] == "fp32" and whole["quantization"]["agreement_with_fp32"] < 0.6
+    mixed, files = export_stage(exporter("onnx"), plan, tmp_path / "mixed", inputs,
+                                BuildOptions(int8=True, int8_tolerance=0.9))
+    q = mixed["quantization"]
+    assert mixed["precision"] == "int8" and q["kept_fp32"] is False
+    assert {"/amp/Conv", "/mix/Conv"} <= set(q["float_layers"]) and len(q["float_layers"]) <= 3
+    low, high = q["agreement_interval"]
+    assert q["agreement_images"] == 500 and 0.9 <= low <= q["agreement_with_fp32"] <= high
+    import onnx
+
+    graph = onnx.load(str(files["onnx/only.onnx"])).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # the rest is still INT8
+
+
+def test_a_stage_that_cannot_meet_the_tolerance_falls_back_whole(tmp_path):
+    plan, inputs = _fragile_stage()
+    art, files = export_stage(exporter("onnx"), plan, tmp_path, inputs, BuildOptions(int8=True, int8_tolerance=1.0))
+    q = art["quantization"]
+    assert art["precision"] == "fp32" and q["kept_fp32"] is True and q["search"]
+    assert q["agreement_interval"][0] < 1.0
+    import onnx
+
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(files["onnx/only.onnx"])).graph.node)

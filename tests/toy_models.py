@@ -75,3 +75,43 @@ def residual_net() -> nn.Module:
 def concat_net() -> nn.Module:
     torch.manual_seed(0)
     return ConcatNet().eval()
+
+
+class FragileNet(nn.Module):
+    """A net with one layer INT8 cannot take: ``amp`` blows channel 0 up by 1000 and ``mix`` undoes
+    it, so a per-tensor scale on ``mix``'s input wipes out channels 1-3, which decide the class,
+    unless ``mix`` stays float."""
+
+    stagewise_input = {"mean": [128, 128, 128], "std": [64, 64, 64], "resize": "stretch"}
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.amp = nn.Conv2d(8, 8, 1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, classes)
+        with torch.no_grad():
+            for conv, gain in ((self.amp, 1000.0), (self.mix, 1e-3)):
+                conv.weight.copy_(torch.eye(8).reshape(8, 8, 1, 1))
+                conv.weight[0, 0] *= gain
+                conv.bias.zero_()
+            stem = self.stem[0]
+            stem.weight.zero_()
+            stem.bias.zero_()
+            stem.weight[0, :, 1, 1] = 1.0  # channel 0: brightness, the channel amp blows up
+            for k in range(3):
+                stem.weight[k + 1, k, 1, 1] = 1.0  # channels 1-3: red, green, blue
+            self.fc.weight.zero_()
+            self.fc.bias.zero_()
+            for c in range(classes):
+                self.fc.weight[c, c + 1] = 1.0  # class c: the image's dominant colour
+
+    def forward(self, x):
+        x = self.mix(self.amp(self.stem(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def fragile_net(classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return FragileNet(classes).eval()
