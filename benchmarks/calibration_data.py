@@ -63,9 +63,9 @@ def cifar10_costs(data: Path, threads: int) -> tuple[np.ndarray, str]:
 
         b = read_bundle(bundle, verify=False)
         try:
-            cuts = [s.get("head", {}).get("after") for s in b.manifest["stages"]]
-            if tuple(cuts) == CIFAR_CUTS and all(profile in s["cost"].get("latency_ms", {}) for s in b.manifest["stages"]):
-                return (np.array([s["cost"]["latency_ms"][profile]["p50"] for s in b.manifest["stages"]]),
+            cuts = [s.get("head", {}).get("after") for s in b.manifest.to_dict()["stages"]]
+            if tuple(cuts) == CIFAR_CUTS and all(profile in s["cost"].get("latency_ms", {}) for s in b.manifest.to_dict()["stages"]):
+                return (np.array([s["cost"]["latency_ms"][profile]["p50"] for s in b.manifest.to_dict()["stages"]]),
                         f"profile {profile} of {bundle.name} (p50 per stage)")
         finally:
             b.close()

@@ -119,7 +119,7 @@ def main() -> None:
     oracles = {}
     for name, cascade in cascades.items():
         if name.startswith("early-exit"):
-            stage_ms = cascade.bundle.manifest["stages"]
+            stage_ms = cascade.bundle.manifest.to_dict()["stages"]
             costs = np.array([s["cost"]["latency_ms"][f"onnxruntime-cpu-{args.threads}t"]["p50"] for s in stage_ms])
             o = exit_table(cascade, images, test.labels, costs).oracle()
             oracles[name] = {"top1": o.accuracy, "mean_cost_ms": o.mean_cost, "exit_rates": list(o.exit_rates)}
@@ -129,7 +129,7 @@ def main() -> None:
                              "head_images": len(heads_on), "calibration": len(calib), "test": len(test),
                              "timed_test_images": len(timed)},
         "cuts": cuts, "head_training_seconds": head_seconds, "rows": rows, "oracle_on_test": oracles,
-        "operating_points": {name: cascades[name].bundle.manifest["operating_points"] for name in cascades
+        "operating_points": {name: cascades[name].bundle.manifest.to_dict()["operating_points"] for name in cascades
                              if name.startswith("early-exit")},
     }
     harness.save(result, args.out)

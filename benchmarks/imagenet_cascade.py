@@ -178,7 +178,7 @@ def main() -> None:
     for name, cascade in cascades.items():
         if kinds[name] == "cascade":
             profile = f"onnxruntime-cpu-{args.threads}t"
-            costs = np.array([s["cost"]["latency_ms"][profile]["p50"] for s in cascade.bundle.manifest["stages"]])
+            costs = np.array([s["cost"]["latency_ms"][profile]["p50"] for s in cascade.bundle.manifest.to_dict()["stages"]])
             o = exit_table(cascade, images, test.labels, costs).oracle()
             oracles[name] = {"top1": o.accuracy, "mean_ms_from_stage_p50": o.mean_cost, "exit_rates": list(o.exit_rates)}
     result = {
@@ -186,7 +186,7 @@ def main() -> None:
         "batch": 1, "data": {"archive": str(parts.archive), "calibration": len(calib), "test": len(test),
                              "timed_test_images": len(timed), "split": parts.split},
         "torch_agreement": agreement, "rows": rows, "oracle_on_test": oracles,
-        "int8": {name: [s["artifacts"]["onnx"].get("quantization") for s in c.bundle.manifest["stages"]]
+        "int8": {name: [s["artifacts"]["onnx"].get("quantization") for s in c.bundle.manifest.to_dict()["stages"]]
                  for name, c in cascades.items() if name.endswith("int8")},
     }
     harness.save(result, args.out)

@@ -69,7 +69,7 @@ def _verification(built: dict) -> dict:
     out = {s["name"]: {"top1_agreement": s["artifacts"]["tflite"]["verification"]["top1_agreement"],
                        "max_abs_diff": max(s["artifacts"]["tflite"]["verification"]["max_abs_diff"].values()),
                        "n": s["artifacts"]["tflite"]["verification"]["n"], "on": "build-time verification inputs"}
-           for s in b.manifest["stages"]}
+           for s in b.manifest.to_dict()["stages"]}
     b.close()
     return out
 
@@ -170,7 +170,7 @@ def _tflite_ops(built: dict) -> dict:
                                       .get("agreement_with_fp32"),
                                       "bytes": describe(b.artifact_paths(k, "tflite")[0])["bytes"],
                                       "ops": describe(b.artifact_paths(k, "tflite")[0])["ops"]}
-                          for k, s in enumerate(b.manifest["stages"])}
+                          for k, s in enumerate(b.manifest.to_dict()["stages"])}
         b.close()
     return ops
 

@@ -98,7 +98,7 @@ def decisions(cascade, images: list[np.ndarray], labels: np.ndarray) -> tuple[li
     from stagewise.runtimes.calibrate import exit_table
 
     logits = cascade.stage_logits(images)
-    specs = [s["exit"] for s in cascade.bundle.manifest["stages"]]
+    specs = [s["exit"] for s in cascade.bundle.manifest.to_dict()["stages"]]
     probs = stage_probabilities(logits, [e["temperature"] for e in specs], [e.get("combine", "own") for e in specs])
     cascade.stage_logits = lambda _images: logits  # exit_table reuses this pass
     try:
@@ -107,7 +107,7 @@ def decisions(cascade, images: list[np.ndarray], labels: np.ndarray) -> tuple[li
         del cascade.stage_logits
     idx = np.arange(len(images))
     out = {}
-    for point in cascade.bundle.manifest["operating_points"]:
+    for point in cascade.bundle.manifest.to_dict()["operating_points"]:
         stage = table.exit_stage(thresholds_of(point))
         label = np.stack([p.argmax(1) for p in probs])[stage, idx]
         out[point["name"]] = (label, stage)

@@ -30,11 +30,11 @@ EXIT_MODEL_DIR = "exits"
 
 def exit_table(cascade: Cascade, images: Sequence[np.ndarray], targets: np.ndarray, stage_costs: np.ndarray) -> ExitTable:
     """Scores and correctness (against ``targets``) of every stage of ``cascade`` on ``images``, with the given stage costs."""
-    specs = [s["exit"] for s in cascade.bundle.manifest["stages"]]
-    models = [load_exit_model(cascade.bundle.root, e) for e in specs]
+    rules = [s.exit for s in cascade.bundle.manifest.stages]
+    models = [load_exit_model(cascade.bundle.root, rule) for rule in rules]
     return ExitTable.from_logits(cascade.stage_logits(images), np.asarray(targets), stage_costs,
-                                 [e["score"] for e in specs], [e["temperature"] for e in specs],
-                                 [e.get("combine", "own") for e in specs], models)
+                                 [r.score for r in rules], [r.temperature for r in rules],
+                                 [r.combine for r in rules], models)
 
 
 def _store_models(result: Calibration, manifest: dict, root: Path, files: dict[str, Path] | None) -> None:
