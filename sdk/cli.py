@@ -27,9 +27,9 @@ def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU"):
     return load(bundle, backend=backend, threads=threads, device=device)
 
 
-backend_option = click.option("--backend", default="auto", show_default=True,
+backend_option = click.option("--runtime", "--backend", "backend", default="auto", show_default=True,
                               help="runtime: onnxruntime, openvino, litert, auto, or a preference order "
-                                   "such as openvino,onnxruntime")
+                                   "such as openvino,onnxruntime (--backend is the old name)")
 device_option = click.option("--device", default="CPU", show_default=True,
                              help="device for the runtime: CPU, or with OpenVINO also GPU, NPU, AUTO")
 threads_option = click.option("--threads", type=int, default=None, help="intra-op threads of the runtime")
