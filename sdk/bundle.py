@@ -30,6 +30,9 @@ SIGNATURE = signing.SIGNATURE
 MAX_MANIFEST_DEPTH = 32
 """Deepest nesting of a manifest document (a real one nests about 7 levels)."""
 ARTIFACT_FORMATS = ("onnx", "openvino", "tflite")
+PROBABILITY_SCORES = ("max_softmax", "margin", "entropy", "learned")
+"""Exit scores that lie in [0, 1] (``max_logit`` is a raw logit, bounded only by the schema)."""
+_SLACK = 1e-9
 
 
 @lru_cache(maxsize=1)
@@ -78,6 +81,12 @@ def _check_references(m: dict) -> None:
             raise ManifestError(
                 f"manifest field operating_points[{j}].thresholds: needs one entry per stage "
                 f"({len(m['stages'])}), got {len(point['thresholds'])}")
+        for k, (t, stage) in enumerate(zip(point["thresholds"], m["stages"])):
+            score = stage["exit"]["score"]
+            if t is not None and score in PROBABILITY_SCORES and not -_SLACK <= t <= 1 + _SLACK:
+                raise ManifestError(
+                    f"manifest field operating_points[{j}].thresholds[{k}]: {t} is outside [0, 1], the range of the "
+                    f"stage's {score} score (null: never exit); recalibrate the bundle")
     if m["default_operating_point"] not in points:
         raise ManifestError(
             f"manifest field default_operating_point: {m['default_operating_point']!r} is not one of {points}")
