@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -328,6 +329,28 @@ def _alive(pid: int) -> bool:
 
 
 _STAGING = "staging"
+BUILD_PREFIX = "stagewise-build-"
+"""Prefix of the converters' work folders in the temporary directory."""
+STALE_AFTER_S = 24 * 3600
+"""A build folder untouched this long belongs to a conversion that was killed."""
+
+
+def remove_stale_build_dirs(now: float | None = None) -> list[Path]:
+    """Remove this user's conversion work folders (``stagewise-build-*`` in the temporary directory) that nothing
+    has touched for :data:`STALE_AFTER_S` seconds, left by killed conversions; returns what was removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{BUILD_PREFIX}*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.lstat().st_uid != os.getuid():
+                continue
+            newest = max([p.lstat().st_mtime for p in folder.rglob("*")] + [folder.lstat().st_mtime])
+        except OSError:
+            continue
+        if now - newest > STALE_AFTER_S:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def write_bundle(out: str | Path, manifest: dict | Manifest, files: dict[str, Path], overwrite: bool = False,
