@@ -161,6 +161,7 @@ class Cascade:
         if mean_budget_ms is None:
             self.controller = None
             return
+        mean_budget_ms = positive_number("mean_budget_ms", mean_budget_ms)
         if self.controller is not None and not options:
             self.controller.retarget(mean_budget_ms)
             return

@@ -49,9 +49,9 @@ class OnnxRuntimeStage:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for key, value in settings.session_config.items():
             so.add_session_config_entry(key, str(value))
+        providers = _providers(options.device, settings.providers)
         try:
-            self._session = ort.InferenceSession(str(model), sess_options=so,
-                                                 providers=_providers(options.device, settings.providers))
+            self._session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad models
             raise BundleError(f"ONNX Runtime cannot load {model.name}: {exc}") from exc
         self._input = io.input
