@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from stagewise.bundle import Bundle, read_bundle
-from stagewise.checks import positive_count, positive_number
+from stagewise.checks import nonnegative_budget, positive_count, positive_number
 from stagewise.errors import BundleError, UnknownOperatingPointError
 from stagewise.exits import exit_scores, load_exit_model, softmax
 from stagewise.images import load_image
@@ -260,7 +260,7 @@ class Cascade:
         """
         start = self._clock()
         if budget_ms is not None:
-            budget_ms = positive_number("budget_ms", budget_ms)
+            budget_ms = nonnegative_budget("budget_ms", budget_ms)
         if mean_budget_ms is not None and (self.controller is None or self.controller.budget_ms != mean_budget_ms):
             self.set_mean_budget(mean_budget_ms)
         controller = self.controller if operating_point is None else None

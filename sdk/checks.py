@@ -15,6 +15,13 @@ def positive_number(name: str, value: object) -> float:
     return float(value)
 
 
+def nonnegative_budget(name: str, value: object) -> float:
+    """A per-request budget as a float: finite and at least 0 (0: only the first stage runs), else ``InvalidOptionError``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise InvalidOptionError(f"{name} must be a finite number of milliseconds, at least 0, got {value!r}")
+    return float(value)
+
+
 def positive_count(name: str, value: object) -> int:
     """``value`` as an int, or ``InvalidOptionError`` unless it is a whole number of at least 1."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:

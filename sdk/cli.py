@@ -420,6 +420,14 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _fail(message: str, code: int, debug: bool) -> None:
+    """Inside an ``except``: the traceback (with ``--debug``), then ``message`` on stderr, then exit with ``code``."""
+    if debug:
+        traceback.print_exc()
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line: every failure is one line on stderr and a non-zero exit code.
 
@@ -440,19 +448,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except (StagewiseError, OSError) as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {_one_line(exc)}", err=True)
-        sys.exit(2)
+        _fail(f"error: {_one_line(exc)}", 2, debug)
     except ImportError as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {_one_line(exc)}; install the extra this command needs, e.g. "
-                   'pip install "stagewise[torch]" (see the README)', err=True)
-        sys.exit(2)
+        _fail(f"error: {_one_line(exc)}; install the extra this command needs, e.g. "
+              'pip install "stagewise[torch]" (see the README)', 2, debug)
     except Exception as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"unexpected error ({type(exc).__name__}: {_one_line(exc)}); this is a stagewise bug: run with "
-                   "--debug and report it", err=True)
-        sys.exit(3)
+        _fail(f"unexpected error ({type(exc).__name__}: {_one_line(exc)}); this is a stagewise bug: run with "
+              "--debug and report it", 3, debug)
