@@ -353,6 +353,23 @@ def remove_stale_build_dirs(now: float | None = None) -> list[Path]:
     return removed
 
 
+def _completed(manifest: dict | Manifest, files: dict[str, Path]) -> dict:
+    """A copy of the manifest document with each file's sha256 and size filled in from ``files``, validated."""
+    manifest = manifest.to_dict() if isinstance(manifest, Manifest) else json.loads(json.dumps(manifest))
+    for entry in artifact_files(manifest):
+        if entry["path"] not in files:
+            raise BundleError(f"no content given for bundle file {entry['path']}")
+        entry["sha256"] = sha256_file(files[entry["path"]])
+        entry["bytes"] = os.path.getsize(files[entry["path"]])
+    validate_manifest(manifest)
+    return manifest
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    """The bytes of ``manifest.json`` as :func:`write_bundle` writes them."""
+    return (json.dumps(manifest, indent=2) + "\n").encode()
+
+
 def write_bundle(out: str | Path, manifest: dict | Manifest, files: dict[str, Path], overwrite: bool = False,
                  signature: bytes | None = None) -> Path:
     """Write a bundle atomically: fill in each file's sha256 and size, validate, then publish.
@@ -367,13 +384,7 @@ def write_bundle(out: str | Path, manifest: dict | Manifest, files: dict[str, Pa
     """
     out = Path(out)
     check_output(out, overwrite)
-    manifest = manifest.to_dict() if isinstance(manifest, Manifest) else json.loads(json.dumps(manifest))
-    for entry in artifact_files(manifest):
-        if entry["path"] not in files:
-            raise BundleError(f"no content given for bundle file {entry['path']}")
-        entry["sha256"] = sha256_file(files[entry["path"]])
-        entry["bytes"] = os.path.getsize(files[entry["path"]])
-    validate_manifest(manifest)
+    manifest = _completed(manifest, files)
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out.parent, out.name)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=f"-{_STAGING}{os.getpid()}", dir=out.parent))
@@ -383,7 +394,7 @@ def write_bundle(out: str | Path, manifest: dict | Manifest, files: dict[str, Pa
             dst = staging / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / MANIFEST).write_bytes(_manifest_bytes(manifest))
         if signature is not None:
             (staging / SIGNATURE).write_bytes(signature)
         if out.suffix == ".swb":
@@ -453,7 +464,7 @@ def update_manifest(path: str | Path, change: Callable[[dict, Path], dict]) -> d
             _verify_entries(root, (e for e in artifact_files(manifest) if (e["path"], e["sha256"]) not in old_entries))
             if path.is_dir():
                 tmp = path / f".{MANIFEST}.part"
-                tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+                tmp.write_bytes(_manifest_bytes(manifest))
                 os.replace(tmp, path / MANIFEST)
             else:
                 files = {e["path"]: root / e["path"] for e in artifact_files(manifest)}
@@ -505,9 +516,9 @@ def sign_bundle(path: str | Path, private_key: Any) -> str:
             tmp.write_bytes(content)
             os.replace(tmp, path / SIGNATURE)
         else:
-            document = bundle.manifest.to_dict()
-            content = signing.sign((json.dumps(document, indent=2) + "\n").encode(), key, existing)
-            files = {e["path"]: bundle.root / e["path"] for e in artifact_files(document)}
+            files = {f.path: bundle.root / f.path for f in bundle.manifest.files()}
+            document = _completed(bundle.manifest, files)
+            content = signing.sign(_manifest_bytes(document), key, existing)
             write_bundle(path, document, files, overwrite=True, signature=content)
     finally:
         bundle.close()

@@ -328,3 +328,25 @@ def test_cli_failures_are_one_line_with_an_exit_code(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit):
         main(["--debug", "inspect", str(out)])
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_cli_missing_extra_and_unwritable_output_are_one_line(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from stagewise.runtimes.base import Runtime
+
+    out = _with(tmp_path, lambda m: None)
+    Image.fromarray(toy_image()).save(tmp_path / "green.png")
+    monkeypatch.setattr(Runtime, "installed", lambda self: False)
+    with pytest.raises(SystemExit) as done:
+        main(["run", str(out), str(tmp_path / "green.png"), "--backend", "onnxruntime"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install "stagewise[onnxruntime]"' in err
+    monkeypatch.undo()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as done:
+        main(["convert", "tests/toy_models.py:residual_net", "--exits", "a", "--data", str(tmp_path),
+              "--out", str(blocker / "out.swb")])
+    assert done.value.code == 2 and "cannot write the bundle" in capsys.readouterr().err
