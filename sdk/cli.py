@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -11,6 +12,18 @@ import click
 import numpy as np
 
 from .errors import StagewiseError
+
+
+class _Finite(click.FloatRange):
+    """A float range that also refuses NaN and infinities (click's own lets NaN through)."""
+
+    name = "finite number"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _triple(value: str | None) -> tuple[float, float, float] | None:
@@ -66,17 +79,18 @@ def cli(debug: bool) -> None:
                    "Savchenko's linear head on L2-normalised pooled features")
 @click.option("--npu", is_flag=True, default=None,
               help="OpenVINO artifacts: NPU preset (static batch-1 shapes, fp16 weights, NPU INT8 scheme)")
-@click.option("--target-drop", type=float, help="allowed top-1 drop in points for the default operating point [0.5]")
+@click.option("--target-drop", type=_Finite(min=0, max=100),
+              help="allowed top-1 drop in points for the default operating point [0.5]")
 @click.option("--out", type=click.Path(path_type=Path), help="bundle directory, or a file ending in .swb")
-@click.option("--input-size", type=int, help="square input size (optional when the images or model fix it)")
+@click.option("--input-size", type=click.IntRange(min=1, max=4096), help="square input size (optional when the images or model fix it)")
 @click.option("--mean", help="input normalisation mean R,G,B in 0-255 units")
 @click.option("--std", help="input normalisation std R,G,B in 0-255 units")
 @click.option("--resize", type=click.Choice(["shorter_crop", "stretch"]), help="how images reach the input size")
-@click.option("--crop-fraction", type=float, help="centre-crop fraction for shorter_crop [0.875]")
+@click.option("--crop-fraction", type=_Finite(min=0.1, max=1), help="centre-crop fraction for shorter_crop [0.875]")
 @click.option("--combine", type=click.Choice(["own", "mean_probs"]), help="cascade stages decide on own or averaged probabilities")
 @click.option("--score", type=click.Choice(["max_softmax", "margin", "entropy"]), help="exit score [max_softmax]")
-@click.option("--max-head-images", type=int, help="cap on images used to train exit heads")
-@click.option("--max-calibration-images", type=int, help="cap on images used to pick thresholds")
+@click.option("--max-head-images", type=click.IntRange(min=1), help="cap on images used to train exit heads")
+@click.option("--max-calibration-images", type=click.IntRange(min=1), help="cap on images used to pick thresholds")
 @click.option("--threads", type=click.IntRange(min=1), help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 def convert(model, stages, exits, data, calibration_data, formats, legacy_formats, int8, fp16, int8_io, head_kind, npu,
@@ -122,7 +136,7 @@ def convert(model, stages, exits, data, calibration_data, formats, legacy_format
 
 @cli.command()
 @click.argument("model")
-@click.option("--input-size", type=int, default=224, show_default=True, help="square input size of the probe image")
+@click.option("--input-size", type=click.IntRange(min=1, max=4096), default=224, show_default=True, help="square input size of the probe image")
 @click.option("--all", "show_all", is_flag=True, help="also list places where more than one tensor crosses")
 @click.option("--json", "as_json", is_flag=True, help="print the cut points as JSON records")
 def cuts(model, input_size, show_all, as_json):
@@ -189,7 +203,7 @@ def inspect(bundle, as_json):
 @device_option
 @threads_option
 @click.option("--operating-point", help="named operating point (see inspect)")
-@click.option("--budget-ms", type=float, help="latency budget per image")
+@click.option("--budget-ms", type=_Finite(min=0, min_open=True), help="latency budget per image")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
 @trusted_key_option
 def run(bundle, images, backend, device, threads, operating_point, budget_ms, as_json, trusted_keys):
@@ -246,13 +260,16 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
 @click.argument("bundle", type=click.Path(exists=True))
 @click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
               help="held-out images: class folders, labels.tsv or an archive; with --no-labels any folder of images")
-@click.option("--target-drop", type=float, help="goal: cheapest point with top-1 at most this many points below full")
-@click.option("--budget-ms", type=float, help="goal: most accurate point with mean latency at most this")
-@click.option("--alpha", type=float,
+@click.option("--target-drop", type=_Finite(min=0, max=100),
+              help="goal: cheapest point with top-1 at most this many points below full")
+@click.option("--budget-ms", type=_Finite(min=0, min_open=True),
+              help="goal: most accurate point with mean latency at most this")
+@click.option("--alpha", type=_Finite(min=0, min_open=True),
               help="goal: Savchenko's thresholds, false-acceptance rate alpha*m/M at stage m (Benjamini-Hochberg)")
-@click.option("--risk", type=float,
+@click.option("--risk", type=_Finite(min=0, min_open=True),
               help="goal: guarantee that the risk (see --risk-kind) is at most this fraction, with probability 1-DELTA")
-@click.option("--delta", type=float, help="with --risk: allowed probability that the guarantee fails (e.g. 0.1)")
+@click.option("--delta", type=_Finite(min=0, min_open=True),
+              help="with --risk: allowed probability that the guarantee fails (e.g. 0.1)")
 @click.option("--risk-kind", type=click.Choice(["disagreement", "error_increase"]), default="disagreement",
               show_default=True, help="with --risk: disagreement with the full model, or error increase (needs labels)")
 @click.option("--no-labels", is_flag=True, help="calibrate against the full model's own answers (images need no labels)")
@@ -260,9 +277,9 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
               help="switch the exit score of the non-final stages (default: keep the bundle's)")
 @click.option("--temperature/--no-temperature", default=True, show_default=True,
               help="fit each stage's softmax temperature by NLL before choosing thresholds")
-@click.option("--front", "front_points", type=int, default=6, show_default=True,
+@click.option("--front", "front_points", type=click.IntRange(min=1), default=6, show_default=True,
               help="also store this many Pareto-front points as pareto-1 (cheapest) ...")
-@click.option("--tune-fraction", type=float, default=0.5, show_default=True,
+@click.option("--tune-fraction", type=_Finite(min=0, max=1, min_open=True, max_open=True), default=0.5, show_default=True,
               help="share of the images that fits the learned score (and, with --risk, picks the candidate order)")
 @click.option("--limit", type=click.IntRange(min=1), help="use at most this many images (seeded random subset)")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -315,8 +332,8 @@ def calibrate(bundle, data, target_drop, budget_ms, alpha, risk, delta, risk_kin
 @backend_option
 @device_option
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--images", "count", type=int, default=50, show_default=True, help="how many images to time")
-@click.option("--repeats", type=int, default=2, show_default=True, help="passes over the images")
+@click.option("--images", "count", type=click.IntRange(min=1), default=50, show_default=True, help="how many images to time")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="passes over the images")
 @click.option("--name", help="profile name (default: <runtime>-<device>-<threads>t, the one the runtime looks up)")
 @click.option("--dry-run", is_flag=True, help="measure and print, do not write the bundle")
 @click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")

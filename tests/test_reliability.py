@@ -313,8 +313,12 @@ def test_cli_failures_are_one_line_with_an_exit_code(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit) as done:
         main(["run", str(out), str(out / "manifest.json"), "--budget-ms", "nan", "--backend", "onnxruntime"])
     assert done.value.code == 2
+    assert "not a finite number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["run", str(out), str(out / "manifest.json"), "--backend", "onnxruntime"])  # not an image
+    assert done.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "Traceback" not in err
+    assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
 
     def boom(*args, **kwargs):
         raise KeyError("surprise")
