@@ -1,8 +1,11 @@
 """Bundles on disk: a directory or a ``.swb`` zip holding ``manifest.json`` and model files.
 
-Reading validates the manifest against the shipped JSON Schema plus the cross-field rules the
-schema cannot express, and verifies the sha256 of every file the manifest names before anything
-uses it. Writing is atomic: a bundle appears complete at its final path or not at all.
+Reading parses ``manifest.json`` as strict JSON, validates it against the shipped JSON Schema
+plus the cross-field rules the schema cannot express, checks its signature when trusted keys are
+given (:mod:`stagewise.signing`), unpacks a ``.swb`` under the limits of :mod:`stagewise.archive`,
+and verifies the sha256 of every file the manifest names before anything uses it. Writing is
+atomic: a bundle appears complete at its final path or not at all, and only a bundle is ever
+replaced (:func:`check_output`).
 """
 
 from __future__ import annotations
