@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from stagewise.bundle import check_output, remove_stale_build_dirs
 from stagewise.datasets import ImageSet, open_image_set
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
@@ -169,9 +170,16 @@ def _cap(images: ImageSet, limit: int | None, seed: int) -> ImageSet:
 
 
 def run_job(job: ConvertJob) -> Path:
-    """Convert, calibrate and write the bundle that ``job`` describes; returns its path."""
+    """Convert, calibrate and write the bundle that ``job`` describes; returns its path.
+
+    Before any work: ``job.out`` must be writable, and if it exists, be a stagewise bundle that
+    ``job.build.overwrite`` (--force) allows to replace; build folders that killed conversions left
+    in the temporary directory are removed.
+    """
     if job.out.exists() and not job.build.overwrite:
         raise ConversionError(f"{job.out} already exists; pass --force to replace it")
+    check_output(job.out, job.build.overwrite)
+    remove_stale_build_dirs()
     if job.data is None:
         raise ConversionError("conversion needs labelled images: pass --data (class folders, archive or labels.tsv)")
     data = open_image_set(job.data)

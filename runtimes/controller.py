@@ -39,6 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
+from stagewise.checks import positive_number
 from stagewise.errors import StagewiseError
 from stagewise.manifest import Manifest
 
@@ -111,8 +112,7 @@ class MeanBudgetController:
 
     def __init__(self, points: Sequence[_Point], latency: LatencyModel, budget_ms: float, horizon: int = 100,
                  gain: float = 1.0, headroom: float = 0.02):
-        if budget_ms <= 0:
-            raise ValueError("mean budget must be positive")
+        budget_ms = positive_number("mean_budget_ms", budget_ms)
         self.points = list(points)
         self.latency = latency
         self.horizon = horizon
@@ -140,9 +140,7 @@ class MeanBudgetController:
 
     def retarget(self, budget_ms: float) -> None:
         """A new mean budget; what was learned about the device and the data is kept."""
-        if budget_ms <= 0:
-            raise ValueError("mean budget must be positive")
-        self.budget_ms = float(budget_ms)
+        self.budget_ms = positive_number("mean_budget_ms", budget_ms)
         self._error = 0.0
 
     # -- model ---------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from stagewise.bundle import Bundle, read_bundle
-from stagewise.errors import UnknownOperatingPointError
+from stagewise.checks import nonnegative_budget, positive_count, positive_number
+from stagewise.errors import BundleError, UnknownOperatingPointError
 from stagewise.exits import exit_scores, load_exit_model, softmax
 from stagewise.images import load_image
 from stagewise.manifest import StageSpec
@@ -24,6 +25,7 @@ from stagewise.manifest import StageSpec
 from .base import LoadOptions, StageIO, StageSession, resolve_runtime
 from .controller import MeanBudgetController
 from .latency import LatencyModel
+from .model_io import check_stages
 from .options import RuntimeOptions
 from .routing import Carries, StageRouter, run_chain
 
@@ -159,6 +161,7 @@ class Cascade:
         if mean_budget_ms is None:
             self.controller = None
             return
+        mean_budget_ms = positive_number("mean_budget_ms", mean_budget_ms)
         if self.controller is not None and not options:
             self.controller.retarget(mean_budget_ms)
             return
@@ -170,7 +173,7 @@ class Cascade:
     def _plan(spec: StageSpec, session: StageSession, root: Path | None = None) -> _Stage:
         return _Stage(name=spec.name, session=session, io=stage_io(spec), logits=spec.outputs.logits,
                       score=spec.exit.score, temperature=spec.exit.temperature, combine=spec.exit.combine,
-                      exit_model=load_exit_model(root, spec.exit))
+                      exit_model=_exit_model(root, spec))
 
     @property
     def stage_names(self) -> list[str]:
@@ -256,6 +259,8 @@ class Cascade:
         the running mean latency stays at the target.
         """
         start = self._clock()
+        if budget_ms is not None:
+            budget_ms = nonnegative_budget("budget_ms", budget_ms)
         if mean_budget_ms is not None and (self.controller is None or self.controller.budget_ms != mean_budget_ms):
             self.set_mean_budget(mean_budget_ms)
         controller = self.controller if operating_point is None else None
@@ -378,6 +383,7 @@ class Cascade:
         Images go through in chunks of at most ``max_batch`` (memory stays bounded however
         many images are given); within a chunk, samples that exit leave the batch.
         """
+        max_batch = positive_count("max_batch", max_batch)
         images = list(images)
         if len(images) > max_batch:
             return [p for i in range(0, len(images), max_batch)
@@ -431,6 +437,14 @@ class Cascade:
         self.close()
 
 
+def _exit_model(root: Path | None, spec: StageSpec) -> Any:
+    try:
+        return load_exit_model(root, spec.exit)
+    except (ValueError, OSError, KeyError, EOFError) as exc:
+        raise BundleError(f"stage {spec.name}: cannot read its learned exit score model ({exc}); rebuild the "
+                          "bundle or recalibrate it with another --score") from exc
+
+
 def stage_io(spec: StageSpec) -> StageIO:
     """The tensor names of a manifest stage."""
     return StageIO(spec.input.tensor, spec.outputs.names())
@@ -444,7 +458,8 @@ def profile_name(runtime: str, threads: int | None, device: str = "CPU") -> str:
 def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: int | None = None,
          prefer: Sequence[str] | None = None, warmup: bool = True,
          options: RuntimeOptions | Mapping[str, Any] | None = None, mean_budget_ms: float | None = None,
-         profile: str | None = None, latency: dict | None = None) -> Cascade:
+         profile: str | None = None, latency: dict | None = None,
+         trusted_keys: Sequence[Any] | None = None) -> Cascade:
     """Open a bundle (directory or ``.swb``) on a runtime and return a ready :class:`Cascade`.
 
     ``backend`` is ``"onnxruntime"``, ``"openvino"``, ``"litert"`` or ``"auto"`` (the first
@@ -457,8 +472,14 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
     ``mean_budget_ms`` starts the average-budget mode (see :meth:`Cascade.set_mean_budget`);
     ``profile`` names the device profile that seeds the latency model (default: the one for
     this runtime, device and thread count); ``latency`` passes :class:`LatencyModel` options.
+    ``trusted_keys``: Ed25519 public keys (PEM files or bytes); the bundle must be signed by one
+    of them (see :func:`stagewise.bundle.read_bundle`).
     """
-    bundle = read_bundle(path)
+    if threads is not None:
+        threads = positive_count("threads", threads)
+    if mean_budget_ms is not None:
+        positive_number("mean_budget_ms", mean_budget_ms)
+    bundle = read_bundle(path, trusted_keys=trusted_keys)
     try:
         runtime = resolve_runtime(backend, bundle.formats(), prefer)
         settings = runtime.options.from_mapping(options)
@@ -467,11 +488,12 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
         sessions = []
         for k, spec in enumerate(bundle.manifest.stages):
             sessions.append(opener(bundle.artifact_paths(k, runtime.artifact_format), stage_io(spec), load_options))
+        check_stages(bundle.manifest, sessions)
+        cascade = Cascade(bundle, sessions, runtime.name, threads, device, mean_budget_ms=mean_budget_ms,
+                          latency=latency, profile=profile)
     except BaseException:
         bundle.close()
         raise
-    cascade = Cascade(bundle, sessions, runtime.name, threads, device, mean_budget_ms=mean_budget_ms,
-                      latency=latency, profile=profile)
     if warmup:
         cascade.warm_up()
     return cascade

@@ -53,6 +53,7 @@ import numpy as np
 from stagewise.errors import BackendUnavailableError, BundleError, DeviceUnavailableError, MissingExtraError
 
 from .base import LoadOptions, StageIO
+from .model_io import DeclaredIO, TensorInfo
 from .options import LiteRTOptions
 
 PACKAGES = ("ai_edge_litert", "tflite_runtime")
@@ -178,6 +179,7 @@ class LiteRTStage:
             inputs = {d["name"]: d["index"] for d in interp.get_input_details()}
             outputs = {d["name"]: d["index"] for d in interp.get_output_details()}
         self.signature = key
+        self._inputs, self._outputs = inputs, outputs
         self._in_index = _find(inputs, io.input, "input", model)
         self._out = [(name, _find(outputs, name, "output", model)) for name in io.outputs]
         details = {d["index"]: d for d in interp.get_tensor_details()} if hasattr(interp, "get_tensor_details") else {}
@@ -196,6 +198,23 @@ class LiteRTStage:
         self._sample_shape = [int(v) for v in in_details["shape"][1:]]
         self._rows = self.batch_mode == "rows" and self.fixed_batch is not None
         self._transpose: dict[tuple[int, ...], tuple[int, ...] | None] = {}
+
+    def declared(self) -> DeclaredIO:
+        """The model's signature inputs and outputs (``shape_signature``: -1 is not fixed); LiteRT
+        quantizes int8 inputs and transposes NCHW/NHWC itself."""
+        interp = self._interp
+        details = {d["index"]: d for d in (*interp.get_input_details(), *interp.get_output_details())}
+        if hasattr(interp, "get_tensor_details"):
+            details.update({d["index"]: d for d in interp.get_tensor_details()})
+
+        def info(index: int) -> TensorInfo:
+            d = details[index]
+            shape = d.get("shape_signature", d["shape"])
+            return TensorInfo(np.dtype(d["dtype"]).name, tuple(int(v) if v > 0 else None for v in shape))
+
+        return DeclaredIO({name: info(i) for name, i in self._inputs.items()},
+                          {name: info(i) for name, i in self._outputs.items()},
+                          input_dtypes=("float32", "int8", "uint8"), any_layout=True)
 
     @property
     def quantization(self) -> dict:

@@ -50,6 +50,7 @@ from stagewise.errors import BundleError, DeviceUnavailableError
 from stagewise.extras import require
 
 from .base import LoadOptions, StageIO
+from .model_io import DeclaredIO, TensorInfo
 from .options import OpenVinoOptions
 
 ov = require("openvino", "openvino", "running a bundle on OpenVINO")
@@ -238,6 +239,16 @@ class OpenVinoStage:
                                   "the manifest and the IR do not match, rebuild the bundle")
             self._outputs[out_name] = names[out_name]
         self._request = compiled.create_infer_request()
+
+    def declared(self) -> DeclaredIO:
+        """The compiled model's inputs and outputs (every name of each port)."""
+        def table(ports: Sequence[Any]) -> dict[str, TensorInfo]:
+            return {n: TensorInfo(np.dtype(p.get_element_type().to_dtype()).name,
+                                  tuple(d.get_length() if d.is_static else None for d in p.get_partial_shape()))
+                    for p in ports for n in p.get_names()}
+
+        return DeclaredIO(table(self._compiled.inputs), table(self._compiled.outputs),
+                          input_dtypes=("float32", "float16", "float64"))
 
     def _infer(self, x: np.ndarray) -> list[np.ndarray]:
         result = self._request.infer({0: x}, share_inputs=True, share_outputs=False)  # outputs are copies

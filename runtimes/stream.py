@@ -173,7 +173,7 @@ class Stream:
                 continue
             start = t
             image = frame() if callable(frame) else frame
-            left = deadline - now()
+            left = max(deadline - now(), 0.0)  # already late: the first stage alone
             prediction = self.cascade.predict(image, budget_ms=left, operating_point=self.operating_point)
             end = now()
             status = "late" if end > deadline else ("budget_limited" if prediction.budget_limited else "ok")

@@ -16,10 +16,9 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .errors import (BackendUnavailableError, BundleError, CalibrationError, ConversionError, DatasetError,
-                     DeviceUnavailableError, ImageInputError, IntegrityError, InvalidCutPointError, ManifestError,
-                     MissingExtraError, StagewiseError, UnknownOperatingPointError, UnknownOptionError,
-                     UnsafeArchiveError,
-                     VerificationError)
+                     DeviceUnavailableError, ImageInputError, IntegrityError, InvalidCutPointError,
+                     InvalidOptionError, ManifestError, MissingExtraError, SignatureError, StagewiseError,
+                     UnknownOperatingPointError, UnknownOptionError, UnsafeArchiveError, VerificationError)
 
 if TYPE_CHECKING:
     from .runtimes import Cascade
@@ -31,7 +30,7 @@ __version__ = "0.1.0"
 def load(path: str | os.PathLike, backend: str = "auto", device: str = "CPU", threads: int | None = None,
          options: "RuntimeOptions | Mapping[str, Any] | None" = None, *, prefer: Sequence[str] | None = None,
          warmup: bool = True, mean_budget_ms: float | None = None, profile: str | None = None,
-         latency: dict | None = None) -> "Cascade":
+         latency: dict | None = None, trusted_keys: Sequence[Any] | None = None) -> "Cascade":
     """Open a bundle (directory or ``.swb`` file) and return a :class:`~stagewise.runtimes.Cascade`.
 
     ``backend``: the runtime, ``"onnxruntime"``, ``"openvino"``, ``"litert"``, ``"auto"`` (the
@@ -43,16 +42,17 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "CPU", th
     ``LiteRTOptions``) or a dict of them; an unknown key raises :class:`UnknownOptionError`
     listing the valid ones. ``warmup``: run every stage once before returning.
     ``mean_budget_ms``: start the average-budget mode; ``profile``: the device profile that
-    seeds the latency model; ``latency``: options of the latency model.
+    seeds the latency model; ``latency``: options of the latency model. ``trusted_keys``: Ed25519
+    public keys (PEM files or bytes): only a bundle signed by one of them loads (``stagewise sign``).
     """
     from .runtimes import load as _load
 
     return _load(path, backend=backend, device=device, threads=threads, prefer=prefer, warmup=warmup,
-                 options=options, mean_budget_ms=mean_budget_ms, profile=profile, latency=latency)
+                 options=options, mean_budget_ms=mean_budget_ms, profile=profile, latency=latency,
+                 trusted_keys=trusted_keys)
 
 
 __all__ = ["BackendUnavailableError", "BundleError", "CalibrationError", "ConversionError", "DatasetError",
-           "DeviceUnavailableError", "ImageInputError", "IntegrityError", "InvalidCutPointError", "ManifestError",
-           "MissingExtraError", "StagewiseError", "UnknownOperatingPointError", "UnknownOptionError",
-           "UnsafeArchiveError",
-           "VerificationError", "__version__", "load"]
+           "DeviceUnavailableError", "ImageInputError", "IntegrityError", "InvalidCutPointError", "InvalidOptionError",
+           "ManifestError", "MissingExtraError", "SignatureError", "StagewiseError", "UnknownOperatingPointError",
+           "UnknownOptionError", "UnsafeArchiveError", "VerificationError", "__version__", "load"]

@@ -1,8 +1,11 @@
 """Bundles on disk: a directory or a ``.swb`` zip holding ``manifest.json`` and model files.
 
-Reading validates the manifest against the shipped JSON Schema plus the cross-field rules the
-schema cannot express, and verifies the sha256 of every file the manifest names before anything
-uses it. Writing is atomic: a bundle appears complete at its final path or not at all.
+Reading parses ``manifest.json`` as strict JSON, validates it against the shipped JSON Schema
+plus the cross-field rules the schema cannot express, checks its signature when trusted keys are
+given (:mod:`stagewise.signing`), unpacks a ``.swb`` under the limits of :mod:`stagewise.archive`,
+and verifies the sha256 of every file the manifest names before anything uses it. Writing is
+atomic: a bundle appears complete at its final path or not at all, and only a bundle is ever
+replaced (:func:`check_output`).
 """
 
 from __future__ import annotations
@@ -12,20 +15,28 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jsonschema
 
+from . import archive, signing
 from .errors import BundleError, IntegrityError, ManifestError, UnsafeArchiveError
-from .manifest import FORMAT_VERSION, Manifest
+from .manifest import FORMAT, FORMAT_VERSION, Manifest
 
 MANIFEST = "manifest.json"
+SIGNATURE = signing.SIGNATURE
+MAX_MANIFEST_DEPTH = 32
+"""Deepest nesting of a manifest document (a real one nests about 7 levels)."""
 ARTIFACT_FORMATS = ("onnx", "openvino", "tflite")
+PROBABILITY_SCORES = ("max_softmax", "margin", "entropy", "learned")
+"""Exit scores that lie in [0, 1] (``max_logit`` is a raw logit, bounded only by the schema)."""
+_SLACK = 1e-9
 
 
 @lru_cache(maxsize=1)
@@ -74,6 +85,12 @@ def _check_references(m: dict) -> None:
             raise ManifestError(
                 f"manifest field operating_points[{j}].thresholds: needs one entry per stage "
                 f"({len(m['stages'])}), got {len(point['thresholds'])}")
+        for k, (t, stage) in enumerate(zip(point["thresholds"], m["stages"])):
+            score = stage["exit"]["score"]
+            if t is not None and score in PROBABILITY_SCORES and not -_SLACK <= t <= 1 + _SLACK:
+                raise ManifestError(
+                    f"manifest field operating_points[{j}].thresholds[{k}]: {t} is outside [0, 1], the range of the "
+                    f"stage's {score} score (null: never exit); recalibrate the bundle")
     if m["default_operating_point"] not in points:
         raise ManifestError(
             f"manifest field default_operating_point: {m['default_operating_point']!r} is not one of {points}")
@@ -129,36 +146,115 @@ class Bundle:
             self._tmp = None
 
 
-def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Open a bundle directory or ``.swb`` file, validate its manifest and verify its files."""
+def read_bundle(path: str | Path, verify: bool = True,
+                trusted_keys: Sequence[Any] | None = None) -> Bundle:
+    """Open a bundle directory or ``.swb`` file, validate its manifest and verify its files.
+
+    A ``.swb`` is unpacked under the limits of :mod:`stagewise.archive` into a private temporary
+    directory, removed by :meth:`Bundle.close`, when the bundle is garbage-collected, or on any
+    error here. ``trusted_keys`` (Ed25519 public keys: PEM files, PEM bytes or key objects): the
+    bundle must carry a signature by one of them over its manifest (:mod:`stagewise.signing`),
+    and a bundle directory may hold no file its manifest does not name.
+    """
     path = Path(path)
+    text, signature = raw_manifest(path)
+    document = parse_manifest(text, path)
+    manifest = Manifest.from_dict(document)
+    if trusted_keys is not None:
+        signing.check_signature(text, signature, trusted_keys, path)
     tmp = None
     if path.is_dir():
         root = path
-    elif path.is_file():
-        if not zipfile.is_zipfile(path):
-            raise BundleError(f"{path} is neither a bundle directory nor a .swb (zip) file")
+        if trusted_keys is not None:
+            _refuse_unlisted(root, document)
+    else:
         tmp = tempfile.TemporaryDirectory(prefix="stagewise-")
         root = Path(tmp.name)
-        _safe_extract(path, root)
-    else:
-        raise BundleError(f"bundle not found: {path}")
-    document = _read_manifest(root, path)
-    manifest = Manifest.from_dict(document)
-    if verify:
-        verify_files(root, document)
+    try:
+        if tmp is not None:
+            wanted = {e["path"]: e.get("bytes") for e in artifact_files(document)}
+            archive.extract(path, root, wanted)
+            (root / MANIFEST).write_bytes(text)
+            if signature is not None:
+                (root / SIGNATURE).write_bytes(signature)
+        if verify:
+            verify_files(root, document)
+    except BaseException:
+        if tmp is not None:
+            tmp.cleanup()
+        raise
     return Bundle(root=root, manifest=manifest, source=path, _tmp=tmp)
 
 
-def _read_manifest(root: Path, origin: Path) -> dict:
-    file = root / MANIFEST
+def raw_manifest(path: Path) -> tuple[bytes, bytes | None]:
+    """The bytes of a bundle's ``manifest.json`` and ``manifest.sig`` (``None``: unsigned), read under the limits."""
+    if path.is_dir():
+        return _read_limited(path / MANIFEST, path), _read_optional(path / SIGNATURE)
+    if not path.is_file():
+        raise BundleError(f"bundle not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise BundleError(f"{path} is neither a bundle directory nor a .swb (zip) file")
+    signature = (archive.read_member(path, SIGNATURE, signing.MAX_SIGNATURE_BYTES)
+                 if archive.has_member(path, SIGNATURE) else None)
+    return archive.read_member(path, MANIFEST, archive.MAX_MANIFEST_BYTES), signature
+
+
+def _read_limited(file: Path, origin: Path) -> bytes:
     if not file.is_file():
         raise BundleError(f"{origin} has no {MANIFEST}: not a stagewise bundle")
+    if file.stat().st_size > archive.MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{origin}: {MANIFEST} is larger than {archive.MAX_MANIFEST_BYTES} bytes; "
+                            "this is not a stagewise manifest")
+    return file.read_bytes()
+
+
+def _read_optional(file: Path) -> bytes | None:
+    if not file.is_file():
+        return None
+    if file.stat().st_size > signing.MAX_SIGNATURE_BYTES:
+        raise IntegrityError(f"{file} is larger than {signing.MAX_SIGNATURE_BYTES} bytes; not a stagewise signature")
+    return file.read_bytes()
+
+
+def _refuse_unlisted(root: Path, document: dict) -> None:
+    """A signed bundle directory holds only what its manifest names: a runtime must read no unverified file."""
+    named = {e["path"] for e in artifact_files(document)} | {MANIFEST, SIGNATURE}
+    for file in sorted(root.rglob("*")):
+        rel = file.relative_to(root).as_posix()
+        if (file.is_symlink() or file.is_file()) and rel not in named:
+            raise IntegrityError(
+                f"{root} holds {rel}, which its manifest does not name: a runtime could read it unverified "
+                "(e.g. ONNX external data). Remove it, or rebuild and re-sign the bundle")
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth(value: Any) -> int:
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        deepest = max(deepest, level)
+        if level > MAX_MANIFEST_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        todo.extend((c, level + 1) for c in children)
+    return deepest
+
+
+def parse_manifest(text: bytes | str, origin: Path | str) -> dict:
+    """The JSON document of ``manifest.json``: strict JSON (no NaN or Infinity), at most :data:`MAX_MANIFEST_DEPTH` deep."""
     try:
-        manifest = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ManifestError(f"{origin}: {MANIFEST} is not valid JSON ({exc}); the bundle is corrupt, rebuild it") from exc
-    if isinstance(manifest, dict) and manifest.get("format_version") not in (None, FORMAT_VERSION):
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{origin}: {MANIFEST} must hold a JSON object, not {type(manifest).__name__}")
+    if _depth(manifest) > MAX_MANIFEST_DEPTH:
+        raise ManifestError(f"{origin}: {MANIFEST} nests deeper than {MAX_MANIFEST_DEPTH} levels; "
+                            "this is not a stagewise manifest")
+    if manifest.get("format_version") not in (None, FORMAT_VERSION):
         raise ManifestError(
             f"manifest field format_version: {manifest['format_version']!r} is not supported by this stagewise "
             f"(reads version {FORMAT_VERSION}); upgrade stagewise or rebuild the bundle")
@@ -185,30 +281,83 @@ def _verify_entries(root: Path, entries: Iterable[dict]) -> None:
                 f"{entry['sha256'][:12]}…: the file was modified or corrupted; rebuild or re-copy the bundle")
 
 
-def _safe_extract(archive: Path, dest: Path) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            name = PurePosixPath(info.filename)
-            mode = info.external_attr >> 16
-            if name.is_absolute() or ".." in name.parts or "\\" in info.filename or (mode & 0o170000) == 0o120000:
-                raise UnsafeArchiveError(
-                    f"{archive}: member {info.filename!r} would be written outside the bundle (absolute path, '..' "
-                    "or symlink); refusing to open it")
-        zf.extractall(dest)
+def is_bundle(path: str | Path) -> bool:
+    """Whether ``path`` is a stagewise bundle: a directory or ``.swb`` whose ``manifest.json`` carries the format tag."""
+    try:
+        return parse_manifest(raw_manifest(Path(path))[0], path).get("format") == FORMAT
+    except BundleError:
+        return False
 
 
-def write_bundle(out: str | Path, manifest: dict | Manifest, files: dict[str, Path], overwrite: bool = False) -> Path:
-    """Write a bundle atomically: fill in each file's sha256 and size, validate, then publish.
+def check_output(out: str | Path, overwrite: bool) -> None:
+    """Refuse ``out`` before any work: it exists and may not be replaced, or its folder cannot be written.
 
-    ``manifest`` is the JSON document (a dict) or a parsed :class:`Manifest`.
-
-    ``files`` maps each manifest path to the local file holding its content. ``out`` ending in
-    ``.swb`` gives the single-file form, anything else a directory. On any error nothing is
-    left at ``out`` (an existing bundle there is only replaced when ``overwrite`` is set).
+    ``overwrite`` replaces only a stagewise bundle (:func:`is_bundle`); anything else at ``out``
+    is refused, and nothing is deleted.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; choose another --out or pass overwrite (--force)")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise BundleError(f"{out} already exists; choose another --out or pass overwrite (--force)")
+        if out.is_symlink() or not is_bundle(out):
+            raise BundleError(f"{out} exists and is not a stagewise bundle; --force replaces only a bundle, so "
+                              "nothing was changed. Choose another --out or move it away yourself")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise BundleError(f"cannot write the bundle under {parent} ({exc.strerror or exc}); "
+                          "choose an --out in a writable folder") from exc
+
+
+def _clean_stale(folder: Path, name: str) -> None:
+    """Remove staging copies of ``name`` in ``folder`` left by killed stagewise processes of this user."""
+    for stale in folder.glob(f".{name}.*-{_STAGING}*"):
+        pid = stale.name.rsplit(f"-{_STAGING}", 1)[-1].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)) and stale.lstat().st_uid == os.getuid():
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_STAGING = "staging"
+BUILD_PREFIX = "stagewise-build-"
+"""Prefix of the converters' work folders in the temporary directory."""
+STALE_AFTER_S = 24 * 3600
+"""A build folder untouched this long belongs to a conversion that was killed."""
+
+
+def remove_stale_build_dirs(now: float | None = None) -> list[Path]:
+    """Remove this user's conversion work folders (``stagewise-build-*`` in the temporary directory) that nothing
+    has touched for :data:`STALE_AFTER_S` seconds, left by killed conversions; returns what was removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{BUILD_PREFIX}*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.lstat().st_uid != os.getuid():
+                continue
+            newest = max([p.lstat().st_mtime for p in folder.rglob("*")] + [folder.lstat().st_mtime])
+        except OSError:
+            continue
+        if now - newest > STALE_AFTER_S:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _completed(manifest: dict | Manifest, files: dict[str, Path]) -> dict:
+    """A copy of the manifest document with each file's sha256 and size filled in from ``files``, validated."""
     manifest = manifest.to_dict() if isinstance(manifest, Manifest) else json.loads(json.dumps(manifest))
     for entry in artifact_files(manifest):
         if entry["path"] not in files:
@@ -216,23 +365,49 @@ def write_bundle(out: str | Path, manifest: dict | Manifest, files: dict[str, Pa
         entry["sha256"] = sha256_file(files[entry["path"]])
         entry["bytes"] = os.path.getsize(files[entry["path"]])
     validate_manifest(manifest)
+    return manifest
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    """The bytes of ``manifest.json`` as :func:`write_bundle` writes them."""
+    return (json.dumps(manifest, indent=2) + "\n").encode()
+
+
+def write_bundle(out: str | Path, manifest: dict | Manifest, files: dict[str, Path], overwrite: bool = False,
+                 signature: bytes | None = None) -> Path:
+    """Write a bundle atomically: fill in each file's sha256 and size, validate, then publish.
+
+    ``manifest`` is the JSON document (a dict) or a parsed :class:`Manifest`.
+
+    ``files`` maps each manifest path to the local file holding its content. ``out`` ending in
+    ``.swb`` gives the single-file form, anything else a directory. On any error nothing is
+    left at ``out``; an existing bundle there is only replaced when ``overwrite`` is set, and
+    anything else there is refused (:func:`check_output`). ``signature`` is a ``manifest.sig``
+    to keep (valid only if the manifest's bytes are unchanged).
+    """
+    out = Path(out)
+    check_output(out, overwrite)
+    manifest = _completed(manifest, files)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _clean_stale(out.parent, out.name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=f"-{_STAGING}{os.getpid()}", dir=out.parent))
+    packed = staging.with_name(staging.name + ".swb")
     try:
         for rel, src in files.items():
             dst = staging / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / MANIFEST).write_bytes(_manifest_bytes(manifest))
+        if signature is not None:
+            (staging / SIGNATURE).write_bytes(signature)
         if out.suffix == ".swb":
-            packed = staging.with_suffix(".swb.part")
             _zip_dir(staging, packed)
             _publish(packed, out)
         else:
             _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.with_suffix(".swb.part").unlink(missing_ok=True)
+        packed.unlink(missing_ok=True)
     return out
 
 
@@ -247,7 +422,7 @@ def _publish(staged: Path, out: Path) -> None:
     """Move ``staged`` to ``out``; an existing ``out`` is swapped out and removed only afterwards."""
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}.old-{_STAGING}{os.getpid()}")
         os.replace(out, old)
     try:
         os.replace(staged, out)
@@ -263,7 +438,7 @@ def pack(bundle_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     """Pack a bundle directory into a ``.swb`` file (verified first)."""
     bundle = read_bundle(bundle_dir)
     files = {f.path: bundle.root / f.path for f in bundle.manifest.files()}
-    return write_bundle(out, bundle.manifest, files, overwrite=overwrite)
+    return write_bundle(out, bundle.manifest, files, overwrite=overwrite, signature=_read_optional(bundle.root / SIGNATURE))
 
 
 def update_manifest(path: str | Path, change: Callable[[dict, Path], dict]) -> dict:
@@ -292,7 +467,7 @@ def update_manifest(path: str | Path, change: Callable[[dict, Path], dict]) -> d
             _verify_entries(root, (e for e in artifact_files(manifest) if (e["path"], e["sha256"]) not in old_entries))
             if path.is_dir():
                 tmp = path / f".{MANIFEST}.part"
-                tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+                tmp.write_bytes(_manifest_bytes(manifest))
                 os.replace(tmp, path / MANIFEST)
             else:
                 files = {e["path"]: root / e["path"] for e in artifact_files(manifest)}
@@ -324,3 +499,40 @@ def _remove_files(root: Path, relative: Iterable[str]) -> None:
         while folder != root and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
             folder = folder.parent
+
+
+def sign_bundle(path: str | Path, private_key: Any) -> str:
+    """Sign a bundle (directory or ``.swb``) in place with an Ed25519 private key; returns the key id.
+
+    The bundle is verified first; the signature covers the exact bytes of its ``manifest.json``
+    (which pins every file's sha256) and is written as ``manifest.sig`` (into the ``.swb``, which is
+    repacked atomically). Other keys' signatures that are still valid are kept.
+    """
+    path = Path(path)
+    key = signing.load_private_key(private_key)
+    bundle = read_bundle(path)
+    try:
+        text, existing = raw_manifest(path)
+        if path.is_dir():
+            content = signing.sign(text, key, existing)
+            tmp = path / f".{SIGNATURE}.part"
+            tmp.write_bytes(content)
+            os.replace(tmp, path / SIGNATURE)
+        else:
+            files = {f.path: bundle.root / f.path for f in bundle.manifest.files()}
+            document = _completed(bundle.manifest, files)
+            content = signing.sign(_manifest_bytes(document), key, existing)
+            write_bundle(path, document, files, overwrite=True, signature=content)
+    finally:
+        bundle.close()
+    return signing.key_id(key.public_key())
+
+
+def verify_bundle(path: str | Path, trusted_keys: Sequence[Any]) -> str:
+    """Check a bundle's signature and files against ``trusted_keys``; returns the id of the key that signed."""
+    path = Path(path)
+    bundle = read_bundle(path, trusted_keys=trusted_keys)
+    try:
+        return signing.check_signature(*raw_manifest(path), trusted_keys, path)
+    finally:
+        bundle.close()

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
+import traceback
 from pathlib import Path
 
 import click
 import numpy as np
 
 from .errors import StagewiseError
+
+
+class _Finite(click.FloatRange):
+    """A float range that also refuses NaN and infinities (click's own lets NaN through)."""
+
+    name = "finite number"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def _triple(value: str | None) -> tuple[float, float, float] | None:
@@ -21,10 +35,10 @@ def _triple(value: str | None) -> tuple[float, float, float] | None:
     return tuple(parts)
 
 
-def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU"):
+def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU", trusted_keys: tuple = ()):
     from .runtimes import load
 
-    return load(bundle, backend=backend, threads=threads, device=device)
+    return load(bundle, backend=backend, threads=threads, device=device, trusted_keys=list(trusted_keys) or None)
 
 
 backend_option = click.option("--runtime", "--backend", "backend", default="auto", show_default=True,
@@ -32,12 +46,16 @@ backend_option = click.option("--runtime", "--backend", "backend", default="auto
                                    "such as openvino,onnxruntime (--backend is the old name)")
 device_option = click.option("--device", default="CPU", show_default=True,
                              help="device for the runtime: CPU, or with OpenVINO also GPU, NPU, AUTO")
-threads_option = click.option("--threads", type=int, default=None, help="intra-op threads of the runtime")
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
+                              help="intra-op threads of the runtime")
+trusted_key_option = click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
+                                  help="Ed25519 public key (PEM); the bundle must be signed by one (repeat for more)")
 
 
 @click.group()
 @click.version_option(package_name="stagewise")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="show the full traceback of an error")
+def cli(debug: bool) -> None:
     """stagewise: image classifiers as sequences of stages that stop early."""
 
 
@@ -65,18 +83,19 @@ def cli() -> None:
                    "Savchenko's linear head on L2-normalised pooled features")
 @click.option("--npu", is_flag=True, default=None,
               help="OpenVINO artifacts: NPU preset (static batch-1 shapes, fp16 weights, NPU INT8 scheme)")
-@click.option("--target-drop", type=float, help="allowed top-1 drop in points for the default operating point [0.5]")
+@click.option("--target-drop", type=_Finite(min=0, max=100),
+              help="allowed top-1 drop in points for the default operating point [0.5]")
 @click.option("--out", type=click.Path(path_type=Path), help="bundle directory, or a file ending in .swb")
-@click.option("--input-size", type=int, help="square input size (optional when the images or model fix it)")
+@click.option("--input-size", type=click.IntRange(min=1, max=4096), help="square input size (optional when the images or model fix it)")
 @click.option("--mean", help="input normalisation mean R,G,B in 0-255 units")
 @click.option("--std", help="input normalisation std R,G,B in 0-255 units")
 @click.option("--resize", type=click.Choice(["shorter_crop", "stretch"]), help="how images reach the input size")
-@click.option("--crop-fraction", type=float, help="centre-crop fraction for shorter_crop [0.875]")
+@click.option("--crop-fraction", type=_Finite(min=0.1, max=1), help="centre-crop fraction for shorter_crop [0.875]")
 @click.option("--combine", type=click.Choice(["own", "mean_probs"]), help="cascade stages decide on own or averaged probabilities")
 @click.option("--score", type=click.Choice(["max_softmax", "margin", "entropy"]), help="exit score [max_softmax]")
-@click.option("--max-head-images", type=int, help="cap on images used to train exit heads")
-@click.option("--max-calibration-images", type=int, help="cap on images used to pick thresholds")
-@click.option("--threads", type=int, help="runtime threads for calibration and profiling [1]")
+@click.option("--max-head-images", type=click.IntRange(min=1), help="cap on images used to train exit heads")
+@click.option("--max-calibration-images", type=click.IntRange(min=1), help="cap on images used to pick thresholds")
+@click.option("--threads", type=click.IntRange(min=1), help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 def convert(model, stages, exits, data, calibration_data, formats, legacy_formats, int8, int8_tolerance, int8_mixed,
             fp16, int8_io, head_kind, npu,
@@ -123,7 +142,7 @@ def convert(model, stages, exits, data, calibration_data, formats, legacy_format
 
 @cli.command()
 @click.argument("model")
-@click.option("--input-size", type=int, default=224, show_default=True, help="square input size of the probe image")
+@click.option("--input-size", type=click.IntRange(min=1, max=4096), default=224, show_default=True, help="square input size of the probe image")
 @click.option("--all", "show_all", is_flag=True, help="also list places where more than one tensor crosses")
 @click.option("--json", "as_json", is_flag=True, help="print the cut points as JSON records")
 def cuts(model, input_size, show_all, as_json):
@@ -152,6 +171,16 @@ def cuts(model, input_size, show_all, as_json):
     print_tables(table)
 
 
+def _calibration_summary(cal: object) -> str | None:
+    """One line about the calibration record, if it has the fields stagewise writes (the record is free-form)."""
+    try:
+        return (f"calibrated on {int(cal['n'])} images ({cal['data']}): running every stage gives top-1 "
+                f"{100 * float(cal['reference_accuracy']):.1f}%, oracle {100 * float(cal['oracle']['accuracy']):.1f}% "
+                f"at {float(cal['oracle']['mean_cost']):.2f} ms")
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
@@ -166,11 +195,9 @@ def inspect(bundle, as_json):
             click.echo(json.dumps(b.manifest.to_dict(), indent=2))
         else:
             print_tables(*manifest_tables(b.manifest))
-            cal = b.manifest.calibration
-            if cal:
-                click.echo(f"calibrated on {cal['n']} images ({cal['data']}): running every stage gives top-1 "
-                           f"{100 * cal['reference_accuracy']:.1f}%, oracle {100 * cal['oracle']['accuracy']:.1f}% "
-                           f"at {cal['oracle']['mean_cost']:.2f} ms")
+            summary = _calibration_summary(b.manifest.calibration)
+            if summary:
+                click.echo(summary)
     finally:
         b.close()
 
@@ -182,11 +209,12 @@ def inspect(bundle, as_json):
 @device_option
 @threads_option
 @click.option("--operating-point", help="named operating point (see inspect)")
-@click.option("--budget-ms", type=float, help="latency budget per image")
+@click.option("--budget-ms", type=_Finite(min=0, min_open=True), help="latency budget per image")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
-def run(bundle, images, backend, device, threads, operating_point, budget_ms, as_json):
+@trusted_key_option
+def run(bundle, images, backend, device, threads, operating_point, budget_ms, as_json, trusted_keys):
     """Classify images: label, score, exit stage and time."""
-    with _load(bundle, backend, threads, device) as cascade:
+    with _load(bundle, backend, threads, device, trusted_keys) as cascade:
         if operating_point:
             cascade.use(operating_point)
         for path in images:
@@ -208,8 +236,8 @@ def run(bundle, images, backend, device, threads, operating_point, budget_ms, as
               help="labelled images the thresholds never saw")
 @backend_option
 @device_option
-@click.option("--threads", type=int, default=1, show_default=True)
-@click.option("--limit", type=int, help="use at most this many images (stratified, seeded)")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="use at most this many images (stratified, seeded)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--operating-point", "points", multiple=True, help="only these operating points (repeat)")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the result as JSON")
@@ -238,13 +266,16 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
 @click.argument("bundle", type=click.Path(exists=True))
 @click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
               help="held-out images: class folders, labels.tsv or an archive; with --no-labels any folder of images")
-@click.option("--target-drop", type=float, help="goal: cheapest point with top-1 at most this many points below full")
-@click.option("--budget-ms", type=float, help="goal: most accurate point with mean latency at most this")
-@click.option("--alpha", type=float,
+@click.option("--target-drop", type=_Finite(min=0, max=100),
+              help="goal: cheapest point with top-1 at most this many points below full")
+@click.option("--budget-ms", type=_Finite(min=0, min_open=True),
+              help="goal: most accurate point with mean latency at most this")
+@click.option("--alpha", type=_Finite(min=0, min_open=True),
               help="goal: Savchenko's thresholds, false-acceptance rate alpha*m/M at stage m (Benjamini-Hochberg)")
-@click.option("--risk", type=float,
+@click.option("--risk", type=_Finite(min=0, min_open=True),
               help="goal: guarantee that the risk (see --risk-kind) is at most this fraction, with probability 1-DELTA")
-@click.option("--delta", type=float, help="with --risk: allowed probability that the guarantee fails (e.g. 0.1)")
+@click.option("--delta", type=_Finite(min=0, min_open=True),
+              help="with --risk: allowed probability that the guarantee fails (e.g. 0.1)")
 @click.option("--risk-kind", type=click.Choice(["disagreement", "error_increase"]), default="disagreement",
               show_default=True, help="with --risk: disagreement with the full model, or error increase (needs labels)")
 @click.option("--no-labels", is_flag=True, help="calibrate against the full model's own answers (images need no labels)")
@@ -252,14 +283,14 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
               help="switch the exit score of the non-final stages (default: keep the bundle's)")
 @click.option("--temperature/--no-temperature", default=True, show_default=True,
               help="fit each stage's softmax temperature by NLL before choosing thresholds")
-@click.option("--front", "front_points", type=int, default=6, show_default=True,
+@click.option("--front", "front_points", type=click.IntRange(min=1), default=6, show_default=True,
               help="also store this many Pareto-front points as pareto-1 (cheapest) ...")
-@click.option("--tune-fraction", type=float, default=0.5, show_default=True,
+@click.option("--tune-fraction", type=_Finite(min=0, max=1, min_open=True, max_open=True), default=0.5, show_default=True,
               help="share of the images that fits the learned score (and, with --risk, picks the candidate order)")
-@click.option("--limit", type=int, help="use at most this many images (seeded random subset)")
+@click.option("--limit", type=click.IntRange(min=1), help="use at most this many images (seeded random subset)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @backend_option
-@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 def calibrate(bundle, data, target_drop, budget_ms, alpha, risk, delta, risk_kind, no_labels, score, temperature,
               front_points, tune_fraction, limit, seed, backend, threads):
     """Re-pick thresholds and operating points on new data, without reconverting.
@@ -306,9 +337,9 @@ def calibrate(bundle, data, target_drop, budget_ms, alpha, risk, delta, risk_kin
 @click.option("--data", type=click.Path(exists=True, path_type=Path), help="images to time on (default: random images)")
 @backend_option
 @device_option
-@click.option("--threads", type=int, default=1, show_default=True)
-@click.option("--images", "count", type=int, default=50, show_default=True, help="how many images to time")
-@click.option("--repeats", type=int, default=2, show_default=True, help="passes over the images")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--images", "count", type=click.IntRange(min=1), default=50, show_default=True, help="how many images to time")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="passes over the images")
 @click.option("--name", help="profile name (default: <runtime>-<device>-<threads>t, the one the runtime looks up)")
 @click.option("--dry-run", is_flag=True, help="measure and print, do not write the bundle")
 @click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
@@ -375,14 +406,75 @@ def demo(out, int8):
     run_demo(out, int8=int8)
 
 
-def main() -> None:
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="private key file to write (PEM); the public key goes to the same name plus .pub")
+def keygen(out):
+    """Create an Ed25519 key pair for signing bundles."""
+    from .signing import generate_key
+
+    public = out.with_name(out.name + ".pub")
+    click.echo(f"wrote {out} (private, keep it secret) and {public} (public, give it to devices); key id "
+               f"{generate_key(out, public)}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.option("--key", required=True, type=click.Path(exists=True, path_type=Path), help="private key (PEM) of keygen")
+def sign(bundle, key):
+    """Sign a bundle in place: an Ed25519 signature over its manifest, which pins every file's sha256."""
+    from .bundle import sign_bundle
+
+    click.echo(f"signed {bundle} with key {sign_bundle(bundle, key)}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.option("--trusted-key", "trusted_keys", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Ed25519 public key (PEM) to accept (repeat for more)")
+def verify(bundle, trusted_keys):
+    """Check a bundle's signature and every file's sha256; exit 2 unless a trusted key signed it unchanged."""
+    from .bundle import verify_bundle
+
+    click.echo(f"{bundle}: signed by trusted key {verify_bundle(bundle, list(trusted_keys))}, every file verified")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    """Inside an ``except``: the traceback (with ``--debug``), then ``message`` on stderr, then exit with ``code``."""
+    if debug:
+        traceback.print_exc()
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line: every failure is one line on stderr and a non-zero exit code.
+
+    Exit codes: 1 aborted, 2 a stagewise error (the message says what to do) or an OS error,
+    3 an unexpected error (a bug: ``--debug`` shows its traceback), ClickException's own for
+    usage errors, 130 interrupted. ``--debug`` (before the command) prints the traceback too.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args[:next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))]
     try:
-        cli(standalone_mode=False)
+        cli.main(args, prog_name="stagewise", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except StagewiseError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except (StagewiseError, OSError) as exc:
+        _fail(f"error: {_one_line(exc)}", 2, debug)
+    except ImportError as exc:
+        _fail(f"error: {_one_line(exc)}; install the extra this command needs, e.g. "
+              'pip install "stagewise[torch]" (see the README)', 2, debug)
+    except Exception as exc:
+        _fail(f"unexpected error ({type(exc).__name__}: {_one_line(exc)}); this is a stagewise bug: run with "
+              "--debug and report it", 3, debug)

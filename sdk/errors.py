@@ -19,8 +19,16 @@ class IntegrityError(BundleError):
     """An artifact's content does not match the sha256 recorded in the manifest."""
 
 
+class SignatureError(IntegrityError):
+    """A bundle is unsigned, signed by no trusted key, or changed after it was signed; or a key is unusable."""
+
+
 class UnsafeArchiveError(BundleError):
-    """A ``.swb`` archive holds a member that would land outside the bundle."""
+    """A ``.swb`` archive holds a member that would land outside the bundle, twice, or more than its limits allow."""
+
+
+class InvalidOptionError(StagewiseError, ValueError):
+    """An option value is out of range (NaN, infinite, negative, zero where a count is needed)."""
 
 
 class ImageInputError(StagewiseError, ValueError):

@@ -63,6 +63,30 @@ def assert_manifest_round_trips(bundle: Path) -> None:
     assert Manifest.from_dict(doc).to_dict() == doc
 
 
+def onnx_stage_model(path: Path, rows: int, cols: int, scale: float) -> None:
+    """A tiny ONNX stage (input ``image`` n x 3 x 8 x 8, output ``logits`` n x 3): the mean colour of the
+    top-left ``rows`` x ``cols`` pixels, times ``scale``, as class logits (the dominant channel is the class)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array((np.eye(3) * scale).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(3, np.float32), "b")
+    starts = numpy_helper.from_array(np.array([0, 0], np.int64), "starts")
+    ends = numpy_helper.from_array(np.array([rows, cols], np.int64), "ends")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    nodes = [helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["crop"]),
+             helper.make_node("GlobalAveragePool", ["crop"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["logits"])]
+    graph = helper.make_graph(nodes, "stage", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+                              [w, b, starts, ends, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
 class FakeClock:
     """A clock that only moves when a mock stage 'runs'."""
 

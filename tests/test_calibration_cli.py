@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import manifest_for, stage_entry
+from conftest import manifest_for, onnx_stage_model, stage_entry
 from stagewise.bundle import read_bundle, write_bundle
 from stagewise.cli import cli
 from stagewise.datasets import open_image_set
@@ -27,27 +27,6 @@ from stagewise.runtimes.calibrate import exit_table
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-
-
-def _stage_model(path: Path, rows: int, cols: int, scale: float) -> None:
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = numpy_helper.from_array((np.eye(3) * scale).astype(np.float32), "w")
-    b = numpy_helper.from_array(np.zeros(3, np.float32), "b")
-    starts = numpy_helper.from_array(np.array([0, 0], np.int64), "starts")
-    ends = numpy_helper.from_array(np.array([rows, cols], np.int64), "ends")
-    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
-    nodes = [helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["crop"]),
-             helper.make_node("GlobalAveragePool", ["crop"], ["pooled"]),
-             helper.make_node("Flatten", ["pooled"], ["flat"]),
-             helper.make_node("MatMul", ["flat", "w"], ["mm"]),
-             helper.make_node("Add", ["mm", "b"], ["logits"])]
-    graph = helper.make_graph(nodes, "stage", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
-                              [w, b, starts, ends, axes])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +53,7 @@ def bundle(tmp_path) -> Path:
     stages = []
     for k, (rows, cols) in enumerate([(4, 4), (8, 4), (8, 8)]):
         f = tmp_path / f"s{k}.onnx"
-        _stage_model(f, rows, cols, scale=6.0)
+        onnx_stage_model(f, rows, cols, scale=6.0)
         files[f"onnx/s{k}.onnx"] = f
         stages.append(stage_entry(f"s{k}", {"source": "image", "size": [8, 8], "tensor": "image"},
                                   [f"onnx/s{k}.onnx"], carry=False))

@@ -13,7 +13,8 @@ converter can cut the network after ``layer1`` and ``layer2`` with ``torch.fx``;
 no data-dependent control flow.
 
 Inputs are RGB images normalised per channel as ``(pixel - MEAN) / STD`` with ``MEAN`` and
-``STD`` in 0-255 units (the usual CIFAR-10 training-set statistics).
+``STD`` in 0-255 units (the usual CIFAR-10 training-set statistics); the model declares them as
+``stagewise_input``, so ``stagewise convert`` needs no ``--mean``/``--std``.
 
 This module imports only ``torch`` and the standard library, so the CLI can load it as
 ``examples/cifar10/model.py:resnet_cifar``. Trained weights live next to it in
@@ -139,4 +140,7 @@ def resnet_cifar(pretrained: bool = True, weights: str | Path | None = None) -> 
                 "or call resnet_cifar(pretrained=False) for an untrained network.")
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
+    # the normalisation it was trained with, read by `stagewise convert` (a centred square, no crop margin)
+    model.stagewise_input = {"mean": list(MEAN), "std": list(STD), "size": 32, "resize": "shorter_crop",
+                             "crop_fraction": 1.0}
     return model.eval()

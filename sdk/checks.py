@@ -1,0 +1,29 @@
+"""Boundary checks of option values: each failure is an :class:`~stagewise.errors.InvalidOptionError` naming the option."""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+from .errors import InvalidOptionError
+
+
+def positive_number(name: str, value: object) -> float:
+    """``value`` as a float, or ``InvalidOptionError`` unless it is a finite number above 0."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise InvalidOptionError(f"{name} must be a finite number above 0 (milliseconds), got {value!r}")
+    return float(value)
+
+
+def nonnegative_budget(name: str, value: object) -> float:
+    """A per-request budget as a float: finite and at least 0 (0: only the first stage runs), else ``InvalidOptionError``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise InvalidOptionError(f"{name} must be a finite number of milliseconds, at least 0, got {value!r}")
+    return float(value)
+
+
+def positive_count(name: str, value: object) -> int:
+    """``value`` as an int, or ``InvalidOptionError`` unless it is a whole number of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise InvalidOptionError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return int(value)
