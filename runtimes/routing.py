@@ -1,6 +1,7 @@
 """Stage routing: what each stage reads, written once for the executor and the converters.
 
-A stage reads either the decoded image, resized and normalised to its own size (``"image"``),
+A stage reads either the decoded image resized to its own size (``"image"``: uint8 NHWC pixels
+for a stage that normalises in its graph, the normalised float tensor for older bundles),
 or the carry tensor an earlier stage produced (``"carry"``). :class:`StageRouter` builds stage
 ``k``'s input for any subset of a batch's rows from the decoded images and the :class:`Carries`
 held so far; :func:`run_chain` runs one batch through every stage and :func:`stage_tensors`
@@ -122,7 +123,7 @@ class StageRouter:
         source = self.inputs[k]
         if source.source == "image":
             chosen = list(images) if rows is None else [images[i] for i in rows]
-            return self.preprocess.tensor(chosen, source.size)
+            return self.preprocess.stage_input(chosen, source.size, source.pixels)
         return carries.take(self.carry_from(k), rows)
 
     def keep(self, k: int, outputs: Mapping[str, np.ndarray], carries: Carries, rows: np.ndarray | None = None) -> None:
