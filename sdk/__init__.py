@@ -16,6 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .errors import (BackendUnavailableError, BundleError, CalibrationError, ConversionError, DatasetError,
+                     DeadlineExceededError,
                      DeviceUnavailableError, ImageInputError, IntegrityError, InvalidCutPointError, ManifestError,
                      MissingExtraError, StagewiseError, UnknownOperatingPointError, UnknownOptionError,
                      UnsafeArchiveError,
@@ -52,6 +53,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "CPU", th
 
 
 __all__ = ["BackendUnavailableError", "BundleError", "CalibrationError", "ConversionError", "DatasetError",
+           "DeadlineExceededError",
            "DeviceUnavailableError", "ImageInputError", "IntegrityError", "InvalidCutPointError", "ManifestError",
            "MissingExtraError", "StagewiseError", "UnknownOperatingPointError", "UnknownOptionError",
            "UnsafeArchiveError",

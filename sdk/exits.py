@@ -188,7 +188,8 @@ def earlier_mean(own: np.ndarray, total: np.ndarray | None, k: int) -> np.ndarra
 
 
 def exit_scores(kind: str, probs: np.ndarray, logits: np.ndarray, temperature: float = 1.0,
-                total: np.ndarray | None = None, k: int = 0, model: LearnedExitScore | None = None) -> np.ndarray:
+                total: np.ndarray | None = None, k: int = 0, model: LearnedExitScore | None = None,
+                own: np.ndarray | None = None) -> np.ndarray:
     """Exit scores of any kind, as the executor computes them after stage ``k``.
 
     ``probs`` are the deciding probabilities, ``logits`` the raw logits, ``total`` the running

@@ -243,7 +243,7 @@ def test_device_slowdown_reaches_stages_that_did_not_run(tmp_path):
     for _ in range(6):  # a budget where stage 2 never fits: it is not re-measured
         p = cascade.predict(UNSURE, budget_ms=30)
         assert p.stage <= 1 and not p.deadline_missed
-    assert sessions[2].calls[-1:] and len(sessions[2].calls) == 12  # 2 warm-up runs + 10 before the slowdown
+    assert sessions[2].calls[-1:] and len(sessions[2].calls) == 11  # 1 warm-up run + 10 before the slowdown
     assert cascade.latency.speed() == pytest.approx(2.0)
     assert cascade.latency.predict(2) == pytest.approx(40.0)
     assert cascade.latency.mean(2) == pytest.approx(40.0)
