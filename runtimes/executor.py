@@ -9,7 +9,7 @@ only the undecided ones are sent to the next stage.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -566,7 +566,9 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
         opener = runtime.opener()
         sessions = []
         for k, spec in enumerate(bundle.manifest.stages):
-            sessions.append(opener(bundle.artifact_paths(k, runtime.artifact_format), stage_io(spec), load_options))
+            key = spec.artifacts[runtime.artifact_format].files[0].sha256  # the bundle verified it: no second hash
+            sessions.append(opener(bundle.artifact_paths(k, runtime.artifact_format), stage_io(spec),
+                                   replace(load_options, content_key=key)))
     except BaseException:
         bundle.close()
         raise

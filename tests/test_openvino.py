@@ -232,13 +232,13 @@ def test_cpu_runs_in_f32_with_latency_hint_and_threads(ee_bundle):
     assert compiled.get_property("ENABLE_CPU_PINNING") is False
     assert stage.static_batch is None and stage.execution_devices == ["CPU"]
     rng = np.random.default_rng(0)
-    first = stage.run(rng.standard_normal((2, 3, 16, 16)).astype(np.float32))
+    first = stage.run(rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))  # pixel input: uint8 NHWC
     kept = {k: v.copy() for k, v in first.items()}
-    second = stage.run(rng.standard_normal((2, 3, 16, 16)).astype(np.float32))
+    second = stage.run(rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
     assert all(np.array_equal(first[k], kept[k]) for k in kept)  # one reused request, but outputs are not aliased
     assert not np.array_equal(first["logits"], second["logits"])
-    with pytest.raises(ValueError, match=r"expects \[-1, 3, 16, 16\]"):
-        stage.run(np.zeros((1, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"expects \[-1, 16, 16, 3\]"):
+        stage.run(np.zeros((1, 8, 8, 3), np.uint8))
 
 
 def test_auto_device_configures_cpu_through_device_properties(ee_bundle, images):
