@@ -373,11 +373,16 @@ class KerasSource:
         return keras.Model(segment.inputs[0], attach_head(segment.outputs[0], head, name), name=name)
 
     def pixel_input(self, module: keras.Model, preprocess: Any, size: tuple[int, int]) -> keras.Model:
-        """``module`` reading uint8 NHWC pixels: a ``Normalization`` layer (cast, mean, std) in front."""
+        """``module`` reading uint8 NHWC pixels: a ``Rescaling`` layer (cast, then ``x / std - mean / std``) in front.
+
+        ``Rescaling`` holds its per-channel scale and offset as constants of the traced graph (a
+        ``Normalization`` layer's mean and variance are variables, which tf2onnx turns into inputs).
+        """
         pixels = keras.Input(shape=(*size, 3), dtype="uint8", name=f"{module.name}_pixels")
-        std = np.asarray(preprocess.std, np.float32)
-        x = keras.layers.Normalization(mean=list(preprocess.mean), variance=list(std * std),
-                                       name=f"{module.name}_normalise")(pixels)
+        std = np.asarray(preprocess.std, np.float64)
+        mean = np.asarray(preprocess.mean, np.float64)
+        x = keras.layers.Rescaling(scale=(1.0 / std).tolist(), offset=(-mean / std).tolist(),
+                                   name=f"{module.name}_normalise")(pixels)
         return keras.Model(pixels, module(x), name=module.name)
 
     def run(self, module: keras.Model, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
@@ -455,8 +460,9 @@ class KerasSource:
             c.optimizations = [tf.lite.Optimize.DEFAULT]
             c.representative_dataset = representative
             c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            if integer_io and plan.input_dtype != "uint8":  # pixel input is integer already
-                c.inference_input_type = tf.int8
+            if integer_io:
+                if plan.input_dtype != "uint8":  # pixel input is integer already
+                    c.inference_input_type = tf.int8
                 c.inference_output_type = tf.int8
 
         self._tflite(plan, example, out.parent, out, configure)

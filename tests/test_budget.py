@@ -7,6 +7,7 @@ import pytest
 
 from conftest import FakeClock, ScriptedStage, manifest_for, scripted_image, stage_entry
 from stagewise.bundle import read_bundle, write_bundle
+from stagewise.errors import DeadlineExceededError
 from stagewise.runtimes import Cascade
 from stagewise.runtimes.latency import LatencyModel, SortedWindow
 
@@ -257,3 +258,34 @@ def test_device_slowdown_reaches_stages_that_did_not_run(tmp_path):
     without.observe(0, 2.0)
     without.observe(0, 4.0)
     assert without.speed() == 1.0
+
+
+class CancellableStage(ScriptedStage):
+    """A scripted stage that a deadline can stop: ``run_within`` takes at most the timeout, then raises."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timeouts: list[float] = []
+
+    def run_within(self, x, timeout_s):
+        self.timeouts.append(timeout_s)
+        if self.latency / 1e3 <= timeout_s:
+            return self.run(x)
+        self.clock.now += timeout_s
+        raise DeadlineExceededError("cancelled")
+
+
+def test_a_running_stage_is_cancelled_at_the_budget_and_the_best_answer_returned(tmp_path):
+    cascade, _, clock = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0))
+    sessions = [CancellableStage(k, clock, ms) for k, ms in enumerate((2.0, 5.0, 20.0))]
+    cascade = Cascade(cascade.bundle, sessions, "mock", 1, clock=clock)
+    cascade.warm_up()
+    sessions[2].latency = 200.0  # stage 2 slows down after it was measured: predicted to fit, it overruns
+    p = cascade.predict(UNSURE, budget_ms=40.0)
+    assert [r.decision for r in p.trace] == ["continue", "continue", "cancelled_budget"]
+    assert p.budget_limited and p.stage == 1
+    assert p.trace[2].reason == "cancelled" and p.elapsed_ms == pytest.approx(40.0)  # stopped at the deadline
+    assert sessions[0].timeouts == []  # the first stage always runs to the end
+    assert sessions[2].timeouts == [pytest.approx((40.0 - 7.0) / 1e3)]
+    batch = cascade.predict_batch([UNSURE] * 3, budget_ms=40.0)
+    assert all(b.budget_limited and b.stage == 1 and b.label == p.label for b in batch)

@@ -315,9 +315,9 @@ def test_npu_request_is_static_and_carries_no_cpu_only_properties(ee_bundle):
     assert static and device == "NPU"
     assert config["PERFORMANCE_HINT"] == "LATENCY" and "CACHE_DIR" in config
     assert not {"INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "ENABLE_CPU_PINNING"} & set(config)
-    out = stage.run(np.zeros((3, 3, 16, 16), np.float32))  # batch 3 through a batch-1 model
+    out = stage.run(np.zeros((3, 16, 16, 3), np.uint8))  # batch 3 through a batch-1 model
     assert out["logits"].shape == (3, 3) and out["carry"].shape == (3, 8, 16, 16)
-    empty = stage.run(np.zeros((0, 3, 16, 16), np.float32))
+    empty = stage.run(np.zeros((0, 16, 16, 3), np.uint8))
     assert empty["logits"].shape == (0, 3) and empty["carry"].shape == (0, 8, 16, 16)
 
 
