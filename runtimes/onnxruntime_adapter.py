@@ -58,6 +58,7 @@ class OnnxRuntimeStage:
             else:
                 written = Path(tempfile.mkstemp(dir=cache, suffix=".partial")[1])
                 so.optimized_model_filepath = str(written)
+                so.log_severity_level = 3  # its warning that the file is for this machine only: the key says so
         try:
             self._session = ort.InferenceSession(str(source), sess_options=so, providers=list(settings.providers))
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad models

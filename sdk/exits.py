@@ -35,7 +35,9 @@ PER_CLASS_SCORES = ("max_softmax", "max_logit")
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax of ``logits / temperature`` in float64."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.array(logits, dtype=np.float64)
+    if temperature != 1.0:
+        z /= temperature
     z -= z.max(axis=1, keepdims=True)
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
