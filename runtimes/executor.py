@@ -33,14 +33,16 @@ class StageRecord:
     """What happened at one stage for one prediction.
 
     ``decision`` is ``"exit"`` (score reached the threshold), ``"continue"``, ``"last"`` (the
-    final stage always answers) or ``"skipped_budget"`` (not run: predicted to overrun).
+    final stage always answers), ``"skipped_budget"`` (not run: predicted to overrun) or
+    ``"cancelled_budget"`` (started, then cancelled when the budget ran out: no score).
     ``latency_ms`` is the stage's step time (input preparation, backend call, exit rule);
     ``predicted_ms`` the latency model's quantile for it before it ran. Under a budget,
     ``left_ms`` is what was left of it when the stage was considered and ``needed_ms`` what the
     scheduler reserved for it (prediction x learned margin + time to return); ``reason`` says
     why the stage ran or not: ``"no_budget"``, ``"first"`` (the first stage to run always runs),
     ``"fits"`` (needed <= left), ``"over_budget"`` (needed > left: skipped) or
-    ``"planned_skip"`` (skipped so that a later, more accurate stage reading the image fits).
+    ``"planned_skip"`` (skipped so that a later, more accurate stage reading the image fits) or
+    ``"cancelled"`` (ran past the budget and was stopped).
     """
 
     stage: str
@@ -62,6 +64,9 @@ class StageRecord:
         if self.reason == "over_budget":
             return (f"{self.stage}: skipped, needs {self.needed_ms:.2f} ms (predicted {self.predicted_ms:.2f}) "
                     f"but {self.left_ms:.2f} ms left")
+        if self.reason == "cancelled":
+            return (f"{self.stage}: cancelled after {self.latency_ms:.2f} ms when the budget ran out "
+                    f"({self.left_ms:.2f} ms were left, it needed {self.needed_ms:.2f})")
         ran = f"{self.stage}: ran in {self.latency_ms:.2f} ms -> {self.decision}"
         if self.score is not None:
             ran += f" (score {self.score:.3f}" + (f" vs {self.threshold:.3f})" if self.threshold is not None else ")")
@@ -201,11 +206,8 @@ class Cascade:
 
     def use(self, name: str) -> None:
         """Make ``name`` the operating point used when a call does not name one."""
-        self._thresholds(name)
+        self._point(name)
         self.operating_point = name
-
-    def _thresholds(self, name: str | None) -> np.ndarray:
-        return np.asarray(self._point(name).thresholds)
 
     def _point(self, name: str | None) -> _Point:
         name = self.operating_point if name is None else name
@@ -272,7 +274,8 @@ class Cascade:
             out = st.session.run(self.router.input(k, img, carries))
             self.router.keep(k, out, carries)
             probs = softmax(out[st.logits], st.temperature)
-            score = float(exit_scores(st.score, probs, out[st.logits], st.temperature, model=st.exit_model)[0])
+            score = float(exit_scores(st.score, probs, out[st.logits], st.temperature, model=st.exit_model,
+                                      own=probs)[0])
             records.append(StageRecord(st.name, "last" if k == stage else "continue", score, int(probs[0].argmax()),
                                        (self._clock() - t0) * 1e3, None, None))
         label = int(probs[0].argmax())
@@ -349,6 +352,8 @@ class Cascade:
             except DeadlineExceededError:
                 now = clock()
                 limited = True
+                if observe:  # a lower bound of the stage's time: it teaches the model the stage got slower
+                    latency.observe(k, (now - t0) * 1e3, predicted)
                 records.append(StageRecord(st.name, "cancelled_budget", None, None, (now - t0) * 1e3, predicted, None,
                                            left, needed, "cancelled"))
                 records.extend(self._skipped(k + 1, last + 1, left, "over_budget"))
@@ -444,6 +449,8 @@ class Cascade:
         if mean_budget_ms is not None and (self.controller is None or self.controller.budget_ms != mean_budget_ms):
             self.set_mean_budget(mean_budget_ms)
         controller = self.controller if operating_point is None else None
+        if not images:
+            return []
         point = self._point(operating_point) if controller is None else self._controlled(controller)
         results = self._run_batch([load_image(im) for im in images], point, budget_ms, start)
         if controller is not None:

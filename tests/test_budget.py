@@ -285,6 +285,7 @@ def test_a_running_stage_is_cancelled_at_the_budget_and_the_best_answer_returned
     assert [r.decision for r in p.trace] == ["continue", "continue", "cancelled_budget"]
     assert p.budget_limited and p.stage == 1
     assert p.trace[2].reason == "cancelled" and p.elapsed_ms == pytest.approx(40.0)  # stopped at the deadline
+    assert p.trace[2].explain().startswith("s2: cancelled after 33.00 ms when the budget ran out")
     assert sessions[0].timeouts == []  # the first stage always runs to the end
     assert sessions[2].timeouts == [pytest.approx((40.0 - 7.0) / 1e3)]
     batch = cascade.predict_batch([UNSURE] * 3, budget_ms=40.0)

@@ -117,7 +117,7 @@ def test_openvino_agrees_with_onnxruntime(request, which, images):
         for point in ort_c.operating_points:
             ort_d, ort_p = _decisions(ort_c, images, point)
             ov_d, _ = _decisions(ov_c, images, point)
-            thresholds = ort_c._thresholds(point)
+            thresholds = ort_c._point(point).thresholds
             for (od, vd), p in zip(zip(ort_d, ov_d), ort_p):
                 # a score within float noise of a threshold may fall either side; none should here
                 near = any(r.threshold is not None and abs(r.score - r.threshold) < 1e-5 for r in p.trace)
