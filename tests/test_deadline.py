@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 CANCEL_BOUND_S = 0.25  # one MatMul node plus thread wake-up on a loaded 2-core machine
 
 
-def slow_model(path, nodes: int = 300, n: int = 384):
+def slow_model(path, nodes: int = 600, n: int = 384):
     """``y = x @ W @ W ...`` (``nodes`` MatMuls of n x n by n x n, a few ms each): a stage of a second or more."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -51,9 +51,9 @@ def test_onnxruntime_run_is_cancelled_within_a_bound(slow_onnx):
     stage = OnnxRuntimeStage(slow_onnx, StageIO("x", ("y",)), LoadOptions(threads=1, runtime_options={"cache_dir": False}))
     x = np.ones((384, 384), np.float32)
     full, full_s = _timed(lambda: stage.run(x))
-    assert full is not None and full_s > 2 * (0.05 + CANCEL_BOUND_S)  # the stage is long enough to tell
+    assert full is not None and full_s > 0.05 + CANCEL_BOUND_S  # the stage is long enough to tell
     out, cancelled_s = _timed(lambda: stage.run_within(x, 0.05))
-    assert out is None and cancelled_s < 0.05 + CANCEL_BOUND_S
+    assert out is None and cancelled_s < 0.05 + CANCEL_BOUND_S and cancelled_s < full_s / 2
     again, _ = _timed(lambda: stage.run_within(x, 60.0))  # a later run is not left cancelled
     np.testing.assert_array_equal(again["y"], full["y"])
 
@@ -71,9 +71,9 @@ def test_openvino_run_is_cancelled_within_a_bound(tmp_path):
     x = np.ones((384, 384), np.float32)
     full, full_s = _timed(lambda: stage.run(x))
     assert full is not None
-    if full_s < 2 * (0.05 + CANCEL_BOUND_S):
+    if full_s < 0.05 + CANCEL_BOUND_S:
         pytest.skip(f"OpenVINO runs the slow model in {full_s * 1e3:.0f} ms: too fast to tell a cancel")
     out, cancelled_s = _timed(lambda: stage.run_within(x, 0.05))
-    assert out is None and cancelled_s < 0.05 + CANCEL_BOUND_S
+    assert out is None and cancelled_s < 0.05 + CANCEL_BOUND_S and cancelled_s < full_s / 2
     again, _ = _timed(lambda: stage.run_within(x, 60.0))
     np.testing.assert_allclose(again["y"], full["y"])
