@@ -2,8 +2,9 @@
 
 The pipeline, shared by early-exit and cascade conversions from any source framework:
 
-1. compute each stage's real input tensors (fp32, through the source models) for a sample of
-   the calibration images;
+1. give every stage that reads the image uint8 pixel input (normalisation in its graph,
+   :func:`~stagewise.converters.plans.pixel_plan`) and compute each stage's real inputs
+   (through the source models, with the runtime's router) for a sample of the calibration images;
 2. run the export pipeline (:func:`~stagewise.converters.export.export_stage`) for every stage
    and every requested artifact format: export, check, verify, quantize, keep INT8 only where
    it agrees with the float model;
@@ -35,12 +36,12 @@ from stagewise.runtimes.routing import StageRouter, stage_tensors
 
 from .export import StageInputs, export_stage, exporter
 from .options import BuildOptions
-from .plans import StagePlan
+from .plans import StagePlan, pixel_plan
 
 
 def stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, images: list[np.ndarray],
                  batch: int = 64) -> list[np.ndarray]:
-    """Every stage's fp32 input tensor for ``images``, computed through the source stages (the runtime's router)."""
+    """Every stage's input for ``images`` (uint8 pixels or fp32), through the source stages (the runtime's router)."""
     router = StageRouter.from_sources([p.name for p in plans], [p.source for p in plans], preprocess)
     return stage_tensors(router, images, lambda k, x: plans[k].outputs(x), batch).inputs
 
@@ -60,6 +61,8 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
     if len(frameworks) != 1:
         raise ConversionError(f"all stages must come from one framework; got {sorted(frameworks)}")
     source = plans[0].adapter
+    if options.pixel_input:
+        plans = [pixel_plan(plan, preprocess) for plan in plans]
     exporters = {fmt: exporter(fmt) for fmt in options.formats}
     if len(calibration) < 20:
         raise ConversionError(f"calibration needs labelled images; got {len(calibration)} (use at least a few hundred)")

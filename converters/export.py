@@ -98,7 +98,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class StageInputs:
-    """Real fp32 inputs of one stage: for verification, quantization and agreement checks."""
+    """Real inputs of one stage (uint8 pixels or fp32 tensors): for verification, quantization and agreement."""
 
     verify: np.ndarray
     calibrate: np.ndarray
@@ -217,9 +217,10 @@ def check_signature(exporter: Exporter, plan: StagePlan, exported: Exported, int
                         "(constants the converter turned into graph inputs, e.g. normalisation layers, show up here)")
     if sorted(t.name for t in outputs) != sorted(plan.output_names):
         problems.append(f"declares outputs {[t.name for t in outputs]}, the stage has {plan.output_names}")
-    for t in [*inputs, *outputs]:
-        if t.dtype not in dtypes:
-            problems.append(f"tensor {t.name!r} has element type {t.dtype}, expected {' or '.join(dtypes)}")
+    pixels = ("uint8",) if plan.input_dtype == "uint8" else None  # a pixel input stays uint8 in every variant
+    for t, expected in [*((t, pixels or dtypes) for t in inputs), *((t, dtypes) for t in outputs)]:
+        if t.dtype not in expected:
+            problems.append(f"tensor {t.name!r} has element type {t.dtype}, expected {' or '.join(expected)}")
     if problems:
         raise ConversionError(f"{where} " + "; ".join(problems))
 

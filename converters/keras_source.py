@@ -262,7 +262,8 @@ def stage_function(plan: Any) -> Any:
 
 def input_spec(plan: Any, sample_shape: Sequence[int]) -> Any:
     """A dynamic-batch ``tf.TensorSpec`` for the stage input, named as the manifest names it."""
-    return tf.TensorSpec([None, *[int(d) for d in sample_shape[1:]]], tf.float32, name=plan.input_name)
+    return tf.TensorSpec([None, *[int(d) for d in sample_shape[1:]]], tf.as_dtype(plan.input_dtype),
+                         name=plan.input_name)
 
 
 def stage_saved_model(plan: Any, directory: str | os.PathLike, sample_shape: Sequence[int]) -> Path:
@@ -371,8 +372,21 @@ class KerasSource:
             return segment
         return keras.Model(segment.inputs[0], attach_head(segment.outputs[0], head, name), name=name)
 
+    def pixel_input(self, module: keras.Model, preprocess: Any, size: tuple[int, int]) -> keras.Model:
+        """``module`` reading uint8 NHWC pixels: a ``Rescaling`` layer (cast, then ``x / std - mean / std``) in front.
+
+        ``Rescaling`` holds its per-channel scale and offset as constants of the traced graph (a
+        ``Normalization`` layer's mean and variance are variables, which tf2onnx turns into inputs).
+        """
+        pixels = keras.Input(shape=(*size, 3), dtype="uint8", name=f"{module.name}_pixels")
+        std = np.asarray(preprocess.std, np.float64)
+        mean = np.asarray(preprocess.mean, np.float64)
+        x = keras.layers.Rescaling(scale=(1.0 / std).tolist(), offset=(-mean / std).tolist(),
+                                   name=f"{module.name}_normalise")(pixels)
+        return keras.Model(pixels, module(x), name=module.name)
+
     def run(self, module: keras.Model, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
-        return run_model(module, np.ascontiguousarray(x, dtype=np.float32), batch)
+        return run_model(module, np.ascontiguousarray(x, dtype=np.uint8 if x.dtype == np.uint8 else np.float32), batch)
 
     def pool(self, carry: np.ndarray) -> np.ndarray:
         if carry.ndim == 4:
@@ -447,7 +461,8 @@ class KerasSource:
             c.representative_dataset = representative
             c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             if integer_io:
-                c.inference_input_type = tf.int8
+                if plan.input_dtype != "uint8":  # pixel input is integer already
+                    c.inference_input_type = tf.int8
                 c.inference_output_type = tf.int8
 
         self._tflite(plan, example, out.parent, out, configure)

@@ -31,7 +31,9 @@ class BuildOptions:
     (``performance``: symmetric activations, ``mixed``: asymmetric). ``goal``/``calibration``:
     a :class:`stagewise.calibration.Goal` and ``Settings`` (default: the ``default_drop`` point
     with ``target_drops`` on the front); ``labelled=False`` calibrates against the full model's
-    own answers.
+    own answers. ``pixel_input``: every stage that reads the image takes uint8 NHWC pixels, with
+    the cast, mean/std and layout change inside its exported model (``False``: the float input,
+    normalised on the device, of bundles written before).
     """
 
     formats: tuple[str, ...] = ("onnx",)
@@ -56,6 +58,7 @@ class BuildOptions:
     goal: Any = None
     calibration: Any = None
     labelled: bool = True
+    pixel_input: bool = True
 
     def __post_init__(self) -> None:
         if not self.formats:

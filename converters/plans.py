@@ -9,7 +9,7 @@ through the same code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,6 +50,11 @@ class StagePlan:
         return "image" if self.source["source"] == "image" else "carry_in"
 
     @property
+    def input_dtype(self) -> str:
+        """The stage input's element type: ``"uint8"`` for pixel input (see :func:`pixel_plan`), else float32."""
+        return self.source.get("dtype", "float32")
+
+    @property
     def output_names(self) -> list[str]:
         return ["carry", "logits"] if self.has_carry else ["logits"]
 
@@ -60,6 +65,16 @@ class StagePlan:
     def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The source model's outputs by name on the stage input ``x``."""
         return dict(zip(self.output_names, self.adapter.run(self.module, x)))
+
+
+def pixel_plan(plan: StagePlan, preprocess: Preprocess) -> StagePlan:
+    """``plan`` taking uint8 NHWC pixels when it reads the image: its source adapter puts the cast,
+    ``preprocess``'s mean/std and the layout change into the module, so every exported format
+    carries them; other plans are returned as they are."""
+    if plan.source["source"] != "image" or plan.input_dtype == "uint8":
+        return plan
+    module = plan.adapter.pixel_input(plan.module, preprocess, tuple(plan.source["size"]))
+    return replace(plan, module=module, source=dict(plan.source, dtype="uint8", layout="NHWC"))
 
 
 def exit_rule(score: str, combine: str = "own") -> dict:

@@ -15,6 +15,8 @@ An adapter promises:
   :class:`~stagewise.converters.heads.LinearHead` attached, returning ``(carry, logits)`` or
   ``logits``;
 * ``run(module, x)``: a stage module's outputs, in order, on a numpy batch (inference mode);
+* ``pixel_input(module, preprocess, size)``: an image-reading stage module wrapped so it takes
+  uint8 NHWC pixels and normalises them (cast, mean/std, layout) inside the exported graph;
 * ``pool(carry)``: the pooled features a head sees, by the carry's layout;
 * ``macs``/``params``: static costs; ``version()``;
 * frontends used by the exporters: ``export_onnx``, ``export_openvino`` (an ``ov.Model``),
@@ -78,6 +80,8 @@ class SourceAdapter(Protocol):
     def exit_stage(self, segment: Any, head: Any, name: str) -> Any: ...
 
     def final_stage(self, segment: Any, head: Any | None, name: str) -> Any: ...
+
+    def pixel_input(self, module: Any, preprocess: Any, size: tuple[int, int]) -> Any: ...
 
     def run(self, module: Any, x: np.ndarray) -> list[np.ndarray]: ...
 

@@ -70,6 +70,19 @@ class ExitStage(torch.nn.Module):
         return carry, self.head(carry)
 
 
+class PixelInput(torch.nn.Module):
+    """A stage that takes uint8 NHWC pixels: cast, ``(x - mean) / std`` and NHWC->NCHW in the graph."""
+
+    def __init__(self, module: torch.nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 1, 1, 3))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 1, 1, 3))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.module(((x.float() - self.mean) / self.std).permute(0, 3, 1, 2))
+
+
 def count_macs(module: torch.nn.Module, example: torch.Tensor) -> int:
     """MACs of one forward pass on a single sample, counted over Conv2d and Linear layers."""
     counter = MacCounter(module)
@@ -131,11 +144,16 @@ class TorchSource:
     def final_stage(self, segment: torch.nn.Module, head: LinearHead | None, name: str) -> torch.nn.Module:
         return segment if head is None else torch.nn.Sequential(segment, Head(head)).eval()
 
+    def pixel_input(self, module: torch.nn.Module, preprocess: Any, size: tuple[int, int]) -> torch.nn.Module:
+        """``module`` reading uint8 NHWC pixels, normalised with ``preprocess``'s mean and std in the graph."""
+        return PixelInput(module, preprocess.mean, preprocess.std).eval()
+
     def run(self, module: torch.nn.Module, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
         parts: list[list[np.ndarray]] = []
+        dtype = np.uint8 if x.dtype == np.uint8 else np.float32
         with torch.no_grad():
             for i in range(0, len(x), batch):
-                out = module.eval()(torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32)))
+                out = module.eval()(torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=dtype)))
                 out = out if isinstance(out, (tuple, list)) else (out,)
                 parts = parts or [[] for _ in out]
                 for store, o in zip(parts, out):

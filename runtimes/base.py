@@ -24,7 +24,12 @@ T = TypeVar("T", bound=RuntimeOptions)
 
 
 class StageSession(Protocol):
-    """One loaded stage: ``run`` takes the stage input batch, returns outputs by tensor name."""
+    """One loaded stage: ``run`` takes the stage input batch, returns outputs by tensor name.
+
+    A session that can be stopped mid-run also has ``run_within(tensor, timeout_s)``, which
+    raises :class:`~stagewise.errors.DeadlineExceededError` when the run was cancelled at the
+    timeout (ONNX Runtime and OpenVINO have it; LiteRT cannot cancel a run).
+    """
 
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]: ...
 
@@ -35,12 +40,15 @@ class LoadOptions:
 
     ``runtime_options`` is the runtime's own options (e.g. :class:`~stagewise.runtimes.options.OpenVinoOptions`)
     or a dict of them, checked by :meth:`options_for`; ``extra`` is accepted as its former name.
+    ``content_key`` identifies the stage's model content (the bundle's recorded sha256 of its
+    main file): runtimes key their model caches by it instead of hashing the file again.
     """
 
     threads: int | None = None
     device: str = "CPU"
     runtime_options: RuntimeOptions | Mapping[str, Any] | None = None
     extra: InitVar[Mapping[str, Any] | None] = None
+    content_key: str | None = None
 
     def __post_init__(self, extra: Mapping[str, Any] | None) -> None:
         if extra is not None:
@@ -59,6 +67,26 @@ class StageIO:
 
     input: str
     outputs: tuple[str, ...]
+
+
+def model_cache(setting: str | Path | bool | None, runtime: str) -> Path | None:
+    """The directory where ``runtime`` caches prepared models, created; ``None`` when caching is off.
+
+    ``setting`` is the runtime's ``cache_dir`` option: ``None`` gives ``$STAGEWISE_CACHE_DIR/<runtime>``
+    or ``~/.cache/stagewise/<runtime>``, ``False``/``""`` no cache. An unwritable directory turns
+    the cache off (it only costs load time; a load never fails over it).
+    """
+    if setting is None:
+        root = os.environ.get("STAGEWISE_CACHE_DIR")
+        base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stagewise"
+        setting = base / runtime
+    if not setting:
+        return None
+    try:
+        Path(setting).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return Path(setting)
 
 
 Opener = Callable[[Sequence[Path], StageIO, LoadOptions], StageSession]

@@ -9,7 +9,7 @@ only the undecided ones are sent to the next stage.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from stagewise.bundle import Bundle, read_bundle
 from stagewise.checks import nonnegative_budget, positive_count, positive_number
-from stagewise.errors import BundleError, UnknownOperatingPointError
+from stagewise.errors import BundleError, DeadlineExceededError, UnknownOperatingPointError
 from stagewise.exits import exit_scores, load_exit_model, softmax
 from stagewise.images import load_image
 from stagewise.manifest import StageSpec
@@ -35,14 +35,16 @@ class StageRecord:
     """What happened at one stage for one prediction.
 
     ``decision`` is ``"exit"`` (score reached the threshold), ``"continue"``, ``"last"`` (the
-    final stage always answers) or ``"skipped_budget"`` (not run: predicted to overrun).
+    final stage always answers), ``"skipped_budget"`` (not run: predicted to overrun) or
+    ``"cancelled_budget"`` (started, then cancelled when the budget ran out: no score).
     ``latency_ms`` is the stage's step time (input preparation, backend call, exit rule);
     ``predicted_ms`` the latency model's quantile for it before it ran. Under a budget,
     ``left_ms`` is what was left of it when the stage was considered and ``needed_ms`` what the
     scheduler reserved for it (prediction x learned margin + time to return); ``reason`` says
     why the stage ran or not: ``"no_budget"``, ``"first"`` (the first stage to run always runs),
     ``"fits"`` (needed <= left), ``"over_budget"`` (needed > left: skipped) or
-    ``"planned_skip"`` (skipped so that a later, more accurate stage reading the image fits).
+    ``"planned_skip"`` (skipped so that a later, more accurate stage reading the image fits) or
+    ``"cancelled"`` (ran past the budget and was stopped).
     """
 
     stage: str
@@ -64,6 +66,9 @@ class StageRecord:
         if self.reason == "over_budget":
             return (f"{self.stage}: skipped, needs {self.needed_ms:.2f} ms (predicted {self.predicted_ms:.2f}) "
                     f"but {self.left_ms:.2f} ms left")
+        if self.reason == "cancelled":
+            return (f"{self.stage}: cancelled after {self.latency_ms:.2f} ms when the budget ran out "
+                    f"({self.left_ms:.2f} ms were left, it needed {self.needed_ms:.2f})")
         ran = f"{self.stage}: ran in {self.latency_ms:.2f} ms -> {self.decision}"
         if self.score is not None:
             ran += f" (score {self.score:.3f}" + (f" vs {self.threshold:.3f})" if self.threshold is not None else ")")
@@ -110,6 +115,23 @@ class _Stage:
     temperature: float
     combine: str
     exit_model: Any = None  # the learned exit score's model (stagewise.exits.LearnedExitScore)
+    run_within: Any = None  # session.run_within(tensor, timeout_s) when the runtime can cancel a run
+
+
+@dataclass(frozen=True)
+class _Point:
+    """An operating point resolved once: thresholds as Python floats (``inf``: never exits) and as the
+    trace shows them (``None`` for the last stage and for stages that never exit)."""
+
+    name: str | None
+    thresholds: tuple[float, ...]
+    shown: tuple[float | None, ...]
+
+    @classmethod
+    def of(cls, name: str | None, thresholds: Sequence[float]) -> "_Point":
+        values = tuple(float(t) for t in thresholds)
+        last = len(values) - 1
+        return cls(name, values, tuple(None if k == last or not np.isfinite(t) else t for k, t in enumerate(values)))
 
 
 class Cascade:
@@ -129,7 +151,9 @@ class Cascade:
         self.preprocess = m.input
         self.router = StageRouter.from_manifest(m)
         self._stages = [self._plan(spec, session, bundle.root) for spec, session in zip(m.stages, sessions)]
-        self._points = {p.name: p for p in m.operating_points}
+        self._points = {p.name: _Point.of(p.name, p.threshold_array) for p in m.operating_points}
+        self._chosen: dict[str, _Point] = {}  # the controller's points, resolved on first use
+        self._all = _Point.of(None, np.full(len(self._stages), np.inf))
         # under a budget, a cascade may skip cheap stages when only a later, image-reading stage fits
         self._can_jump = any(self.router.reads_image(k) for k in range(1, len(self._stages)))
         self.operating_point = m.default_operating_point
@@ -173,7 +197,7 @@ class Cascade:
     def _plan(spec: StageSpec, session: StageSession, root: Path | None = None) -> _Stage:
         return _Stage(name=spec.name, session=session, io=stage_io(spec), logits=spec.outputs.logits,
                       score=spec.exit.score, temperature=spec.exit.temperature, combine=spec.exit.combine,
-                      exit_model=_exit_model(root, spec))
+                      exit_model=_exit_model(root, spec), run_within=getattr(session, "run_within", None))
 
     @property
     def stage_names(self) -> list[str]:
@@ -185,30 +209,48 @@ class Cascade:
 
     def use(self, name: str) -> None:
         """Make ``name`` the operating point used when a call does not name one."""
-        self._thresholds(name)
+        self._point(name)
         self.operating_point = name
 
-    def _thresholds(self, name: str | None) -> np.ndarray:
+    def _point(self, name: str | None) -> _Point:
         name = self.operating_point if name is None else name
-        if name not in self._points:
+        point = self._points.get(name)
+        if point is None:
             raise UnknownOperatingPointError(
                 f"unknown operating point {name!r}; this bundle defines: {', '.join(self._points)} "
                 "(see `stagewise inspect`, or add one with `stagewise calibrate`)")
-        return self._points[name].threshold_array
+        return point
 
-    def warm_up(self, runs: int = 2) -> None:
-        """Run every stage ``runs`` times on a grey image; the last run seeds the latency model."""
-        size = max(self.router.image_sizes(), key=lambda hw: hw[0] * hw[1])
-        grey = np.full((size[0], size[1], 3), 128, dtype=np.uint8)
-        for r in range(runs):
-            prediction = self.run_all_stages(grey)
-            if r == runs - 1:
-                for k, record in enumerate(prediction.trace):
-                    self.latency.seed(k, max(record.latency_ms, self.latency.predict(k)))
+    def _controlled(self, controller: MeanBudgetController) -> _Point:
+        name, thresholds = controller.choose()
+        point = self._chosen.get(name)
+        if point is None:
+            point = self._chosen[name] = _Point.of(name, thresholds)
+        return point
+
+    def warm_up(self, runs: int = 1) -> None:
+        """Call every stage's backend ``runs`` times on a grey input of its own size; the last
+        run's times seed the latency model.
+
+        Only the backend calls: no decode, no resize, no exit rule, so warming up costs one
+        backend pass per stage.
+        """
+        clock = self._clock
+        for _ in range(runs):
+            carries = Carries(1)
+            times = []
+            for k, st in enumerate(self._stages):
+                x = self.router.grey(k) if self.router.reads_image(k) else carries.take(self.router.carry_from(k))
+                t0 = clock()
+                out = st.session.run(x)
+                times.append((clock() - t0) * 1e3)
+                self.router.keep(k, out, carries)
+        for k, ms in enumerate(times):
+            self.latency.seed(k, max(ms, self.latency.predict(k)))
 
     def run_all_stages(self, image: Any) -> Prediction:
         """Run every stage on one image regardless of thresholds (for profiling and inspection)."""
-        return self._run(load_image(image), np.full(len(self._stages), np.inf), None, observe=False)
+        return self._run(load_image(image), self._all, None, observe=False)
 
     def stage_logits(self, images: Sequence[Any], batch_size: int = 32) -> list[np.ndarray]:
         """Every stage's raw logits for every image (N x C per stage), in batches."""
@@ -235,7 +277,8 @@ class Cascade:
             out = st.session.run(self.router.input(k, img, carries))
             self.router.keep(k, out, carries)
             probs = softmax(out[st.logits], st.temperature)
-            score = float(exit_scores(st.score, probs, out[st.logits], st.temperature, model=st.exit_model)[0])
+            score = float(exit_scores(st.score, probs, out[st.logits], st.temperature, model=st.exit_model,
+                                      own=probs)[0])
             records.append(StageRecord(st.name, "last" if k == stage else "continue", score, int(probs[0].argmax()),
                                        (self._clock() - t0) * 1e3, None, None))
         label = int(probs[0].argmax())
@@ -251,8 +294,11 @@ class Cascade:
         predicted step time (a high quantile of its recent live measurements) times a safety
         margin learned from past prediction errors, plus the time to return (see
         :mod:`stagewise.runtimes.latency`). Otherwise the best answer so far is returned with
-        ``budget_limited``. The first stage always runs; ``deadline_missed`` tells whether the
-        answer came late anyway.
+        ``budget_limited``. On runtimes that can cancel a run (ONNX Runtime, OpenVINO) a stage
+        after the first that is still running when the budget (less the time to return) runs out
+        is cancelled and the best answer so far returned (decision ``"cancelled_budget"``).
+        The first stage always runs to the end (without it there is no answer);
+        ``deadline_missed`` tells whether the answer came late anyway.
 
         ``mean_budget_ms`` (or :meth:`set_mean_budget`) switches on the average-budget mode:
         without an explicit ``operating_point``, a controller picks each request's point so
@@ -264,25 +310,22 @@ class Cascade:
         if mean_budget_ms is not None and (self.controller is None or self.controller.budget_ms != mean_budget_ms):
             self.set_mean_budget(mean_budget_ms)
         controller = self.controller if operating_point is None else None
-        if controller is not None:
-            point, thresholds = controller.choose()
-        else:
-            point, thresholds = operating_point or self.operating_point, self._thresholds(operating_point)
-        prediction = self._run(load_image(image), thresholds, budget_ms, start=start, point=point)
+        point = self._point(operating_point) if controller is None else self._controlled(controller)
+        prediction = self._run(load_image(image), point, budget_ms, start=start)
         if controller is not None:
             controller.observe(prediction)
         return prediction
 
-    def _run(self, image: np.ndarray, thresholds: np.ndarray, budget_ms: float | None,
-             start: float | None = None, observe: bool = True, point: str | None = None) -> Prediction:
-        clock, latency = self._clock, self.latency
+    def _run(self, image: np.ndarray, point: _Point, budget_ms: float | None,
+             start: float | None = None, observe: bool = True) -> Prediction:
+        clock, latency, router, stages = self._clock, self.latency, self.router, self._stages
         start = clock() if start is None else start
+        thresholds, shown = point.thresholds, point.shown
         records: list[StageRecord] = []
         images, carries = [image], Carries(1)
-        total = None
-        best = None
+        total = best = None
         limited = False
-        last = len(self._stages) - 1
+        last = len(stages) - 1
         now = clock()
         first = 0
         if budget_ms is not None and self._can_jump:
@@ -290,60 +333,72 @@ class Cascade:
             first = self._start_stage(left)
             if first:
                 limited = True
-                records.extend(StageRecord(s.name, "skipped_budget", None, None, None, latency.predict(j), None,
-                                           left, latency.needed(j), "planned_skip")
-                               for j, s in enumerate(self._stages[:first]))
+                records.extend(self._skipped(0, first, left, "planned_skip"))
         runs = 0
-        for k, st in enumerate(self._stages):
-            if k < first:
-                continue
+        for k in range(first, last + 1):
+            st = stages[k]
             predicted = latency.predict(k)
-            left = needed = None
+            left = needed = timeout = None
             reason = "no_budget"
             if budget_ms is not None:
                 left = budget_ms - (now - start) * 1e3
                 needed = latency.needed(k)
-                if k > first and needed > left:
-                    limited = True
-                    records.extend(StageRecord(s.name, "skipped_budget", None, None, None, latency.predict(j), None,
-                                               left, latency.needed(j), "over_budget")
-                                   for j, s in enumerate(self._stages[k:], start=k))
-                    break
+                if k > first:
+                    if needed > left:
+                        limited = True
+                        records.extend(self._skipped(k, last + 1, left, "over_budget"))
+                        break
+                    timeout = (left - latency.return_overhead()) / 1e3 if st.run_within is not None else None
                 reason = "fits" if k > first else "first"
             t0 = now
-            out = st.session.run(self.router.input(k, images, carries))
+            x = router.input(k, images, carries)
+            try:
+                out = st.session.run(x) if timeout is None else st.run_within(x, timeout)
+            except DeadlineExceededError:
+                now = clock()
+                limited = True
+                if observe:  # a lower bound of the stage's time: it teaches the model the stage got slower
+                    latency.observe(k, (now - t0) * 1e3, predicted)
+                records.append(StageRecord(st.name, "cancelled_budget", None, None, (now - t0) * 1e3, predicted, None,
+                                           left, needed, "cancelled"))
+                records.extend(self._skipped(k + 1, last + 1, left, "over_budget"))
+                break
             runs += 1
-            probs, total = self._decide(st, k, out[st.logits], total, runs)
-            score = float(exit_scores(st.score, probs, out[st.logits], st.temperature, total, k, st.exit_model)[0])
-            self.router.keep(k, out, carries)
+            logits = out[st.logits]
+            own, probs, total = self._decide(st, logits, total, runs)
+            score = float(exit_scores(st.score, probs, logits, st.temperature, total, k, st.exit_model, own)[0])
+            router.keep(k, out, carries)
             best = (k, probs[0], score)
             done = k == last or score >= thresholds[k]
-            decision = "last" if k == last else ("exit" if done else "continue")
             now = clock()
             ms = (now - t0) * 1e3
             if observe:
                 latency.observe(k, ms, predicted)
-            records.append(StageRecord(st.name, decision, score, int(probs[0].argmax()), ms, predicted,
-                                       None if k == last or not np.isfinite(thresholds[k]) else float(thresholds[k]),
-                                       left, needed, reason))
+            records.append(StageRecord(st.name, "last" if k == last else ("exit" if done else "continue"), score,
+                                       int(probs[0].argmax()), ms, predicted, shown[k], left, needed, reason))
             if done:
                 break
         k, probs, score = best
         label = int(probs.argmax())
-        name = self.labels[label]
         end = clock()
         if observe:
             latency.observe_return((end - now) * 1e3)
-        return Prediction(label, name, score, k, (end - start) * 1e3, tuple(records), probs, limited, budget_ms, point)
+        return Prediction(label, self.labels[label], score, k, (end - start) * 1e3, tuple(records), probs, limited,
+                          budget_ms, point.name)
+
+    def _skipped(self, begin: int, end: int, left: float, reason: str) -> list[StageRecord]:
+        latency = self.latency
+        return [StageRecord(self._stages[j].name, "skipped_budget", None, None, None, latency.predict(j), None,
+                            left, latency.needed(j), reason) for j in range(begin, end)]
 
     @staticmethod
-    def _decide(st: _Stage, k: int, logits: np.ndarray, total: np.ndarray | None,
-                runs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The stage's deciding probabilities and the updated running sum of probabilities
-        (``runs``: how many stages the sum holds, when a budget plan skipped earlier ones)."""
+    def _decide(st: _Stage, logits: np.ndarray, total: np.ndarray | None,
+                runs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stage's own probabilities (its softmax, computed once), its deciding probabilities and
+        the updated running sum of probabilities (``runs``: how many stages the sum holds)."""
         own = softmax(logits, st.temperature)
         total = own if total is None else total + own
-        return (total / (runs or k + 1) if st.combine == "mean_probs" else own), total
+        return own, (total / runs if st.combine == "mean_probs" else own), total
 
     def _start_stage(self, left_ms: float) -> int:
         """Budget plan for a cascade whose later stages read the image: where to start.
@@ -376,54 +431,106 @@ class Cascade:
                 best_start, best_reach = s, reach
         return best_start
 
-    def predict_batch(self, images: Iterable[Any], operating_point: str | None = None,
-                      max_batch: int = 64) -> list[Prediction]:
+    def predict_batch(self, images: Iterable[Any], operating_point: str | None = None, max_batch: int = 64,
+                      budget_ms: float | None = None, mean_budget_ms: float | None = None) -> list[Prediction]:
         """Classify many images with per-sample routing; same answers as ``predict`` one by one.
 
         Images go through in chunks of at most ``max_batch`` (memory stays bounded however
         many images are given); within a chunk, samples that exit leave the batch.
+
+        ``budget_ms`` is a deadline per chunk, counted from when the chunk starts: a stage after
+        the first runs only if one image's predicted need fits in what is left, and is cancelled
+        (where the runtime can) when the chunk's budget runs out; the undecided samples then
+        answer with their best stage so far, flagged ``budget_limited``. ``mean_budget_ms`` (or
+        :meth:`set_mean_budget`) picks each chunk's operating point with the average-budget
+        controller, fed with every sample's share of the stage times.
         """
         max_batch = positive_count("max_batch", max_batch)
         images = list(images)
         if len(images) > max_batch:
             return [p for i in range(0, len(images), max_batch)
-                    for p in self.predict_batch(images[i:i + max_batch], operating_point, max_batch)]
+                    for p in self.predict_batch(images[i:i + max_batch], operating_point, max_batch, budget_ms,
+                                                mean_budget_ms)]
         start = self._clock()
-        thresholds = self._thresholds(operating_point)
-        imgs = [load_image(im) for im in images]
+        if mean_budget_ms is not None and (self.controller is None or self.controller.budget_ms != mean_budget_ms):
+            self.set_mean_budget(mean_budget_ms)
+        controller = self.controller if operating_point is None else None
+        if not images:
+            return []
+        point = self._point(operating_point) if controller is None else self._controlled(controller)
+        results = self._run_batch([load_image(im) for im in images], point, budget_ms, start)
+        if controller is not None:
+            for prediction in results:
+                controller.update(sum(r.latency_ms or 0.0 for r in prediction.trace), prediction.trace[0].score)
+        return results
+
+    def _run_batch(self, imgs: list[np.ndarray], point: _Point, budget_ms: float | None,
+                   start: float) -> list[Prediction]:
+        clock, latency, router = self._clock, self.latency, self.router
         n = len(imgs)
         active = np.arange(n)
         carries = Carries(n)
         total: np.ndarray | None = None
-        traces: list[list[StageRecord]] = [[] for _ in range(n)]
-        results: list[Prediction | None] = [None] * n
         last = len(self._stages) - 1
+        exit_stage = np.full(n, -1)  # the stage each sample answered at
+        exit_ms = np.zeros(n)
+        probs_all: np.ndarray | None = None
+        scores_all = np.zeros(n)
+        ran: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]] = []  # rows, scores, labels, done, ms
+        limited = False
         for k, st in enumerate(self._stages):
             if not len(active):
                 break
-            t0 = self._clock()
-            out = st.session.run(self.router.input(k, imgs, carries, active))
+            t0 = clock()
+            timeout = None
+            if budget_ms is not None and k:
+                left = budget_ms - (t0 - start) * 1e3
+                if latency.needed(k) > left:
+                    limited = True
+                    break
+                timeout = (left - latency.return_overhead()) / 1e3 if st.run_within is not None else None
+            x = router.input(k, imgs, carries, active)
+            try:
+                out = st.session.run(x) if timeout is None else st.run_within(x, timeout)
+            except DeadlineExceededError:
+                limited = True
+                break
             logits = out[st.logits]
             own = softmax(logits, st.temperature)
             if total is None:
                 total = np.zeros((n, own.shape[1]))
+                probs_all = np.zeros((n, own.shape[1]))
             total[active] += own
             probs = total[active] / (k + 1) if st.combine == "mean_probs" else own
-            scores = exit_scores(st.score, probs, logits, st.temperature, total[active], k, st.exit_model)
-            ms = (self._clock() - t0) * 1e3
-            self.router.keep(k, out, carries, active)
-            done = np.full(len(active), True) if k == last else scores >= thresholds[k]
-            now = (self._clock() - start) * 1e3
-            for row, i in enumerate(active):
-                decision = "last" if k == last else ("exit" if done[row] else "continue")
-                traces[i].append(StageRecord(st.name, decision, float(scores[row]), int(probs[row].argmax()), ms, None,
-                                             None if k == last or not np.isfinite(thresholds[k]) else float(thresholds[k])))
-                if done[row]:
-                    label = int(probs[row].argmax())
-                    results[i] = Prediction(label, self.labels[label], float(scores[row]), k, now,
-                                            tuple(traces[i]), probs[row])
+            scores = exit_scores(st.score, probs, logits, st.temperature, total[active], k, st.exit_model, own)
+            router.keep(k, out, carries, active)
+            done = np.ones(len(active), bool) if k == last else scores >= point.thresholds[k]
+            ms = (clock() - t0) * 1e3
+            probs_all[active] = probs
+            scores_all[active] = scores
+            exit_stage[active] = k
+            exit_ms[active[done]] = (clock() - start) * 1e3
+            ran.append((active, scores, probs.argmax(1), done, ms))
             active = active[~done]
-        return results
+        if len(active):
+            exit_ms[active] = (clock() - start) * 1e3
+        return self._batch_predictions(ran, exit_stage, exit_ms, probs_all, scores_all, point, limited, budget_ms)
+
+    def _batch_predictions(self, ran: list, exit_stage: np.ndarray, exit_ms: np.ndarray, probs: np.ndarray,
+                           scores: np.ndarray, point: _Point, limited: bool, budget_ms: float | None) -> list[Prediction]:
+        """One :class:`Prediction` per sample from the per-stage arrays of :meth:`_run_batch`."""
+        last = len(self._stages) - 1
+        traces: list[list[StageRecord]] = [[] for _ in exit_stage]
+        for k, (rows, stage_scores, labels, done, ms) in enumerate(ran):
+            st, shown = self._stages[k], point.shown[k]
+            decisions = ["last" if k == last else ("exit" if d else "continue") for d in done.tolist()]
+            for i, decision, score, label in zip(rows.tolist(), decisions, stage_scores.tolist(), labels.tolist()):
+                traces[i].append(StageRecord(st.name, decision, score, label, ms, None, shown))
+        labels = probs.argmax(1).tolist()
+        return [Prediction(label, self.labels[label], score, stage, ms, tuple(trace), row,
+                           limited and trace[-1].decision == "continue", budget_ms, point.name)
+                for label, score, stage, ms, trace, row in zip(labels, scores.tolist(), exit_stage.tolist(),
+                                                               exit_ms.tolist(), traces, probs)]
 
     def close(self) -> None:
         """Release the sessions and any temporary files of a ``.swb`` bundle."""
@@ -487,7 +594,9 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
         opener = runtime.opener()
         sessions = []
         for k, spec in enumerate(bundle.manifest.stages):
-            sessions.append(opener(bundle.artifact_paths(k, runtime.artifact_format), stage_io(spec), load_options))
+            key = spec.artifacts[runtime.artifact_format].files[0].sha256  # the bundle verified it: no second hash
+            sessions.append(opener(bundle.artifact_paths(k, runtime.artifact_format), stage_io(spec),
+                                   replace(load_options, content_key=key)))
         check_stages(bundle.manifest, sessions)
         cascade = Cascade(bundle, sessions, runtime.name, threads, device, mean_budget_ms=mean_budget_ms,
                           latency=latency, profile=profile)

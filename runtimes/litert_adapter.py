@@ -99,6 +99,13 @@ def _find(names: dict[str, int], wanted: str, what: str, model: Path) -> int:
                       f"(it has: {', '.join(sorted(names)) or 'none'}); was it exported by stagewise?")
 
 
+def _scaled(details: dict) -> bool:
+    """Whether a tensor carries quantization parameters (a nonzero scale)."""
+    params = details.get("quantization_parameters") or {}
+    scales = params.get("scales", [])
+    return bool(len(scales) and scales[0] > 0) or details.get("quantization", (0.0, 0))[0] > 0
+
+
 class _Quant:
     """Per-tensor affine quantization of one int8/uint8 tensor: ``real = scale * (q - zero_point)``."""
 
@@ -187,7 +194,8 @@ class LiteRTStage:
                                                           if d["index"] == self._in_index)
         self.input_shape = tuple(int(v) for v in in_details.get("shape_signature", in_details["shape"]))
         self.input_dtype = np.dtype(in_details["dtype"])
-        self._in_quant = _Quant(in_details, model) if self.input_dtype.kind in "iu" else None
+        # an integer input without a scale takes raw values: the uint8 pixels of a stage that normalises them itself
+        self._in_quant = _Quant(in_details, model) if self.input_dtype.kind in "iu" and _scaled(in_details) else None
         self._out_quant: dict[str, _Quant | None] = {}
         out_by_index = {d["index"]: d for d in interp.get_output_details()}
         for name, index in self._out:

@@ -1,16 +1,28 @@
-"""ONNX Runtime adapter: one ``InferenceSession`` per stage."""
+"""ONNX Runtime adapter: one ``InferenceSession`` per stage.
+
+With a model cache (the ``cache_dir`` option, on by default) the first load writes the graph
+ONNX Runtime optimized (``SessionOptions.optimized_model_filepath``) under a key made of the
+model's recorded sha256, the ONNX Runtime version, the machine and the providers; later loads
+open that file with graph optimization off, skipping the optimizer. The optimized graph may hold
+this machine's kernels, hence the machine in the key.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from stagewise.errors import BundleError, DeviceUnavailableError
+from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailableError
 from stagewise.extras import require
 
-from .base import LoadOptions, StageIO
+from .base import LoadOptions, StageIO, model_cache
+from .deadline import Watchdog
 from .model_io import DeclaredIO, TensorInfo
 from .options import OnnxRuntimeOptions
 
@@ -36,6 +48,12 @@ def _providers(device: str, requested: Sequence[object]) -> list[object]:
     return list(requested)
 
 
+def _cached_model(cache: Path, key: str, settings: OnnxRuntimeOptions) -> Path:
+    parts = "|".join([key, ort.__version__, platform.machine(), platform.processor(), repr(list(settings.providers)),
+                      repr(sorted(settings.session_config.items()))])
+    return cache / f"{hashlib.sha256(parts.encode()).hexdigest()[:32]}.onnx"
+
+
 class OnnxRuntimeStage:
     """A stage on ONNX Runtime (CPU execution provider unless the ``providers`` option says otherwise)."""
 
@@ -50,12 +68,29 @@ class OnnxRuntimeStage:
         for key, value in settings.session_config.items():
             so.add_session_config_entry(key, str(value))
         providers = _providers(options.device, settings.providers)
+        cache = model_cache(settings.cache_dir, "onnxruntime") if options.content_key else None
+        source, written = model, None
+        self.loaded_from_cache = False
+        if cache is not None:
+            cached = _cached_model(cache, options.content_key, settings)
+            if cached.is_file():
+                source, self.loaded_from_cache = cached, True
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            else:
+                written = Path(tempfile.mkstemp(dir=cache, suffix=".partial")[1])
+                so.optimized_model_filepath = str(written)
+                so.log_severity_level = 3  # its warning that the file is for this machine only: the key says so
         try:
-            self._session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
+            self._session = ort.InferenceSession(str(source), sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad models
             raise BundleError(f"ONNX Runtime cannot load {model.name}: {exc}") from exc
+        finally:
+            if written is not None:
+                _publish(written, cached)
         self._input = io.input
         self._outputs = list(io.outputs)
+        self._options = ort.RunOptions()
+        self._watchdog = Watchdog()
 
     def declared(self) -> DeclaredIO:
         """The model's inputs and outputs as ONNX Runtime reads them."""
@@ -69,6 +104,37 @@ class OnnxRuntimeStage:
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
         values = self._session.run(self._outputs, {self._input: tensor})
         return dict(zip(self._outputs, values))
+
+    def run_within(self, tensor: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
+        """:meth:`run`, stopped (``RunOptions.terminate``, between two graph nodes) after ``timeout_s``.
+
+        Raises :class:`~stagewise.errors.DeadlineExceededError` when it was stopped.
+        """
+        run_options = self._options
+        run_options.terminate = False
+        self._watchdog.arm(timeout_s, self._terminate)
+        try:
+            values = self._session.run(self._outputs, {self._input: tensor}, run_options)
+        except Exception as exc:  # onnxruntime reports a terminated run as a generic failure
+            if self._watchdog.disarm():
+                raise DeadlineExceededError(f"ONNX Runtime stage stopped after {timeout_s * 1e3:.1f} ms") from exc
+            raise
+        self._watchdog.disarm()
+        return dict(zip(self._outputs, values))
+
+    def _terminate(self) -> None:
+        self._options.terminate = True
+
+
+def _publish(written: Path, cached: Path) -> None:
+    """Move a freshly written optimized model into the cache (atomically; an empty or failed write is dropped)."""
+    try:
+        if written.stat().st_size:
+            os.replace(written, cached)
+        else:
+            written.unlink()
+    except OSError:
+        pass
 
 
 def open_stage(files: Sequence[Path], io: StageIO, options: LoadOptions) -> OnnxRuntimeStage:

@@ -39,17 +39,16 @@ Choices, each overridable through ``stagewise.load(..., options={...})``:
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from stagewise.errors import BundleError, DeviceUnavailableError
+from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailableError
 from stagewise.extras import require
 
-from .base import LoadOptions, StageIO
+from .base import LoadOptions, StageIO, model_cache
 from .model_io import DeclaredIO, TensorInfo
 from .options import OpenVinoOptions
 
@@ -68,15 +67,6 @@ def core() -> ov.Core:
     if _CORE is None:
         _CORE = ov.Core()
     return _CORE
-
-
-def default_cache_dir() -> Path:
-    """Where compiled models are cached unless ``cache_dir`` says otherwise."""
-    root = os.environ.get("STAGEWISE_CACHE_DIR")
-    if root:
-        return Path(root) / "openvino"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "stagewise" / "openvino"
 
 
 def target_devices(device: str) -> list[str]:
@@ -149,14 +139,9 @@ def compile_config(ov_core: Any, device: str, options: LoadOptions) -> dict:
         cfg.update(_device_settings(ov_core, device, options.threads, precision, pinning))
         if "PERFORMANCE_HINT" not in _supported(ov_core, device):
             cfg.pop("PERFORMANCE_HINT")
-    cache = default_cache_dir() if settings.cache_dir is None else settings.cache_dir
-    if cache:
-        cache = Path(cache)
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            cfg["CACHE_DIR"] = str(cache)
-        except OSError:
-            pass  # an unwritable cache only costs load time; never fail a load over it
+    cache = model_cache(settings.cache_dir, "openvino")
+    if cache is not None:
+        cfg["CACHE_DIR"] = str(cache)
     cfg.update(settings.config)
     return cfg
 
@@ -254,13 +239,37 @@ class OpenVinoStage:
         result = self._request.infer({0: x}, share_inputs=True, share_outputs=False)  # outputs are copies
         return [result[port] for port in self._outputs.values()]
 
-    def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
-        """Outputs by name for ``tensor`` (any batch size; copies, safe to keep across calls)."""
+    def _checked(self, tensor: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(tensor, dtype=self._input_dtype)
         expected = self.input_shape[1:]
         if x.ndim != len(self.input_shape) or any(e > 0 and e != g for e, g in zip(expected, x.shape[1:])):
             raise ValueError(f"stage input has shape {list(x.shape)}; the compiled model expects {self.input_shape} "
                              "(-1: any)")
+        return x
+
+    def run_within(self, tensor: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
+        """:meth:`run`, cancelled (``InferRequest.cancel``) when it is not done after ``timeout_s``.
+
+        Raises :class:`~stagewise.errors.DeadlineExceededError` when cancelled. A batch that a
+        static-batch model must split into chunks runs uncancelled.
+        """
+        x = self._checked(tensor)
+        if self.static_batch is not None and len(x) != self.static_batch or not len(x):
+            return self.run(x)
+        request = self._request
+        request.start_async({0: x}, share_inputs=True)
+        if not request.wait_for(max(0, int(timeout_s * 1e3))):
+            request.cancel()
+            try:
+                request.wait()
+            except RuntimeError:  # a cancelled request reports its cancellation on wait
+                pass
+            raise DeadlineExceededError(f"OpenVINO stage cancelled after {timeout_s * 1e3:.1f} ms")
+        return {name: request.get_tensor(port).data.copy() for name, port in self._outputs.items()}
+
+    def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs by name for ``tensor`` (any batch size; copies, safe to keep across calls)."""
+        x = self._checked(tensor)
         b = self.static_batch
         if len(x) == 0:  # nothing to run (OpenVINO rejects an empty batch)
             return {name: np.zeros((0, *[d.get_length() if d.is_static else 0 for d in list(port.get_partial_shape())[1:]]),

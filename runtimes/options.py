@@ -54,12 +54,15 @@ class RuntimeOptions:
 
 @dataclass(frozen=True)
 class OnnxRuntimeOptions(RuntimeOptions):
-    """ONNX Runtime: execution ``providers`` in order, and ``session_config`` entries
-    (``SessionOptions.add_session_config_entry``)."""
+    """ONNX Runtime: execution ``providers`` in order, ``session_config`` entries
+    (``SessionOptions.add_session_config_entry``) and ``cache_dir``, where optimized models are
+    kept so a later load skips graph optimization (``None``: the default cache directory,
+    ``False`` or ``""``: no cache)."""
 
     runtime: ClassVar[str] = "onnxruntime"
     providers: tuple[Any, ...] = ("CPUExecutionProvider",)
     session_config: Mapping[str, Any] = field(default_factory=dict)
+    cache_dir: str | Path | bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))

@@ -1,6 +1,7 @@
 """Stage routing: what each stage reads, written once for the executor and the converters.
 
-A stage reads either the decoded image, resized and normalised to its own size (``"image"``),
+A stage reads either the decoded image resized to its own size (``"image"``: uint8 NHWC pixels
+for a stage that normalises in its graph, the normalised float tensor for older bundles),
 or the carry tensor an earlier stage produced (``"carry"``). :class:`StageRouter` builds stage
 ``k``'s input for any subset of a batch's rows from the decoded images and the :class:`Carries`
 held so far; :func:`run_chain` runs one batch through every stage and :func:`stage_tensors`
@@ -11,7 +12,7 @@ is used here. A new source (image patches) is one more branch of :meth:`StageRou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -122,8 +123,14 @@ class StageRouter:
         source = self.inputs[k]
         if source.source == "image":
             chosen = list(images) if rows is None else [images[i] for i in rows]
-            return self.preprocess.tensor(chosen, source.size)
+            return self.preprocess.stage_input(chosen, source.size, source.pixels)
         return carries.take(self.carry_from(k), rows)
+
+    def grey(self, k: int) -> np.ndarray:
+        """Image stage ``k``'s input for a uniform grey image, built at the stage's size (no resize)."""
+        size = self.inputs[k].size
+        grey = [np.full((size[0], size[1], 3), 128, dtype=np.uint8)]
+        return replace(self.preprocess, resize="stretch").stage_input(grey, size, self.inputs[k].pixels)
 
     def keep(self, k: int, outputs: Mapping[str, np.ndarray], carries: Carries, rows: np.ndarray | None = None) -> None:
         """Hold stage ``k``'s carry from its ``outputs`` for later stages (if it hands one on)."""

@@ -16,7 +16,8 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .errors import (BackendUnavailableError, BundleError, CalibrationError, ConversionError, DatasetError,
-                     DeviceUnavailableError, ImageInputError, IntegrityError, InvalidCutPointError,
+                     DeadlineExceededError, DeviceUnavailableError,
+                     ImageInputError, IntegrityError, InvalidCutPointError,
                      InvalidOptionError, ManifestError, MissingExtraError, SignatureError, StagewiseError,
                      UnknownOperatingPointError, UnknownOptionError, UnsafeArchiveError, VerificationError)
 
@@ -53,6 +54,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "CPU", th
 
 
 __all__ = ["BackendUnavailableError", "BundleError", "CalibrationError", "ConversionError", "DatasetError",
-           "DeviceUnavailableError", "ImageInputError", "IntegrityError", "InvalidCutPointError", "InvalidOptionError",
+           "DeadlineExceededError", "DeviceUnavailableError",
+           "ImageInputError", "IntegrityError", "InvalidCutPointError", "InvalidOptionError",
            "ManifestError", "MissingExtraError", "SignatureError", "StagewiseError", "UnknownOperatingPointError",
            "UnknownOptionError", "UnsafeArchiveError", "VerificationError", "__version__", "load"]

@@ -209,20 +209,25 @@ def inspect(bundle, as_json):
 @device_option
 @threads_option
 @click.option("--operating-point", help="named operating point (see inspect)")
-@click.option("--budget-ms", type=_Finite(min=0, min_open=True), help="latency budget per image")
+@click.option("--budget-ms", type=_Finite(min=0, min_open=True), help="latency budget per image (a late stage is cancelled)")
+@click.option("--mean-budget-ms", type=_Finite(min=0, min_open=True),
+              help="average-budget mode: pick each image's operating point so the mean latency stays at this")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
 @trusted_key_option
-def run(bundle, images, backend, device, threads, operating_point, budget_ms, as_json, trusted_keys):
+def run(bundle, images, backend, device, threads, operating_point, budget_ms, mean_budget_ms, as_json, trusted_keys):
     """Classify images: label, score, exit stage and time."""
+    if operating_point and mean_budget_ms is not None:
+        raise click.UsageError("give --operating-point or --mean-budget-ms (which picks the point itself), not both")
     with _load(bundle, backend, threads, device, trusted_keys) as cascade:
         if operating_point:
             cascade.use(operating_point)
+        cascade.set_mean_budget(mean_budget_ms)
         for path in images:
             p = cascade.predict(path, budget_ms=budget_ms)
             if as_json:
                 click.echo(json.dumps({"image": path, "label": p.label, "name": p.name, "score": p.score,
                                        "stage": cascade.stage_names[p.stage], "elapsed_ms": p.elapsed_ms,
-                                       "budget_limited": p.budget_limited,
+                                       "budget_limited": p.budget_limited, "operating_point": p.operating_point,
                                        "trace": [r.__dict__ for r in p.trace]}))
             else:
                 flag = " (budget-limited)" if p.budget_limited else ""

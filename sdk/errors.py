@@ -76,3 +76,11 @@ class DatasetError(StagewiseError):
 
 class CalibrationError(StagewiseError):
     """No thresholds satisfy the requested goal."""
+
+
+class DeadlineExceededError(StagewiseError):
+    """A stage run under a deadline was cancelled when the deadline passed (its outputs are lost).
+
+    The executor catches it and answers with the best stage so far (``budget_limited``); it
+    reaches a caller only from a session's own ``run_within``.
+    """

@@ -35,7 +35,9 @@ PER_CLASS_SCORES = ("max_softmax", "max_logit")
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax of ``logits / temperature`` in float64."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.array(logits, dtype=np.float64)
+    if temperature != 1.0:
+        z /= temperature
     z -= z.max(axis=1, keepdims=True)
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
@@ -188,7 +190,8 @@ def earlier_mean(own: np.ndarray, total: np.ndarray | None, k: int) -> np.ndarra
 
 
 def exit_scores(kind: str, probs: np.ndarray, logits: np.ndarray, temperature: float = 1.0,
-                total: np.ndarray | None = None, k: int = 0, model: LearnedExitScore | None = None) -> np.ndarray:
+                total: np.ndarray | None = None, k: int = 0, model: LearnedExitScore | None = None,
+                own: np.ndarray | None = None) -> np.ndarray:
     """Exit scores of any kind, as the executor computes them after stage ``k``.
 
     ``probs`` are the deciding probabilities, ``logits`` the raw logits, ``total`` the running

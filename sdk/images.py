@@ -148,26 +148,52 @@ class Preprocess:
                 "std": list(self.std), "resize": self.resize, "crop_fraction": self.crop_fraction,
                 "interpolation": self.interpolation}
 
-    def resized(self, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """Resize (and crop) an HxWx3 uint8 image to ``size`` = (height, width)."""
+    def crop_box(self, height: int, width: int, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The region of a ``height`` x ``width`` image that becomes the stage input of ``size`` = (h, w).
+
+        One rule for every input size: ``"stretch"`` takes the whole image; ``"shorter_crop"``
+        takes the centred box that, scaled so the shorter side is ``max(size) / crop_fraction``,
+        is ``size`` (an image already at ``size`` is centre-cropped like any other).
+        Returned as PIL's ``(left, top, right, bottom)`` in source pixels.
+        """
         h, w = size
-        if image.shape[:2] == (h, w):
-            return image
-        pil = Image.fromarray(image)
-        resample = _RESAMPLE[self.interpolation]
         if self.resize == "stretch":
-            return np.asarray(pil.resize((w, h), resample))
-        scale = max(h, w) / self.crop_fraction / min(image.shape[:2])
-        new_w = max(w, int(round(image.shape[1] * scale)))
-        new_h = max(h, int(round(image.shape[0] * scale)))
-        left, top = (new_w - w) // 2, (new_h - h) // 2
-        return np.asarray(pil.resize((new_w, new_h), resample).crop((left, top, left + w, top + h)))
+            return 0.0, 0.0, float(width), float(height)
+        scale = max(h, w) / self.crop_fraction / min(height, width)
+        box_w, box_h = min(width, w / scale), min(height, h / scale)
+        left, top = (width - box_w) / 2, (height - box_h) / 2
+        return left, top, left + box_w, top + box_h
+
+    def resized(self, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """The crop box of an HxWx3 uint8 image resized to ``size`` = (height, width), in one resize call.
+
+        Returns ``image`` itself (no copy) when the box is the whole image and it is already at ``size``.
+        """
+        h, w = size
+        box = self.crop_box(image.shape[0], image.shape[1], size)
+        if image.shape[:2] == (h, w) and box == (0.0, 0.0, float(w), float(h)):
+            return image
+        return np.asarray(Image.fromarray(image).resize((w, h), _RESAMPLE[self.interpolation], box=box))
+
+    def pixels(self, images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+        """A uint8 NHWC batch of the resized images (a view of the image when one is already prepared)."""
+        if len(images) == 1:
+            return self.resized(images[0], size)[None]
+        batch = np.empty((len(images), size[0], size[1], 3), dtype=np.uint8)
+        for i, im in enumerate(images):
+            batch[i] = self.resized(im, size)
+        return batch
 
     def tensor(self, images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-        """A float32 batch in the model's layout from uint8 RGB images."""
-        batch = np.stack([self.resized(im, size) for im in images]).astype(np.float32)
+        """A float32 batch in the model's layout, normalised, from uint8 RGB images."""
+        batch = self.pixels(images, size).astype(np.float32)
         batch -= np.asarray(self.mean, dtype=np.float32)
         batch /= np.asarray(self.std, dtype=np.float32)
         if self.layout == "NCHW":
             batch = batch.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(batch)
+
+    def stage_input(self, images: list[np.ndarray], size: tuple[int, int], pixels: bool) -> np.ndarray:
+        """What an image stage reads: the uint8 NHWC :meth:`pixels` when it normalises in its graph
+        (``pixels``), else the float :meth:`tensor`."""
+        return self.pixels(images, size) if pixels else self.tensor(images, size)

@@ -79,6 +79,11 @@ class StageInput:
     model's input name (``None`` in a converter's plan, before the model is exported);
     ``shape`` is the carry's recorded shape, when known. Other sources (image patches) would
     add their own fields next to ``size``.
+
+    ``dtype``/``layout`` of an image input: ``"uint8"``/``"NHWC"`` when the model takes the
+    resized pixels as they are (normalisation and layout are inside its graph); absent in
+    bundles written before that (the model takes the float tensor the bundle's ``input``
+    describes). See :attr:`pixels`.
     """
 
     source: str
@@ -86,12 +91,21 @@ class StageInput:
     size: tuple[int, int] | None = None
     from_stage: str | None = None
     shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    layout: str | None = None
 
     def __post_init__(self) -> None:
         if self.source == "image" and self.size is None:
             raise ValueError("an image stage input needs its size (height, width)")
         if self.source == "carry" and self.from_stage is None:
             raise ValueError("a carry stage input needs the name of the stage it comes from")
+        if self.dtype not in (None, "float32", "uint8") or (self.dtype == "uint8" and self.layout != "NHWC"):
+            raise ValueError("an image stage input is float32 (normalised as the bundle's input says) or uint8 NHWC")
+
+    @property
+    def pixels(self) -> bool:
+        """True when the stage takes uint8 NHWC pixels (its graph normalises them itself)."""
+        return self.dtype == "uint8"
 
     @classmethod
     def image(cls, size: tuple[int, int], tensor: str | None = None) -> "StageInput":
@@ -107,11 +121,12 @@ class StageInput:
         size = d.get("size")
         shape = d.get("shape")
         return cls(d["source"], d.get("tensor"), size=tuple(size) if size is not None else None,
-                   from_stage=d.get("from"), shape=tuple(shape) if shape is not None else None)
+                   from_stage=d.get("from"), shape=tuple(shape) if shape is not None else None,
+                   dtype=d.get("dtype"), layout=d.get("layout"))
 
     def to_dict(self) -> dict[str, Any]:
         return _optional({"source": self.source}, size=self.size, **{"from": self.from_stage}, tensor=self.tensor,
-                         shape=self.shape)
+                         shape=self.shape, dtype=self.dtype, layout=self.layout)
 
 
 @dataclass(frozen=True)

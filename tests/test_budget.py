@@ -7,6 +7,7 @@ import pytest
 
 from conftest import FakeClock, ScriptedStage, manifest_for, scripted_image, stage_entry
 from stagewise.bundle import read_bundle, write_bundle
+from stagewise.errors import DeadlineExceededError
 from stagewise.runtimes import Cascade
 from stagewise.runtimes.latency import LatencyModel, SortedWindow
 
@@ -243,7 +244,7 @@ def test_device_slowdown_reaches_stages_that_did_not_run(tmp_path):
     for _ in range(6):  # a budget where stage 2 never fits: it is not re-measured
         p = cascade.predict(UNSURE, budget_ms=30)
         assert p.stage <= 1 and not p.deadline_missed
-    assert sessions[2].calls[-1:] and len(sessions[2].calls) == 12  # 2 warm-up runs + 10 before the slowdown
+    assert sessions[2].calls[-1:] and len(sessions[2].calls) == 11  # 1 warm-up run + 10 before the slowdown
     assert cascade.latency.speed() == pytest.approx(2.0)
     assert cascade.latency.predict(2) == pytest.approx(40.0)
     assert cascade.latency.mean(2) == pytest.approx(40.0)
@@ -257,3 +258,35 @@ def test_device_slowdown_reaches_stages_that_did_not_run(tmp_path):
     without.observe(0, 2.0)
     without.observe(0, 4.0)
     assert without.speed() == 1.0
+
+
+class CancellableStage(ScriptedStage):
+    """A scripted stage that a deadline can stop: ``run_within`` takes at most the timeout, then raises."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timeouts: list[float] = []
+
+    def run_within(self, x, timeout_s):
+        self.timeouts.append(timeout_s)
+        if self.latency / 1e3 <= timeout_s:
+            return self.run(x)
+        self.clock.now += timeout_s
+        raise DeadlineExceededError("cancelled")
+
+
+def test_a_running_stage_is_cancelled_at_the_budget_and_the_best_answer_returned(tmp_path):
+    cascade, _, clock = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0))
+    sessions = [CancellableStage(k, clock, ms) for k, ms in enumerate((2.0, 5.0, 20.0))]
+    cascade = Cascade(cascade.bundle, sessions, "mock", 1, clock=clock)
+    cascade.warm_up()
+    sessions[2].latency = 200.0  # stage 2 slows down after it was measured: predicted to fit, it overruns
+    p = cascade.predict(UNSURE, budget_ms=40.0)
+    assert [r.decision for r in p.trace] == ["continue", "continue", "cancelled_budget"]
+    assert p.budget_limited and p.stage == 1
+    assert p.trace[2].reason == "cancelled" and p.elapsed_ms == pytest.approx(40.0)  # stopped at the deadline
+    assert p.trace[2].explain().startswith("s2: cancelled after 33.00 ms when the budget ran out")
+    assert sessions[0].timeouts == []  # the first stage always runs to the end
+    assert sessions[2].timeouts == [pytest.approx((40.0 - 7.0) / 1e3)]
+    batch = cascade.predict_batch([UNSURE] * 3, budget_ms=40.0)
+    assert all(b.budget_limited and b.stage == 1 and b.label == p.label for b in batch)

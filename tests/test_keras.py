@@ -63,13 +63,17 @@ def cli_bundle(tmp_path_factory, image_folder):
 
 @pytest.fixture(scope="module")
 def multi_bundle(tmp_path_factory, splits):
-    """INT8 bundle of the toy Keras net with TFLite (int8 I/O), ONNX and OpenVINO artifacts."""
+    """INT8 bundle of the toy Keras net with TFLite (int8 I/O), ONNX and OpenVINO artifacts.
+
+    Float input: integer-only TFLite (int8 in and out, no float op) needs it; with pixel input the
+    model's first ops (cast, per-channel scale and offset) run in float before a QUANTIZE.
+    """
     train, calib = splits
     plans = early_exit_plans(toys.residual_net(), ["block1_out"], PRE, (16, 16), train, FAST_HEADS)
     out = tmp_path_factory.mktemp("keras") / "multi"
     return build_bundle(out, "multi", plans, PRE, train.classes, calib,
                         BuildOptions(formats=("tflite", "onnx", "openvino"), int8=True, int8_io=True,
-                                     int8_tolerance=0.0, **QUICK))
+                                     int8_tolerance=0.0, pixel_input=False, **QUICK))
 
 
 def test_cut_points_follow_the_layer_graph():

@@ -59,8 +59,10 @@ def fp32_bundle(tmp_path_factory, splits, plans):
 def int8_bundle(tmp_path_factory, splits, plans):
     train, calib = splits
     out = tmp_path_factory.mktemp("litert") / "toy-int8"
+    # float input (the format before pixel input): the int8 input's own quantization parameters are exercised
     return build_bundle(out, "toy", plans, PRE, train.classes, calib,
-                        BuildOptions(formats=("tflite",), int8=True, int8_io=True, int8_tolerance=0.0, **QUICK))
+                        BuildOptions(formats=("tflite",), int8=True, int8_io=True, int8_tolerance=0.0, pixel_input=False,
+                                     **QUICK))
 
 
 def test_torch_bundle_on_litert_agrees_with_torch(fp32_bundle, plans, image_folder):

@@ -117,7 +117,7 @@ def test_openvino_agrees_with_onnxruntime(request, which, images):
         for point in ort_c.operating_points:
             ort_d, ort_p = _decisions(ort_c, images, point)
             ov_d, _ = _decisions(ov_c, images, point)
-            thresholds = ort_c._thresholds(point)
+            thresholds = ort_c._point(point).thresholds
             for (od, vd), p in zip(zip(ort_d, ov_d), ort_p):
                 # a score within float noise of a threshold may fall either side; none should here
                 near = any(r.threshold is not None and abs(r.score - r.threshold) < 1e-5 for r in p.trace)
@@ -232,13 +232,13 @@ def test_cpu_runs_in_f32_with_latency_hint_and_threads(ee_bundle):
     assert compiled.get_property("ENABLE_CPU_PINNING") is False
     assert stage.static_batch is None and stage.execution_devices == ["CPU"]
     rng = np.random.default_rng(0)
-    first = stage.run(rng.standard_normal((2, 3, 16, 16)).astype(np.float32))
+    first = stage.run(rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))  # pixel input: uint8 NHWC
     kept = {k: v.copy() for k, v in first.items()}
-    second = stage.run(rng.standard_normal((2, 3, 16, 16)).astype(np.float32))
+    second = stage.run(rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
     assert all(np.array_equal(first[k], kept[k]) for k in kept)  # one reused request, but outputs are not aliased
     assert not np.array_equal(first["logits"], second["logits"])
-    with pytest.raises(ValueError, match=r"expects \[-1, 3, 16, 16\]"):
-        stage.run(np.zeros((1, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"expects \[-1, 16, 16, 3\]"):
+        stage.run(np.zeros((1, 8, 8, 3), np.uint8))
 
 
 def test_auto_device_configures_cpu_through_device_properties(ee_bundle, images):
@@ -315,9 +315,9 @@ def test_npu_request_is_static_and_carries_no_cpu_only_properties(ee_bundle):
     assert static and device == "NPU"
     assert config["PERFORMANCE_HINT"] == "LATENCY" and "CACHE_DIR" in config
     assert not {"INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "ENABLE_CPU_PINNING"} & set(config)
-    out = stage.run(np.zeros((3, 3, 16, 16), np.float32))  # batch 3 through a batch-1 model
+    out = stage.run(np.zeros((3, 16, 16, 3), np.uint8))  # batch 3 through a batch-1 model
     assert out["logits"].shape == (3, 3) and out["carry"].shape == (3, 8, 16, 16)
-    empty = stage.run(np.zeros((0, 3, 16, 16), np.float32))
+    empty = stage.run(np.zeros((0, 16, 16, 3), np.uint8))
     assert empty["logits"].shape == (0, 3) and empty["carry"].shape == (0, 8, 16, 16)
 
 

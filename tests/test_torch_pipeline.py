@@ -122,13 +122,14 @@ def test_cascade_stages_see_their_own_resolution(tmp_path, splits):
     with stagewise.load(out, threads=1) as cascade:
         inputs = [s["input"] for s in cascade.bundle.manifest["stages"]]
         assert [i["size"] for i in inputs] == [[8, 8], [16, 12]]
+        assert [(i["dtype"], i["layout"]) for i in inputs] == [("uint8", "NHWC")] * 2
         sessions = [s.session for s in cascade._stages]
         shapes = []
         for s in sessions:
             original = s.run
-            s.run = lambda x, original=original: (shapes.append(x.shape), original(x))[1]
+            s.run = lambda x, original=original: (shapes.append((x.shape, x.dtype)), original(x))[1]
         cascade.predict(calib.image(0), operating_point="full")
-    assert shapes == [(1, 3, 8, 8), (1, 3, 16, 12)]
+    assert shapes == [((1, 8, 8, 3), np.uint8), ((1, 16, 12, 3), np.uint8)]
 
 
 def test_label_mismatch_fails_without_writing(tmp_path, splits):

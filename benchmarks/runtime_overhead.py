@@ -1,0 +1,261 @@
+"""Runtime overhead (issue #12): what the executor costs outside the backend calls, and cold start.
+
+Two bundles with pixel input (uint8 NHWC, normalisation inside the stage models), on ONNX
+Runtime, one thread:
+
+* the ImageNet cascade of ``stagewise demo`` (EfficientNet-Lite0@224 -> Lite2@260, mean
+  probabilities), built from the zoo on the packaged demo images, fed the demo images resized
+  to 500x375 (the size the targets are stated for);
+* a CIFAR-10 early-exit ResNet (cuts layer1, layer2) built on a share of the CIFAR-10 archive,
+  fed 32x32 test images (already at the stage size: no resize, no copy).
+
+Measured round robin, image by image, at the ``full`` operating point (every stage runs):
+
+* ``cascade``: ``Cascade.predict`` on the decoded image;
+* ``raw``: the same backend sessions called directly on ready stage tensors;
+* ``prep``: the stages' input preparation alone (crop-box resize; pixels as they are);
+* ``null``: ``Cascade.predict`` with do-nothing sessions that return recorded outputs, so
+  what it takes is the executor's own work plus input preparation, without backend noise.
+
+Per stage: executor overhead = (``null`` - ``prep``) / stages; on the real backend,
+(``cascade`` - ``raw`` - ``prep``) / stages (noisier: it is a difference of large numbers).
+Cold start: ``import stagewise`` + ``load`` of the ``.swb`` + first prediction, in fresh
+processes, with an empty and with a warm model cache (medians of ``--repeats``).
+
+    python -m benchmarks.runtime_overhead --data /work/shared/data
+    python -m benchmarks.runtime_overhead --render --into docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import harness
+
+NAME = "runtime_overhead"
+SIZE = (375, 500)  # height, width of the ImageNet inputs (500x375)
+COLD = """
+import time, sys
+t0 = time.perf_counter()
+import stagewise
+t1 = time.perf_counter()
+cascade = stagewise.load(sys.argv[1], backend="onnxruntime", threads=1)
+t2 = time.perf_counter()
+import numpy as np
+cascade.predict(np.load(sys.argv[2]))
+t3 = time.perf_counter()
+print((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, all(s.session.loaded_from_cache for s in cascade._stages))
+"""
+
+
+def imagenet_bundle(out: Path, threads: int) -> Path:
+    """The demo cascade (as ``stagewise demo`` builds it), calibrated on half of the demo images."""
+    if out.exists():
+        return out
+    from stagewise.converters.build import build_bundle
+    from stagewise.converters.factory import build_model
+    from stagewise.converters.options import BuildOptions
+    from stagewise.converters.plans import cascade_plans
+    from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS, imagenet_labels
+    from stagewise.datasets import open_image_set
+    from stagewise.demo import STAGES, demo_images
+    from stagewise.images import Preprocess
+
+    calibration, _ = open_image_set(demo_images()).split([0.5, 0.5], seed=0)
+    plans = cascade_plans([(name, build_model(spec, image_size=size), (size, size)) for name, spec, size in STAGES],
+                          combine="mean_probs")
+    return build_bundle(out, "effnet-lite-cascade", plans, Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS)),
+                        imagenet_labels(), calibration, BuildOptions(threads=threads), kind="cascade")
+
+
+def cifar_bundle(out: Path, parts: harness.Parts, threads: int) -> Path:
+    """A CIFAR-10 early-exit ResNet (heads on 2,000 train images, calibrated on 500)."""
+    if out.exists():
+        return out
+    from stagewise.converters.build import build_bundle
+    from stagewise.converters.heads import HeadTraining
+    from stagewise.converters.options import BuildOptions
+    from stagewise.converters.plans import early_exit_plans
+    from stagewise.images import Preprocess
+
+    example = harness.example_module("cifar10")
+    pre = Preprocess(mean=example.MEAN, std=example.STD, resize="stretch", crop_fraction=1.0)
+    plans = early_exit_plans(example.resnet_cifar(), ["layer1", "layer2"], pre, (32, 32),
+                             harness.subset(parts.train, 2000, seed=0), HeadTraining())
+    return build_bundle(out, "cifar10-resnet-ee", plans, pre, parts.images.classes,
+                        harness.subset(parts.calibration, 500, seed=0), BuildOptions(threads=threads))
+
+
+class Recorded:
+    """A do-nothing session: returns one recorded output of the real stage, whatever the input."""
+
+    def __init__(self, outputs: dict[str, np.ndarray]):
+        self.outputs = outputs
+
+    def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        return self.outputs
+
+
+def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
+    """Round robin of ``cascade``, ``raw``, ``prep`` and ``null`` on ``images`` for the bundle at ``path``."""
+    from stagewise.runtimes import Cascade, load
+    from stagewise.runtimes.routing import Carries
+
+    cascade = load(path, backend="onnxruntime", threads=threads)
+    router = cascade.router
+    stages = cascade._stages
+    sessions = [st.session._session for st in stages]
+
+    def ready(image: np.ndarray) -> list[np.ndarray]:
+        carries, tensors = Carries(1), []
+        for k, st in enumerate(stages):
+            x = np.ascontiguousarray(router.input(k, [image], carries))
+            router.keep(k, st.session.run(x), carries)
+            tensors.append(x)
+        return tensors
+
+    tensors = {id(im): ready(im) for im in images}
+
+    def raw(image: np.ndarray) -> None:
+        for st, session, x in zip(stages, sessions, tensors[id(image)]):
+            session.run(list(st.io.outputs), {st.io.input: x})
+
+    def prep(image: np.ndarray) -> None:
+        for k in range(len(stages)):
+            if router.reads_image(k):
+                router.input(k, [image], None)
+
+    recorded = [Recorded(st.session.run(x)) for st, x in zip(stages, tensors[id(images[0])])]
+    null = Cascade(cascade.bundle, recorded, "onnxruntime", threads)
+    runners = {"cascade": lambda im: cascade.predict(im, operating_point="full"), "raw": raw, "prep": prep,
+               "null": lambda im: null.predict(im, operating_point="full")}
+    timing = harness.round_robin(runners, images, warmup=3, describe=f"timing {path.name}")
+    per_stage_prep = {}
+    for k, st in enumerate(stages):
+        if router.reads_image(k):
+            per_stage_prep[st.name] = float(np.median([_timed(lambda: router.input(k, [im], None)) for im in images]))
+    per_stage_raw = {st.name: float(np.median([_timed(lambda: s.run(list(st.io.outputs), {st.io.input: tensors[id(im)][k]}))
+                                               for im in images]))
+                     for k, (st, s) in enumerate(zip(stages, sessions))}
+    medians = timing.medians()
+    n = len(stages)
+    cascade.close()
+    return {"bundle": path.name, "stages": [st.name for st in stages], "images": len(images),
+            "input": f"{images[0].shape[1]}x{images[0].shape[0]}", "median_ms": medians,
+            "overhead_us_per_stage_null": (medians["null"] - medians["prep"]) * 1e3 / n,
+            "overhead_us_per_stage_real": (medians["cascade"] - medians["raw"] - medians["prep"]) * 1e3 / n,
+            "prep_ms": per_stage_prep, "backend_ms": per_stage_raw,
+            "prep_share": {name: per_stage_prep[name] / per_stage_raw[name] for name in per_stage_prep}}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def cold_start(path: Path, image: np.ndarray, repeats: int) -> dict:
+    """Fresh processes: ``import stagewise``, ``load`` and the first prediction, with an empty and a warm cache."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="stagewise-cold-") as tmp:
+        picture = Path(tmp) / "image.npy"
+        np.save(picture, image)
+        for state in ("empty cache", "warm cache"):
+            runs = []
+            for r in range(repeats):
+                env = dict(os.environ, STAGEWISE_CACHE_DIR=str(Path(tmp) / ("cache" if state == "warm cache" else f"c{r}")))
+                line = subprocess.run([sys.executable, "-c", COLD, str(path), str(picture)], env=env, check=True,
+                                      capture_output=True, text=True).stdout.split()
+                runs.append([float(v) for v in line[:3]] + [line[3] == "True"])
+            if state == "warm cache":
+                runs = runs[1:] if repeats > 1 else runs  # the first run fills the cache
+            out[state] = {"import_ms": float(np.median([r[0] for r in runs])),
+                          "load_ms": float(np.median([r[1] for r in runs])),
+                          "first_prediction_ms": float(np.median([r[2] for r in runs])),
+                          "total_ms": float(np.median([sum(r[:3]) for r in runs])),
+                          "from_cache": all(r[3] for r in runs), "runs": len(runs)}
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["## Runtime overhead (issue #12): pixel input, one resize per stage, cold start", "",
+             f"Measured {result['machine']['date']} on {result['machine']['cpu']} ({result['machine']['cores']} cores, "
+             f"shared with other jobs; load average {result['load_average'][0]:.1f} when it started), ONNX Runtime, "
+             f"1 thread. Command: `{result['command']}`.", "",
+             "| bundle | input | stages | cascade ms | raw backend ms | prep ms | executor overhead per stage "
+             "(null backend) | same on the real backend |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["bundles"]:
+        m = r["median_ms"]
+        lines.append(f"| {r['bundle']} | {r['input']} | {len(r['stages'])} | {m['cascade']:.2f} | {m['raw']:.2f} | "
+                     f"{m['prep']:.3f} | {r['overhead_us_per_stage_null']:.0f} µs | "
+                     f"{r['overhead_us_per_stage_real']:.0f} µs |")
+    lines += ["", "Input preparation (crop-box resize; the pixels go to the model as they are) against the stage's "
+              "backend time:", "", "| bundle | stage | prep ms | backend ms | prep / backend |", "|---|---|---|---|---|"]
+    for r in result["bundles"]:
+        for name, share in r["prep_share"].items():
+            lines.append(f"| {r['bundle']} | {name} | {r['prep_ms'][name]:.3f} | {r['backend_ms'][name]:.2f} | "
+                         f"{100 * share:.1f} % |")
+    lines += ["", f"Cold start of {result['cold_start_bundle']} (fresh process: `import stagewise` + `load` + first "
+              "prediction, medians):", "", "| model cache | import ms | load ms | first prediction ms | total ms |",
+              "|---|---|---|---|---|"]
+    for state, c in result["cold_start"].items():
+        lines.append(f"| {state} | {c['import_ms']:.0f} | {c['load_ms']:.0f} | {c['first_prediction_ms']:.0f} | "
+                     f"{c['total_ms']:.0f} |")
+    imagenet, warm = result["bundles"][0], result["cold_start"]["warm cache"]
+    first = imagenet["stages"][0]
+    checks = [("executor overhead per stage (null backend, worst bundle)",
+               max(r["overhead_us_per_stage_null"] for r in result["bundles"]), 50, "µs"),
+              (f"input preparation / backend, {first} on {imagenet['input']}", 100 * imagenet["prep_share"][first], 5, "%"),
+              ("cold start with a warm cache", warm["total_ms"], 1000, "ms")]
+    lines += ["", "| target | reached | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {what} | {value:.1f} {unit} | ≤ {goal} {unit} | {'yes' if value <= goal else 'no'} |"
+              for what, value, goal, unit in checks]
+    lines += ["", "Timings on a shared machine: the backend times (and so the ratios) move with the load of the "
+              "other jobs. The real-backend overhead column is a difference of two noisy medians of much larger "
+              "numbers; the null-backend column measures the executor alone. Input preparation is one "
+              "`PIL.Image.resize(box=...)` call (bilinear, antialiased) per image stage; `load` includes "
+              "importing numpy, jsonschema and ONNX Runtime, extracting the deflated `.swb`, creating the "
+              "sessions and one warm-up backend call per stage."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = harness.parser(__doc__, f"{NAME}.json", bundles=NAME, render=True, limit=40)
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per cold-start state (default 3)")
+    args = ap.parse_args()
+    if harness.render_only(args, NAME, markdown):
+        return
+    from PIL import Image
+
+    from stagewise.datasets import open_image_set
+    from stagewise.demo import demo_images
+
+    args.bundles.mkdir(parents=True, exist_ok=True)
+    parts = harness.cifar10_parts(args.data)
+    imagenet = imagenet_bundle(args.bundles / "effnet-lite-cascade.swb", args.threads)
+    cifar = cifar_bundle(args.bundles / "cifar10-resnet-ee.swb", parts, args.threads)
+    demo = open_image_set(demo_images())
+    pictures = [np.asarray(Image.fromarray(demo.image(i)).resize((SIZE[1], SIZE[0]), Image.Resampling.BILINEAR))
+                for i in range(min(args.limit, len(demo)))]
+    tests = [parts.test.image(i) for i in range(args.limit)]
+    result = harness.metadata(NAME)
+    result["load_average"] = os.getloadavg()
+    result["bundles"] = [measure(imagenet, pictures, args.threads), measure(cifar, tests, args.threads)]
+    result["cold_start_bundle"] = imagenet.name
+    result["cold_start"] = cold_start(imagenet, pictures[0], args.repeats)
+    harness.save(result, args.out)
+    print(json.dumps({k: result[k] for k in ("bundles", "cold_start")}, indent=1, default=str))
+    harness.publish(args, NAME, markdown(result))
+
+
+if __name__ == "__main__":
+    main()
