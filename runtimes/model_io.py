@@ -62,8 +62,12 @@ def check_stage(k: int, spec: StageSpec, io: DeclaredIO, layout: str, classes: i
     """Raise :class:`ManifestError` if stage ``k``'s manifest record disagrees with what its model declares."""
     where = f"stages[{k}]"
     tensor = _tensor(io.inputs, spec.input.tensor, f"{where}.input.tensor", "input")
-    if tensor.dtype not in io.input_dtypes:
-        raise ManifestError(f"manifest field input.dtype: float32, but stage {spec.name}'s model input "
+    if spec.input.pixels:  # the stage's graph takes uint8 NHWC pixels and normalises them itself
+        expected, field, dtypes, layout = "uint8", f"{where}.input.dtype", ("uint8",), "NHWC"
+    else:
+        expected, field, dtypes = "float32", "input.dtype", io.input_dtypes
+    if tensor.dtype not in dtypes:
+        raise ManifestError(f"manifest field {field}: {expected}, but stage {spec.name}'s model input "
                             f"{spec.input.tensor!r} is {tensor.dtype}; rebuild the bundle")
     if spec.input.source == "image":
         shapes = _image_shapes(spec.input.size)
