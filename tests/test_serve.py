@@ -235,3 +235,26 @@ def test_micro_batches_route_per_sample_and_budgeted_jobs_run_alone(tmp_path):
     assert 700 < answers[3].prediction.budget_ms < 820
     # the budgeted job alone, a batch of 3 and one of 1 (another operating point); only the unsure ones went on
     assert sorted(sessions[0].calls) == [1, 1, 3] and sessions[2].calls == [1, 1]
+
+
+def test_serve_command_takes_its_settings_from_the_environment(monkeypatch):
+    from click.testing import CliRunner
+
+    import stagewise.runtimes.serve as serve_module
+    from stagewise.cli import cli
+
+    calls = []
+    monkeypatch.setattr(serve_module, "serve", lambda *args, **kwargs: calls.append((args, kwargs)))
+    env = {"STAGEWISE_BUNDLE": str(TOY_BUNDLE), "STAGEWISE_RUNTIME": "litert", "STAGEWISE_THREADS": "3",
+           "STAGEWISE_PORT": "9123", "STAGEWISE_MAX_BATCH": "4", "STAGEWISE_QUEUE_SIZE": "10",
+           "STAGEWISE_MAX_BODY_MB": "1", "STAGEWISE_OPERATING_POINT": "full"}
+    result = CliRunner().invoke(cli, ["serve", "--queue-size", "12"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (args, kwargs), = calls
+    assert args == (str(TOY_BUNDLE), "127.0.0.1", 9123)
+    assert (kwargs["backend"], kwargs["threads"], kwargs["operating_point"]) == ("litert", 3, "full")
+    config = kwargs["config"]
+    assert (config.max_batch, config.queue_size, config.max_body_bytes, config.reload_on_sighup) == \
+        (4, 12, 2 ** 20, True)  # the command line wins over the environment
+    bad = CliRunner().invoke(cli, ["serve"], env={**env, "STAGEWISE_MAX_BATCH": "0"})
+    assert bad.exit_code != 0 and "max-batch" in bad.output
