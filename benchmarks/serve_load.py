@@ -11,8 +11,9 @@ configuration is bounded by a request count and a time limit. Configurations:
   stage (a one-stage bundle of it, --max-batch 1), and the same with micro-batching.
 
 Reported per configuration: throughput, latency p50/p95/p99 (client side, from send to answer),
-errors, top-1 on the labelled images sent, the exit histogram, and the server's RSS before and
-after; a long run of --rss-requests on the cascade checks that memory stays flat.
+errors, top-1 on the labelled images sent, the exit histogram and the server's RSS; a long run
+of --rss-requests on the cascade (after a warm-up at full batches) reads the RSS five times to
+check that memory stays flat.
 
 The ImageNet cascade is EfficientNet-Lite0@224 -> Lite2@260 (mean probabilities), built like
 ``stagewise demo`` from the packaged 160 demo images (thresholds on one half, requests from the
@@ -193,6 +194,9 @@ def summary(run: dict, labels: list[int], stages: int) -> dict:
             "exit_histogram": histogram, "mean_batch": float(np.mean(batch)) if batch else 0.0}
 
 
+RSS_SAMPLES = 5
+"""How many times the memory run reads the server's RSS (after each equal share of its requests)."""
+
 CONFIGS = (("cascade, micro-batching", "cascade", True), ("cascade, one at a time", "cascade", False),
            ("largest stage alone, one at a time", "largest", False),
            ("largest stage alone, micro-batching", "largest", True))
@@ -228,15 +232,21 @@ async def measure(name: str, paths: dict[str, Path], bodies: list[bytes], labels
     try:
         async with httpx.AsyncClient() as probe:
             await server.ready(probe)
-        await drive(server.url, bodies, 4, 64, 30)
-        before = server.rss_mb()
-        run = await drive(server.url, bodies, max(args.clients), args.rss_requests, args.rss_time_limit)
-        after = server.rss_mb()
+        clients = max(args.clients)
+        await drive(server.url, bodies, clients, 8 * clients, 60)  # full batches once: the runtime's arenas grow
+        samples = [server.rss_mb()]
+        sent, errors, wall = 0, 0, 0.0
+        chunk = max(args.rss_requests // RSS_SAMPLES, 1)
+        for _ in range(RSS_SAMPLES):
+            run = await drive(server.url, bodies, clients, chunk, args.rss_time_limit / RSS_SAMPLES)
+            sent, errors, wall = sent + run["sent"], errors + len(run["errors"]), wall + run["wall_s"]
+            samples.append(server.rss_mb())
     finally:
         server.stop()
-    rss = {"dataset": name, "requests": run["sent"], "errors": len(run["errors"]), "rss_before_mb": before,
-           "rss_after_mb": after, "clients": max(args.clients), "wall_s": run["wall_s"]}
-    print(f"{name}: RSS {before:.1f} MB -> {after:.1f} MB after {rss['requests']} requests ({rss['errors']} errors)")
+    rss = {"dataset": name, "requests": sent, "errors": errors, "rss_before_mb": samples[0],
+           "rss_after_mb": samples[-1], "rss_samples_mb": samples, "clients": clients, "wall_s": wall}
+    print(f"{name}: RSS after warm-up {samples[0]:.1f} MB, then {', '.join(f'{x:.1f}' for x in samples[1:])} MB "
+          f"over {sent} requests ({errors} errors)")
     return {"rows": rows, "rss": rss}
 
 
@@ -258,8 +268,10 @@ def markdown(result: dict) -> str:
         rss = part["rss"]
         out += ["", "Throughput of the cascade with micro-batching over: " + ", ".join(
             f"{k} {v:.2f}x" for k, v in gains.items()) + ".",
-            f"Server RSS {rss['rss_before_mb']:.1f} MB before and {rss['rss_after_mb']:.1f} MB after "
-            f"{rss['requests']} requests ({rss['errors']} errors, {rss['clients']} clients).", ""]
+            f"Server RSS after a warm-up at full batches {rss['rss_before_mb']:.1f} MB, then "
+            + ", ".join(f"{x:.1f}" for x in rss["rss_samples_mb"][1:])
+            + f" MB after each fifth of {rss['requests']} requests ({rss['errors']} errors, "
+            f"{rss['clients']} clients).", ""]
     return "\n".join(out)
 
 

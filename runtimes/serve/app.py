@@ -40,7 +40,7 @@ from stagewise.images import load_image
 
 from ..executor import Cascade
 from .batching import Answer, Job, MicroBatcher
-from .errors import PayloadTooLargeError, QueueFullError, RequestError, ServeError
+from .errors import PayloadTooLargeError, QueueFullError, RequestError, ServeError, ShuttingDownError
 from .kserve import HEADER, infer_response, model_metadata, parse_infer_request
 from .metrics import Metrics
 from .model import ModelSlot
@@ -95,9 +95,11 @@ class Service:
 
     @property
     def ready(self) -> bool:
+        """Whether the workers run (between the app's startup and shutdown)."""
         return self.batcher is not None
 
     def start(self) -> None:
+        """Start the worker threads."""
         c = self.config
         self.batcher = MicroBatcher(self.slot, c.max_batch, c.window_ms, c.queue_size, c.workers,
                                     on_batch=self.metrics.batch_size.observe)
@@ -110,6 +112,7 @@ class Service:
         self.slot.close()
 
     def reload(self, source: str | None = None) -> Cascade:
+        """Switch to ``source`` (default: the served path, read again); see :meth:`ModelSlot.reload`."""
         try:
             cascade = self.slot.reload(source)
         except StagewiseError:
@@ -120,18 +123,21 @@ class Service:
         return cascade
 
     def check_operating_point(self, name: str | None) -> None:
+        """Refuse an operating point the served bundle does not define, before anything is queued."""
         points = self.slot.current.operating_points
         if name is not None and name not in points:
             raise UnknownOperatingPointError(f"unknown operating point {name!r}; this bundle defines: "
                                              f"{', '.join(points)}")
 
     async def classify(self, jobs: list[Job]) -> list[Answer]:
+        """Queue ``jobs`` (all or none: :class:`QueueFullError`) and wait for their answers."""
         if self.batcher is None:
-            raise ServeError("the service is not ready yet")
+            raise ShuttingDownError("the service is not running (starting or shutting down); retry shortly")
         self.batcher.submit(jobs)
         return list(await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs)))
 
     def answered(self, answer: Answer, elapsed_ms: float, budget_ms: float | None) -> None:
+        """Count an answer in the metrics."""
         self.metrics.answered(answer.prediction, answer.stage_names[answer.prediction.stage],
                               answer.operating_point, elapsed_ms, budget_ms)
 

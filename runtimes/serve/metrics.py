@@ -44,6 +44,7 @@ class Metrics:
 
     def answered(self, prediction: Prediction, stage: str, point: str, elapsed_ms: float,
                  budget_ms: float | None) -> None:
+        """Count one answered image: its exit stage, and whether it missed or was limited by its budget."""
         self.images.inc()
         self.exits.labels(stage, point).inc()
         if budget_ms is not None and elapsed_ms > budget_ms:
