@@ -22,6 +22,7 @@ layer2 (heads on --head-images training images), requests from the test split.
 
     python -m benchmarks.serve_load --data /work/shared/data                  # full size
     python -m benchmarks.serve_load --requests 300 --rss-requests 3000 --head-images 2000   # reduced
+    python -m benchmarks.serve_load --render RESULT... --into docs/benchmarks.md           # several runs, one section
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from PIL import Image
 from benchmarks import harness
 
 NAME = "serve_load"
+HEADER = "## Serving under load (issue #14): `stagewise serve`\n\n"
 
 
 # ---- bundles -----------------------------------------------------------------------------------
@@ -110,7 +112,8 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
 class Server:
     """``stagewise serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, bundle: Path, threads: int, max_batch: int, window_ms: float, queue_size: int):
+    def __init__(self, bundle: Path, threads: int, max_batch: int, window_ms: float, queue_size: int,
+                 operating_point: str | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -119,7 +122,8 @@ class Server:
             [sys.executable, "-c", "from stagewise.cli import main; main()", "serve", str(bundle),
              "--port", str(self.port), "--backend", "onnxruntime", "--threads", str(threads),
              "--max-batch", str(max_batch), "--batch-window-ms", str(window_ms), "--queue-size", str(queue_size),
-             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             "--log-level", "warning", *(["--operating-point", operating_point] if operating_point else [])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     async def ready(self, client) -> None:
         import httpx
@@ -210,7 +214,8 @@ async def measure(name: str, paths: dict[str, Path], bodies: list[bytes], labels
     stages = {kind: len(read_bundle(p).manifest.stages) for kind, p in paths.items()}
     rows = []
     for config, kind, batched in CONFIGS:
-        server = Server(paths[kind], args.threads, args.max_batch if batched else 1, args.window_ms, args.queue_size)
+        server = Server(paths[kind], args.threads, args.max_batch if batched else 1, args.window_ms, args.queue_size,
+                        args.operating_point if kind == "cascade" else None)
         try:
             async with httpx.AsyncClient() as probe:
                 await server.ready(probe)
@@ -228,7 +233,8 @@ async def measure(name: str, paths: dict[str, Path], bodies: list[bytes], labels
             rows[-1]["rss_before_mb"] = rss_before
         finally:
             server.stop()
-    server = Server(paths["cascade"], args.threads, args.max_batch, args.window_ms, args.queue_size)
+    server = Server(paths["cascade"], args.threads, args.max_batch, args.window_ms, args.queue_size,
+                    args.operating_point)
     try:
         async with httpx.AsyncClient() as probe:
             await server.ready(probe)
@@ -256,7 +262,8 @@ def markdown(result: dict) -> str:
     out = [f"Measured on {result['machine']['cpu']} ({result['machine']['cores']} cores), "
            f"{result['machine']['date']}; `{result['command']}`. Server and client share the machine; the "
            f"server runs ONNX Runtime with {result['threads']} thread(s), micro-batches of at most "
-           f"{result['max_batch']} within {result['window_ms']} ms. {result['size_note']}", ""]
+           f"{result['max_batch']} within {result['window_ms']} ms, cascades at operating point "
+           f"{result.get('operating_point') or 'of the bundle (default)'}. {result['size_note']}", ""]
     for name, part in result["datasets"].items():
         out += [f"### {name}", "", "| configuration | clients | req/s | p50 ms | p95 ms | p99 ms | errors | top-1 "
                 "| exits | mean batch |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -296,8 +303,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--window-ms", type=float, default=3.0)
     ap.add_argument("--queue-size", type=int, default=256)
+    ap.add_argument("--operating-point", help="the cascades' operating point (default: each bundle's default)")
     args = ap.parse_args()
-    if harness.render_only(args, NAME, markdown):
+    if harness.render_only(args, NAME, markdown, header=HEADER):
         return
     args.bundles.mkdir(parents=True, exist_ok=True)
     datasets = {}
@@ -314,12 +322,12 @@ def main() -> None:
         datasets[title] = part
     full = args.requests >= 2000 and args.rss_requests >= 20000
     result = {**harness.metadata(NAME), "threads": args.threads, "max_batch": args.max_batch,
-              "window_ms": args.window_ms, "os_cpus": os.cpu_count(), "datasets": datasets,
+              "window_ms": args.window_ms, "operating_point": args.operating_point, "os_cpus": os.cpu_count(), "datasets": datasets,
               "size_note": "Full size." if full else
               f"Reduced size: at most {args.requests} requests per row (time limit {args.time_limit:g} s) and "
               f"{args.rss_requests} requests for the memory check (the full run: 2,000 and 20,000)."}
     harness.save(result, args.out)
-    harness.publish(args, NAME, "## Serving under load (issue #14): `stagewise serve`\n\n" + markdown(result))
+    harness.publish(args, NAME, HEADER + markdown(result))
 
 
 if __name__ == "__main__":
