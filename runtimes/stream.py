@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -68,6 +68,20 @@ class FrameResult:
     def latency_ms(self) -> float | None:
         """From the frame being due to its answer (``None`` when dropped)."""
         return None if self.end_ms is None else self.end_ms - self.due_ms
+
+    def to_dict(self, stage_names: list[str] | None = None, trace: bool = True) -> dict:
+        """A JSON-ready record of the frame (one line of a frame log); ``stage_names`` names the exit stage."""
+        p = self.prediction
+        doc = {"frame": self.index, "status": self.status, "due_ms": self.due_ms, "start_ms": self.start_ms,
+               "end_ms": self.end_ms, "budget_ms": self.budget_ms,
+               "label": p.label if p else None, "class_name": p.name if p else None,
+               "score": p.score if p else None, "stage": p.stage if p else None,
+               "operating_point": p.operating_point if p else None}
+        if p and stage_names:
+            doc["stage_name"] = stage_names[p.stage]
+        if trace:
+            doc["trace"] = [asdict(s) for s in self.trace]
+        return doc
 
 
 @dataclass

@@ -195,4 +195,4 @@ def test_example_script_plays_a_folder_of_frames(tmp_path, monkeypatch, capsys):
     lines = [json.loads(x) for x in (tmp_path / "trace.jsonl").read_text().splitlines()]
     assert [x["frame"] for x in lines] == list(range(5))
     done = [x for x in lines if x["status"] != "dropped"]
-    assert done and all(x["label"] == "b" and x["trace"][0]["reason"] == "first" for x in done)
+    assert done and all(x["class_name"] == "b" and x["trace"][0]["reason"] == "first" for x in done)

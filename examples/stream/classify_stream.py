@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from stagewise.runtimes import load
@@ -64,13 +63,7 @@ def main() -> None:
         try:
             for r in stream.run(frames_of(args.source, args.limit)):
                 if trace:
-                    trace.write(json.dumps({
-                        "frame": r.index, "status": r.status, "due_ms": r.due_ms, "start_ms": r.start_ms,
-                        "end_ms": r.end_ms, "budget_ms": r.budget_ms,
-                        "label": r.prediction.name if r.prediction else None,
-                        "score": r.prediction.score if r.prediction else None,
-                        "operating_point": r.prediction.operating_point if r.prediction else None,
-                        "trace": [asdict(s) for s in r.trace]}) + "\n")
+                    trace.write(json.dumps(r.to_dict(cascade.stage_names)) + "\n")
                 if args.quiet:
                     continue
                 if r.status == "dropped":

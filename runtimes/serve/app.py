@@ -1,0 +1,356 @@
+"""The HTTP service of ``stagewise serve``: a Starlette app over a micro-batching worker.
+
+Endpoints (every error is JSON ``{"error": message}`` with a 4xx/5xx status):
+
+* ``POST /v1/classify``: an image body (JPEG, PNG, anything Pillow reads) or a multipart form
+  with one file; query parameters ``budget_ms``, ``operating_point``, ``top_k``, ``trace``.
+* ``POST /v1/reload``: load the bundle again (or ``{"bundle": path}``), verify it, switch to it.
+* the Open Inference Protocol (KServe v2): ``/v2``, ``/v2/health/live``, ``/v2/health/ready``,
+  ``/v2/models/{name}``, ``/v2/models/{name}/ready``, ``/v2/models/{name}/infer``
+  (see :mod:`stagewise.runtimes.serve.kserve`).
+* ``GET /metrics``: Prometheus text format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from stagewise import __version__
+from stagewise.errors import ImageInputError, StagewiseError, UnknownOperatingPointError
+from stagewise.images import load_image
+
+from ..executor import Cascade
+from .batching import Answer, Job, MicroBatcher
+from .errors import PayloadTooLargeError, QueueFullError, RequestError, ServeError, ShuttingDownError
+from .kserve import HEADER, infer_response, model_metadata, parse_infer_request
+from .metrics import Metrics
+from .model import ModelSlot
+
+log = logging.getLogger("stagewise.serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the service batches, queues and limits requests.
+
+    ``max_batch`` images at most per micro-batch, collected for up to ``window_ms`` after the
+    first one arrives (``max_batch=1`` serves one request at a time); ``queue_size`` images may
+    wait before requests are shed with 503; ``workers`` inference threads; ``max_body_bytes``
+    per request (413 above); ``model_name`` the name under ``/v2/models`` (default: the
+    bundle's); ``retry_after_s`` the ``Retry-After`` of a 503; ``reload_on_sighup`` reloads
+    the bundle on SIGHUP (only when the service runs in the main thread).
+    """
+
+    max_batch: int = 8
+    window_ms: float = 3.0
+    queue_size: int = 64
+    workers: int = 1
+    max_body_bytes: int = 8 * 2 ** 20
+    model_name: str | None = None
+    retry_after_s: int = 1
+    reload_on_sighup: bool = False
+
+
+class _Body(io.BytesIO):
+    """The request body as a file, named so in decoding errors."""
+
+    def __str__(self) -> str:
+        return "sent in the request body"
+
+    __repr__ = __str__
+
+
+class Service:
+    """A served cascade: the model slot, the batcher and the metrics, shared by the endpoints."""
+
+    def __init__(self, cascade: Cascade, loader: Callable[[str], Cascade], source: str, config: ServeConfig):
+        self.config = config
+        self.slot = ModelSlot(cascade, loader, source)
+        self.model_name = config.model_name or cascade.bundle.manifest.name
+        self.batcher: MicroBatcher | None = None
+        self.metrics = Metrics(lambda: self.batcher.depth if self.batcher else 0)
+        self._point_metrics(cascade)
+
+    def _point_metrics(self, cascade: Cascade) -> None:
+        self.metrics.use_operating_points(cascade.operating_points, cascade.operating_point)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the workers run (between the app's startup and shutdown)."""
+        return self.batcher is not None
+
+    def start(self) -> None:
+        """Start the worker threads."""
+        c = self.config
+        self.batcher = MicroBatcher(self.slot, c.max_batch, c.window_ms, c.queue_size, c.workers,
+                                    on_batch=self.metrics.batch_size.observe)
+
+    def stop(self) -> None:
+        """Finish every queued image, then close the cascade."""
+        batcher, self.batcher = self.batcher, None
+        if batcher is not None:
+            batcher.close()
+        self.slot.close()
+
+    def reload(self, source: str | None = None) -> Cascade:
+        """Switch to ``source`` (default: the served path, read again); see :meth:`ModelSlot.reload`."""
+        try:
+            cascade = self.slot.reload(source)
+        except StagewiseError:
+            self.metrics.reloads.labels("error").inc()
+            raise
+        self.metrics.reloads.labels("ok").inc()
+        self._point_metrics(cascade)
+        return cascade
+
+    def check_operating_point(self, name: str | None) -> None:
+        """Refuse an operating point the served bundle does not define, before anything is queued."""
+        points = self.slot.current.operating_points
+        if name is not None and name not in points:
+            raise UnknownOperatingPointError(f"unknown operating point {name!r}; this bundle defines: "
+                                             f"{', '.join(points)}")
+
+    async def classify(self, jobs: list[Job]) -> list[Answer]:
+        """Queue ``jobs`` (all or none: :class:`QueueFullError`) and wait for their answers."""
+        if self.batcher is None:
+            raise ShuttingDownError("the service is not running (starting or shutting down); retry shortly")
+        self.batcher.submit(jobs)
+        return list(await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs)))
+
+    def answered(self, answer: Answer, elapsed_ms: float, budget_ms: float | None) -> None:
+        """Count an answer in the metrics."""
+        self.metrics.answered(answer.prediction, answer.stage_names[answer.prediction.stage],
+                              answer.operating_point, elapsed_ms, budget_ms)
+
+
+def _error(exc: Exception, service: Service) -> Response:
+    headers = {}
+    if isinstance(exc, ServeError):
+        status = exc.status
+    elif isinstance(exc, (ImageInputError, UnknownOperatingPointError)):
+        status = 400
+    else:
+        status = 500
+    if isinstance(exc, QueueFullError):
+        service.metrics.shed.inc()
+        headers["Retry-After"] = str(service.config.retry_after_s)
+    elif status == 503:
+        headers["Retry-After"] = str(service.config.retry_after_s)
+    return JSONResponse({"error": str(exc)}, status, headers=headers)
+
+
+def _endpoint(name: str, service: Service,
+              handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """``handler`` with its errors answered as JSON and its status and latency counted."""
+
+    async def endpoint(request: Request) -> Response:
+        start = time.perf_counter()
+        request.state.start = start
+        try:
+            response = await handler(request)
+        except StagewiseError as exc:
+            response = _error(exc, service)
+        except Exception as exc:  # noqa: BLE001 - an unexpected error is a 500 with its message, and logged
+            log.exception("%s failed", name)
+            response = JSONResponse({"error": f"internal error: {exc}"}, 500)
+        service.metrics.requests.labels(name, str(response.status_code)).inc()
+        service.metrics.latency.labels(name).observe(time.perf_counter() - start)
+        return response
+
+    return endpoint
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLargeError(f"the request body is {length} bytes, over the limit of {limit} "
+                                   "(send a smaller image, or start the service with a larger --max-body-mb)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"the request body is over the limit of {limit} bytes "
+                                       "(send a smaller image, or start the service with a larger --max-body-mb)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _image_bytes(request: Request, limit: int) -> bytes:
+    body = await _read_body(request, limit)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if not body:
+            raise RequestError("the request has no body; send the image as the body or as a multipart file")
+        return body
+
+    async def once() -> AsyncIterator[bytes]:
+        yield body
+    try:
+        form = await MultiPartParser(request.headers, once(), max_files=1, max_fields=16).parse()
+    except MultiPartException as exc:
+        raise RequestError(f"cannot read the multipart form: {exc.message}") from None
+    files = [v for v in form.values() if isinstance(v, UploadFile)]
+    if not files:
+        raise RequestError("the multipart form has no file; send the image as a file field (e.g. curl -F image=@cat.jpg)")
+    return await files[0].read()
+
+
+def _number(params: Any, name: str, kind: type, low: float, high: float | None = None) -> Any:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise RequestError(f"{name} must be a {'number' if kind is float else 'whole number'}, got {raw!r}") from None
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
+        bounds = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+        raise RequestError(f"{name} must be {bounds}, got {raw!r}")
+    return value
+
+
+def _flag(params: Any, name: str) -> bool:
+    raw = params.get(name, "false").lower()
+    if raw not in ("1", "true", "yes", "0", "false", "no", ""):
+        raise RequestError(f"{name} must be true or false, got {raw!r}")
+    return raw in ("1", "true", "yes", "")
+
+
+def create_app(service: Service) -> Starlette:
+    """The Starlette app serving ``service``; its lifespan starts the workers and drains them at shutdown."""
+    config = service.config
+
+    async def classify(request: Request) -> Response:
+        q = request.query_params
+        cascade = service.slot.current
+        budget = _number(q, "budget_ms", float, 1e-3)
+        top_k = _number(q, "top_k", int, 1, len(cascade.labels))
+        trace = _flag(q, "trace")
+        point = q.get("operating_point")
+        service.check_operating_point(point)
+        data = await _image_bytes(request, config.max_body_bytes)
+        image = await run_in_threadpool(load_image, _Body(data))
+        (answer,) = await service.classify([Job(image, budget, point, arrived=request.state.start)])
+        elapsed = (time.perf_counter() - request.state.start) * 1e3
+        service.answered(answer, elapsed, budget)
+        p = answer.prediction
+        labels = cascade.labels
+        doc: dict[str, Any] = {
+            "label": p.label, "class_name": p.name, "score": p.score, "stage": p.stage,
+            "stage_name": answer.stage_names[p.stage], "elapsed_ms": elapsed, "compute_ms": p.elapsed_ms,
+            "queue_ms": answer.waited_ms, "batch_size": answer.batch_size, "budget_ms": budget,
+            "budget_limited": p.budget_limited, "deadline_missed": budget is not None and elapsed > budget,
+            "operating_point": answer.operating_point}
+        if top_k:
+            doc["top_k"] = [{"label": i, "class_name": labels[i], "probability": pr} for i, pr in p.top_k(top_k)]
+        if trace:
+            doc["trace"] = [asdict(r) for r in p.trace]
+        return JSONResponse(doc)
+
+    async def reload(request: Request) -> Response:
+        body = await _read_body(request, 64 * 1024)
+        try:
+            source = json.loads(body).get("bundle") if body.strip() else None
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            raise RequestError('the reload body must be empty or JSON {"bundle": "path/to/bundle"}') from None
+        try:
+            cascade = await run_in_threadpool(service.reload, source)
+        except ServeError:
+            raise
+        except StagewiseError as exc:
+            return JSONResponse({"error": f"reload failed, still serving {service.slot.source}: {exc}"}, 400)
+        return JSONResponse({"bundle": service.slot.source, "generation": service.slot.generation,
+                             "stages": cascade.stage_names, "operating_point": cascade.operating_point})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(service.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request) -> Response:
+        return JSONResponse({"ready": service.ready}, 200 if service.ready else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse({"name": "stagewise", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    def model_or_404(request: Request) -> Response | None:
+        name = request.path_params["name"]
+        if name != service.model_name:
+            return JSONResponse({"error": f"unknown model {name!r}; this server serves {service.model_name!r}"}, 404)
+        return None
+
+    async def model(request: Request) -> Response:
+        return model_or_404(request) or JSONResponse(model_metadata(service.model_name, str(service.slot.generation)))
+
+    async def model_ready(request: Request) -> Response:
+        return model_or_404(request) or await ready(request)
+
+    async def infer(request: Request) -> Response:
+        missing = model_or_404(request)
+        if missing:
+            return missing
+        body = await _read_body(request, config.max_body_bytes)
+        req = await run_in_threadpool(parse_infer_request, body, request.headers.get(HEADER))
+        service.check_operating_point(req.operating_point)
+        start = request.state.start
+        answers = await service.classify([Job(image, req.budget_ms, req.operating_point, arrived=start)
+                                          for image in req.images])
+        elapsed = (time.perf_counter() - start) * 1e3
+        for answer in answers:
+            service.answered(answer, elapsed, req.budget_ms)
+        ps = [a.prediction for a in answers]
+        values = {"label": [p.label for p in ps], "score": [p.score for p in ps], "stage": [p.stage for p in ps],
+                  "class_name": [p.name for p in ps]}
+        content, headers = infer_response(service.model_name, str(service.slot.generation), req, values)
+        return Response(content, headers=headers)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.start()
+        loop = asyncio.get_running_loop()
+        sighup = config.reload_on_sighup and threading.current_thread() is threading.main_thread()
+        if sighup:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_on_signal(service)))
+        try:
+            yield
+        finally:
+            if sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await run_in_threadpool(service.stop)
+
+    routes = [("/v1/classify", "classify", classify, ["POST"]), ("/v1/reload", "reload", reload, ["POST"]),
+              ("/metrics", "metrics", metrics, ["GET"]), ("/v2", "metadata", server_metadata, ["GET"]),
+              ("/v2/health/live", "health", live, ["GET"]), ("/v2/health/ready", "health", ready, ["GET"]),
+              ("/v2/models/{name}", "metadata", model, ["GET"]),
+              ("/v2/models/{name}/ready", "health", model_ready, ["GET"]),
+              ("/v2/models/{name}/infer", "infer", infer, ["POST"])]
+    return Starlette(routes=[Route(path, _endpoint(name, service, fn), methods=methods)
+                             for path, name, fn, methods in routes], lifespan=lifespan)
+
+
+async def _reload_on_signal(service: Service) -> None:
+    try:
+        cascade = await run_in_threadpool(service.reload)
+    except StagewiseError as exc:
+        log.error("SIGHUP reload failed, still serving %s: %s", service.slot.source, exc)
+        return
+    log.info("SIGHUP: now serving %s (stages %s)", service.slot.source, ", ".join(cascade.stage_names))
