@@ -253,7 +253,7 @@ def main() -> None:
     if args.limit:
         test = test.subset(np.arange(min(args.limit, len(test))))
     images = harness.decode_all(test, "decoding test images")
-    labels = np.asarray(test.labels)
+    labels = np.asarray(test.targets)
     started = time.time()
     load_avg = [os.getloadavg()[0]]
 
@@ -268,7 +268,7 @@ def main() -> None:
         return
     default_point = cascade.operating_point
     points = [default_point if p == "default" else p for p in args.points.split(",")]
-    with CpuLoad(1) as cpu:
+    with CpuLoad(1):
         for im in images[:30]:  # let the latency model see the loaded device
             cascade.predict(im)
         print("references (round robin, loaded CPU) ...", flush=True)
@@ -309,7 +309,7 @@ def main() -> None:
         "controller": controller,
     }
     harness.save(result, args.out)
-    print(f"\nreferences: " + "; ".join(f"{n}: top-1 {100 * r['top1']:.1f}%, p50 {r['latency_ms']['p50']:.1f} ms, "
+    print("\nreferences: " + "; ".join(f"{n}: top-1 {100 * r['top1']:.1f}%, p50 {r['latency_ms']['p50']:.1f} ms, "
                                           f"p95 {r['latency_ms']['p95']:.1f} ms" for n, r in ref_summary.items()))
     base = ref_summary["lite2_260 alone (full model)"]["per_budget"]
     print(f"{'budget':>7} {'point':>11} {'hit':>6} {'top1':>6} {'ontime':>6} {'byChoice':>8} {'s0late':>6} "

@@ -100,7 +100,7 @@ def _measure_lite0_stages(path: Path, threads: int) -> None:
         times = []
         for r in range(60):
             t0 = time.perf_counter()
-            out = session.run(None, feed)
+            session.run(None, feed)
             times.append((time.perf_counter() - t0) * 1e3)
         p50.append(float(np.median(times[10:])))
         with torch.no_grad():
@@ -135,7 +135,7 @@ def _imagenet_extract(data: Path, threads: int, path: Path, lat_path: Path) -> N
     images = harness.imagenet_parts(data).images
     frames = [images.image(i) for i in range(len(images))]
     pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS))
-    out = {"labels": images.labels}
+    out = {"labels": images.targets}
     for k, (name, variant, size) in enumerate(IMAGENET_STAGES):
         model = (efficientnet_lite0 if variant == 0 else efficientnet_lite2)(image_size=size)
         print(f"ImageNet logits of {name}@{size}", file=sys.stderr)
@@ -145,7 +145,7 @@ def _imagenet_extract(data: Path, threads: int, path: Path, lat_path: Path) -> N
             for i in range(0, len(frames), 25):
                 chunks.append(model(torch.from_numpy(pre.tensor(frames[i:i + 25], (size, size)))).numpy())
         out[f"stage{k}"] = np.concatenate(chunks).astype(np.float32)
-        print(f"  {time.time() - t0:.0f} s, top-1 {(out[f'stage{k}'].argmax(1) == images.labels).mean():.3f}",
+        print(f"  {time.time() - t0:.0f} s, top-1 {(out[f'stage{k}'].argmax(1) == images.targets).mean():.3f}",
               file=sys.stderr)
         f = CACHE / "onnx" / f"{name}_{size}.onnx"
         f.parent.mkdir(parents=True, exist_ok=True)

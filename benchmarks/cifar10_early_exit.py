@@ -106,7 +106,7 @@ def main() -> None:
             decisions[key] = [cascade.predict_stage(im, k) for im in images]
     timed = np.random.default_rng(1).choice(len(images), size=min(args.timing_images, len(images)), replace=False)
     runs = harness.round_robin(configs, [images[i] for i in timed]).outputs
-    rows = [summarize(name, meta[name][0], decisions[name], test.labels, meta[name][1], timed=runs[name])
+    rows = [summarize(name, meta[name][0], decisions[name], test.targets, meta[name][1], timed=runs[name])
             for name in configs]
     by_name = {r["name"]: r for r in rows}
     for r in rows:
@@ -121,7 +121,7 @@ def main() -> None:
         if name.startswith("early-exit"):
             stage_ms = cascade.bundle.manifest.to_dict()["stages"]
             costs = np.array([s["cost"]["latency_ms"][f"onnxruntime-cpu-{args.threads}t"]["p50"] for s in stage_ms])
-            o = exit_table(cascade, images, test.labels, costs).oracle()
+            o = exit_table(cascade, images, test.targets, costs).oracle()
             oracles[name] = {"top1": o.accuracy, "mean_cost_ms": o.mean_cost, "exit_rates": list(o.exit_rates)}
     result = {
         **harness.metadata(NAME), "threads": args.threads, "runtime": "onnxruntime",

@@ -142,7 +142,7 @@ def main() -> None:
         got = np.concatenate([cascades[f"{name} fp32"].stage_logits(all_images[i:i + 100])[0].argmax(1)
                               for i in range(0, len(all_images), 100)])
         agreement[name] = {"top1_agreement_with_torch": float((reference == got).mean()), "n": len(all_images),
-                           "torch_top1": float((reference == data.labels).mean())}
+                           "torch_top1": float((reference == data.targets).mean())}
         print(f"{name}: bundle vs torch top-1 agreement {100 * agreement[name]['top1_agreement_with_torch']:.2f}% "
               f"(n={len(all_images)}), torch top-1 {100 * agreement[name]['torch_top1']:.1f}%")
 
@@ -157,7 +157,7 @@ def main() -> None:
             decisions[key] = cascade.predict_batch(images, operating_point=point)
     timed = np.random.default_rng(1).choice(len(images), size=min(args.timing_images, len(images)), replace=False)
     runs = harness.round_robin(configs, [images[i] for i in timed]).outputs
-    rows = [summarize(name, meta[name][0], decisions[name], test.labels, meta[name][1], timed=runs[name])
+    rows = [summarize(name, meta[name][0], decisions[name], test.targets, meta[name][1], timed=runs[name])
             for name in configs]
     for tag in precisions:
         singles = [r for r in rows if r["kind"] == "single" and r["name"].endswith(tag)]
@@ -179,7 +179,7 @@ def main() -> None:
         if kinds[name] == "cascade":
             profile = f"onnxruntime-cpu-{args.threads}t"
             costs = np.array([s["cost"]["latency_ms"][profile]["p50"] for s in cascade.bundle.manifest.to_dict()["stages"]])
-            o = exit_table(cascade, images, test.labels, costs).oracle()
+            o = exit_table(cascade, images, test.targets, costs).oracle()
             oracles[name] = {"top1": o.accuracy, "mean_ms_from_stage_p50": o.mean_cost, "exit_rates": list(o.exit_rates)}
     result = {
         **harness.metadata(NAME), "runtime": "onnxruntime", "threads": args.threads,

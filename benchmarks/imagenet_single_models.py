@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         images_set = images_set.subset(np.arange(min(args.limit, n_total)))
     images = [images_set.image(i) for i in range(len(images_set))]
-    labels = images_set.labels
+    labels = images_set.targets
     n = len(images)
     print(f"loaded {n} images from {archive} in {time.time() - t0:.1f}s", flush=True)
 

@@ -19,7 +19,6 @@ of them, ``--formats onnx,openvino`` to leave LiteRT out). Takes about 20-40 min
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -123,7 +122,7 @@ def _measure(name: str, plans, pre, classes, calibration, test, args) -> dict:
         for tag, cascade in loaded.items():
             decided = cascade.predict_batch(images)
             points.append({"runtime": runtime, "precision": tag, "operating_point": cascade.operating_point,
-                           "top1": float(np.mean([p.label == t for p, t in zip(decided, test.labels)])),
+                           "top1": float(np.mean([p.label == t for p, t in zip(decided, test.targets)])),
                            "mean_ms": float(np.mean(answers.ms[tag]))})
             cascade.close()
     return {"name": name, "test_images": len(images), "build_seconds": seconds, "stages": stages, "points": points}

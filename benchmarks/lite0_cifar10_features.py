@@ -87,7 +87,7 @@ def load(data_dir: Path = harness.DEFAULT_DATA, threads: int = 1) -> dict[str, d
             print(f"extracting Lite0@{SIZE} features of {len(image_parts[part])} {part} images -> {path}", file=sys.stderr)
             feats = extract(image_parts[part], threads)
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, labels=image_parts[part].labels, **feats)
+            np.savez(path, labels=image_parts[part].targets, **feats)
         with np.load(path, allow_pickle=False) as z:
             out[part] = {k: z[k] for k in z.files}
     return out

@@ -222,7 +222,7 @@ def cifar10(args: argparse.Namespace, framework: str) -> dict:
     else:
         agreement = _agreement(built["bundles"][("litert", "fp32")], _source_logits(plans, pre, images), images,
                                args.threads) if ("litert", "fp32") in built["bundles"] else None
-    rows = _measure(args, built["bundles"], images, np.asarray(test.labels))
+    rows = _measure(args, built["bundles"], images, np.asarray(test.targets))
     return {"source_framework": framework, "cuts": cuts, "head_training_seconds": round(head_seconds, 1),
             "data": {"archive": str(parts.archive), "split": parts.split, "train": len(train),
                      "head_images": len(heads_on), "calibration": len(calib), "test": len(test)},
@@ -255,7 +255,7 @@ def imagenet(args: argparse.Namespace) -> dict:
     images = harness.decode_all(test, "decoding ImageNet test images")
     agreement = _agreement(built["bundles"][("litert", "fp32")], _source_logits(plans, pre, images), images,
                            args.threads) if ("litert", "fp32") in built["bundles"] else None
-    rows = _measure(args, built["bundles"], images, np.asarray(test.labels))
+    rows = _measure(args, built["bundles"], images, np.asarray(test.targets))
     return {"source_framework": "torch", "stages": ["lite0@224", "lite2@260"], "combine": "mean_probs",
             "data": {"archive": str(parts.archive), "split": parts.split, "calibration": len(calib),
                      "test": len(test)},

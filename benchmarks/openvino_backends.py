@@ -215,7 +215,7 @@ def cifar10_part(args, build_options) -> dict:
             args.bundles / f"cifar10_ee_{prec}", f"cifar10-ee-{prec}", plans, pre, data.classes, calib,
             build_options(prec))
     build_s = time.time() - t0
-    result = measure_part("cifar10", bundles, harness.decode_all(test, "decoding CIFAR-10 test images"), test.labels,
+    result = measure_part("cifar10", bundles, harness.decode_all(test, "decoding CIFAR-10 test images"), test.targets,
                           args.threads, args.load_repeats, args.latency_limit)
     result["data"] = {"archive": str(parts.archive), "split": parts.split, "head_images": len(heads_on),
                       "calibration": len(calib), "test": len(test)}
@@ -244,7 +244,7 @@ def imagenet_part(args, build_options) -> dict:
             args.bundles / f"imagenet_lite0_lite2_{prec}", f"imagenet-lite0-lite2-{prec}", plans, pre, data.classes,
             calib, build_options(prec), kind="cascade")
     build_s = time.time() - t0
-    result = measure_part("imagenet", bundles, harness.decode_all(test, "decoding ImageNet test images"), test.labels,
+    result = measure_part("imagenet", bundles, harness.decode_all(test, "decoding ImageNet test images"), test.targets,
                           args.threads, args.load_repeats, args.latency_limit)
     result["data"] = {"archive": str(parts.archive), "split": parts.split,
                       "calibration": len(calib), "test": len(test)}

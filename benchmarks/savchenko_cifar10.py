@@ -175,7 +175,7 @@ def main() -> None:
                 configs[f"stage {k} alone"] = lambda im, k=k: cascade.predict_stage(im, k)
             runs = harness.round_robin(configs, images).outputs
             for name, preds in runs.items():
-                measured[name] = summarize(name, "measured", preds, test_images.labels[idx], len(cuts))
+                measured[name] = summarize(name, "measured", preds, test_images.targets[idx], len(cuts))
             for name in measured:
                 measured[name]["speedup_vs_full"] = measured["full"]["mean_ms"] / measured[name]["mean_ms"]
 

@@ -71,7 +71,7 @@ def imagenet_bundles(folder: Path, reuse: bool, threads: int) -> tuple[dict[str,
                      imagenet_labels(), calibration, options, kind="cascade")
         build_bundle(paths["largest"], "imagenet-lite2", cascade_plans(models[-1:]), pre, imagenet_labels(),
                      calibration, options, kind="cascade")
-    return paths, [encode(test.image(i), "JPEG") for i in range(len(test))], list(test.labels)
+    return paths, [encode(test.image(i), "JPEG") for i in range(len(test))], list(test.targets)
 
 
 def cifar10_bundles(data: Path, folder: Path, reuse: bool, threads: int, head_images: int,
@@ -98,7 +98,7 @@ def cifar10_bundles(data: Path, folder: Path, reuse: bool, threads: int, head_im
         build_bundle(paths["largest"], "cifar10-resnet", cascade_plans([("resnet", model, (32, 32))]), pre,
                      parts.images.classes, parts.calibration, options)
     test = harness.subset(parts.test, requests, seed=1)
-    return paths, [encode(test.image(i), "PNG") for i in range(len(test))], list(test.labels)
+    return paths, [encode(test.image(i), "PNG") for i in range(len(test))], list(test.targets)
 
 
 def encode(image: np.ndarray, fmt: str) -> bytes:

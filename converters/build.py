@@ -120,7 +120,7 @@ def _calibrate_on_runtime(staged: Path, manifest: dict, calibration: ImageSet, o
                           files: dict | None = None) -> dict:
     with load(staged, backend=_primary_runtime(options.formats), threads=options.threads) as cascade:
         images = [calibration.image(i) for i in progress_bar(range(len(calibration)), "decoding calibration images")]
-        manifest = calibrate_manifest(cascade, manifest, images, calibration.labels if options.labelled else None,
+        manifest = calibrate_manifest(cascade, manifest, images, calibration.targets if options.labelled else None,
                                       calibration.origin, default_drop=options.default_drop,
                                       target_drops=options.target_drops, seed=options.seed,
                                       profile_images=options.profile_images, goal=options.goal,

@@ -206,7 +206,7 @@ def run_job(job: ConvertJob) -> Path:
     else:
         raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit or cascade")
     labels = getattr(models[0][1] if job.kind == "cascade" else model, "stagewise_labels", None) or calib.classes
-    if len(np.unique(calib.labels)) < 2:
+    if len(np.unique(calib.targets)) < 2:
         raise ConversionError("calibration images must cover at least two classes")
     name = job.name or job.out.stem
     return build_bundle(job.out, name, plans, pre, labels, calib, job.build, kind=job.kind)

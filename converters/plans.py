@@ -137,7 +137,7 @@ def early_exit_plans(model: Any, cuts: Sequence[str], preprocess: Preprocess, si
     source.check_image_size(model, size)
     segments = source.split(model, cuts)
     feats, teacher = segment_features(source, segments, preprocess, size, head_images)
-    targets = np.asarray(head_images.labels)
+    targets = np.asarray(head_images.targets)
     trained = [train_head(f, targets, teacher, training) for f in feats]
     heads = [h for h, _ in trained] + [None]
     records = [r for _, r in trained] + [None]

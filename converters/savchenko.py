@@ -163,7 +163,7 @@ def savchenko_plans(model, cuts: Sequence[str], preprocess, size: tuple[int, int
     :func:`~stagewise.converters.build.build_bundle` and add the thresholds with :func:`add_alpha_points`.
     """
     features = backbone_features(model, cuts, preprocess, size, images, batch)
-    result = savchenko_heads(features, images.labels, len(images.classes), settings)
+    result = savchenko_heads(features, images.targets, len(images.classes), settings)
     return plans_from_heads(model, cuts, preprocess, size, result.heads, result.record), result
 
 

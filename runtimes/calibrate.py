@@ -131,6 +131,6 @@ def recalibrate(bundle: str | Path, data: str | Path, backend: str = "auto", thr
     bundle = Path(bundle)
     with load(bundle, backend=backend, threads=threads) as cascade:
         def change(manifest: dict, root: Path) -> dict:
-            return calibrate_manifest(cascade, manifest, frames, images.labels if labels else None, images.origin,
+            return calibrate_manifest(cascade, manifest, frames, images.targets if labels else None, images.origin,
                                       goal=goal, settings=settings or Settings(), model_root=root)
         return update_manifest(bundle, change)

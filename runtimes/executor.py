@@ -147,7 +147,7 @@ class Cascade:
         self.runtime = runtime
         self.threads = threads
         self.device = device
-        self.labels: list[str] = m.labels
+        self.classes: list[str] = m.classes
         self.preprocess = m.input
         self.router = StageRouter.from_manifest(m)
         self._stages = [self._plan(spec, session, bundle.root) for spec, session in zip(m.stages, sessions)]
@@ -282,7 +282,7 @@ class Cascade:
             records.append(StageRecord(st.name, "last" if k == stage else "continue", score, int(probs[0].argmax()),
                                        (self._clock() - t0) * 1e3, None, None))
         label = int(probs[0].argmax())
-        return Prediction(label, self.labels[label], score, stage, (self._clock() - start) * 1e3,
+        return Prediction(label, self.classes[label], score, stage, (self._clock() - start) * 1e3,
                           tuple(records), probs[0])
 
     def predict(self, image: Any, budget_ms: float | None = None, operating_point: str | None = None,
@@ -383,7 +383,7 @@ class Cascade:
         end = clock()
         if observe:
             latency.observe_return((end - now) * 1e3)
-        return Prediction(label, self.labels[label], score, k, (end - start) * 1e3, tuple(records), probs, limited,
+        return Prediction(label, self.classes[label], score, k, (end - start) * 1e3, tuple(records), probs, limited,
                           budget_ms, point.name)
 
     def _skipped(self, begin: int, end: int, left: float, reason: str) -> list[StageRecord]:
@@ -527,7 +527,7 @@ class Cascade:
             for i, decision, score, label in zip(rows.tolist(), decisions, stage_scores.tolist(), labels.tolist()):
                 traces[i].append(StageRecord(st.name, decision, score, label, ms, None, shown))
         labels = probs.argmax(1).tolist()
-        return [Prediction(label, self.labels[label], score, stage, ms, tuple(trace), row,
+        return [Prediction(label, self.classes[label], score, stage, ms, tuple(trace), row,
                            limited and trace[-1].decision == "continue", budget_ms, point.name)
                 for label, score, stage, ms, trace, row in zip(labels, scores.tolist(), exit_stage.tolist(),
                                                                exit_ms.tolist(), traces, probs)]

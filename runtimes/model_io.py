@@ -95,4 +95,4 @@ def check_stages(manifest: Manifest, sessions: Sequence[object]) -> None:
     for k, (spec, session) in enumerate(zip(manifest.stages, sessions)):
         declared = getattr(session, "declared", None)
         if declared is not None:
-            check_stage(k, spec, declared(), manifest.input.layout, len(manifest.labels))
+            check_stage(k, spec, declared(), manifest.input.layout, len(manifest.classes))

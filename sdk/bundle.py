@@ -128,8 +128,9 @@ class Bundle:
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
-    def labels(self) -> list[str]:
-        return self.manifest.labels
+    def classes(self) -> list[str]:
+        """The class names, in target order."""
+        return self.manifest.classes
 
     def artifact_paths(self, stage_index: int, artifact_format: str) -> list[Path]:
         """Absolute paths of one stage's files for ``artifact_format`` (main model file first)."""

@@ -257,7 +257,7 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
     if limit and limit < len(images):
         images = images.split([limit / len(images)], seed=seed)[0]
     with _load(bundle, backend, threads, device) as cascade:
-        result = benchmark(cascade, [images.image(i) for i in range(len(images))], images.labels, points or None)
+        result = benchmark(cascade, [images.image(i) for i in range(len(images))], images.targets, points or None)
     result.update(bundle=str(bundle), data=str(data))
     print_tables(bench_table(result))
     if json_out:

@@ -30,10 +30,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images with integer labels; ``sources`` are file paths or encoded bytes."""
+    """Images with their integer ``targets`` (indices into ``classes``, the class names);
+    ``sources`` are file paths or encoded bytes."""
 
     sources: tuple[Path | bytes, ...]
-    labels: np.ndarray
+    targets: np.ndarray
     classes: tuple[str, ...]
     origin: str = ""
 
@@ -48,7 +49,7 @@ class ImageSet:
     def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageSet":
         """The images at ``indices``, in that order."""
         idx = np.asarray(indices, dtype=np.int64)
-        return ImageSet(tuple(self.sources[i] for i in idx), self.labels[idx], self.classes, self.origin)
+        return ImageSet(tuple(self.sources[i] for i in idx), self.targets[idx], self.classes, self.origin)
 
     def split(self, fractions: Sequence[float], seed: int = 0) -> list["ImageSet"]:
         """Stratified split: each class is shuffled with ``seed`` and cut by ``fractions``.
@@ -56,20 +57,20 @@ class ImageSet:
         Fractions must sum to at most 1; every part gets ``round(f * n_class)`` images of each
         class (the last part takes the rounding remainder when fractions sum to 1).
         """
-        return [self.subset(part) for part in stratified_indices(self.labels, fractions, seed)]
+        return [self.subset(part) for part in stratified_indices(self.targets, fractions, seed)]
 
     def take_per_class(self, n: int, seed: int = 0) -> "ImageSet":
         """At most ``n`` images of each class, chosen with ``seed``."""
         rng = np.random.default_rng(seed)
         picked = []
-        for c in np.unique(self.labels):
-            members = np.flatnonzero(self.labels == c)
+        for c in np.unique(self.targets):
+            members = np.flatnonzero(self.targets == c)
             picked.extend(rng.permutation(members)[:n].tolist())
         return self.subset(sorted(picked))
 
 
-def stratified_indices(labels: np.ndarray, fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:
-    """Index arrays of a seeded stratified split of ``labels`` by ``fractions``.
+def stratified_indices(targets: np.ndarray, fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:
+    """Index arrays of a seeded stratified split of ``targets`` by ``fractions``.
 
     Each part gets ``round(f * N)`` images in all and, per class, the floor of its share plus
     one more for the classes whose share has the largest remainder (ties broken at random), so
@@ -78,8 +79,8 @@ def stratified_indices(labels: np.ndarray, fractions: Sequence[float], seed: int
     if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
         raise ValueError(f"split fractions must be non-negative and sum to at most 1, got {list(fractions)}")
     rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    members = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    classes = np.unique(targets)
+    members = [rng.permutation(np.flatnonzero(targets == c)) for c in classes]
     left = np.array([len(m) for m in members])
     taken = np.zeros(len(classes), dtype=np.int64)
     whole = abs(sum(fractions) - 1) < 1e-9
@@ -90,7 +91,7 @@ def stratified_indices(labels: np.ndarray, fractions: Sequence[float], seed: int
         else:
             exact = f * np.array([len(m) for m in members])
             counts = np.minimum(np.floor(exact).astype(np.int64), left)
-            extra = int(round(f * len(labels))) - int(counts.sum())
+            extra = int(round(f * len(targets))) - int(counts.sum())
             order = rng.permutation(len(classes))
             order = order[np.argsort(-(exact - np.floor(exact))[order], kind="stable")]
             for c in order:

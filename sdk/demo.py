@@ -55,7 +55,7 @@ def run_demo(out: Path, int8: bool = False, threads: int = 1) -> dict:
     click.echo(f"wrote {bundle}")
     with load(bundle, threads=threads) as cascade:
         print_tables(*manifest_tables(cascade.bundle.manifest))
-        result = benchmark(cascade, [test.image(i) for i in range(len(test))], test.labels)
+        result = benchmark(cascade, [test.image(i) for i in range(len(test))], test.targets)
     result.update(bundle=bundle.name, data=f"{len(test)} held-out demo images")
     print_tables(bench_table(result))
     (out / "bench.json").write_text(json.dumps(result, indent=2))

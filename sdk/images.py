@@ -7,7 +7,6 @@ import os
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Union
 
 import numpy as np

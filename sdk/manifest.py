@@ -403,8 +403,8 @@ class Manifest(Mapping):
                          calibration=self.calibration, profiles=self.profiles)
 
     @property
-    def labels(self) -> list[str]:
-        """The class names, in target order."""
+    def classes(self) -> list[str]:
+        """The class names, in target order (the document's ``task.labels``)."""
         return list(self.task.labels)
 
     @property

@@ -30,8 +30,8 @@ def test_imagenet_halves_are_the_seed_0_split_and_repeat(demo_data: Path):
 
     a, b = harness.imagenet_parts(demo_data), harness.imagenet_parts(demo_data)
     calib, test = open_image_set(demo_data / harness.IMAGENET).split([0.5, 0.5], seed=0)
-    assert list(a.test.labels) == list(b.test.labels) == list(test.labels)
-    assert list(a.calibration.labels) == list(calib.labels)
+    assert list(a.test.targets) == list(b.test.targets) == list(test.targets)
+    assert list(a.calibration.targets) == list(calib.targets)
     assert len(a.calibration) + len(a.test) == len(a.images) == 160
     assert a.train is None and a.split == harness.IMAGENET_SPLIT
 
@@ -39,8 +39,8 @@ def test_imagenet_halves_are_the_seed_0_split_and_repeat(demo_data: Path):
 def test_subset_is_seeded_and_keeps_everything_without_a_smaller_limit(demo_data: Path):
     test = harness.imagenet_parts(demo_data).test
     first, again = harness.subset(test, 20, seed=1), harness.subset(test, 20, seed=1)
-    assert len(first) == 20 and list(first.labels) == list(again.labels)
-    assert list(harness.subset(test, 20, seed=2).labels) != list(first.labels)
+    assert len(first) == 20 and list(first.targets) == list(again.targets)
+    assert list(harness.subset(test, 20, seed=2).targets) != list(first.targets)
     assert harness.subset(test, None, seed=1) is test and harness.subset(test, 10_000, seed=1) is test
 
 

@@ -108,7 +108,7 @@ def test_label_free_learned_score_with_guarantee(bundle, data):
         batch = cascade.predict_batch(frames)
         assert [p.stage for p in single] == [p.stage for p in batch]
         assert [p.label for p in single] == [p.label for p in batch]
-        offline = exit_table(cascade, frames, images.labels[::7], np.ones(3)).scores
+        offline = exit_table(cascade, frames, images.targets[::7], np.ones(3)).scores
         online = [[r.score for r in p.trace] for p in single]
         for k, row in enumerate(online):
             np.testing.assert_allclose(row, offline[:len(row), k], rtol=1e-5)
@@ -130,7 +130,7 @@ def test_alpha_on_directory_bundle(bundle, data, tmp_path):
     for k, t in enumerate(point["thresholds"][:2]):
         if t is not None:
             wrong = logits[k].copy()
-            wrong[np.arange(len(wrong)), images.labels] = -np.inf
+            wrong[np.arange(len(wrong)), images.targets] = -np.inf
             assert (wrong.max(1) >= t).mean() <= 0.2 * (k + 1) / 3 + 1e-12
     # a learned score then back: unused model files are removed from the directory
     _run(str(folder), "--data", str(data[0]), "--score", "learned", "--target-drop", "2")
@@ -161,7 +161,7 @@ def test_open_image_set_without_labels_reads_any_layout(data, tmp_path):
     from_tar = open_image_set(tmp_path / "flat.tar.gz", labelled=False)
     from_classes = open_image_set(labelled, labelled=False)
     assert len(from_flat) == len(from_tar) == len(from_classes) == 180
-    assert from_flat.classes == from_classes.classes == ("unlabelled",) and not from_classes.labels.any()
+    assert from_flat.classes == from_classes.classes == ("unlabelled",) and not from_classes.targets.any()
     np.testing.assert_array_equal(from_flat.image(0), from_tar.image(0))
     with pytest.raises(DatasetError, match="one folder per class"):
         open_image_set(flat)

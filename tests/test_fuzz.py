@@ -100,7 +100,7 @@ def _answers(path: Path) -> tuple:
         out = []
         for point in cascade.operating_points:
             p = cascade.predict(image, operating_point=point)
-            if not (0 <= p.label < len(cascade.labels) and p.name == cascade.labels[p.label]
+            if not (0 <= p.label < len(cascade.classes) and p.name == cascade.classes[p.label]
                     and np.isfinite(p.score) and np.all(np.isfinite(p.probabilities))):
                 raise AssertionError(f"malformed prediction {p}")
             out.append((point, p.name, p.stage, round(p.score, 6)))

@@ -69,7 +69,7 @@ def test_round_trip_is_exact(make):
 
 def test_attributes_of_a_calibrated_manifest():
     m = Manifest.from_dict(calibrated_document())
-    assert m.labels == ["cat", "dog"] and m.task.top_k == 2
+    assert m.classes == ["cat", "dog"] and m.task.top_k == 2
     assert m.input == Preprocess(mean=(0, 0, 0), std=(1, 1, 1), layout="NCHW", resize="stretch",
                                  crop_fraction=0.875, interpolation="bicubic")
     s0, s1 = m.stages
@@ -136,7 +136,7 @@ def test_bundles_read_typed_and_write_either_form(tmp_path, suffix):
     data.write_bytes(b"model")
     first = write_bundle(tmp_path / f"first{suffix}", doc, {"a.onnx": data})
     bundle = read_bundle(first)
-    assert isinstance(bundle.manifest, Manifest) and bundle.labels == ["a", "b", "c"]
+    assert isinstance(bundle.manifest, Manifest) and bundle.classes == ["a", "b", "c"]
     second = write_bundle(tmp_path / f"second{suffix}", bundle.manifest, {"a.onnx": data})
     assert read_bundle(second).manifest == bundle.manifest
 

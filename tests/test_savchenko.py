@@ -87,7 +87,7 @@ def test_bundle_heads_match_and_alpha_points_drive_the_runtime(tmp_path, image_f
     model = residual_net()
     cuts = ["layer1", "pool"]
     feats = backbone_features(model, cuts, pre, (16, 16), images)
-    result = savchenko_heads(feats, images.labels, 3, SavchenkoSettings(alphas=(0.1, 0.3)))
+    result = savchenko_heads(feats, images.targets, 3, SavchenkoSettings(alphas=(0.1, 0.3)))
     plans = plans_from_heads(model, cuts, pre, (16, 16), result.heads, result.record)
     out = build_bundle(tmp_path / "sav.swb", "sav", plans, pre, images.classes, calib, BuildOptions(profile_images=5))
     manifest = update_manifest(out, lambda m, root: add_alpha_points(m, result, default_alpha=0.3))

@@ -89,7 +89,7 @@ def test_calibration_expectation_matches_runtime_on_calibration_images(int8_bund
     with stagewise.load(int8_bundle, threads=1) as cascade:
         for point in cascade.bundle.manifest["operating_points"]:
             preds = cascade.predict_batch(images, operating_point=point["name"])
-            acc = np.mean([p.label == y for p, y in zip(preds, calib.labels)])
+            acc = np.mean([p.label == y for p, y in zip(preds, calib.targets)])
             assert acc == pytest.approx(point["expected"]["accuracy"])
             rates = np.bincount([p.stage for p in preds], minlength=2) / len(preds)
             np.testing.assert_allclose(rates, point["expected"]["exit_rates"])

@@ -128,7 +128,7 @@ def main(data: Path, epochs: int, batch_size: int, max_lr: float, weight_decay: 
     image_set = open_image_set(data)
     train_set, calib_set, test_set = image_set.split(list(SPLIT), seed=seed)
     train_x = decode_all(train_set)
-    train_y = train_set.labels.astype(np.int64)
+    train_y = train_set.targets.astype(np.int64)
     console.print(f"data: {len(image_set)} images, {len(image_set.classes)} classes; split train "
                   f"{len(train_set)} / calibration {len(calib_set)} / test {len(test_set)} (seed {seed}); "
                   f"decoded train in {time.time() - t0:.1f} s")
@@ -185,7 +185,7 @@ def main(data: Path, epochs: int, batch_size: int, max_lr: float, weight_decay: 
     sample = np.random.default_rng(seed).choice(n, size=min(n, TRAIN_EVAL_SAMPLE), replace=False)
     train_acc = accuracy(model, train_x[sample], train_y[sample])
     test_x = decode_all(test_set)
-    test_y = test_set.labels.astype(np.int64)
+    test_y = test_set.targets.astype(np.int64)
     test_acc = accuracy(model, test_x, test_y)
     summary = {
         "model": "examples/cifar10/model.py:resnet_cifar",

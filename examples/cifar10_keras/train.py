@@ -62,8 +62,8 @@ def main() -> None:
 
     t0 = time.time()
     train_set, calib_set, test_set = open_image_set(args.data).split([0.8, 0.1, 0.1], seed=0)
-    x_train, y_train = decode(train_set), np.asarray(train_set.labels)
-    x_test, y_test = decode(test_set), np.asarray(test_set.labels)
+    x_train, y_train = decode(train_set), np.asarray(train_set.targets)
+    x_test, y_test = decode(test_set), np.asarray(test_set.targets)
     print(f"decoded {len(x_train)} train / {len(x_test)} test images in {time.time() - t0:.0f} s", flush=True)
     mean, std = np.asarray(MEAN, np.float32), np.asarray(STD, np.float32)
 

@@ -242,7 +242,7 @@ def create_app(service: Service) -> Starlette:
         q = request.query_params
         cascade = service.slot.current
         budget = _number(q, "budget_ms", float, 1e-3)
-        top_k = _number(q, "top_k", int, 1, len(cascade.labels))
+        top_k = _number(q, "top_k", int, 1, len(cascade.classes))
         trace = _flag(q, "trace")
         point = q.get("operating_point")
         service.check_operating_point(point)
@@ -252,7 +252,7 @@ def create_app(service: Service) -> Starlette:
         elapsed = (time.perf_counter() - request.state.start) * 1e3
         service.answered(answer, elapsed, budget)
         p = answer.prediction
-        labels = cascade.labels
+        labels = cascade.classes
         doc: dict[str, Any] = {
             "label": p.label, "class_name": p.name, "score": p.score, "stage": p.stage,
             "stage_name": answer.stage_names[p.stage], "elapsed_ms": elapsed, "compute_ms": p.elapsed_ms,
