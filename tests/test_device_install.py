@@ -93,7 +93,8 @@ def test_onnxruntime_and_serve_extras_run_and_serve_a_bundle_without_frameworks(
 
 
 @pytest.mark.skipif(os.environ.get("STAGEWISE_TFLITE_VENV") != "1",
-                    reason="about 70 s of installing: set STAGEWISE_TFLITE_VENV=1 (the CI step in .ci/run does)")
+                    reason="builds a second venv with numpy 1 (about 70 s of installing); .ci/run runs it as its own "
+                           "step with STAGEWISE_TFLITE_VENV=1")
 def test_tflite_runtime_extra_alone_runs_a_tflite_bundle(tmp_path, image_folder):
     bin_ = device_venv(tmp_path, "tflite-runtime")
     assert_no_frameworks(bin_)
