@@ -294,7 +294,4 @@ EXPORTERS: dict[str, tuple[str, str, str]] = {
 
 def exporter(artifact_format: str) -> Exporter:
     """The exporter of ``artifact_format``, imported on first use (converting to ONNX never imports OpenVINO)."""
-    if artifact_format not in EXPORTERS:
-        raise ConversionError(f"unknown artifact format {artifact_format!r}; choose from {', '.join(EXPORTERS)}")
-    module, name, extra = EXPORTERS[artifact_format]
-    return plugin(module, name, extra, f"exporting {artifact_format!r} artifacts")
+    return plugin(EXPORTERS, artifact_format, "artifact format", f"exporting {artifact_format!r} artifacts")

@@ -101,10 +101,7 @@ SOURCES: dict[str, tuple[str, str, str]] = {
 
 def source_named(framework: str) -> SourceAdapter:
     """The adapter of ``framework`` (``"torch"`` or ``"keras"``), imported on first use."""
-    if framework not in SOURCES:
-        raise ConversionError(f"unknown source framework {framework!r}; choose from {', '.join(SOURCES)}")
-    module, name, extra = SOURCES[framework]
-    return plugin(module, name, extra, f"converting a {framework} model")
+    return plugin(SOURCES, framework, "source framework", f"converting a {framework} model")
 
 
 def source_of(model: Any) -> SourceAdapter:

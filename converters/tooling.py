@@ -7,9 +7,9 @@ import importlib
 import io
 import warnings
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
-from stagewise.errors import MissingExtraError
+from stagewise.errors import ConversionError, MissingExtraError
 
 
 def package_version(package: str) -> str:
@@ -29,11 +29,16 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def plugin(module: str, name: str, extra: str, purpose: str) -> Any:
-    """An instance of ``module.name`` (a source adapter or an exporter), imported on first use.
+def plugin(table: Mapping[str, tuple[str, str, str]], key: str, kind: str, purpose: str) -> Any:
+    """An instance of the class ``table[key]`` names (module, class, extra): a source adapter or an
+    exporter, imported on first use.
 
-    A missing dependency of that module is a :class:`MissingExtraError` naming ``extra``.
+    An unknown ``key`` is a :class:`ConversionError` listing the ``kind``s there are; a missing
+    dependency of the module is a :class:`MissingExtraError` naming the extra.
     """
+    if key not in table:
+        raise ConversionError(f"unknown {kind} {key!r}; choose from {', '.join(table)}")
+    module, name, extra = table[key]
     try:
         return getattr(importlib.import_module(module), name)()
     except ImportError as exc:
