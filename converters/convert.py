@@ -25,7 +25,17 @@ A TOML config names the same things as the flags::
     target_drop = 0.5                # points of top-1
 
 For ``kind = "early_exit"`` give ``model = "file.py:factory"`` and ``exits = ["layer1", ...]``
-at the top level instead of ``[[stages]]``. Flags given on the command line win over the file.
+at the top level instead of ``[[stages]]``, and optionally how the exits are trained::
+
+    [training]
+    mode = "joint"                   # frozen | joint | given (default: given if the model carries heads)
+    epochs = 4
+    lr = 0.02                        # backbone; head_lr = 0.1 for the heads
+    freeze = ["stem"]
+    exit_weights = [0.5, 0.75]
+    augment = "flip_crop"
+
+Flags given on the command line win over the file.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -44,7 +54,7 @@ from stagewise.images import Preprocess
 
 from .build import build_bundle
 from .factory import build_model
-from .heads import HeadTraining
+from .heads import FineTuning, HeadTraining
 from .options import BuildOptions
 from .plans import cascade_plans, early_exit_plans
 from .source import source_of
@@ -102,6 +112,7 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         raise ConversionError(f"{path}: give `model = ...` (early exit) or [[stages]] tables (cascade)")
     build_cfg = cfg.get("build", {})
     exit_cfg = cfg.get("exit", {})
+    train_cfg = cfg.get("training", {})
     base = path.parent
     values = {
         "kind": kind, "sources": sources, "name": cfg.get("name"),
@@ -114,16 +125,35 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "target_drop": build_cfg.get("target_drop"), "threads": build_cfg.get("threads"),
         "fp16": build_cfg.get("fp16"), "npu": build_cfg.get("npu"),
         "int8_io": build_cfg.get("int8_io"), "head_kind": exit_cfg.get("head"),
+        "train_exits": train_cfg.get("mode"), "head_width": train_cfg.get("head_width"),
+        "epochs": train_cfg.get("epochs"), "lr": train_cfg.get("lr"), "head_lr": train_cfg.get("head_lr"),
+        "freeze": ",".join(train_cfg["freeze"]) if isinstance(train_cfg.get("freeze"), list) else train_cfg.get("freeze"),
+        "exit_weights": train_cfg.get("exit_weights"), "augment": train_cfg.get("augment"),
         "int8_tolerance": build_cfg.get("int8_tolerance"), "int8_mixed": build_cfg.get("int8_mixed"),
     }
     values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
     return make_job(**values)
 
 
+def head_training(head_kind: str | None = None, train_exits: str | None = None, head_width: int | None = None,
+                  epochs: int | None = None, lr: float | None = None, head_lr: float | None = None,
+                  freeze: str | None = None, exit_weights: Sequence[float] | None = None,
+                  augment: str | None = None) -> HeadTraining:
+    """Exit-head settings from flag-style values (None: the default)."""
+    tuning = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("head_lr", head_lr), ("freeze", freeze),
+                                ("exit_weights", tuple(exit_weights) if exit_weights else None),
+                                ("augment", augment)) if v is not None}
+    head = {k: v for k, v in (("kind", head_kind), ("mode", train_exits), ("width", head_width)) if v is not None}
+    return HeadTraining(**head, tuning=FineTuning(**tuning))
+
+
 def make_job(kind: str, sources: list[StageSource], out: Path | None, formats: str | None = None,
              int8: bool | None = None, target_drop: float | None = None, threads: int | None = None,
              force: bool = False, fp16: bool | None = None, npu: bool | None = None, int8_io: bool | None = None,
-             head_kind: str | None = None, int8_tolerance: float | None = None, int8_mixed: bool | None = None,
+             int8_tolerance: float | None = None, int8_mixed: bool | None = None,
+             head_kind: str | None = None, train_exits: str | None = None, head_width: int | None = None,
+             epochs: int | None = None, lr: float | None = None, head_lr: float | None = None,
+             freeze: str | None = None, exit_weights: Sequence[float] | None = None, augment: str | None = None,
              **fields: Any) -> ConvertJob:
     """A job from flag-style values (``target_drop`` in points, ``formats`` comma-separated)."""
     if out is None:
@@ -133,8 +163,8 @@ def make_job(kind: str, sources: list[StageSource], out: Path | None, formats: s
                          threads=threads or 1, overwrite=force, fp16=bool(fp16), npu=bool(npu), int8_io=bool(int8_io),
                          int8_tolerance=0.99 if int8_tolerance is None else int8_tolerance,
                          int8_mixed=True if int8_mixed is None else int8_mixed)
-    if head_kind is not None:
-        fields["head"] = HeadTraining(kind=head_kind)
+    fields["head"] = head_training(head_kind, train_exits, head_width, epochs, lr, head_lr, freeze, exit_weights,
+                                   augment)
     return ConvertJob(kind=kind, sources=sources, out=Path(out), build=build,
                       **{k: v for k, v in fields.items() if v is not None})
 
@@ -197,7 +227,7 @@ def run_job(job: ConvertJob) -> Path:
         model = build_model(job.sources[0].model)
         pre = _preprocess(job, model)
         size, head_images = _size(job, job.sources[0], model, train), _cap(train, job.max_head_images, job.build.seed)
-        plans = early_exit_plans(model, job.exits, pre, size, head_images, job.head, job.score)
+        plans = early_exit_plans(model, job.exits, pre, size, head_images, job.head, job.score, held_out=calib)
     elif job.kind == "cascade":
         models = [(s, build_model(s.model, s.size)) for s in job.sources]
         pre = _preprocess(job, models[0][1])

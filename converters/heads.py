@@ -17,24 +17,66 @@ into their own layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.optimize import minimize
 
 from stagewise.errors import ConversionError
 
-HEAD_KINDS = ("gap_linear", "savchenko")
+HEAD_KINDS = ("gap_linear", "savchenko", "conv", "mlp")
+#: Heads fitted here on pooled features of a frozen backbone; the others are trained in torch.
+LINEAR_HEAD_KINDS = ("gap_linear", "savchenko")
+TRAINING_MODES = ("auto", "frozen", "joint", "given")
+AUGMENTATIONS = ("flip_crop", "flip", "none")
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """Settings of the SGD loop that trains torch heads, and in ``joint`` mode the backbone with them.
+
+    One-cycle schedule peaking at ``lr`` for the backbone and ``head_lr`` for the freshly
+    initialised heads; SGD with Nesterov momentum 0.9 and ``weight_decay``; ``exit_weights``
+    weigh each exit's loss (default 1.0 each; the final exit's cross-entropy has weight 1);
+    ``freeze`` names a cut up to which (inclusive) the backbone stays frozen; ``augment``:
+    ``flip_crop`` (random crops from a zero-padded image plus horizontal flips), ``flip`` or
+    ``none``; ``bf16``: bfloat16 autocast (default: when the CPU has fast bf16 kernels).
+    """
+
+    epochs: int = 4
+    lr: float = 0.02
+    head_lr: float = 0.1
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    exit_weights: tuple[float, ...] | None = None
+    freeze: str | None = None
+    augment: str = "flip_crop"
+    bf16: bool | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConversionError(f"fine-tuning needs epochs >= 1 and batch size >= 1, got {self.epochs}, {self.batch_size}")
+        if not (self.lr > 0 and self.head_lr > 0):
+            raise ConversionError(f"learning rates must be positive, got lr={self.lr}, head_lr={self.head_lr}")
+        if self.augment not in AUGMENTATIONS:
+            raise ConversionError(f"unknown augmentation {self.augment!r}; choose from {', '.join(AUGMENTATIONS)}")
+        if self.exit_weights is not None and any(not w >= 0 for w in self.exit_weights):
+            raise ConversionError(f"exit loss weights must be >= 0, got {self.exit_weights}")
 
 
 @dataclass(frozen=True)
 class HeadTraining:
     """Settings of exit-head training.
 
-    ``kind``: ``gap_linear`` (labels + distillation) or ``savchenko`` (L2-normalised features,
-    labels only). ``distill`` weighs the teacher term, ``temperature`` is the distillation
-    temperature, ``weight_decay`` the L2 penalty on the (standardised) weights, ``max_iter`` the
-    L-BFGS iteration cap.
+    ``kind``: ``gap_linear`` (labels + distillation), ``savchenko`` (L2-normalised features,
+    labels only), ``conv`` or ``mlp`` (see :mod:`.torch_heads`; torch models). ``mode``:
+    ``frozen`` (heads trained on the frozen backbone), ``joint`` (backbone and heads fine-tuned
+    together, :mod:`.torch_training`), ``given`` (the heads the model carries in its
+    ``stagewise_exits``) or ``auto`` (``given`` when the model carries heads, else ``frozen``). ``distill`` weighs the teacher term, ``temperature`` is the
+    distillation temperature, ``weight_decay`` the L2 penalty on the (standardised) weights of an
+    L-BFGS fit, ``max_iter`` its iteration cap; ``width`` the hidden width of conv/mlp heads;
+    ``tuning`` the SGD loop of torch-trained heads.
     """
 
     kind: str = "gap_linear"
@@ -43,12 +85,28 @@ class HeadTraining:
     weight_decay: float = 1e-4
     max_iter: int = 300
     seed: int = 0
+    mode: str = "auto"
+    width: int | None = None
+    tuning: FineTuning = FineTuning()
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
             raise ConversionError(f"unknown exit head {self.kind!r}; choose from {', '.join(HEAD_KINDS)}")
+        if self.mode not in TRAINING_MODES:
+            raise ConversionError(f"unknown exit training {self.mode!r}; choose from {', '.join(TRAINING_MODES)}")
         if not 0.0 <= self.distill <= 1.0:
             raise ConversionError(f"distill weight must lie in [0, 1], got {self.distill}")
+
+    @property
+    def in_torch(self) -> bool:
+        """Whether the heads are trained by the torch loop (joint mode, or conv/mlp heads)."""
+        return self.mode == "joint" or self.kind not in LINEAR_HEAD_KINDS
+
+    def resolved(self, model: object) -> "HeadTraining":
+        """These settings with ``auto`` mode decided for ``model``: ``given`` if it carries exit heads."""
+        if self.mode != "auto":
+            return self
+        return replace(self, mode="given" if getattr(model, "stagewise_exits", None) else "frozen")
 
     @property
     def normalise(self) -> bool:

@@ -355,13 +355,24 @@ class KerasSource:
                 continue
             shape = tuple(int(d) for d in shapes[probe_layers.index(op)])
             reduction = max(1, size[0] // max(1, shape[0])) if len(shape) == 3 else None
+            layout = {3: "NHWC", 2: "tokens"}.get(len(shape), "flat")
             records.append(CutPoint(op.name, shape, int(shape[-1]) if shape else 0, reduction, int(total),
-                                    op.name in valid))
+                                    op.name in valid, layout))
         return records
 
     def split(self, model: keras.Model, cuts: Sequence[str]) -> list[keras.Model]:
         require_tensorflow_backend()
         return split_model(model, cuts)
+
+    def train_exits(self, *args: Any, **kwargs: Any) -> tuple[list, list, dict]:
+        """Not available: joint training and conv/mlp heads are implemented for torch models."""
+        raise ConversionError("joint exit training (--train-exits joint) and conv/mlp heads need a torch model; "
+                              "for Keras use --head gap_linear or savchenko with --train-exits frozen")
+
+    def given_exits(self, model: keras.Model, cuts: Sequence[str]) -> tuple[list, list, dict]:
+        """Not available: Keras models cannot carry trained exit heads yet."""
+        raise ConversionError("--train-exits given needs a torch model carrying trained exit heads; "
+                              "for Keras use --train-exits frozen")
 
     def exit_stage(self, segment: keras.Model, head: LinearHead, name: str) -> keras.Model:
         logits = attach_head(segment.outputs[0], head, name)

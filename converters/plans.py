@@ -19,7 +19,7 @@ from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
 from stagewise.progress import progress_bar
 
-from .heads import HeadTraining, LinearHead, train_head
+from .heads import HeadTraining, train_head
 from .source import SourceAdapter, source_named, source_of
 
 
@@ -98,11 +98,13 @@ def segment_features(source: SourceAdapter, segments: Sequence[Any], preprocess:
 
 
 def plans_with_heads(source: SourceAdapter, segments: Sequence[Any], cuts: Sequence[str], size: tuple[int, int],
-                     heads: Sequence[LinearHead | None], records: Sequence[dict | None], score: str) -> list[StagePlan]:
+                     heads: Sequence[Any], records: Sequence[dict | None], score: str) -> list[StagePlan]:
     """Plans for consecutive ``segments`` (cut after ``cuts``), segment k ending in ``heads[k]``.
 
-    Every segment but the last gets an exit head and passes its carry on; the last keeps the
-    network's own output when ``heads[-1]`` is None, or ends in that head.
+    Every segment but the last gets an exit head (a fitted :class:`~.heads.LinearHead` or a head
+    of the source's framework) and passes its carry on; the last keeps the network's own output
+    when ``heads[-1]`` is None, or ends in that head. Each head record gains the cut and the
+    head's own MACs.
     """
     names = [f"exit{k}" for k in range(len(segments) - 1)] + ["final"]
     shape = (1, 3, *size) if source.layout == "NCHW" else (1, *size, 3)
@@ -112,11 +114,12 @@ def plans_with_heads(source: SourceAdapter, segments: Sequence[Any], cuts: Seque
         last = k == len(segments) - 1
         module = (source.final_stage(segment, head, names[k]) if last
                   else source.exit_stage(segment, head, names[k]))
+        macs = source.macs(module, x.shape)
         if record is not None and k < len(cuts):
-            record = dict(record, after=cuts[k])
+            record = dict(record, after=cuts[k], macs=int(macs - source.macs(segment, x.shape)))
         stage_input = {"source": "image", "size": list(size)} if k == 0 else {"source": "carry", "from": names[k - 1]}
         plans.append(StagePlan(name=names[k], module=module, source=stage_input, has_carry=not last,
-                               exit=exit_rule(score), macs=source.macs(module, x.shape), params=source.params(module),
+                               exit=exit_rule(score), macs=macs, params=source.params(module),
                                head=record, framework=source.framework))
         x = source.run(module, x)[0]
     return plans
@@ -124,24 +127,40 @@ def plans_with_heads(source: SourceAdapter, segments: Sequence[Any], cuts: Seque
 
 def early_exit_plans(model: Any, cuts: Sequence[str], preprocess: Preprocess, size: tuple[int, int],
                      head_images: ImageSet, training: HeadTraining = HeadTraining(),
-                     score: str = "max_softmax") -> list[StagePlan]:
+                     score: str = "max_softmax", held_out: ImageSet | None = None) -> list[StagePlan]:
     """Stages of ``model`` cut after ``cuts``, each non-final one with a trained exit head.
 
-    Heads are trained on ``head_images`` with the backbone frozen (:func:`~.heads.train_head`:
-    labels plus distillation from the network's own final softmax, or Savchenko's L2 head).
+    By ``training.mode`` (``auto`` resolved by :meth:`~.heads.HeadTraining.resolved`):
+    ``frozen`` linear heads are fitted on the frozen backbone's pooled features of ``head_images``
+    (:func:`~.heads.train_head`: labels plus distillation from the network's own final softmax,
+    or Savchenko's L2 head); ``frozen`` conv/mlp heads and ``joint`` training (backbone and heads
+    together) go through the source adapter's ``train_exits`` (torch), which also reports every
+    exit's and the original network's accuracy on ``held_out``; ``given`` exports the heads the
+    model carries.
     """
     if not cuts:
         raise ConversionError("an early-exit conversion needs at least one cut point (see `stagewise cuts MODEL`)")
     source = source_of(model)
     model = source.prepare(model)
     source.check_image_size(model, size)
-    segments = source.split(model, cuts)
-    feats, teacher = segment_features(source, segments, preprocess, size, head_images)
-    targets = np.asarray(head_images.targets)
-    trained = [train_head(f, targets, teacher, training) for f in feats]
-    heads = [h for h, _ in trained] + [None]
-    records = [r for _, r in trained] + [None]
-    return plans_with_heads(source, segments, cuts, size, heads, records, score)
+    training = training.resolved(model)
+    if training.mode == "given":
+        segments, heads, record = source.given_exits(model, cuts)
+        records = [dict(kind=record.get("kind"), trained_on="given with the model", training=record) for _ in heads]
+    elif training.in_torch:
+        classes = int(source.run(model, preprocess.tensor([np.zeros((*size, 3), np.uint8)], size))[0].shape[1])
+        segments, heads, record = source.train_exits(source.split(model, cuts), head_images, preprocess, size,
+                                                     classes, training, held_out)
+        trained_on = "joint fine-tuning with the backbone" if training.mode == "joint" else "frozen backbone"
+        records = [dict(kind=training.kind, trained_on=trained_on, training=record) for _ in heads]
+    else:
+        segments = source.split(model, cuts)
+        feats, teacher = segment_features(source, segments, preprocess, size, head_images)
+        targets = np.asarray(head_images.targets)
+        trained = [train_head(f, targets, teacher, training) for f in feats]
+        heads = [h for h, _ in trained]
+        records = [r for _, r in trained]
+    return plans_with_heads(source, segments, cuts, size, [*heads, None], [*records, None], score)
 
 
 def cascade_plans(models: Sequence[tuple[str, Any, tuple[int, int]]], combine: str = "own",

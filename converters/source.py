@@ -18,6 +18,9 @@ An adapter promises:
 * ``pixel_input(module, preprocess, size)``: an image-reading stage module wrapped so it takes
   uint8 NHWC pixels and normalises them (cast, mean/std, layout) inside the exported graph;
 * ``pool(carry)``: the pooled features a head sees, by the carry's layout;
+* ``train_exits(segments, images, preprocess, size, classes, training, held_out)``: heads trained
+  by the framework (conv/mlp heads, joint fine-tuning), and ``given_exits(model, cuts)``: the
+  trained heads a model carries — torch only, Keras raises a ``ConversionError``;
 * ``macs``/``params``: static costs; ``version()``;
 * frontends used by the exporters: ``export_onnx``, ``export_openvino`` (an ``ov.Model``),
   ``export_tflite``; optional ``tflite_int8``/``tflite_fp16`` when the framework has its own
@@ -45,7 +48,8 @@ class CutPoint:
     that output's shape for one image (without the batch axis); ``channels`` its channel count;
     ``reduction`` the input size divided by the output's spatial size (None for token or flat
     outputs); ``macs`` the multiply-accumulates from the input up to and including this point;
-    ``single_tensor`` whether only this one tensor crosses the cut (only such cuts are valid).
+    ``single_tensor`` whether only this one tensor crosses the cut (only such cuts are valid);
+    ``layout`` how an exit head pools it: ``NCHW``, ``NHWC``, ``tokens`` or ``flat``.
     """
 
     name: str
@@ -54,6 +58,7 @@ class CutPoint:
     reduction: int | None
     macs: int
     single_tensor: bool
+    layout: str = "NCHW"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +91,11 @@ class SourceAdapter(Protocol):
     def run(self, module: Any, x: np.ndarray) -> list[np.ndarray]: ...
 
     def pool(self, carry: np.ndarray) -> np.ndarray: ...
+
+    def train_exits(self, segments: Sequence[Any], images: Any, preprocess: Any, size: tuple[int, int],
+                    classes: int, training: Any, held_out: Any = None) -> tuple[list, list, dict]: ...
+
+    def given_exits(self, model: Any, cuts: Sequence[str]) -> tuple[list, list, dict]: ...
 
     def macs(self, module: Any, input_shape: Sequence[int]) -> int: ...
 

@@ -26,6 +26,7 @@ from torch import fx
 from stagewise.errors import ConversionError, InvalidCutPointError
 
 from .source import CutPoint
+from .torch_heads import carry_layout
 
 _SKIPPED_OPS = ("placeholder", "get_attr", "output")
 
@@ -76,11 +77,13 @@ def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoi
         shape = shapes.get(name)
         if shape is None:
             continue
-        if len(shape) == 3:
-            channels, reduction = shape[0], max(1, example.shape[2] // max(1, shape[1]))
+        layout = carry_layout(shape, example.shape[2:]) if 1 <= len(shape) <= 3 else "flat"
+        if layout in ("NCHW", "NHWC"):
+            spatial = shape[1] if layout == "NCHW" else shape[0]
+            channels, reduction = shape[0 if layout == "NCHW" else 2], max(1, example.shape[2] // max(1, spatial))
         else:
             channels, reduction = (shape[-1] if shape else 0), None
-        records.append(CutPoint(name, shape, int(channels), reduction, macs.get(name, 0), name in valid))
+        records.append(CutPoint(name, shape, int(channels), reduction, macs.get(name, 0), name in valid, layout))
     return records
 
 

@@ -21,40 +21,11 @@ from stagewise.extras import require
 
 from .heads import LinearHead
 from .source import CutPoint
+from .torch_heads import Head, Pool
 from .tooling import package_version, quiet
 from .torch_cuts import MacCounter, cut_candidates, split_model
 
 OPSET = 17
-
-
-class Pool(torch.nn.Module):
-    """Average over the spatial axes (N x C x H x W) or the tokens (N x T x C); 2-D input passes."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            return x.mean(dim=(2, 3))
-        if x.dim() == 3:
-            return x.mean(dim=1)
-        return x.flatten(1)
-
-
-class Head(torch.nn.Module):
-    """``pool -> [L2 normalise] -> linear`` with a trained :class:`LinearHead`'s weights."""
-
-    def __init__(self, head: LinearHead):
-        super().__init__()
-        self.pool = Pool()
-        self.normalise = head.normalise
-        self.linear = torch.nn.Linear(head.channels, head.classes)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.from_numpy(np.asarray(head.weight, dtype=np.float32)))
-            self.linear.bias.copy_(torch.from_numpy(np.asarray(head.bias, dtype=np.float32)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(x)
-        if self.normalise:
-            x = torch.nn.functional.normalize(x, dim=1, eps=1e-12)
-        return self.linear(x)
 
 
 class ExitStage(torch.nn.Module):
@@ -138,11 +109,40 @@ class TorchSource:
     def split(self, model: torch.nn.Module, cuts: Sequence[str]) -> list[torch.nn.Module]:
         return split_model(model.eval(), list(cuts))
 
-    def exit_stage(self, segment: torch.nn.Module, head: LinearHead, name: str) -> torch.nn.Module:
-        return ExitStage(segment, Head(head)).eval()
+    def exit_stage(self, segment: torch.nn.Module, head: LinearHead | torch.nn.Module, name: str) -> torch.nn.Module:
+        """``(carry, logits)`` of ``segment`` and ``head``: a fitted :class:`LinearHead` or a trained head module."""
+        return ExitStage(segment, self._head_module(head)).eval()
 
-    def final_stage(self, segment: torch.nn.Module, head: LinearHead | None, name: str) -> torch.nn.Module:
-        return segment if head is None else torch.nn.Sequential(segment, Head(head)).eval()
+    def final_stage(self, segment: torch.nn.Module, head: LinearHead | torch.nn.Module | None,
+                    name: str) -> torch.nn.Module:
+        return segment if head is None else torch.nn.Sequential(segment, self._head_module(head)).eval()
+
+    @staticmethod
+    def _head_module(head: LinearHead | torch.nn.Module) -> torch.nn.Module:
+        if isinstance(head, torch.nn.Module):
+            return head.eval()
+        return Head.from_linear(head)
+
+    def train_exits(self, segments: Sequence[torch.nn.Module], images: Any, preprocess: Any, size: tuple[int, int],
+                    classes: int, training: Any, held_out: Any = None) -> tuple[list, list, dict]:
+        """Heads trained by SGD after every segment but the last, with the segments in ``joint`` mode
+        (:func:`.torch_training.train_exits`); returns segments, heads and the training record."""
+        from .torch_training import train_exits
+
+        return train_exits(segments, images, preprocess, size, classes, training, held_out)
+
+    def given_exits(self, model: torch.nn.Module, cuts: Sequence[str]) -> tuple[list, list, dict]:
+        """The segments of ``model`` and the trained heads it carries at ``cuts`` (``model.stagewise_exits``)."""
+        exits = getattr(model, "stagewise_exits", None) or {}
+        if not exits:
+            raise ConversionError("--train-exits given needs a model that carries trained exit heads "
+                                  "(model.stagewise_exits, see stagewise.converters.torch_training.attach_exits); "
+                                  "use --train-exits frozen or joint to train them")
+        missing = [cut for cut in cuts if cut not in exits]
+        if missing:
+            raise ConversionError(f"the model carries exit heads at {', '.join(exits)}, not at {', '.join(missing)}; "
+                                  "choose --exits among those, or retrain with --train-exits joint")
+        return self.split(model, cuts), [exits[cut] for cut in cuts], dict(getattr(model, "stagewise_training", {}))
 
     def pixel_input(self, module: torch.nn.Module, preprocess: Any, size: tuple[int, int]) -> torch.nn.Module:
         """``module`` reading uint8 NHWC pixels, normalised with ``preprocess``'s mean and std in the graph."""

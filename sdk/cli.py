@@ -35,6 +35,15 @@ def _triple(value: str | None) -> tuple[float, float, float] | None:
     return tuple(parts)
 
 
+def _floats(value: str | None, option: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"give comma-separated numbers, got {value!r}", param_hint=option) from None
+
+
 def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU", trusted_keys: tuple = ()):
     from .runtimes import load
 
@@ -78,9 +87,21 @@ def cli(debug: bool) -> None:
               help="OpenVINO and TFLite artifacts: store weights as fp16 (half the size)")
 @click.option("--int8-io/--no-int8-io", default=None,
               help="TFLite INT8 artifacts take and return int8 tensors (integer-only NPUs such as the Edge TPU)")
-@click.option("--head", "head_kind", type=click.Choice(["gap_linear", "savchenko"]),
-              help="exit heads: GAP + linear trained on labels and the network's softmax [gap_linear], or "
-                   "Savchenko's linear head on L2-normalised pooled features")
+@click.option("--head", "head_kind", type=click.Choice(["gap_linear", "savchenko", "conv", "mlp"]),
+              help="exit heads: GAP + linear trained on labels and the network's softmax [gap_linear], "
+                   "Savchenko's linear head on L2-normalised pooled features, conv (3x3 stride-2 convolution, "
+                   "pooling, linear) or mlp (pooling, hidden layer, linear); conv and mlp need a torch model")
+@click.option("--head-width", type=click.IntRange(min=1), help="channels of a conv head / hidden units of an mlp head")
+@click.option("--train-exits", type=click.Choice(["frozen", "joint", "given"]),
+              help="frozen: train heads on the fixed backbone; joint: fine-tune backbone and heads together "
+                   "(torch); given: export the heads the model carries [given if it carries heads, else frozen]")
+@click.option("--epochs", type=click.IntRange(min=1), help="joint/conv/mlp training: epochs over --data [4]")
+@click.option("--lr", type=_Finite(min=0), help="joint training: peak learning rate of the backbone [0.02]")
+@click.option("--head-lr", type=_Finite(min=0), help="peak learning rate of SGD-trained heads [0.1]")
+@click.option("--freeze", help="joint training: modules kept frozen, comma-separated (e.g. stem,layer1)")
+@click.option("--exit-weights", help="joint training: loss weight of each exit, comma-separated [1 each]")
+@click.option("--augment", type=click.Choice(["flip_crop", "flip", "none"]),
+              help="augmentation of SGD-trained heads and joint training [flip_crop]")
 @click.option("--npu", is_flag=True, default=None,
               help="OpenVINO artifacts: NPU preset (static batch-1 shapes, fp16 weights, NPU INT8 scheme)")
 @click.option("--target-drop", type=_Finite(min=0, max=100),
@@ -98,7 +119,7 @@ def cli(debug: bool) -> None:
 @click.option("--threads", type=click.IntRange(min=1), help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 def convert(model, stages, exits, data, calibration_data, formats, legacy_formats, int8, int8_tolerance, int8_mixed,
-            fp16, int8_io, head_kind, npu,
+            fp16, int8_io, head_kind, head_width, train_exits, epochs, lr, head_lr, freeze, exit_weights, augment, npu,
             target_drop, out, input_size, mean, std, resize, crop_fraction, combine, score, max_head_images,
             max_calibration_images, threads, force):
     """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
@@ -112,7 +133,9 @@ def convert(model, stages, exits, data, calibration_data, formats, legacy_format
                               ("crop_fraction", crop_fraction)) if v is not None}
     flags = dict(out=out, data=data, calibration_data=calibration_data, formats=formats, int8=int8,
                  int8_tolerance=int8_tolerance, int8_mixed=int8_mixed, fp16=fp16,
-                 npu=npu or None, int8_io=int8_io, head_kind=head_kind,
+                 npu=npu or None, int8_io=int8_io, head_kind=head_kind, head_width=head_width,
+                 train_exits=train_exits, epochs=epochs, lr=lr, head_lr=head_lr, freeze=freeze,
+                 exit_weights=_floats(exit_weights, "--exit-weights"), augment=augment,
                  target_drop=target_drop, threads=threads, input_size=input_size, combine=combine, score=score,
                  max_head_images=max_head_images, max_calibration_images=max_calibration_images,
                  exits=exits.split(",") if exits else None, input=spec or None, force=force or None)

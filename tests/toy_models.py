@@ -115,3 +115,59 @@ class FragileNet(nn.Module):
 def fragile_net(classes: int = 3) -> nn.Module:
     torch.manual_seed(0)
     return FragileNet(classes).eval()
+
+
+class PatchEmbed(nn.Module):
+    """4x4 patches -> tokens (N x T x C)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, c, 4, stride=4)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TokenBlock(nn.Module):
+    """A transformer-like residual MLP over the channel axis of N x T x C tokens."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class TokenNet(nn.Module):
+    """ViT-like: patch tokens -> two token blocks -> mean over tokens -> fc; carries are N x T x C."""
+
+    stagewise_input = {"mean": [128, 128, 128], "std": [64, 64, 64], "resize": "stretch"}
+
+    def __init__(self, classes: int = 3, c: int = 12):
+        super().__init__()
+        self.embed = PatchEmbed(c)
+        self.block1 = TokenBlock(c)
+        self.block2 = TokenBlock(c)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(self.block2(self.block1(self.embed(x))).mean(dim=1))
+
+
+class ChannelsLastNet(nn.Module):
+    """Swin-like: conv stem, then N x H x W x C carries (LayerNorm + Linear on the last axis)."""
+
+    stagewise_input = {"mean": [128, 128, 128], "std": [64, 64, 64], "resize": "stretch"}
+
+    def __init__(self, classes: int = 3, c: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.block1 = TokenBlock(c)
+        self.block2 = TokenBlock(c)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        return self.fc(self.block2(self.block1(x)).mean(dim=(1, 2)))

@@ -16,7 +16,8 @@ Inputs are RGB images normalised per channel as ``(pixel - MEAN) / STD`` with ``
 ``STD`` in 0-255 units (the usual CIFAR-10 training-set statistics); the model declares them as
 ``stagewise_input``, so ``stagewise convert`` needs no ``--mean``/``--std``.
 
-This module imports only ``torch`` and the standard library, so the CLI can load it as
+This module imports only ``torch`` and the standard library (``resnet_cifar_exits`` also stagewise's
+converter), so the CLI can load it as
 ``examples/cifar10/model.py:resnet_cifar``. Trained weights live next to it in
 ``resnet_cifar.pt``; ``train.py`` in the same folder writes them.
 """
@@ -28,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["MEAN", "STD", "NUM_CLASSES", "WEIGHTS", "BasicBlock", "ResNetCifar", "resnet_cifar"]
+__all__ = ["MEAN", "STD", "NUM_CLASSES", "WEIGHTS", "EXIT_WEIGHTS_FILE", "BasicBlock", "ResNetCifar", "resnet_cifar",
+           "resnet_cifar_exits"]
 
 #: Per-channel RGB mean of CIFAR-10 in 0-255 units.
 MEAN: tuple[float, float, float] = (125.3, 123.0, 113.9)
@@ -38,6 +40,8 @@ STD: tuple[float, float, float] = (63.0, 62.1, 66.7)
 NUM_CLASSES: int = 10
 #: The committed trained weights (fp32 state_dict), written by ``train.py``.
 WEIGHTS: Path = Path(__file__).resolve().with_name("resnet_cifar.pt")
+#: The committed jointly fine-tuned network with its exit heads, written by ``train_exits.py``.
+EXIT_WEIGHTS_FILE: Path = Path(__file__).resolve().with_name("resnet_cifar_exits.pt")
 
 
 class BasicBlock(nn.Module):
@@ -144,3 +148,21 @@ def resnet_cifar(pretrained: bool = True, weights: str | Path | None = None) -> 
     model.stagewise_input = {"mean": list(MEAN), "std": list(STD), "size": 32, "resize": "shorter_crop",
                              "crop_fraction": 1.0}
     return model.eval()
+
+
+def resnet_cifar_exits(weights: str | Path | None = None) -> ResNetCifar:
+    """The CIFAR-10 ResNet fine-tuned together with conv exit heads after ``layer1.0``, ``layer1``,
+    ``layer2.0`` and ``layer2`` (``train_exits.py``), in eval mode.
+
+    The heads ride along as ``model.stagewise_exits``, so ``stagewise convert ... --exits
+    layer1,layer2`` (any of those cuts) exports them instead of training new ones.
+    """
+    from stagewise.converters.torch_training import attach_exits
+
+    path = Path(weights) if weights is not None else EXIT_WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"jointly trained CIFAR-10 weights not found: {path}. Train them with "
+                                "`python examples/cifar10/train_exits.py`.")
+    model = attach_exits(resnet_cifar(pretrained=False), torch.load(path, map_location="cpu", weights_only=True))
+    model.stagewise_input = resnet_cifar(pretrained=False).stagewise_input
+    return model
