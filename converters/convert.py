@@ -53,11 +53,15 @@ from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
 
 from .build import build_bundle
+from .exit_placement import auto_exit_count, choose_exits
 from .factory import build_model
 from .heads import FineTuning, HeadTraining
 from .options import BuildOptions
 from .plans import cascade_plans, early_exit_plans
 from .source import source_of
+
+#: Images the linear probes of automatic exit placement are fitted on (at most).
+PROBE_IMAGES = 5000
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -227,7 +231,16 @@ def run_job(job: ConvertJob) -> Path:
         model = build_model(job.sources[0].model)
         pre = _preprocess(job, model)
         size, head_images = _size(job, job.sources[0], model, train), _cap(train, job.max_head_images, job.build.seed)
-        plans = early_exit_plans(model, job.exits, pre, size, head_images, job.head, job.score, held_out=calib)
+        cuts, placement = job.exits, None
+        if (max_exits := auto_exit_count(job.exits)) is not None:
+            source = source_of(model)
+            training = job.head.resolved(model)
+            carried = getattr(model, "stagewise_exits", None) if training.mode == "given" else None
+            cuts, placement = choose_exits(source, source.prepare(model), pre, size, max_exits,
+                                           _cap(head_images, PROBE_IMAGES, job.build.seed), calib, job.build, carried)
+        plans = early_exit_plans(model, cuts, pre, size, head_images, job.head, job.score, held_out=calib)
+        if placement is not None:
+            plans[0].head = dict(plans[0].head, placement=placement)
     elif job.kind == "cascade":
         models = [(s, build_model(s.model, s.size)) for s in job.sources]
         pre = _preprocess(job, models[0][1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -37,6 +39,15 @@ def stripes(root, per_class: int = 60, size: int = 16, seed: int = 0):
             img = img[..., None] + rng.integers(0, 160, (size, size, 3))
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / f"c{c}" / f"{i}.png")
     return open_image_set(root).split([0.5, 0.5], seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny batches train faster on one thread, and much faster when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +143,43 @@ def test_carry_layouts():
     assert carry_layout((128,)) == "flat"
     with pytest.raises(ConversionError, match="cannot pool a carry"):
         carry_layout((2, 3, 4, 5))
+
+
+def test_placement_prefers_the_cheap_confident_exit_and_respects_the_drop():
+    from stagewise.converters.exit_placement import Candidate, rank_placements
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 4, 400)
+    sure = np.eye(4)[targets] * 8.0                     # always right, confident
+    noisy = rng.normal(0, 1, (400, 4))                  # chance level
+    wrong = np.eye(4)[(targets + 1) % 4] * 8.0          # confidently wrong
+    candidates = [Candidate("early", 10, 1, 1.0, 0.25), Candidate("mid", 20, 1, 2.0, 1.0),
+                  Candidate("bad", 15, 1, 1.5, 0.0)]
+    logits = {"early": noisy, "mid": sure, "bad": wrong}
+    ranked = rank_placements(candidates, logits, sure, 10.0, targets, 2, 0.005)
+    assert ranked[0].cuts == ("mid",) and ranked[0].exit_rates[0] > 0.99
+    assert ranked[0].mean_ms == pytest.approx(2.0, rel=0.02)
+    assert all("bad" not in p.cuts or p.exit_rates[p.cuts.index("bad")] < 0.01 for p in ranked)
+    alone = next(p for p in ranked if p.cuts == ())
+    assert alone.mean_ms == 10.0 and all(p.mean_ms < 10.0 for p in ranked if "mid" in p.cuts)
+
+
+def test_auto_exits_on_the_command_line_pick_valid_cuts_and_print_the_table(tmp_path, image_folder):
+    from click.testing import CliRunner
+
+    from stagewise.bundle import read_bundle
+    from stagewise.cli import cli
+
+    out = tmp_path / "auto.swb"
+    model = f"{Path(__file__).with_name('toy_models.py')}:residual_net"
+    result = CliRunner().invoke(cli, ["convert", model, "--exits", "auto:2", "--data", str(image_folder),
+                                      "--out", str(out), "--target-drop", "5"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    text = result.output + (result.stderr if hasattr(result, "stderr") else "")
+    assert "exit candidates" in text and "chosen exits:" in text
+    manifest = read_bundle(out).manifest
+    valid = {c.name for c in TorchSource().cut_points(residual_net(), (16, 16)) if c.single_tensor}
+    chosen = [s.head["after"] for s in manifest.stages[:-1]]
+    assert 1 <= len(chosen) <= 2 and set(chosen) <= valid
+    placement = manifest.stages[0].head["placement"]
+    assert list(placement["best"][0]["cuts"]) == chosen and {c["cut"] for c in placement["candidates"]} <= valid
