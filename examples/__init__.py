@@ -1,0 +1,1 @@
+"""Example models shipped with stagewise (``stagewise.examples``); only ``cifar10`` is packaged."""
