@@ -50,10 +50,10 @@ def round_robin(configs: dict[str, Callable[[np.ndarray], Prediction]], images: 
 
 
 def compare(rows: list[dict]) -> None:
-    """Add to each operating-point row its speed-up over ``full`` and over the fastest single stage
-    that is at least as accurate (or mark it more accurate than every single stage)."""
+    """Add to each operating-point row its speed-up over ``full`` and over the fastest single stage or
+    reference model that is at least as accurate (or mark it more accurate than every one of them)."""
     full = next((r for r in rows if r["name"] == "full" and r["kind"] == "operating_point"), None)
-    singles = [r for r in rows if r["kind"] == "stage_alone"]
+    singles = [r for r in rows if r["kind"] in ("stage_alone", "reference")]
     for r in rows:
         if r["kind"] != "operating_point":
             continue
@@ -70,10 +70,14 @@ def compare(rows: list[dict]) -> None:
 
 
 def benchmark(cascade: Cascade, images: Sequence[np.ndarray], labels: np.ndarray,
-              operating_points: Sequence[str] | None = None, single_stages: bool = True) -> dict:
+              operating_points: Sequence[str] | None = None, single_stages: bool = True,
+              references: dict[str, Cascade] | None = None) -> dict:
     """Accuracy, latency and exits of each operating point (and each single stage) on ``images``.
 
-    Returns ``{"rows": [...], "oracle": {...}, ...}``; see :func:`compare` for the speed-ups.
+    ``references`` are other bundles (e.g. the plain network the early exits were cut from) run
+    in the same round robin at their ``full`` point, as rows of kind ``reference`` that the
+    equal-accuracy speed-ups also compare with. Returns ``{"rows": [...], "oracle": {...}, ...}``;
+    see :func:`compare` for the speed-ups.
     """
     points = list(operating_points or cascade.operating_points)
     if "full" not in points:
@@ -82,8 +86,11 @@ def benchmark(cascade: Cascade, images: Sequence[np.ndarray], labels: np.ndarray
     configs = {("operating_point", p): (lambda im, p=p: cascade.predict(im, operating_point=p)) for p in points}
     if single_stages:
         configs.update({("stage_alone", n): (lambda im, k=k: cascade.predict_stage(im, k)) for k, n in enumerate(names)})
+    configs.update({("reference", n): (lambda im, c=c: c.predict(im, operating_point="full"))
+                    for n, c in (references or {}).items()})
     runs = round_robin(configs, images)
-    rows = [summarize(name, kind, preds, labels, len(names)) for (kind, name), preds in runs.items()]
+    rows = [summarize(name, kind, preds, labels, len(names) if kind != "reference" else len(references[name].stage_names))
+            for (kind, name), preds in runs.items()]
     compare(rows)
     stage_ms = np.array([np.median([p.trace[k].latency_ms for p in runs[("operating_point", "full")]])
                          for k in range(len(names))])

@@ -75,7 +75,7 @@ def bench_table(result: dict) -> Table:
                 "speed-up vs full", "vs single at equal top-1"):
         table.add_column(col)
     for r in result["rows"]:
-        label = r["name"] if r["kind"] == "operating_point" else f"{r['name']} alone"
+        label = {"operating_point": r["name"], "reference": r["name"]}.get(r["kind"], f"{r['name']} alone")
         eq = "-"
         if "speedup_vs_equal_accuracy_single" in r:
             eq = f"{r['speedup_vs_equal_accuracy_single']:.2f}x ({r['equal_accuracy_reference']})"

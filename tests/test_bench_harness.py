@@ -96,18 +96,23 @@ def test_write_section_appends_then_replaces_only_its_own_section(tmp_path: Path
 def test_markdown_of_a_small_result_renders_into_its_section(tmp_path: Path):
     from benchmarks import cifar10_early_exit
 
-    row = {"name": "full model fp32", "kind": "full_model", "top1": 0.9, "mean_ms": 2.0, "p95_ms": 3.0,
-           "exit_histogram": [10], "speedup_vs_full_model_same_precision": 1.0, "speedup_vs_full_model_fp32": 1.0,
-           "top1_minus_full_model_same_precision": 0.0}
+    row = {"name": "(a) original", "kind": "single", "precision": "fp32", "top1": 0.9, "mean_ms": 2.0, "p95_ms": 3.0,
+           "exit_histogram": [10], "top1_minus_reference": 0.0, "se_vs_reference": 0.0, "speedup_vs_original": 1.0,
+           "dominated_by": []}
+    training = {"epochs": 5, "images": 40, "seconds": 120.0,
+                "held_out": {"accuracy": {"exit0": 0.5, "final": 0.9}, "original_final_accuracy": 0.88}}
     result = {"benchmark": "cifar10_early_exit", "threads": 1, "machine": {"cpu": "Test CPU", "date": "2026-01-02T00:00"},
-              "data": {"test": 10, "timed_test_images": 5}, "rows": [row], "oracle_on_test": {}}
+              "command": "python -m benchmarks.cifar10_early_exit", "top1_se": 0.005,
+              "data": {"test": 10, "timed_test_images": 5}, "rows": [row], "placements": {}, "training": training,
+              "targets": {"fp32": {"text": "fastest joint-trained point: none"}}}
     path = harness.save(result, tmp_path / "cifar10_early_exit.json")
     doc = tmp_path / "benchmarks.md"
     args = harness.parser("doc", "x.json", render=True).parse_args(["--render", str(path), "--into", str(doc)])
     assert harness.render_only(args, "cifar10_early_exit", cifar10_early_exit.markdown)
     text = doc.read_text()
     assert "n = 10 test images" in text and "Test CPU, 2026-01-02" in text
-    assert "| full model fp32 | 90.00 | +0.00 | 2.000 | 3.000 | 1.00x | 1.00x | - |" in text
+    assert "| (a) original | fp32 | 90.00 | +0.00 ± 0.00 | 2.000 | 3.000 | 1.00x | - | - |" in text
+    assert "**fp32**: fastest joint-trained point: none" in text and "the original network 88.0 %" in text
 
 
 def test_parser_has_the_shared_options():

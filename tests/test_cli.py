@@ -87,3 +87,23 @@ def test_errors_are_clear(converted, image_folder, tmp_path):
     assert not (tmp_path / "b").exists()
     no_data = runner.invoke(cli, ["convert", f"{TOY}:residual_net", "--exits", "layer1", "--out", str(tmp_path / "c")])
     assert "pass --data" in str(no_data.exception)
+
+
+def test_bench_runs_reference_bundles_side_by_side(converted, image_folder):
+    from stagewise.datasets import open_image_set
+    from stagewise.runtimes import load
+    from stagewise.runtimes.bench import benchmark
+
+    out, _ = converted
+    images = open_image_set(image_folder)
+    pictures = [images.image(i) for i in range(0, len(images), 6)]
+    labels = images.targets[::6]
+    with load(out) as cascade, load(out) as reference:
+        result = benchmark(cascade, pictures, labels, references={"the same bundle": reference})
+    row = next(r for r in result["rows"] if r["kind"] == "reference")
+    full = next(r for r in result["rows"] if r["name"] == "full" and r["kind"] == "operating_point")
+    assert row["name"] == "the same bundle" and row["top1"] == full["top1"] and row["n"] == len(pictures)
+    assert sum(row["exit_histogram"]) == len(pictures)
+    reached = [r for r in result["rows"] if r["kind"] == "operating_point" and "equal_accuracy_reference" in r]
+    assert reached and all(r["equal_accuracy_reference"] is None or r["speedup_vs_equal_accuracy_single"] > 0
+                           for r in reached)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = ["MEAN", "STD", "NUM_CLASSES", "WEIGHTS", "EXIT_WEIGHTS_FILE", "BasicBlock", "ResNetCifar", "resnet_cifar",
-           "resnet_cifar_exits"]
+           "resnet_cifar_exits", "resnet_cifar_small", "SMALL_WEIGHTS"]
 
 #: Per-channel RGB mean of CIFAR-10 in 0-255 units.
 MEAN: tuple[float, float, float] = (125.3, 123.0, 113.9)
@@ -40,6 +40,8 @@ STD: tuple[float, float, float] = (63.0, 62.1, 66.7)
 NUM_CLASSES: int = 10
 #: The committed trained weights (fp32 state_dict), written by ``train.py``.
 WEIGHTS: Path = Path(__file__).resolve().with_name("resnet_cifar.pt")
+#: The committed smaller static network (widths 16, 32, 64), written by ``train.py --widths 16,32,64``.
+SMALL_WEIGHTS: Path = Path(__file__).resolve().with_name("resnet_cifar_small.pt")
 #: The committed jointly fine-tuned network with its exit heads, written by ``train_exits.py``.
 EXIT_WEIGHTS_FILE: Path = Path(__file__).resolve().with_name("resnet_cifar_exits.pt")
 
@@ -147,6 +149,19 @@ def resnet_cifar(pretrained: bool = True, weights: str | Path | None = None) -> 
     # the normalisation it was trained with, read by `stagewise convert` (a centred square, no crop margin)
     model.stagewise_input = {"mean": list(MEAN), "std": list(STD), "size": 32, "resize": "shorter_crop",
                              "crop_fraction": 1.0}
+    return model.eval()
+
+
+def resnet_cifar_small(weights: str | Path | None = None) -> ResNetCifar:
+    """The smaller static CIFAR-10 ResNet (widths 16, 32, 64; a quarter of the MACs), trained with the
+    same recipe as :func:`resnet_cifar` (``train.py --widths 16,32,64``), in eval mode."""
+    path = Path(weights) if weights is not None else SMALL_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"small CIFAR-10 weights not found: {path}. Train them with "
+                                "`python examples/cifar10/train.py --widths 16,32,64 --out examples/cifar10/resnet_cifar_small.pt`.")
+    model = ResNetCifar(widths=(16, 32, 64))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.stagewise_input = resnet_cifar(pretrained=False).stagewise_input
     return model.eval()
 
 

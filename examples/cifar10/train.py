@@ -13,7 +13,10 @@ Convolutions run in channels-last layout and, when the CPU supports it, under bf
 autocast (about twice as fast here); the weights stay float32 and are saved as float32.
 
 Writes ``resnet_cifar.pt`` (the state_dict) and ``resnet_cifar.json`` (what was run and the
-accuracies) next to this file unless ``--out`` says otherwise.
+accuracies) next to this file unless ``--out`` says otherwise. ``--widths 16,32,64 --out
+examples/cifar10/resnet_cifar_small.pt`` trains the smaller static network the benchmarks compare
+the early exits with (a quarter of the MACs; 15 epochs took about 35 min on 1 thread of a shared
+CPU without bf16, see its JSON).
 
     python examples/cifar10/train.py --epochs 15
 """
@@ -107,11 +110,13 @@ def bf16_supported() -> bool:
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True,
               help="torch threads; on a CPU busy with other work 1 can be much faster than 2.")
 @click.option("--bf16/--no-bf16", default=None, help="bfloat16 autocast for training [default: if the CPU supports it].")
+@click.option("--widths", default="32,64,128", show_default=True,
+              help="channels of layer1,layer2,layer3 (16,32,64 is the smaller static network of the benchmarks)")
 @click.option("--out", type=click.Path(path_type=Path), default=WEIGHTS,
               show_default="<repo>/examples/cifar10/resnet_cifar.pt",
               help="Where to write the state_dict; the JSON summary goes next to it (.json).")
 def main(data: Path, epochs: int, batch_size: int, max_lr: float, weight_decay: float, seed: int,
-         threads: int, bf16: bool | None, out: Path) -> None:
+         threads: int, bf16: bool | None, widths: str, out: Path) -> None:
     """Train the CIFAR-10 example ResNet on the 40,000-image train part of the split."""
     from stagewise.datasets import open_image_set
 
@@ -138,7 +143,8 @@ def main(data: Path, epochs: int, batch_size: int, max_lr: float, weight_decay: 
     n = len(train_x)
     steps_per_epoch = (n + batch_size - 1) // batch_size
 
-    model = ResNetCifar().to(memory_format=torch.channels_last)
+    width_triple = tuple(int(w) for w in widths.split(","))
+    model = ResNetCifar(widths=width_triple).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=max_lr, momentum=0.9, nesterov=True,
                                 weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -188,7 +194,8 @@ def main(data: Path, epochs: int, batch_size: int, max_lr: float, weight_decay: 
     test_y = test_set.targets.astype(np.int64)
     test_acc = accuracy(model, test_x, test_y)
     summary = {
-        "model": "examples/cifar10/model.py:resnet_cifar",
+        "model": "examples/cifar10/model.py:resnet_cifar" + ("" if width_triple == (32, 64, 128) else "_small"),
+        "widths": list(width_triple),
         "data": data.name,
         "split": {"fractions": list(SPLIT), "seed": seed, "train": len(train_set),
                   "calibration": len(calib_set), "test": len(test_set)},
