@@ -186,3 +186,25 @@ def test_build_pipeline_imports_no_torch():
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                        check=True).stdout.splitlines()[-1])
     assert "torch" not in loaded and "tensorflow" not in loaded
+
+
+def test_mixed_int8_leaves_the_fragile_tensors_in_float(tmp_path):
+    from stagewise.converters.export import StageInputs, export_stage, exporter
+    from stagewise.converters.plans import cascade_plans
+    from toy_models import fragile_net
+
+    x = np.random.default_rng(0).normal(0, 1, (400, 3, 16, 16)).astype(np.float32)
+    plan, inputs = cascade_plans([("only", fragile_net(), (16, 16))])[0], StageInputs(x[:16], x[:100], x[100:])
+    whole, _ = export_stage(exporter("tflite"), plan, tmp_path / "whole", inputs,
+                            BuildOptions(formats=("tflite",), int8=True, int8_mixed=False, int8_tolerance=0.85))
+    assert whole["precision"] == "fp32" and whole["quantization"]["agreement_with_fp32"] < 0.6
+    mixed, files = export_stage(exporter("tflite"), plan, tmp_path / "mixed", inputs,
+                                BuildOptions(formats=("tflite",), int8=True, int8_tolerance=0.85))
+    q = mixed["quantization"]
+    assert mixed["precision"] == "int8" and q["kept_fp32"] is False, q
+    assert 1 <= len(q["float_layers"]) <= 4 and q["agreement_interval"][0] >= 0.85
+    assert any(name.endswith("Conv2d_amp;1") for name in q["float_layers"])  # the layer that wrecks the scale
+    from stagewise.converters.tflite_export import describe
+
+    ops = describe(files["tflite/only.tflite"])["ops"]
+    assert ops.get("QUANTIZE", 0) >= 1 and ops.get("DEQUANTIZE", 0) >= 1  # the rest is still INT8
