@@ -35,15 +35,17 @@ from .options import BuildOptions
 from .source import CutPoint, source_of
 
 
-def cut_points(model: Any, input_size: int | tuple[int, int] = 224) -> list[CutPoint]:
+def cut_points(model: Any, input_size: int | tuple[int, int] | None = None) -> list[CutPoint]:
     """Every candidate cut of ``model`` (a factory spec or a model object), in graph order.
 
-    One forward pass on a zero image of ``input_size`` gives each cut's output shape, channels,
-    spatial reduction and cumulative MACs; ``single_tensor`` marks the cuts an early exit can
-    use. Needs no data.
+    One forward pass on a zero image of ``input_size`` (default: the size the model declares in
+    ``stagewise_input``, else 224) gives each cut's output shape, channels, layout, spatial
+    reduction and cumulative MACs; ``single_tensor`` marks the cuts an early exit can use. Needs no data.
     """
+    built = build_model(model, input_size if isinstance(input_size, int) else None)
+    if input_size is None:
+        input_size = getattr(built, "stagewise_input", {}).get("size", 224)
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    built = build_model(model, size[0])
     return source_of(built).cut_points(built, size)
 
 

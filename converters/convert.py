@@ -167,8 +167,9 @@ def make_job(kind: str, sources: list[StageSource], out: Path | None, formats: s
                          threads=threads or 1, overwrite=force, fp16=bool(fp16), npu=bool(npu), int8_io=bool(int8_io),
                          int8_tolerance=0.99 if int8_tolerance is None else int8_tolerance,
                          int8_mixed=True if int8_mixed is None else int8_mixed)
-    fields["head"] = head_training(head_kind, train_exits, head_width, epochs, lr, head_lr, freeze, exit_weights,
-                                   augment)
+    if "head" not in fields:
+        fields["head"] = head_training(head_kind, train_exits, head_width, epochs, lr, head_lr, freeze, exit_weights,
+                                       augment)
     return ConvertJob(kind=kind, sources=sources, out=Path(out), build=build,
                       **{k: v for k, v in fields.items() if v is not None})
 

@@ -165,7 +165,8 @@ def convert(model, stages, exits, data, calibration_data, formats, legacy_format
 
 @cli.command()
 @click.argument("model")
-@click.option("--input-size", type=click.IntRange(min=1, max=4096), default=224, show_default=True, help="square input size of the probe image")
+@click.option("--input-size", type=click.IntRange(min=1, max=4096),
+              help="square input size of the probe image [the model's declared size, else 224]")
 @click.option("--all", "show_all", is_flag=True, help="also list places where more than one tensor crosses")
 @click.option("--json", "as_json", is_flag=True, help="print the cut points as JSON records")
 def cuts(model, input_size, show_all, as_json):
@@ -185,11 +186,13 @@ def cuts(model, input_size, show_all, as_json):
 
     from .reports import print_tables
 
-    table = Table(title=f"cut points of {model} at {input_size}x{input_size}")
-    for column in ("name", "output shape", "channels", "reduction", "MACs (cumulative)", "single tensor"):
+    at = f"{input_size}x{input_size}" if input_size else "its declared input size (else 224x224)"
+    table = Table(title=f"cut points of {model} at {at}")
+    for column in ("name", "output shape", "layout", "channels", "reduction", "MACs (cumulative)", "single tensor"):
         table.add_column(column, justify="left" if column == "name" else "right")
     for c in found:
-        table.add_row(c.name, "x".join(map(str, c.shape)), str(c.channels), "-" if c.reduction is None else f"/{c.reduction}",
+        table.add_row(c.name, "x".join(map(str, c.shape)), c.layout, str(c.channels),
+                      "-" if c.reduction is None else f"/{c.reduction}",
                       f"{c.macs / 1e6:.2f} M", "yes" if c.single_tensor else "no")
     print_tables(table)
 
