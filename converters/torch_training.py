@@ -211,6 +211,8 @@ def train_exits(segments: Sequence[torch.nn.Module], images: ImageSet, preproces
                 running = [float(c / seen) for c in correct]
                 bar.advance(f"epoch {epoch + 1}/{tuning.epochs} " +
                             " ".join(f"{n} {100 * a:.1f}%" for n, a in zip(names, running)))
+            note(f"epoch {epoch + 1}/{tuning.epochs} ({time.perf_counter() - start:.0f} s): running train top-1 " +
+                 ", ".join(f"{n} {100 * a:.1f}%" for n, a in zip(names, running)))
     seconds = time.perf_counter() - start
     segments = [s.to(memory_format=torch.contiguous_format).eval() for s in segments]
     heads = [h.to(memory_format=torch.contiguous_format).eval() for h in heads]
