@@ -25,6 +25,7 @@ over a seeded subset of the test images (``--timing-images``) so machine noise h
 configuration alike. Standard errors of top-1 differences are paired (same images).
 
     python -m benchmarks.cifar10_early_exit            # writes benchmarks/results/cifar10_early_exit.json
+    python -m benchmarks.cifar10_early_exit --only a,joint   # build some bundles first; then --reuse
     python -m benchmarks.cifar10_early_exit --render --into docs/benchmarks.md
 """
 
@@ -90,8 +91,10 @@ def targets(rows: list[dict], precision: str) -> dict:
 
 
 def main() -> None:
-    args = harness.parser(__doc__, f"{NAME}.json", bundles="cifar10", render=True, head_images=20000,
-                          timing_images=1000).parse_args()
+    ap = harness.parser(__doc__, f"{NAME}.json", bundles="cifar10", render=True, head_images=20000, timing_images=1000)
+    ap.add_argument("--only", help="build only these bundles and stop (comma-separated keys: a, b, d, joint, auto, "
+                                   "frozen); then measure everything with --reuse")
+    args = ap.parse_args()
     if harness.render_only(args, NAME, markdown):
         return
     parts = harness.cifar10_parts(args.data)
@@ -110,34 +113,50 @@ def main() -> None:
     harness.set_threads(torch=1)
     train, calib, test = parts.train, parts.calibration, parts.test
     pre = Preprocess(mean=example.MEAN, std=example.STD, resize="shorter_crop", crop_fraction=1.0)
-    original, joint, small = example.resnet_cifar(), example.resnet_cifar_exits(), example.resnet_cifar_small()
+    original, joint = example.resnet_cifar(), example.resnet_cifar_exits()
     args.bundles.mkdir(parents=True, exist_ok=True)
     placements: dict[str, dict] = {}
 
     def joint_plans(cuts):
         return early_exit_plans(joint, cuts, pre, (32, 32), calib, HeadTraining(mode="given"))
 
-    auto_cuts, placements["joint auto:2"] = choose_exits(TorchSource(), joint, pre, (32, 32), 2, calib, calib,
-                                                         BuildOptions(threads=args.threads), dict(joint.stagewise_exits))
+    def auto_plans():
+        cuts, record = choose_exits(TorchSource(), joint, pre, (32, 32), 2, calib, calib,
+                                    BuildOptions(threads=args.threads), dict(joint.stagewise_exits))
+        chosen = joint_plans(cuts)
+        chosen[0].head = dict(chosen[0].head, placement=record)
+        return chosen
+
     plans = {
         "(a) original": lambda: cascade_plans([("original", original, (32, 32))]),
         "(b) fine-tuned": lambda: cascade_plans([("fine_tuned", joint, (32, 32))]),
-        "(d) small": lambda: cascade_plans([("small", small, (32, 32))]),
+        "(d) small": lambda: cascade_plans([("small", example.resnet_cifar_small(), (32, 32))]),
         "joint layer1,layer2": lambda: joint_plans(HAND_PICKED),
-        "joint auto:2": lambda: joint_plans(auto_cuts),
+        "joint auto:2": auto_plans,
         "frozen layer1,layer2": lambda: early_exit_plans(original, HAND_PICKED, pre, (32, 32),
                                                          harness.subset(train, args.head_images, seed=0)),
     }
+    short = dict(zip(plans, ("a", "b", "d", "joint", "auto", "frozen")))
+    only = set(args.only.split(",")) if args.only else None
     cascades = {}
     for name, make in plans.items():
-        built = make()
+        if only is not None and short[name] not in only:
+            continue
+        built = None
         for precision in ("fp32", "int8"):
             stem = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_") + f"_{precision}"
             path = args.bundles / f"{stem}.swb"
             if not (args.reuse and path.exists()):
+                built = built or make()  # the same plans (and exit placement) for both precisions
                 build_bundle(path, f"cifar10-{stem}", built, pre, parts.images.classes, calib,
                              BuildOptions(int8=precision == "int8", threads=args.threads, overwrite=True))
             cascades[(name, precision)] = load(path, backend="onnxruntime", threads=args.threads)
+    if only is not None:
+        print(f"built {', '.join(sorted(only))}; run again with --reuse to measure")
+        return
+    auto_stages = cascades[("joint auto:2", "fp32")].bundle.manifest.to_dict()["stages"]
+    auto_cuts = [stage["head"]["after"] for stage in auto_stages[:-1]]
+    placements["joint auto:2"] = auto_stages[0]["head"]["placement"]
     images = harness.decode_all(test, "decoding test images")
     targets_np = np.asarray(test.targets)
     configs, decisions, meta = {}, {}, {}
