@@ -13,9 +13,11 @@ touched.
 
 Writes ``resnet_cifar_exits.pt`` (backbone state + heads, see
 :func:`~stagewise.converters.torch_training.exit_checkpoint`) and ``resnet_cifar_exits.json``
-(the training record) next to this file; ``model.py:resnet_cifar_exits`` loads them. Seeded;
-on 2 shared CPU cores with 1 torch thread and bf16 autocast the default run takes about
-35 minutes (see the ``seconds`` in the JSON).
+(the training record) next to this file; ``model.py:resnet_cifar_exits`` loads them. Seeded.
+The committed run took 73 minutes (4,365 s) on 1 torch thread of a 2-core x86-64 machine shared
+with other jobs, fp32 (this CPU has no fast bf16 kernels; with them it is about twice as fast);
+see ``seconds`` in the JSON. Held-out top-1 (5,000 calibration images): exit0..exit3 57.9 / 64.4 /
+76.9 / 81.3 %, final 84.52 % against 84.42 % for the original network.
 
     python examples/cifar10/train_exits.py
 """
