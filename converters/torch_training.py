@@ -17,6 +17,7 @@ convolutions under bfloat16 autocast when the CPU has fast bf16 kernels (weights
 from __future__ import annotations
 
 import copy
+import json
 import time
 from typing import Any, Sequence
 
@@ -254,7 +255,8 @@ def exit_checkpoint(segments: Sequence[torch.nn.Module], heads: Sequence[torch.n
             exits[cut] = {"kind": training.kind, "shape": shape, "layout": carry_layout(shape, size),
                           "width": training.width, "classes": classes,
                           "state": {k: v.detach().clone().contiguous() for k, v in head.state_dict().items()}}
-    return {"backbone": backbone, "exits": exits, "training": record}
+    # plain JSON values only, so that torch.load(..., weights_only=True) reads the checkpoint back
+    return {"backbone": backbone, "exits": exits, "training": json.loads(json.dumps(record, default=str))}
 
 
 def attach_exits(model: torch.nn.Module, checkpoint: dict) -> torch.nn.Module:

@@ -77,7 +77,7 @@ def main(data: Path, epochs: int, lr: float, head_lr: float, kind: str, seed: in
     segments, heads, record = train_exits(segments, train_set, preprocess, (32, 32), NUM_CLASSES, training,
                                           held_out=calib_set)
     record.update({"cuts": list(CUTS), "data": data.name, "split": {"fractions": list(SPLIT), "seed": seed},
-                   "held_out_part": "calibration", "threads": threads, "torch_version": torch.__version__,
+                   "held_out_part": "calibration", "threads": threads, "torch_version": str(torch.__version__),
                    "cpu": platform.processor() or platform.machine(), "started_from": "resnet_cifar.pt"})
     torch.save(exit_checkpoint(segments, heads, CUTS, training, NUM_CLASSES, (32, 32), record), out)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
