@@ -25,7 +25,9 @@ A TOML config names the same things as the flags::
     target_drop = 0.5                # points of top-1
 
 For ``kind = "early_exit"`` give ``model = "file.py:factory"`` and ``exits = ["layer1", ...]``
-at the top level instead of ``[[stages]]``. Flags given on the command line win over the file.
+at the top level instead of ``[[stages]]``. For ``kind = "glance_focus"`` (AnchorNet) give one
+``[[stages]]`` table (the glance model) and a ``[focus]`` table: ``model``, ``size``, ``patches``,
+``iou`` and ``patch_fraction``. Flags given on the command line win over the file.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from .build import build_bundle
 from .factory import build_model
 from .heads import HeadTraining
 from .options import BuildOptions
-from .plans import cascade_plans, early_exit_plans
+from .plans import cascade_plans, early_exit_plans, glance_focus_plans
 from .source import source_of
 
 if sys.version_info >= (3, 11):
@@ -85,6 +87,10 @@ class ConvertJob:
     combine: str = "own"
     head: HeadTraining = HeadTraining()
     build: BuildOptions = BuildOptions()
+    focus: StageSource | None = None
+    patches: int = 3
+    iou: float = 0.3
+    patch_fraction: float = 0.5
 
 
 def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
@@ -102,6 +108,7 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         raise ConversionError(f"{path}: give `model = ...` (early exit) or [[stages]] tables (cascade)")
     build_cfg = cfg.get("build", {})
     exit_cfg = cfg.get("exit", {})
+    focus_cfg = cfg.get("focus", {})
     base = path.parent
     values = {
         "kind": kind, "sources": sources, "name": cfg.get("name"),
@@ -115,6 +122,9 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "fp16": build_cfg.get("fp16"), "npu": build_cfg.get("npu"),
         "int8_io": build_cfg.get("int8_io"), "head_kind": exit_cfg.get("head"),
         "int8_tolerance": build_cfg.get("int8_tolerance"), "int8_mixed": build_cfg.get("int8_mixed"),
+        "focus": StageSource(focus_cfg["model"], focus_cfg.get("size")) if "model" in focus_cfg else None,
+        "patches": focus_cfg.get("patches"), "iou": focus_cfg.get("iou"),
+        "patch_fraction": focus_cfg.get("patch_fraction"),
     }
     values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
     return make_job(**values)
@@ -185,7 +195,7 @@ def run_job(job: ConvertJob) -> Path:
     data = open_image_set(job.data)
     if job.calibration_data is not None:
         train, calib = data, open_image_set(job.calibration_data)
-    elif job.kind == "cascade":  # no heads to train: every labelled image calibrates
+    elif job.kind in ("cascade", "glance_focus"):  # no heads to train: every labelled image calibrates
         train, calib = data, data
     else:
         train, calib = data.split([1 - job.calibration_fraction, job.calibration_fraction], seed=job.build.seed)
@@ -203,9 +213,19 @@ def run_job(job: ConvertJob) -> Path:
         pre = _preprocess(job, models[0][1])
         named = [(s.name or f"stage{k}", m, _size(job, s, m, calib)) for k, (s, m) in enumerate(models)]
         plans = cascade_plans(named, job.combine, job.score)
+    elif job.kind == "glance_focus":
+        if len(job.sources) != 1 or job.focus is None:
+            raise ConversionError("a glance-and-focus conversion needs one glance model (--stage MODEL@SIZE) and one "
+                                  "focus model (--focus MODEL@SIZE)")
+        glance, focus = job.sources[0], job.focus
+        models = [(glance, build_model(glance.model, glance.size)), (focus, build_model(focus.model, focus.size))]
+        pre = _preprocess(job, models[0][1])
+        plans = glance_focus_plans((glance.name or "glance", models[0][1], _size(job, glance, models[0][1], calib)),
+                                   (models[1][1], _size(job, focus, models[1][1], calib)), job.patches, job.iou,
+                                   job.patch_fraction, job.score)
     else:
-        raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit or cascade")
-    labels = getattr(models[0][1] if job.kind == "cascade" else model, "stagewise_labels", None) or calib.classes
+        raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit, cascade or glance_focus")
+    labels = getattr(model if job.kind == "early_exit" else models[0][1], "stagewise_labels", None) or calib.classes
     if len(np.unique(calib.targets)) < 2:
         raise ConversionError("calibration images must cover at least two classes")
     name = job.name or job.out.stem

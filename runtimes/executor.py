@@ -272,6 +272,21 @@ class Cascade:
                 per_stage[k].append(out[self._stages[k].logits])
         return [np.concatenate(xs) for xs in per_stage]
 
+    def class_activation(self, image: Any) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+        """The class-activation map (grid rows x columns) of the first stage that outputs one, for one image
+        (HxWx3 uint8 RGB array, PIL image or path), and the region of the image its cells cover
+        (left, top, right, bottom pixels)."""
+        router = self.router
+        k = next((j for j, name in enumerate(router.cam_outputs) if name is not None), None)
+        if k is None:
+            raise BundleError("this bundle has no stage with a CAM output (a glance stage); convert it with "
+                              "`stagewise convert --stage MODEL@SIZE --focus MODEL@SIZE`")
+        img = load_image(image)
+        carries = Carries(1)
+        for j in router.chain(k):
+            router.keep(j, self._stages[j].session.run(router.input(j, [img], carries)), carries)
+        return carries.take(("cam", k))[0], router.cam_extent(k, img)
+
     def predict_stage(self, image: Any, stage: int) -> Prediction:
         """The answer of the single network that ends at ``stage``, on its own probabilities.
 

@@ -49,6 +49,16 @@ def cell_boxes(cam: CamGrid, input_size: tuple[int, int], view: Box, patch_fract
     return np.stack([cx - half, cy - half, cx + half, cy + half], axis=1)
 
 
+def cam_extent(cam: CamGrid, input_size: tuple[int, int], view: Box) -> Box:
+    """The region of the original image that the CAM's cells cover (each cell one stride wide), for drawing."""
+    left, top, right, bottom = view
+    scale_y, scale_x = (bottom - top) / input_size[0], (right - left) / input_size[1]
+    (y0, x0), (sy, sx) = cam.offset, cam.stride
+    y1, x1 = y0 + sy * (cam.grid[0] - 1), x0 + sx * (cam.grid[1] - 1)
+    return (left + (x0 - sx / 2) * scale_x, top + (y0 - sy / 2) * scale_y,
+            left + (x1 + sx / 2) * scale_x, top + (y1 + sy / 2) * scale_y)
+
+
 def select_patches(scores: np.ndarray, boxes: np.ndarray, count: int, iou: float) -> np.ndarray:
     """Indices of up to ``count`` boxes: by ``scores`` from the highest down, each kept when its IoU
     with every box kept before is below ``iou``.

@@ -21,7 +21,7 @@ from stagewise.errors import ManifestError
 from stagewise.images import Preprocess
 from stagewise.manifest import CamGrid, Manifest, StageInput
 
-from .patches import PatchChoice
+from .patches import PatchChoice, cam_extent
 
 RunStage = Callable[[int, np.ndarray], Mapping[str, np.ndarray]]
 
@@ -180,6 +180,11 @@ class StageRouter:
                                self.preprocess.crop_box(image.shape[0], image.shape[1], size),
                                source.patch_fraction, source.count, source.iou)[source.index]
             for cam, image in zip(cams, images)])
+
+    def cam_extent(self, k: int, image: np.ndarray) -> tuple[float, float, float, float]:
+        """The region of ``image`` (original pixels) that the CAM cells of stage ``k`` cover."""
+        size = self.inputs[k].size
+        return cam_extent(self.cams[k], size, self.preprocess.crop_box(image.shape[0], image.shape[1], size))
 
     def box(self, k: int, carries: Carries, rows: np.ndarray | None = None) -> np.ndarray | None:
         """The patch boxes stage ``k`` read for ``rows`` (``None`` when it does not read patches)."""

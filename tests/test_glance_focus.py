@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -166,3 +167,30 @@ def test_manifest_with_patch_stages_validates_and_a_patch_from_a_stage_without_c
     unknown["stages"][1]["input"]["from"] = "focus1"
     with pytest.raises(ManifestError, match="not an earlier stage"):
         Manifest.from_dict(unknown)
+
+
+def test_cli_converts_inspects_and_explains_a_glance_and_focus_bundle(tmp_path, image_folder):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from stagewise.cli import cli
+
+    toy = str(Path(__file__).with_name("toy_models.py"))
+    out = tmp_path / "gf"
+    runner = CliRunner()
+    done = runner.invoke(cli, ["convert", "--stage", f"{toy}:residual_net@16", "--focus", f"{toy}:residual_net@16",
+                               "--patches", "2", "--iou", "0.3", "--patch-fraction", "0.5", "--data", str(image_folder),
+                               "--out", str(out), "--threads", "1"])
+    assert done.exit_code == 0, done.output
+    shown = runner.invoke(cli, ["inspect", str(out)])
+    assert "proportional mapping" in shown.output and "patch 2/2 from glance" in shown.output
+    image = next(image_folder.glob("class0/*.png"))
+    picture = tmp_path / "why.png"
+    ran = runner.invoke(cli, ["run", str(out), str(image), "--operating-point", "full", "--explain", str(picture),
+                              "--patches", "random", "--patch-seed", "1", "--json"])
+    assert ran.exit_code == 0, ran.output
+    assert Image.open(picture).size == (16, 16)
+    trace = json.loads(ran.output.splitlines()[-1])["trace"]
+    assert trace[0]["box"] is None and all(len(r["box"]) == 4 for r in trace[1:])
