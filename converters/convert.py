@@ -67,6 +67,16 @@ class StageSource:
     name: str | None = None
 
 
+def stage_source(stage: Any) -> StageSource:
+    """A ``"factory@SIZE"`` string (``--stage``, ``--focus``) or a ``(model, size)`` pair as a :class:`StageSource`."""
+    if isinstance(stage, str):
+        factory, _, size = stage.rpartition("@")
+        if not factory or not size.isdigit():
+            raise ConversionError(f"stage {stage!r}: write MODEL@SIZE, e.g. models.py:small@128")
+        return StageSource(factory, int(size))
+    return StageSource(stage[0], int(stage[1]))
+
+
 @dataclass
 class ConvertJob:
     """Everything a conversion needs; built from flags and/or a TOML config."""

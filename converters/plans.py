@@ -193,10 +193,12 @@ def glance_focus_plans(glance: tuple[str, Any, tuple[int, int]], focus: tuple[An
     if not hasattr(source, "glance_stage"):
         raise ConversionError(f"glance stages (a CAM output) are built from torch models; this stagewise cannot add "
                               f"one to a {source.framework} model yet: use a torch glance model")
-    module, cam = source.glance_stage(source.prepare(model), size)
+    model = source.prepare(model)
+    module, cam = source.glance_stage(model, size)
     shape = (1, 3, *size) if source.layout == "NCHW" else (1, *size, 3)
+    # costs of the model itself: tracing inlines custom layers, which the MAC counter would not see
     plans = [StagePlan(name=name, module=module, source={"source": "image", "size": list(size)}, has_carry=False,
-                       exit=exit_rule(score), macs=source.macs(module, shape), params=source.params(module),
+                       exit=exit_rule(score), macs=source.macs(model, shape), params=source.params(model),
                        framework=source.framework, cam=cam.to_dict())]
     focus_model = source.prepare(focus_model)
     focus_shape = (1, 3, *focus_size) if source.layout == "NCHW" else (1, *focus_size, 3)

@@ -117,7 +117,7 @@ def convert(model, stages, focus, patches, iou, patch_fraction, exits, data, cal
             target_drop, out, input_size, mean, std, resize, crop_fraction, combine, score, max_head_images,
             max_calibration_images, threads, force):
     """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
-    from .converters.convert import StageSource, job_from_toml, make_job, run_job
+    from .converters.convert import StageSource, job_from_toml, make_job, run_job, stage_source
 
     if legacy_formats:
         click.echo("warning: --backend is deprecated for convert; use --format (onnx, openvino, tflite)", err=True)
@@ -135,10 +135,9 @@ def convert(model, stages, focus, patches, iou, patch_fraction, exits, data, cal
     if model and model.endswith(".toml"):
         job = job_from_toml(Path(model), flags)
     elif stages:
-        sources = [_stage_source(s, "--stage", StageSource) for s in stages]
+        sources = [stage_source(s) for s in stages]
         if focus:
-            job = make_job(kind="glance_focus", sources=sources, focus=_stage_source(focus, "--focus", StageSource),
-                           **flags)
+            job = make_job(kind="glance_focus", sources=sources, focus=stage_source(focus), **flags)
         else:
             job = make_job(kind="cascade", sources=sources, **flags)
     elif model:
@@ -153,13 +152,6 @@ def convert(model, stages, focus, patches, iou, patch_fraction, exits, data, cal
     bundle = read_bundle(path)
     print_tables(*manifest_tables(bundle.manifest))
     bundle.close()
-
-
-def _stage_source(text: str, flag: str, make: type) -> Any:
-    factory, _, size = text.rpartition("@")
-    if not factory or not size.isdigit():
-        raise click.BadParameter(f"{text!r}: write MODEL@SIZE, e.g. models.py:small@128", param_hint=flag)
-    return make(factory, int(size))
 
 
 @cli.command()

@@ -209,3 +209,12 @@ def test_openvino_runs_the_glance_and_focus_bundle_like_onnx_runtime(tmp_path, c
         with stagewise.load(out, backend=runtime, threads=1) as cascade:
             answers[runtime] = [(p.label, p.stage, p.trace[-1].box) for p in cascade.predict_batch(images, "full")]
     assert answers["openvino"] == answers["onnxruntime"]
+
+
+def test_zoo_names_are_short_for_the_model_zoo():
+    from stagewise.converters import zoo
+    from stagewise.converters.factory import load_factory
+
+    assert load_factory("zoo:efficientnet_lite0") is zoo.efficientnet_lite0
+    with pytest.raises(ConversionError, match="no callable"):
+        load_factory("zoo:resnet9000")
