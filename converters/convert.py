@@ -110,7 +110,7 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConversionError(f"cannot read config {path}: {exc}") from exc
     kind = cfg.get("kind", "cascade" if "stages" in cfg else "early_exit")
-    if kind == "cascade":
+    if kind in ("cascade", "glance_focus"):
         sources = [StageSource(s["model"], s.get("size"), s.get("name")) for s in cfg.get("stages", [])]
     else:
         sources = [StageSource(cfg["model"], cfg.get("size"))] if "model" in cfg else []
