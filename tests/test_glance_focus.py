@@ -196,19 +196,23 @@ def test_cli_converts_inspects_and_explains_a_glance_and_focus_bundle(tmp_path, 
     assert trace[0]["box"] is None and all(len(r["box"]) == 4 for r in trace[1:])
 
 
-def test_openvino_runs_the_glance_and_focus_bundle_like_onnx_runtime(tmp_path, calib):
-    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+@pytest.mark.parametrize("artifact_format, runtime, packages", [("openvino", "openvino", ("openvino",)),
+                                                                ("tflite", "litert", ("ai_edge_litert", "litert_torch"))])
+def test_other_runtimes_run_the_glance_and_focus_bundle_like_onnx_runtime(tmp_path, calib, artifact_format, runtime,
+                                                                          packages):
+    for package in packages:
+        pytest.importorskip(package, reason=f"{package} is not installed")
     torch.manual_seed(0)
     plans = glance_focus_plans(("glance", residual_net(), (16, 16)), (residual_net(), (16, 16)), count=2, iou=0.3,
                                patch_fraction=0.5)
     out = build_bundle(tmp_path / "gf", "gf", plans, PRE, calib.classes, calib,
-                       BuildOptions(formats=("onnx", "openvino"), profile_images=3), kind="glance_focus")
+                       BuildOptions(formats=("onnx", artifact_format), profile_images=3), kind="glance_focus")
     images = [calib.image(i) for i in range(30)]
     answers = {}
-    for runtime in ("onnxruntime", "openvino"):
-        with stagewise.load(out, backend=runtime, threads=1) as cascade:
-            answers[runtime] = [(p.label, p.stage, p.trace[-1].box) for p in cascade.predict_batch(images, "full")]
-    assert answers["openvino"] == answers["onnxruntime"]
+    for name in ("onnxruntime", runtime):
+        with stagewise.load(out, backend=name, threads=1) as cascade:
+            answers[name] = [(p.label, p.stage, p.trace[-1].box) for p in cascade.predict_batch(images, "full")]
+    assert answers[runtime] == answers["onnxruntime"]
 
 
 def test_zoo_names_are_short_for_the_model_zoo():
