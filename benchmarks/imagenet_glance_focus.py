@@ -229,8 +229,8 @@ def main() -> None:
     harness.save(result, args.out)
     for c in cascades.values():
         c.close()
-    plot_rows = [dict(r, series=r["name"].split(" @ ")[0] if r["kind"] != "single" else "single models",
-                      short=r["name"].split(" @ ")[-1] if r["kind"] != "single" else r["name"]) for r in rows]
+    plot_rows = [dict(r, series=r["name"].split(" @ ")[0], short=r["name"].split(" @ ")[-1], kind="cascade")
+                 if r["kind"] != "single" else dict(r, series="single models", short=r["name"]) for r in rows]
     pareto_plot({"rows": plot_rows, "runtime": "onnxruntime", "n": len(test), "bundle": "ImageNet sample, glance and focus"},
                 args.out.with_suffix(".png"))
     for r in rows:
