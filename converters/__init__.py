@@ -58,7 +58,7 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
             resize: str | None = None, crop_fraction: float | None = None, fp16: bool = False, npu: bool = False,
             int8_io: bool = False, threads: int = 1, force: bool = False, name: str | None = None,
             max_head_images: int | None = None, max_calibration_images: int | None = None,
-            focus: Any = None, patches: int = 3, iou: float = 0.3, patch_fraction: float = 0.5) -> Path:
+            focus: Any = None, patches: int = 3, iou: float = 0.3, patch_fraction: float = 0.7) -> Path:
     """Build a bundle, as ``stagewise convert`` does; returns its path.
 
     Early exit: ``model`` (a ``file.py:factory`` / ``module:factory`` spec or a model object)

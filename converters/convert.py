@@ -100,7 +100,7 @@ class ConvertJob:
     focus: StageSource | None = None
     patches: int = 3
     iou: float = 0.3
-    patch_fraction: float = 0.5
+    patch_fraction: float = 0.7
 
 
 def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:

@@ -77,7 +77,7 @@ def cli(debug: bool) -> None:
 @click.option("--iou", type=_Finite(min=0, max=1, min_open=True),
               help="glance and focus: a patch is kept when its IoU with every kept one is below this [0.3]")
 @click.option("--patch-fraction", type=_Finite(min=0, max=1, min_open=True),
-              help="glance and focus: patch side over the shorter side of the glance view [0.5]")
+              help="glance and focus: patch side over the shorter side of the glance view [0.7]")
 @click.option("--exits", help="early exit: cut points after which to attach exit heads, comma-separated")
 @click.option("--data", type=click.Path(path_type=Path), help="labelled images: class folders, an archive, or labels.tsv")
 @click.option("--calibration-data", type=click.Path(path_type=Path),
