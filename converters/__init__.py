@@ -11,6 +11,8 @@ The Python twin of ``stagewise convert``::
     convert(stages=["stagewise.converters.zoo:efficientnet_lite0@224",
                     "stagewise.converters.zoo:efficientnet_lite2@260"], combine="mean_probs",
             data="imagenet-calibration/", out="effnet.swb")
+    convert(stages=["zoo:efficientnet_lite0@224"], focus="zoo:efficientnet_lite0@224", patches=3, iou=0.3,
+            data="imagenet-calibration/", out="glance.swb")          # glance and focus (AnchorNet)
 
 Lower-level pieces, each written once for every source framework and artifact format:
 :mod:`.source` (the source-adapter interface; :mod:`.torch_source`, :mod:`.keras_source`),
@@ -28,7 +30,7 @@ from typing import Any, Sequence
 
 from stagewise.errors import ConversionError
 
-from .convert import ConvertJob, StageSource, job_from_toml, make_job, run_job
+from .convert import ConvertJob, StageSource, job_from_toml, make_job, run_job, stage_source
 from .factory import build_model
 from .heads import HeadTraining
 from .options import BuildOptions
@@ -57,7 +59,8 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
             input_size: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             resize: str | None = None, crop_fraction: float | None = None, fp16: bool = False, npu: bool = False,
             int8_io: bool = False, threads: int = 1, force: bool = False, name: str | None = None,
-            max_head_images: int | None = None, max_calibration_images: int | None = None) -> Path:
+            max_head_images: int | None = None, max_calibration_images: int | None = None,
+            focus: Any = None, patches: int = 3, iou: float = 0.3, patch_fraction: float = 0.7) -> Path:
     """Build a bundle, as ``stagewise convert`` does; returns its path.
 
     Early exit: ``model`` (a ``file.py:factory`` / ``module:factory`` spec or a model object)
@@ -66,22 +69,18 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
     (class folders, an archive or ``labels.tsv``); heads train on 80 % of it and thresholds are
     picked on the rest unless ``calibration_data`` is given (cascades calibrate on all of it).
     ``target_drop`` is in points of top-1 for the default operating point. ``formats``: onnx,
-    openvino, tflite (several: a list or ``"onnx,openvino"``).
+    openvino, tflite (several: a list or ``"onnx,openvino"``). Glance and focus: one stage (the
+    glance model, ending in global pooling + linear) and ``focus`` (``"factory@SIZE"`` or
+    ``(model, size)``), which classifies ``patches`` patches chosen from the glance model's CAM
+    (kept when their IoU with every kept one is below ``iou``; side ``patch_fraction`` of the glance
+    view's shorter side), one step each.
     """
-    sources = []
-    for stage in stages:
-        if isinstance(stage, str):
-            factory, _, size = stage.rpartition("@")
-            if not factory or not size.isdigit():
-                raise ConversionError(f"stage {stage!r}: write MODEL@SIZE, e.g. models.py:small@128")
-            sources.append(StageSource(factory, int(size)))
-        else:
-            sources.append(StageSource(stage[0], int(stage[1])))
+    sources = [stage_source(stage) for stage in stages]
     if sources and model is not None:
         raise ConversionError("give either a model with exits (early exit) or stages (cascade), not both")
     spec = {k: v for k, v in (("mean", mean), ("std", std), ("resize", resize), ("crop_fraction", crop_fraction))
             if v is not None}
-    kind = "cascade" if sources else "early_exit"
+    kind = ("glance_focus" if focus is not None else "cascade") if sources else "early_exit"
     job = make_job(kind=kind, sources=sources or [StageSource(model)], out=Path(out),
                    formats=formats if isinstance(formats, str) else ",".join(formats), int8=int8,
                    int8_tolerance=int8_tolerance, int8_mixed=int8_mixed,
@@ -90,9 +89,11 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
                    calibration_data=None if calibration_data is None else Path(calibration_data),
                    exits=list(exits), input=spec, input_size=input_size, combine=combine, score=score, name=name,
                    max_head_images=max_head_images, max_calibration_images=max_calibration_images,
+                   focus=None if focus is None else stage_source(focus), patches=patches, iou=iou,
+                   patch_fraction=patch_fraction,
                    **({"head": head} if isinstance(head, HeadTraining) else {}))
     return run_job(job)
 
 
 __all__ = ["BuildOptions", "ConvertJob", "CutPoint", "HeadTraining", "StageSource", "build_model", "convert",
-           "cut_points", "job_from_toml", "make_job", "run_job"]
+           "cut_points", "job_from_toml", "make_job", "run_job", "stage_source"]

@@ -42,7 +42,8 @@ from .plans import StagePlan, pixel_plan
 def stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, images: list[np.ndarray],
                  batch: int = 64) -> list[np.ndarray]:
     """Every stage's input for ``images`` (uint8 pixels or fp32), through the source stages (the runtime's router)."""
-    router = StageRouter.from_sources([p.name for p in plans], [p.source for p in plans], preprocess)
+    router = StageRouter.from_sources([p.name for p in plans], [p.source for p in plans], preprocess,
+                                      cams=[p.cam for p in plans])
     return stage_tensors(router, images, lambda k, x: plans[k].outputs(x), batch).inputs
 
 
@@ -113,6 +114,8 @@ def _stage_entry(plan: StagePlan, artifacts: dict) -> dict:
              "cost": {"macs": plan.macs, "params": plan.params}}
     if plan.head:
         entry["head"] = plan.head
+    if plan.cam:
+        entry["cam"] = plan.cam
     return entry
 
 

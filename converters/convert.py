@@ -35,7 +35,9 @@ at the top level instead of ``[[stages]]``, and optionally how the exits are tra
     exit_weights = [0.5, 0.75]
     augment = "flip_crop"
 
-Flags given on the command line win over the file.
+For ``kind = "glance_focus"`` (AnchorNet) give one ``[[stages]]`` table (the glance model) and a
+``[focus]`` table: ``model``, ``size``, ``patches``, ``iou`` and ``patch_fraction``. Flags given
+on the command line win over the file.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from .exit_placement import auto_exit_count, choose_exits
 from .factory import build_model
 from .heads import FineTuning, HeadTraining
 from .options import BuildOptions
-from .plans import cascade_plans, early_exit_plans
+from .plans import cascade_plans, early_exit_plans, glance_focus_plans
 from .source import source_of
 
 #: Images the linear probes of automatic exit placement are fitted on (at most).
@@ -77,6 +79,16 @@ class StageSource:
     model: Any
     size: int | None = None
     name: str | None = None
+
+
+def stage_source(stage: Any) -> StageSource:
+    """A ``"factory@SIZE"`` string (``--stage``, ``--focus``) or a ``(model, size)`` pair as a :class:`StageSource`."""
+    if isinstance(stage, str):
+        factory, _, size = stage.rpartition("@")
+        if not factory or not size.isdigit():
+            raise ConversionError(f"stage {stage!r}: write MODEL@SIZE, e.g. models.py:small@128")
+        return StageSource(factory, int(size))
+    return StageSource(stage[0], int(stage[1]))
 
 
 @dataclass
@@ -99,6 +111,10 @@ class ConvertJob:
     combine: str = "own"
     head: HeadTraining = HeadTraining()
     build: BuildOptions = BuildOptions()
+    focus: StageSource | None = None
+    patches: int = 3
+    iou: float = 0.3
+    patch_fraction: float = 0.7
 
 
 def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
@@ -108,7 +124,7 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConversionError(f"cannot read config {path}: {exc}") from exc
     kind = cfg.get("kind", "cascade" if "stages" in cfg else "early_exit")
-    if kind == "cascade":
+    if kind in ("cascade", "glance_focus"):
         sources = [StageSource(s["model"], s.get("size"), s.get("name")) for s in cfg.get("stages", [])]
     else:
         sources = [StageSource(cfg["model"], cfg.get("size"))] if "model" in cfg else []
@@ -117,6 +133,7 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
     build_cfg = cfg.get("build", {})
     exit_cfg = cfg.get("exit", {})
     train_cfg = cfg.get("training", {})
+    focus_cfg = cfg.get("focus", {})
     base = path.parent
     values = {
         "kind": kind, "sources": sources, "name": cfg.get("name"),
@@ -134,6 +151,9 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "freeze": ",".join(train_cfg["freeze"]) if isinstance(train_cfg.get("freeze"), list) else train_cfg.get("freeze"),
         "exit_weights": train_cfg.get("exit_weights"), "augment": train_cfg.get("augment"),
         "int8_tolerance": build_cfg.get("int8_tolerance"), "int8_mixed": build_cfg.get("int8_mixed"),
+        "focus": StageSource(focus_cfg["model"], focus_cfg.get("size")) if "model" in focus_cfg else None,
+        "patches": focus_cfg.get("patches"), "iou": focus_cfg.get("iou"),
+        "patch_fraction": focus_cfg.get("patch_fraction"),
     }
     values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
     return make_job(**values)
@@ -220,7 +240,7 @@ def run_job(job: ConvertJob) -> Path:
     data = open_image_set(job.data)
     if job.calibration_data is not None:
         train, calib = data, open_image_set(job.calibration_data)
-    elif job.kind == "cascade":  # no heads to train: every labelled image calibrates
+    elif job.kind in ("cascade", "glance_focus"):  # no heads to train: every labelled image calibrates
         train, calib = data, data
     else:
         train, calib = data.split([1 - job.calibration_fraction, job.calibration_fraction], seed=job.build.seed)
@@ -247,9 +267,19 @@ def run_job(job: ConvertJob) -> Path:
         pre = _preprocess(job, models[0][1])
         named = [(s.name or f"stage{k}", m, _size(job, s, m, calib)) for k, (s, m) in enumerate(models)]
         plans = cascade_plans(named, job.combine, job.score)
+    elif job.kind == "glance_focus":
+        if len(job.sources) != 1 or job.focus is None:
+            raise ConversionError("a glance-and-focus conversion needs one glance model (--stage MODEL@SIZE) and one "
+                                  "focus model (--focus MODEL@SIZE)")
+        glance, focus = job.sources[0], job.focus
+        models = [(glance, build_model(glance.model, glance.size)), (focus, build_model(focus.model, focus.size))]
+        pre = _preprocess(job, models[0][1])
+        plans = glance_focus_plans((glance.name or "glance", models[0][1], _size(job, glance, models[0][1], calib)),
+                                   (models[1][1], _size(job, focus, models[1][1], calib)), job.patches, job.iou,
+                                   job.patch_fraction, job.score)
     else:
-        raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit or cascade")
-    labels = getattr(models[0][1] if job.kind == "cascade" else model, "stagewise_labels", None) or calib.classes
+        raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit, cascade or glance_focus")
+    labels = getattr(model if job.kind == "early_exit" else models[0][1], "stagewise_labels", None) or calib.classes
     if len(np.unique(calib.targets)) < 2:
         raise ConversionError("calibration images must cover at least two classes")
     name = job.name or job.out.stem

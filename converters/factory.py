@@ -19,8 +19,14 @@ from stagewise.errors import ConversionError
 from .source import source_of
 
 
+ZOO_PREFIX = "zoo:"
+"""``zoo:efficientnet_lite0`` is short for ``stagewise.converters.zoo:efficientnet_lite0``."""
+
+
 def load_factory(spec: str) -> Callable[..., Any]:
-    """Resolve ``spec`` to the callable it names."""
+    """Resolve ``spec`` to the callable it names (``zoo:NAME``: a model of :mod:`stagewise.converters.zoo`)."""
+    if spec.startswith(ZOO_PREFIX):
+        spec = "stagewise.converters.zoo:" + spec[len(ZOO_PREFIX):]
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise ConversionError(f"model {spec!r}: give it as path/to/file.py:factory or package.module:factory")

@@ -27,10 +27,11 @@ from .source import SourceAdapter, source_named, source_of
 class StagePlan:
     """One stage ready for export: a model from its input tensor to its outputs.
 
-    ``module`` returns ``logits`` or, when ``has_carry``, ``(carry, logits)``. ``source`` is
-    the manifest's stage input without the tensor name: ``{"source": "image", "size": [h, w]}``
-    or ``{"source": "carry", "from": <earlier stage name>}``. ``framework`` names the source
-    adapter that runs and exports ``module`` (``"torch"`` or ``"keras"``).
+    ``module`` returns ``logits``, when ``has_carry`` ``(carry, logits)``, and for a glance stage
+    (``cam``: its :class:`~stagewise.manifest.CamGrid` record) ``(logits, cam)``. ``source`` is
+    the manifest's stage input without the tensor name: ``{"source": "image", "size": [h, w]}``,
+    ``{"source": "carry", "from": <earlier stage name>}`` or a patch source. ``framework`` names
+    the source adapter that runs and exports ``module`` (``"torch"`` or ``"keras"``).
     """
 
     name: str
@@ -42,12 +43,13 @@ class StagePlan:
     params: int
     head: dict | None = None
     framework: str = "torch"
+    cam: dict | None = None
 
     @property
     def input_name(self) -> str:
         # not "carry": a middle early-exit stage also *outputs* "carry", and ONNX (whose exporter then
         # silently renames the input to "carry.1") and OpenVINO need distinct tensor names
-        return "image" if self.source["source"] == "image" else "carry_in"
+        return "carry_in" if self.source["source"] == "carry" else "image"
 
     @property
     def input_dtype(self) -> str:
@@ -56,6 +58,8 @@ class StagePlan:
 
     @property
     def output_names(self) -> list[str]:
+        if self.cam is not None:
+            return ["logits", "cam"]
         return ["carry", "logits"] if self.has_carry else ["logits"]
 
     @property
@@ -68,10 +72,10 @@ class StagePlan:
 
 
 def pixel_plan(plan: StagePlan, preprocess: Preprocess) -> StagePlan:
-    """``plan`` taking uint8 NHWC pixels when it reads the image: its source adapter puts the cast,
-    ``preprocess``'s mean/std and the layout change into the module, so every exported format
-    carries them; other plans are returned as they are."""
-    if plan.source["source"] != "image" or plan.input_dtype == "uint8":
+    """``plan`` taking uint8 NHWC pixels when it reads the image (or a patch of it): its source adapter
+    puts the cast, ``preprocess``'s mean/std and the layout change into the module, so every exported
+    format carries them; other plans are returned as they are."""
+    if plan.source["source"] == "carry" or plan.input_dtype == "uint8":
         return plan
     module = plan.adapter.pixel_input(plan.module, preprocess, tuple(plan.source["size"]))
     return replace(plan, module=module, source=dict(plan.source, dtype="uint8", layout="NHWC"))
@@ -182,5 +186,46 @@ def cascade_plans(models: Sequence[tuple[str, Any, tuple[int, int]]], combine: s
         plans.append(StagePlan(name=name, module=model, source={"source": "image", "size": list(size)},
                                has_carry=False, exit=exit_rule(score, combine if k else "own"),
                                macs=source.macs(model, shape), params=source.params(model),
+                               framework=source.framework))
+    return plans
+
+
+def glance_focus_plans(glance: tuple[str, Any, tuple[int, int]], focus: tuple[Any, tuple[int, int]], count: int,
+                       iou: float, patch_fraction: float, score: str = "max_softmax") -> list[StagePlan]:
+    """AnchorNet's glance and focus: a glance stage and ``count`` focus steps.
+
+    ``glance`` is ``(name, model, (height, width))``: the model sees the whole image and also
+    returns the class-activation map of its top class (its last block must be global pooling +
+    linear). ``focus`` is ``(model, (height, width))``: focus step ``t`` classifies the ``t``-th
+    patch chosen from that CAM (cells from the highest down, kept when the IoU with every kept
+    patch is below ``iou``; side ``patch_fraction`` of the glance view's shorter side), resized
+    to the focus size, and decides on the mean of the probabilities so far (glance included).
+    """
+    name, model, size = glance
+    focus_model, focus_size = focus
+    if count < 1 or not 0 < iou <= 1 or not 0 < patch_fraction <= 1:
+        raise ConversionError(f"glance and focus needs --patches >= 1 and --iou, --patch-fraction in (0, 1]; got "
+                              f"{count}, {iou}, {patch_fraction}")
+    source = source_of(model)
+    if source_of(focus_model).framework != source.framework:
+        raise ConversionError("the glance and focus models must both be torch models or both Keras models")
+    if not hasattr(source, "glance_stage"):
+        raise ConversionError(f"glance stages (a CAM output) are built from torch models; this stagewise cannot add "
+                              f"one to a {source.framework} model yet: use a torch glance model")
+    model = source.prepare(model)
+    module, cam = source.glance_stage(model, size)
+    shape = (1, 3, *size) if source.layout == "NCHW" else (1, *size, 3)
+    # costs of the model itself: tracing inlines custom layers, which the MAC counter would not see
+    plans = [StagePlan(name=name, module=module, source={"source": "image", "size": list(size)}, has_carry=False,
+                       exit=exit_rule(score), macs=source.macs(model, shape), params=source.params(model),
+                       framework=source.framework, cam=cam.to_dict())]
+    focus_model = source.prepare(focus_model)
+    focus_shape = (1, 3, *focus_size) if source.layout == "NCHW" else (1, *focus_size, 3)
+    macs, params = source.macs(focus_model, focus_shape), source.params(focus_model)
+    for t in range(count):
+        patch = {"source": "patch", "from": name, "size": list(focus_size), "count": count, "iou": iou,
+                 "patch_fraction": patch_fraction, "index": t}
+        plans.append(StagePlan(name=f"focus{t}", module=focus_model, source=patch, has_carry=False,
+                               exit=exit_rule(score, "mean_probs"), macs=macs, params=params,
                                framework=source.framework))
     return plans

@@ -23,6 +23,7 @@ from .heads import LinearHead
 from .source import CutPoint
 from .torch_heads import Head, Pool
 from .tooling import package_version, quiet
+from .torch_cam import glance_stage
 from .torch_cuts import MacCounter, cut_candidates, split_model
 
 OPSET = 17
@@ -159,6 +160,10 @@ class TorchSource:
                 for store, o in zip(parts, out):
                     store.append(o.numpy())
         return [np.concatenate(p) for p in parts]
+
+    def glance_stage(self, model: torch.nn.Module, size: tuple[int, int]) -> tuple[torch.nn.Module, Any]:
+        """``model`` returning ``(logits, cam)`` and its :class:`~stagewise.manifest.CamGrid` (see :mod:`.torch_cam`)."""
+        return glance_stage(model, size)
 
     def pool(self, carry: np.ndarray) -> np.ndarray:
         with torch.no_grad():

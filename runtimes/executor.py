@@ -17,7 +17,7 @@ import numpy as np
 
 from stagewise.bundle import Bundle, read_bundle
 from stagewise.checks import nonnegative_budget, positive_count, positive_number
-from stagewise.errors import BundleError, DeadlineExceededError, UnknownOperatingPointError
+from stagewise.errors import BundleError, DeadlineExceededError, UnknownOperatingPointError, UnknownOptionError
 from stagewise.exits import exit_scores, load_exit_model, softmax
 from stagewise.images import load_image
 from stagewise.manifest import StageSpec
@@ -27,6 +27,7 @@ from .controller import MeanBudgetController
 from .latency import LatencyModel
 from .model_io import check_stages
 from .options import RuntimeOptions
+from .patches import PatchChoice
 from .routing import Carries, StageRouter, run_chain
 
 
@@ -44,7 +45,8 @@ class StageRecord:
     why the stage ran or not: ``"no_budget"``, ``"first"`` (the first stage to run always runs),
     ``"fits"`` (needed <= left), ``"over_budget"`` (needed > left: skipped) or
     ``"planned_skip"`` (skipped so that a later, more accurate stage reading the image fits) or
-    ``"cancelled"`` (ran past the budget and was stopped).
+    ``"cancelled"`` (ran past the budget and was stopped). ``box`` is the patch of the original
+    image a patch stage read (left, top, right, bottom pixels; ``None`` for other stages).
     """
 
     stage: str
@@ -57,6 +59,7 @@ class StageRecord:
     left_ms: float | None = None
     needed_ms: float | None = None
     reason: str | None = None
+    box: tuple[float, float, float, float] | None = None
 
     def explain(self) -> str:
         """One line saying why this stage ran or not."""
@@ -212,6 +215,14 @@ class Cascade:
         self._point(name)
         self.operating_point = name
 
+    def choose_patches(self, mode: str = "cam", seed: int = 0) -> None:
+        """How patch stages pick their patches: from the glance stage's CAM (``"cam"``, the default) or
+        at random (``"random"``: the same size, count and IoU rule, seeded by ``seed`` and each image's
+        pixels), the baseline of the glance-and-focus ablation."""
+        if mode not in ("cam", "random"):
+            raise UnknownOptionError(f"patches are chosen by 'cam' or 'random', not {mode!r}")
+        self.router = self.router.with_patches(PatchChoice(mode, int(seed)))
+
     def _point(self, name: str | None) -> _Point:
         name = self.operating_point if name is None else name
         point = self._points.get(name)
@@ -240,7 +251,7 @@ class Cascade:
             carries = Carries(1)
             times = []
             for k, st in enumerate(self._stages):
-                x = self.router.grey(k) if self.router.reads_image(k) else carries.take(self.router.carry_from(k))
+                x = self.router.warm_input(k, carries)
                 t0 = clock()
                 out = st.session.run(x)
                 times.append((clock() - t0) * 1e3)
@@ -260,6 +271,21 @@ class Cascade:
             for k, _, out in run_chain(self.router, chunk, lambda k, x: self._stages[k].session.run(x)):
                 per_stage[k].append(out[self._stages[k].logits])
         return [np.concatenate(xs) for xs in per_stage]
+
+    def class_activation(self, image: Any) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+        """The class-activation map (grid rows x columns) of the first stage that outputs one, for one image
+        (HxWx3 uint8 RGB array, PIL image or path), and the region of the image its cells cover
+        (left, top, right, bottom pixels)."""
+        router = self.router
+        k = next((j for j, name in enumerate(router.cam_outputs) if name is not None), None)
+        if k is None:
+            raise BundleError("this bundle has no stage with a CAM output (a glance stage); convert it with "
+                              "`stagewise convert --stage MODEL@SIZE --focus MODEL@SIZE`")
+        img = load_image(image)
+        carries = Carries(1)
+        for j in router.chain(k):
+            router.keep(j, self._stages[j].session.run(router.input(j, [img], carries)), carries)
+        return carries.take(("cam", k))[0], router.cam_extent(k, img)
 
     def predict_stage(self, image: Any, stage: int) -> Prediction:
         """The answer of the single network that ends at ``stage``, on its own probabilities.
@@ -375,7 +401,8 @@ class Cascade:
             if observe:
                 latency.observe(k, ms, predicted)
             records.append(StageRecord(st.name, "last" if k == last else ("exit" if done else "continue"), score,
-                                       int(probs[0].argmax()), ms, predicted, shown[k], left, needed, reason))
+                                       int(probs[0].argmax()), ms, predicted, shown[k], left, needed, reason,
+                                       _box(router.box(k, carries))))
             if done:
                 break
         k, probs, score = best
@@ -420,7 +447,7 @@ class Cascade:
                 continue  # a carry stage cannot start a path
             used, reach = ret, -1
             for j in range(s, len(self._stages)):
-                source = router.carry_from(j)
+                source = router.fed_by(j)
                 if j > s and source is not None and source < s:
                     break
                 used += needs[j]
@@ -476,7 +503,7 @@ class Cascade:
         exit_ms = np.zeros(n)
         probs_all: np.ndarray | None = None
         scores_all = np.zeros(n)
-        ran: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]] = []  # rows, scores, labels, done, ms
+        ran: list[tuple] = []  # rows, scores, labels, done, ms, patch boxes (or None)
         limited = False
         for k, st in enumerate(self._stages):
             if not len(active):
@@ -510,7 +537,7 @@ class Cascade:
             scores_all[active] = scores
             exit_stage[active] = k
             exit_ms[active[done]] = (clock() - start) * 1e3
-            ran.append((active, scores, probs.argmax(1), done, ms))
+            ran.append((active, scores, probs.argmax(1), done, ms, router.box(k, carries, active)))
             active = active[~done]
         if len(active):
             exit_ms[active] = (clock() - start) * 1e3
@@ -521,11 +548,13 @@ class Cascade:
         """One :class:`Prediction` per sample from the per-stage arrays of :meth:`_run_batch`."""
         last = len(self._stages) - 1
         traces: list[list[StageRecord]] = [[] for _ in exit_stage]
-        for k, (rows, stage_scores, labels, done, ms) in enumerate(ran):
+        for k, (rows, stage_scores, labels, done, ms, boxes) in enumerate(ran):
             st, shown = self._stages[k], point.shown[k]
             decisions = ["last" if k == last else ("exit" if d else "continue") for d in done.tolist()]
-            for i, decision, score, label in zip(rows.tolist(), decisions, stage_scores.tolist(), labels.tolist()):
-                traces[i].append(StageRecord(st.name, decision, score, label, ms, None, shown))
+            for j, (i, decision, score, label) in enumerate(zip(rows.tolist(), decisions, stage_scores.tolist(),
+                                                                labels.tolist())):
+                traces[i].append(StageRecord(st.name, decision, score, label, ms, None, shown,
+                                             box=None if boxes is None else _box(boxes[j:j + 1])))
         labels = probs.argmax(1).tolist()
         return [Prediction(label, self.classes[label], score, stage, ms, tuple(trace), row,
                            limited and trace[-1].decision == "continue", budget_ms, point.name)
@@ -542,6 +571,11 @@ class Cascade:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _box(boxes: np.ndarray | None) -> tuple[float, float, float, float] | None:
+    """The first row of a stage's patch boxes as a trace shows it."""
+    return None if boxes is None else tuple(float(v) for v in boxes[0])
 
 
 def _exit_model(root: Path | None, spec: StageSpec) -> Any:

@@ -74,6 +74,11 @@ def _check_references(m: dict) -> None:
                 raise ManifestError(
                     f"manifest field stages[{i}].input.from: {source['from']!r} must name an earlier stage "
                     "that has a carry output")
+        elif source["source"] == "patch":
+            _check_patch_source(m["stages"], i)
+        if ("cam" in stage["outputs"]) != ("cam" in stage):
+            raise ManifestError(f"manifest field stages[{i}]: stage {stage['name']!r} needs both outputs.cam (the CAM "
+                                "tensor) and cam (where its cells sit on the input), or neither")
     paths = [f["path"] for s in m["stages"] for a in s["artifacts"].values() for f in a["files"]]
     if len(set(paths)) != len(paths):
         raise ManifestError("manifest field stages[].artifacts: each file may be named only once")
@@ -94,6 +99,24 @@ def _check_references(m: dict) -> None:
     if m["default_operating_point"] not in points:
         raise ManifestError(
             f"manifest field default_operating_point: {m['default_operating_point']!r} is not one of {points}")
+
+
+def _check_patch_source(stages: list[dict], i: int) -> None:
+    stage, source = stages[i], stages[i]["input"]
+    earlier = {s["name"]: s for s in stages[:i]}
+    glance = earlier.get(source["from"])
+    if glance is None:
+        raise ManifestError(f"manifest field stages[{i}].input.from: stage {stage['name']!r} reads patches of "
+                            f"{source['from']!r}, which is not an earlier stage; name an earlier stage with a CAM output")
+    if "cam" not in glance["outputs"]:
+        raise ManifestError(
+            f"manifest field stages[{i}].input.from: stage {stage['name']!r} reads patches chosen from the CAM of "
+            f"{source['from']!r}, but that stage has no CAM output; convert its model as a glance stage "
+            "(`stagewise convert --stage MODEL@SIZE --focus MODEL@SIZE`, its last block must be global pooling + "
+            "linear) or let this stage read the image")
+    if source["index"] >= source["count"]:
+        raise ManifestError(f"manifest field stages[{i}].input.index: stage {stage['name']!r} reads patch "
+                            f"{source['index']} of {source['count']}; the index must be below count")
 
 
 def sha256_file(path: Path) -> str:

@@ -8,6 +8,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from typing import Any
+
 import click
 import numpy as np
 
@@ -57,6 +59,11 @@ device_option = click.option("--device", default="CPU", show_default=True,
                              help="device for the runtime: CPU, or with OpenVINO also GPU, NPU, AUTO")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="intra-op threads of the runtime")
+patches_option = click.option("--patches", "patch_mode", type=click.Choice(["cam", "random"]), default="cam",
+                               show_default=True,
+                               help="glance and focus: patches chosen from the CAM, or at random (same size and count, "
+                                    "seeded by --patch-seed) for the ablation")
+patch_seed_option = click.option("--patch-seed", type=int, default=0, show_default=True, help="seed of --patches random")
 trusted_key_option = click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
                                   help="Ed25519 public key (PEM); the bundle must be signed by one (repeat for more)")
 
@@ -72,6 +79,14 @@ def cli(debug: bool) -> None:
 @click.argument("model", required=False)
 @click.option("--stage", "stages", multiple=True, metavar="MODEL@SIZE",
               help="cascade stage: a model factory and its input size (repeat, cheapest first)")
+@click.option("--focus", metavar="MODEL@SIZE",
+              help="glance and focus (AnchorNet): the model that classifies CAM-chosen patches of the image, after one "
+                   "--stage (the glance model, ending in global pooling + linear)")
+@click.option("--patches", type=click.IntRange(min=1, max=64), help="glance and focus: patches (focus steps) [3]")
+@click.option("--iou", type=_Finite(min=0, max=1, min_open=True),
+              help="glance and focus: a patch is kept when its IoU with every kept one is below this [0.3]")
+@click.option("--patch-fraction", type=_Finite(min=0, max=1, min_open=True),
+              help="glance and focus: patch side over the shorter side of the glance view [0.7]")
 @click.option("--exits", help="early exit: cut points after which to attach exit heads, comma-separated")
 @click.option("--data", type=click.Path(path_type=Path), help="labelled images: class folders, an archive, or labels.tsv")
 @click.option("--calibration-data", type=click.Path(path_type=Path),
@@ -118,12 +133,13 @@ def cli(debug: bool) -> None:
 @click.option("--max-calibration-images", type=click.IntRange(min=1), help="cap on images used to pick thresholds")
 @click.option("--threads", type=click.IntRange(min=1), help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
-def convert(model, stages, exits, data, calibration_data, formats, legacy_formats, int8, int8_tolerance, int8_mixed,
-            fp16, int8_io, head_kind, head_width, train_exits, epochs, lr, head_lr, freeze, exit_weights, augment, npu,
+def convert(model, stages, focus, patches, iou, patch_fraction, exits, data, calibration_data, formats, legacy_formats,
+            int8, int8_tolerance, int8_mixed, fp16, int8_io, head_kind, head_width, train_exits, epochs, lr, head_lr,
+            freeze, exit_weights, augment, npu,
             target_drop, out, input_size, mean, std, resize, crop_fraction, combine, score, max_head_images,
             max_calibration_images, threads, force):
     """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
-    from .converters.convert import StageSource, job_from_toml, make_job, run_job
+    from .converters.convert import StageSource, job_from_toml, make_job, run_job, stage_source
 
     if legacy_formats:
         click.echo("warning: --backend is deprecated for convert; use --format (onnx, openvino, tflite)", err=True)
@@ -138,17 +154,16 @@ def convert(model, stages, exits, data, calibration_data, formats, legacy_format
                  exit_weights=_floats(exit_weights, "--exit-weights"), augment=augment,
                  target_drop=target_drop, threads=threads, input_size=input_size, combine=combine, score=score,
                  max_head_images=max_head_images, max_calibration_images=max_calibration_images,
-                 exits=exits.split(",") if exits else None, input=spec or None, force=force or None)
+                 exits=exits.split(",") if exits else None, input=spec or None, force=force or None,
+                 patches=patches, iou=iou, patch_fraction=patch_fraction)
     if model and model.endswith(".toml"):
         job = job_from_toml(Path(model), flags)
     elif stages:
-        sources = []
-        for s in stages:
-            factory, _, size = s.rpartition("@")
-            if not factory or not size.isdigit():
-                raise click.BadParameter(f"{s!r}: write MODEL@SIZE, e.g. models.py:small@128", param_hint="--stage")
-            sources.append(StageSource(factory, int(size)))
-        job = make_job(kind="cascade", sources=sources, **flags)
+        sources = [stage_source(s) for s in stages]
+        if focus:
+            job = make_job(kind="glance_focus", sources=sources, focus=stage_source(focus), **flags)
+        else:
+            job = make_job(kind="cascade", sources=sources, **flags)
     elif model:
         job = make_job(kind="early_exit", sources=[StageSource(model)], **flags)
     else:
@@ -239,8 +254,14 @@ def inspect(bundle, as_json):
 @click.option("--mean-budget-ms", type=_Finite(min=0, min_open=True),
               help="average-budget mode: pick each image's operating point so the mean latency stays at this")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
+@click.option("--explain", type=click.Path(path_type=Path),
+              help="glance and focus: write a PNG of the glance CAM and the patches the steps read (several images: "
+                   "NAME-1.png, NAME-2.png, ...)")
+@patches_option
+@patch_seed_option
 @trusted_key_option
-def run(bundle, images, backend, device, threads, operating_point, budget_ms, mean_budget_ms, as_json, trusted_keys):
+def run(bundle, images, backend, device, threads, operating_point, budget_ms, mean_budget_ms, as_json, explain,
+        patch_mode, patch_seed, trusted_keys):
     """Classify images: label, score, exit stage and time."""
     if operating_point and mean_budget_ms is not None:
         raise click.UsageError("give --operating-point or --mean-budget-ms (which picks the point itself), not both")
@@ -248,8 +269,12 @@ def run(bundle, images, backend, device, threads, operating_point, budget_ms, me
         if operating_point:
             cascade.use(operating_point)
         cascade.set_mean_budget(mean_budget_ms)
-        for path in images:
+        cascade.choose_patches(patch_mode, patch_seed)
+        for i, path in enumerate(images):
             p = cascade.predict(path, budget_ms=budget_ms)
+            if explain:
+                _explain(cascade, path, p, explain if len(images) == 1 else
+                         explain.with_name(f"{explain.stem}-{i + 1}{explain.suffix or '.png'}"))
             if as_json:
                 click.echo(json.dumps({"image": path, "label": p.label, "name": p.name, "score": p.score,
                                        "stage": cascade.stage_names[p.stage], "elapsed_ms": p.elapsed_ms,
@@ -259,6 +284,15 @@ def run(bundle, images, backend, device, threads, operating_point, budget_ms, me
                 flag = " (budget-limited)" if p.budget_limited else ""
                 click.echo(f"{path}: {p.name} [{p.label}] score {p.score:.3f} at {cascade.stage_names[p.stage]} "
                            f"in {p.elapsed_ms:.2f} ms{flag}")
+
+
+def _explain(cascade: Any, path: str, prediction: Any, out: Path) -> None:
+    from .explain import draw_explanation
+    from .images import load_image
+
+    cam, extent = cascade.class_activation(path)
+    boxes = [r.box for r in prediction.trace if r.box is not None]
+    click.echo(f"wrote {draw_explanation(load_image(path), cam, extent, boxes, out)}", err=True)
 
 
 @cli.command()
@@ -273,7 +307,9 @@ def run(bundle, images, backend, device, threads, operating_point, budget_ms, me
 @click.option("--operating-point", "points", multiple=True, help="only these operating points (repeat)")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the result as JSON")
 @click.option("--plot", type=click.Path(path_type=Path), help="write a Pareto plot (PNG)")
-def bench(bundle, data, backend, device, threads, limit, seed, points, json_out, plot):
+@patches_option
+@patch_seed_option
+def bench(bundle, data, backend, device, threads, limit, seed, points, json_out, plot, patch_mode, patch_seed):
     """Top-1/top-5, latency p50/p95, exits and speed-up of each operating point and single stage."""
     from .datasets import open_image_set
     from .reports import bench_table, pareto_plot, print_tables
@@ -283,8 +319,9 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
     if limit and limit < len(images):
         images = images.split([limit / len(images)], seed=seed)[0]
     with _load(bundle, backend, threads, device) as cascade:
+        cascade.choose_patches(patch_mode, patch_seed)
         result = benchmark(cascade, [images.image(i) for i in range(len(images))], images.targets, points or None)
-    result.update(bundle=str(bundle), data=str(data))
+    result.update(bundle=str(bundle), data=str(data), patches=patch_mode)
     print_tables(bench_table(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))

@@ -172,7 +172,22 @@ class Preprocess:
         box = self.crop_box(image.shape[0], image.shape[1], size)
         if image.shape[:2] == (h, w) and box == (0.0, 0.0, float(w), float(h)):
             return image
-        return np.asarray(Image.fromarray(image).resize((w, h), _RESAMPLE[self.interpolation], box=box))
+        return self.crop_resized(image, box, size)
+
+    def crop_resized(self, image: np.ndarray, box: tuple[float, float, float, float],
+                     size: tuple[int, int]) -> np.ndarray:
+        """The ``box`` (PIL's left, top, right, bottom, source pixels) of an HxWx3 uint8 image resized
+        to ``size`` = (height, width) with this preprocessing's interpolation, in one resize call."""
+        return np.asarray(Image.fromarray(image).resize((size[1], size[0]), _RESAMPLE[self.interpolation],
+                                                        box=tuple(float(v) for v in box)))
+
+    def patches(self, images: list[np.ndarray], boxes: np.ndarray, size: tuple[int, int], pixels: bool) -> np.ndarray:
+        """What a patch stage reads: ``boxes[i]`` of ``images[i]`` resized to ``size``, as uint8 NHWC
+        pixels (``pixels``) or the normalised float tensor."""
+        batch = np.empty((len(images), size[0], size[1], 3), dtype=np.uint8)
+        for i, (im, box) in enumerate(zip(images, boxes)):
+            batch[i] = self.crop_resized(im, box, size)
+        return batch if pixels else self.normalised(batch)
 
     def pixels(self, images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
         """A uint8 NHWC batch of the resized images (a view of the image when one is already prepared)."""
@@ -185,7 +200,11 @@ class Preprocess:
 
     def tensor(self, images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
         """A float32 batch in the model's layout, normalised, from uint8 RGB images."""
-        batch = self.pixels(images, size).astype(np.float32)
+        return self.normalised(self.pixels(images, size))
+
+    def normalised(self, pixels: np.ndarray) -> np.ndarray:
+        """A uint8 NHWC batch as the model's float32 input: normalised, in the model's layout."""
+        batch = pixels.astype(np.float32)
         batch -= np.asarray(self.mean, dtype=np.float32)
         batch /= np.asarray(self.std, dtype=np.float32)
         if self.layout == "NCHW":

@@ -74,11 +74,15 @@ class Task:
 class StageInput:
     """Where a stage's input comes from.
 
-    ``source`` is ``"image"`` (the decoded image resized to ``size`` = (height, width)) or
-    ``"carry"`` (the carry output of the earlier stage named ``from_stage``). ``tensor`` is the
-    model's input name (``None`` in a converter's plan, before the model is exported);
-    ``shape`` is the carry's recorded shape, when known. Other sources (image patches) would
-    add their own fields next to ``size``.
+    ``source`` is ``"image"`` (the decoded image resized to ``size`` = (height, width)),
+    ``"carry"`` (the carry output of the earlier stage named ``from_stage``) or ``"patch"`` (a
+    square patch of the original image resized to ``size``, chosen from the class-activation map
+    of the earlier stage ``from_stage``: its cells from the highest down, a patch kept when its
+    IoU with every kept one is below ``iou``, up to ``count``; the patch's side is
+    ``patch_fraction`` of the shorter side of the region that stage saw, and this stage reads
+    the ``index``-th chosen patch, 0-based). ``tensor`` is the model's input name (``None`` in a
+    converter's plan, before the model is exported); ``shape`` is the carry's recorded shape,
+    when known.
 
     ``dtype``/``layout`` of an image input: ``"uint8"``/``"NHWC"`` when the model takes the
     resized pixels as they are (normalisation and layout are inside its graph); absent in
@@ -93,12 +97,23 @@ class StageInput:
     shape: tuple[int, ...] | None = None
     dtype: str | None = None
     layout: str | None = None
+    count: int | None = None
+    iou: float | None = None
+    patch_fraction: float | None = None
+    index: int | None = None
 
     def __post_init__(self) -> None:
-        if self.source == "image" and self.size is None:
-            raise ValueError("an image stage input needs its size (height, width)")
-        if self.source == "carry" and self.from_stage is None:
-            raise ValueError("a carry stage input needs the name of the stage it comes from")
+        if self.source in ("image", "patch") and self.size is None:
+            raise ValueError(f"an {self.source} stage input needs its size (height, width)")
+        if self.source in ("carry", "patch") and self.from_stage is None:
+            raise ValueError(f"a {self.source} stage input needs the name of the stage it comes from")
+        if self.source == "patch":
+            if None in (self.count, self.iou, self.patch_fraction, self.index):
+                raise ValueError("a patch stage input needs count, iou, patch_fraction and index")
+            if not 0 <= self.index < self.count:
+                raise ValueError(f"a patch stage reads patch index {self.index} of {self.count}: it must be 0 to count - 1")
+            if not (0 < self.iou <= 1 and 0 < self.patch_fraction <= 1):
+                raise ValueError("a patch stage's iou and patch_fraction lie in (0, 1]")
         if self.dtype not in (None, "float32", "uint8") or (self.dtype == "uint8" and self.layout != "NHWC"):
             raise ValueError("an image stage input is float32 (normalised as the bundle's input says) or uint8 NHWC")
 
@@ -106,6 +121,11 @@ class StageInput:
     def pixels(self) -> bool:
         """True when the stage takes uint8 NHWC pixels (its graph normalises them itself)."""
         return self.dtype == "uint8"
+
+    @property
+    def reads_pixels(self) -> bool:
+        """True when the stage reads the decoded image (all of it, or a patch) rather than a carry."""
+        return self.source in ("image", "patch")
 
     @classmethod
     def image(cls, size: tuple[int, int], tensor: str | None = None) -> "StageInput":
@@ -122,11 +142,13 @@ class StageInput:
         shape = d.get("shape")
         return cls(d["source"], d.get("tensor"), size=tuple(size) if size is not None else None,
                    from_stage=d.get("from"), shape=tuple(shape) if shape is not None else None,
-                   dtype=d.get("dtype"), layout=d.get("layout"))
+                   dtype=d.get("dtype"), layout=d.get("layout"), count=d.get("count"), iou=d.get("iou"),
+                   patch_fraction=d.get("patch_fraction"), index=d.get("index"))
 
     def to_dict(self) -> dict[str, Any]:
         return _optional({"source": self.source}, size=self.size, **{"from": self.from_stage}, tensor=self.tensor,
-                         shape=self.shape, dtype=self.dtype, layout=self.layout)
+                         shape=self.shape, dtype=self.dtype, layout=self.layout, count=self.count, iou=self.iou,
+                         patch_fraction=self.patch_fraction, index=self.index)
 
 
 @dataclass(frozen=True)
@@ -237,21 +259,62 @@ class StageCost:
 
 @dataclass(frozen=True)
 class StageOutputs:
-    """Output tensor names: the logits, and the carry handed to a later stage (if any)."""
+    """Output tensor names: the logits, the carry handed to a later stage and the class-activation
+    map of the top class (N x grid height x grid width) that patch stages read (if any)."""
 
     logits: str
     carry: str | None = None
+    cam: str | None = None
 
     def names(self) -> tuple[str, ...]:
-        return (self.logits,) + ((self.carry,) if self.carry else ())
+        return (self.logits,) + tuple(n for n in (self.carry, self.cam) if n)
 
     def to_dict(self) -> dict[str, Any]:
-        return _optional({"logits": self.logits}, carry=self.carry)
+        return _optional({"logits": self.logits}, carry=self.carry, cam=self.cam)
+
+
+@dataclass(frozen=True)
+class CamGrid:
+    """How the cells of a stage's class-activation map sit on that stage's input image.
+
+    Cell ``(i, j)`` of the ``grid`` (rows, columns) is centred at ``offset + stride * (i, j)``
+    input pixels (y, x; continuous coordinates, the input's top-left corner at 0). ``mapping`` is
+    ``"exact"`` when that centre is the cell's receptive-field centre (a network without padding;
+    ``receptive_field`` then holds its size) or ``"proportional"`` when the grid is spread
+    evenly over the input (``stride`` = input size / grid, ``offset`` = stride / 2).
+    """
+
+    grid: tuple[int, int]
+    mapping: str
+    stride: tuple[float, float]
+    offset: tuple[float, float]
+    receptive_field: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mapping not in ("exact", "proportional"):
+            raise ValueError(f"a CAM mapping is 'exact' or 'proportional', not {self.mapping!r}")
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """The cell centres' y and x in input pixels, each grid-shaped."""
+        ys = self.offset[0] + self.stride[0] * np.arange(self.grid[0], dtype=np.float64)
+        xs = self.offset[1] + self.stride[1] * np.arange(self.grid[1], dtype=np.float64)
+        return np.meshgrid(ys, xs, indexing="ij")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CamGrid":
+        field_ = d.get("receptive_field")
+        return cls(tuple(d["grid"]), d["mapping"], tuple(d["stride"]), tuple(d["offset"]),
+                   tuple(field_) if field_ is not None else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _optional({"grid": list(self.grid), "mapping": self.mapping, "stride": list(self.stride),
+                          "offset": list(self.offset)}, receptive_field=self.receptive_field)
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage: its input, per-format artifacts, outputs, exit rule and cost."""
+    """One stage: its input, per-format artifacts, outputs, exit rule and cost; ``cam`` places the
+    cells of its class-activation map output on its input (stages with a ``cam`` output)."""
 
     name: str
     input: StageInput
@@ -260,20 +323,23 @@ class StageSpec:
     exit: ExitRule
     cost: StageCost
     head: Mapping[str, Any] | None = None
+    cam: CamGrid | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StageSpec":
         out = d["outputs"]
         return cls(d["name"], StageInput.from_dict(d["input"]),
                    MappingProxyType({k: Artifact.from_dict(a) for k, a in d["artifacts"].items()}),
-                   StageOutputs(out["logits"], out.get("carry")), ExitRule.from_dict(d["exit"]),
-                   StageCost.from_dict(d["cost"]), freeze(d["head"]) if "head" in d else None)
+                   StageOutputs(out["logits"], out.get("carry"), out.get("cam")), ExitRule.from_dict(d["exit"]),
+                   StageCost.from_dict(d["cost"]), freeze(d["head"]) if "head" in d else None,
+                   CamGrid.from_dict(d["cam"]) if "cam" in d else None)
 
     def to_dict(self) -> dict[str, Any]:
         return _optional({"name": self.name, "input": self.input.to_dict(),
                           "artifacts": {k: a.to_dict() for k, a in self.artifacts.items()},
                           "outputs": self.outputs.to_dict(), "exit": self.exit.to_dict(),
-                          "cost": self.cost.to_dict()}, head=self.head)
+                          "cost": self.cost.to_dict()}, head=self.head,
+                         cam=self.cam.to_dict() if self.cam else None)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,23 @@ def _quantization(record: Mapping[str, Any] | None) -> str:
     return f" (mixed: {len(kept)} float layers, agreement {agreement})" if kept else f" (agreement {agreement})"
 
 
+def _input_text(stage: Any) -> str:
+    """What a stage reads, and for a glance stage how its CAM cells map to the image (exact or proportional)."""
+    src = stage.input
+    if src.source == "image":
+        where = f"image {src.size[0]}x{src.size[1]}"
+    elif src.source == "patch":
+        where = (f"patch {src.index + 1}/{src.count} from {src.from_stage}'s CAM ({src.patch_fraction:g} of its view, "
+                 f"IoU < {src.iou:g}) at {src.size[0]}x{src.size[1]}")
+    else:
+        where = f"carry from {src.from_stage}"
+    if stage.cam is not None:
+        grid = stage.cam
+        where += (f"; CAM {grid.grid[0]}x{grid.grid[1]}, {grid.mapping} mapping "
+                  f"(stride {grid.stride[0]:g}x{grid.stride[1]:g} px)")
+    return where
+
+
 def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
     """Stages (inputs, precision per format, cost) and operating points of a bundle (parsed or its JSON document)."""
     if not isinstance(manifest, Manifest):
@@ -43,8 +60,7 @@ def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
     for col in ("stage", "input", "artifacts", "exit score", "MMACs", "latency p50 (ms)"):
         stages.add_column(col)
     for s in manifest.stages:
-        src = s.input
-        where = f"image {src.size[0]}x{src.size[1]}" if src.source == "image" else f"carry from {src.from_stage}"
+        where = _input_text(s)
         arts = ", ".join(f"{fmt}:{a.precision}{_quantization(a.quantization)}" for fmt, a in s.artifacts.items())
         lat = ", ".join(f"{v.p50:.2f} [{k}]" for k, v in (s.cost.latency_ms or {}).items()) or "-"
         exit_rule = f"{s.exit.score} T={s.exit.temperature:g}"

@@ -72,7 +72,9 @@ def test_converter_plans_route_the_same_way():
 @pytest.mark.parametrize("inputs, carry_outputs, message", [
     ((StageInput.image((4, 4)), StageInput.carry("a")), (None, None), "not an earlier stage with a carry output"),
     ((StageInput.carry("b"), StageInput.image((4, 4))), ("carry", None), "not an earlier stage"),
-    ((StageInput.image((4, 4)), StageInput("patch", size=(2, 2))), ("carry", None), "routes 'image' and 'carry'"),
+    ((StageInput.image((4, 4)), StageInput("mask", size=(2, 2))), ("carry", None), "routes 'image', 'carry' and 'patch'"),
+    ((StageInput.image((4, 4)), StageInput("patch", size=(2, 2), from_stage="a", count=1, iou=0.5, patch_fraction=0.5,
+                                           index=0)), (None, None), "not an earlier stage with a CAM output"),
 ])
 def test_bad_routes_are_refused(inputs, carry_outputs, message):
     with pytest.raises(ManifestError, match=message):
