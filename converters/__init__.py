@@ -28,7 +28,8 @@ from typing import Any, Sequence
 
 from stagewise.errors import ConversionError
 
-from .convert import ConvertJob, StageSource, job_from_toml, make_job, run_job
+from .adapt import Adaptation
+from .convert import CascadeSearch, ConvertJob, StageSource, job_from_toml, make_job, parse_stage, run_job
 from .factory import build_model
 from .heads import HeadTraining
 from .options import BuildOptions
@@ -55,32 +56,31 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
             input_size: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             resize: str | None = None, crop_fraction: float | None = None, fp16: bool = False, npu: bool = False,
             int8_io: bool = False, threads: int = 1, force: bool = False, name: str | None = None,
-            max_head_images: int | None = None, max_calibration_images: int | None = None) -> Path:
+            max_head_images: int | None = None, max_calibration_images: int | None = None,
+            adapt: str | None = None, search: CascadeSearch | None = None) -> Path:
     """Build a bundle, as ``stagewise convert`` does; returns its path.
 
     Early exit: ``model`` (a ``file.py:factory`` / ``module:factory`` spec or a model object)
     and ``exits`` (cut points, see :func:`cut_points`). Cascade: ``stages``, each
-    ``"factory@SIZE"`` or ``(model, size)``, cheapest first. ``data`` holds labelled images
+    ``"factory@SIZE"`` (``"factory@SIZE+bn"``: adapted to its size, see :mod:`.adapt`) or ``(model, size)``,
+    cheapest first; ``adapt`` (bn, head) adapts every stage that does not say. Cascade search:
+    ``search`` (a :class:`CascadeSearch`) measures candidates and builds the cheapest searched
+    cascade within ``target_drop`` of the best single candidate. ``data`` holds labelled images
     (class folders, an archive or ``labels.tsv``); heads train on 80 % of it and thresholds are
     picked on the rest unless ``calibration_data`` is given (cascades calibrate on all of it).
     ``target_drop`` is in points of top-1 for the default operating point. ``formats``: onnx,
     openvino, tflite (several: a list or ``"onnx,openvino"``).
     """
-    sources = []
-    for stage in stages:
-        if isinstance(stage, str):
-            factory, _, size = stage.rpartition("@")
-            if not factory or not size.isdigit():
-                raise ConversionError(f"stage {stage!r}: write MODEL@SIZE, e.g. models.py:small@128")
-            sources.append(StageSource(factory, int(size)))
-        else:
-            sources.append(StageSource(stage[0], int(stage[1])))
-    if sources and model is not None:
-        raise ConversionError("give either a model with exits (early exit) or stages (cascade), not both")
+    sources = [parse_stage(stage, adapt) if isinstance(stage, str) else StageSource(stage[0], int(stage[1]), adapt=adapt or "none")
+               for stage in stages]
+    if sum(map(bool, (sources, model is not None, search is not None))) > 1:
+        raise ConversionError("give one of: a model with exits (early exit), stages (cascade) or a search")
     spec = {k: v for k, v in (("mean", mean), ("std", std), ("resize", resize), ("crop_fraction", crop_fraction))
             if v is not None}
-    kind = "cascade" if sources else "early_exit"
-    job = make_job(kind=kind, sources=sources or [StageSource(model)], out=Path(out),
+    kind = "search" if search is not None else "cascade" if sources else "early_exit"
+    if search is not None:
+        sources = [StageSource(m) for m in search.models]
+    job = make_job(kind=kind, sources=sources or [StageSource(model)], out=Path(out), search=search,
                    formats=formats if isinstance(formats, str) else ",".join(formats), int8=int8,
                    int8_tolerance=int8_tolerance, int8_mixed=int8_mixed,
                    target_drop=target_drop, threads=threads, force=force, fp16=fp16, npu=npu, int8_io=int8_io,
@@ -92,5 +92,5 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
     return run_job(job)
 
 
-__all__ = ["BuildOptions", "ConvertJob", "CutPoint", "HeadTraining", "StageSource", "build_model", "convert",
-           "cut_points", "job_from_toml", "make_job", "run_job"]
+__all__ = ["Adaptation", "BuildOptions", "CascadeSearch", "ConvertJob", "CutPoint", "HeadTraining", "StageSource", "build_model", "convert",
+           "cut_points", "job_from_toml", "make_job", "parse_stage", "run_job"]

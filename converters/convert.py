@@ -24,8 +24,19 @@ A TOML config names the same things as the flags::
     int8 = true
     target_drop = 0.5                # points of top-1
 
-For ``kind = "early_exit"`` give ``model = "file.py:factory"`` and ``exits = ["layer1", ...]``
-at the top level instead of ``[[stages]]``. Flags given on the command line win over the file.
+A stage may say ``adapt = "bn"`` (or ``"head"``): its model is adapted to its input size first
+(:mod:`~stagewise.converters.adapt`). For ``kind = "early_exit"`` give ``model = "file.py:factory"``
+and ``exits = ["layer1", ...]`` at the top level instead of ``[[stages]]``. A cascade search
+(:mod:`~stagewise.converters.candidates`) replaces ``[[stages]]`` by::
+
+    [search]
+    models = ["zoo:efficientnet_lite0", "zoo:efficientnet_lite1", "zoo:efficientnet_lite2"]
+    sizes = [128, 160, 192, 224]     # each model at each size (default: the size it declares)
+    adapt = "bn"                     # also a BatchNorm-adapted candidate where the size is not the model's own
+    max_stages = 3
+    combine = ["own", "mean_probs"]
+
+Flags given on the command line win over the file.
 """
 
 from __future__ import annotations
@@ -37,16 +48,20 @@ from typing import Any
 
 import numpy as np
 
-from stagewise.bundle import check_output, remove_stale_build_dirs
+from stagewise.bundle import check_output, remove_stale_build_dirs, update_manifest
 from stagewise.datasets import ImageSet, open_image_set
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
 
+from .adapt import ADAPTATIONS, Adaptation
 from .build import build_bundle
+from .candidates import (adapt_stage_model, build_cascade, candidate_stages, declared_size, measure_candidates,
+                         search_record, with_adaptations)
 from .factory import build_model
 from .heads import HeadTraining
 from .options import BuildOptions
 from .plans import cascade_plans, early_exit_plans
+from .search import COMBINES, choose, search_cascades
 from .source import source_of
 
 if sys.version_info >= (3, 11):
@@ -58,11 +73,50 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 @dataclass
 class StageSource:
     """One source model: a factory spec (``file.py:factory``, ``module:factory``) or the model
-    object itself, and, for cascades, its input size."""
+    object itself, and, for cascades, its input size and how it is adapted to it (one of
+    :data:`~stagewise.converters.adapt.ADAPTATIONS`)."""
 
     model: Any
     size: int | None = None
     name: str | None = None
+    adapt: str = "none"
+
+
+def parse_stage(text: str, adapt: str | None = None) -> StageSource:
+    """A cascade stage written ``MODEL@SIZE`` or ``MODEL@SIZE+ADAPT`` (``ADAPT``: bn, head or none;
+    without it, ``adapt`` or none)."""
+    spec, _, kind = text.partition("+")
+    factory, _, size = spec.rpartition("@")
+    kind = kind or adapt or "none"
+    if not factory or not size.isdigit() or kind not in ADAPTATIONS:
+        raise ConversionError(f"stage {text!r}: write MODEL@SIZE or MODEL@SIZE+ADAPT with ADAPT one of "
+                              f"{', '.join(ADAPTATIONS)}, e.g. models.py:small@128+bn")
+    return StageSource(factory, int(size), adapt=kind)
+
+
+@dataclass(frozen=True)
+class CascadeSearch:
+    """What the cascade search tries: each of ``models`` (factory specs) at each of ``sizes`` (none:
+    the size each declares), with ``adapt`` (bn, head) also an adapted candidate wherever the size is
+    not the model's own; cascades of up to ``max_stages`` in the ``combines`` modes. Latency is the
+    median over ``timing_images`` calibration images."""
+
+    models: tuple[str, ...]
+    sizes: tuple[int, ...] = ()
+    adapt: str = "none"
+    max_stages: int = 3
+    combines: tuple[str, ...] = COMBINES
+    timing_images: int = 50
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConversionError("the cascade search needs models: --search a.py:f,b.py:g (factory specs)")
+        if self.adapt not in ADAPTATIONS:
+            raise ConversionError(f"unknown adaptation {self.adapt!r}; choose one of {', '.join(ADAPTATIONS)}")
+        if not 1 <= self.max_stages <= 4:
+            raise ConversionError(f"--max-stages must be 1 to 4, got {self.max_stages}")
+        if any(size < 1 for size in self.sizes) or self.timing_images < 1:
+            raise ConversionError("search sizes and timing images must be positive")
 
 
 @dataclass
@@ -85,6 +139,8 @@ class ConvertJob:
     combine: str = "own"
     head: HeadTraining = HeadTraining()
     build: BuildOptions = BuildOptions()
+    adaptation: Adaptation = Adaptation()
+    search: CascadeSearch | None = None
 
 
 def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
@@ -93,13 +149,25 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         cfg = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConversionError(f"cannot read config {path}: {exc}") from exc
-    kind = cfg.get("kind", "cascade" if "stages" in cfg else "early_exit")
-    if kind == "cascade":
-        sources = [StageSource(s["model"], s.get("size"), s.get("name")) for s in cfg.get("stages", [])]
+    kind = cfg.get("kind", "search" if "search" in cfg else "cascade" if "stages" in cfg else "early_exit")
+    search = None
+    if kind == "search":
+        table = dict(cfg.get("search", {}))
+        if "combine" in table:
+            table["combines"] = table.pop("combine")
+        try:
+            search = CascadeSearch(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
+        except TypeError as exc:
+            raise ConversionError(f"{path}: [search] takes models, sizes, adapt, max_stages, combine and "
+                                  f"timing_images ({exc})") from exc
+        sources = [StageSource(m) for m in search.models]
+    elif kind == "cascade":
+        sources = [StageSource(s["model"], s.get("size"), s.get("name"), s.get("adapt", "none"))
+                   for s in cfg.get("stages", [])]
     else:
         sources = [StageSource(cfg["model"], cfg.get("size"))] if "model" in cfg else []
     if not sources:
-        raise ConversionError(f"{path}: give `model = ...` (early exit) or [[stages]] tables (cascade)")
+        raise ConversionError(f"{path}: give `model = ...` (early exit), [[stages]] tables (cascade) or a [search] table")
     build_cfg = cfg.get("build", {})
     exit_cfg = cfg.get("exit", {})
     base = path.parent
@@ -115,6 +183,7 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "fp16": build_cfg.get("fp16"), "npu": build_cfg.get("npu"),
         "int8_io": build_cfg.get("int8_io"), "head_kind": exit_cfg.get("head"),
         "int8_tolerance": build_cfg.get("int8_tolerance"), "int8_mixed": build_cfg.get("int8_mixed"),
+        "search": search,
     }
     values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
     return make_job(**values)
@@ -185,7 +254,7 @@ def run_job(job: ConvertJob) -> Path:
     data = open_image_set(job.data)
     if job.calibration_data is not None:
         train, calib = data, open_image_set(job.calibration_data)
-    elif job.kind == "cascade":  # no heads to train: every labelled image calibrates
+    elif job.kind in ("cascade", "search"):  # no heads to train: every labelled image calibrates
         train, calib = data, data
     else:
         train, calib = data.split([1 - job.calibration_fraction, job.calibration_fraction], seed=job.build.seed)
@@ -198,15 +267,55 @@ def run_job(job: ConvertJob) -> Path:
         pre = _preprocess(job, model)
         size, head_images = _size(job, job.sources[0], model, train), _cap(train, job.max_head_images, job.build.seed)
         plans = early_exit_plans(model, job.exits, pre, size, head_images, job.head, job.score)
-    elif job.kind == "cascade":
+    elif job.kind in ("cascade", "search"):
         models = [(s, build_model(s.model, s.size)) for s in job.sources]
         pre = _preprocess(job, models[0][1])
+        if job.kind == "search":
+            return _run_search(job, pre, train, calib, {s.model: m for s, m in models})
         named = [(s.name or f"stage{k}", m, _size(job, s, m, calib)) for k, (s, m) in enumerate(models)]
+        adaptations = [adapt_stage_model(m, s.model, size, s.adapt, pre, train, job.adaptation)
+                       for (s, _), (_, m, size) in zip(models, named)]
         plans = cascade_plans(named, job.combine, job.score)
     else:
-        raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit or cascade")
-    labels = getattr(models[0][1] if job.kind == "cascade" else model, "stagewise_labels", None) or calib.classes
+        raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit, cascade or search")
+    labels = _labels(models[0][1] if job.kind == "cascade" else model, calib)
+    name = job.name or job.out.stem
+    path = build_bundle(job.out, name, plans, pre, labels, calib, job.build, kind=job.kind)
+    if job.kind == "cascade" and any(a["kind"] != "none" for a in adaptations):
+        update_manifest(path, lambda manifest, _: with_adaptations(manifest, adaptations))
+    return path
+
+
+def _labels(model: Any, calib: ImageSet) -> list[str]:
     if len(np.unique(calib.targets)) < 2:
         raise ConversionError("calibration images must cover at least two classes")
-    name = job.name or job.out.stem
-    return build_bundle(job.out, name, plans, pre, labels, calib, job.build, kind=job.kind)
+    return list(getattr(model, "stagewise_labels", None) or calib.classes)
+
+
+def _run_search(job: ConvertJob, pre: Preprocess, train: ImageSet, calib: ImageSet, unsized: dict[str, Any]) -> Path:
+    """Measure every candidate, search the cascades on their logits, build the chosen one (see :class:`CascadeSearch`)."""
+    search = job.search
+    stages = []
+    for spec in search.models:
+        own = declared_size(unsized[spec])
+        sizes = search.sizes or ((own[0],) if own else ())
+        if not sizes:
+            raise ConversionError(f"{spec} declares no input size; give the search sizes (--sizes 128,160,...)")
+        for size in sizes:
+            stages.append((spec, size, "none"))
+            if search.adapt != "none" and (own is None or own != (size, size)):
+                stages.append((spec, size, search.adapt))
+    built = candidate_stages(stages, pre, train, job.adaptation, teachers=dict(unsized))
+    labels = _labels(built[0].model, calib)
+    candidates = measure_candidates(built, pre, labels, calib, job.build, search.timing_images)
+    result = search_cascades(candidates, calib.targets, search.max_stages, search.combines, job.score)
+    reference = result.best_single()
+    drop = job.build.default_drop
+    chosen = choose(result.front, result.accuracy[reference] - drop)
+    record = search_record(result, candidates, built, chosen, {
+        "max_stages": search.max_stages, "combines": list(search.combines), "target_drop": drop,
+        "reference": {"candidate": reference, "accuracy": result.accuracy[reference]}, "n": len(calib),
+        "data": calib.origin, "timing_images": min(search.timing_images, len(calib)),
+        "cost": "median step latency (ms) on the first format's runtime, candidates timed round robin"})
+    return build_cascade(job.out, job.name or job.out.stem, chosen, result, built, candidates, pre, labels, calib,
+                         job.build, record, job.score)

@@ -86,7 +86,7 @@ def finetune_head(model: nn.Module, epochs: Sequence[Iterable[tuple[np.ndarray, 
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                total, count = total + float(loss) * len(idx), count + len(idx)
+                total, count = total + loss.item() * len(idx), count + len(idx)
             losses.append(total / max(count, 1))
     finally:
         for p in frozen:

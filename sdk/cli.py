@@ -61,8 +61,17 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--stage", "stages", multiple=True, metavar="MODEL@SIZE",
-              help="cascade stage: a model factory and its input size (repeat, cheapest first)")
+@click.option("--stage", "stages", multiple=True, metavar="MODEL@SIZE[+ADAPT]",
+              help="cascade stage: a model factory and its input size (repeat, cheapest first); +bn or +head "
+                   "adapts that stage's model to its size")
+@click.option("--adapt", type=click.Choice(["none", "bn", "head"]),
+              help="adapt stage models to their input size: bn re-estimates BatchNorm statistics on the images "
+                   "(no labels used), head also fine-tunes the classifier with distillation [none]")
+@click.option("--search", "search_models", metavar="MODEL,MODEL,...",
+              help="cascade search: measure these factories at --sizes (and adapted with --adapt), search cascades "
+                   "and thresholds on their logits, build the cheapest within --target-drop of the best single one")
+@click.option("--sizes", help="cascade search: input sizes to try, comma-separated [each model's own]")
+@click.option("--max-stages", type=click.IntRange(min=1, max=4), help="cascade search: most stages in a cascade [3]")
 @click.option("--exits", help="early exit: cut points after which to attach exit heads, comma-separated")
 @click.option("--data", type=click.Path(path_type=Path), help="labelled images: class folders, an archive, or labels.tsv")
 @click.option("--calibration-data", type=click.Path(path_type=Path),
@@ -97,12 +106,12 @@ def cli(debug: bool) -> None:
 @click.option("--max-calibration-images", type=click.IntRange(min=1), help="cap on images used to pick thresholds")
 @click.option("--threads", type=click.IntRange(min=1), help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
-def convert(model, stages, exits, data, calibration_data, formats, legacy_formats, int8, int8_tolerance, int8_mixed,
+def convert(model, stages, adapt, search_models, sizes, max_stages, exits, data, calibration_data, formats, legacy_formats, int8, int8_tolerance, int8_mixed,
             fp16, int8_io, head_kind, npu,
             target_drop, out, input_size, mean, std, resize, crop_fraction, combine, score, max_head_images,
             max_calibration_images, threads, force):
     """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
-    from .converters.convert import StageSource, job_from_toml, make_job, run_job
+    from .converters.convert import CascadeSearch, StageSource, job_from_toml, make_job, parse_stage, run_job
 
     if legacy_formats:
         click.echo("warning: --backend is deprecated for convert; use --format (onnx, openvino, tflite)", err=True)
@@ -116,16 +125,28 @@ def convert(model, stages, exits, data, calibration_data, formats, legacy_format
                  target_drop=target_drop, threads=threads, input_size=input_size, combine=combine, score=score,
                  max_head_images=max_head_images, max_calibration_images=max_calibration_images,
                  exits=exits.split(",") if exits else None, input=spec or None, force=force or None)
+    search = None
+    if search_models:
+        if stages or model:
+            raise click.UsageError("--search chooses the stages itself; give it without MODEL or --stage")
+        try:
+            size_list = tuple(int(v) for v in sizes.split(",")) if sizes else ()
+        except ValueError:
+            raise click.BadParameter(f"{sizes!r}: give sizes as comma-separated integers, e.g. 128,160,224",
+                                     param_hint="--sizes") from None
+        search = CascadeSearch(models=tuple(m.strip() for m in search_models.split(",") if m.strip()),
+                               sizes=size_list, adapt=adapt or "none", max_stages=max_stages or 3,
+                               combines=(combine,) if combine else ("own", "mean_probs"))
+    elif sizes or max_stages:
+        raise click.UsageError("--sizes and --max-stages belong to a cascade search (--search MODEL,MODEL,...)")
     if model and model.endswith(".toml"):
         job = job_from_toml(Path(model), flags)
+    elif search is not None:
+        job = make_job(kind="search", sources=[StageSource(m) for m in search.models], search=search, **flags)
     elif stages:
-        sources = []
-        for s in stages:
-            factory, _, size = s.rpartition("@")
-            if not factory or not size.isdigit():
-                raise click.BadParameter(f"{s!r}: write MODEL@SIZE, e.g. models.py:small@128", param_hint="--stage")
-            sources.append(StageSource(factory, int(size)))
-        job = make_job(kind="cascade", sources=sources, **flags)
+        job = make_job(kind="cascade", sources=[parse_stage(s, adapt) for s in stages], **flags)
+    elif adapt:
+        raise click.UsageError("--adapt adapts cascade stages (--stage) or search candidates (--search)")
     elif model:
         job = make_job(kind="early_exit", sources=[StageSource(model)], **flags)
     else:
@@ -133,10 +154,11 @@ def convert(model, stages, exits, data, calibration_data, formats, legacy_format
     path = run_job(job)
     click.echo(f"wrote {path}")
     from .bundle import read_bundle
-    from .reports import manifest_tables, print_tables
+    from .reports import manifest_tables, print_tables, search_tables
 
     bundle = read_bundle(path)
-    print_tables(*manifest_tables(bundle.manifest))
+    searched = bundle.manifest.producer.get("search")
+    print_tables(*(search_tables(searched) if searched else []), *manifest_tables(bundle.manifest))
     bundle.close()
 
 

@@ -6,7 +6,7 @@ use attributes (``manifest.stages[k].exit.score``). :meth:`Manifest.to_dict` giv
 document: ``Manifest.from_dict(d).to_dict() == d`` for every valid ``d``, so writers keep working
 on plain dicts and old bundles keep their bytes' meaning.
 
-Free-form records (producer, calibration, profiles, goal, head, quantization and verification
+Free-form records (producer, calibration, profiles, goal, head, adaptation, quantization and verification
 records) are read-only mappings; sequences are tuples.
 """
 
@@ -251,7 +251,9 @@ class StageOutputs:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage: its input, per-format artifacts, outputs, exit rule and cost."""
+    """One stage: its input, per-format artifacts, outputs, exit rule and cost (``head``: its exit head's
+    training record; ``adaptation``: how its model was adapted to its input size, see
+    :mod:`stagewise.converters.adapt`)."""
 
     name: str
     input: StageInput
@@ -260,6 +262,7 @@ class StageSpec:
     exit: ExitRule
     cost: StageCost
     head: Mapping[str, Any] | None = None
+    adaptation: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StageSpec":
@@ -267,13 +270,14 @@ class StageSpec:
         return cls(d["name"], StageInput.from_dict(d["input"]),
                    MappingProxyType({k: Artifact.from_dict(a) for k, a in d["artifacts"].items()}),
                    StageOutputs(out["logits"], out.get("carry")), ExitRule.from_dict(d["exit"]),
-                   StageCost.from_dict(d["cost"]), freeze(d["head"]) if "head" in d else None)
+                   StageCost.from_dict(d["cost"]), freeze(d["head"]) if "head" in d else None,
+                   freeze(d["adaptation"]) if "adaptation" in d else None)
 
     def to_dict(self) -> dict[str, Any]:
         return _optional({"name": self.name, "input": self.input.to_dict(),
                           "artifacts": {k: a.to_dict() for k, a in self.artifacts.items()},
                           "outputs": self.outputs.to_dict(), "exit": self.exit.to_dict(),
-                          "cost": self.cost.to_dict()}, head=self.head)
+                          "cost": self.cost.to_dict()}, head=self.head, adaptation=self.adaptation)
 
 
 @dataclass(frozen=True)
