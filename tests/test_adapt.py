@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
-from PIL import Image
 
 from stagewise.converters.adapt import Adaptation, adapt
-from stagewise.datasets import ImageSet
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
+
+from conftest import texture_images
 
 torch = pytest.importorskip("torch", reason="torch is needed for the torch adaptation tests")
 nn = torch.nn
 
 PRE = Preprocess(mean=(128.0,) * 3, std=(64.0,) * 3, resize="stretch", crop_fraction=1.0)
-
-
-def texture_images(n: int, seed: int, size: int = 32) -> ImageSet:
-    """Grey noise whose contrast is the class (std 25 or 50): downscaling averages the noise away,
-    so a model trained at ``size`` sees weaker activations at a smaller size."""
-    rng = np.random.default_rng(seed)
-    sources, targets = [], []
-    for i in range(n):
-        c = i % 2
-        img = np.clip(128 + rng.normal(0, (25, 50)[c], (size, size, 3)), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(img).save(buffer, format="PNG")
-        sources.append(buffer.getvalue())
-        targets.append(c)
-    return ImageSet(tuple(sources), np.array(targets), ("smooth", "rough"))
 
 
 class TextureNet(nn.Module):
