@@ -123,12 +123,15 @@ def adapt(model: Any, adaptation: Adaptation, preprocess: Preprocess, size: tupl
         from .torch_adapt import finetune_head, reestimate_bn
     else:
         from .keras_adapt import reestimate_bn
-    record["batchnorm_layers"] = reestimate_bn(model, _batches(pixels[0], preprocess, adaptation.batch))
+    rng = np.random.default_rng(adaptation.seed)
+    # shuffled: image sets often come sorted by class, and per-batch statistics of one-class runs
+    # would miss the variance between classes
+    order = rng.permutation(len(images))
+    record["batchnorm_layers"] = reestimate_bn(model, _batches(pixels[0], preprocess, adaptation.batch, order))
     record["statistics"] = "cumulative average of per-batch BatchNorm statistics at the stage size"
     if adaptation.kind == "head":
         teacher_logits = np.concatenate([source.run(teacher, x)[0]
                                          for _, x in _batches(pixels[1], preprocess, 64, keep_single=True)])
-        rng = np.random.default_rng(adaptation.seed)
         epochs = [_batches(pixels[0], preprocess, adaptation.batch, rng.permutation(len(images)))
                   for _ in range(adaptation.epochs)]
         losses = finetune_head(model, epochs, np.asarray(images.targets), teacher_logits, adaptation)

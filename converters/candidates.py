@@ -175,7 +175,7 @@ def build_cascade(out: Path, name: str, point: CascadePoint, result: SearchResul
     chosen = [by_name[n] for n in point.stages]
     plans = cascade_plans([(s.name, s.model, s.size) for s in chosen], combine=point.combine, score=score)
     path = build_bundle(out, name, plans, preprocess, labels, calibration, options, kind="cascade")
-    mine = [p for p in result.front if p.stages == point.stages and p.combine == point.combine]
+    mine = same_cascade(result, point)
 
     def change(manifest: dict, root: Path) -> dict:
         profile = manifest["calibration"]["cost"].split(":", 1)[1]
@@ -188,15 +188,25 @@ def build_cascade(out: Path, name: str, point: CascadePoint, result: SearchResul
         agree = sequence_table(stage_logits, full.argmax(axis=1), costs, temps, point.combine, score)
         for i, p in enumerate(mine, start=1):
             manifest["operating_points"].append(threshold_point(
-                f"search-{i}", np.array(p.thresholds), {"kind": "search", "rank": i, "reference": "labels",
+                point_name(result, p), np.array(p.thresholds), {"kind": "search", "rank": i, "reference": "labels",
                                                         "searched_accuracy": p.accuracy,
                                                         "searched_mean_cost": p.mean_cost}, agree, labelled, "ms"))
-        manifest["default_operating_point"] = f"search-{mine.index(point) + 1}"
+        manifest["default_operating_point"] = point_name(result, point)
         manifest["producer"]["search"] = record
         return with_adaptations(manifest, [s.adaptation for s in chosen])
 
     update_manifest(path, change)
     return path
+
+
+def same_cascade(result: SearchResult, point: CascadePoint) -> list[CascadePoint]:
+    """The points of the front that run the same stages in the same combine mode as ``point``, cheapest first."""
+    return [p for p in result.front if p.stages == point.stages and p.combine == point.combine]
+
+
+def point_name(result: SearchResult, point: CascadePoint) -> str:
+    """The operating point :func:`build_cascade` names ``point`` in its cascade's bundle (``search-<rank>``)."""
+    return f"search-{same_cascade(result, point).index(point) + 1}"
 
 
 def with_adaptations(manifest: dict, records: Sequence[dict]) -> dict:
