@@ -17,7 +17,9 @@ Lower-level pieces, each written once for every source framework and artifact fo
 :mod:`.plans` (early-exit and cascade stage plans), :mod:`.heads` (exit-head training),
 :mod:`.export` (the exporter interface and the export pipeline; :mod:`.onnx_export`,
 :mod:`.openvino_export`, :mod:`.tflite_export`), :mod:`.build` (export, calibrate on the real
-runtime, write the bundle). Importing this package imports no training framework; the one a
+runtime, write the bundle), :mod:`.adapt` (a stage's model adapted to its input size),
+:mod:`.search` (cascade search on recorded logits) and :mod:`.candidates` (candidates measured
+on the runtime, the chosen cascade built). Importing this package imports no training framework; the one a
 model comes from is imported when the model is.
 """
 

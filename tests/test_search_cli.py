@@ -62,3 +62,21 @@ def test_search_and_adapt_errors_are_usage_errors(image_folder, tmp_path):
     unsized = runner.invoke(cli, ["convert", "--search", f"{TOY}:residual_net", "--data", str(image_folder),
                                   "--out", str(tmp_path / "w")])
     assert unsized.exit_code != 0 and "declares no input size" in str(unsized.exception)
+
+
+def test_toml_search_table_and_stage_adapt(tmp_path):
+    from stagewise.converters import job_from_toml, parse_stage
+    from stagewise.errors import ConversionError
+
+    config = tmp_path / "search.toml"
+    config.write_text('out = "s.swb"\ndata = "images"\n[search]\nmodels = ["zoo:efficientnet_lite0"]\n'
+                      'sizes = [128, 160]\nadapt = "bn"\nmax_stages = 2\ncombine = ["mean_probs"]\n')
+    job = job_from_toml(config, {})
+    assert job.kind == "search" and job.search.sizes == (128, 160) and job.search.adapt == "bn"
+    assert job.search.max_stages == 2 and job.search.combines == ("mean_probs",)
+    config.write_text('out = "c.swb"\n[[stages]]\nmodel = "m.py:f"\nsize = 96\nadapt = "head"\n')
+    assert job_from_toml(config, {}).sources[0].adapt == "head"
+    config.write_text('out = "s.swb"\n[search]\nmodels = ["m.py:f"]\nbudget = 3\n')
+    with pytest.raises(ConversionError, match=r"\[search\] takes models"):
+        job_from_toml(config, {})
+    assert parse_stage("m.py:f@128", "bn").adapt == "bn" and parse_stage("m.py:f@128+none", "bn").adapt == "none"
