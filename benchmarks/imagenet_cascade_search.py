@@ -160,7 +160,7 @@ def main() -> None:
                                                  search_record)
     from stagewise.converters.options import BuildOptions
     from stagewise.converters.plans import cascade_plans
-    from stagewise.converters.search import search_cascades
+    from stagewise.converters.search import COMBINES, search_cascades
     from stagewise.converters.zoo import EFFICIENTNET_LITE_PREPROCESS, imagenet_labels
     from stagewise.images import Preprocess
     from stagewise.runtimes import load
@@ -190,7 +190,9 @@ def main() -> None:
         key = (point.stages, point.combine)
         if key not in built:
             path = args.bundles / ("searched_" + "_".join(point.stages) + f"_{point.combine}")
-            record = search_record(result, candidates, stages, point, {"max_stages": args.max_stages})
+            drop = max(0.0, result.accuracy[result.best_single()] - point.accuracy)  # point = choose(front, best - drop)
+            record = search_record(result, candidates, stages, point, calib, drop, args.max_stages, COMBINES,
+                                   args.search_timing_images)
             built[key] = build_cascade(path, path.name[:100], point, result, stages, candidates, pre, labels, calib,
                                        opts, record)
         name = (" > ".join(point.stages) + (f" {point.combine}" if len(point.stages) > 1 else "")
@@ -229,7 +231,8 @@ def main() -> None:
             r.update(search_accuracy=point.accuracy, search_mean_ms=point.mean_cost, picked=why,
                      thresholds=point.to_dict()["thresholds"])
         rows.append(r)
-    record = search_record(result, candidates, stages, result.front[0], {})
+    record = search_record(result, candidates, stages, result.front[0], calib, 0.0, args.max_stages, COMBINES,
+                           args.search_timing_images)
     adaptation = []
     for s in stages:
         if s.adaptation["kind"] != "none":

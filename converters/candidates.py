@@ -149,15 +149,20 @@ def measure_candidates(stages: Sequence[StageCandidate], preprocess: Preprocess,
 
 
 def search_record(result: SearchResult, candidates: Sequence[Candidate], stages: Sequence[StageCandidate],
-                  chosen: CascadePoint, settings: dict) -> dict:
+                  chosen: CascadePoint, calibration: ImageSet, target_drop: float, max_stages: int,
+                  combines: Sequence[str], timing_images: int) -> dict:
     """What ``producer.search`` keeps: the candidates as measured, the front, the chosen point and the settings."""
     kinds = {s.name: s.adaptation["kind"] for s in stages}
     sizes = {s.name: list(s.size) for s in stages}
+    reference = result.best_single()
     return {"candidates": [{"name": c.name, "size": sizes[c.name], "adaptation": kinds[c.name], "cost_ms": c.cost,
                             "accuracy": result.accuracy[c.name], "temperature": result.temperatures[c.name]}
                            for c in candidates],
             "cascades_searched": result.cascades, "front": [p.to_dict() for p in result.front],
-            "chosen": result.front.index(chosen), **settings}
+            "chosen": result.front.index(chosen), "max_stages": max_stages, "combines": list(combines),
+            "target_drop": target_drop, "reference": {"candidate": reference, "accuracy": result.accuracy[reference]},
+            "n": len(calibration), "data": calibration.origin, "timing_images": min(timing_images, len(calibration)),
+            "cost": "median step latency (ms) on the first format's runtime, candidates timed round robin"}
 
 
 def build_cascade(out: Path, name: str, point: CascadePoint, result: SearchResult, stages: Sequence[StageCandidate],

@@ -309,13 +309,9 @@ def _run_search(job: ConvertJob, pre: Preprocess, train: ImageSet, calib: ImageS
     labels = _labels(built[0].model, calib)
     candidates = measure_candidates(built, pre, labels, calib, job.build, search.timing_images)
     result = search_cascades(candidates, calib.targets, search.max_stages, search.combines, job.score)
-    reference = result.best_single()
     drop = job.build.default_drop
-    chosen = choose(result.front, result.accuracy[reference] - drop)
-    record = search_record(result, candidates, built, chosen, {
-        "max_stages": search.max_stages, "combines": list(search.combines), "target_drop": drop,
-        "reference": {"candidate": reference, "accuracy": result.accuracy[reference]}, "n": len(calib),
-        "data": calib.origin, "timing_images": min(search.timing_images, len(calib)),
-        "cost": "median step latency (ms) on the first format's runtime, candidates timed round robin"})
+    chosen = choose(result.front, result.accuracy[result.best_single()] - drop)
+    record = search_record(result, candidates, built, chosen, calib, drop, search.max_stages, search.combines,
+                           search.timing_images)
     return build_cascade(job.out, job.name or job.out.stem, chosen, result, built, candidates, pre, labels, calib,
                          job.build, record, job.score)

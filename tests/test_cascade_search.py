@@ -100,3 +100,24 @@ def test_search_errors_say_what_to_fix():
         search_cascades(candidates, targets, combines=("max",))
     with pytest.raises(CalibrationError, match="allow a larger drop"):
         choose(search_cascades(candidates[:1], targets).front, 1.01)
+
+
+def test_search_table_shows_a_spread_of_a_long_front_with_the_chosen_point():
+    from rich.console import Console
+
+    from stagewise.reports import search_tables
+
+    candidates, targets = _toy_candidates(n=40)
+    result = search_cascades(candidates, targets, max_stages=3)
+    assert len(result.front) > 8
+    chosen = result.front[3]
+    record = {"candidates": [{"name": c.name, "size": [8, 8], "adaptation": "none", "cost_ms": c.cost,
+                              "accuracy": result.accuracy[c.name], "temperature": 1.0} for c in candidates],
+              "cascades_searched": result.cascades, "front": [p.to_dict() for p in result.front], "chosen": 3,
+              "target_drop": 0.005, "reference": {"candidate": "s3", "accuracy": 0.9}, "n": 40, "timing_images": 5}
+    _, front = search_tables(record, max_rows=5)
+    assert front.row_count == 6 and "6 of" in front.caption
+    console = Console(width=200, record=True)
+    console.print(front)
+    text = console.export_text()
+    assert " > ".join(chosen.stages) in text and "*" in text
