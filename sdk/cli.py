@@ -207,16 +207,17 @@ def _calibration_summary(cal: object) -> str | None:
 @click.argument("bundle", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 def inspect(bundle, as_json):
-    """Stages, precisions, thresholds, costs and operating points of a bundle."""
+    """Stages, precisions, thresholds, costs and operating points of a bundle (and its cascade search, if any)."""
     from .bundle import read_bundle
-    from .reports import manifest_tables, print_tables
+    from .reports import manifest_tables, print_tables, search_tables
 
     b = read_bundle(bundle)
     try:
         if as_json:
             click.echo(json.dumps(b.manifest.to_dict(), indent=2))
         else:
-            print_tables(*manifest_tables(b.manifest))
+            searched = b.manifest.producer.get("search")
+            print_tables(*(search_tables(searched) if searched else []), *manifest_tables(b.manifest))
             summary = _calibration_summary(b.manifest.calibration)
             if summary:
                 click.echo(summary)

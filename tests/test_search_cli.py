@@ -39,6 +39,8 @@ def test_convert_search_builds_the_chosen_cascade(image_folder, tmp_path):
     assert all(p["accuracy"] < chosen["accuracy"] for p in search["front"][:search["chosen"]])
     point = next(p for p in m["operating_points"] if p["name"] == m["default_operating_point"])
     assert point["name"].startswith("search-") and point["expected"]["accuracy"] == pytest.approx(chosen["accuracy"])
+    shown = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "Pareto front of 16 searched cascades" in shown.output
 
 
 def test_convert_adapts_named_stages_and_records_it(image_folder, tmp_path):
