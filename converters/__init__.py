@@ -73,8 +73,8 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
     ``target_drop`` is in points of top-1 for the default operating point. ``formats``: onnx,
     openvino, tflite (several: a list or ``"onnx,openvino"``).
     """
-    sources = [parse_stage(stage, adapt) if isinstance(stage, str) else StageSource(stage[0], int(stage[1]), adapt=adapt or "none")
-               for stage in stages]
+    sources = [parse_stage(stage, adapt) if isinstance(stage, str)
+               else StageSource(stage[0], int(stage[1]), adapt=adapt or "none") for stage in stages]
     if sum(map(bool, (sources, model is not None, search is not None))) > 1:
         raise ConversionError("give one of: a model with exits (early exit), stages (cascade) or a search")
     spec = {k: v for k, v in (("mean", mean), ("std", std), ("resize", resize), ("crop_fraction", crop_fraction))
