@@ -19,7 +19,9 @@ Lower-level pieces, each written once for every source framework and artifact fo
 :mod:`.plans` (early-exit and cascade stage plans), :mod:`.heads` (exit-head training),
 :mod:`.export` (the exporter interface and the export pipeline; :mod:`.onnx_export`,
 :mod:`.openvino_export`, :mod:`.tflite_export`), :mod:`.build` (export, calibrate on the real
-runtime, write the bundle). Importing this package imports no training framework; the one a
+runtime, write the bundle), :mod:`.adapt` (a stage's model adapted to its input size),
+:mod:`.search` (cascade search on recorded logits) and :mod:`.candidates` (candidates measured
+on the runtime, the chosen cascade built). Importing this package imports no training framework; the one a
 model comes from is imported when the model is.
 """
 
@@ -30,7 +32,8 @@ from typing import Any, Sequence
 
 from stagewise.errors import ConversionError
 
-from .convert import ConvertJob, StageSource, job_from_toml, make_job, run_job, stage_source
+from .adapt import Adaptation
+from .convert import CascadeSearch, ConvertJob, StageSource, job_from_toml, make_job, run_job, stage_source
 from .factory import build_model
 from .heads import HeadTraining
 from .options import BuildOptions
@@ -60,12 +63,16 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
             resize: str | None = None, crop_fraction: float | None = None, fp16: bool = False, npu: bool = False,
             int8_io: bool = False, threads: int = 1, force: bool = False, name: str | None = None,
             max_head_images: int | None = None, max_calibration_images: int | None = None,
-            focus: Any = None, patches: int = 3, iou: float = 0.3, patch_fraction: float = 0.7) -> Path:
+            focus: Any = None, patches: int = 3, iou: float = 0.3, patch_fraction: float = 0.7,
+            adapt: str | None = None, search: CascadeSearch | None = None) -> Path:
     """Build a bundle, as ``stagewise convert`` does; returns its path.
 
     Early exit: ``model`` (a ``file.py:factory`` / ``module:factory`` spec or a model object)
     and ``exits`` (cut points, see :func:`cut_points`). Cascade: ``stages``, each
-    ``"factory@SIZE"`` or ``(model, size)``, cheapest first. ``data`` holds labelled images
+    ``"factory@SIZE"`` (``"factory@SIZE+bn"``: adapted to its size, see :mod:`.adapt`) or ``(model, size)``,
+    cheapest first; ``adapt`` (bn, head) adapts every stage that does not say. Cascade search:
+    ``search`` (a :class:`CascadeSearch`) measures candidates and builds the cheapest searched
+    cascade within ``target_drop`` of the best single candidate. ``data`` holds labelled images
     (class folders, an archive or ``labels.tsv``); heads train on 80 % of it and thresholds are
     picked on the rest unless ``calibration_data`` is given (cascades calibrate on all of it).
     ``target_drop`` is in points of top-1 for the default operating point. ``formats``: onnx,
@@ -75,13 +82,17 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
     (kept when their IoU with every kept one is below ``iou``; side ``patch_fraction`` of the glance
     view's shorter side), one step each.
     """
-    sources = [stage_source(stage) for stage in stages]
-    if sources and model is not None:
-        raise ConversionError("give either a model with exits (early exit) or stages (cascade), not both")
+    sources = [stage_source(stage, adapt) for stage in stages]
+    if sum(map(bool, (sources, model is not None, search is not None))) > 1:
+        raise ConversionError("give one of: a model with exits (early exit), stages (cascade or glance and focus) "
+                              "or a search")
     spec = {k: v for k, v in (("mean", mean), ("std", std), ("resize", resize), ("crop_fraction", crop_fraction))
             if v is not None}
-    kind = ("glance_focus" if focus is not None else "cascade") if sources else "early_exit"
-    job = make_job(kind=kind, sources=sources or [StageSource(model)], out=Path(out),
+    kind = ("search" if search is not None else ("glance_focus" if focus is not None else "cascade") if sources
+            else "early_exit")
+    if search is not None:
+        sources = [StageSource(m) for m in search.models]
+    job = make_job(kind=kind, sources=sources or [StageSource(model)], out=Path(out), search=search,
                    formats=formats if isinstance(formats, str) else ",".join(formats), int8=int8,
                    int8_tolerance=int8_tolerance, int8_mixed=int8_mixed,
                    target_drop=target_drop, threads=threads, force=force, fp16=fp16, npu=npu, int8_io=int8_io,
@@ -95,5 +106,5 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
     return run_job(job)
 
 
-__all__ = ["BuildOptions", "ConvertJob", "CutPoint", "HeadTraining", "StageSource", "build_model", "convert",
-           "cut_points", "job_from_toml", "make_job", "run_job", "stage_source"]
+__all__ = ["Adaptation", "BuildOptions", "CascadeSearch", "ConvertJob", "CutPoint", "HeadTraining", "StageSource",
+           "build_model", "convert", "cut_points", "job_from_toml", "make_job", "run_job", "stage_source"]

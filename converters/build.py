@@ -47,7 +47,8 @@ def stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, images: lis
     return stage_tensors(router, images, lambda k, x: plans[k].outputs(x), batch).inputs
 
 
-def _primary_runtime(formats: Sequence[str]) -> str:
+def primary_runtime(formats: Sequence[str]) -> str:
+    """The runtime that reads the first of ``formats`` (the one a build calibrates and profiles on)."""
     for runtime in RUNTIMES.values():
         if runtime.artifact_format == formats[0]:
             return runtime.name
@@ -121,7 +122,7 @@ def _stage_entry(plan: StagePlan, artifacts: dict) -> dict:
 
 def _calibrate_on_runtime(staged: Path, manifest: dict, calibration: ImageSet, options: BuildOptions,
                           files: dict | None = None) -> dict:
-    with load(staged, backend=_primary_runtime(options.formats), threads=options.threads) as cascade:
+    with load(staged, backend=primary_runtime(options.formats), threads=options.threads) as cascade:
         images = [calibration.image(i) for i in progress_bar(range(len(calibration)), "decoding calibration images")]
         manifest = calibrate_manifest(cascade, manifest, images, calibration.targets if options.labelled else None,
                                       calibration.origin, default_drop=options.default_drop,

@@ -35,6 +35,17 @@ at the top level instead of ``[[stages]]``, and optionally how the exits are tra
     exit_weights = [0.5, 0.75]
     augment = "flip_crop"
 
+A stage may say ``adapt = "bn"`` (or ``"head"``): its model is adapted to its input size first
+(:mod:`~stagewise.converters.adapt`). A cascade search (:mod:`~stagewise.converters.candidates`)
+replaces ``[[stages]]`` by::
+
+    [search]
+    models = ["zoo:efficientnet_lite0", "zoo:efficientnet_lite1", "zoo:efficientnet_lite2"]
+    sizes = [128, 160, 192, 224]     # each model at each size (default: the size it declares)
+    adapt = "bn"                     # also a BatchNorm-adapted candidate where the size is not the model's own
+    max_stages = 3
+    combine = ["own", "mean_probs"]
+
 For ``kind = "glance_focus"`` (AnchorNet) give one ``[[stages]]`` table (the glance model) and a
 ``[focus]`` table: ``model``, ``size``, ``patches``, ``iou`` and ``patch_fraction``. Flags given
 on the command line win over the file.
@@ -49,17 +60,21 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stagewise.bundle import check_output, remove_stale_build_dirs
+from stagewise.bundle import check_output, remove_stale_build_dirs, update_manifest
 from stagewise.datasets import ImageSet, open_image_set
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
 
+from .adapt import ADAPTATIONS, Adaptation
 from .build import build_bundle
+from .candidates import (adapt_stage_model, build_cascade, candidate_stages, declared_size, measure_candidates,
+                         search_record, with_adaptations)
 from .exit_placement import auto_exit_count, choose_exits
 from .factory import build_model
 from .heads import FineTuning, HeadTraining
 from .options import BuildOptions
 from .plans import cascade_plans, early_exit_plans, glance_focus_plans
+from .search import COMBINES, choose, search_cascades
 from .source import source_of
 
 #: Images the linear probes of automatic exit placement are fitted on (at most).
@@ -74,21 +89,52 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 @dataclass
 class StageSource:
     """One source model: a factory spec (``file.py:factory``, ``module:factory``) or the model
-    object itself, and, for cascades, its input size."""
+    object itself, and, for cascades, its input size and how it is adapted to it (one of
+    :data:`~stagewise.converters.adapt.ADAPTATIONS`)."""
 
     model: Any
     size: int | None = None
     name: str | None = None
+    adapt: str = "none"
 
 
-def stage_source(stage: Any) -> StageSource:
-    """A ``"factory@SIZE"`` string (``--stage``, ``--focus``) or a ``(model, size)`` pair as a :class:`StageSource`."""
-    if isinstance(stage, str):
-        factory, _, size = stage.rpartition("@")
-        if not factory or not size.isdigit():
-            raise ConversionError(f"stage {stage!r}: write MODEL@SIZE, e.g. models.py:small@128")
-        return StageSource(factory, int(size))
-    return StageSource(stage[0], int(stage[1]))
+def stage_source(stage: Any, adapt: str | None = None) -> StageSource:
+    """A stage as ``--stage``/``--focus`` write it, ``MODEL@SIZE`` or ``MODEL@SIZE+ADAPT`` (``ADAPT``: bn,
+    head or none; without it, ``adapt`` or none), or a ``(model, size)`` pair, as a :class:`StageSource`."""
+    if not isinstance(stage, str):
+        return StageSource(stage[0], int(stage[1]), adapt=adapt or "none")
+    spec, _, kind = stage.partition("+")
+    factory, _, size = spec.rpartition("@")
+    kind = kind or adapt or "none"
+    if not factory or not size.isdigit() or kind not in ADAPTATIONS:
+        raise ConversionError(f"stage {stage!r}: write MODEL@SIZE or MODEL@SIZE+ADAPT with ADAPT one of "
+                              f"{', '.join(ADAPTATIONS)}, e.g. models.py:small@128+bn")
+    return StageSource(factory, int(size), adapt=kind)
+
+
+@dataclass(frozen=True)
+class CascadeSearch:
+    """What the cascade search tries: each of ``models`` (factory specs) at each of ``sizes`` (none:
+    the size each declares), with ``adapt`` (bn, head) also an adapted candidate wherever the size is
+    not the model's own; cascades of up to ``max_stages`` in the ``combines`` modes. Latency is the
+    median over ``timing_images`` calibration images."""
+
+    models: tuple[str, ...]
+    sizes: tuple[int, ...] = ()
+    adapt: str = "none"
+    max_stages: int = 3
+    combines: tuple[str, ...] = COMBINES
+    timing_images: int = 50
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConversionError("the cascade search needs models: --search a.py:f,b.py:g (factory specs)")
+        if self.adapt not in ADAPTATIONS:
+            raise ConversionError(f"unknown adaptation {self.adapt!r}; choose one of {', '.join(ADAPTATIONS)}")
+        if not 1 <= self.max_stages <= 4:
+            raise ConversionError(f"--max-stages must be 1 to 4, got {self.max_stages}")
+        if any(size < 1 for size in self.sizes) or self.timing_images < 1:
+            raise ConversionError("search sizes and timing images must be positive")
 
 
 @dataclass
@@ -115,6 +161,8 @@ class ConvertJob:
     patches: int = 3
     iou: float = 0.3
     patch_fraction: float = 0.7
+    adaptation: Adaptation = Adaptation()
+    search: CascadeSearch | None = None
 
 
 def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
@@ -123,13 +171,25 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         cfg = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConversionError(f"cannot read config {path}: {exc}") from exc
-    kind = cfg.get("kind", "cascade" if "stages" in cfg else "early_exit")
-    if kind in ("cascade", "glance_focus"):
-        sources = [StageSource(s["model"], s.get("size"), s.get("name")) for s in cfg.get("stages", [])]
+    kind = cfg.get("kind", "search" if "search" in cfg else "cascade" if "stages" in cfg else "early_exit")
+    search = None
+    if kind == "search":
+        table = dict(cfg.get("search", {}))
+        if "combine" in table:
+            table["combines"] = table.pop("combine")
+        try:
+            search = CascadeSearch(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
+        except TypeError as exc:
+            raise ConversionError(f"{path}: [search] takes models, sizes, adapt, max_stages, combine and "
+                                  f"timing_images ({exc})") from exc
+        sources = [StageSource(m) for m in search.models]
+    elif kind in ("cascade", "glance_focus"):
+        sources = [StageSource(s["model"], s.get("size"), s.get("name"), s.get("adapt", "none"))
+                   for s in cfg.get("stages", [])]
     else:
         sources = [StageSource(cfg["model"], cfg.get("size"))] if "model" in cfg else []
     if not sources:
-        raise ConversionError(f"{path}: give `model = ...` (early exit) or [[stages]] tables (cascade)")
+        raise ConversionError(f"{path}: give `model = ...` (early exit), [[stages]] tables (cascade) or a [search] table")
     build_cfg = cfg.get("build", {})
     exit_cfg = cfg.get("exit", {})
     train_cfg = cfg.get("training", {})
@@ -154,6 +214,7 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "focus": StageSource(focus_cfg["model"], focus_cfg.get("size")) if "model" in focus_cfg else None,
         "patches": focus_cfg.get("patches"), "iou": focus_cfg.get("iou"),
         "patch_fraction": focus_cfg.get("patch_fraction"),
+        "search": search,
     }
     values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
     return make_job(**values)
@@ -240,7 +301,7 @@ def run_job(job: ConvertJob) -> Path:
     data = open_image_set(job.data)
     if job.calibration_data is not None:
         train, calib = data, open_image_set(job.calibration_data)
-    elif job.kind in ("cascade", "glance_focus"):  # no heads to train: every labelled image calibrates
+    elif job.kind in ("cascade", "search", "glance_focus"):  # no heads to train: every labelled image calibrates
         train, calib = data, data
     else:
         train, calib = data.split([1 - job.calibration_fraction, job.calibration_fraction], seed=job.build.seed)
@@ -262,10 +323,14 @@ def run_job(job: ConvertJob) -> Path:
         plans = early_exit_plans(model, cuts, pre, size, head_images, job.head, job.score, held_out=calib)
         if placement is not None:
             plans[0].head = dict(plans[0].head, placement=placement)
-    elif job.kind == "cascade":
+    elif job.kind in ("cascade", "search"):
         models = [(s, build_model(s.model, s.size)) for s in job.sources]
         pre = _preprocess(job, models[0][1])
+        if job.kind == "search":
+            return _run_search(job, pre, train, calib, {s.model: m for s, m in models})
         named = [(s.name or f"stage{k}", m, _size(job, s, m, calib)) for k, (s, m) in enumerate(models)]
+        adaptations = [adapt_stage_model(m, s.model, size, s.adapt, pre, train, job.adaptation)
+                       for (s, _), (_, m, size) in zip(models, named)]
         plans = cascade_plans(named, job.combine, job.score)
     elif job.kind == "glance_focus":
         if len(job.sources) != 1 or job.focus is None:
@@ -278,9 +343,41 @@ def run_job(job: ConvertJob) -> Path:
                                    (models[1][1], _size(job, focus, models[1][1], calib)), job.patches, job.iou,
                                    job.patch_fraction, job.score)
     else:
-        raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit, cascade or glance_focus")
-    labels = getattr(model if job.kind == "early_exit" else models[0][1], "stagewise_labels", None) or calib.classes
+        raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit, cascade, search or glance_focus")
+    labels = _labels(model if job.kind == "early_exit" else models[0][1], calib)
+    name = job.name or job.out.stem
+    path = build_bundle(job.out, name, plans, pre, labels, calib, job.build, kind=job.kind)
+    if job.kind == "cascade" and any(a["kind"] != "none" for a in adaptations):
+        update_manifest(path, lambda manifest, _: with_adaptations(manifest, adaptations))
+    return path
+
+
+def _labels(model: Any, calib: ImageSet) -> list[str]:
     if len(np.unique(calib.targets)) < 2:
         raise ConversionError("calibration images must cover at least two classes")
-    name = job.name or job.out.stem
-    return build_bundle(job.out, name, plans, pre, labels, calib, job.build, kind=job.kind)
+    return list(getattr(model, "stagewise_labels", None) or calib.classes)
+
+
+def _run_search(job: ConvertJob, pre: Preprocess, train: ImageSet, calib: ImageSet, unsized: dict[str, Any]) -> Path:
+    """Measure every candidate, search the cascades on their logits, build the chosen one (see :class:`CascadeSearch`)."""
+    search = job.search
+    stages = []
+    for spec in search.models:
+        own = declared_size(unsized[spec])
+        sizes = search.sizes or ((own[0],) if own else ())
+        if not sizes:
+            raise ConversionError(f"{spec} declares no input size; give the search sizes (--sizes 128,160,...)")
+        for size in sizes:
+            stages.append((spec, size, "none"))
+            if search.adapt != "none" and (own is None or own != (size, size)):
+                stages.append((spec, size, search.adapt))
+    built = candidate_stages(stages, pre, train, job.adaptation, teachers=dict(unsized))
+    labels = _labels(built[0].model, calib)
+    candidates = measure_candidates(built, pre, labels, calib, job.build, search.timing_images)
+    result = search_cascades(candidates, calib.targets, search.max_stages, search.combines, job.score)
+    drop = job.build.default_drop
+    chosen = choose(result.front, result.accuracy[result.best_single()] - drop)
+    record = search_record(result, candidates, built, chosen, calib, drop, search.max_stages, search.combines,
+                           search.timing_images)
+    return build_cascade(job.out, job.name or job.out.stem, chosen, result, built, candidates, pre, labels, calib,
+                         job.build, record, job.score)

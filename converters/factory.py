@@ -19,17 +19,17 @@ from stagewise.errors import ConversionError
 from .source import source_of
 
 
-ZOO_PREFIX = "zoo:"
-"""``zoo:efficientnet_lite0`` is short for ``stagewise.converters.zoo:efficientnet_lite0``."""
+ZOO = "stagewise.converters.zoo"
+"""The built-in model zoo; ``zoo:efficientnet_lite0`` is short for ``stagewise.converters.zoo:efficientnet_lite0``."""
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
-    """Resolve ``spec`` to the callable it names (``zoo:NAME``: a model of :mod:`stagewise.converters.zoo`)."""
-    if spec.startswith(ZOO_PREFIX):
-        spec = "stagewise.converters.zoo:" + spec[len(ZOO_PREFIX):]
+    """Resolve ``spec`` to the callable it names (``zoo:NAME``: a model of :data:`ZOO`)."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise ConversionError(f"model {spec!r}: give it as path/to/file.py:factory or package.module:factory")
+    if where == "zoo":
+        where = ZOO
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():

@@ -77,8 +77,9 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--stage", "stages", multiple=True, metavar="MODEL@SIZE",
-              help="cascade stage: a model factory and its input size (repeat, cheapest first)")
+@click.option("--stage", "stages", multiple=True, metavar="MODEL@SIZE[+ADAPT]",
+              help="cascade stage: a model factory and its input size (repeat, cheapest first); +bn or +head "
+                   "adapts that stage's model to its size")
 @click.option("--focus", metavar="MODEL@SIZE",
               help="glance and focus (AnchorNet): the model that classifies CAM-chosen patches of the image, after one "
                    "--stage (the glance model, ending in global pooling + linear)")
@@ -87,6 +88,14 @@ def cli(debug: bool) -> None:
               help="glance and focus: a patch is kept when its IoU with every kept one is below this [0.3]")
 @click.option("--patch-fraction", type=_Finite(min=0, max=1, min_open=True),
               help="glance and focus: patch side over the shorter side of the glance view [0.7]")
+@click.option("--adapt", type=click.Choice(["none", "bn", "head"]),
+              help="adapt stage models to their input size: bn re-estimates BatchNorm statistics on the images "
+                   "(no labels used), head also fine-tunes the classifier with distillation [none]")
+@click.option("--search", "search_models", metavar="MODEL,MODEL,...",
+              help="cascade search: measure these factories at --sizes (and adapted with --adapt), search cascades "
+                   "and thresholds on their logits, build the cheapest within --target-drop of the best single one")
+@click.option("--sizes", help="cascade search: input sizes to try, comma-separated [each model's own]")
+@click.option("--max-stages", type=click.IntRange(min=1, max=4), help="cascade search: most stages in a cascade [3]")
 @click.option("--exits", help="early exit: cut points after which to attach exit heads, comma-separated")
 @click.option("--data", type=click.Path(path_type=Path), help="labelled images: class folders, an archive, or labels.tsv")
 @click.option("--calibration-data", type=click.Path(path_type=Path),
@@ -133,13 +142,13 @@ def cli(debug: bool) -> None:
 @click.option("--max-calibration-images", type=click.IntRange(min=1), help="cap on images used to pick thresholds")
 @click.option("--threads", type=click.IntRange(min=1), help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
-def convert(model, stages, focus, patches, iou, patch_fraction, exits, data, calibration_data, formats, legacy_formats,
-            int8, int8_tolerance, int8_mixed, fp16, int8_io, head_kind, head_width, train_exits, epochs, lr, head_lr,
-            freeze, exit_weights, augment, npu,
+def convert(model, stages, focus, patches, iou, patch_fraction, adapt, search_models, sizes, max_stages, exits, data,
+            calibration_data, formats, legacy_formats, int8, int8_tolerance, int8_mixed, fp16, int8_io, head_kind,
+            head_width, train_exits, epochs, lr, head_lr, freeze, exit_weights, augment, npu,
             target_drop, out, input_size, mean, std, resize, crop_fraction, combine, score, max_head_images,
             max_calibration_images, threads, force):
     """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
-    from .converters.convert import StageSource, job_from_toml, make_job, run_job, stage_source
+    from .converters.convert import CascadeSearch, StageSource, job_from_toml, make_job, run_job, stage_source
 
     if legacy_formats:
         click.echo("warning: --backend is deprecated for convert; use --format (onnx, openvino, tflite)", err=True)
@@ -156,14 +165,32 @@ def convert(model, stages, focus, patches, iou, patch_fraction, exits, data, cal
                  max_head_images=max_head_images, max_calibration_images=max_calibration_images,
                  exits=exits.split(",") if exits else None, input=spec or None, force=force or None,
                  patches=patches, iou=iou, patch_fraction=patch_fraction)
+    search = None
+    if search_models:
+        if stages or model:
+            raise click.UsageError("--search chooses the stages itself; give it without MODEL or --stage")
+        try:
+            size_list = tuple(int(v) for v in sizes.split(",")) if sizes else ()
+        except ValueError:
+            raise click.BadParameter(f"{sizes!r}: give sizes as comma-separated integers, e.g. 128,160,224",
+                                     param_hint="--sizes") from None
+        search = CascadeSearch(models=tuple(m.strip() for m in search_models.split(",") if m.strip()),
+                               sizes=size_list, adapt=adapt or "none", max_stages=max_stages or 3,
+                               combines=(combine,) if combine else ("own", "mean_probs"))
+    elif sizes or max_stages:
+        raise click.UsageError("--sizes and --max-stages belong to a cascade search (--search MODEL,MODEL,...)")
     if model and model.endswith(".toml"):
         job = job_from_toml(Path(model), flags)
+    elif search is not None:
+        job = make_job(kind="search", sources=[StageSource(m) for m in search.models], search=search, **flags)
     elif stages:
-        sources = [stage_source(s) for s in stages]
+        sources = [stage_source(s, adapt) for s in stages]
         if focus:
             job = make_job(kind="glance_focus", sources=sources, focus=stage_source(focus), **flags)
         else:
             job = make_job(kind="cascade", sources=sources, **flags)
+    elif adapt:
+        raise click.UsageError("--adapt adapts cascade stages (--stage) or search candidates (--search)")
     elif model:
         job = make_job(kind="early_exit", sources=[StageSource(model)], **flags)
     else:
@@ -171,10 +198,11 @@ def convert(model, stages, focus, patches, iou, patch_fraction, exits, data, cal
     path = run_job(job)
     click.echo(f"wrote {path}")
     from .bundle import read_bundle
-    from .reports import manifest_tables, print_tables
+    from .reports import manifest_tables, print_tables, search_tables
 
     bundle = read_bundle(path)
-    print_tables(*manifest_tables(bundle.manifest))
+    searched = bundle.manifest.producer.get("search")
+    print_tables(*(search_tables(searched) if searched else []), *manifest_tables(bundle.manifest))
     bundle.close()
 
 
@@ -226,16 +254,17 @@ def _calibration_summary(cal: object) -> str | None:
 @click.argument("bundle", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 def inspect(bundle, as_json):
-    """Stages, precisions, thresholds, costs and operating points of a bundle."""
+    """Stages, precisions, thresholds, costs and operating points of a bundle (and its cascade search, if any)."""
     from .bundle import read_bundle
-    from .reports import manifest_tables, print_tables
+    from .reports import manifest_tables, print_tables, search_tables
 
     b = read_bundle(bundle)
     try:
         if as_json:
             click.echo(json.dumps(b.manifest.to_dict(), indent=2))
         else:
-            print_tables(*manifest_tables(b.manifest))
+            searched = b.manifest.producer.get("search")
+            print_tables(*(search_tables(searched) if searched else []), *manifest_tables(b.manifest))
             summary = _calibration_summary(b.manifest.calibration)
             if summary:
                 click.echo(summary)

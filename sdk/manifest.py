@@ -6,7 +6,7 @@ use attributes (``manifest.stages[k].exit.score``). :meth:`Manifest.to_dict` giv
 document: ``Manifest.from_dict(d).to_dict() == d`` for every valid ``d``, so writers keep working
 on plain dicts and old bundles keep their bytes' meaning.
 
-Free-form records (producer, calibration, profiles, goal, head, quantization and verification
+Free-form records (producer, calibration, profiles, goal, head, adaptation, quantization and verification
 records) are read-only mappings; sequences are tuples.
 """
 
@@ -313,8 +313,10 @@ class CamGrid:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage: its input, per-format artifacts, outputs, exit rule and cost; ``cam`` places the
-    cells of its class-activation map output on its input (stages with a ``cam`` output)."""
+    """One stage: its input, per-format artifacts, outputs, exit rule and cost (``head``: its exit head's
+    training record; ``adaptation``: how its model was adapted to its input size, see
+    :mod:`stagewise.converters.adapt`; ``cam``: where the cells of its class-activation map output lie
+    on its input, for stages with a ``cam`` output)."""
 
     name: str
     input: StageInput
@@ -324,6 +326,7 @@ class StageSpec:
     cost: StageCost
     head: Mapping[str, Any] | None = None
     cam: CamGrid | None = None
+    adaptation: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StageSpec":
@@ -332,14 +335,15 @@ class StageSpec:
                    MappingProxyType({k: Artifact.from_dict(a) for k, a in d["artifacts"].items()}),
                    StageOutputs(out["logits"], out.get("carry"), out.get("cam")), ExitRule.from_dict(d["exit"]),
                    StageCost.from_dict(d["cost"]), freeze(d["head"]) if "head" in d else None,
-                   CamGrid.from_dict(d["cam"]) if "cam" in d else None)
+                   CamGrid.from_dict(d["cam"]) if "cam" in d else None,
+                   freeze(d["adaptation"]) if "adaptation" in d else None)
 
     def to_dict(self) -> dict[str, Any]:
         return _optional({"name": self.name, "input": self.input.to_dict(),
                           "artifacts": {k: a.to_dict() for k, a in self.artifacts.items()},
                           "outputs": self.outputs.to_dict(), "exit": self.exit.to_dict(),
                           "cost": self.cost.to_dict()}, head=self.head,
-                         cam=self.cam.to_dict() if self.cam else None)
+                         cam=self.cam.to_dict() if self.cam else None, adaptation=self.adaptation)
 
 
 @dataclass(frozen=True)

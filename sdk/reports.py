@@ -83,6 +83,34 @@ def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
     return [stages, points]
 
 
+def search_tables(record: Mapping[str, Any], max_rows: int = 25) -> list[Table]:
+    """The candidates and the Pareto front (at most ``max_rows`` points, spread over it, the chosen one
+    included) of a cascade search (a bundle's ``producer.search`` record)."""
+    candidates = Table(title=f"candidates measured on {record['n']} calibration images "
+                             f"(latency: median of {record['timing_images']} images)")
+    for col in ("candidate", "input", "adaptation", "top-1", "latency ms", "temperature"):
+        candidates.add_column(col)
+    for c in record["candidates"]:
+        candidates.add_row(c["name"], "x".join(map(str, c["size"])), c["adaptation"], _pct(c["accuracy"]),
+                           f"{c['cost_ms']:.2f}", f"{c['temperature']:.3f}")
+    reference = record["reference"]
+    front = Table(title=f"Pareto front of {record['cascades_searched']} searched cascades (chosen: the cheapest within "
+                        f"{100 * record['target_drop']:g} pt of {reference['candidate']}'s {_pct(reference['accuracy'])})")
+    for col in ("", "stages", "combine", "thresholds", "top-1", "mean ms", "exit rates"):
+        front.add_column(col)
+    points = record["front"]
+    shown = sorted({round(j * (len(points) - 1) / (max_rows - 1)) for j in range(max_rows)} | {record["chosen"]}
+                   ) if len(points) > max_rows else range(len(points))
+    if len(points) > max_rows:
+        front.caption = f"{len(shown)} of {len(points)} points, spread over the front (all of them: stagewise inspect --json)"
+    for i in shown:
+        p = points[i]
+        front.add_row("*" if i == record["chosen"] else "", " > ".join(p["stages"]), p["combine"],
+                      " ".join(_threshold(t) for t in p["thresholds"]), _pct(p["accuracy"]), f"{p['mean_cost']:.2f}",
+                      " / ".join(f"{100 * r:.0f}%" for r in p["exit_rates"]))
+    return [candidates, front]
+
+
 def bench_table(result: dict) -> Table:
     """One row per operating point and single stage of a :func:`benchmark` result."""
     table = Table(title=f"{result.get('bundle', 'bundle')} on {result['runtime']} ({result['threads'] or 'default'} "

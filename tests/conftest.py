@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stagewise.datasets import ImageSet
 from stagewise.manifest import Manifest
 
 
@@ -24,6 +26,21 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 40, size: i
             img[..., c % 3] += np.uint8(100 + 40 * (c // 3))
             Image.fromarray(img).save(folder / f"{i:03d}.png")
     return root
+
+
+def texture_images(n: int, seed: int, size: int = 32) -> ImageSet:
+    """Grey noise whose contrast is the class (std 25 or 50): downscaling averages the noise away,
+    so a model trained at ``size`` sees weaker activations at a smaller size."""
+    rng = np.random.default_rng(seed)
+    sources, targets = [], []
+    for i in range(n):
+        c = i % 2
+        img = np.clip(128 + rng.normal(0, (25, 50)[c], (size, size, 3)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(img).save(buffer, format="PNG")
+        sources.append(buffer.getvalue())
+        targets.append(c)
+    return ImageSet(tuple(sources), np.array(targets), ("smooth", "rough"))
 
 
 @pytest.fixture(scope="session")

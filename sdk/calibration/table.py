@@ -131,6 +131,41 @@ class ExitTable:
         found = [self.full()] + [self.lagrangian(scale * lam) for lam in np.logspace(-2.5, 3, points)]
         return pareto(found)
 
+    def exact_front(self, max_evaluations: int = 5_000_000) -> list[Outcome]:
+        """The Pareto front over every combination of thresholds, found exhaustively (no descent).
+
+        Each earlier stage takes every distinct score (or never exits) and the last stage that
+        can exit is swept exactly, so the front is the true one: all of it, not only the convex
+        points :meth:`front` traces. The work grows as ``n ** (k - 2)`` sweeps, so it suits up to
+        three stages; a ``ValueError`` says when more than ``max_evaluations`` threshold sets
+        would be evaluated (use :meth:`front` there).
+        """
+        if self.k == 1:
+            return [self.full()]
+        inf = np.full(self.k, np.inf)
+        prefixes = [np.empty(0)]
+        for k in range(self.k - 2):
+            options = self._stage_choices(inf, k)[0]
+            if len(prefixes) * len(options) * (self.n + 1) > max_evaluations:
+                raise ValueError(f"an exact front of {self.k} stages on {self.n} samples needs more than "
+                                 f"{max_evaluations} evaluations; use front()")
+            prefixes = [np.append(p, t) for p in prefixes for t in options]
+        found_thr, found_acc, found_cost = [], [], []
+        for prefix in prefixes:
+            thr = inf.copy()
+            thr[:len(prefix)] = prefix
+            options, acc, cost = self._stage_choices(thr, self.k - 2)
+            rows = np.repeat(thr[None, :], len(options), axis=0)
+            rows[:, self.k - 2] = options
+            found_thr.append(rows)
+            found_acc.append(acc)
+            found_cost.append(cost)
+        thr, acc, cost = np.concatenate(found_thr), np.concatenate(found_acc), np.concatenate(found_cost)
+        order = np.lexsort((-acc, cost))
+        best_before = np.concatenate([[-np.inf], np.maximum.accumulate(acc[order])[:-1]])
+        keep = order[acc[order] > best_before + 1e-12]
+        return [self.evaluate(thr[i]) for i in keep]
+
     def min_cost(self, min_accuracy: float, front: list[Outcome] | None = None) -> Outcome:
         """Cheapest thresholds whose accuracy is at least ``min_accuracy`` (``front``: a precomputed :meth:`front`)."""
         feasible = [o for o in (self.front() if front is None else front) if o.accuracy >= min_accuracy - 1e-12]
