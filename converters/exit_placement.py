@@ -20,6 +20,7 @@ thresholds of the chosen exits are calibrated again on the final bundle's artifa
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import tempfile
 import time
@@ -33,6 +34,7 @@ from stagewise.calibration import ExitTable, fit_temperatures
 from stagewise.datasets import ImageSet
 from stagewise.errors import CalibrationError, ConversionError
 from stagewise.images import Preprocess
+from stagewise.progress import note
 
 from .heads import HeadTraining, train_head
 from .options import BuildOptions
@@ -199,8 +201,6 @@ def placement_record(candidates: Sequence[Candidate], ranked: Sequence[Placement
 def print_placement(candidates: Sequence[Candidate], ranked: Sequence[Placement], full_ms: float, drop: float,
                     chosen: Placement) -> None:
     """The candidates table and the best placements, on stderr (silent when ``STAGEWISE_QUIET`` is set)."""
-    import os
-
     if os.environ.get("STAGEWISE_QUIET"):
         return
     from rich.console import Console
@@ -239,8 +239,6 @@ def choose_exits(source: SourceAdapter, model: Any, preprocess: Preprocess, size
                               "calibration images; allow a larger --target-drop or train the exits jointly")
     chosen = with_exits[0]
     if ranked[0] is not chosen:
-        from stagewise.progress import note
-
         note("no exit placement is expected to be faster than the full network alone at this drop; "
              "converting the best one anyway")
     print_placement(candidates, ranked, full_ms, drop, chosen)

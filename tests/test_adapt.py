@@ -11,7 +11,7 @@ from stagewise.images import Preprocess
 
 from conftest import texture_images
 
-torch = pytest.importorskip("torch", reason="torch is needed for the torch adaptation tests")
+torch = pytest.importorskip("torch", reason='the torch adaptation tests need torch: pip install -c constraints.txt -e ".[dev]"')
 nn = torch.nn
 
 PRE = Preprocess(mean=(128.0,) * 3, std=(64.0,) * 3, resize="stretch", crop_fraction=1.0)

@@ -9,7 +9,7 @@ from stagewise.converters.adapt import Adaptation, adapt
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
 
-keras = pytest.importorskip("keras", reason="Keras is needed for the Keras adaptation test")
+keras = pytest.importorskip("keras", reason='the Keras adaptation test needs Keras: pip install "stagewise[keras]" (the dev install has it)')
 
 from conftest import texture_images  # noqa: E402
 from keras_toy_models import residual_net  # noqa: E402

@@ -13,7 +13,7 @@ from serving import TOY_BUNDLE
 from stagewise.runtimes import load
 from stagewise.runtimes.stream import FrameResult
 
-cv2 = pytest.importorskip("cv2")
+cv2 = pytest.importorskip("cv2", reason='the camera tests need OpenCV: pip install "stagewise[video]" (the dev install has it)')
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_IMAGES = ROOT / "sdk" / "demo_data" / "imagenet-160" / "images"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-pytest.importorskip("torch", reason="torch is needed to convert the toy models")
+pytest.importorskip("torch", reason='converting the toy models needs torch: pip install -c constraints.txt -e ".[dev]"')
 
 from stagewise.cli import cli  # noqa: E402
 from stagewise.converters import convert  # noqa: E402
