@@ -5,7 +5,8 @@ Runtime, one thread:
 
 * the ImageNet cascade of ``stagewise demo`` (EfficientNet-Lite0@224 -> Lite2@260, mean
   probabilities), built from the zoo on the packaged demo images, fed the demo images resized
-  to 500x375 (the size the targets are stated for);
+  to 500x375 (the size the targets are stated for) -- twice: resized by Pillow (the default,
+  antialiased) and by OpenCV (``--resizer opencv``), each bundle calibrated with its own resizer;
 * a CIFAR-10 early-exit ResNet (cuts layer1, layer2) built on a share of the CIFAR-10 archive,
   fed 32x32 test images (already at the stage size: no resize, no copy).
 
@@ -17,10 +18,14 @@ Measured round robin, image by image, at the ``full`` operating point (every sta
 * ``null``: ``Cascade.predict`` with do-nothing sessions that return recorded outputs, so
   what it takes is the executor's own work plus input preparation, without backend noise.
 
-Per stage: executor overhead = (``null`` - ``prep``) / stages; on the real backend,
-(``cascade`` - ``raw`` - ``prep``) / stages (noisier: it is a difference of large numbers).
+Per stage, paired image by image (the four runs of one image follow each other): executor
+overhead = median of (``null`` - ``prep``) / stages; on the real backend, median of
+(``cascade`` - ``raw`` - ``prep``) / stages (noisier: a difference of large numbers).
 Cold start: ``import stagewise`` + ``load`` of the ``.swb`` + first prediction, in fresh
-processes, with an empty and with a warm model cache (medians of ``--repeats``).
+processes, with an empty and with a warm model cache (medians of ``--repeats``), for both
+resizers (OpenCV's import is part of the OpenCV bundle's load). With the ImageNet sample, the two
+resizers are also compared on its 500 test images: each stage's top-1 and how often the two
+resizers' answers agree.
 
     python -m benchmarks.runtime_overhead --data /work/shared/data
     python -m benchmarks.runtime_overhead --render --into docs/benchmarks.md
@@ -56,8 +61,9 @@ print((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, all(s.session.loaded_fr
 """
 
 
-def imagenet_bundle(out: Path, threads: int) -> Path:
-    """The demo cascade (as ``stagewise demo`` builds it), calibrated on half of the demo images."""
+def imagenet_bundle(out: Path, threads: int, resizer: str) -> Path:
+    """The demo cascade (as ``stagewise demo`` builds it) resizing with ``resizer``, calibrated on half
+    of the demo images."""
     if out.exists():
         return out
     from stagewise.converters.build import build_bundle
@@ -72,7 +78,8 @@ def imagenet_bundle(out: Path, threads: int) -> Path:
     calibration, _ = open_image_set(demo_images()).split([0.5, 0.5], seed=0)
     plans = cascade_plans([(name, build_model(spec, image_size=size), (size, size)) for name, spec, size in STAGES],
                           combine="mean_probs")
-    return build_bundle(out, "effnet-lite-cascade", plans, Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS)),
+    pre = Preprocess.from_manifest(dict(EFFICIENTNET_LITE_PREPROCESS, resizer=resizer))
+    return build_bundle(out, "effnet-lite-cascade", plans, pre,
                         imagenet_labels(), calibration, BuildOptions(threads=threads), kind="cascade")
 
 
@@ -146,12 +153,13 @@ def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
                                                for im in images]))
                      for k, (st, s) in enumerate(zip(stages, sessions))}
     medians = timing.medians()
+    ms = {name: np.asarray(values) for name, values in timing.ms.items()}
     n = len(stages)
     cascade.close()
-    return {"bundle": path.name, "stages": [st.name for st in stages], "images": len(images),
-            "input": f"{images[0].shape[1]}x{images[0].shape[0]}", "median_ms": medians,
-            "overhead_us_per_stage_null": (medians["null"] - medians["prep"]) * 1e3 / n,
-            "overhead_us_per_stage_real": (medians["cascade"] - medians["raw"] - medians["prep"]) * 1e3 / n,
+    return {"bundle": path.name, "resizer": cascade.preprocess.resizer, "stages": [st.name for st in stages],
+            "images": len(images), "input": f"{images[0].shape[1]}x{images[0].shape[0]}", "median_ms": medians,
+            "overhead_us_per_stage_null": float(np.median(ms["null"] - ms["prep"])) * 1e3 / n,
+            "overhead_us_per_stage_real": float(np.median(ms["cascade"] - ms["raw"] - ms["prep"])) * 1e3 / n,
             "prep_ms": per_stage_prep, "backend_ms": per_stage_raw,
             "prep_share": {name: per_stage_prep[name] / per_stage_raw[name] for name in per_stage_prep}}
 
@@ -185,46 +193,79 @@ def cold_start(path: Path, image: np.ndarray, repeats: int) -> dict:
     return out
 
 
+def resizer_agreement(pillow: Path, opencv: Path, test, threads: int) -> dict:
+    """Each stage's top-1 on ``test`` with either resizer, and how often the two resizers agree."""
+    from stagewise.runtimes import load
+
+    images = harness.decode_all(test, "decoding ImageNet test images")
+    targets = np.asarray(test.targets)
+    logits = {}
+    for resizer, path in (("pillow", pillow), ("opencv", opencv)):
+        with load(path, backend="onnxruntime", threads=threads) as cascade:
+            names = cascade.stage_names
+            logits[resizer] = [x.argmax(1) for x in cascade.stage_logits(images)]
+    return {"images": len(images), "stages": {
+        name: {"top1_pillow": float(np.mean(logits["pillow"][k] == targets)),
+               "top1_opencv": float(np.mean(logits["opencv"][k] == targets)),
+               "agreement": float(np.mean(logits["pillow"][k] == logits["opencv"][k]))}
+        for k, name in enumerate(names)}}
+
+
 def markdown(result: dict) -> str:
     lines = ["## Runtime overhead (issue #12): pixel input, one resize per stage, cold start", "",
              f"Measured {result['machine']['date']} on {result['machine']['cpu']} ({result['machine']['cores']} cores, "
              f"shared with other jobs; load average {result['load_average'][0]:.1f} when it started), ONNX Runtime, "
              f"1 thread. Command: `{result['command']}`.", "",
-             "| bundle | input | stages | cascade ms | raw backend ms | prep ms | executor overhead per stage "
-             "(null backend) | same on the real backend |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| bundle | resizer | input | stages | cascade ms | raw backend ms | prep ms | executor overhead per "
+             "stage (null backend) | same on the real backend |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["bundles"]:
         m = r["median_ms"]
-        lines.append(f"| {r['bundle']} | {r['input']} | {len(r['stages'])} | {m['cascade']:.2f} | {m['raw']:.2f} | "
+        lines.append(f"| {r['bundle']} | {r['resizer']} | {r['input']} | {len(r['stages'])} | {m['cascade']:.2f} | "
+                     f"{m['raw']:.2f} | "
                      f"{m['prep']:.3f} | {r['overhead_us_per_stage_null']:.0f} µs | "
                      f"{r['overhead_us_per_stage_real']:.0f} µs |")
     lines += ["", "Input preparation (crop-box resize; the pixels go to the model as they are) against the stage's "
-              "backend time:", "", "| bundle | stage | prep ms | backend ms | prep / backend |", "|---|---|---|---|---|"]
+              "backend time:", "", "| bundle | resizer | stage | prep ms | backend ms | prep / backend |",
+              "|---|---|---|---|---|---|"]
     for r in result["bundles"]:
         for name, share in r["prep_share"].items():
-            lines.append(f"| {r['bundle']} | {name} | {r['prep_ms'][name]:.3f} | {r['backend_ms'][name]:.2f} | "
-                         f"{100 * share:.1f} % |")
-    lines += ["", f"Cold start of {result['cold_start_bundle']} (fresh process: `import stagewise` + `load` + first "
-              "prediction, medians):", "", "| model cache | import ms | load ms | first prediction ms | total ms |",
-              "|---|---|---|---|---|"]
-    for state, c in result["cold_start"].items():
-        lines.append(f"| {state} | {c['import_ms']:.0f} | {c['load_ms']:.0f} | {c['first_prediction_ms']:.0f} | "
-                     f"{c['total_ms']:.0f} |")
-    imagenet, warm = result["bundles"][0], result["cold_start"]["warm cache"]
-    first = imagenet["stages"][0]
+            lines.append(f"| {r['bundle']} | {r['resizer']} | {name} | {r['prep_ms'][name]:.3f} | "
+                         f"{r['backend_ms'][name]:.2f} | {100 * share:.1f} % |")
+    agreement = result.get("resizer_agreement")
+    if agreement:
+        lines += ["", f"Pillow against OpenCV resizing, on the {agreement['images']} test images of the ImageNet "
+                  "sample (each stage alone):", "", "| stage | top-1 Pillow | top-1 OpenCV | same answer |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {100 * a['top1_pillow']:.1f} % | {100 * a['top1_opencv']:.1f} % | "
+                  f"{100 * a['agreement']:.1f} % |" for name, a in agreement["stages"].items()]
+    lines += ["", "Cold start (fresh process: `import stagewise` + `load` + first prediction, medians):", "",
+              "| bundle | model cache | import ms | load ms | first prediction ms | total ms |", "|---|---|---|---|---|---|"]
+    for bundle, states in result["cold_start"].items():
+        for state, c in states.items():
+            lines.append(f"| {bundle} | {state} | {c['import_ms']:.0f} | {c['load_ms']:.0f} | "
+                         f"{c['first_prediction_ms']:.0f} | {c['total_ms']:.0f} |")
+    fast = next(r for r in result["bundles"] if r["resizer"] == "opencv")
+    first = fast["stages"][0]
     checks = [("executor overhead per stage (null backend, worst bundle)",
                max(r["overhead_us_per_stage_null"] for r in result["bundles"]), 50, "µs"),
-              (f"input preparation / backend, {first} on {imagenet['input']}", 100 * imagenet["prep_share"][first], 5, "%"),
-              ("cold start with a warm cache", warm["total_ms"], 1000, "ms")]
+              ("outside the backend and the resize per stage (real backend, worst bundle)",
+               max(r["overhead_us_per_stage_real"] for r in result["bundles"]), 50, "µs"),
+              (f"input preparation / backend, {first} on {fast['input']}, OpenCV resizer",
+               100 * fast["prep_share"][first], 5, "%"),
+              ("cold start with a warm cache (worst bundle)",
+               max(states["warm cache"]["total_ms"] for states in result["cold_start"].values()), 1000, "ms")]
     lines += ["", "| target | reached | goal | met |", "|---|---|---|---|"]
     lines += [f"| {what} | {value:.1f} {unit} | ≤ {goal} {unit} | {'yes' if value <= goal else 'no'} |"
               for what, value, goal, unit in checks]
     lines += ["", "Timings on a shared machine: the backend times (and so the ratios) move with the load of the "
               "other jobs. The real-backend overhead column is a difference of two noisy medians of much larger "
               "numbers; the null-backend column measures the executor alone. Input preparation is one "
-              "`PIL.Image.resize(box=...)` call (bilinear, antialiased) per image stage; `load` includes "
-              "importing numpy, jsonschema and ONNX Runtime, extracting the deflated `.swb`, creating the "
-              "sessions and one warm-up backend call per stage."]
+              "`PIL.Image.resize(box=...)` call (bilinear, antialiased) per image stage with Pillow, one "
+              "`cv2.resize` of the whole-pixel box (after `cv2.pyrDown` halvings for boxes at least twice the "
+              "stage size; none here) with OpenCV, which runs with one thread here (`cv2.setNumThreads(1)`); "
+              "`load` includes importing numpy, jsonschema, ONNX Runtime (and OpenCV for its bundle), opening "
+              "the `.swb`, creating the sessions and one warm-up backend call per stage."]
     return "\n".join(lines)
 
 
@@ -239,9 +280,13 @@ def main() -> None:
     from stagewise.datasets import open_image_set
     from stagewise.demo import demo_images
 
+    import cv2
+
+    cv2.setNumThreads(1)
     args.bundles.mkdir(parents=True, exist_ok=True)
     parts = harness.cifar10_parts(args.data)
-    imagenet = imagenet_bundle(args.bundles / "effnet-lite-cascade.swb", args.threads)
+    imagenet = {resizer: imagenet_bundle(args.bundles / f"effnet-lite-cascade-{resizer}.swb", args.threads, resizer)
+                for resizer in ("pillow", "opencv")}
     cifar = cifar_bundle(args.bundles / "cifar10-resnet-ee.swb", parts, args.threads)
     demo = open_image_set(demo_images())
     pictures = [np.asarray(Image.fromarray(demo.image(i)).resize((SIZE[1], SIZE[0]), Image.Resampling.BILINEAR))
@@ -249,11 +294,13 @@ def main() -> None:
     tests = [parts.test.image(i) for i in range(args.limit)]
     result = harness.metadata(NAME)
     result["load_average"] = os.getloadavg()
-    result["bundles"] = [measure(imagenet, pictures, args.threads), measure(cifar, tests, args.threads)]
-    result["cold_start_bundle"] = imagenet.name
-    result["cold_start"] = cold_start(imagenet, pictures[0], args.repeats)
+    result["bundles"] = [measure(imagenet["pillow"], pictures, args.threads),
+                         measure(imagenet["opencv"], pictures, args.threads), measure(cifar, tests, args.threads)]
+    result["resizer_agreement"] = resizer_agreement(imagenet["pillow"], imagenet["opencv"],
+                                                    harness.imagenet_parts(args.data).test, args.threads)
+    result["cold_start"] = {path.name: cold_start(path, pictures[0], args.repeats) for path in imagenet.values()}
     harness.save(result, args.out)
-    print(json.dumps({k: result[k] for k in ("bundles", "cold_start")}, indent=1, default=str))
+    print(json.dumps({k: result[k] for k in ("bundles", "resizer_agreement", "cold_start")}, indent=1, default=str))
     harness.publish(args, NAME, markdown(result))
 
 

@@ -263,9 +263,11 @@ def _preprocess(job: ConvertJob, model: Any) -> Preprocess:
             f"the model does not declare its input normalisation; pass --mean and --std (0-255 units), "
             f"missing: {', '.join(missing)}")
     layout = source_of(model).layout
-    return Preprocess(mean=tuple(spec["mean"]), std=tuple(spec["std"]), layout=layout,
-                      resize=spec.get("resize", "shorter_crop"), crop_fraction=spec.get("crop_fraction", 0.875),
-                      interpolation=spec.get("interpolation", "bilinear"))
+    preprocess = Preprocess(mean=tuple(spec["mean"]), std=tuple(spec["std"]), layout=layout,
+                            resize=spec.get("resize", "shorter_crop"), crop_fraction=spec.get("crop_fraction", 0.875),
+                            interpolation=spec.get("interpolation", "bilinear"), resizer=spec.get("resizer", "pillow"))
+    preprocess.check_resizer()
+    return preprocess
 
 
 def _size(job: ConvertJob, source: StageSource, model: Any, images: ImageSet) -> tuple[int, int]:

@@ -152,6 +152,7 @@ class Cascade:
         self.device = device
         self.classes: list[str] = m.classes
         self.preprocess = m.input
+        self.preprocess.check_resizer()
         self.router = StageRouter.from_manifest(m)
         self._stages = [self._plan(spec, session, bundle.root) for spec, session in zip(m.stages, sessions)]
         self._points = {p.name: _Point.of(p.name, p.threshold_array) for p in m.operating_points}
@@ -321,8 +322,9 @@ class Cascade:
         margin learned from past prediction errors, plus the time to return (see
         :mod:`stagewise.runtimes.latency`). Otherwise the best answer so far is returned with
         ``budget_limited``. On runtimes that can cancel a run (ONNX Runtime, OpenVINO) a stage
-        after the first that is still running when the budget (less the time to return) runs out
-        is cancelled and the best answer so far returned (decision ``"cancelled_budget"``).
+        after the first is admitted when its *median* step time plus the time to return fits, and
+        if it is still running when the budget (less the time to return) runs out it is cancelled
+        and the best answer so far returned (decision ``"cancelled_budget"``).
         The first stage always runs to the end (without it there is no answer);
         ``deadline_missed`` tells whether the answer came late anyway.
 
@@ -368,7 +370,7 @@ class Cascade:
             reason = "no_budget"
             if budget_ms is not None:
                 left = budget_ms - (now - start) * 1e3
-                needed = latency.needed(k)
+                needed = latency.needed(k, cancellable=k > first and st.run_within is not None)
                 if k > first:
                     if needed > left:
                         limited = True
@@ -414,9 +416,10 @@ class Cascade:
                           budget_ms, point.name)
 
     def _skipped(self, begin: int, end: int, left: float, reason: str) -> list[StageRecord]:
-        latency = self.latency
-        return [StageRecord(self._stages[j].name, "skipped_budget", None, None, None, latency.predict(j), None,
-                            left, latency.needed(j), reason) for j in range(begin, end)]
+        latency, stages = self.latency, self._stages
+        return [StageRecord(stages[j].name, "skipped_budget", None, None, None, latency.predict(j), None, left,
+                            latency.needed(j, reason == "over_budget" and stages[j].run_within is not None), reason)
+                for j in range(begin, end)]
 
     @staticmethod
     def _decide(st: _Stage, logits: np.ndarray, total: np.ndarray | None,
@@ -512,7 +515,7 @@ class Cascade:
             timeout = None
             if budget_ms is not None and k:
                 left = budget_ms - (t0 - start) * 1e3
-                if latency.needed(k) > left:
+                if latency.needed(k, cancellable=st.run_within is not None) > left:
                     limited = True
                     break
                 timeout = (left - latency.return_overhead()) / 1e3 if st.run_within is not None else None

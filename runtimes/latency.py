@@ -5,6 +5,7 @@ with ``t`` ms already spent on the request (everything since ``predict`` was cal
 
     run stage k  <=>  t + needed(k) <= B
     needed(k)    =  predict(k) * margin()  +  return_overhead()
+    needed(k)    =  median(k)  +  return_overhead()       (a stage the runtime can cancel)
 
 * ``predict(k)`` is a high quantile (default p95) of stage ``k``'s recent *step* times — the
   wall time from the moment the scheduler decides to run the stage until the stage's answer
@@ -23,6 +24,10 @@ with ``t`` ms already spent on the request (everything since ``predict`` was cal
   more than 1% of runs overshoot their prediction, the margin grows to cover them.
 * ``return_overhead()`` is a high quantile of the time from the end of the last stage run to
   the return of the answer (building the result).
+* A stage whose runtime can stop a run (ONNX Runtime, OpenVINO) is admitted on its ``median(k)``
+  instead: the run is cancelled when the budget (less the time to return) runs out, so the
+  deadline is kept by the cancellation and admission only has to make finishing likely; a
+  cautious p95 x margin there would skip the stage on many requests it would have finished.
 
 **Device speed.** When another process takes the CPU every stage slows down together. The
 first stage runs on every request, so its recent median (of the last ``speed_window`` runs)
@@ -134,6 +139,7 @@ class LatencyModel:
         self.track_speed = track_speed
         self._speed = SortedWindow(speed_window)  # the first stage's latest step times
         self._ref: float | None = None  # the first stage's reference time (speed factor 1)
+        self._factor = 1.0  # speed(), updated when the first stage's window changes
 
     @property
     def stages(self) -> int:
@@ -154,7 +160,8 @@ class LatencyModel:
             if self._ref is None:
                 self._ref = self._seed[0] or ms
             self._speed.add(ms)
-        self._recent[stage].add(ms / self.speed())
+            self._factor = self._speed.quantile(0.5) / self._ref
+        self._recent[stage].add(ms / self._factor)
         if predicted is not None and predicted > 0:
             self._errors.add(ms / predicted)
 
@@ -170,6 +177,7 @@ class LatencyModel:
             self._return.clear()
             self._speed.clear()
             self._ref = None
+            self._factor = 1.0
 
     # -- predicting ----------------------------------------------------------------------------
     def samples(self, stage: int) -> int:
@@ -177,9 +185,7 @@ class LatencyModel:
 
     def speed(self) -> float:
         """How many times slower than its reference the device runs now (1 until the first stage has run)."""
-        if not len(self._speed) or not self._ref:
-            return 1.0
-        return self._speed.quantile(0.5) / self._ref
+        return self._factor
 
     def predict(self, stage: int) -> float:
         """Predicted milliseconds for the next step of ``stage`` (0 when nothing is known)."""
@@ -212,8 +218,22 @@ class LatencyModel:
             return self._return.quantile(self.quantile)
         return max([self._return_seed] + self._return.values())
 
-    def needed(self, stage: int) -> float:
-        """Milliseconds to reserve before running ``stage``: its prediction with margin, plus returning."""
+    def median(self, stage: int) -> float:
+        """Typical (median) step time of ``stage`` now: the window median, else :meth:`predict`."""
+        recent = self._recent[stage]
+        if len(recent) >= self.min_samples:
+            return recent.quantile(0.5) * self._factor
+        return self.predict(stage)
+
+    def needed(self, stage: int, cancellable: bool = False) -> float:
+        """Milliseconds to reserve before running ``stage``: its prediction with margin, plus returning.
+
+        A ``cancellable`` stage (its runtime stops a run when the budget runs out) only needs its
+        :meth:`median` plus returning: it is run when finishing in time is likely, since a run that
+        overruns is cancelled and the answer so far returned on time.
+        """
+        if cancellable:
+            return self.median(stage) + self.return_overhead()
         return self.predict(stage) * self.margin() + self.return_overhead()
 
     def snapshot(self) -> dict:

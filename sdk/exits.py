@@ -196,13 +196,14 @@ def exit_scores(kind: str, probs: np.ndarray, logits: np.ndarray, temperature: f
 
     ``probs`` are the deciding probabilities, ``logits`` the raw logits, ``total`` the running
     sum of every stage's own probabilities up to and including this one (``None`` when only this
-    stage ran) and ``model`` the stage's :class:`LearnedExitScore` for ``kind="learned"``.
+    stage ran) and ``model`` the stage's :class:`LearnedExitScore` for ``kind="learned"``; ``own``
+    is the stage's own softmax when the caller has it already (it is not computed twice).
     """
     if kind != "learned":
         return confidence(kind, probs, logits)
     if model is None:
         raise ValueError("the learned exit score needs the stage's model")
-    own = softmax(logits, temperature)
+    own = softmax(logits, temperature) if own is None else own
     return model(exit_features(logits, own, earlier_mean(own, total, k), k if total is not None else 0))
 
 

@@ -12,12 +12,14 @@ from typing import Any, Iterator, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageInputError
+from .errors import ImageInputError, InvalidOptionError
 
 ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike, io.IOBase]
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "nearest": Image.Resampling.NEAREST}
+RESIZERS = ("pillow", "opencv")
+"""The libraries a stage's resize can run in (a manifest's ``input.resizer``)."""
 
 
 def load_image(image: Any) -> np.ndarray:
@@ -127,6 +129,16 @@ class Preprocess:
     ``resize`` is ``"shorter_crop"`` (resize the shorter side to ``size / crop_fraction`` then
     centre-crop ``size``) or ``"stretch"`` (resize straight to ``size``). ``mean`` and ``std``
     are in 0-255 units: ``x = (pixel - mean) / std``.
+
+    ``resizer`` is the library the crop box is resized with, recorded in the manifest so that the
+    device resizes exactly as calibration did:
+
+    * ``"pillow"`` (the default, and what bundles without the key mean): one
+      ``PIL.Image.resize(box=...)`` call on the exact (sub-pixel) box, antialiased;
+    * ``"opencv"``: the box rounded to whole pixels, halved with ``cv2.pyrDown`` (a Gaussian
+      low-pass, so large downscales do not alias) while it is at least twice the stage size, then
+      one ``cv2.resize``. About ten times faster than Pillow on a 500x375 photo; its pixels differ
+      from Pillow's by about one grey level. Needs OpenCV (``pip install "stagewise[opencv]"``).
     """
 
     mean: tuple[float, float, float]
@@ -135,17 +147,33 @@ class Preprocess:
     resize: str = "shorter_crop"
     crop_fraction: float = 0.875
     interpolation: str = "bilinear"
+    resizer: str = "pillow"
+
+    def __post_init__(self) -> None:
+        if self.resizer not in RESIZERS:
+            raise InvalidOptionError(f"unknown resizer {self.resizer!r}; choose one of {', '.join(RESIZERS)}")
 
     @classmethod
     def from_manifest(cls, spec: dict) -> "Preprocess":
         return cls(mean=tuple(spec["mean"]), std=tuple(spec["std"]), layout=spec["layout"],
                    resize=spec["resize"], crop_fraction=spec.get("crop_fraction", 1.0),
-                   interpolation=spec.get("interpolation", "bilinear"))
+                   interpolation=spec.get("interpolation", "bilinear"), resizer=spec.get("resizer", "pillow"))
 
     def to_manifest(self) -> dict:
-        return {"color": "RGB", "layout": self.layout, "dtype": "float32", "mean": list(self.mean),
+        """The manifest's ``input`` record (``resizer`` only when it is not Pillow, so that runtimes from
+        before the key existed still read the bundles that do not need it)."""
+        spec = {"color": "RGB", "layout": self.layout, "dtype": "float32", "mean": list(self.mean),
                 "std": list(self.std), "resize": self.resize, "crop_fraction": self.crop_fraction,
                 "interpolation": self.interpolation}
+        if self.resizer != "pillow":
+            spec["resizer"] = self.resizer
+        return spec
+
+    def check_resizer(self) -> None:
+        """Import the resizer's library now (at load, not on the first image); a missing one raises
+        :class:`~stagewise.errors.MissingExtraError` naming the install command."""
+        if self.resizer == "opencv":
+            _opencv()
 
     def crop_box(self, height: int, width: int, size: tuple[int, int]) -> tuple[float, float, float, float]:
         """The region of a ``height`` x ``width`` image that becomes the stage input of ``size`` = (h, w).
@@ -177,7 +205,9 @@ class Preprocess:
     def crop_resized(self, image: np.ndarray, box: tuple[float, float, float, float],
                      size: tuple[int, int]) -> np.ndarray:
         """The ``box`` (PIL's left, top, right, bottom, source pixels) of an HxWx3 uint8 image resized
-        to ``size`` = (height, width) with this preprocessing's interpolation, in one resize call."""
+        to ``size`` = (height, width) with this preprocessing's resizer and interpolation."""
+        if self.resizer == "opencv":
+            return _opencv_resized(image, box, size, self.interpolation)
         return np.asarray(Image.fromarray(image).resize((size[1], size[0]), _RESAMPLE[self.interpolation],
                                                         box=tuple(float(v) for v in box)))
 
@@ -215,3 +245,23 @@ class Preprocess:
         """What an image stage reads: the uint8 NHWC :meth:`pixels` when it normalises in its graph
         (``pixels``), else the float :meth:`tensor`."""
         return self.pixels(images, size) if pixels else self.tensor(images, size)
+
+
+def _opencv() -> Any:
+    from .extras import require
+
+    return require("cv2", "opencv", "a bundle that resizes with OpenCV (input.resizer = opencv)")
+
+
+def _opencv_resized(image: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int],
+                    interpolation: str) -> np.ndarray:
+    """The ``"opencv"`` resizer: the whole-pixel ``box`` halved by ``cv2.pyrDown`` while it is at least
+    twice ``size`` = (height, width), then one ``cv2.resize``."""
+    cv2 = _opencv()
+    h, w = size
+    left, top, right, bottom = (int(round(v)) for v in box)
+    crop = image[top:max(bottom, top + 1), left:max(right, left + 1)]
+    while crop.shape[0] >= 2 * h and crop.shape[1] >= 2 * w:
+        crop = cv2.pyrDown(crop)
+    flags = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}[interpolation]
+    return cv2.resize(crop, (w, h), interpolation=flags)

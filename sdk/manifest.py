@@ -421,7 +421,7 @@ class OperatingPoint:
                          guarantee=self.guarantee.to_dict() if self.guarantee else None)
 
 
-_INPUT_DEFAULTS = ("crop_fraction", "interpolation")
+_INPUT_DEFAULTS = ("crop_fraction", "interpolation", "resizer")
 
 
 @dataclass(frozen=True)
@@ -431,7 +431,7 @@ class Manifest(Mapping):
     Read it through attributes. As a read-only :class:`~collections.abc.Mapping` it also shows
     its JSON form (``manifest["stages"]`` is a fresh list of dicts), for code that still reads
     the document by key; :meth:`to_dict` gives a copy to edit and write back. ``input_keys``
-    are the optional ``input`` keys the document wrote (``crop_fraction``, ``interpolation``),
+    are the optional ``input`` keys the document wrote (``crop_fraction``, ``interpolation``, ``resizer``),
     so :meth:`to_dict` writes back what was read.
     """
 
@@ -464,7 +464,7 @@ class Manifest(Mapping):
         spec = self.input.to_manifest()
         for key in _INPUT_DEFAULTS:
             if key not in self.input_keys:
-                spec.pop(key)
+                spec.pop(key, None)
         return _optional({"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name,
                           "producer": thaw(self.producer), "task": self.task.to_dict(), "input": spec,
                           "stages": [s.to_dict() for s in self.stages],

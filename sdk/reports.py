@@ -55,8 +55,11 @@ def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_dict(manifest)
     producer = manifest.producer
+    pre = manifest.input
+    resize = pre.resize + (f" {pre.crop_fraction:g}" if pre.resize == "shorter_crop" else "")
     stages = Table(title=f"{manifest.name}: {len(manifest.stages)} stages "
-                         f"({producer.get('kind', 'stages')}, from {producer['source_framework']})")
+                         f"({producer.get('kind', 'stages')}, from {producer['source_framework']}; images: {resize}, "
+                         f"{pre.interpolation} by {pre.resizer})")
     for col in ("stage", "input", "artifacts", "exit score", "MMACs", "latency p50 (ms)"):
         stages.add_column(col)
     for s in manifest.stages:

@@ -290,3 +290,28 @@ def test_a_running_stage_is_cancelled_at_the_budget_and_the_best_answer_returned
     assert sessions[2].timeouts == [pytest.approx((40.0 - 7.0) / 1e3)]
     batch = cascade.predict_batch([UNSURE] * 3, budget_ms=40.0)
     assert all(b.budget_limited and b.stage == 1 and b.label == p.label for b in batch)
+
+
+def test_a_cancellable_stage_is_admitted_on_its_median_a_plain_one_on_its_p95(tmp_path):
+    """Stage 2 takes 10 ms on most runs and 40 ms on one in five: with 20 ms left, a runtime that can
+    cancel runs it (finishing is likely; an overrun is cancelled on time), one that cannot skips it."""
+    answers = {}
+    for cancellable in (False, True):
+        clock = FakeClock()
+        kind = CancellableStage if cancellable else ScriptedStage
+        (tmp_path / str(cancellable)).mkdir()
+        cascade, _, _ = make_cascade(tmp_path / str(cancellable), latencies=(2.0, 2.0, 10.0), clock=clock)
+        sessions = [kind(k, clock, ms) for k, ms in enumerate((2.0, 2.0, 10.0))]
+        cascade = Cascade(cascade.bundle, sessions, "mock", 1, clock=clock)
+        for i in range(20):  # live history of stage 2: 10 ms, with a 40 ms run every fifth time
+            sessions[2].latency = 40.0 if i % 5 == 4 else 10.0
+            cascade.predict(UNSURE, operating_point="default")
+        sessions[2].latency = 10.0
+        assert cascade.latency.median(2) == pytest.approx(10.0) and cascade.latency.predict(2) >= 40.0
+        answers[cancellable] = cascade.predict(UNSURE, budget_ms=24.0)
+    plain, cancelling = answers[False], answers[True]
+    assert plain.trace[2].decision == "skipped_budget" and plain.trace[2].reason == "over_budget"
+    assert plain.budget_limited and plain.stage == 1
+    assert cancelling.trace[2].decision == "last" and cancelling.trace[2].reason == "fits"
+    assert cancelling.trace[2].needed_ms == pytest.approx(10.0, abs=0.5) and not cancelling.budget_limited
+    assert cancelling.elapsed_ms <= 24.0
