@@ -160,8 +160,16 @@ def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
             "images": len(images), "input": f"{images[0].shape[1]}x{images[0].shape[0]}", "median_ms": medians,
             "overhead_us_per_stage_null": float(np.median(ms["null"] - ms["prep"])) * 1e3 / n,
             "overhead_us_per_stage_real": float(np.median(ms["cascade"] - ms["raw"] - ms["prep"])) * 1e3 / n,
+            "overhead_us_per_stage_real_ci95": median_interval((ms["cascade"] - ms["raw"] - ms["prep"]) * 1e3 / n),
             "prep_ms": per_stage_prep, "backend_ms": per_stage_raw,
             "prep_share": {name: per_stage_prep[name] / per_stage_raw[name] for name in per_stage_prep}}
+
+
+def median_interval(values: np.ndarray, resamples: int = 2000) -> list[float]:
+    """A 95 % bootstrap interval (percentile, seeded) of the median of ``values``."""
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(values, (resamples, len(values))), axis=1)
+    return [float(v) for v in np.percentile(medians, [2.5, 97.5])]
 
 
 def _timed(fn) -> float:
@@ -217,14 +225,14 @@ def markdown(result: dict) -> str:
              f"shared with other jobs; load average {result['load_average'][0]:.1f} when it started), ONNX Runtime, "
              f"1 thread. Command: `{result['command']}`.", "",
              "| bundle | resizer | input | stages | cascade ms | raw backend ms | prep ms | executor overhead per "
-             "stage (null backend) | same on the real backend |",
+             "stage (null backend) | same on the real backend [95 % interval] |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["bundles"]:
-        m = r["median_ms"]
+        m, ci = r["median_ms"], r["overhead_us_per_stage_real_ci95"]
         lines.append(f"| {r['bundle']} | {r['resizer']} | {r['input']} | {len(r['stages'])} | {m['cascade']:.2f} | "
                      f"{m['raw']:.2f} | "
                      f"{m['prep']:.3f} | {r['overhead_us_per_stage_null']:.0f} µs | "
-                     f"{r['overhead_us_per_stage_real']:.0f} µs |")
+                     f"{r['overhead_us_per_stage_real']:.0f} µs [{ci[0]:.0f}, {ci[1]:.0f}] |")
     lines += ["", "Input preparation (crop-box resize; the pixels go to the model as they are) against the stage's "
               "backend time:", "", "| bundle | resizer | stage | prep ms | backend ms | prep / backend |",
               "|---|---|---|---|---|---|"]

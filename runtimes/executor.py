@@ -366,7 +366,7 @@ class Cascade:
         for k in range(first, last + 1):
             st = stages[k]
             predicted = latency.predict(k)
-            left = needed = timeout = None
+            left = needed = None
             reason = "no_budget"
             if budget_ms is not None:
                 left = budget_ms - (now - start) * 1e3
@@ -376,12 +376,11 @@ class Cascade:
                         limited = True
                         records.extend(self._skipped(k, last + 1, left, "over_budget"))
                         break
-                    timeout = (left - latency.return_overhead()) / 1e3 if st.run_within is not None else None
                 reason = "fits" if k > first else "first"
             t0 = now
             x = router.input(k, images, carries)
             try:
-                out = st.session.run(x) if timeout is None else st.run_within(x, timeout)
+                out = self._call(st, x, budget_ms if k > first else None, start, observe)
             except DeadlineExceededError:
                 now = clock()
                 limited = True
@@ -414,6 +413,24 @@ class Cascade:
             latency.observe_return((end - now) * 1e3)
         return Prediction(label, self.classes[label], score, k, (end - start) * 1e3, tuple(records), probs, limited,
                           budget_ms, point.name)
+
+    def _call(self, st: _Stage, x: np.ndarray, budget_ms: float | None, start: float,
+              observe: bool = True) -> Mapping[str, np.ndarray]:
+        """Stage ``st``'s backend call on ``x``. With a ``budget_ms`` (counted from ``start``) on a runtime
+        that can cancel, the run is stopped when what is left at the call, less the time to return and
+        the latency model's cancel lead, runs out (:class:`DeadlineExceededError`); how late the run
+        ended after that timer, when it did, teaches the cancel lead."""
+        if budget_ms is None or st.run_within is None:
+            return st.session.run(x)
+        latency, clock = self.latency, self._clock
+        called = clock()
+        timer_ms = max(0.0, budget_ms - (called - start) * 1e3 - latency.return_overhead() - latency.cancel_lead())
+        try:
+            return st.run_within(x, timer_ms / 1e3)
+        finally:
+            late = (clock() - called) * 1e3 - timer_ms
+            if observe and late > 0:
+                latency.observe_overshoot(late)
 
     def _skipped(self, begin: int, end: int, left: float, reason: str) -> list[StageRecord]:
         latency, stages = self.latency, self._stages
@@ -512,16 +529,14 @@ class Cascade:
             if not len(active):
                 break
             t0 = clock()
-            timeout = None
             if budget_ms is not None and k:
                 left = budget_ms - (t0 - start) * 1e3
                 if latency.needed(k, cancellable=st.run_within is not None) > left:
                     limited = True
                     break
-                timeout = (left - latency.return_overhead()) / 1e3 if st.run_within is not None else None
             x = router.input(k, imgs, carries, active)
             try:
-                out = st.session.run(x) if timeout is None else st.run_within(x, timeout)
+                out = self._call(st, x, budget_ms if k else None, start)
             except DeadlineExceededError:
                 limited = True
                 break

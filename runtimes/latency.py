@@ -5,7 +5,7 @@ with ``t`` ms already spent on the request (everything since ``predict`` was cal
 
     run stage k  <=>  t + needed(k) <= B
     needed(k)    =  predict(k) * margin()  +  return_overhead()
-    needed(k)    =  median(k)  +  return_overhead()       (a stage the runtime can cancel)
+    needed(k)    =  median(k)  +  return_overhead()  +  cancel_lead()      (a stage the runtime can cancel)
 
 * ``predict(k)`` is a high quantile (default p95) of stage ``k``'s recent *step* times — the
   wall time from the moment the scheduler decides to run the stage until the stage's answer
@@ -28,6 +28,9 @@ with ``t`` ms already spent on the request (everything since ``predict`` was cal
   instead: the run is cancelled when the budget (less the time to return) runs out, so the
   deadline is kept by the cancellation and admission only has to make finishing likely; a
   cautious p95 x margin there would skip the stage on many requests it would have finished.
+  Its timer is set to what is left of the budget at the call, less the return overhead and the
+  ``cancel_lead()``: a high quantile of how late recent cancellable runs ended after their timer
+  (on a busy CPU the timer thread wakes, and the backend reaches its next check, milliseconds late).
 
 **Device speed.** When another process takes the CPU every stage slows down together. The
 first stage runs on every request, so its recent median (of the last ``speed_window`` runs)
@@ -136,6 +139,7 @@ class LatencyModel:
         self._errors = SortedWindow(error_window)
         self._return = SortedWindow(window)
         self._return_seed = 0.0
+        self._overshoot = SortedWindow(window)  # how far cancellable runs ended past their timer
         self.track_speed = track_speed
         self._speed = SortedWindow(speed_window)  # the first stage's latest step times
         self._ref: float | None = None  # the first stage's reference time (speed factor 1)
@@ -168,6 +172,10 @@ class LatencyModel:
     def observe_return(self, ms: float) -> None:
         self._return.add(ms)
 
+    def observe_overshoot(self, ms: float) -> None:
+        """A cancellable run ended ``ms`` after its timer went off (cancelled late, or finished anyway)."""
+        self._overshoot.add(ms)
+
     def reset(self, stage: int | None = None) -> None:
         """Forget live measurements (of one stage, or all, the learned margin and the speed); seeds stay."""
         for k in range(self.stages) if stage is None else [stage]:
@@ -175,6 +183,7 @@ class LatencyModel:
         if stage is None:
             self._errors.clear()
             self._return.clear()
+            self._overshoot.clear()
             self._speed.clear()
             self._ref = None
             self._factor = 1.0
@@ -218,6 +227,15 @@ class LatencyModel:
             return self._return.quantile(self.quantile)
         return max([self._return_seed] + self._return.values())
 
+    def cancel_lead(self) -> float:
+        """How much earlier than the deadline (less the return) to stop a cancellable run: a high quantile
+        of how late recent runs ended after their timer went off (waking the timer thread and reaching
+        the backend's next check take time on a busy CPU); 0 until one ran late."""
+        n = len(self._overshoot)
+        if not n:
+            return 0.0
+        return self._overshoot.quantile(self.quantile) if n >= self.min_samples else self._overshoot.max()
+
     def median(self, stage: int) -> float:
         """Typical (median) step time of ``stage`` now: the window median, else :meth:`predict`."""
         recent = self._recent[stage]
@@ -229,11 +247,11 @@ class LatencyModel:
         """Milliseconds to reserve before running ``stage``: its prediction with margin, plus returning.
 
         A ``cancellable`` stage (its runtime stops a run when the budget runs out) only needs its
-        :meth:`median` plus returning: it is run when finishing in time is likely, since a run that
-        overruns is cancelled and the answer so far returned on time.
+        :meth:`median` plus returning plus the :meth:`cancel_lead`: it is run when finishing in
+        time is likely, since a run that overruns is cancelled and the answer so far returned on time.
         """
         if cancellable:
-            return self.median(stage) + self.return_overhead()
+            return self.median(stage) + self.return_overhead() + self.cancel_lead()
         return self.predict(stage) * self.margin() + self.return_overhead()
 
     def snapshot(self) -> dict:
@@ -241,4 +259,5 @@ class LatencyModel:
         return {"predicted_ms": [self.predict(k) for k in range(self.stages)],
                 "mean_ms": [self.mean(k) for k in range(self.stages)],
                 "samples": [self.samples(k) for k in range(self.stages)],
-                "margin": self.margin(), "return_ms": self.return_overhead(), "speed": self.speed()}
+                "margin": self.margin(), "return_ms": self.return_overhead(), "speed": self.speed(),
+                "cancel_lead_ms": self.cancel_lead()}

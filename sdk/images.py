@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -247,6 +248,7 @@ class Preprocess:
         return self.pixels(images, size) if pixels else self.tensor(images, size)
 
 
+@functools.cache
 def _opencv() -> Any:
     from .extras import require
 

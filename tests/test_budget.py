@@ -315,3 +315,36 @@ def test_a_cancellable_stage_is_admitted_on_its_median_a_plain_one_on_its_p95(tm
     assert cancelling.trace[2].decision == "last" and cancelling.trace[2].reason == "fits"
     assert cancelling.trace[2].needed_ms == pytest.approx(10.0, abs=0.5) and not cancelling.budget_limited
     assert cancelling.elapsed_ms <= 24.0
+
+
+class LateCancelStage(CancellableStage):
+    """A cancellable stage whose cancellation lands ``lag_ms`` after its timer (a busy CPU wakes the timer late)."""
+
+    lag_ms = 3.0
+
+    def run_within(self, x, timeout_s):
+        self.timeouts.append(timeout_s)
+        if self.latency / 1e3 <= timeout_s:
+            return self.run(x)
+        self.clock.now += timeout_s + self.lag_ms / 1e3
+        raise DeadlineExceededError("cancelled")
+
+
+def test_the_cancel_lead_is_learned_so_late_cancellations_stop_missing_the_deadline(tmp_path):
+    clock = FakeClock()
+    cascade, _, _ = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0), clock=clock)
+    sessions = [LateCancelStage(k, clock, ms) for k, ms in enumerate((2.0, 5.0, 20.0))]
+    cascade = Cascade(cascade.bundle, sessions, "mock", 1, clock=clock)
+    for _ in range(10):  # stage 2 usually takes 20 ms: its median stays there through a few overruns
+        cascade.predict(UNSURE)
+    sessions[2].latency = 200.0  # now it overruns and is cancelled, 3 ms late
+    elapsed = []
+    for _ in range(4):
+        p = cascade.predict(UNSURE, budget_ms=40.0)
+        assert p.trace[2].decision == "cancelled_budget" and p.stage == 1
+        elapsed.append(p.elapsed_ms)
+    assert elapsed[0] == pytest.approx(43.0)  # the first late cancellation misses by the lag
+    assert cascade.latency.cancel_lead() == pytest.approx(3.0)
+    assert all(ms <= 40.0 + 1e-9 for ms in elapsed[1:])  # then the timer goes off 3 ms earlier
+    assert sessions[2].timeouts[-1] == pytest.approx((40.0 - 7.0 - 3.0) / 1e3)  # stages 0 and 1 took 7 ms
+    assert cascade.latency.snapshot()["cancel_lead_ms"] == pytest.approx(3.0)
