@@ -222,7 +222,12 @@ def markdown(result: dict) -> str:
     """The docs/benchmarks.md tables of a result."""
     refs = result["references"]
     names = list(refs)
-    lines = ["| reference (loaded CPU) | top-1 | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|"]
+    m = result["machine"]
+    loads = ", ".join(f"{x:.1f}" for x in result.get("loadavg_1min", []))
+    lines = [f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores; 1-minute load average {loads} at the start, "
+             f"after the references, after the sweep; {result['data']['test']} test images, "
+             f"{result['seconds'] / 60:.0f} min). Command: `{result['command']}`.", "",
+             "| reference (loaded CPU) | top-1 | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|"]
     for n in names:
         d = refs[n]["latency_ms"]
         lines.append(f"| {n} | {100 * refs[n]['top1']:.1f}% | {d['p50']:.1f} | {d['p95']:.1f} | {d['p99']:.1f} |")

@@ -29,7 +29,7 @@ with ``t`` ms already spent on the request (everything since ``predict`` was cal
   deadline is kept by the cancellation and admission only has to make finishing likely; a
   cautious p95 x margin there would skip the stage on many requests it would have finished.
   Its timer is set to what is left of the budget at the call, less the return overhead and the
-  ``cancel_lead()``: a high quantile of how late recent cancellable runs ended after their timer
+  ``cancel_lead()``: the ``1 - miss_rate`` quantile of how late recent cancellable runs ended after their timer
   (on a busy CPU the timer thread wakes, and the backend reaches its next check, milliseconds late).
 
 **Device speed.** When another process takes the CPU every stage slows down together. The
@@ -228,13 +228,13 @@ class LatencyModel:
         return max([self._return_seed] + self._return.values())
 
     def cancel_lead(self) -> float:
-        """How much earlier than the deadline (less the return) to stop a cancellable run: a high quantile
-        of how late recent runs ended after their timer went off (waking the timer thread and reaching
-        the backend's next check take time on a busy CPU); 0 until one ran late."""
+        """How much earlier than the deadline (less the return) to stop a cancellable run: the
+        ``1 - miss_rate`` quantile of how late recent runs ended after their timer went off (waking the
+        timer thread and reaching the backend's next check take time on a busy CPU); 0 until one ran late."""
         n = len(self._overshoot)
         if not n:
             return 0.0
-        return self._overshoot.quantile(self.quantile) if n >= self.min_samples else self._overshoot.max()
+        return self._overshoot.quantile(1.0 - self.miss_rate) if n >= self.min_samples else self._overshoot.max()
 
     def median(self, stage: int) -> float:
         """Typical (median) step time of ``stage`` now: the window median, else :meth:`predict`."""
