@@ -42,6 +42,8 @@ FP16_TOLERANCE = 2e-2
 """Relative tolerance (of the largest output magnitude) of fp16-weight models against the source."""
 CONFIDENCE = 0.95
 """Confidence of the Wilson interval around a measured top-1 agreement."""
+RANKING_IMAGES = 64
+"""Calibration images a mixed-precision search ranks layers on (quantizing and measuring on them)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,13 @@ def minimum_agreeing(n: int, tolerance: float) -> int:
         if Agreement(k, n).meets(tolerance):
             return k
     return n + 1
+
+
+def logit_snr(reference: np.ndarray, quantized: np.ndarray) -> float:
+    """Signal-to-noise ratio (dB) of a quantized model's logits against the float model's."""
+    reference = reference.astype(np.float64)
+    noise = float(((reference - quantized) ** 2).sum())
+    return float(10 * np.log10(float((reference ** 2).sum()) / max(noise, 1e-30)))
 
 
 Judge = Callable[["Exported"], Agreement]

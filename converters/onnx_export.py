@@ -30,7 +30,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .export import Exported, Exporter, Judge, StageInputs, TensorSpec
+from .export import RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, logit_snr
 from .options import BuildOptions
 from .plans import StagePlan
 
@@ -38,8 +38,6 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """Op types the mixed-precision search may keep in float (the ones with INT8 weights)."""
-RANKING_IMAGES = 64
-"""Calibration images the sensitivity ranking quantizes and measures on."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +72,6 @@ class _Batches(CalibrationDataReader):
 
     def set_range(self, start_index: int, end_index: int) -> None:
         self._next = iter(self._chunks[start_index:end_index])
-
-
-def logit_snr(reference: np.ndarray, quantized: np.ndarray) -> float:
-    """Signal-to-noise ratio (dB) of quantized logits against the float ones."""
-    noise = float(((reference.astype(np.float64) - quantized) ** 2).sum())
-    return float(10 * np.log10(float((reference.astype(np.float64) ** 2).sum()) / max(noise, 1e-30)))
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
