@@ -33,6 +33,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from .export import RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, logit_snr
 from .options import BuildOptions
 from .plans import StagePlan
+from .tooling import quiet
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
               "tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -103,11 +104,12 @@ class OnnxExporter(Exporter):
         calibration inputs), a batch at a time (histogram methods keep each batch's tensors in memory)."""
         out = workdir / f"{plan.name}.{tag}.onnx"
         calibrate = inputs.calibrate if calibrate is None else calibrate
-        quantize_static(str(self.prepared(fp32, workdir)), str(out), _Batches(plan.input_name, calibrate),
-                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=recipe.reduce_range,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
-                        calibrate_method=CalibrationMethod[recipe.calibration],
-                        extra_options={"CalibStridedMinMax": 1})
+        with quiet():  # the histogram calibrators print their progress
+            quantize_static(str(self.prepared(fp32, workdir)), str(out), _Batches(plan.input_name, calibrate),
+                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=recipe.reduce_range,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod[recipe.calibration],
+                            extra_options={"CalibStridedMinMax": 1})
         return Exported((out,), {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                                  "per_channel": True, "activations": "uint8", "weights": "int8",
                                  "calibration": recipe.calibration, "reduce_range": recipe.reduce_range,
