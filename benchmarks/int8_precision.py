@@ -28,6 +28,18 @@ NAME = "int8_precision"
 RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert"}
 
 
+def recipe(runtime: str, artifact: dict) -> str:
+    """The quantization recipe a stage's INT8 model used (or its full INT8 try, for a stage kept in float)."""
+    record = artifact.get("quantization") or {}
+    if runtime == "onnxruntime":
+        text = f"{record.get('calibration', 'MinMax')}, {7 if record.get('reduce_range') else 8}-bit weights"
+    elif runtime == "openvino":
+        text = f"NNCF {record.get('preset')}" + (", accuracy control" if record.get("accuracy_control") else "")
+    else:
+        text = "int16 activations" if str(record.get("activations", "")).startswith("int16") else "int8 activations"
+    return text if artifact["precision"] == "int8" else f"({text})"
+
+
 def markdown(result: dict) -> str:
     """The docs/benchmarks.md tables of a result."""
     lines = [f"Tolerance: lower end of the 95 % Wilson interval of top-1 agreement with fp32 >= "
@@ -35,13 +47,22 @@ def markdown(result: dict) -> str:
              f"{result['threads']} thread(s), medians over {result['timed_images']} test images timed round robin; "
              f"{result['machine']['cpu']}, {result['machine']['date'][:10]}.", ""]
     for bundle in result["bundles"]:
-        lines += [f"**{bundle['name']}** ({bundle['test_images']} test images)", "",
-                  "| runtime | stage | precision | float layers | agreement (converter, interval) | "
-                  "agreement on test | fp32 ms | INT8 ms | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+        held_out = min(r["converter"].get("agreement_images") or 0 for r in bundle["stages"])
+        lines += [f"**{bundle['name']}** ({bundle['test_images']} test images)", ""]
+        if held_out < 1000:
+            text = (f"The converter measured agreement on {held_out} held-back calibration images, fewer than 1,000 "
+                    "(the calibration share holds no more).")
+            if all(r["converter"].get("search_skipped") for r in bundle["stages"]):
+                text += (f" Even {held_out} of {held_out} agreeing leaves the Wilson lower end below "
+                         f"{100 * result['tolerance']:g} %, so no stage can be shown to meet the tolerance: no "
+                         "mixed-precision search ran and INT8 is rejected on every stage.")
+            lines += [text, ""]
+        lines += ["| runtime | stage | precision | recipe | float layers | agreement (converter, interval) | "
+                  "agreement on test | fp32 ms | INT8 ms | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in bundle["stages"]:
             conv = r["converter"]
             interval = conv.get("agreement_interval") or [float("nan")] * 2
-            lines.append(f"| {r['runtime']} | {r['stage']} | {r['precision']} | {r['float_layers']} | "
+            lines.append(f"| {r['runtime']} | {r['stage']} | {r['precision']} | {r['recipe']} | {r['float_layers']} | "
                          f"{100 * conv.get('agreement_with_fp32', float('nan')):.1f} % [{100 * interval[0]:.1f}, "
                          f"{100 * interval[1]:.1f}] of {conv.get('agreement_images', '-')} | "
                          f"{100 * r['test_agreement']:.2f} % | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | "
@@ -114,9 +135,11 @@ def _measure(name: str, plans, pre, classes, calibration, test, args) -> dict:
             record = artifact.get("quantization") or {}
             stages.append({
                 "runtime": runtime, "stage": spec["name"], "precision": artifact["precision"],
+                "recipe": recipe(runtime, artifact),
                 "float_layers": len(record.get("float_layers") or []) if artifact["precision"] == "int8" else "all",
                 "converter": {key: record.get(key) for key in ("agreement_with_fp32", "agreement_interval",
-                                                               "agreement_images", "search", "accuracy_control")},
+                                                               "agreement_images", "search", "accuracy_control",
+                                                               "ranking", "search_skipped")},
                 "test_agreement": float(np.mean(logits["fp32"][k].argmax(1) == logits["int8"][k].argmax(1))),
                 **{f"{tag}_ms": float(np.median([p.trace[k].latency_ms for p in runs[tag]])) for tag in paths}})
         for tag, cascade in loaded.items():

@@ -42,6 +42,8 @@ FP16_TOLERANCE = 2e-2
 """Relative tolerance (of the largest output magnitude) of fp16-weight models against the source."""
 CONFIDENCE = 0.95
 """Confidence of the Wilson interval around a measured top-1 agreement."""
+RANKING_IMAGES = 64
+"""Calibration images a mixed-precision search ranks layers on (quantizing and measuring on them)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,13 @@ def minimum_agreeing(n: int, tolerance: float) -> int:
         if Agreement(k, n).meets(tolerance):
             return k
     return n + 1
+
+
+def logit_snr(reference: np.ndarray, quantized: np.ndarray) -> float:
+    """Signal-to-noise ratio (dB) of a quantized model's logits against the float model's."""
+    reference = reference.astype(np.float64)
+    noise = float(((reference - quantized) ** 2).sum())
+    return float(10 * np.log10(float((reference ** 2).sum()) / max(noise, 1e-30)))
 
 
 Judge = Callable[["Exported"], Agreement]
@@ -256,12 +265,17 @@ def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: Sta
         reference = chosen = half
     if options.int8:
         judge = exporter.judge(plan, reference, inputs.agree, options.threads)
-        if options.int8_mixed:
+        provable = minimum_agreeing(len(inputs.agree), options.int8_tolerance) <= len(inputs.agree)
+        if options.int8_mixed and provable:
             quantized = exporter.quantize_mixed(plan, fp32, workdir, inputs, options, judge)
         else:
             quantized = exporter.quantize(plan, fp32, workdir, inputs, options)
         check_signature(exporter, plan, quantized, integer_io=options.int8_io and exporter.format == "tflite")
         record = dict(quantized.record)
+        if options.int8_mixed and not provable:
+            record["search_skipped"] = (f"even {len(inputs.agree)} agreeing images out of {len(inputs.agree)} leave the "
+                                        f"Wilson interval below the {options.int8_tolerance:g} tolerance; give more "
+                                        "calibration images or a lower --int8-tolerance")
         agreement = judge(quantized)
         kept = keep_int8(record, agreement, options)
         if reference is not fp32:
@@ -275,7 +289,8 @@ def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: Sta
         else:
             note(f"stage {plan.name} ({exporter.format}): INT8 agrees with the float model on {100 * agreement.rate:.1f}% "
                  f"of {agreement.n} images (95% interval from {100 * agreement.interval[0]:.1f}%), below the "
-                 f"{100 * options.int8_tolerance:g}% tolerance: kept {artifact['precision']}")
+                 f"{100 * options.int8_tolerance:g}% tolerance: kept {artifact['precision']}"
+                 + ("" if provable else f" ({len(inputs.agree)} images cannot show that tolerance: no mixed-precision search)"))
     target = exporter.target(chosen.files, options)
     if target is not None:
         artifact["target"] = target

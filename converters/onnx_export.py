@@ -1,59 +1,78 @@
 """The ONNX exporter: the source's ONNX frontend, verification on ONNX Runtime, INT8 with ONNX Runtime's quantizer.
 
 INT8 is ONNX Runtime's static QDQ quantization (uint8 activations, int8 per-channel weights),
-calibrated on the stage's real inputs after ``quant_pre_process``. Mixed precision: when the
-fully quantized stage misses the agreement tolerance, ONNX Runtime's QDQ debugging tools
-(``qdq_loss_debug``) rank the nodes by the signal-to-quantization-noise ratio of their quantized
-inputs and weights, and the most damaged ones are excluded (``nodes_to_exclude``) in doubling
-steps until the tolerance is met.
+calibrated on the stage's real inputs after ``quant_pre_process``. When the fully quantized stage
+misses the agreement tolerance, the search (:meth:`OnnxExporter.quantize_mixed`):
+
+1. tries every calibration recipe of :data:`RECIPES` (MinMax, Percentile, Entropy, each with
+   8-bit and with 7-bit weights, ``reduce_range``) and keeps the first that meets the tolerance;
+2. else ranks the weighted nodes (Conv, Gemm, MatMul) of the best recipe by what keeping each
+   one alone in float does to the stage's logits, measured on ONNX Runtime's own CPU kernels,
+   and excludes (``nodes_to_exclude``) the 1, 2, 4, … most sensitive until the tolerance is met,
+   while at least one weighted node stays INT8.
+
+The ranking runs the real kernels on purpose: on x86 CPUs without VNNI, ONNX Runtime's uint8 x
+int8 convolutions add pairs of products in int16 with saturation, so a layer whose inputs and
+weights both use their full range is wrecked by the kernel, not by the quantize/dequantize pair
+that ONNX Runtime's QDQ debugging tools (``qdq_loss_debug``) measure.
 """
 
 from __future__ import annotations
 
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.qdq_loss_debug import (collect_activations, create_activation_matching,
-                                                     modify_model_output_intermediate_tensors)
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .export import Exported, Exporter, Judge, StageInputs, TensorSpec
+from .export import RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, logit_snr
 from .options import BuildOptions
 from .plans import StagePlan
+from .tooling import quiet
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
               "tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Op types the mixed-precision search may keep in float (the ones with INT8 weights)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One ONNX Runtime static quantization setting: calibration method and 7-bit weights (``reduce_range``)."""
+
+    calibration: str = "MinMax"
+    reduce_range: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.calibration}, {7 if self.reduce_range else 8}-bit weights"
+
+
+RECIPES: tuple[Recipe, ...] = tuple(Recipe(method, reduce) for method in ("MinMax", "Percentile", "Entropy")
+                                    for reduce in (False, True))
+"""The recipes the search tries, in order (the first is what ``--no-int8-mixed`` uses)."""
 
 
 class _Batches(CalibrationDataReader):
+    """Stage inputs in batches; ``set_range`` lets ONNX Runtime calibrate a few batches at a time."""
+
     def __init__(self, input_name: str, tensors: np.ndarray, batch: int = 16):
-        self._chunks = iter([{input_name: tensors[i:i + batch]} for i in range(0, len(tensors), batch)])
+        self._chunks = [{input_name: tensors[i:i + batch]} for i in range(0, len(tensors), batch)]
+        self._next = iter(self._chunks)
 
     def get_next(self) -> dict | None:
-        return next(self._chunks, None)
+        return next(self._next, None)
 
+    def __len__(self) -> int:
+        return len(self._chunks)
 
-def worst_channel_sqnr(reference: Sequence[np.ndarray], quantized: Sequence[np.ndarray]) -> float:
-    """The lowest per-channel signal-to-quantization-noise ratio (dB) of a tensor, channels on axis 1.
-
-    Taken per channel because one channel with a large range can make a per-tensor scale wipe
-    out the others while the tensor's overall ratio still looks fine. Channels without signal
-    are ignored.
-    """
-    x = np.concatenate([np.asarray(r, dtype=np.float64) for r in reference])
-    y = np.concatenate([np.asarray(q, dtype=np.float64) for q in quantized])
-    axes = tuple(i for i in range(x.ndim) if i != 1) if x.ndim > 1 else (0,)
-    signal = (x * x).sum(axis=axes)
-    noise = ((x - y) ** 2).sum(axis=axes)
-    alive = signal > 1e-12 * max(float(signal.max()), 1e-30)
-    if not alive.any():
-        return float("inf")
-    return float(10 * np.log10(signal[alive] / np.maximum(noise[alive], 1e-30)).min())
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next = iter(self._chunks[start_index:end_index])
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
@@ -78,16 +97,23 @@ class OnnxExporter(Exporter):
         return [_spec(a) for a in session.get_inputs()], [_spec(a) for a in session.get_outputs()]
 
     def quantize(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
-                 options: BuildOptions, exclude: Sequence[str] = (), tag: str = "int8") -> Exported:
-        """ONNX Runtime's static QDQ quantization of every node but ``exclude`` (node names of the
-        pre-processed float model, see :meth:`prepared`)."""
+                 options: BuildOptions, exclude: Sequence[str] = (), tag: str = "int8",
+                 recipe: Recipe = RECIPES[0], calibrate: np.ndarray | None = None) -> Exported:
+        """ONNX Runtime's static QDQ quantization by ``recipe`` of every node but ``exclude`` (node names of
+        the pre-processed float model, see :meth:`prepared`), calibrated on ``calibrate`` (default: all the
+        calibration inputs), a batch at a time (histogram methods keep each batch's tensors in memory)."""
         out = workdir / f"{plan.name}.{tag}.onnx"
-        quantize_static(str(self.prepared(fp32, workdir)), str(out), _Batches(plan.input_name, inputs.calibrate),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
+        calibrate = inputs.calibrate if calibrate is None else calibrate
+        with quiet():  # the histogram calibrators print their progress
+            quantize_static(str(self.prepared(fp32, workdir)), str(out), _Batches(plan.input_name, calibrate),
+                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=recipe.reduce_range,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod[recipe.calibration],
+                            extra_options={"CalibStridedMinMax": 1})
         return Exported((out,), {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                                  "per_channel": True, "activations": "uint8", "weights": "int8",
-                                 "calibration_images": int(len(inputs.calibrate)), "float_layers": list(exclude)})
+                                 "calibration": recipe.calibration, "reduce_range": recipe.reduce_range,
+                                 "calibration_images": int(len(calibrate)), "float_layers": list(exclude)})
 
     def prepared(self, fp32: Exported, workdir: Path) -> Path:
         """The float model after ONNX Runtime's quantization pre-processing (made once per stage)."""
@@ -96,60 +122,48 @@ class OnnxExporter(Exporter):
             quant_pre_process(str(fp32.files[0]), str(path), skip_symbolic_shape=True)
         return path
 
-    def sensitivity(self, plan: StagePlan, fp32: Exported, quantized: Exported, workdir: Path,
-                    inputs: np.ndarray) -> list[tuple[str, float, list[str]]]:
-        """Quantized tensors, most damaged first, with the nodes to keep in float to leave each unquantized.
-
-        Damage is the lowest per-channel signal-to-quantization-noise ratio (dB) between a tensor
-        before and after its quantize/dequantize pair (ONNX Runtime's QDQ debugging tools); a
-        tensor stays float when the node producing it and every node reading it are excluded.
-        """
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            augmented = Path(tmp) / "augmented.onnx"
-            modify_model_output_intermediate_tensors(str(quantized.files[0]), str(augmented))
-            activations = collect_activations(str(augmented), _Batches(plan.input_name, inputs, batch=8))
-        graph = onnx.load(str(self.prepared(fp32, workdir))).graph
-        shapes = {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
-                  for v in [*graph.value_info, *graph.input, *graph.output]}
-
-        def shaped(name: str, values: Sequence[np.ndarray]) -> list[np.ndarray]:
-            # the debugging tools hand tensors back flattened; restore (batch, channels, ...) where known
-            shape = shapes.get(name)
-            if not shape or any(d <= 0 for d in shape[1:]):
-                return [np.asarray(v)[None] for v in values]
-            return [np.asarray(v).reshape(-1, *shape[1:]) for v in values]
-
-        noise = {name: worst_channel_sqnr(shaped(name, match["pre_qdq"]), shaped(name, match["post_qdq"]))
-                 for name, match in create_activation_matching(activations).items()}
-        nodes: dict[str, set[str]] = {}
-        for node in graph.node:
-            for tensor in [*node.input, *node.output]:
-                nodes.setdefault(tensor, set()).add(node.name)
-        ranked = sorted((value, name) for name, value in noise.items() if name in nodes and np.isfinite(value))
-        return [(name, value, sorted(nodes[name])) for value, name in ranked]
+    def sensitivity(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
+                    options: BuildOptions, recipe: Recipe) -> list[tuple[str, float]]:
+        """Weighted nodes with the logit SNR (dB) of the stage quantized by ``recipe`` with only that node in
+        float, most helpful first, on :data:`RANKING_IMAGES` calibration inputs through ONNX Runtime's CPU
+        kernels (the quantized models are calibrated on those inputs too)."""
+        x = inputs.calibrate[:RANKING_IMAGES]
+        reference = self.run(plan, fp32.files, x)["logits"]
+        nodes = [n.name for n in onnx.load(str(self.prepared(fp32, workdir))).graph.node if n.op_type in WEIGHTED]
+        scores = []
+        for node in nodes:
+            candidate = self.quantize(plan, fp32, workdir, inputs, options, [node], tag="rank", recipe=recipe,
+                                      calibrate=x)
+            scores.append((node, logit_snr(reference, self.run(plan, candidate.files, x)["logits"])))
+        return sorted(scores, key=lambda item: -item[1])
 
     def quantize_mixed(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
                        options: BuildOptions, judge: Judge) -> Exported:
-        """Quantize everything; if that misses the tolerance, keep the 1, 2, 4, … most damaged tensors
-        (:meth:`sensitivity`) in float, with the nodes around them, until it is met, while at most
-        half of the nodes are excluded; else return the fully quantized model."""
-        full = self.quantize(plan, fp32, workdir, inputs, options)
-        if judge(full).meets(options.int8_tolerance):
-            return full
-        ranking = self.sensitivity(plan, fp32, full, workdir, inputs.calibrate[:32])
-        total = len(onnx.load(str(self.prepared(fp32, workdir))).graph.node)
-        tried = []
-        count = 1
-        while count <= len(ranking):
-            exclude = sorted({node for _, _, around in ranking[:count] for node in around})
-            if len(exclude) > total // 2:
-                break
-            candidate = self.quantize(plan, fp32, workdir, inputs, options, exclude, tag=f"mixed{count}")
-            verdict = judge(candidate)
-            tried.append({"float_tensors": [name for name, _, _ in ranking[:count]], "float_layers": len(exclude),
-                          "agreement_with_fp32": verdict.rate})
+        """The first of :data:`RECIPES` whose full INT8 meets the tolerance; else the best of them with the
+        1, 2, 4, … most sensitive weighted nodes (:meth:`sensitivity`) in float until it is met, while at
+        least one stays INT8; else the best recipe's full INT8 model. The record's ``search`` lists every try."""
+        tried, best = [], None
+        for k, recipe in enumerate(RECIPES):
+            full = self.quantize(plan, fp32, workdir, inputs, options, tag=f"int8.r{k}", recipe=recipe)
+            verdict = judge(full)
+            tried.append({"recipe": recipe.name, "float_layers": [], "agreement_with_fp32": verdict.rate})
             if verdict.meets(options.int8_tolerance):
-                return Exported(candidate.files, dict(candidate.record, search=tried,
-                                                      sensitivity="lowest per-channel SQNR of a quantized tensor"))
-            count *= 2
-        return Exported(full.files, dict(full.record, search=tried))
+                return Exported(full.files, dict(full.record, search=tried))
+            if best is None or verdict.agreeing > best[1].agreeing:
+                best = recipe, verdict, full
+        recipe, _, full = best
+        ranking = self.sensitivity(plan, fp32, workdir, inputs, options, recipe)
+        record = {"search": tried, "sensitivity": f"logit SNR with one weighted node in float ({recipe.name}, "
+                                                  f"{min(RANKING_IMAGES, len(inputs.calibrate))} calibration images, "
+                                                  "ONNX Runtime CPU kernels)",
+                  "ranking": [{"node": node, "logit_snr_db": round(snr, 2)} for node, snr in ranking]}
+        count = 1
+        while count < len(ranking):
+            exclude = [node for node, _ in ranking[:count]]
+            candidate = self.quantize(plan, fp32, workdir, inputs, options, exclude, tag=f"mixed{count}", recipe=recipe)
+            verdict = judge(candidate)
+            tried.append({"recipe": recipe.name, "float_layers": exclude, "agreement_with_fp32": verdict.rate})
+            if verdict.meets(options.int8_tolerance):
+                return Exported(candidate.files, dict(candidate.record, **record))
+            count = min(2 * count, len(ranking) - 1) if count < len(ranking) - 1 else len(ranking)
+        return Exported(full.files, dict(full.record, **record))

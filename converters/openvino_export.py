@@ -201,10 +201,19 @@ class OpenVinoExporter(Exporter):
 
     def quantize_mixed(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
                        options: BuildOptions, judge: Judge) -> Exported:
+        """Full INT8; if that misses the tolerance, NNCF's accuracy control. A result with every weighted layer
+        reverted to float is no INT8 model: the full INT8 one is returned instead (the stage then falls back
+        whole), with the accuracy control's try in ``search``."""
         full = self.quantize(plan, fp32, workdir, inputs, options)
         if judge(full).meets(options.int8_tolerance):
             return full
-        return self.quantize(plan, fp32, workdir, inputs, options, judge)
+        mixed = self.quantize(plan, fp32, workdir, inputs, options, judge)
+        weighted = float_layers(ov.Core().read_model(str(fp32.files[0])))
+        if len(mixed.record["float_layers"]) < len(weighted):
+            return mixed
+        tried = {"recipe": "nncf.quantize_with_accuracy_control", "float_layers": mixed.record["float_layers"],
+                 "agreement_with_fp32": judge(mixed).rate, "note": "every weighted layer reverted to float"}
+        return Exported(full.files, dict(full.record, search=[tried]))
 
     def target(self, files: Sequence[Path], options: BuildOptions) -> dict | None:
         return npu_target_record(files[0]) if options.npu else None

@@ -10,8 +10,11 @@
   on the float ``.tflite``: static int8 weights (per channel) and activations (per tensor)
   calibrated on the stage's real inputs, fp16 weights for convolutions and dense layers.
 * Mixed precision: a stage whose INT8 misses the tolerance is quantized again by the AI Edge
-  Quantizer with the ops behind its lowest-SNR tensors (its own validation against the float
-  model) left in float, doubling their number until the tolerance is met.
+  Quantizer with some weighted ops (convolutions, fully connected) left in float together with
+  the ops producing their inputs, ranked by what each alone in float does to the stage's logits
+  on LiteRT; their number doubles until the tolerance is met. If no such mix meets it, int8
+  weights with int16 activations (the quantizer's a16w8 recipe) are tried; they are kept only
+  when they meet the tolerance and run faster than the float model.
 * ``int8_io``: the INT8 model takes and returns int8 tensors (integer-only NPUs such as the
   Edge TPU); the runtime adapter (de)quantizes with the model's own scale and zero point.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +32,7 @@ import numpy as np
 from stagewise.extras import require
 from stagewise.runtimes.litert_adapter import interpreter_module
 
-from .export import Exported, Exporter, Judge, StageInputs, TensorSpec
+from .export import RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, logit_snr
 from .options import BuildOptions
 from .plans import StagePlan
 from .tooling import package_version, quiet
@@ -42,6 +46,9 @@ _INT8_RECIPE = [{"regex": ".*", "operation": "*", "algorithm_key": "min_max_unif
                                                         "granularity": "CHANNELWISE", "dtype": "INT"},
                                "compute_precision": "INTEGER", "explicit_dequantize": False,
                                "skip_checks": False, "min_weight_elements": 0}}]
+_INT16_ACTIVATIONS = {"num_bits": 16, "symmetric": True, "granularity": "TENSORWISE", "dtype": "INT"}
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL")
+"""Ops the mixed-precision search may leave in float (the ones with INT8 weights)."""
 _FP16_RECIPE = [{"regex": ".*", "operation": op, "algorithm_key": "float_casting",
                  "op_config": {"weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT"},
                                "compute_precision": "FLOAT", "explicit_dequantize": True,
@@ -53,21 +60,24 @@ def _samples(plan: StagePlan, x: np.ndarray) -> dict:
     return {SIGNATURE: [{plan.input_name: x[i:i + 1]} for i in range(len(x))]}
 
 
-def _edge_quantize(plan: StagePlan, fp32: Path, recipe: list[dict], calibrate: np.ndarray | None, out: Path) -> Any:
-    """Quantize ``fp32`` with the AI Edge Quantizer by ``recipe`` into ``out``; returns the quantizer."""
+def _edge_quantize(plan: StagePlan, fp32: Path, recipe: list[dict], calibrate: np.ndarray | None, out: Path) -> None:
+    """Quantize ``fp32`` with the AI Edge Quantizer by ``recipe`` into ``out``."""
     aeq = require("ai_edge_quantizer.quantizer", "tflite", "quantizing TFLite stages")
     with quiet():
         q = aeq.Quantizer(str(fp32))
         q.load_quantization_recipe(recipe)
         calibration = None if calibrate is None else q.calibrate(_samples(plan, calibrate))
         q.quantize(calibration).export_model(str(out), overwrite=True)
-    return q
 
 
-def _int8_recipe(int8_io: bool, float_tensors: Sequence[str] = ()) -> list[dict]:
-    """Static INT8 everywhere; float model inputs/outputs unless ``int8_io``; the ops producing
-    ``float_tensors`` not quantized (later recipe entries override earlier ones)."""
+def _int8_recipe(int8_io: bool, float_tensors: Sequence[str] = (), int16_activations: bool = False) -> list[dict]:
+    """Static INT8 everywhere (int16 activations with ``int16_activations``); float model inputs/outputs
+    unless ``int8_io``; the ops producing ``float_tensors`` not quantized (later recipe entries override
+    earlier ones)."""
     recipe = list(_INT8_RECIPE)
+    if int16_activations:
+        config = recipe[0]["op_config"]
+        recipe = [dict(recipe[0], op_config=dict(config, activation_tensor_config=_INT16_ACTIVATIONS))]
     if not int8_io:
         recipe += [{"regex": ".*", "operation": op, "algorithm_key": "no_quantize"} for op in ("INPUT", "OUTPUT")]
     # an op's scope is its output tensor names, each followed by ";"
@@ -75,25 +85,34 @@ def _int8_recipe(int8_io: bool, float_tensors: Sequence[str] = ()) -> list[dict]
                      for name in float_tensors]
 
 
-def tensor_snr(quantizer: Any, plan: StagePlan, x: np.ndarray) -> list[tuple[str, float]]:
-    """Intermediate tensors of a quantized model, worst signal-to-noise ratio (dB) against the float model
-    first, from the AI Edge Quantizer's own side-by-side validation on the stage inputs ``x``."""
-    metrics = require("ai_edge_quantizer.utils.validation_utils", "tflite", "ranking TFLite tensors")
-    with quiet():
-        result = quantizer.validate(_samples(plan, x), error_metrics=[metrics.ValidationErrorMetric.SNR],
-                                    num_threads=1)
-    comparison = result.get_signature_comparison_result(SIGNATURE)
-    snr = {name: float(values["snr"]) for name, values in comparison.intermediate_tensors.items()}
-    return sorted(((n, v) for n, v in snr.items() if np.isfinite(v)), key=lambda item: item[1])
-
-
-def activation_inputs(path: Path) -> dict[str, list[str]]:
-    """For each tensor an op of the ``.tflite`` model produces, the tensors produced by other ops that it reads."""
+def weighted_units(path: Path) -> list[list[str]]:
+    """For each weighted op (:data:`WEIGHTED_OPS`) of the ``.tflite`` model, the tensors whose producers to leave
+    in float with it: its outputs, the tensors it reads that other ops produce (so its inputs stay float),
+    and the model outputs any of those ops read (a float op reading a model output makes it int8)."""
     interp = interpreter_module().Interpreter(model_path=str(path))
     names = {d["index"]: d["name"] for d in interp.get_tensor_details()}
+    outputs = {d["index"] for d in interp.get_output_details()}
     ops = interp._get_ops_details()
-    produced = {i for op in ops for i in op["outputs"]}
-    return {names[out]: [names[i] for i in op["inputs"] if i in produced] for op in ops for out in op["outputs"]}
+    producer = {i: op for op in ops for i in op["outputs"]}
+    units = []
+    for op in ops:
+        if op["op_name"] in WEIGHTED_OPS:
+            feeding = [producer[i] for i in op["inputs"] if i in producer]
+            tensors = [*op["outputs"], *(i for f in feeding for i in f["outputs"]),
+                       *(i for f in [op, *feeding] for i in f["inputs"] if i in outputs)]
+            units.append(list(dict.fromkeys(names[i] for i in tensors)))
+    return units
+
+
+def _median_ms(session: Any, x: np.ndarray, runs: int = 20) -> float:
+    """Median latency (ms) of ``session`` on single inputs of ``x`` (after one warm-up run)."""
+    session.run(np.ascontiguousarray(x[:1]))
+    times = []
+    for i in range(runs):
+        start = time.perf_counter()
+        session.run(np.ascontiguousarray(x[i % len(x):i % len(x) + 1]))
+        times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
 
 
 class TFLiteExporter(Exporter):
@@ -147,46 +166,77 @@ class TFLiteExporter(Exporter):
         if native is not None:
             record = native(plan, inputs.verify[:1], out, inputs.calibrate, options.int8_io)
         else:
-            record = self._edge_int8(plan, fp32, inputs, options, out)[1]
+            record = self._edge_int8(plan, fp32, inputs, options, out)
         record["io_quantization"] = self.open(plan, (out,)).quantization
         return Exported((out,), record)
 
     def _edge_int8(self, plan: StagePlan, fp32: Exported, inputs: StageInputs, options: BuildOptions, out: Path,
-                   float_tensors: Sequence[str] = ()) -> tuple[Any, dict]:
-        quantizer = _edge_quantize(plan, fp32.files[0], _int8_recipe(options.int8_io, float_tensors), inputs.calibrate, out)
-        return quantizer, {"tool": "ai_edge_quantizer (static int8, min-max)",
-                           "version": package_version("ai-edge-quantizer"),
-                           "activations": "int8 per-tensor (asymmetric)", "weights": "int8 per-channel (symmetric)",
-                           "io": "int8" if options.int8_io else "float32",
-                           "calibration_images": int(len(inputs.calibrate)), "float_layers": list(float_tensors)}
+                   float_tensors: Sequence[str] = (), int16_activations: bool = False,
+                   calibrate: np.ndarray | None = None) -> dict:
+        calibrate = inputs.calibrate if calibrate is None else calibrate
+        _edge_quantize(plan, fp32.files[0], _int8_recipe(options.int8_io, float_tensors, int16_activations),
+                       calibrate, out)
+        return {"tool": "ai_edge_quantizer (static int8, min-max)", "version": package_version("ai-edge-quantizer"),
+                "activations": "int16 per-tensor (symmetric)" if int16_activations else "int8 per-tensor (asymmetric)",
+                "weights": "int8 per-channel (symmetric)", "io": "int8" if options.int8_io else "float32",
+                "calibration_images": int(len(calibrate)), "float_layers": list(float_tensors)}
+
+    def sensitivity(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
+                    options: BuildOptions) -> list[tuple[list[str], float]]:
+        """Weighted ops (:func:`weighted_units`, as the tensors to leave in float) with the logit SNR (dB) of
+        the stage quantized with only that op and its input producers in float, most helpful first, on
+        :data:`RANKING_IMAGES` calibration inputs through LiteRT (the quantized models calibrate on them)."""
+        x = inputs.calibrate[:RANKING_IMAGES]
+        reference = self.run(plan, fp32.files, x)["logits"]
+        out = workdir / f"{plan.name}.rank.tflite"
+        scores = []
+        for unit in weighted_units(fp32.files[0]):
+            self._edge_int8(plan, fp32, inputs, options, out, unit, calibrate=x)
+            scores.append((unit, logit_snr(reference, self.run(plan, (out,), x)["logits"])))
+        return sorted(scores, key=lambda item: -item[1])
+
+    def _candidate(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs, options: BuildOptions,
+                   tag: str, float_tensors: Sequence[str] = (), int16_activations: bool = False) -> Exported:
+        out = workdir / f"{plan.name}.{tag}.tflite"
+        record = self._edge_int8(plan, fp32, inputs, options, out, float_tensors, int16_activations)
+        return Exported((out,), dict(record, io_quantization=self.open(plan, (out,)).quantization))
 
     def quantize_mixed(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
                        options: BuildOptions, judge: Judge) -> Exported:
         """Full INT8 (the framework's own quantizer where it has one); if that misses the tolerance, the
-        AI Edge Quantizer's INT8 with the ops producing the 1, 2, 4, … tensors of lowest SNR
-        (:func:`tensor_snr`) left unquantized together with the ops producing their inputs, up to half
-        the tensors; else the full INT8 model."""
+        AI Edge Quantizer's INT8 with the 1, 2, 4, … most sensitive weighted ops (:meth:`sensitivity`) and
+        the ops producing their inputs left in float, while at least one weighted op stays INT8; then int8
+        weights with int16 activations, kept when they meet the tolerance and beat the float model's latency;
+        else the full INT8 model. The record's ``search`` lists every try."""
         full = self.quantize(plan, fp32, workdir, inputs, options)
-        if judge(full).meets(options.int8_tolerance):
+        verdict = judge(full)
+        if verdict.meets(options.int8_tolerance):
             return full
-        quantizer, _ = self._edge_int8(plan, fp32, inputs, options, workdir / f"{plan.name}.rank.tflite")
-        ranking = tensor_snr(quantizer, plan, inputs.calibrate[:16])
-        feeding = activation_inputs(fp32.files[0])
-        tried = []
+        tried: list[dict] = [{"recipe": "int8", "float_layers": [], "agreement_with_fp32": verdict.rate}]
+        ranking = self.sensitivity(plan, fp32, workdir, inputs, options)
+        record = {"search": tried, "sensitivity": "logit SNR with one weighted op and its input producers in float "
+                                                  f"({min(RANKING_IMAGES, len(inputs.calibrate))} calibration images, "
+                                                  "LiteRT)",
+                  "ranking": [{"tensors": unit, "logit_snr_db": round(snr, 2)} for unit, snr in ranking]}
         count = 1
-        while count <= max(1, len(ranking) // 2):
-            # a damaged tensor stays float with the ops that produce it and the activations it is computed from
-            names = sorted({t for name, _ in ranking[:count] for t in [name, *feeding.get(name, [])]})
-            out = workdir / f"{plan.name}.mixed{count}.tflite"
-            record = self._edge_int8(plan, fp32, inputs, options, out, names)[1]
-            candidate = Exported((out,), dict(record, io_quantization=self.open(plan, (out,)).quantization))
+        while count < len(ranking):
+            names = sorted({t for unit, _ in ranking[:count] for t in unit})
+            candidate = self._candidate(plan, fp32, workdir, inputs, options, f"mixed{count}", names)
             verdict = judge(candidate)
-            tried.append({"float_tensors": names, "float_layers": len(names), "agreement_with_fp32": verdict.rate})
+            tried.append({"recipe": "int8", "float_layers": names, "agreement_with_fp32": verdict.rate})
             if verdict.meets(options.int8_tolerance):
-                return Exported(candidate.files, dict(candidate.record, search=tried,
-                                                      sensitivity="lowest SNR of a tensor (ai_edge_quantizer validate)"))
-            count *= 2
-        return Exported(full.files, dict(full.record, search=tried))
+                return Exported(candidate.files, dict(candidate.record, **record))
+            count = min(2 * count, len(ranking) - 1) if count < len(ranking) - 1 else len(ranking)
+        if not options.int8_io:
+            wide = self._candidate(plan, fp32, workdir, inputs, options, "a16w8", int16_activations=True)
+            verdict = judge(wide)
+            x = inputs.calibrate[:RANKING_IMAGES]
+            ms = {"float": _median_ms(self.open(plan, fp32.files), x), "a16w8": _median_ms(self.open(plan, wide.files), x)}
+            tried.append({"recipe": "int8 weights, int16 activations", "float_layers": [],
+                          "agreement_with_fp32": verdict.rate, "median_ms": ms})
+            if verdict.meets(options.int8_tolerance) and ms["a16w8"] < ms["float"]:
+                return Exported(wide.files, dict(wide.record, **record))
+        return Exported(full.files, dict(full.record, **record))
 
 
 def describe(path: Path) -> dict:

@@ -208,3 +208,23 @@ def test_mixed_int8_leaves_the_fragile_tensors_in_float(tmp_path):
 
     ops = describe(files["tflite/only.tflite"])["ops"]
     assert ops.get("QUANTIZE", 0) >= 1 and ops.get("DEQUANTIZE", 0) >= 1  # the rest is still INT8
+
+
+def test_mixed_int8_search_that_cannot_meet_the_tolerance_ends_with_int16_activations_tried(tmp_path):
+    from stagewise.converters.export import Agreement, StageInputs, exporter
+    from stagewise.converters.plans import cascade_plans
+    from stagewise.converters.tflite_export import weighted_units
+    from toy_models import fragile_net
+
+    x = np.random.default_rng(0).normal(0, 1, (200, 3, 16, 16)).astype(np.float32)
+    plan, inputs = cascade_plans([("only", fragile_net(), (16, 16))])[0], StageInputs(x[:16], x[:100], x[100:])
+    tfl = exporter("tflite")
+    options = BuildOptions(formats=("tflite",), int8=True)
+    fp32 = tfl.export(plan, tmp_path, inputs, options)
+    result = tfl.quantize_mixed(plan, fp32, tmp_path, inputs, options, lambda candidate: Agreement(0, 100))
+    search, units = result.record["search"], weighted_units(fp32.files[0])
+    assert [t["recipe"] for t in (search[0], search[-1])] == ["int8", "int8 weights, int16 activations"]
+    assert len(result.record["ranking"]) == len(units) and result.record["float_layers"] == []
+    mixed = [t["float_layers"] for t in search[1:-1]]
+    assert mixed and all(mixed) and len({u[0] for u in units} & set(mixed[-1])) == len(units) - 1
+    assert set(search[-1]["median_ms"]) == {"float", "a16w8"}

@@ -417,3 +417,21 @@ def test_openvino_accuracy_control_reverts_the_fragile_layer(tmp_path):
     assert mixed["precision"] == "int8" and q["accuracy_control"] == "nncf.quantize_with_accuracy_control"
     assert any(name.startswith("/mix/Conv") for name in q["float_layers"])
     assert q["agreement_interval"][0] >= 0.9 and q["agreement_images"] == 500
+
+
+def test_openvino_accuracy_control_that_reverts_every_weighted_layer_is_no_int8(tmp_path):
+    from stagewise.converters.export import Agreement
+    from stagewise.converters.openvino_export import float_layers
+    from toy_models import fragile_net
+
+    x = np.random.default_rng(0).normal(0, 1, (600, 3, 16, 16)).astype(np.float32)
+    plan = cascade_plans([("only", fragile_net(), (16, 16))])[0]
+    inputs = StageInputs(x[:16], x[:100], x[100:])
+    ov_exporter = exporter("openvino")
+    fp32 = ov_exporter.export(plan, tmp_path, inputs, BuildOptions())
+    result = ov_exporter.quantize_mixed(plan, fp32, tmp_path, inputs, BuildOptions(int8=True, int8_tolerance=0.999),
+                                        lambda candidate: Agreement(0, 500))
+    (tried,) = result.record["search"]
+    weighted = float_layers(ov.Core().read_model(str(fp32.files[0])))
+    assert tried["note"] == "every weighted layer reverted to float" and len(tried["float_layers"]) == len(weighted)
+    assert result.record["float_layers"] == [] and "accuracy_control" not in result.record

@@ -188,11 +188,31 @@ def test_mixed_int8_keeps_the_fragile_layer_in_float(tmp_path):
 
 
 def test_a_stage_that_cannot_meet_the_tolerance_falls_back_whole(tmp_path):
+    from stagewise.converters.export import Agreement
+    from stagewise.converters.onnx_export import RECIPES
+
+    plan, inputs = _fragile_stage()
+    onnx_exporter = exporter("onnx")
+    fp32 = onnx_exporter.export(plan, tmp_path, inputs, BuildOptions())
+    options = BuildOptions(int8=True, int8_tolerance=0.9)
+    result = onnx_exporter.quantize_mixed(plan, fp32, tmp_path, inputs, options, lambda candidate: Agreement(0, 500))
+    search = result.record["search"]
+    assert [t["recipe"] for t in search[:len(RECIPES)]] == [r.name for r in RECIPES]
+    assert len(search) > len(RECIPES) and all(t["float_layers"] for t in search[len(RECIPES):])
+    assert result.record["float_layers"] == [] and result.record["ranking"]
+    ranked = [r["node"] for r in result.record["ranking"]]
+    assert len(search[-1]["float_layers"]) == len(ranked) - 1  # at least one weighted node stays INT8
+    import onnx
+
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(result.files[0])).graph.node)
+
+
+def test_a_tolerance_the_images_cannot_show_skips_the_search(tmp_path):
     plan, inputs = _fragile_stage()
     art, files = export_stage(exporter("onnx"), plan, tmp_path, inputs, BuildOptions(int8=True, int8_tolerance=1.0))
     q = art["quantization"]
-    assert art["precision"] == "fp32" and q["kept_fp32"] is True and q["search"]
-    assert q["agreement_interval"][0] < 1.0
+    assert art["precision"] == "fp32" and q["kept_fp32"] is True and "search" not in q
+    assert "500 agreeing images out of 500" in q["search_skipped"] and q["agreement_interval"][0] < 1.0
     import onnx
 
     assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(files["onnx/only.onnx"])).graph.node)
