@@ -101,6 +101,12 @@ def test_opencv_bundle_runs_with_the_resizer_it_was_calibrated_with(opencv_bundl
 
 
 def test_a_device_without_opencv_is_told_what_to_install(opencv_bundle, monkeypatch):
+    from stagewise import images
+
     monkeypatch.setitem(sys.modules, "cv2", None)  # importing it now fails as if it were not installed
-    with pytest.raises(MissingExtraError, match=r'stagewise\[opencv\]'):
-        stagewise.load(opencv_bundle, threads=1)
+    images._opencv.cache_clear()  # forget the module an earlier test imported
+    try:
+        with pytest.raises(MissingExtraError, match=r'stagewise\[opencv\]'):
+            stagewise.load(opencv_bundle, threads=1)
+    finally:
+        images._opencv.cache_clear()
