@@ -81,9 +81,11 @@ class StageRouter:
             object.__setattr__(self, "cams", (None,) * len(self.names))
         if not len(self.names) == len(self.inputs) == len(self.carry_outputs) == len(self.cam_outputs) == len(self.cams):
             raise ValueError("a router needs one name, input, carry output and CAM output per stage")
+        feeders = []
         for k, source in enumerate(self.inputs):
             earlier = self.names[:k]
             feeder = earlier.index(source.from_stage) if source.from_stage in earlier else None
+            feeders.append(feeder)
             if source.source == "carry":
                 if feeder is None or self.carry_outputs[feeder] is None:
                     raise ManifestError(f"stage {self.names[k]!r} reads the carry of {source.from_stage!r}, which is "
@@ -96,6 +98,7 @@ class StageRouter:
             elif source.source != "image":
                 raise ManifestError(f"stage {self.names[k]!r} has input source {source.source!r}; this stagewise "
                                     "routes 'image', 'carry' and 'patch' inputs, upgrade it to run this bundle")
+        object.__setattr__(self, "_feeders", tuple(feeders))  # looked up per stage and image: resolved once
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "StageRouter":
@@ -133,13 +136,11 @@ class StageRouter:
 
     def carry_from(self, k: int) -> int | None:
         """The index of the stage whose carry stage ``k`` reads (``None`` when it reads the image)."""
-        source = self.inputs[k]
-        return self.names.index(source.from_stage) if source.source == "carry" else None
+        return self._feeders[k] if self.inputs[k].source == "carry" else None
 
     def fed_by(self, k: int) -> int | None:
         """The index of the stage whose output (carry or CAM) stage ``k`` reads (``None``: only the image)."""
-        source = self.inputs[k]
-        return self.names.index(source.from_stage) if source.source in ("carry", "patch") else None
+        return self._feeders[k] if self.inputs[k].source in ("carry", "patch") else None
 
     def chain(self, k: int) -> list[int]:
         """The stages to run, in order, to get stage ``k``'s answer on its own: ``k`` and those feeding it."""
@@ -160,7 +161,7 @@ class StageRouter:
         """
         source = self.inputs[k]
         if source.source == "carry":
-            return carries.take(self.carry_from(k), rows)
+            return carries.take(self._feeders[k], rows)
         chosen = list(images) if rows is None else [images[i] for i in rows]
         if source.source == "image":
             return self.preprocess.stage_input(chosen, source.size, source.pixels)
