@@ -225,7 +225,8 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     loads = ", ".join(f"{x:.1f}" for x in result.get("loadavg_1min", []))
     lines = [f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores; 1-minute load average {loads} at the start, "
-             f"after the references, after the sweep; {result['data']['test']} test images, "
+             f"after the references, after the sweep, when its load stopped, after the controller; "
+             f"{result['data']['test']} test images, "
              f"{result['seconds'] / 60:.0f} min). Command: `{result['command']}`.", "",
              "| reference (loaded CPU) | top-1 | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|"]
     for n in names:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stagewise.calibration import ExitTable, fit_temperatures
+from stagewise.calibration import ExitTable, Outcome, fit_temperatures
 from stagewise.datasets import ImageSet
 from stagewise.errors import CalibrationError, ConversionError
 from stagewise.images import Preprocess
@@ -73,12 +73,11 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Placement:
-    """Exits at ``cuts`` in the simulation: expected mean latency, top-1 and share of images leaving at each stage."""
+    """Exits at ``cuts`` in the simulation and what the calibration engine's threshold search gives them
+    (``outcome.mean_cost``: expected mean latency in ms, top-1, share of images leaving at each stage)."""
 
     cuts: tuple[str, ...]
-    mean_ms: float
-    accuracy: float
-    exit_rates: tuple[float, ...]
+    outcome: Outcome
 
 
 def stage_costs(chosen: Sequence[Candidate], full_ms: float) -> np.ndarray:
@@ -96,7 +95,7 @@ def rank_placements(candidates: Sequence[Candidate], exit_logits: dict[str, np.n
     full network on these images, cheapest expected mean latency first (the full network alone last)."""
     targets = np.asarray(targets, dtype=np.int64)
     full_accuracy = float((final_logits.argmax(1) == targets).mean())
-    found = [Placement((), full_ms, full_accuracy, (1.0,))]
+    found = [Placement((), Outcome((), full_accuracy, full_ms, (1.0,)))]
     for k in range(1, max_exits + 1):
         for chosen in itertools.combinations(candidates, k):
             logits = [exit_logits[c.cut] for c in chosen] + [final_logits]
@@ -107,9 +106,8 @@ def rank_placements(candidates: Sequence[Candidate], exit_logits: dict[str, np.n
                 outcome = table.min_cost(full_accuracy - drop)
             except CalibrationError:
                 continue
-            found.append(Placement(tuple(c.cut for c in chosen), outcome.mean_cost, outcome.accuracy,
-                                   outcome.exit_rates))
-    return sorted(found, key=lambda p: (p.mean_ms, -p.accuracy))
+            found.append(Placement(tuple(c.cut for c in chosen), outcome))
+    return sorted(found, key=lambda p: (p.outcome.mean_cost, -p.outcome.accuracy))
 
 
 def candidate_cuts(source: SourceAdapter, model: Any, size: tuple[int, int], max_candidates: int,
@@ -194,8 +192,9 @@ def placement_record(candidates: Sequence[Candidate], ranked: Sequence[Placement
                     "on the calibration images", "exit_accuracy_from": probe, "full_ms": round(full_ms, 4),
             "candidates": [{"cut": c.cut, "macs": c.macs, "ms": round(c.ms, 4), "accuracy": round(c.accuracy, 4)}
                            for c in candidates],
-            "best": [{"cuts": list(p.cuts), "mean_ms": round(p.mean_ms, 4), "accuracy": round(p.accuracy, 4),
-                      "exit_rates": [round(r, 4) for r in p.exit_rates]} for p in ranked[:5]]}
+            "best": [{"cuts": list(p.cuts), "mean_ms": round(p.outcome.mean_cost, 4),
+                      "accuracy": round(p.outcome.accuracy, 4),
+                      "exit_rates": [round(r, 4) for r in p.outcome.exit_rates]} for p in ranked[:5]]}
 
 
 def print_placement(candidates: Sequence[Candidate], ranked: Sequence[Placement], full_ms: float, drop: float,
@@ -215,13 +214,14 @@ def print_placement(candidates: Sequence[Candidate], ranked: Sequence[Placement]
     for column in ("exits", "expected mean ms", "speed-up", "top-1 %", "exit shares"):
         best.add_column(column, justify="left" if column == "exits" else "right")
     for p in ranked[:6]:
-        best.add_row(", ".join(p.cuts) or "(none: full network)", f"{p.mean_ms:.3f}", f"{full_ms / p.mean_ms:.2f}x",
-                     f"{100 * p.accuracy:.2f}", " / ".join(f"{100 * r:.0f}%" for r in p.exit_rates))
+        o = p.outcome
+        best.add_row(", ".join(p.cuts) or "(none: full network)", f"{o.mean_cost:.3f}", f"{full_ms / o.mean_cost:.2f}x",
+                     f"{100 * o.accuracy:.2f}", " / ".join(f"{100 * r:.0f}%" for r in o.exit_rates))
     console = Console(stderr=True, highlight=False)
     console.print(table)
     console.print(best)
     console.print(f"chosen exits: {', '.join(chosen.cuts)} — the least expected mean latency "
-                  f"({chosen.mean_ms:.3f} ms vs {full_ms:.3f} ms for the full network) among the placements that keep "
+                  f"({chosen.outcome.mean_cost:.3f} ms vs {full_ms:.3f} ms for the full network) among the placements that keep "
                   f"top-1 within {100 * drop:g} points")
 
 

@@ -138,7 +138,7 @@ def cli(debug: bool) -> None:
 @click.option("--crop-fraction", type=_Finite(min=0.1, max=1), help="centre-crop fraction for shorter_crop [0.875]")
 @click.option("--resizer", type=click.Choice(["pillow", "opencv"]),
               help="library that resizes the images, at calibration and on the device: pillow (antialiased) or "
-                   "opencv (about 10x faster; the device needs stagewise[opencv]) [pillow]")
+                   "opencv (6-9x faster; the device needs stagewise[opencv]) [pillow]")
 @click.option("--combine", type=click.Choice(["own", "mean_probs"]), help="cascade stages decide on own or averaged probabilities")
 @click.option("--score", type=click.Choice(["max_softmax", "margin", "entropy"]), help="exit score [max_softmax]")
 @click.option("--max-head-images", type=click.IntRange(min=1), help="cap on images used to train exit heads")

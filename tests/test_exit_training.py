@@ -157,11 +157,11 @@ def test_placement_prefers_the_cheap_confident_exit_and_respects_the_drop():
                   Candidate("bad", 15, 1, 1.5, 0.0)]
     logits = {"early": noisy, "mid": sure, "bad": wrong}
     ranked = rank_placements(candidates, logits, sure, 10.0, targets, 2, 0.005)
-    assert ranked[0].cuts == ("mid",) and ranked[0].exit_rates[0] > 0.99
-    assert ranked[0].mean_ms == pytest.approx(2.0, rel=0.02)
-    assert all("bad" not in p.cuts or p.exit_rates[p.cuts.index("bad")] < 0.01 for p in ranked)
+    assert ranked[0].cuts == ("mid",) and ranked[0].outcome.exit_rates[0] > 0.99
+    assert ranked[0].outcome.mean_cost == pytest.approx(2.0, rel=0.02)
+    assert all("bad" not in p.cuts or p.outcome.exit_rates[p.cuts.index("bad")] < 0.01 for p in ranked)
     alone = next(p for p in ranked if p.cuts == ())
-    assert alone.mean_ms == 10.0 and all(p.mean_ms < 10.0 for p in ranked if "mid" in p.cuts)
+    assert alone.outcome.mean_cost == 10.0 and all(p.outcome.mean_cost < 10.0 for p in ranked if "mid" in p.cuts)
 
 
 def test_auto_exits_on_the_command_line_pick_valid_cuts_and_print_the_table(tmp_path, image_folder):
