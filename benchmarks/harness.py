@@ -218,18 +218,22 @@ class Timing:
 
 
 def round_robin(runners: dict[Hashable, Callable[[Any], Any]], inputs: Iterable[Any], warmup: int = 0,
-                describe: str | None = None) -> Timing:
+                describe: str | None = None, rotate: bool = False) -> Timing:
     """Every runner on every input, input by input (so machine noise hits all alike), timed.
 
     The first ``warmup`` inputs run through every runner untimed (their outputs are not kept).
+    ``rotate``: the runner that goes first moves on by one each input (the first after another model
+    finds colder caches; without rotation that always costs the same runner).
     """
     from stagewise.progress import progress_bar
 
     inputs = list(inputs)
     outputs: dict[Hashable, list] = {name: [] for name in runners}
     ms: dict[Hashable, list[float]] = {name: [] for name in runners}
+    order = list(runners.items())
     for i, x in enumerate(progress_bar(inputs, describe or f"timing {len(runners)} configurations")):
-        for name, run in runners.items():
+        shift = i % len(order) if rotate else 0
+        for name, run in order[shift:] + order[:shift]:
             out, t = timed_call(run, x)
             if i >= warmup:
                 outputs[name].append(out)

@@ -57,7 +57,7 @@ def cut_points(model: Any, input_size: int | tuple[int, int] | None = None) -> l
 def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Sequence[Any] = (),
             exits: Sequence[str] = (), calibration_data: str | Path | None = None,
             formats: str | Sequence[str] = "onnx", int8: bool = False, int8_tolerance: float = 0.99,
-            int8_mixed: bool = True, target_drop: float = 0.5,
+            int8_mixed: bool = True, int8_min_speedup: float = 0.0, target_drop: float = 0.5,
             combine: str = "own", score: str = "max_softmax", head: HeadTraining | str = "gap_linear",
             input_size: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             resize: str | None = None, crop_fraction: float | None = None, fp16: bool = False, npu: bool = False,
@@ -94,7 +94,7 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
         sources = [StageSource(m) for m in search.models]
     job = make_job(kind=kind, sources=sources or [StageSource(model)], out=Path(out), search=search,
                    formats=formats if isinstance(formats, str) else ",".join(formats), int8=int8,
-                   int8_tolerance=int8_tolerance, int8_mixed=int8_mixed,
+                   int8_tolerance=int8_tolerance, int8_mixed=int8_mixed, int8_min_speedup=int8_min_speedup,
                    target_drop=target_drop, threads=threads, force=force, fp16=fp16, npu=npu, int8_io=int8_io,
                    head_kind=head if isinstance(head, str) else None, data=Path(data),
                    calibration_data=None if calibration_data is None else Path(calibration_data),

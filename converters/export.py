@@ -18,12 +18,15 @@ artifact format and knows that format's tools. It promises:
 :class:`Exporter` implements ``verify`` (source model vs exported model on real inputs) and
 ``agreement`` (top-1 agreement of two exported models) once for every format on top of ``open``.
 :func:`export_stage` is the pipeline: export, check the declared inputs/outputs, verify,
-optionally fp16, quantize, measure the agreement with the float model, keep INT8 only when it
-meets the tolerance (:func:`keep_int8`), and list the chosen files for the manifest.
+optionally fp16, quantize, measure the agreement with the float model and time both on the build
+machine (:meth:`Exporter.host_speed`), keep INT8 only when it meets the tolerance and, if asked, a
+minimum speed-up (:func:`keep_int8`), and list the chosen files for the manifest.
 """
 
 from __future__ import annotations
 
+import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -44,6 +47,8 @@ CONFIDENCE = 0.95
 """Confidence of the Wilson interval around a measured top-1 agreement."""
 RANKING_IMAGES = 64
 """Calibration images a mixed-precision search ranks layers on (quantizing and measuring on them)."""
+TIMED_RUNS = 30
+"""Single-image runs per model when the build machine times a quantized model against its float version."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,25 @@ def logit_snr(reference: np.ndarray, quantized: np.ndarray) -> float:
     reference = reference.astype(np.float64)
     noise = float(((reference - quantized) ** 2).sum())
     return float(10 * np.log10(float((reference ** 2).sum()) / max(noise, 1e-30)))
+
+
+@dataclass(frozen=True)
+class HostSpeed:
+    """Median single-image latency of a float model and its quantized version on the build machine, timed round
+    robin (one run of each in turn, so both see the same load)."""
+
+    float_ms: float
+    int8_ms: float
+    runs: int
+
+    @property
+    def speedup(self) -> float:
+        return self.float_ms / self.int8_ms if self.int8_ms > 0 else float("inf")
+
+    def record(self) -> dict:
+        return {"host_latency_ms": {"float": round(self.float_ms, 4), "int8": round(self.int8_ms, 4)},
+                "host_speedup": round(self.speedup, 3), "host_timed_runs": self.runs,
+                "host": f"{platform.machine()} {platform.processor() or ''}".strip()}
 
 
 Judge = Callable[["Exported"], Agreement]
@@ -202,6 +226,21 @@ class Exporter:
         return {"max_abs_diff": diffs, "top1_agreement": agreement, "n": int(len(inputs)), "tolerance": tolerance,
                 "runtime": self.runtime}
 
+    def host_speed(self, plan: StagePlan, reference: Exported, candidate: Exported, inputs: np.ndarray,
+                   threads: int = 1, runs: int = TIMED_RUNS) -> HostSpeed:
+        """Median latency of ``reference`` and ``candidate`` on single inputs of ``inputs`` on this machine, the two
+        run in turn (which goes first alternates: the second run of a pair finds warmer caches) after one warm-up
+        run each."""
+        sessions = [self.open(plan, reference.files, threads), self.open(plan, candidate.files, threads)]
+        times: list[list[float]] = [[], []]
+        for i in range(runs + 1):
+            x = np.ascontiguousarray(inputs[i % len(inputs):i % len(inputs) + 1])
+            for k in (0, 1) if i % 2 else (1, 0):
+                start = time.perf_counter()
+                sessions[k].run(x)
+                times[k].append(1000 * (time.perf_counter() - start))
+        return HostSpeed(float(np.median(times[0][1:])), float(np.median(times[1][1:])), runs)
+
     def judge(self, plan: StagePlan, reference: Exported, inputs: np.ndarray, threads: int = 1) -> Judge:
         """A :data:`Judge` against ``reference`` on ``inputs`` (the reference runs once)."""
         expected = self.run(plan, reference.files, inputs, threads)["logits"].argmax(1)
@@ -234,13 +273,21 @@ def check_signature(exporter: Exporter, plan: StagePlan, exported: Exported, int
         raise ConversionError(f"{where} " + "; ".join(problems))
 
 
-def keep_int8(record: dict, agreement: Agreement, options: BuildOptions) -> bool:
-    """The accuracy-aware fallback shared by every exporter: record the INT8 model's top-1
-    agreement with the float model in ``record`` and say whether its interval's lower end
-    reaches ``options.int8_tolerance``."""
-    kept = agreement.meets(options.int8_tolerance)
-    record.update(agreement.record(), tolerance=options.int8_tolerance, kept_fp32=not kept)
-    return kept
+def keep_int8(record: dict, agreement: Agreement, speed: HostSpeed, options: BuildOptions) -> bool:
+    """The fallback shared by every exporter: record the INT8 model's top-1 agreement with the float model
+    and its speed on the build machine in ``record``, and say whether it is kept — the agreement interval's
+    lower end reaches ``options.int8_tolerance`` and the INT8 model is at least ``options.int8_min_speedup``
+    times as fast as the float one (``record["rejected"]`` says which failed)."""
+    accurate = agreement.meets(options.int8_tolerance)
+    fast = speed.speedup >= options.int8_min_speedup
+    record.update(agreement.record(), **speed.record(), tolerance=options.int8_tolerance,
+                  min_speedup=options.int8_min_speedup, kept_fp32=not (accurate and fast))
+    if not accurate:
+        record["rejected"] = "agreement below the tolerance"
+    elif not fast:
+        record["rejected"] = (f"{speed.speedup:.2f}x the float model's speed on the build machine, below the "
+                              f"{options.int8_min_speedup:g}x --int8-min-speedup")
+    return accurate and fast
 
 
 def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: StageInputs,
@@ -277,7 +324,8 @@ def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: Sta
                                         f"Wilson interval below the {options.int8_tolerance:g} tolerance; give more "
                                         "calibration images or a lower --int8-tolerance")
         agreement = judge(quantized)
-        kept = keep_int8(record, agreement, options)
+        speed = exporter.host_speed(plan, reference, quantized, inputs.agree, options.threads)
+        kept = keep_int8(record, agreement, speed, options)
         if reference is not fp32:
             record["float_reference"] = "fp16 weights"
         artifact["quantization"] = record
@@ -286,6 +334,9 @@ def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: Sta
             if record.get("float_layers"):
                 note(f"stage {plan.name} ({exporter.format}): mixed INT8, {len(record['float_layers'])} layer(s) kept "
                      f"in float, agreement {100 * agreement.rate:.1f}% of {agreement.n} images")
+        elif agreement.meets(options.int8_tolerance):
+            note(f"stage {plan.name} ({exporter.format}): INT8 meets the agreement tolerance but runs at "
+                 f"{record['rejected']}: kept {artifact['precision']}")
         else:
             note(f"stage {plan.name} ({exporter.format}): INT8 agrees with the float model on {100 * agreement.rate:.1f}% "
                  f"of {agreement.n} images (95% interval from {100 * agreement.interval[0]:.1f}%), below the "

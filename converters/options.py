@@ -22,7 +22,10 @@ class BuildOptions:
     interval of the agreement measured on up to ``agreement_images`` calibration images that the
     quantizer did not calibrate on. ``int8_mixed``: a stage that misses the tolerance first keeps
     its most sensitive layers in float (each backend's own tool), and only falls back whole when
-    that does not reach it either. ``fp16``: OpenVINO and TFLite artifacts store
+    that does not reach it either. ``int8_min_speedup``: INT8 is also kept only when it runs at
+    least this many times as fast as the float model on the build machine (single images, timed
+    round robin; the timing is recorded either way); 0 (the default) checks nothing, for builds on
+    a machine that is not the device. ``fp16``: OpenVINO and TFLite artifacts store
     fp16 weights. ``npu``: OpenVINO NPU preset (static batch-1 shapes, fp16 weights, NPU INT8
     scheme). ``int8_io``: TFLite INT8 models take and return int8 tensors (integer-only NPUs).
     ``openvino_route``: how OpenVINO reads a stage — ``auto`` (the source's measured best: ONNX
@@ -40,6 +43,7 @@ class BuildOptions:
     int8: bool = False
     int8_tolerance: float = 0.99
     int8_mixed: bool = True
+    int8_min_speedup: float = 0.0
     quantization_images: int = 256
     agreement_images: int = 1000
     target_drops: tuple[float, ...] = DEFAULT_DROPS
@@ -67,5 +71,8 @@ class BuildOptions:
             raise ConversionError(f"unknown OpenVINO route {self.openvino_route!r}; choose from {', '.join(OPENVINO_ROUTES)}")
         if self.openvino_preset not in OPENVINO_PRESETS:
             raise ConversionError(f"unknown NNCF preset {self.openvino_preset!r}; choose from {', '.join(OPENVINO_PRESETS)}")
+        if self.int8_min_speedup < 0:
+            raise ConversionError(f"int8_min_speedup is a ratio of latencies (1.0: INT8 at least as fast as float, "
+                                  f"0: not checked), got {self.int8_min_speedup}")
         if not 0.0 <= self.int8_tolerance <= 1.0:
             raise ConversionError(f"int8_tolerance is a fraction of agreeing images in [0, 1], got {self.int8_tolerance}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -102,17 +101,6 @@ def weighted_units(path: Path) -> list[list[str]]:
                        *(i for f in [op, *feeding] for i in f["inputs"] if i in outputs)]
             units.append(list(dict.fromkeys(names[i] for i in tensors)))
     return units
-
-
-def _median_ms(session: Any, x: np.ndarray, runs: int = 20) -> float:
-    """Median latency (ms) of ``session`` on single inputs of ``x`` (after one warm-up run)."""
-    session.run(np.ascontiguousarray(x[:1]))
-    times = []
-    for i in range(runs):
-        start = time.perf_counter()
-        session.run(np.ascontiguousarray(x[i % len(x):i % len(x) + 1]))
-        times.append(1000 * (time.perf_counter() - start))
-    return float(np.median(times))
 
 
 class TFLiteExporter(Exporter):
@@ -230,11 +218,10 @@ class TFLiteExporter(Exporter):
         if not options.int8_io:
             wide = self._candidate(plan, fp32, workdir, inputs, options, "a16w8", int16_activations=True)
             verdict = judge(wide)
-            x = inputs.calibrate[:RANKING_IMAGES]
-            ms = {"float": _median_ms(self.open(plan, fp32.files), x), "a16w8": _median_ms(self.open(plan, wide.files), x)}
+            speed = self.host_speed(plan, fp32, wide, inputs.calibrate[:RANKING_IMAGES])
             tried.append({"recipe": "int8 weights, int16 activations", "float_layers": [],
-                          "agreement_with_fp32": verdict.rate, "median_ms": ms})
-            if verdict.meets(options.int8_tolerance) and ms["a16w8"] < ms["float"]:
+                          "agreement_with_fp32": verdict.rate, **speed.record()})
+            if verdict.meets(options.int8_tolerance) and speed.speedup > 1:
                 return Exported(wide.files, dict(wide.record, **record))
         return Exported(full.files, dict(full.record, **record))
 

@@ -21,16 +21,20 @@ def _threshold(t: float | None) -> str:
 
 
 def _quantization(record: Mapping[str, Any] | None) -> str:
-    """What INT8 did for one artifact: rejected or mixed, with the agreement and its interval."""
+    """What INT8 did for one artifact: rejected or mixed, with the agreement, its interval and the speed-up the
+    build machine measured."""
     if not record or "agreement_with_fp32" not in record:
         return ""
     interval = record.get("agreement_interval")
     agreement = f"{100 * record['agreement_with_fp32']:.1f}%" + (
         f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "") + f" of {record.get('agreement_images')}"
+    speed = f", {record['host_speedup']:.2f}x float speed when built" if "host_speedup" in record else ""
     if record.get("kept_fp32"):
-        return f" (int8 rejected: agreement {agreement})"
+        why = "too slow, " if "speed" in str(record.get("rejected", "")) else ""
+        return f" (int8 rejected: {why}agreement {agreement}{speed})"
     kept = record.get("float_layers") or []
-    return f" (mixed: {len(kept)} float layers, agreement {agreement})" if kept else f" (agreement {agreement})"
+    return (f" (mixed: {len(kept)} float layers, agreement {agreement}{speed})" if kept
+            else f" (agreement {agreement}{speed})")
 
 
 def _input_text(stage: Any) -> str:

@@ -64,6 +64,10 @@ def test_round_robin_gives_medians_and_ratios_of_fake_runners(monkeypatch):
     assert timing.medians() == pytest.approx({"fast": 1.0, "slow": 4.0})
     assert timing.ratios("fast") == pytest.approx({"fast": 1.0, "slow": 4.0})
     assert timing.ratios("slow") == pytest.approx({"fast": 0.25, "slow": 1.0})
+    order.clear()
+    rotated = harness.round_robin({"fast": runner("fast", 0), "slow": runner("slow", 3)}, [1, 2, 3], rotate=True)
+    assert order == [("fast", 1), ("slow", 1), ("slow", 2), ("fast", 2), ("fast", 3), ("slow", 3)]
+    assert rotated.outputs["fast"] == ["fast:1", "fast:2", "fast:3"] and rotated.medians()["slow"] == pytest.approx(4.0)
 
 
 def test_metadata_names_the_module_command_and_machine():

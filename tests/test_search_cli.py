@@ -76,7 +76,9 @@ def test_toml_search_table_and_stage_adapt(tmp_path):
     job = job_from_toml(config, {})
     assert job.kind == "search" and job.search.sizes == (128, 160) and job.search.adapt == "bn"
     assert job.search.max_stages == 2 and job.search.combines == ("mean_probs",)
-    config.write_text('out = "c.swb"\n[[stages]]\nmodel = "m.py:f"\nsize = 96\nadapt = "head"\n')
+    config.write_text('out = "c.swb"\n[build]\nint8 = true\nint8_min_speedup = 1.2\n'
+                      '[[stages]]\nmodel = "m.py:f"\nsize = 96\nadapt = "head"\n')
+    assert job_from_toml(config, {}).build.int8_min_speedup == 1.2
     assert job_from_toml(config, {}).sources[0].adapt == "head"
     config.write_text('out = "s.swb"\n[search]\nmodels = ["m.py:f"]\nbudget = 3\n')
     with pytest.raises(ConversionError, match=r"\[search\] takes models"):

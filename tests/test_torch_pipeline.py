@@ -187,6 +187,31 @@ def test_mixed_int8_keeps_the_fragile_layer_in_float(tmp_path):
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # the rest is still INT8
 
 
+def test_int8_slower_than_the_minimum_speedup_on_this_machine_is_rejected(tmp_path, monkeypatch):
+    from stagewise.converters.export import Exporter, HostSpeed
+
+    plan, inputs = _fragile_stage()
+    timed, _ = export_stage(exporter("onnx"), plan, tmp_path / "timed", inputs,
+                            BuildOptions(int8=True, int8_mixed=False, int8_tolerance=0.0))
+    q = timed["quantization"]
+    assert timed["precision"] == "int8" and q["min_speedup"] == 0.0 and "rejected" not in q
+    assert q["host_latency_ms"]["float"] > 0 and q["host_latency_ms"]["int8"] > 0 and q["host_timed_runs"] > 0
+    monkeypatch.setattr(Exporter, "host_speed", lambda *args, **kwargs: HostSpeed(1.0, 2.0, 30))
+    slow, files = export_stage(exporter("onnx"), plan, tmp_path / "slow", inputs,
+                               BuildOptions(int8=True, int8_mixed=False, int8_tolerance=0.0, int8_min_speedup=1.0))
+    q = slow["quantization"]
+    assert slow["precision"] == "fp32" and q["kept_fp32"] is True and q["host_speedup"] == 0.5
+    assert "0.50x the float model's speed" in q["rejected"] and "--int8-min-speedup" in q["rejected"]
+    import onnx
+
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(files["onnx/only.onnx"])).graph.node)
+    fast, _ = export_stage(exporter("onnx"), plan, tmp_path / "fast", inputs,
+                           BuildOptions(int8=True, int8_mixed=False, int8_tolerance=0.0, int8_min_speedup=0.4))
+    assert fast["precision"] == "int8"
+    with pytest.raises(ConversionError, match="int8_min_speedup"):
+        BuildOptions(int8_min_speedup=-1.0)
+
+
 def test_a_stage_that_cannot_meet_the_tolerance_falls_back_whole(tmp_path):
     from stagewise.converters.export import Agreement
     from stagewise.converters.onnx_export import RECIPES
