@@ -41,7 +41,8 @@ def recipe(runtime: str, artifact: dict) -> str:
     if runtime == "onnxruntime":
         text = f"{record.get('calibration', 'MinMax')}, {7 if record.get('reduce_range') else 8}-bit weights"
     elif runtime == "openvino":
-        text = f"NNCF {record.get('preset')}" + (", accuracy control" if record.get("accuracy_control") else "")
+        text = record.get("recipe", f"NNCF {record.get('preset')}") + (
+            ", accuracy control" if record.get("accuracy_control") else "")
     else:
         text = "int16 activations" if str(record.get("activations", "")).startswith("int16") else "int8 activations"
     return text if artifact["precision"] == "int8" else f"({text})"

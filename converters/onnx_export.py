@@ -41,21 +41,31 @@ WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """Op types the mixed-precision search may keep in float (the ones with INT8 weights)."""
 
 
+_TYPE_NAMES = {"QUInt8": "uint8", "QInt8": "int8"}
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """One ONNX Runtime static quantization setting: calibration method and 7-bit weights (``reduce_range``)."""
+    """One ONNX Runtime static quantization setting: calibration method, 7-bit weights (``reduce_range``) and the
+    activation and weight types (``QuantType`` names; uint8 x int8 unless a name says otherwise)."""
 
     calibration: str = "MinMax"
     reduce_range: bool = False
+    activations: str = "QUInt8"
+    weights: str = "QInt8"
 
     @property
     def name(self) -> str:
-        return f"{self.calibration}, {7 if self.reduce_range else 8}-bit weights"
+        types = "" if (self.activations, self.weights) == ("QUInt8", "QInt8") else \
+            f", {_TYPE_NAMES[self.activations]} x {_TYPE_NAMES[self.weights]}"
+        return f"{self.calibration}, {7 if self.reduce_range else 8}-bit weights{types}"
 
 
 RECIPES: tuple[Recipe, ...] = tuple(Recipe(method, reduce) for method in ("MinMax", "Percentile", "Entropy")
                                     for reduce in (False, True))
-"""The recipes the search tries, in order (the first is what ``--no-int8-mixed`` uses)."""
+"""The recipes the search tries, in order (the first is what ``--no-int8-mixed`` uses). All are uint8 x int8, the
+types ONNX Runtime's x86 kernels run fastest: int8 x int8 and uint8 x uint8 avoid the no-VNNI saturation but ran
+0.6-0.8x of fp32 on the CIFAR-10 stages and uint8 x uint8 0.2x on EfficientNet-Lite0 (``benchmarks/ort_int8_formats``)."""
 
 
 class _Batches(CalibrationDataReader):
@@ -107,11 +117,12 @@ class OnnxExporter(Exporter):
         with quiet():  # the histogram calibrators print their progress
             quantize_static(str(self.prepared(fp32, workdir)), str(out), _Batches(plan.input_name, calibrate),
                             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=recipe.reduce_range,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType[recipe.activations], weight_type=QuantType[recipe.weights],
                             nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod[recipe.calibration],
                             extra_options={"CalibStridedMinMax": 1})
         return Exported((out,), {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
-                                 "per_channel": True, "activations": "uint8", "weights": "int8",
+                                 "per_channel": True, "activations": _TYPE_NAMES[recipe.activations],
+                                 "weights": _TYPE_NAMES[recipe.weights],
                                  "calibration": recipe.calibration, "reduce_range": recipe.reduce_range,
                                  "calibration_images": int(len(calibrate)), "float_layers": list(exclude)})
 

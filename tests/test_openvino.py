@@ -431,7 +431,11 @@ def test_openvino_accuracy_control_that_reverts_every_weighted_layer_is_no_int8(
     fp32 = ov_exporter.export(plan, tmp_path, inputs, BuildOptions())
     result = ov_exporter.quantize_mixed(plan, fp32, tmp_path, inputs, BuildOptions(int8=True, int8_tolerance=0.999),
                                         lambda candidate: Agreement(0, 500))
-    (tried,) = result.record["search"]
+    *full, tried = result.record["search"]
+    assert [t["recipe"] for t in full] == ["NNCF performance, fast bias correction",
+                                           "NNCF performance, full bias correction", "NNCF mixed, full bias correction"]
+    assert tried["recipe"].startswith("NNCF performance, fast bias correction, nncf.quantize_with_accuracy_control")
     weighted = float_layers(ov.Core().read_model(str(fp32.files[0])))
     assert tried["note"] == "every weighted layer reverted to float" and len(tried["float_layers"]) == len(weighted)
     assert result.record["float_layers"] == [] and "accuracy_control" not in result.record
+    assert result.record["recipe"] == "NNCF performance, fast bias correction"  # the best full INT8 (all tie at 0)

@@ -212,6 +212,28 @@ def test_int8_slower_than_the_minimum_speedup_on_this_machine_is_rejected(tmp_pa
         BuildOptions(int8_min_speedup=-1.0)
 
 
+def test_onnx_recipe_sets_the_activation_and_weight_types(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from stagewise.converters.onnx_export import RECIPES, Recipe
+
+    plan, inputs = _fragile_stage()
+    onnx_exporter = exporter("onnx")
+    fp32 = onnx_exporter.export(plan, tmp_path, inputs, BuildOptions())
+    assert all(r.name.endswith("-bit weights") for r in RECIPES)  # the search's recipes are all uint8 x int8
+    for recipe, activations, weights in [(Recipe(), "uint8", "int8"), (Recipe(activations="QInt8"), "int8", "int8"),
+                                         (Recipe(weights="QUInt8"), "uint8", "uint8")]:
+        q = onnx_exporter.quantize(plan, fp32, tmp_path, inputs, BuildOptions(int8=True), tag=recipe.name[-5:],
+                                   recipe=recipe)
+        assert (q.record["activations"], q.record["weights"]) == (activations, weights)
+        graph = onnx.load(str(q.files[0])).graph
+        zeros = {init.name: numpy_helper.to_array(init).dtype.name for init in graph.initializer}
+        activation_types = {zeros[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"}
+        all_types = {zeros[n.input[2]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[2] in zeros}
+        assert activation_types == {activations} and all_types - {"int32"} == {activations, weights}  # int32: biases
+
+
 def test_a_stage_that_cannot_meet_the_tolerance_falls_back_whole(tmp_path):
     from stagewise.converters.export import Agreement
     from stagewise.converters.onnx_export import RECIPES
