@@ -121,6 +121,36 @@ Judge = Callable[["Exported"], Agreement]
 
 
 @dataclass(frozen=True)
+class RecipeSearch:
+    """What :func:`try_recipes` found: every try, and the first recipe meeting the tolerance (``met``) or else the
+    one with the highest agreement, with its fully quantized model."""
+
+    tried: list[dict]
+    recipe: Any
+    full: "Exported"
+    met: bool
+
+
+def try_recipes(recipes: Sequence[Any], quantize: Callable[[int, Any], "Exported"], judge: Judge,
+                tolerance: float) -> RecipeSearch:
+    """Fully quantize by each of ``recipes`` in turn (``quantize(k, recipe)``; a recipe has a ``name``) until one's
+    agreement meets ``tolerance``."""
+    tried: list[dict] = []
+    best = None
+    for k, recipe in enumerate(recipes):
+        full = quantize(k, recipe)
+        verdict = judge(full)
+        tried.append({"recipe": recipe.name, "float_layers": [], "agreement_with_fp32": verdict.rate})
+        if verdict.meets(tolerance):
+            return RecipeSearch(tried, recipe, full, True)
+        if best is None or verdict.agreeing > best[1].agreeing:
+            best = recipe, verdict, full
+    if best is None:
+        raise ConversionError("no INT8 recipe to try")
+    return RecipeSearch(tried, best[0], best[2], False)
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """One input or output a model declares: name, element type (numpy name) and shape (None: dynamic)."""
 

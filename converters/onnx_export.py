@@ -30,7 +30,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .export import RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, logit_snr
+from .export import RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, logit_snr, try_recipes
 from .options import BuildOptions
 from .plans import StagePlan
 from .tooling import quiet
@@ -65,7 +65,7 @@ RECIPES: tuple[Recipe, ...] = tuple(Recipe(method, reduce) for method in ("MinMa
                                     for reduce in (False, True))
 """The recipes the search tries, in order (the first is what ``--no-int8-mixed`` uses). All are uint8 x int8, the
 types ONNX Runtime's x86 kernels run fastest: int8 x int8 and uint8 x uint8 avoid the no-VNNI saturation but ran
-0.6-0.8x of fp32 on the CIFAR-10 stages and uint8 x uint8 0.2x on EfficientNet-Lite0 (``benchmarks/ort_int8_formats``)."""
+0.6-0.8x of fp32 on the CIFAR-10 stages and uint8 x uint8 0.2x on EfficientNet-Lite0 (``benchmarks/int8_recipes``)."""
 
 
 class _Batches(CalibrationDataReader):
@@ -153,16 +153,12 @@ class OnnxExporter(Exporter):
         """The first of :data:`RECIPES` whose full INT8 meets the tolerance; else the best of them with the
         1, 2, 4, … most sensitive weighted nodes (:meth:`sensitivity`) in float until it is met, while at
         least one stays INT8; else the best recipe's full INT8 model. The record's ``search`` lists every try."""
-        tried, best = [], None
-        for k, recipe in enumerate(RECIPES):
-            full = self.quantize(plan, fp32, workdir, inputs, options, tag=f"int8.r{k}", recipe=recipe)
-            verdict = judge(full)
-            tried.append({"recipe": recipe.name, "float_layers": [], "agreement_with_fp32": verdict.rate})
-            if verdict.meets(options.int8_tolerance):
-                return Exported(full.files, dict(full.record, search=tried))
-            if best is None or verdict.agreeing > best[1].agreeing:
-                best = recipe, verdict, full
-        recipe, _, full = best
+        found = try_recipes(RECIPES, lambda k, recipe: self.quantize(plan, fp32, workdir, inputs, options,
+                                                                     tag=f"int8.r{k}", recipe=recipe),
+                            judge, options.int8_tolerance)
+        recipe, full, tried = found.recipe, found.full, found.tried
+        if found.met:
+            return Exported(full.files, dict(full.record, search=tried))
         ranking = self.sensitivity(plan, fp32, workdir, inputs, options, recipe)
         record = {"search": tried, "sensitivity": f"logit SNR with one weighted node in float ({recipe.name}, "
                                                   f"{min(RANKING_IMAGES, len(inputs.calibrate))} calibration images, "

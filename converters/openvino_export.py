@@ -35,22 +35,29 @@ from stagewise.errors import ConversionError, VerificationError
 from stagewise.extras import require
 from stagewise.runtimes.base import LoadOptions
 
-from .export import Exported, Exporter, Judge, StageInputs, TensorSpec, minimum_agreeing
+from .export import Exported, Exporter, Judge, StageInputs, TensorSpec, minimum_agreeing, try_recipes
 from .options import BuildOptions
 from .plans import StagePlan
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """One NNCF post-training setting: preset (``performance``: symmetric activations, ``mixed``: asymmetric) and
-    fast (one step per layer) or full bias correction (NNCF's ``BiasCorrection``, statistics layer by layer)."""
+    """One NNCF post-training setting: preset (``performance``: symmetric activations, ``mixed``: asymmetric),
+    fast (one step per layer) or full bias correction (NNCF's ``BiasCorrection``, statistics layer by layer),
+    the overflow fix (7-bit weights against the int16 saturation of CPUs without VNNI) on the first layer only
+    (NNCF's default) or on every layer, and NNCF's channel alignment (cross-layer equalisation of conv pairs)."""
 
     preset: str = "performance"
     fast_bias_correction: bool = True
+    overflow_fix_everywhere: bool = False
+    channel_alignment: bool = False
 
     @property
     def name(self) -> str:
-        return f"NNCF {self.preset}, {'fast' if self.fast_bias_correction else 'full'} bias correction"
+        extras = [text for on, text in ((self.overflow_fix_everywhere, "overflow fix on every layer"),
+                                        (self.channel_alignment, "channel alignment")) if on]
+        return ", ".join([f"NNCF {self.preset}", f"{'fast' if self.fast_bias_correction else 'full'} bias correction",
+                          *extras])
 
 
 def recipes(options: BuildOptions) -> tuple[Recipe, ...]:
@@ -190,7 +197,9 @@ class OpenVinoExporter(Exporter):
         common = dict(preset=nncf.QuantizationPreset(recipe.preset), target_device=nncf.TargetDevice[target],
                       subset_size=len(items), fast_bias_correction=recipe.fast_bias_correction)
         advanced = parameters.AdvancedQuantizationParameters(
-            weights_quantization_params=parameters.QuantizationParameters(per_channel=per_channel))
+            weights_quantization_params=parameters.QuantizationParameters(per_channel=per_channel),
+            disable_channel_alignment=not recipe.channel_alignment,
+            **({"overflow_fix": parameters.OverflowFix.ENABLE} if recipe.overflow_fix_everywhere else {}))
         record: dict[str, Any] = {}
         try:
             if judge is None:
@@ -229,16 +238,12 @@ class OpenVinoExporter(Exporter):
         with the best of them. A result with every weighted layer reverted to float is no INT8 model: the best
         full INT8 one is returned instead (the stage then falls back whole). The record's ``search`` lists every
         try."""
-        tried, best = [], None
-        for k, recipe in enumerate(recipes(options)):
-            full = self.quantize(plan, fp32, workdir, inputs, options, recipe=recipe, tag=f"int8.r{k}")
-            verdict = judge(full)
-            tried.append({"recipe": recipe.name, "float_layers": [], "agreement_with_fp32": verdict.rate})
-            if verdict.meets(options.int8_tolerance):
-                return Exported(full.files, dict(full.record, search=tried))
-            if best is None or verdict.agreeing > best[1].agreeing:
-                best = recipe, verdict, full
-        recipe, _, full = best
+        found = try_recipes(recipes(options), lambda k, recipe: self.quantize(plan, fp32, workdir, inputs, options,
+                                                                              recipe=recipe, tag=f"int8.r{k}"),
+                            judge, options.int8_tolerance)
+        recipe, full, tried = found.recipe, found.full, found.tried
+        if found.met:
+            return Exported(full.files, dict(full.record, search=tried))
         mixed = self.quantize(plan, fp32, workdir, inputs, options, judge, recipe=recipe, tag="mixed")
         weighted = float_layers(ov.Core().read_model(str(fp32.files[0])))
         tried.append({"recipe": f"{recipe.name}, nncf.quantize_with_accuracy_control",
