@@ -73,7 +73,13 @@ def test_bundle_records_precision_agreement_and_calibration(int8_bundle, splits)
             low, high = q["agreement_interval"]
             assert low <= q["agreement_with_fp32"] <= high
             assert q["kept_fp32"] == (low < 0.9)  # the interval's lower end decides, not the point estimate
+            assert q["host_speedup"] == pytest.approx(q["host_latency_ms"]["float"] / q["host_latency_ms"]["int8"],
+                                                      rel=1e-2)
             assert stage["cost"]["latency_ms"]["onnxruntime-cpu-1t"]["p50"] > 0
+        from stagewise.reports import manifest_tables
+
+        artifacts = manifest_tables(m)[0].columns[2]._cells  # what `stagewise inspect` prints per stage
+        assert all("float speed when built" in cell for cell in artifacts) and len(artifacts) == len(m["stages"])
         cal = m["calibration"]
         for point in m["operating_points"]:
             goal = point["goal"]
