@@ -15,12 +15,12 @@ test images neither the quantizer nor the thresholds saw:
   three bundles timed round robin);
 * per bundle: top-1 and mean latency at the default operating point.
 
-The converter measures agreement on every calibration image it does not quantize on (all the
-calibration share holds: 4,744 for CIFAR-10, 244 for the ImageNet sample) unless
-``--agreement-images`` caps it.
+The converter measures agreement on every calibration image it does not quantize on (4,744 of
+the 5,000 CIFAR-10 calibration images; the 500-image ImageNet share it halves, 250 to quantize
+and 250 to measure) unless ``--agreement-images`` caps it.
 
 One command: ``python -m benchmarks.int8_precision`` (``--parts cifar10`` or ``imagenet`` for one
-of them, ``--formats onnx,openvino`` to leave LiteRT out). Takes about 20-40 minutes on 2 cores.
+of them, ``--formats onnx,openvino`` to leave LiteRT out). Takes about 40 minutes on 2 cores (24 for CIFAR-10).
 """
 
 from __future__ import annotations

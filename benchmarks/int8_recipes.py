@@ -51,6 +51,11 @@ def markdown(result: dict) -> str:
              "| runtime | stage | recipe | agreement with fp32 (held-back) | fp32 ms | INT8 ms | speed-up |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if "error" in r:
+            reason = r["error"].split(": ", 1)[-1]
+            lines.append(f"| {r['runtime']} | {r['stage']} | {r['recipe']} | failed in the quantizer "
+                         f"(`{reason}`) | | | |")
+            continue
         low, high = r["interval"]
         lines.append(f"| {r['runtime']} | {r['stage']} | {r['recipe']} | {100 * r['agreement']:.1f} % "
                      f"[{100 * low:.1f}, {100 * high:.1f}] of {r['images']} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | "
@@ -63,6 +68,7 @@ def _stages(args, maker, held_back: int) -> list[dict]:
     from stagewise.converters.export import StageInputs, exporter
     from stagewise.converters.options import BuildOptions
     from stagewise.converters.plans import pixel_plan
+    from stagewise.errors import ConversionError
 
     _, plans, pre, _, calibration, _ = maker(args)
     plans = [pixel_plan(plan, pre) for plan in plans]
@@ -81,7 +87,12 @@ def _stages(args, maker, held_back: int) -> list[dict]:
                 fp32 = tool.export(plan, work, inputs, options)
                 judge = tool.judge(plan, fp32, inputs.agree, args.threads)
                 for k, (name, recipe) in enumerate(recipes(fmt).items()):
-                    quantized = tool.quantize(plan, fp32, work, inputs, options, recipe=recipe, tag=f"r{k}")
+                    try:
+                        quantized = tool.quantize(plan, fp32, work, inputs, options, recipe=recipe, tag=f"r{k}")
+                    except ConversionError as exc:  # a quantizer's own failure is a result too
+                        rows.append({"runtime": tool.runtime, "stage": plan.name, "recipe": name, "error": str(exc)})
+                        print(f"{tool.runtime} {plan.name} {name}: failed: {exc}", flush=True)
+                        continue
                     agreement = judge(quantized)
                     speed = tool.host_speed(plan, fp32, quantized, inputs.agree, args.threads, runs=args.runs)
                     rows.append({"runtime": tool.runtime, "stage": plan.name, "recipe": name,

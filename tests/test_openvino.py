@@ -433,6 +433,7 @@ def test_openvino_accuracy_control_that_reverts_every_weighted_layer_is_no_int8(
                                         lambda candidate: Agreement(0, 500))
     *full, tried = result.record["search"]
     assert [t["recipe"] for t in full] == ["NNCF performance, fast bias correction",
+                                           "NNCF performance, fast bias correction, overflow fix on every layer",
                                            "NNCF performance, full bias correction", "NNCF mixed, full bias correction"]
     assert tried["recipe"].startswith("NNCF performance, fast bias correction, nncf.quantize_with_accuracy_control")
     weighted = float_layers(ov.Core().read_model(str(fp32.files[0])))
