@@ -64,8 +64,9 @@ class Recipe:
 RECIPES: tuple[Recipe, ...] = tuple(Recipe(method, reduce) for method in ("MinMax", "Percentile", "Entropy")
                                     for reduce in (False, True))
 """The recipes the search tries, in order (the first is what ``--no-int8-mixed`` uses). All are uint8 x int8, the
-types ONNX Runtime's x86 kernels run fastest: int8 x int8 and uint8 x uint8 avoid the no-VNNI saturation but ran
-0.6-0.8x of fp32 on the CIFAR-10 stages and uint8 x uint8 0.2x on EfficientNet-Lite0 (``benchmarks/int8_recipes``)."""
+types ONNX Runtime's x86 kernels run fastest: int8 x int8 and uint8 x uint8 avoid the no-VNNI saturation, but
+int8 x int8 ran at 0.67-0.92x of fp32 and uint8 x uint8 at 0.19-0.27x on EfficientNet-Lite
+(``benchmarks/int8_recipes``)."""
 
 
 class _Batches(CalibrationDataReader):
