@@ -212,6 +212,7 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "exit_weights": train_cfg.get("exit_weights"), "augment": train_cfg.get("augment"),
         "int8_tolerance": build_cfg.get("int8_tolerance"), "int8_mixed": build_cfg.get("int8_mixed"),
         "int8_min_speedup": build_cfg.get("int8_min_speedup"),
+        "agreement_images": build_cfg.get("agreement_images"),
         "focus": StageSource(focus_cfg["model"], focus_cfg.get("size")) if "model" in focus_cfg else None,
         "patches": focus_cfg.get("patches"), "iou": focus_cfg.get("iou"),
         "patch_fraction": focus_cfg.get("patch_fraction"),
@@ -237,7 +238,7 @@ def make_job(kind: str, sources: list[StageSource], out: Path | None, formats: s
              int8: bool | None = None, target_drop: float | None = None, threads: int | None = None,
              force: bool = False, fp16: bool | None = None, npu: bool | None = None, int8_io: bool | None = None,
              int8_tolerance: float | None = None, int8_mixed: bool | None = None,
-             int8_min_speedup: float | None = None,
+             int8_min_speedup: float | None = None, agreement_images: int | None = None,
              head_kind: str | None = None, train_exits: str | None = None, head_width: int | None = None,
              epochs: int | None = None, lr: float | None = None, head_lr: float | None = None,
              freeze: str | None = None, exit_weights: Sequence[float] | None = None, augment: str | None = None,
@@ -250,7 +251,8 @@ def make_job(kind: str, sources: list[StageSource], out: Path | None, formats: s
                          threads=threads or 1, overwrite=force, fp16=bool(fp16), npu=bool(npu), int8_io=bool(int8_io),
                          int8_tolerance=0.99 if int8_tolerance is None else int8_tolerance,
                          int8_mixed=True if int8_mixed is None else int8_mixed,
-                         int8_min_speedup=int8_min_speedup or 0.0)
+                         int8_min_speedup=int8_min_speedup or 0.0,
+                         agreement_images=agreement_images or BuildOptions.agreement_images)
     if "head" not in fields:
         fields["head"] = head_training(head_kind, train_exits, head_width, epochs, lr, head_lr, freeze, exit_weights,
                                        augment)

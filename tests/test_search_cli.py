@@ -79,6 +79,8 @@ def test_toml_search_table_and_stage_adapt(tmp_path):
     config.write_text('out = "c.swb"\n[build]\nint8 = true\nint8_min_speedup = 1.2\n'
                       '[[stages]]\nmodel = "m.py:f"\nsize = 96\nadapt = "head"\n')
     assert job_from_toml(config, {}).build.int8_min_speedup == 1.2
+    assert job_from_toml(config, {"agreement_images": 4000}).build.agreement_images == 4000
+    assert job_from_toml(config, {}).build.agreement_images == 1000
     assert job_from_toml(config, {}).sources[0].adapt == "head"
     config.write_text('out = "s.swb"\n[search]\nmodels = ["m.py:f"]\nbudget = 3\n')
     with pytest.raises(ConversionError, match=r"\[search\] takes models"):
