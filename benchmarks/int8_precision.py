@@ -38,11 +38,8 @@ RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert"}
 def recipe(runtime: str, artifact: dict) -> str:
     """The quantization recipe a stage's INT8 model used (or its full INT8 try, for a stage kept in float)."""
     record = artifact.get("quantization") or {}
-    if runtime == "onnxruntime":
-        text = f"{record.get('calibration', 'MinMax')}, {7 if record.get('reduce_range') else 8}-bit weights"
-    elif runtime == "openvino":
-        text = record.get("recipe", f"NNCF {record.get('preset')}") + (
-            ", accuracy control" if record.get("accuracy_control") else "")
+    if runtime in ("onnxruntime", "openvino"):
+        text = record["recipe"] + (", accuracy control" if record.get("accuracy_control") else "")
     else:
         text = "int16 activations" if str(record.get("activations", "")).startswith("int16") else "int8 activations"
     return text if artifact["precision"] == "int8" else f"({text})"

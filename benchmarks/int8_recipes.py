@@ -22,8 +22,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import harness
 from benchmarks.int8_precision import _cifar10, _imagenet
 
@@ -45,6 +43,7 @@ def recipes(fmt: str) -> dict[str, object]:
 
 
 def markdown(result: dict) -> str:
+    """The docs/benchmarks.md table of a result (a recipe the quantizer failed on gets a row saying so)."""
     lines = [f"Calibration on {result['quantization_images']} images (ONNX Runtime: MinMax); latency: "
              f"{result['threads']} thread, median of {result['runs']} single-image runs each, fp32 and INT8 in turn; "
              f"{result['machine']['cpu']}, {result['machine']['date'][:10]}.", "",
@@ -64,7 +63,7 @@ def markdown(result: dict) -> str:
 
 
 def _stages(args, maker, held_back: int) -> list[dict]:
-    from stagewise.converters.build import stage_inputs
+    from stagewise.converters.build import sample_stage_inputs
     from stagewise.converters.export import StageInputs, exporter
     from stagewise.converters.options import BuildOptions
     from stagewise.converters.plans import pixel_plan
@@ -73,11 +72,9 @@ def _stages(args, maker, held_back: int) -> list[dict]:
     _, plans, pre, _, calibration, _ = maker(args)
     plans = [pixel_plan(plan, pre) for plan in plans]
     wanted = min(len(calibration), args.quantization_images + held_back)
-    sample = np.random.default_rng(0).choice(len(calibration), size=wanted, replace=False)
-    images = [calibration.image(int(i)) for i in sample]
     rows = []
     with tempfile.TemporaryDirectory(prefix="int8-recipes-") as tmp:
-        for plan, x in zip(plans, stage_inputs(plans, pre, images)):
+        for plan, x in zip(plans, sample_stage_inputs(plans, pre, calibration, wanted)):
             n = args.quantization_images
             inputs, options = StageInputs(x[:16], x[:n], x[n:]), BuildOptions(int8=True, threads=args.threads)
             for fmt in args.formats.split(","):

@@ -47,6 +47,15 @@ def stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, images: lis
     return stage_tensors(router, images, lambda k, x: plans[k].outputs(x), batch).inputs
 
 
+def sample_stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, calibration: ImageSet, size: int,
+                        seed: int = 0) -> list[np.ndarray]:
+    """Every stage's input (:func:`stage_inputs`) for a seeded random sample of ``size`` of the ``calibration``
+    images: what a build quantizes and measures agreement on."""
+    sample = np.random.default_rng(seed).choice(len(calibration), size=size, replace=False)
+    images = [calibration.image(int(i)) for i in progress_bar(sample, "decoding calibration sample")]
+    return stage_inputs(plans, preprocess, images)
+
+
 def primary_runtime(formats: Sequence[str]) -> str:
     """The runtime that reads the first of ``formats`` (the one a build calibrates and profiles on)."""
     for runtime in RUNTIMES.values():
@@ -68,12 +77,9 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
     exporters = {fmt: exporter(fmt) for fmt in options.formats}
     if len(calibration) < 20:
         raise ConversionError(f"calibration needs labelled images; got {len(calibration)} (use at least a few hundred)")
-    rng = np.random.default_rng(options.seed)
     wanted = options.quantization_images + options.agreement_images if options.int8 else options.quantization_images
     n_small = min(len(calibration), max(wanted, 64))
-    sample = rng.choice(len(calibration), size=n_small, replace=False)
-    images = [calibration.image(int(i)) for i in progress_bar(sample, "decoding calibration sample")]
-    inputs_per_stage = stage_inputs(plans, preprocess, images)
+    inputs_per_stage = sample_stage_inputs(plans, preprocess, calibration, n_small, options.seed)
     classes = plans[-1].outputs(inputs_per_stage[-1][:1])["logits"].shape[1]
     if classes != len(labels):
         raise ConversionError(f"the model predicts {classes} classes but {len(labels)} labels were given; "

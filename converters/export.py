@@ -150,6 +150,31 @@ def try_recipes(recipes: Sequence[Any], quantize: Callable[[int, Any], "Exported
     return RecipeSearch(tried, best[0], best[2], False)
 
 
+def exclusion_counts(n: int) -> list[int]:
+    """How many of ``n`` ranked layers a mixed-precision search keeps in float in turn: 1, 2, 4, … up to
+    ``n - 1`` (at least one weighted layer stays INT8)."""
+    counts, count = [], 1
+    while count < n:
+        counts.append(count)
+        count = min(2 * count, n - 1) if count < n - 1 else n
+    return counts
+
+
+def exclude_most_sensitive(ranked: Sequence[Any], make: Callable[[int, list], "Exported"], judge: Judge,
+                           tolerance: float, tried: list[dict], recipe: str) -> "Exported | None":
+    """The first candidate with the first 1, 2, 4, … of ``ranked`` (most sensitive first) kept in float —
+    ``make(count, ranked[:count])`` — whose agreement meets ``tolerance``, or None. Every try is appended to
+    ``tried`` with its record's ``float_layers``."""
+    for count in exclusion_counts(len(ranked)):
+        candidate = make(count, list(ranked[:count]))
+        verdict = judge(candidate)
+        tried.append({"recipe": recipe, "float_layers": candidate.record["float_layers"],
+                      "agreement_with_fp32": verdict.rate})
+        if verdict.meets(tolerance):
+            return candidate
+    return None
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One input or output a model declares: name, element type (numpy name) and shape (None: dynamic)."""
@@ -270,6 +295,16 @@ class Exporter:
                 sessions[k].run(x)
                 times[k].append(1000 * (time.perf_counter() - start))
         return HostSpeed(float(np.median(times[0][1:])), float(np.median(times[1][1:])), runs)
+
+    def rank_by_logit_snr(self, plan: StagePlan, fp32: Exported, units: Sequence[Any],
+                          quantize_without: Callable[[Any], Exported], x: np.ndarray) -> list[tuple[Any, float]]:
+        """``units`` (what a mixed-precision search may keep in float) with the logit SNR (dB) against the float
+        model of the stage quantized with only that unit in float (``quantize_without(unit)``), run on ``x``
+        through this format's runtime; most helpful first."""
+        reference = self.run(plan, fp32.files, x)["logits"]
+        scores = [(unit, logit_snr(reference, self.run(plan, quantize_without(unit).files, x)["logits"]))
+                  for unit in units]
+        return sorted(scores, key=lambda item: -item[1])
 
     def judge(self, plan: StagePlan, reference: Exported, inputs: np.ndarray, threads: int = 1) -> Judge:
         """A :data:`Judge` against ``reference`` on ``inputs`` (the reference runs once)."""

@@ -30,7 +30,8 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .export import RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, logit_snr, try_recipes
+from .export import (RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, exclude_most_sensitive,
+                     try_recipes)
 from .options import BuildOptions
 from .plans import StagePlan
 from .tooling import quiet
@@ -125,6 +126,7 @@ class OnnxExporter(Exporter):
                                  "per_channel": True, "activations": _TYPE_NAMES[recipe.activations],
                                  "weights": _TYPE_NAMES[recipe.weights],
                                  "calibration": recipe.calibration, "reduce_range": recipe.reduce_range,
+                                 "recipe": recipe.name,
                                  "calibration_images": int(len(calibrate)), "float_layers": list(exclude)})
 
     def prepared(self, fp32: Exported, workdir: Path) -> Path:
@@ -140,14 +142,9 @@ class OnnxExporter(Exporter):
         float, most helpful first, on :data:`RANKING_IMAGES` calibration inputs through ONNX Runtime's CPU
         kernels (the quantized models are calibrated on those inputs too)."""
         x = inputs.calibrate[:RANKING_IMAGES]
-        reference = self.run(plan, fp32.files, x)["logits"]
         nodes = [n.name for n in onnx.load(str(self.prepared(fp32, workdir))).graph.node if n.op_type in WEIGHTED]
-        scores = []
-        for node in nodes:
-            candidate = self.quantize(plan, fp32, workdir, inputs, options, [node], tag="rank", recipe=recipe,
-                                      calibrate=x)
-            scores.append((node, logit_snr(reference, self.run(plan, candidate.files, x)["logits"])))
-        return sorted(scores, key=lambda item: -item[1])
+        return self.rank_by_logit_snr(plan, fp32, nodes, lambda node: self.quantize(
+            plan, fp32, workdir, inputs, options, [node], tag="rank", recipe=recipe, calibrate=x), x)
 
     def quantize_mixed(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
                        options: BuildOptions, judge: Judge) -> Exported:
@@ -165,13 +162,8 @@ class OnnxExporter(Exporter):
                                                   f"{min(RANKING_IMAGES, len(inputs.calibrate))} calibration images, "
                                                   "ONNX Runtime CPU kernels)",
                   "ranking": [{"node": node, "logit_snr_db": round(snr, 2)} for node, snr in ranking]}
-        count = 1
-        while count < len(ranking):
-            exclude = [node for node, _ in ranking[:count]]
-            candidate = self.quantize(plan, fp32, workdir, inputs, options, exclude, tag=f"mixed{count}", recipe=recipe)
-            verdict = judge(candidate)
-            tried.append({"recipe": recipe.name, "float_layers": exclude, "agreement_with_fp32": verdict.rate})
-            if verdict.meets(options.int8_tolerance):
-                return Exported(candidate.files, dict(candidate.record, **record))
-            count = min(2 * count, len(ranking) - 1) if count < len(ranking) - 1 else len(ranking)
-        return Exported(full.files, dict(full.record, **record))
+        mixed = exclude_most_sensitive([node for node, _ in ranking], lambda count, exclude: self.quantize(
+            plan, fp32, workdir, inputs, options, exclude, tag=f"mixed{count}", recipe=recipe),
+            judge, options.int8_tolerance, tried, recipe.name)
+        chosen = full if mixed is None else mixed
+        return Exported(chosen.files, dict(chosen.record, **record))

@@ -31,7 +31,7 @@ import numpy as np
 from stagewise.extras import require
 from stagewise.runtimes.litert_adapter import interpreter_module
 
-from .export import RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, logit_snr
+from .export import RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, exclude_most_sensitive
 from .options import BuildOptions
 from .plans import StagePlan
 from .tooling import package_version, quiet
@@ -175,13 +175,9 @@ class TFLiteExporter(Exporter):
         the stage quantized with only that op and its input producers in float, most helpful first, on
         :data:`RANKING_IMAGES` calibration inputs through LiteRT (the quantized models calibrate on them)."""
         x = inputs.calibrate[:RANKING_IMAGES]
-        reference = self.run(plan, fp32.files, x)["logits"]
         out = workdir / f"{plan.name}.rank.tflite"
-        scores = []
-        for unit in weighted_units(fp32.files[0]):
-            self._edge_int8(plan, fp32, inputs, options, out, unit, calibrate=x)
-            scores.append((unit, logit_snr(reference, self.run(plan, (out,), x)["logits"])))
-        return sorted(scores, key=lambda item: -item[1])
+        return self.rank_by_logit_snr(plan, fp32, weighted_units(fp32.files[0]), lambda unit: Exported(
+            (out,), self._edge_int8(plan, fp32, inputs, options, out, unit, calibrate=x)), x)
 
     def _candidate(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs, options: BuildOptions,
                    tag: str, float_tensors: Sequence[str] = (), int16_activations: bool = False) -> Exported:
@@ -206,15 +202,11 @@ class TFLiteExporter(Exporter):
                                                   f"({min(RANKING_IMAGES, len(inputs.calibrate))} calibration images, "
                                                   "LiteRT)",
                   "ranking": [{"tensors": unit, "logit_snr_db": round(snr, 2)} for unit, snr in ranking]}
-        count = 1
-        while count < len(ranking):
-            names = sorted({t for unit, _ in ranking[:count] for t in unit})
-            candidate = self._candidate(plan, fp32, workdir, inputs, options, f"mixed{count}", names)
-            verdict = judge(candidate)
-            tried.append({"recipe": "int8", "float_layers": names, "agreement_with_fp32": verdict.rate})
-            if verdict.meets(options.int8_tolerance):
-                return Exported(candidate.files, dict(candidate.record, **record))
-            count = min(2 * count, len(ranking) - 1) if count < len(ranking) - 1 else len(ranking)
+        mixed = exclude_most_sensitive([unit for unit, _ in ranking], lambda count, units: self._candidate(
+            plan, fp32, workdir, inputs, options, f"mixed{count}", sorted({t for unit in units for t in unit})),
+            judge, options.int8_tolerance, tried, "int8")
+        if mixed is not None:
+            return Exported(mixed.files, dict(mixed.record, **record))
         if not options.int8_io:
             wide = self._candidate(plan, fp32, workdir, inputs, options, "a16w8", int16_activations=True)
             verdict = judge(wide)

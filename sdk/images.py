@@ -139,8 +139,8 @@ class Preprocess:
     * ``"opencv"``: the box rounded to whole pixels, halved with ``cv2.pyrDown`` (a Gaussian
       low-pass, so large downscales do not alias) while it is at least twice the stage size, then
       one ``cv2.resize``. 6-9 times faster than Pillow on a 500x375 photo (0.12-0.21 against 1.1-1.3 ms
-      here); its pixels differ
-      from Pillow's by about one grey level. Needs OpenCV (``pip install "stagewise[opencv]"``).
+      here); its pixels differ from Pillow's by about one grey level. Needs OpenCV
+      (``pip install "stagewise[opencv]"``).
     """
 
     mean: tuple[float, float, float]
