@@ -177,6 +177,16 @@ class Cascade:
         self.controller: MeanBudgetController | None = None
         if mean_budget_ms is not None:
             self.set_mean_budget(mean_budget_ms)
+        self._listeners: list[Callable[[Prediction], None]] = []
+
+    def add_listener(self, listener: Callable[["Prediction"], None]) -> None:
+        """Call ``listener(prediction)`` after every answer of :meth:`predict` and :meth:`predict_batch`
+        (e.g. a drift monitor); it runs on the caller's thread, so it must be cheap."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[["Prediction"], None]) -> None:
+        """Stop calling ``listener``."""
+        self._listeners.remove(listener)
 
     def set_mean_budget(self, mean_budget_ms: float | None, **options: Any) -> None:
         """Average-budget mode: keep the running mean latency per image at ``mean_budget_ms``.
@@ -342,6 +352,8 @@ class Cascade:
         prediction = self._run(load_image(image), point, budget_ms, start=start)
         if controller is not None:
             controller.observe(prediction)
+        for listener in self._listeners:
+            listener(prediction)
         return prediction
 
     def _run(self, image: np.ndarray, point: _Point, budget_ms: float | None,
@@ -509,6 +521,9 @@ class Cascade:
         if controller is not None:
             for prediction in results:
                 controller.update(sum(r.latency_ms or 0.0 for r in prediction.trace), prediction.trace[0].score)
+        for listener in self._listeners:
+            for prediction in results:
+                listener(prediction)
         return results
 
     def _run_batch(self, imgs: list[np.ndarray], point: _Point, budget_ms: float | None,

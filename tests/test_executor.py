@@ -134,3 +134,15 @@ def test_image_inputs_are_checked(tmp_path):
     path = tmp_path / "good.png"
     Image.fromarray(good).save(path)
     assert cascade.predict(path).label == cascade.predict(Image.fromarray(good)).label == 2
+
+
+def test_listeners_see_every_answer_of_predict_and_predict_batch(tmp_path):
+    cascade, _, _ = make_cascade(tmp_path)
+    seen = []
+    cascade.add_listener(seen.append)
+    one = cascade.predict(scripted_image([240, 0, 0], label=2))
+    many = cascade.predict_batch([scripted_image([100, 200, 0], label=1), scripted_image([100, 100, 10], label=0)])
+    assert seen == [one, *many]
+    cascade.remove_listener(seen.append)
+    cascade.predict(scripted_image([240, 0, 0], label=2))
+    assert len(seen) == 3
