@@ -475,6 +475,7 @@ def profile(bundle, data, backend, device, threads, count, repeats, name, dry_ru
 
     from .bundle import update_manifest
     from .datasets import open_image_set
+    from .machine import cpu_record, cpu_summary
     from .runtimes.profiling import measure_return_overhead, measure_stage_latency, record_profile
 
     with _load(bundle, backend, threads, device) as cascade:
@@ -504,8 +505,10 @@ def profile(bundle, data, backend, device, threads, count, repeats, name, dry_ru
             update_manifest(bundle, lambda manifest, _root: store(manifest))
         stage_names = cascade.stage_names
     if as_json:
-        click.echo(json.dumps({"profile": profile_id, "stages": dict(zip(stage_names, stats)), **extra}, indent=2))
+        click.echo(json.dumps({"profile": profile_id, "cpu": cpu_record(), "stages": dict(zip(stage_names, stats)),
+                               **extra}, indent=2))
         return
+    click.echo(f"cpu: {cpu_summary()}")
     for stage, s in zip(stage_names, stats):
         click.echo(f"{stage}: p50 {s['p50']:.2f} ms, p95 {s['p95']:.2f} ms, p99 {s['p99']:.2f} ms, "
                    f"max {s['max']:.2f} ms (n={s['n']})")

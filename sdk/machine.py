@@ -37,10 +37,10 @@ def family(machine: str | None = None) -> str:
     return m
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """The model name and the flags of the first processor in ``/proc/cpuinfo`` (Linux)."""
+def cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
+    """The model name and the flags (x86) or features (ARM) of the first processor in ``/proc/cpuinfo`` (Linux)."""
     try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        text = path.read_text(errors="replace")
     except OSError:
         return "", set()
     model, flags = "", set()
@@ -75,7 +75,7 @@ def _sysctl() -> tuple[str, set[str]]:
 def cpu_record() -> dict:
     """This CPU: ``machine``, ``model``, ``cores`` and the INT8-relevant ``features`` it has (names from
     :data:`INT8_FEATURES`), plus ``flags``: those features' raw flag names."""
-    model, flags = _sysctl() if sys.platform == "darwin" else _cpuinfo()
+    model, flags = _sysctl() if sys.platform == "darwin" else cpuinfo()
     known = INT8_FEATURES.get(family(), ())
     present = [(flag, name) for flag, name in known if flag in flags]
     return {"machine": platform.machine(), "model": model or platform.processor() or "unknown",

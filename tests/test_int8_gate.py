@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from stagewise.converters.export import Exported, SearchClock, StageInputs, export_stage, exporter
-from stagewise.converters.int8_gate import Gate, paired_interval
+from stagewise.converters.int8_gate import Gate, bootstrap_interval, paired_proportions_interval
 from stagewise.converters.onnx_export import OnnxExporter
 from stagewise.converters.options import BuildOptions
 from stagewise.converters.plans import cascade_plans
@@ -65,8 +65,11 @@ def test_too_few_images_decide_on_the_point_estimate_and_say_so():
     verdict = Gate(max_drop=0.02).judge(reference, targets)(candidate)
     assert verdict.passes and verdict.record["decided_by"] == "point estimate"
     assert "100 images cannot tell" in verdict.summary and "decided on the point estimate (kept)" in verdict.summary
-    low, high = paired_interval(np.r_[-1.0, np.zeros(99)])
-    assert low < -0.02 < high <= 0.0
+    low, high = verdict.record["difference_interval"]
+    assert low < -0.02 < high and verdict.record["difference_method"] == "Agresti-Min paired 95%"
+    # no image changed is no proof on 30 images, and close to one on 5,000
+    assert paired_proportions_interval(0, 0, 30)[0] < -0.05 and paired_proportions_interval(0, 0, 5000)[0] > -0.002
+    assert bootstrap_interval(np.zeros(30))[0] < -0.05 and bootstrap_interval(np.zeros(5000))[0] > -0.002
 
 
 def test_gate_options_are_checked():
