@@ -219,12 +219,12 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
         "stage_agreement": [float(a.mean()) for a in agree[:, sel]],
         "oracle": {"accuracy": oracle.accuracy, "mean_cost": oracle.mean_cost, "exit_rates": list(oracle.exit_rates)},
     }
-    if targets is not None:
-        record["reference_accuracy"] = float(correct[-1][sel].mean())
-        record["stage_accuracy"] = [float(c.mean()) for c in correct[:, sel]]
     if float_answer is not None:
         record["float_reference_accuracy"] = full_acc
         record["drops_from"] = "the float full model"
+    if targets is not None:
+        record["reference_accuracy"] = float(correct[-1][sel].mean())
+        record["stage_accuracy"] = [float(c.mean()) for c in correct[:, sel]]
     else:
         record["reference_accuracy"] = 1.0
         record["note"] = ("no labels: accuracy means agreement with running every stage" if float_answer is None else
