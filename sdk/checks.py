@@ -16,10 +16,20 @@ def positive_number(name: str, value: object) -> float:
 
 
 def nonnegative_budget(name: str, value: object) -> float:
-    """A per-request budget as a float: finite and at least 0 (0: only the first stage runs), else ``InvalidOptionError``."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-        raise InvalidOptionError(f"{name} must be a finite number of milliseconds, at least 0, got {value!r}")
-    return float(value)
+    """A per-request budget in milliseconds as a float: any number of at least 0 (0: only the first stage runs).
+
+    A budget too large for a float (``10**400``) or infinite is ``inf``: no deadline (every stage
+    fits, no timer is armed). NaN, a negative number or a non-number is an ``InvalidOptionError``.
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidOptionError(f"{name} must be a number of milliseconds, at least 0, got {value!r}")
+    try:
+        budget = float(value)
+    except OverflowError:  # an int beyond the float range
+        budget = math.inf if value > 0 else -math.inf
+    if math.isnan(budget) or budget < 0:
+        raise InvalidOptionError(f"{name} must be a number of milliseconds, at least 0, got {value!r}")
+    return budget
 
 
 def positive_count(name: str, value: object) -> int:
