@@ -415,7 +415,7 @@ class Cascade:
         first, last = order[0], order[-1]
         for k in order:
             st, runner = stages[k], runners[k]
-            predicted = latency.predict(k) if observe or budget_ms is not None else None
+            predicted = None if budget_ms is None else latency.predict(k)  # what the plan expected (and learns from)
             left = needed = None
             reason = "no_budget"
             cancel = False
