@@ -275,8 +275,8 @@ class Cascade:
         to return) runs out it is cancelled and the best answer so far returned (decision
         ``"cancelled_budget"``); the cancellation stops this request's run only.
         The first stage always runs to the end (without it there is no answer);
-        ``deadline_missed`` tells whether the answer came late anyway. Any budget of at least 0
-        is accepted: one too large for a float (``10**400``) or infinite means no deadline.
+        ``deadline_missed`` tells whether the answer came late anyway. Any finite budget of at
+        least 0 is accepted: a whole number too large for a float (``10**400``) means no deadline.
 
         ``mean_budget_ms`` (or :meth:`set_mean_budget`) switches on the average-budget mode:
         without an explicit ``operating_point``, a controller picks each request's point so

@@ -8,7 +8,7 @@ needs no thread (``start_async`` + ``wait_for`` + ``cancel`` of the request's ow
 request). LiteRT's interpreter has no cancel API: a LiteRT stage is only not started when it
 is predicted not to fit.
 
-A timeout of :data:`FOREVER_S` or more (a budget of ``1e308`` ms, ``float('inf')``) arms
+A timeout of :data:`FOREVER_S` or more (a budget of ``1e308`` or ``10**400`` ms) arms
 nothing: no run is stopped that late, and a deadline that far needs no thread.
 """
 

@@ -16,19 +16,22 @@ def positive_number(name: str, value: object) -> float:
 
 
 def nonnegative_budget(name: str, value: object) -> float:
-    """A per-request budget in milliseconds as a float: any number of at least 0 (0: only the first stage runs).
+    """A per-request budget in milliseconds as a float: any finite number of at least 0 (0: only the first stage runs).
 
-    A budget too large for a float (``10**400``) or infinite is ``inf``: no deadline (every stage
-    fits, no timer is armed). NaN, a negative number or a non-number is an ``InvalidOptionError``.
+    A whole number too large for a float (``10**400``) is ``inf``: no deadline (every stage fits, no
+    timer is armed). Infinity, NaN, a negative number or a non-number is an ``InvalidOptionError``.
     """
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise InvalidOptionError(f"{name} must be a number of milliseconds, at least 0, got {value!r}")
+        raise InvalidOptionError(f"{name} must be a finite number of milliseconds, at least 0, got {value!r}")
     try:
         budget = float(value)
-    except OverflowError:  # an int beyond the float range
+    except OverflowError:  # a whole number beyond the float range
         budget = math.inf if value > 0 else -math.inf
-    if math.isnan(budget) or budget < 0:
-        raise InvalidOptionError(f"{name} must be a number of milliseconds, at least 0, got {value!r}")
+    else:
+        if not math.isfinite(budget):
+            budget = -1.0  # infinity and NaN are no number of milliseconds
+    if budget < 0:
+        raise InvalidOptionError(f"{name} must be a finite number of milliseconds, at least 0, got {value!r}")
     return budget
 
 

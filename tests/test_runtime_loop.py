@@ -118,7 +118,7 @@ def test_two_concurrent_budgeted_requests_honour_their_own_deadlines(slow):
     assert WATCHDOG.pending() == 0
 
 
-@pytest.mark.parametrize("budget", [1e308, 10**400, math.inf])
+@pytest.mark.parametrize("budget", [1e308, 10**400])
 def test_huge_budgets_mean_no_deadline_and_later_budgets_are_still_enforced(slow, budget):
     image = toy_image()
     with _open(slow, warmup=False) as cascade:
@@ -131,7 +131,7 @@ def test_huge_budgets_mean_no_deadline_and_later_budgets_are_still_enforced(slow
         assert short.trace[1].decision == "cancelled_budget" and time.perf_counter() - t0 < 0.05 + CANCEL_BOUND_S
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), -10**400, "5", True])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), math.inf, -10**400, "5", True])
 def test_bad_budgets_are_refused(toy, bad):
     with _open(toy, warmup=False) as cascade:
         with pytest.raises(InvalidOptionError, match="budget_ms"):
