@@ -1,4 +1,4 @@
-"""Runtime overhead (issue #12): what the executor costs outside the backend calls, and cold start.
+"""Runtime overhead (issues #12, #27): what the executor costs outside the backend calls, and cold start.
 
 Two bundles with pixel input (uint8 NHWC, normalisation inside the stage models), on ONNX
 Runtime, one thread:
@@ -8,12 +8,14 @@ Runtime, one thread:
   to 500x375 (the size the targets are stated for) -- twice: resized by Pillow (the default,
   antialiased) and by OpenCV (``--resizer opencv``), each bundle calibrated with its own resizer;
 * a CIFAR-10 early-exit ResNet (cuts layer1, layer2) built on a share of the CIFAR-10 archive,
-  fed 32x32 test images (already at the stage size: no resize, no copy).
+  fed 32x32 test images (already at the stage size: no resize, no copy), in fp32 and in INT8.
 
 Measured round robin, image by image, at the ``full`` operating point (every stage runs):
 
 * ``cascade``: ``Cascade.predict`` on the decoded image;
-* ``raw``: the same backend sessions called directly on ready stage tensors;
+* ``raw``: the same backend sessions called directly on ready stage tensors (``session.run``);
+* ``bound``: the same stages through the executor's ONNX Runtime runners alone (IO binding, carries
+  kept in ONNX Runtime's buffers), on the same ready tensors;
 * ``prep``: the stages' input preparation alone (crop-box resize; pixels as they are);
 * ``null``: ``Cascade.predict`` with do-nothing sessions that return recorded outputs, so
   what it takes is the executor's own work plus input preparation, without backend noise.
@@ -83,8 +85,8 @@ def imagenet_bundle(out: Path, threads: int, resizer: str) -> Path:
                         imagenet_labels(), calibration, BuildOptions(threads=threads), kind="cascade")
 
 
-def cifar_bundle(out: Path, parts: harness.Parts, threads: int) -> Path:
-    """A CIFAR-10 early-exit ResNet (heads on 2,000 train images, calibrated on 500)."""
+def cifar_bundle(out: Path, parts: harness.Parts, threads: int, int8: bool = False) -> Path:
+    """A CIFAR-10 early-exit ResNet (heads on 2,000 train images, calibrated on 500), in INT8 with ``int8``."""
     if out.exists():
         return out
     from stagewise.converters.build import build_bundle
@@ -98,7 +100,7 @@ def cifar_bundle(out: Path, parts: harness.Parts, threads: int) -> Path:
     plans = early_exit_plans(example.resnet_cifar(), ["layer1", "layer2"], pre, (32, 32),
                              harness.subset(parts.train, 2000, seed=0), HeadTraining())
     return build_bundle(out, "cifar10-resnet-ee", plans, pre, parts.images.classes,
-                        harness.subset(parts.calibration, 500, seed=0), BuildOptions(threads=threads))
+                        harness.subset(parts.calibration, 500, seed=0), BuildOptions(threads=threads, int8=int8))
 
 
 class Recorded:
@@ -135,6 +137,15 @@ def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
         for st, session, x in zip(stages, sessions, tensors[id(image)]):
             session.run(list(st.io.outputs), {st.io.input: x})
 
+    bindings = [st.session.runner() for st in stages]
+
+    def bound(image: np.ndarray) -> None:  # the same stages through IO binding, carries kept in ONNX Runtime
+        outs = []
+        for k, runner in enumerate(bindings):
+            feeder = router.carry_from(k)
+            x = tensors[id(image)][k] if feeder is None else outs[feeder][router.carry_outputs[feeder]]
+            outs.append(runner.run(x))
+
     def prep(image: np.ndarray) -> None:
         for k in range(len(stages)):
             if router.reads_image(k):
@@ -142,8 +153,8 @@ def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
 
     recorded = [Recorded(st.session.run(x)) for st, x in zip(stages, tensors[id(images[0])])]
     null = Cascade(cascade.bundle, recorded, "onnxruntime", threads)
-    runners = {"cascade": lambda im: cascade.predict(im, operating_point="full"), "raw": raw, "prep": prep,
-               "null": lambda im: null.predict(im, operating_point="full")}
+    runners = {"cascade": lambda im: cascade.predict(im, operating_point="full"), "raw": raw, "bound": bound,
+               "prep": prep, "null": lambda im: null.predict(im, operating_point="full")}
     timing = harness.round_robin(runners, images, warmup=3, describe=f"timing {path.name}")
     per_stage_prep = {}
     for k, st in enumerate(stages):
@@ -161,6 +172,7 @@ def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
             "overhead_us_per_stage_null": float(np.median(ms["null"] - ms["prep"])) * 1e3 / n,
             "overhead_us_per_stage_real": float(np.median(ms["cascade"] - ms["raw"] - ms["prep"])) * 1e3 / n,
             "overhead_us_per_stage_real_ci95": median_interval((ms["cascade"] - ms["raw"] - ms["prep"]) * 1e3 / n),
+            "overhead_us_per_stage_over_bound": float(np.median(ms["cascade"] - ms["bound"] - ms["prep"])) * 1e3 / n,
             "prep_ms": per_stage_prep, "backend_ms": per_stage_raw,
             "prep_share": {name: per_stage_prep[name] / per_stage_raw[name] for name in per_stage_prep}}
 
@@ -227,14 +239,15 @@ def markdown(result: dict) -> str:
              f"shared with other jobs; load average {result['load_average'][0]:.1f} when it started), ONNX Runtime, "
              f"1 thread. Command: `{result['command']}`.", "",
              "| bundle | resizer | input | stages | cascade ms | raw backend ms | prep ms | executor overhead per "
-             "stage (null backend) | same on the real backend [95 % interval] |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "stage (null backend) | same on the real backend [95 % interval] | over the IO-bound chain |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["bundles"]:
         m, ci = r["median_ms"], r["overhead_us_per_stage_real_ci95"]
         lines.append(f"| {r['bundle']} | {r['resizer']} | {r['input']} | {len(r['stages'])} | {m['cascade']:.2f} | "
                      f"{m['raw']:.2f} | "
                      f"{m['prep']:.3f} | {r['overhead_us_per_stage_null']:.0f} µs | "
-                     f"{r['overhead_us_per_stage_real']:.0f} µs [{ci[0]:.0f}, {ci[1]:.0f}] |")
+                     f"{r['overhead_us_per_stage_real']:.1f} µs [{ci[0]:.1f}, {ci[1]:.1f}] | "
+                     f"{r['overhead_us_per_stage_over_bound']:.1f} µs |")
     lines += ["", "Input preparation (crop-box resize; the pixels go to the model as they are) against the stage's "
               "backend time:", "", "| bundle | resizer | stage | prep ms | backend ms | prep / backend |",
               "|---|---|---|---|---|---|"]
@@ -257,8 +270,11 @@ def markdown(result: dict) -> str:
                          f"{c['first_prediction_ms']:.0f} | {c['total_ms']:.0f} |")
     fast = next(r for r in result["bundles"] if r["resizer"] == "opencv")
     first = fast["stages"][0]
+    int8 = next(r for r in result["bundles"] if r["bundle"].endswith("-int8.swb"))
     checks = [("executor overhead per stage (null backend, worst bundle)",
-               max(r["overhead_us_per_stage_null"] for r in result["bundles"]), 50, "µs"),
+               max(r["overhead_us_per_stage_null"] for r in result["bundles"]), 5, "µs"),
+              ("predict over the plain session.run chain per stage, CIFAR-10 INT8",
+               int8["overhead_us_per_stage_real"], 5, "µs"),
               ("outside the backend and the resize per stage (real backend, worst bundle)",
                max(r["overhead_us_per_stage_real"] for r in result["bundles"]), 50, "µs"),
               (f"input preparation / backend, {first} on {fast['input']}, OpenCV resizer",
@@ -298,6 +314,7 @@ def main() -> None:
     imagenet = {resizer: imagenet_bundle(args.bundles / f"effnet-lite-cascade-{resizer}.swb", args.threads, resizer)
                 for resizer in ("pillow", "opencv")}
     cifar = cifar_bundle(args.bundles / "cifar10-resnet-ee.swb", parts, args.threads)
+    cifar8 = cifar_bundle(args.bundles / "cifar10-resnet-ee-int8.swb", parts, args.threads, int8=True)
     demo = open_image_set(demo_images())
     pictures = [np.asarray(Image.fromarray(demo.image(i)).resize((SIZE[1], SIZE[0]), Image.Resampling.BILINEAR))
                 for i in range(min(args.limit, len(demo)))]
@@ -305,7 +322,8 @@ def main() -> None:
     result = harness.metadata(NAME)
     result["load_average"] = os.getloadavg()
     result["bundles"] = [measure(imagenet["pillow"], pictures, args.threads),
-                         measure(imagenet["opencv"], pictures, args.threads), measure(cifar, tests, args.threads)]
+                         measure(imagenet["opencv"], pictures, args.threads), measure(cifar, tests, args.threads),
+                         measure(cifar8, tests, args.threads)]
     result["resizer_agreement"] = resizer_agreement(imagenet["pillow"], imagenet["opencv"],
                                                     harness.imagenet_parts(args.data).test, args.threads)
     result["cold_start"] = {path.name: cold_start(path, pictures[0], args.repeats) for path in imagenet.values()}

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 import numpy as np
 
 from stagewise.errors import BackendUnavailableError, MissingExtraError
+from stagewise.manifest import StageSpec
 
 from .options import LiteRTOptions, OnnxRuntimeOptions, OpenVinoOptions, RuntimeOptions
 
@@ -29,9 +30,52 @@ class StageSession(Protocol):
     A session that can be stopped mid-run also has ``run_within(tensor, timeout_s)``, which
     raises :class:`~stagewise.errors.DeadlineExceededError` when the run was cancelled at the
     timeout (ONNX Runtime and OpenVINO have it; LiteRT cannot cancel a run).
+
+    The runtime adapters also have ``runner()`` (a :class:`StageRunner` for one request at a
+    time), ``ran_on`` (where the runtime really runs the stage: execution provider, device or
+    delegate), ``device_problem(device)`` (why the stage does not run on ``device``, or ``None``)
+    and ``close()``; the executor does without them for a session that lacks them (a test double).
     """
 
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class StageRunner(Protocol):
+    """A stage's run for one request at a time, with its own buffers and its own cancellation.
+
+    ``run(tensor, timeout_s)`` returns the outputs by name as arrays that stay valid until this
+    runner's next run (they may be the runtime's own output buffers: no copy); an output array of
+    one stage passed as the next stage's input is handed over without a copy where the runtime
+    allows it. With ``timeout_s`` (on a cancellable runtime) the run is stopped after that many
+    seconds, raising :class:`~stagewise.errors.DeadlineExceededError`, and no other run is.
+    """
+
+    def run(self, tensor: np.ndarray, timeout_s: float | None = None) -> Mapping[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class SessionRunner:
+    """The runner of a session without one of its own (a test double): its ``run``, or its
+    ``run_within`` under a timeout."""
+
+    def __init__(self, session: StageSession):
+        self._run = session.run
+        self._within = getattr(session, "run_within", None)
+
+    def run(self, tensor: np.ndarray, timeout_s: float | None = None) -> Mapping[str, np.ndarray]:
+        if timeout_s is None or self._within is None:
+            return self._run(tensor)
+        return self._within(tensor, timeout_s)
+
+    def close(self) -> None:
+        self._run = self._within = None
+
+
+def runner_for(session: StageSession) -> StageRunner:
+    """A new :class:`StageRunner` on ``session`` (its own ``runner()``, else a :class:`SessionRunner`)."""
+    runner = getattr(session, "runner", None)
+    return runner() if runner is not None else SessionRunner(session)
 
 
 @dataclass(frozen=True)
@@ -67,6 +111,11 @@ class StageIO:
 
     input: str
     outputs: tuple[str, ...]
+
+
+def stage_io(spec: StageSpec) -> StageIO:
+    """The tensor names of a manifest stage."""
+    return StageIO(spec.input.tensor, spec.outputs.names())
 
 
 def model_cache(setting: str | Path | bool | None, runtime: str) -> Path | None:

@@ -261,3 +261,8 @@ class LatencyModel:
                 "samples": [self.samples(k) for k in range(self.stages)],
                 "margin": self.margin(), "return_ms": self.return_overhead(), "speed": self.speed(),
                 "cancel_lead_ms": self.cancel_lead()}
+
+
+def profile_name(runtime: str, threads: int | None, device: str = "CPU") -> str:
+    """The name under which a latency profile for this configuration is stored."""
+    return f"{runtime}-{device.lower()}-{threads or 'default'}t"

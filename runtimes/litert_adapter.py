@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -165,6 +166,9 @@ class LiteRTStage:
             kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         self.xnnpack = bool(settings.xnnpack)
         self._delegates = _load_delegates(module, delegate_specs)
+        self._delegate_names = [Path(str(d if isinstance(d, (str, Path)) else d.get("library"))).name
+                                for d in delegate_specs]
+        self._lock = threading.Lock()  # one interpreter per stage: requests on several threads take turns
         if self._delegates:
             kwargs["experimental_delegates"] = self._delegates
         try:
@@ -305,7 +309,29 @@ class LiteRTStage:
                 del view
         return out
 
+    @property
+    def ran_on(self) -> str:
+        """The delegate(s) attached, else the CPU kernels (XNNPACK or LiteRT's builtin ones)."""
+        return ",".join(self._delegate_names) or ("CPU (XNNPACK)" if self.xnnpack else "CPU (builtin kernels)")
+
+    def device_problem(self, device: str) -> str | None:
+        """Why this stage does not run on ``device`` (``None`` when it does): only a delegate takes a stage off the CPU."""
+        if device.upper() != "CPU" and not self._delegates:
+            return f"LiteRT runs it on the CPU: no delegate for {device!r} is attached"
+        return None
+
+    def close(self) -> None:
+        """Release the interpreter and its delegates."""
+        with self._lock:
+            self._interp = None
+            self._delegates = []
+
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs by name (copies) for ``tensor``; calls from several threads take turns on the interpreter."""
+        with self._lock:
+            return self._run(tensor)
+
+    def _run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
         q = self._prepare(tensor)
         n = int(q.shape[0])
         if not self._rows and self._resize(n):

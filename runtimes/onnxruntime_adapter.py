@@ -14,7 +14,8 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from functools import partial
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailab
 from stagewise.extras import require
 
 from .base import LoadOptions, StageIO, model_cache
-from .deadline import Watchdog
+from .deadline import WATCHDOG
 from .model_io import DeclaredIO, TensorInfo
 from .options import OnnxRuntimeOptions
 
@@ -89,8 +90,8 @@ class OnnxRuntimeStage:
                 _publish(written, cached)
         self._input = io.input
         self._outputs = list(io.outputs)
-        self._options = ort.RunOptions()
-        self._watchdog = Watchdog()
+        self._providers = list(providers)
+        self.ran_on = self._session.get_providers()[0]
 
     def declared(self) -> DeclaredIO:
         """The model's inputs and outputs as ONNX Runtime reads them."""
@@ -101,6 +102,11 @@ class OnnxRuntimeStage:
 
         return DeclaredIO(table(self._session.get_inputs()), table(self._session.get_outputs()))
 
+    def device_problem(self, device: str) -> str | None:
+        """Why this stage does not run on ``device`` (``None`` when it does): ONNX Runtime puts a session on
+        the first of the asked providers it could start and falls back silently to the next."""
+        return provider_problem(device, self._providers, self._session.get_providers())
+
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
         values = self._session.run(self._outputs, {self._input: tensor})
         return dict(zip(self._outputs, values))
@@ -110,20 +116,112 @@ class OnnxRuntimeStage:
 
         Raises :class:`~stagewise.errors.DeadlineExceededError` when it was stopped.
         """
-        run_options = self._options
-        run_options.terminate = False
-        self._watchdog.arm(timeout_s, self._terminate)
+        run_options = ort.RunOptions()  # this call's own: a cancel reaches no other run
+        deadline = WATCHDOG.arm(timeout_s, partial(setattr, run_options, "terminate", True))
         try:
             values = self._session.run(self._outputs, {self._input: tensor}, run_options)
         except Exception as exc:  # onnxruntime reports a terminated run as a generic failure
-            if self._watchdog.disarm():
+            if WATCHDOG.disarm(deadline):
                 raise DeadlineExceededError(f"ONNX Runtime stage stopped after {timeout_s * 1e3:.1f} ms") from exc
             raise
-        self._watchdog.disarm()
+        WATCHDOG.disarm(deadline)
         return dict(zip(self._outputs, values))
 
-    def _terminate(self) -> None:
-        self._options.terminate = True
+    def runner(self) -> "OnnxRuntimeRunner":
+        """A runner with its own IO binding, output buffers and run options (one request at a time)."""
+        return OnnxRuntimeRunner(self._session, self._input, self._outputs)
+
+    def close(self) -> None:
+        """Drop the session (ONNX Runtime frees it with the last reference; runners hold one until closed)."""
+        self._session = None
+
+
+def provider_problem(device: str, requested: Sequence[object], active: Sequence[str]) -> str | None:
+    """Why a session that asked for ``requested`` providers and got ``active`` ones does not run on ``device``."""
+    names = [p[0] if isinstance(p, (tuple, list)) else str(p) for p in requested]
+    if not active:
+        return "the session has no execution provider"
+    if names and active[0] != names[0]:
+        return f"ONNX Runtime runs it on {active[0]}, not on the asked {names[0]} (it fell back)"
+    if device.upper() != "CPU" and active[0] == "CPUExecutionProvider":
+        return f"ONNX Runtime runs it on CPUExecutionProvider, not on {device!r}"
+    return None
+
+
+class OnnxRuntimeRunner:
+    """One request context on a stage: an IO binding whose outputs stay in ONNX Runtime's buffers.
+
+    The outputs of the first run at a new input shape are allocated by ONNX Runtime; their
+    ``OrtValue`` buffers are then bound as the outputs of every later run at that shape and read
+    through numpy views (no copy, no allocation). An input array is bound by reference, and the
+    same array (a carry: the previous stage's output buffer) is not bound again. A deadline sets
+    this runner's own ``RunOptions.terminate`` from the process's watchdog.
+    """
+
+    def __init__(self, session: Any, input_name: str, outputs: Sequence[str]):
+        binding = session.io_binding()
+        self._binding = binding._iobinding  # the C binding: the Python wrapper costs more than the run of a small stage
+        self._session = session
+        self._call = session._sess.run_with_iobinding
+        self._input = input_name
+        self._names = list(outputs)
+        self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
+        self._options = ort.RunOptions()
+        self._x: np.ndarray | None = None
+        self._shape: tuple[int, ...] | None = None
+        self._values: list[Any] = []  # the bound output OrtValues (their views are in _out)
+        self._out: dict[str, np.ndarray] = {}
+
+    def run(self, tensor: np.ndarray, timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        if tensor is not self._x:
+            if not tensor.flags.c_contiguous:
+                tensor = np.ascontiguousarray(tensor)
+            self._binding.bind_input(self._input, tensor)
+            self._x = tensor  # held: the binding reads its buffer
+        if tensor.shape != self._shape:
+            return self._first_run(tensor.shape, timeout_s)
+        if timeout_s is None:
+            self._call(self._binding, self._options)
+        else:
+            self._within(timeout_s)
+        return self._out
+
+    def _first_run(self, shape: tuple[int, ...], timeout_s: float | None) -> dict[str, np.ndarray]:
+        """A run at a new input shape: ONNX Runtime allocates the outputs, which are kept and bound from then on."""
+        binding = self._binding
+        binding.clear_binding_outputs()
+        for name in self._names:
+            binding.bind_output(name, self._cpu)
+        self._shape = None
+        if timeout_s is None:
+            self._call(binding, self._options)
+        else:
+            self._within(timeout_s)
+        values = binding.get_outputs()
+        self._values = [values[i] for i in range(len(self._names))]
+        binding.clear_binding_outputs()
+        for name, value in zip(self._names, self._values):
+            binding.bind_ortvalue_output(name, value)
+        self._out = {name: value.numpy() for name, value in zip(self._names, self._values)}
+        self._shape = shape
+        return self._out
+
+    def _within(self, timeout_s: float) -> None:
+        options = self._options
+        deadline = WATCHDOG.arm(timeout_s, partial(setattr, options, "terminate", True))
+        try:
+            self._call(self._binding, options)
+        except Exception as exc:  # onnxruntime reports a terminated run as a generic failure
+            if WATCHDOG.disarm(deadline):
+                options.terminate = False
+                raise DeadlineExceededError(f"ONNX Runtime stage stopped after {timeout_s * 1e3:.1f} ms") from exc
+            raise
+        if WATCHDOG.disarm(deadline):  # fired as the run ended: its answer stands, the flag must not stop the next
+            options.terminate = False
+
+    def close(self) -> None:
+        self._binding = self._session = self._call = self._x = None
+        self._values, self._out = [], {}
 
 
 def _publish(written: Path, cached: Path) -> None:

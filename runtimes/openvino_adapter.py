@@ -49,6 +49,7 @@ from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailab
 from stagewise.extras import require
 
 from .base import LoadOptions, StageIO, model_cache
+from .deadline import finite_timeout
 from .model_io import DeclaredIO, TensorInfo
 from .options import OpenVinoOptions
 
@@ -235,8 +236,8 @@ class OpenVinoStage:
         return DeclaredIO(table(self._compiled.inputs), table(self._compiled.outputs),
                           input_dtypes=("float32", "float16", "float64"))
 
-    def _infer(self, x: np.ndarray) -> list[np.ndarray]:
-        result = self._request.infer({0: x}, share_inputs=True, share_outputs=False)  # outputs are copies
+    def _infer(self, x: np.ndarray, request: Any = None) -> list[np.ndarray]:
+        result = (request or self._request).infer({0: x}, share_inputs=True, share_outputs=False)  # outputs are copies
         return [result[port] for port in self._outputs.values()]
 
     def _checked(self, tensor: np.ndarray) -> np.ndarray:
@@ -247,44 +248,98 @@ class OpenVinoStage:
                              "(-1: any)")
         return x
 
+    def device_problem(self, device: str) -> str | None:
+        """Why this stage does not run on ``device`` (``None`` when it does): an AUTO or HETERO device
+        compiles for whichever of its devices it can, the CPU included."""
+        named = {d.split(".")[0] for d in target_devices(device.upper())}
+        ran = {d.split(".")[0] for d in self.execution_devices}
+        if named and ran - named:
+            return f"OpenVINO runs it on {', '.join(self.execution_devices)}, not on {device!r}"
+        return None
+
+    @property
+    def ran_on(self) -> str:
+        """The device(s) OpenVINO compiled the stage for (``EXECUTION_DEVICES``)."""
+        return ",".join(self.execution_devices)
+
     def run_within(self, tensor: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
         """:meth:`run`, cancelled (``InferRequest.cancel``) when it is not done after ``timeout_s``.
 
         Raises :class:`~stagewise.errors.DeadlineExceededError` when cancelled. A batch that a
         static-batch model must split into chunks runs uncancelled.
         """
-        x = self._checked(tensor)
-        if self.static_batch is not None and len(x) != self.static_batch or not len(x):
-            return self.run(x)
-        request = self._request
-        request.start_async({0: x}, share_inputs=True)
-        if not request.wait_for(max(0, int(timeout_s * 1e3))):
-            request.cancel()
-            try:
-                request.wait()
-            except RuntimeError:  # a cancelled request reports its cancellation on wait
-                pass
-            raise DeadlineExceededError(f"OpenVINO stage cancelled after {timeout_s * 1e3:.1f} ms")
-        return {name: request.get_tensor(port).data.copy() for name, port in self._outputs.items()}
+        runner = OpenVinoRunner(self)
+        try:
+            return {name: value.copy() for name, value in runner.run(tensor, timeout_s).items()}
+        finally:
+            runner.close()
 
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs by name for ``tensor`` (any batch size; copies, safe to keep across calls)."""
-        x = self._checked(tensor)
+        return self._split(self._checked(tensor), self._request)
+
+    def _split(self, x: np.ndarray, request: Any) -> dict[str, np.ndarray]:
+        """Outputs (copies) of ``x`` on ``request``, in chunks of a static batch."""
         b = self.static_batch
         if len(x) == 0:  # nothing to run (OpenVINO rejects an empty batch)
             return {name: np.zeros((0, *[d.get_length() if d.is_static else 0 for d in list(port.get_partial_shape())[1:]]),
                                    dtype=port.get_element_type().to_dtype()) for name, port in self._outputs.items()}
         if b is None or len(x) == b:
-            outs = self._infer(x)
+            outs = self._infer(x, request)
         else:
             chunks = []
             for i in range(0, len(x), b):
                 part = x[i:i + b]
                 if len(part) < b:
                     part = np.concatenate([part, np.zeros((b - len(part),) + part.shape[1:], part.dtype)])
-                chunks.append(self._infer(part))
+                chunks.append(self._infer(part, request))
             outs = [np.concatenate([c[j] for c in chunks])[:len(x)] for j in range(len(self._outputs))]
         return dict(zip(self._outputs, outs))
+
+    def runner(self) -> "OpenVinoRunner":
+        """A runner with its own infer request (one request at a time; it cancels only its own runs)."""
+        return OpenVinoRunner(self)
+
+    def close(self) -> None:
+        """Release the infer request and the compiled model."""
+        self._request = self._compiled = None
+
+
+class OpenVinoRunner:
+    """One request context on a stage: its own infer request, fed the input array in place (a carry is the
+    previous stage's output tensor, shared) and read through views of its output tensors (no copy)."""
+
+    def __init__(self, stage: OpenVinoStage):
+        self._stage = stage
+        self._request = stage._compiled.create_infer_request()
+        self._ports = list(stage._outputs.items())
+        self._x: np.ndarray | None = None
+
+    def run(self, tensor: np.ndarray, timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        stage, request = self._stage, self._request
+        x = stage._checked(tensor)
+        if stage.static_batch is not None and len(x) != stage.static_batch or not len(x):
+            return stage._split(x, request)  # chunks of the compiled batch, uncancelled
+        if x is not self._x:
+            if not x.flags.writeable:  # OpenVINO shares only writeable memory (a carry, the runner's own output, is)
+                x = x.copy()
+            request.set_input_tensor(ov.Tensor(x, shared_memory=True))
+            self._x = x  # held: the request reads its buffer
+        request.start_async()
+        timeout_s = None if timeout_s is None else finite_timeout(timeout_s)
+        if timeout_s is None:
+            request.wait()
+        elif not request.wait_for(int(timeout_s * 1e3)):
+            request.cancel()
+            try:
+                request.wait()
+            except RuntimeError:  # a cancelled request reports its cancellation on wait
+                pass
+            raise DeadlineExceededError(f"OpenVINO stage cancelled after {timeout_s * 1e3:.1f} ms")
+        return {name: request.get_tensor(port).data for name, port in self._ports}
+
+    def close(self) -> None:
+        self._request = self._stage = self._x = None
 
 
 def _property(compiled: Any, key: str, default: Any) -> Any:

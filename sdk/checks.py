@@ -16,10 +16,23 @@ def positive_number(name: str, value: object) -> float:
 
 
 def nonnegative_budget(name: str, value: object) -> float:
-    """A per-request budget as a float: finite and at least 0 (0: only the first stage runs), else ``InvalidOptionError``."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+    """A per-request budget in milliseconds as a float: any finite number of at least 0 (0: only the first stage runs).
+
+    A whole number too large for a float (``10**400``) is ``inf``: no deadline (every stage fits, no
+    timer is armed). Infinity, NaN, a negative number or a non-number is an ``InvalidOptionError``.
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise InvalidOptionError(f"{name} must be a finite number of milliseconds, at least 0, got {value!r}")
-    return float(value)
+    try:
+        budget = float(value)
+    except OverflowError:  # a whole number beyond the float range
+        budget = math.inf if value > 0 else -math.inf
+    else:
+        if not math.isfinite(budget):
+            budget = -1.0  # infinity and NaN are no number of milliseconds
+    if budget < 0:
+        raise InvalidOptionError(f"{name} must be a finite number of milliseconds, at least 0, got {value!r}")
+    return budget
 
 
 def positive_count(name: str, value: object) -> int:

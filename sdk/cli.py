@@ -46,10 +46,12 @@ def _floats(value: str | None, option: str) -> tuple[float, ...] | None:
         raise click.BadParameter(f"give comma-separated numbers, got {value!r}", param_hint=option) from None
 
 
-def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU", trusted_keys: tuple = ()):
+def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU", trusted_keys: tuple = (),
+          require_device: bool = False):
     from .runtimes import load
 
-    return load(bundle, backend=backend, threads=threads, device=device, trusted_keys=list(trusted_keys) or None)
+    return load(bundle, backend=backend, threads=threads, device=device, trusted_keys=list(trusted_keys) or None,
+                require_device=require_device)
 
 
 backend_option = click.option("--runtime", "--backend", "backend", default="auto", show_default=True,
@@ -57,6 +59,9 @@ backend_option = click.option("--runtime", "--backend", "backend", default="auto
                                    "such as openvino,onnxruntime (--backend is the old name)")
 device_option = click.option("--device", default="CPU", show_default=True,
                              help="device for the runtime: CPU, or with OpenVINO also GPU, NPU, AUTO")
+require_device_option = click.option("--require-device", is_flag=True,
+                                     help="fail instead of running a stage that the runtime put elsewhere than --device "
+                                          "(a silent fallback to the CPU)")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="intra-op threads of the runtime")
 patches_option = click.option("--patches", "patch_mode", type=click.Choice(["cam", "random"]), default="cam",
@@ -298,6 +303,7 @@ def inspect(bundle, as_json):
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @backend_option
 @device_option
+@require_device_option
 @threads_option
 @click.option("--operating-point", help="named operating point (see inspect)")
 @click.option("--budget-ms", type=_Finite(min=0, min_open=True), help="latency budget per image (a late stage is cancelled)")
@@ -310,12 +316,12 @@ def inspect(bundle, as_json):
 @patches_option
 @patch_seed_option
 @trusted_key_option
-def run(bundle, images, backend, device, threads, operating_point, budget_ms, mean_budget_ms, as_json, explain,
-        patch_mode, patch_seed, trusted_keys):
+def run(bundle, images, backend, device, require_device, threads, operating_point, budget_ms, mean_budget_ms, as_json,
+        explain, patch_mode, patch_seed, trusted_keys):
     """Classify images: label, score, exit stage and time."""
     if operating_point and mean_budget_ms is not None:
         raise click.UsageError("give --operating-point or --mean-budget-ms (which picks the point itself), not both")
-    with _load(bundle, backend, threads, device, trusted_keys) as cascade:
+    with _load(bundle, backend, threads, device, trusted_keys, require_device) as cascade:
         if operating_point:
             cascade.use(operating_point)
         cascade.set_mean_budget(mean_budget_ms)
@@ -455,13 +461,14 @@ def calibrate(bundle, data, target_drop, budget_ms, alpha, risk, delta, risk_kin
 @click.option("--data", type=click.Path(exists=True, path_type=Path), help="images to time on (default: random images)")
 @backend_option
 @device_option
+@require_device_option
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--images", "count", type=click.IntRange(min=1), default=50, show_default=True, help="how many images to time")
 @click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="passes over the images")
 @click.option("--name", help="profile name (default: <runtime>-<device>-<threads>t, the one the runtime looks up)")
 @click.option("--dry-run", is_flag=True, help="measure and print, do not write the bundle")
 @click.option("--json", "as_json", is_flag=True, help="print the profile as JSON")
-def profile(bundle, data, backend, device, threads, count, repeats, name, dry_run, as_json):
+def profile(bundle, data, backend, device, require_device, threads, count, repeats, name, dry_run, as_json):
     """Measure each stage's latency distribution on this device and store it in the bundle as a profile.
 
     Every stage runs at batch 1 on each image (step time: input preparation, backend call and
@@ -478,7 +485,7 @@ def profile(bundle, data, backend, device, threads, count, repeats, name, dry_ru
     from .machine import cpu_record, cpu_summary
     from .runtimes.profiling import measure_return_overhead, measure_stage_latency, record_profile
 
-    with _load(bundle, backend, threads, device) as cascade:
+    with _load(bundle, backend, threads, device, require_device=require_device) as cascade:
         if data:
             images = open_image_set(data)
             frames = [images.image(i) for i in range(min(count, len(images)))]
@@ -490,7 +497,7 @@ def profile(bundle, data, backend, device, threads, count, repeats, name, dry_ru
         ret = measure_return_overhead(cascade, frames[0], runs=min(50, 10 * len(frames)))
         extra = {"return_ms": {k: ret[k] for k in ("p50", "p95", "p99", "n")}, "images": len(frames),
                  "repeats": repeats, "data": str(data) if data else "random 320x320 images",
-                 "python": platform.python_version()}
+                 "python": platform.python_version(), "ran_on": cascade.ran_on}
         if load_before is not None:
             extra["loadavg_1min"] = [load_before, os.getloadavg()[0]]
         profile_id = None

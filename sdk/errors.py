@@ -84,3 +84,7 @@ class DeadlineExceededError(StagewiseError):
     The executor catches it and answers with the best stage so far (``budget_limited``); it
     reaches a caller only from a session's own ``run_within``.
     """
+
+
+class CascadeClosedError(StagewiseError):
+    """A request reached a :class:`~stagewise.runtimes.Cascade` after its ``close``: load the bundle again."""

@@ -1,0 +1,88 @@
+"""Opening a bundle on a runtime: :func:`load` returns a ready :class:`~stagewise.runtimes.cascade.Cascade`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from stagewise.bundle import read_bundle
+from stagewise.checks import positive_count, positive_number
+from stagewise.errors import DeviceUnavailableError
+
+from .base import LoadOptions, StageSession, resolve_runtime, stage_io
+from .cascade import Cascade
+from .model_io import check_stages
+from .options import RuntimeOptions
+
+
+def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: int | None = None,
+         prefer: Sequence[str] | None = None, warmup: bool = True,
+         options: RuntimeOptions | Mapping[str, Any] | None = None, mean_budget_ms: float | None = None,
+         profile: str | None = None, latency: dict | None = None,
+         trusted_keys: Sequence[Any] | None = None, require_device: bool = False) -> Cascade:
+    """Open a bundle (directory or ``.swb``) on a runtime and return a ready :class:`Cascade`.
+
+    ``backend`` is ``"onnxruntime"``, ``"openvino"``, ``"litert"`` or ``"auto"`` (the first
+    of ``prefer`` that is installed and that the bundle carries artifacts for; ``prefer`` defaults to
+    ``$STAGEWISE_PREFER`` or onnxruntime, openvino, litert) or a comma-separated preference list such
+    as ``"openvino,onnxruntime"``. ``device`` is the runtime's device (OpenVINO: CPU, GPU, NPU, AUTO). ``threads`` sets
+    the runtime's intra-op threads; ``options`` are the runtime's own settings, its options dataclass
+    (:mod:`stagewise.runtimes.options`) or a dict of them: an unknown key raises
+    :class:`~stagewise.errors.UnknownOptionError` listing the valid ones.
+    ``mean_budget_ms`` starts the average-budget mode (see :meth:`Cascade.set_mean_budget`);
+    ``profile`` names the device profile that seeds the latency model (default: the one for
+    this runtime, device and thread count); ``latency`` passes :class:`LatencyModel` options.
+    ``trusted_keys``: Ed25519 public keys (PEM files or bytes); the bundle must be signed by one
+    of them (see :func:`stagewise.bundle.read_bundle`).
+    ``require_device``: raise :class:`~stagewise.errors.DeviceUnavailableError` when a stage does not
+    really run on ``device`` (a runtime that fell back to the CPU: an ONNX Runtime session without
+    the asked execution provider, an OpenVINO AUTO/HETERO device that compiled for the CPU) instead
+    of running there; what each stage ran on is in :attr:`Cascade.ran_on` and every trace.
+    """
+    if threads is not None:
+        threads = positive_count("threads", threads)
+    if mean_budget_ms is not None:
+        positive_number("mean_budget_ms", mean_budget_ms)
+    bundle = read_bundle(path, trusted_keys=trusted_keys)
+    sessions: list[StageSession] = []
+    try:
+        runtime = resolve_runtime(backend, bundle.formats(), prefer)
+        settings = runtime.options.from_mapping(options)
+        load_options = LoadOptions(threads=threads, device=device, runtime_options=settings)
+        opener = runtime.opener()
+        for k, spec in enumerate(bundle.manifest.stages):
+            key = spec.artifacts[runtime.artifact_format].files[0].sha256  # the bundle verified it: no second hash
+            sessions.append(opener(bundle.artifact_paths(k, runtime.artifact_format), stage_io(spec),
+                                   replace(load_options, content_key=key)))
+        check_stages(bundle.manifest, sessions)
+        if require_device:
+            check_devices(runtime.name, device, bundle.manifest.stage_names, sessions)
+        cascade = Cascade(bundle, sessions, runtime.name, threads, device, mean_budget_ms=mean_budget_ms,
+                          latency=latency, profile=profile)
+    except BaseException:
+        for session in sessions:
+            close = getattr(session, "close", None)
+            if close is not None:
+                close()
+        bundle.close()
+        raise
+    if warmup:
+        cascade.warm_up()
+    return cascade
+
+
+def check_devices(runtime: str, device: str, names: Sequence[str], sessions: Sequence[StageSession]) -> None:
+    """Raise :class:`DeviceUnavailableError` unless every stage's session runs on ``device`` (its
+    ``device_problem(device)``; a session that cannot tell where it runs counts as not running there)."""
+    problems = []
+    for name, session in zip(names, sessions):
+        check = getattr(session, "device_problem", None)
+        problem = check(device) if check is not None else f"runtime {runtime!r} does not report where it runs"
+        if problem:
+            problems.append(f"stage {name}: {problem}")
+    if problems:
+        raise DeviceUnavailableError(
+            f"the bundle does not run on device {device!r} as required: {'; '.join(problems)}. Install the "
+            f"device's driver or runtime build, pick another device, or load without require_device "
+            "(--require-device) to accept the fallback")
