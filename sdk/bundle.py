@@ -341,11 +341,12 @@ def _clean_stale(folder: Path, name: str) -> None:
     """Remove staging copies of ``name`` in ``folder`` left by killed stagewise processes of this user."""
     for stale in folder.glob(f".{name}.*-{_STAGING}*"):
         pid = stale.name.rsplit(f"-{_STAGING}", 1)[-1].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)) and stale.lstat().st_uid == os.getuid():
+        if pid.isdigit() and not process_alive(int(pid)) and stale.lstat().st_uid == os.getuid():
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
