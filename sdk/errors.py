@@ -35,6 +35,10 @@ class ImageInputError(StagewiseError, ValueError):
     """An image has the wrong type, shape or dtype."""
 
 
+class ImageTooLargeError(ImageInputError):
+    """An image has more pixels than the caller allows (read from its header, before decoding)."""
+
+
 class BackendUnavailableError(StagewiseError):
     """The requested runtime is not installed, or the bundle has no artifact for it."""
 
