@@ -68,6 +68,9 @@ def _check_references(m: dict) -> None:
         raise ManifestError(f"manifest field stages: stage names must be unique, got {names}")
     for i, stage in enumerate(m["stages"]):
         source = stage["input"]
+        if source.get("dtype") == "uint8" and source.get("layout") != "NHWC":
+            raise ManifestError(f"manifest field stages[{i}].input.layout: a uint8 input is the resized pixels in NHWC "
+                                f"layout, got {source.get('layout')!r}; rebuild the bundle")
         if source["source"] == "carry":
             earlier = {s["name"]: s for s in m["stages"][:i]}
             if source["from"] not in earlier or "carry" not in earlier[source["from"]]["outputs"]:
@@ -80,6 +83,10 @@ def _check_references(m: dict) -> None:
             raise ManifestError(f"manifest field stages[{i}]: stage {stage['name']!r} needs both outputs.cam (the CAM "
                                 "tensor) and cam (where its cells sit on the input), or neither")
     paths = [f["path"] for s in m["stages"] for a in s["artifacts"].values() for f in a["files"]]
+    for entry in artifact_files(m):
+        if any(ord(c) < 32 for c in entry["path"]):
+            raise ManifestError(f"manifest field stages[].artifacts: the file path {entry['path']!r} holds a control "
+                                "character (e.g. a NUL byte); the bundle is corrupt, rebuild it")
     if len(set(paths)) != len(paths):
         raise ManifestError("manifest field stages[].artifacts: each file may be named only once")
     points = [p["name"] for p in m["operating_points"]]
