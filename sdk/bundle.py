@@ -247,15 +247,19 @@ def _read_optional(file: Path) -> bytes | None:
     return file.read_bytes()
 
 
+def unlisted_files(root: Path, document: dict) -> list[str]:
+    """The files (and links) in bundle directory ``root`` that its manifest ``document`` does not name."""
+    named = {e["path"] for e in artifact_files(document)} | {MANIFEST, SIGNATURE}
+    return [rel for file in sorted(root.rglob("*"))
+            if (file.is_symlink() or file.is_file()) and (rel := file.relative_to(root).as_posix()) not in named]
+
+
 def _refuse_unlisted(root: Path, document: dict) -> None:
     """A signed bundle directory holds only what its manifest names: a runtime must read no unverified file."""
-    named = {e["path"] for e in artifact_files(document)} | {MANIFEST, SIGNATURE}
-    for file in sorted(root.rglob("*")):
-        rel = file.relative_to(root).as_posix()
-        if (file.is_symlink() or file.is_file()) and rel not in named:
-            raise IntegrityError(
-                f"{root} holds {rel}, which its manifest does not name: a runtime could read it unverified "
-                "(e.g. ONNX external data). Remove it, or rebuild and re-sign the bundle")
+    for rel in unlisted_files(root, document)[:1]:
+        raise IntegrityError(
+            f"{root} holds {rel}, which its manifest does not name: a runtime could read it unverified "
+            "(e.g. ONNX external data). Remove it, or rebuild and re-sign the bundle")
 
 
 def _reject_constant(name: str) -> float:
@@ -323,8 +327,9 @@ def is_bundle(path: str | Path) -> bool:
 def check_output(out: str | Path, overwrite: bool) -> None:
     """Refuse ``out`` before any work: it exists and may not be replaced, or its folder cannot be written.
 
-    ``overwrite`` replaces only a stagewise bundle (:func:`is_bundle`); anything else at ``out``
-    is refused, and nothing is deleted.
+    ``overwrite`` replaces only a stagewise bundle (:func:`is_bundle`) whose folder holds nothing
+    but what its manifest names; anything else at ``out``, or a bundle folder that also holds
+    other files (:func:`unlisted_files`), is refused, and nothing is deleted.
     """
     out = Path(out)
     if out.exists() or out.is_symlink():
@@ -333,6 +338,11 @@ def check_output(out: str | Path, overwrite: bool) -> None:
         if out.is_symlink() or not is_bundle(out):
             raise BundleError(f"{out} exists and is not a stagewise bundle; --force replaces only a bundle, so "
                               "nothing was changed. Choose another --out or move it away yourself")
+        extra = unlisted_files(out, parse_manifest(raw_manifest(out)[0], out)) if out.is_dir() else []
+        if extra:
+            raise BundleError(f"{out} is a bundle folder that also holds {len(extra)} file(s) its manifest does not "
+                              f"name ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}); --force would delete "
+                              "them, so nothing was changed. Move them out of the folder, or choose another --out")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -77,6 +77,18 @@ def test_force_replaces_a_bundle(tmp_path, models):
         assert read_bundle(out).manifest.name == "second"
 
 
+def test_force_refuses_a_bundle_folder_holding_other_files_and_deletes_nothing(tmp_path, models):
+    out = write_bundle(tmp_path / "b", toy_manifest(), models)
+    (out / "notes").mkdir()
+    (out / "notes" / "results.csv").write_text("a month of measurements")
+    with pytest.raises(BundleError, match=r"also holds 1 file\(s\) its manifest does not name \(notes/results.csv\)"):
+        write_bundle(out, toy_manifest(), models, overwrite=True)
+    assert (out / "notes" / "results.csv").read_text() == "a month of measurements"
+    (out / "notes" / "results.csv").unlink()
+    (out / "notes").rmdir()
+    write_bundle(out, toy_manifest(), models, overwrite=True)  # only what the manifest names: replaced
+
+
 def test_output_folder_must_be_writable_before_any_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
