@@ -185,7 +185,9 @@ def read_bundle(path: str | Path, verify: bool = True,
     directory, removed by :meth:`Bundle.close`, when the bundle is garbage-collected, or on any
     error here. ``trusted_keys`` (Ed25519 public keys: PEM files, PEM bytes or key objects): the
     bundle must carry a signature by one of them over its manifest (:mod:`stagewise.signing`),
-    and a bundle directory may hold no file its manifest does not name.
+    and a bundle directory may hold no file its manifest does not name. A signed bundle directory
+    is copied into a private temporary directory and the copies are verified, so what runs is
+    exactly what was verified, even if someone replaces a file in the directory meanwhile.
     """
     path = Path(path)
     text, signature = raw_manifest(path)
@@ -194,27 +196,50 @@ def read_bundle(path: str | Path, verify: bool = True,
     if trusted_keys is not None:
         signing.check_signature(text, signature, trusted_keys, path)
     tmp = None
-    if path.is_dir():
+    if path.is_dir() and trusted_keys is None:
         root = path
-        if trusted_keys is not None:
-            _refuse_unlisted(root, document)
     else:
+        if path.is_dir():
+            _refuse_unlisted(path, document)
         tmp = tempfile.TemporaryDirectory(prefix="stagewise-")
         root = Path(tmp.name)
     try:
         if tmp is not None:
             wanted = {e["path"]: e.get("bytes") for e in artifact_files(document)}
-            archive.extract(path, root, wanted)
+            if path.is_dir():
+                _snapshot(path, root, wanted)
+            else:
+                archive.extract(path, root, wanted)
             (root / MANIFEST).write_bytes(text)
             if signature is not None:
                 (root / SIGNATURE).write_bytes(signature)
-        if verify:
+        if verify or trusted_keys is not None:
             verify_files(root, document)
     except BaseException:
         if tmp is not None:
             tmp.cleanup()
         raise
     return Bundle(root=root, manifest=manifest, source=path, _tmp=tmp)
+
+
+def _snapshot(src: Path, dst: Path, wanted: dict[str, int | None]) -> None:
+    """Copy the named files of bundle directory ``src`` into ``dst``, each at most its recorded size plus one
+    byte (a larger one then fails verification, without filling the disk); a missing one is left out."""
+    resolved = src.resolve()
+    for rel, size in wanted.items():
+        file = (src / rel).resolve()
+        if resolved not in file.parents or not file.is_file():
+            continue  # verification names it
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(file, "rb") as fin, open(target, "wb") as fout:
+            left = None if size is None else size + 1
+            while left is None or left > 0:
+                block = fin.read(1 << 20 if left is None else min(1 << 20, left))
+                if not block:
+                    break
+                fout.write(block)
+                left = None if left is None else left - len(block)
 
 
 def raw_manifest(path: Path) -> tuple[bytes, bytes | None]:

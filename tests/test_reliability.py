@@ -366,3 +366,32 @@ def test_cli_missing_extra_and_unwritable_output_are_one_line(tmp_path, capsys, 
         main(["convert", "tests/toy_models.py:residual_net", "--exits", "a", "--data", str(tmp_path),
               "--out", str(blocker / "out.swb")])
     assert done.value.code == 2 and "cannot write the bundle" in capsys.readouterr().err
+
+
+def test_a_signed_directory_runs_exactly_what_was_verified(tmp_path, models, monkeypatch):
+    """A writer that swaps the models right after verification (the race a concurrent writer can win) changes
+    nothing: the signed load verified and runs private copies."""
+    pytest.importorskip("cryptography")
+    from conftest import onnx_stage_model
+    from stagewise import bundle as bundle_module
+    from stagewise.bundle import sign_bundle
+    from stagewise.signing import generate_key
+
+    out = write_bundle(tmp_path / "signed", toy_manifest(), models)
+    generate_key(tmp_path / "k.pem", tmp_path / "k.pub")
+    sign_bundle(out, tmp_path / "k.pem")
+    real = bundle_module.verify_files
+
+    def verify_then_swap(root, manifest):
+        real(root, manifest)
+        for k in range(3):  # models that answer the darkest channel instead of the brightest
+            onnx_stage_model(out / "onnx" / f"s{k}.onnx", 8, 8, scale=-6.0)
+
+    monkeypatch.setattr(bundle_module, "verify_files", verify_then_swap)
+    with _load(out, trusted_keys=[tmp_path / "k.pub"], options={"cache_dir": False}) as cascade:
+        assert cascade.bundle.root != out
+        assert cascade.predict(toy_image(), operating_point="full").name == "green"
+    monkeypatch.setattr(bundle_module, "verify_files", real)
+    with pytest.raises(IntegrityError):
+        _load(out, trusted_keys=[tmp_path / "k.pub"])
+
