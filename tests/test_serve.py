@@ -232,7 +232,7 @@ def test_micro_batches_route_per_sample_and_budgeted_jobs_run_alone(tmp_path):
     assert [a.prediction.stage for a in answers] == [0, 2, 0, 2, 0]
     assert {a.batch_size for a in answers} == {5}
     # ran alone, with its own deadline counted from its arrival (the 200 ms window has passed)
-    assert 700 < answers[3].prediction.budget_ms < 820
+    assert 600 < answers[3].prediction.budget_ms <= 800  # 1000 less the 200 ms window, once (slow machines: less)
     # the budgeted job alone, a batch of 3 and one of 1 (another operating point); only the unsure ones went on
     assert sorted(sessions[0].calls) == [1, 1, 3] and sessions[2].calls == [1, 1]
 
