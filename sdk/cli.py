@@ -526,7 +526,7 @@ def profile(bundle, data, backend, device, threads, count, repeats, name, dry_ru
               show_default=True, help="largest request body (413 above)")
 @click.option("--max-pixels", envvar="STAGEWISE_MAX_PIXELS", type=click.IntRange(1), default=4096 * 4096,
               show_default=True, help="largest image, width x height, read from its header before decoding (413 "
-                                      "above); decoded images waiting for answers hold at most 4x this many")
+                                      "above); decoded images waiting for answers hold at most 2x this many (503 beyond)")
 @click.option("--decode-slots", envvar="STAGEWISE_DECODE_SLOTS", type=click.IntRange(1, 64), default=2,
               show_default=True, help="images decoded at once")
 @click.option("--client-timeout", envvar="STAGEWISE_CLIENT_TIMEOUT", type=_Finite(0.1, 3600), default=30.0,
@@ -557,7 +557,7 @@ def serve(bundle, host, port, backend, device, threads, operating_point, max_bat
 
     config = ServeConfig(max_batch=max_batch, window_ms=batch_window_ms, queue_size=queue_size, workers=workers,
                          max_body_bytes=int(max_body_mb * 2 ** 20), max_pixels=max_pixels, decode_slots=decode_slots,
-                         max_pixels_in_flight=4 * max_pixels, client_timeout_s=client_timeout, model_name=model_name,
+                         max_pixels_in_flight=2 * max_pixels, client_timeout_s=client_timeout, model_name=model_name,
                          reload_on_sighup=True, reload_dir=reload_dir)
     run_service(bundle, host, port, backend=backend, threads=threads, device=device, config=config,
                 operating_point=operating_point, drain_timeout_s=drain_timeout, log_level=log_level,

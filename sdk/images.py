@@ -109,7 +109,7 @@ def _to_rgb(im: Image.Image, source: str) -> np.ndarray:
         grey = _scaled_to_8bit(np.asarray(im), im.mode, source)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     try:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # no second decoded copy of an RGB image
     except ValueError as exc:
         raise ImageInputError(f"{source} has image mode {im.mode}, which cannot be converted to RGB ({exc}); "
                               "save it as an 8-bit RGB or greyscale image") from exc

@@ -10,14 +10,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import struct
-import zlib
-
 import httpx
 import numpy as np
 import pytest
 import uvicorn
 
+from benchmarks.serve_load import blank_png
 from serving import TOY_BUNDLE, png_bytes, running, toy_service
 from stagewise.cli import main
 from stagewise.errors import InvalidOptionError
@@ -27,16 +25,6 @@ from stagewise.runtimes.serve import create_app
 pytest.importorskip("onnxruntime")
 
 
-def huge_png(width: int, height: int) -> bytes:
-    """A valid greyscale PNG of ``width`` x ``height`` that is a few kB on the wire (all zeros deflate well)."""
-    raw = zlib.compress(b"\0" * ((width + 1) * height), 9)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
-
-
 @pytest.fixture(scope="module")
 def url():
     with running(toy_service(ServeConfig(max_pixels=1000 * 1000, max_pixels_in_flight=4 * 1000 * 1000))) as (u, _):
@@ -44,7 +32,7 @@ def url():
 
 
 def test_an_image_over_the_pixel_budget_is_refused_from_its_header(url):
-    bomb = huge_png(9000, 9000)
+    bomb = blank_png(9000, 9000, channels=1)
     assert len(bomb) < 200_000
     r = httpx.post(f"{url}/v1/classify", content=bomb, timeout=30)
     assert r.status_code == 413 and "9000x9000 = 81000000 pixels, over the limit of 1000000" in r.json()["error"]
