@@ -27,7 +27,7 @@ layer2 (heads on --head-images training images), requests from the test split.
 ``--robustness`` measures the service's limits instead (issue #24), on the ImageNet cascade (or
 ``--robustness-bundle``, e.g. tests/data/toy.swb), each on a fresh server with the default limits:
 the peak RSS (``VmHWM``) while four clients send a 9000x9000 PNG each at once (refused from the
-header, 413) and while four send a 4096x4096 PNG (the largest served by default); the server's
+header, 413) and while four send a 4096x3072 PNG (the largest served by default); the server's
 threads and RSS before and after 100 ``POST /v1/reload``; and 64 concurrent clients x 50 requests,
 every one answered. The unit caps the service at 1 GB (deploy/stagewise.service ``MemoryMax``).
 
@@ -316,7 +316,7 @@ async def robustness(bundle: Path, bodies: list[bytes], args) -> dict:
                 "errors": sorted(run["errors"]), "wall_s": run["wall_s"]}
 
     out = {"bundle": str(bundle), "bombs_9000x9000": await fresh(parallel_images(blank_png(9000, 9000))),
-           "largest_4096x4096": await fresh(parallel_images(blank_png(4096, 4096))),
+           "largest_4096x3072": await fresh(parallel_images(blank_png(4096, 3072))),
            "reloads": await fresh(reloads), "load": await fresh(load)}
     for name, part in out.items():
         print(f"{name}: {part}", flush=True)
@@ -325,16 +325,16 @@ async def robustness(bundle: Path, bodies: list[bytes], args) -> dict:
 
 def robustness_markdown(result: dict) -> str:
     r = result["robustness"]
-    bombs, largest, reloads, load = r["bombs_9000x9000"], r["largest_4096x4096"], r["reloads"], r["load"]
+    bombs, largest, reloads, load = r["bombs_9000x9000"], r["largest_4096x3072"], r["reloads"], r["load"]
     return "\n".join([
         f"### The service's limits (issue #24): {Path(r['bundle']).name}", "",
         f"Measured on {result['machine']['cpu']} ({result['machine']['cores']} cores), {result['machine']['date']}; "
         f"`{result['command']}`. Each check on a fresh `stagewise serve` with the default limits (at most "
-        "4096x4096 pixels per image, 2 decodes at once); the unit caps the service at 1 GB.", "",
+        "4096x3072 pixels per image, 2 decodes at once); the unit caps the service at 1 GB.", "",
         "| check | answers | server peak RSS (VmHWM) |", "|---|---|---|",
         f"| 4 clients at once, a 9000x9000 PNG each ({bombs['body_bytes'] / 1024:.0f} kB) | {bombs['statuses']} | "
         f"{bombs['peak_rss_before_mb']:.0f} -> {bombs['peak_rss_mb']:.0f} MB |",
-        f"| 4 clients at once, a 4096x4096 PNG each ({largest['body_bytes'] / 1024:.0f} kB) | {largest['statuses']} | "
+        f"| 4 clients at once, a 4096x3072 PNG each ({largest['body_bytes'] / 1024:.0f} kB) | {largest['statuses']} | "
         f"{largest['peak_rss_before_mb']:.0f} -> {largest['peak_rss_mb']:.0f} MB |", "",
         f"100 reloads: {reloads['ok']} answered 200; threads {reloads['threads_before']} -> {reloads['threads_after']}, "
         f"RSS {reloads['rss_before_mb']:.0f} -> {reloads['rss_after_mb']:.0f} MB. "

@@ -524,7 +524,7 @@ def profile(bundle, data, backend, device, threads, count, repeats, name, dry_ru
               help="inference threads")
 @click.option("--max-body-mb", envvar="STAGEWISE_MAX_BODY_MB", type=_Finite(0.01, 1024), default=8.0,
               show_default=True, help="largest request body (413 above)")
-@click.option("--max-pixels", envvar="STAGEWISE_MAX_PIXELS", type=click.IntRange(1), default=4096 * 4096,
+@click.option("--max-pixels", envvar="STAGEWISE_MAX_PIXELS", type=click.IntRange(1), default=4096 * 3072,
               show_default=True, help="largest image, width x height, read from its header before decoding (413 "
                                       "above); decoded images waiting for answers hold at most 2x this many (503 beyond)")
 @click.option("--decode-slots", envvar="STAGEWISE_DECODE_SLOTS", type=click.IntRange(1, 64), default=2,

@@ -80,9 +80,9 @@ class ServeConfig:
     queue_size: int = 64
     workers: int = 1
     max_body_bytes: int = 8 * 2 ** 20
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = 4096 * 3072
     decode_slots: int = 2
-    max_pixels_in_flight: int = 2 * 4096 * 4096
+    max_pixels_in_flight: int = 2 * 4096 * 3072
     client_timeout_s: float = 30.0
     model_name: str | None = None
     retry_after_s: int = 1
