@@ -23,6 +23,15 @@ layer2 (heads on --head-images training images), requests from the test split.
     python -m benchmarks.serve_load --data /work/shared/data                  # full size
     python -m benchmarks.serve_load --requests 300 --rss-requests 3000 --head-images 2000   # reduced
     python -m benchmarks.serve_load --render RESULT... --into docs/benchmarks.md           # several runs, one section
+
+``--robustness`` measures the service's limits instead (issue #24), on the ImageNet cascade (or
+``--robustness-bundle``, e.g. tests/data/toy.swb), each on a fresh server with the default limits:
+the peak RSS (``VmHWM``) while four clients send a 9000x9000 PNG each at once (refused from the
+header, 413) and while four send a 4096x3072 PNG (the largest served by default); the server's
+threads and RSS before and after 100 ``POST /v1/reload``; and 64 concurrent clients x 50 requests,
+every one answered. The unit caps the service at 1 GB (deploy/stagewise.service ``MemoryMax``).
+
+    python -m benchmarks.serve_load --robustness --out benchmarks/results/serve_robustness.json
 """
 
 from __future__ import annotations
@@ -31,9 +40,11 @@ import asyncio
 import io
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +118,19 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def blank_png(width: int, height: int, channels: int = 3) -> bytes:
+    """A valid black PNG (greyscale or RGB) of ``width`` x ``height``: an image bomb, a few hundred kB at
+    most on the wire however many pixels it declares."""
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (width * channels + 1)
+    raw = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2 if channels == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
 # ---- the server and the client -------------------------------------------------------------------
 
 class Server:
@@ -140,10 +164,13 @@ class Server:
             await asyncio.sleep(0.2)
         raise RuntimeError("the server did not become ready in 180 s")
 
-    def rss_mb(self) -> float:
+    def status(self, field: str) -> int:
+        """A number from the server's ``/proc/PID/status`` (``VmRSS``, ``VmHWM`` in kB, ``Threads``)."""
         with open(f"/proc/{self.proc.pid}/status") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        return kb / 1024
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    def rss_mb(self) -> float:
+        return self.status("VmRSS") / 1024
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -256,9 +283,70 @@ async def measure(name: str, paths: dict[str, Path], bodies: list[bytes], labels
     return {"rows": rows, "rss": rss}
 
 
+async def robustness(bundle: Path, bodies: list[bytes], args) -> dict:
+    """The service's limits under attack and load (see the module docstring), each on a fresh server."""
+    import httpx
+
+    async def fresh(check):
+        server = Server(bundle, args.threads, args.max_batch, args.window_ms, 64)
+        try:
+            async with httpx.AsyncClient(timeout=120) as client:
+                await server.ready(client)
+                return await check(server, client)
+        finally:
+            server.stop()
+
+    def parallel_images(body: bytes):
+        async def check(server: Server, client) -> dict:
+            before = server.status("VmHWM") / 1024
+            answers = await asyncio.gather(*(client.post(f"{server.url}/v1/classify", content=body) for _ in range(4)))
+            return {"body_bytes": len(body), "statuses": sorted(r.status_code for r in answers),
+                    "peak_rss_before_mb": before, "peak_rss_mb": server.status("VmHWM") / 1024}
+        return check
+
+    async def reloads(server: Server, client) -> dict:
+        before = (server.status("Threads"), server.rss_mb())
+        codes = [(await client.post(f"{server.url}/v1/reload")).status_code for _ in range(100)]
+        return {"reloads": len(codes), "ok": codes.count(200), "threads_before": before[0],
+                "threads_after": server.status("Threads"), "rss_before_mb": before[1], "rss_after_mb": server.rss_mb()}
+
+    async def load(server: Server, client) -> dict:
+        run = await drive(server.url, bodies, 64, 64 * 50, args.time_limit)
+        return {"clients": 64, "requests": run["sent"], "answered_200": len(run["answers"]),
+                "errors": sorted(run["errors"]), "wall_s": run["wall_s"]}
+
+    out = {"bundle": str(bundle), "bombs_9000x9000": await fresh(parallel_images(blank_png(9000, 9000))),
+           "largest_4096x3072": await fresh(parallel_images(blank_png(4096, 3072))),
+           "reloads": await fresh(reloads), "load": await fresh(load)}
+    for name, part in out.items():
+        print(f"{name}: {part}", flush=True)
+    return out
+
+
+def robustness_markdown(result: dict) -> str:
+    r = result["robustness"]
+    bombs, largest, reloads, load = r["bombs_9000x9000"], r["largest_4096x3072"], r["reloads"], r["load"]
+    return "\n".join([
+        f"### The service's limits (issue #24): {Path(r['bundle']).name}", "",
+        f"Measured on {result['machine']['cpu']} ({result['machine']['cores']} cores), {result['machine']['date']}; "
+        f"`{result['command']}`. Each check on a fresh `stagewise serve` with the default limits (at most "
+        "4096x3072 pixels per image, 2 decodes at once); the unit caps the service at 1 GB.", "",
+        "| check | answers | server peak RSS (VmHWM) |", "|---|---|---|",
+        f"| 4 clients at once, a 9000x9000 PNG each ({bombs['body_bytes'] / 1024:.0f} kB) | {bombs['statuses']} | "
+        f"{bombs['peak_rss_before_mb']:.0f} -> {bombs['peak_rss_mb']:.0f} MB |",
+        f"| 4 clients at once, a 4096x3072 PNG each ({largest['body_bytes'] / 1024:.0f} kB) | {largest['statuses']} | "
+        f"{largest['peak_rss_before_mb']:.0f} -> {largest['peak_rss_mb']:.0f} MB |", "",
+        f"100 reloads: {reloads['ok']} answered 200; threads {reloads['threads_before']} -> {reloads['threads_after']}, "
+        f"RSS {reloads['rss_before_mb']:.0f} -> {reloads['rss_after_mb']:.0f} MB. "
+        f"{load['clients']} concurrent clients x 50 requests: {load['answered_200']} of {load['requests']} answered 200 "
+        f"in {load['wall_s']:.1f} s (errors: {load['errors'] or 'none'}).", ""])
+
+
 # ---- report ------------------------------------------------------------------------------------------
 
 def markdown(result: dict) -> str:
+    if "robustness" in result:
+        return robustness_markdown(result)
     out = [f"Measured on {result['machine']['cpu']} ({result['machine']['cores']} cores), "
            f"{result['machine']['date']}; `{result['command']}`. Server and client share the machine; the "
            f"server runs ONNX Runtime with {result['threads']} thread(s), micro-batches of at most "
@@ -304,10 +392,26 @@ def main() -> None:
     ap.add_argument("--window-ms", type=float, default=3.0)
     ap.add_argument("--queue-size", type=int, default=256)
     ap.add_argument("--operating-point", help="the cascades' operating point (default: each bundle's default)")
+    ap.add_argument("--robustness", action="store_true", help="measure the service's limits instead (issue #24)")
+    ap.add_argument("--robustness-bundle", type=Path, help="bundle of --robustness (default: the ImageNet cascade)")
     args = ap.parse_args()
     if harness.render_only(args, NAME, markdown, header=HEADER):
         return
     args.bundles.mkdir(parents=True, exist_ok=True)
+    if args.robustness:
+        if args.robustness_bundle:
+            from stagewise.datasets import open_image_set
+            from stagewise.demo import demo_images
+
+            images = open_image_set(demo_images())
+            bundle, bodies = args.robustness_bundle, [encode(images.image(i), "JPEG") for i in range(len(images))]
+        else:
+            paths, bodies, _ = imagenet_bundles(args.bundles, args.reuse, args.threads)
+            bundle = paths["cascade"]
+        result = {**harness.metadata(NAME), "robustness": asyncio.run(robustness(bundle, bodies, args))}
+        harness.save(result, args.out)
+        harness.publish(args, NAME, HEADER + markdown(result))
+        return
     datasets = {}
     for name in args.datasets.split(","):
         if name == "imagenet":

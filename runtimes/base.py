@@ -118,26 +118,6 @@ def stage_io(spec: StageSpec) -> StageIO:
     return StageIO(spec.input.tensor, spec.outputs.names())
 
 
-def model_cache(setting: str | Path | bool | None, runtime: str) -> Path | None:
-    """The directory where ``runtime`` caches prepared models, created; ``None`` when caching is off.
-
-    ``setting`` is the runtime's ``cache_dir`` option: ``None`` gives ``$STAGEWISE_CACHE_DIR/<runtime>``
-    or ``~/.cache/stagewise/<runtime>``, ``False``/``""`` no cache. An unwritable directory turns
-    the cache off (it only costs load time; a load never fails over it).
-    """
-    if setting is None:
-        root = os.environ.get("STAGEWISE_CACHE_DIR")
-        base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stagewise"
-        setting = base / runtime
-    if not setting:
-        return None
-    try:
-        Path(setting).mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return Path(setting)
-
-
 Opener = Callable[[Sequence[Path], StageIO, LoadOptions], StageSession]
 
 

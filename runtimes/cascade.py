@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from stagewise.bundle import Bundle
-from stagewise.checks import nonnegative_budget, positive_count, positive_number
-from stagewise.errors import (BundleError, CascadeClosedError, DeadlineExceededError, UnknownOperatingPointError,
-                             UnknownOptionError)
+from stagewise.checks import index, nonnegative_budget, positive_count, positive_number
+from stagewise.errors import (BundleError, CascadeClosedError, DeadlineExceededError, StageOutputError,
+                             UnknownOperatingPointError, UnknownOptionError)
 from stagewise.exits import exit_scores, load_exit_model, softmax
 from stagewise.images import load_image
 from stagewise.manifest import StageSpec
@@ -342,6 +342,7 @@ class Cascade:
         for a carry stage it runs the chain of stages feeding it (a truncated network).
         """
         start = self._clock()
+        stage = index("stage", stage, len(self._stages))
         return self._run([load_image(image)], self._all, None, start, self.router.chain(stage), observe=False,
                          alone=True)[0]
 
@@ -490,6 +491,9 @@ class Cascade:
             keep = []
             for j, i in enumerate(live):
                 score = scores[j]
+                if score != score:  # NaN: a stage whose outputs are not finite numbers answers nothing
+                    raise StageOutputError(f"stage {st.name} gave a NaN exit score (its logits are not finite): its "
+                                           "model is broken; rebuild the bundle, or check the runtime's device")
                 done = is_last or score >= threshold
                 best[i] = (k, decider, logits, j, score)
                 steps[i].append((k, "last" if is_last else ("exit" if done else "continue"), score, labels[j], ms,

@@ -90,9 +90,29 @@ def check_stage(k: int, spec: StageSpec, io: DeclaredIO, layout: str, classes: i
                             "model's classes, rebuild the bundle")
 
 
+def check_carry(k: int, spec: StageSpec, io: DeclaredIO, source: StageSpec, source_io: DeclaredIO) -> None:
+    """Raise :class:`ManifestError` if the carry that stage ``k`` reads (``source``'s carry output) does not
+    fit its model input (dtype, or a dimension both models fix)."""
+    carry = source_io.outputs[source.outputs.carry]
+    tensor = io.inputs[spec.input.tensor]
+    fed = carry.dtype == tensor.dtype or (carry.dtype == "float32" and tensor.dtype in io.input_dtypes)
+    if not fed or not _known(carry.shape, tensor.shape):
+        raise ManifestError(f"manifest field stages[{k}].input.from: stage {spec.name!r} reads the carry of "
+                            f"{source.name!r}, a {carry.dtype} tensor of shape {list(carry.shape)}, but its model input "
+                            f"{spec.input.tensor!r} is {tensor.dtype} of shape {list(tensor.shape)}; the manifest names "
+                            "the wrong stage, rebuild the bundle")
+
+
 def check_stages(manifest: Manifest, sessions: Sequence[object]) -> None:
-    """Check every stage whose session reports what its model declares (see :func:`check_stage`)."""
+    """Check every stage whose session reports what its model declares (see :func:`check_stage`), and
+    that each carry fits the stage that reads it (:func:`check_carry`)."""
+    seen: dict[str, tuple[StageSpec, DeclaredIO]] = {}
     for k, (spec, session) in enumerate(zip(manifest.stages, sessions)):
         declared = getattr(session, "declared", None)
-        if declared is not None:
-            check_stage(k, spec, declared(), manifest.input.layout, len(manifest.classes))
+        if declared is None:
+            continue
+        io = declared()
+        check_stage(k, spec, io, manifest.input.layout, len(manifest.classes))
+        if spec.input.source == "carry" and spec.input.from_stage in seen:
+            check_carry(k, spec, io, *seen[spec.input.from_stage])
+        seen[spec.name] = (spec, io)

@@ -3,16 +3,15 @@
 With a model cache (the ``cache_dir`` option, on by default) the first load writes the graph
 ONNX Runtime optimized (``SessionOptions.optimized_model_filepath``) under a key made of the
 model's recorded sha256, the ONNX Runtime version, the machine and the providers; later loads
-open that file with graph optimization off, skipping the optimizer. The optimized graph may hold
-this machine's kernels, hence the machine in the key.
+open that entry (read whole and checked against its record, :mod:`.model_cache`) with graph
+optimization off, skipping the optimizer. The optimized graph may hold this machine's kernels,
+hence the machine in the key. A model with external data (more than one file) is not cached:
+the optimized graph would point at data files the cache does not hold.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import platform
-import tempfile
 from pathlib import Path
 from functools import partial
 from typing import Any, Sequence
@@ -22,8 +21,9 @@ import numpy as np
 from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailableError
 from stagewise.extras import require
 
-from .base import LoadOptions, StageIO, model_cache
+from .base import LoadOptions, StageIO
 from .deadline import WATCHDOG
+from .model_cache import ModelCache, discard, entry_key, model_cache
 from .model_io import DeclaredIO, TensorInfo
 from .options import OnnxRuntimeOptions
 
@@ -49,16 +49,20 @@ def _providers(device: str, requested: Sequence[object]) -> list[object]:
     return list(requested)
 
 
-def _cached_model(cache: Path, key: str, settings: OnnxRuntimeOptions) -> Path:
-    parts = "|".join([key, ort.__version__, platform.machine(), platform.processor(), repr(list(settings.providers)),
-                      repr(sorted(settings.session_config.items()))])
-    return cache / f"{hashlib.sha256(parts.encode()).hexdigest()[:32]}.onnx"
+def _cache(options: LoadOptions, settings: OnnxRuntimeOptions) -> ModelCache | None:
+    """The cache entry of a model whose verified sha256 is known; else ``None``."""
+    folder = model_cache(settings.cache_dir, "onnxruntime") if options.content_key else None
+    if folder is None:
+        return None
+    key = entry_key(options.content_key, ort.__version__, platform.machine(), platform.processor(),
+                    list(settings.providers), sorted(settings.session_config.items()))
+    return ModelCache(folder, key, options.content_key, ".onnx")
 
 
 class OnnxRuntimeStage:
     """A stage on ONNX Runtime (CPU execution provider unless the ``providers`` option says otherwise)."""
 
-    def __init__(self, model: Path, io: StageIO, options: LoadOptions):
+    def __init__(self, model: Path, io: StageIO, options: LoadOptions, self_contained: bool = True):
         settings = options.options_for(OnnxRuntimeOptions)
         so = ort.SessionOptions()
         if options.threads:
@@ -69,25 +73,8 @@ class OnnxRuntimeStage:
         for key, value in settings.session_config.items():
             so.add_session_config_entry(key, str(value))
         providers = _providers(options.device, settings.providers)
-        cache = model_cache(settings.cache_dir, "onnxruntime") if options.content_key else None
-        source, written = model, None
-        self.loaded_from_cache = False
-        if cache is not None:
-            cached = _cached_model(cache, options.content_key, settings)
-            if cached.is_file():
-                source, self.loaded_from_cache = cached, True
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            else:
-                written = Path(tempfile.mkstemp(dir=cache, suffix=".partial")[1])
-                so.optimized_model_filepath = str(written)
-                so.log_severity_level = 3  # its warning that the file is for this machine only: the key says so
-        try:
-            self._session = ort.InferenceSession(str(source), sess_options=so, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own untyped errors for bad models
-            raise BundleError(f"ONNX Runtime cannot load {model.name}: {exc}") from exc
-        finally:
-            if written is not None:
-                _publish(written, cached)
+        cache = _cache(options, settings) if self_contained else None
+        self._session, self.loaded_from_cache = _open(model, so, providers, cache)
         self._input = io.input
         self._outputs = list(io.outputs)
         self._providers = list(providers)
@@ -224,17 +211,41 @@ class OnnxRuntimeRunner:
         self._values, self._out = [], {}
 
 
-def _publish(written: Path, cached: Path) -> None:
-    """Move a freshly written optimized model into the cache (atomically; an empty or failed write is dropped)."""
+def _open(model: Path, so: object, providers: list[object], cache: ModelCache | None) -> tuple[object, bool]:
+    """A session of ``model`` and whether it came from ``cache``: a verified entry is opened with
+    graph optimization off; on a miss the optimized graph is written to the cache as ``model`` loads.
+    A bad entry, or a write that fails (e.g. a full disk), only costs the optimization, never the load."""
+    data = cache.read() if cache is not None else None
+    if data is not None:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(data, sess_options=so, providers=providers), True
+        except Exception as exc:  # noqa: BLE001 - a bad entry: prepare the model again
+            cache.failed(exc)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    written = cache.reserve() if cache is not None else None
+    if written is not None:
+        so.optimized_model_filepath = str(written)
+        so.log_severity_level = 3  # its warning that the file is for this machine only: the key says so
+        try:
+            session = ort.InferenceSession(str(model), sess_options=so, providers=providers)
+            cache.publish(written)
+            return session, False
+        except Exception as exc:  # noqa: BLE001 - e.g. the disk filled while writing the entry
+            cache.failed(exc)
+            so.optimized_model_filepath = ""
+        finally:
+            discard(written)
+    return _session(str(model), so, providers, model.name), False
+
+
+def _session(model: str, so: object, providers: list[object], name: str) -> object:
     try:
-        if written.stat().st_size:
-            os.replace(written, cached)
-        else:
-            written.unlink()
-    except OSError:
-        pass
+        return ort.InferenceSession(model, sess_options=so, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad models
+        raise BundleError(f"ONNX Runtime cannot load {name}: {exc}") from exc
 
 
 def open_stage(files: Sequence[Path], io: StageIO, options: LoadOptions) -> OnnxRuntimeStage:
-    """Open the ``.onnx`` file of one stage."""
-    return OnnxRuntimeStage(files[0], io, options)
+    """Open the ``.onnx`` file of one stage (and its external data files)."""
+    return OnnxRuntimeStage(files[0], io, options, self_contained=len(files) == 1)

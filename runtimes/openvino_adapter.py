@@ -48,8 +48,9 @@ import numpy as np
 from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailableError
 from stagewise.extras import require
 
-from .base import LoadOptions, StageIO, model_cache
+from .base import LoadOptions, StageIO
 from .deadline import finite_timeout
+from .model_cache import model_cache
 from .model_io import DeclaredIO, TensorInfo
 from .options import OpenVinoOptions
 

@@ -13,13 +13,25 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, TypeVar
 
-from stagewise.errors import UnknownOptionError
+from stagewise.errors import InvalidOptionError, UnknownOptionError
 
 T = TypeVar("T", bound="RuntimeOptions")
 
 
-def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
+def _frozen_mapping(name: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidOptionError(f"option {name} must be a dict, got {type(value).__name__}")
     return MappingProxyType(dict(value))
+
+
+def _check(options: "RuntimeOptions", name: str, kinds: tuple[type, ...], what: str) -> None:
+    """Raise :class:`InvalidOptionError` unless option ``name`` is an instance of ``kinds`` (``what`` in words)."""
+    value = getattr(options, name)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise InvalidOptionError(f"{options.runtime} option {name} must be {what}, got {value!r:.60}")
+
+
+_CACHE_DIR = ((str, Path, bool, type(None)), "a folder path, None (the default folder) or False (no cache)")
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,9 @@ class RuntimeOptions:
             return cls()
         if isinstance(options, cls):
             return options
+        if not isinstance(options, (RuntimeOptions, Mapping)):
+            raise InvalidOptionError(f"options must be {cls.__name__}(...) or a dict of: {', '.join(cls.names())}; "
+                                     f"got {type(options).__name__}")
         if isinstance(options, RuntimeOptions):
             raise UnknownOptionError(
                 f"{type(options).__name__} holds options of {options.runtime}, but the bundle is loaded on "
@@ -65,8 +80,12 @@ class OnnxRuntimeOptions(RuntimeOptions):
     cache_dir: str | Path | bool | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.providers, str):
+            object.__setattr__(self, "providers", (self.providers,))
+        _check(self, "providers", (tuple, list), "a list of execution provider names")
         object.__setattr__(self, "providers", tuple(self.providers))
-        object.__setattr__(self, "session_config", _frozen_mapping(self.session_config))
+        object.__setattr__(self, "session_config", _frozen_mapping("session_config", self.session_config))
+        _check(self, "cache_dir", *_CACHE_DIR)
 
 
 @dataclass(frozen=True)
@@ -86,7 +105,11 @@ class OpenVinoOptions(RuntimeOptions):
     config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "config", _frozen_mapping(self.config))
+        _check(self, "inference_precision", (str,), "a precision name such as 'f32'")
+        _check(self, "cpu_pinning", (bool,), "True or False")
+        _check(self, "cache_dir", *_CACHE_DIR)
+        _check(self, "static_shapes", (bool, type(None)), "True, False or None (decided by device)")
+        object.__setattr__(self, "config", _frozen_mapping("config", self.config))
 
 
 @dataclass(frozen=True)
@@ -103,7 +126,10 @@ class LiteRTOptions(RuntimeOptions):
     batch: str = "auto"
 
     def __post_init__(self) -> None:
+        _check(self, "xnnpack", (bool,), "True or False")
+        _check(self, "batch", (str,), "a batch mode name such as 'auto'")
         if isinstance(self.delegates, (str, Path, Mapping)):
             object.__setattr__(self, "delegates", (self.delegates,))
         elif self.delegates is not None:
+            _check(self, "delegates", (tuple, list), "a delegate library path, record, or a list of them")
             object.__setattr__(self, "delegates", tuple(self.delegates))

@@ -68,6 +68,9 @@ def _check_references(m: dict) -> None:
         raise ManifestError(f"manifest field stages: stage names must be unique, got {names}")
     for i, stage in enumerate(m["stages"]):
         source = stage["input"]
+        if source.get("dtype") == "uint8" and source.get("layout") != "NHWC":
+            raise ManifestError(f"manifest field stages[{i}].input.layout: a uint8 input is the resized pixels in NHWC "
+                                f"layout, got {source.get('layout')!r}; rebuild the bundle")
         if source["source"] == "carry":
             earlier = {s["name"]: s for s in m["stages"][:i]}
             if source["from"] not in earlier or "carry" not in earlier[source["from"]]["outputs"]:
@@ -80,6 +83,10 @@ def _check_references(m: dict) -> None:
             raise ManifestError(f"manifest field stages[{i}]: stage {stage['name']!r} needs both outputs.cam (the CAM "
                                 "tensor) and cam (where its cells sit on the input), or neither")
     paths = [f["path"] for s in m["stages"] for a in s["artifacts"].values() for f in a["files"]]
+    for entry in artifact_files(m):
+        if any(ord(c) < 32 for c in entry["path"]):
+            raise ManifestError(f"manifest field stages[].artifacts: the file path {entry['path']!r} holds a control "
+                                "character (e.g. a NUL byte); the bundle is corrupt, rebuild it")
     if len(set(paths)) != len(paths):
         raise ManifestError("manifest field stages[].artifacts: each file may be named only once")
     points = [p["name"] for p in m["operating_points"]]
@@ -178,7 +185,9 @@ def read_bundle(path: str | Path, verify: bool = True,
     directory, removed by :meth:`Bundle.close`, when the bundle is garbage-collected, or on any
     error here. ``trusted_keys`` (Ed25519 public keys: PEM files, PEM bytes or key objects): the
     bundle must carry a signature by one of them over its manifest (:mod:`stagewise.signing`),
-    and a bundle directory may hold no file its manifest does not name.
+    and a bundle directory may hold no file its manifest does not name. A signed bundle directory
+    is copied into a private temporary directory and the copies are verified, so what runs is
+    exactly what was verified, even if someone replaces a file in the directory meanwhile.
     """
     path = Path(path)
     text, signature = raw_manifest(path)
@@ -187,27 +196,50 @@ def read_bundle(path: str | Path, verify: bool = True,
     if trusted_keys is not None:
         signing.check_signature(text, signature, trusted_keys, path)
     tmp = None
-    if path.is_dir():
+    if path.is_dir() and trusted_keys is None:
         root = path
-        if trusted_keys is not None:
-            _refuse_unlisted(root, document)
     else:
+        if path.is_dir():
+            _refuse_unlisted(path, document)
         tmp = tempfile.TemporaryDirectory(prefix="stagewise-")
         root = Path(tmp.name)
     try:
         if tmp is not None:
             wanted = {e["path"]: e.get("bytes") for e in artifact_files(document)}
-            archive.extract(path, root, wanted)
+            if path.is_dir():
+                _snapshot(path, root, wanted)
+            else:
+                archive.extract(path, root, wanted)
             (root / MANIFEST).write_bytes(text)
             if signature is not None:
                 (root / SIGNATURE).write_bytes(signature)
-        if verify:
+        if verify or trusted_keys is not None:
             verify_files(root, document)
     except BaseException:
         if tmp is not None:
             tmp.cleanup()
         raise
     return Bundle(root=root, manifest=manifest, source=path, _tmp=tmp)
+
+
+def _snapshot(src: Path, dst: Path, wanted: dict[str, int | None]) -> None:
+    """Copy the named files of bundle directory ``src`` into ``dst``, each at most its recorded size plus one
+    byte (a larger one then fails verification, without filling the disk); a missing one is left out."""
+    resolved = src.resolve()
+    for rel, size in wanted.items():
+        file = (src / rel).resolve()
+        if resolved not in file.parents or not file.is_file():
+            continue  # verification names it
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(file, "rb") as fin, open(target, "wb") as fout:
+            left = None if size is None else size + 1
+            while left is None or left > 0:
+                block = fin.read(1 << 20 if left is None else min(1 << 20, left))
+                if not block:
+                    break
+                fout.write(block)
+                left = None if left is None else left - len(block)
 
 
 def raw_manifest(path: Path) -> tuple[bytes, bytes | None]:
@@ -240,15 +272,19 @@ def _read_optional(file: Path) -> bytes | None:
     return file.read_bytes()
 
 
+def unlisted_files(root: Path, document: dict) -> list[str]:
+    """The files (and links) in bundle directory ``root`` that its manifest ``document`` does not name."""
+    named = {e["path"] for e in artifact_files(document)} | {MANIFEST, SIGNATURE}
+    return [rel for file in sorted(root.rglob("*"))
+            if (file.is_symlink() or file.is_file()) and (rel := file.relative_to(root).as_posix()) not in named]
+
+
 def _refuse_unlisted(root: Path, document: dict) -> None:
     """A signed bundle directory holds only what its manifest names: a runtime must read no unverified file."""
-    named = {e["path"] for e in artifact_files(document)} | {MANIFEST, SIGNATURE}
-    for file in sorted(root.rglob("*")):
-        rel = file.relative_to(root).as_posix()
-        if (file.is_symlink() or file.is_file()) and rel not in named:
-            raise IntegrityError(
-                f"{root} holds {rel}, which its manifest does not name: a runtime could read it unverified "
-                "(e.g. ONNX external data). Remove it, or rebuild and re-sign the bundle")
+    for rel in unlisted_files(root, document)[:1]:
+        raise IntegrityError(
+            f"{root} holds {rel}, which its manifest does not name: a runtime could read it unverified "
+            "(e.g. ONNX external data). Remove it, or rebuild and re-sign the bundle")
 
 
 def _reject_constant(name: str) -> float:
@@ -316,8 +352,9 @@ def is_bundle(path: str | Path) -> bool:
 def check_output(out: str | Path, overwrite: bool) -> None:
     """Refuse ``out`` before any work: it exists and may not be replaced, or its folder cannot be written.
 
-    ``overwrite`` replaces only a stagewise bundle (:func:`is_bundle`); anything else at ``out``
-    is refused, and nothing is deleted.
+    ``overwrite`` replaces only a stagewise bundle (:func:`is_bundle`) whose folder holds nothing
+    but what its manifest names; anything else at ``out``, or a bundle folder that also holds
+    other files (:func:`unlisted_files`), is refused, and nothing is deleted.
     """
     out = Path(out)
     if out.exists() or out.is_symlink():
@@ -326,6 +363,11 @@ def check_output(out: str | Path, overwrite: bool) -> None:
         if out.is_symlink() or not is_bundle(out):
             raise BundleError(f"{out} exists and is not a stagewise bundle; --force replaces only a bundle, so "
                               "nothing was changed. Choose another --out or move it away yourself")
+        extra = unlisted_files(out, parse_manifest(raw_manifest(out)[0], out)) if out.is_dir() else []
+        if extra:
+            raise BundleError(f"{out} is a bundle folder that also holds {len(extra)} file(s) its manifest does not "
+                              f"name ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}); --force would delete "
+                              "them, so nothing was changed. Move them out of the folder, or choose another --out")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -341,11 +383,12 @@ def _clean_stale(folder: Path, name: str) -> None:
     """Remove staging copies of ``name`` in ``folder`` left by killed stagewise processes of this user."""
     for stale in folder.glob(f".{name}.*-{_STAGING}*"):
         pid = stale.name.rsplit(f"-{_STAGING}", 1)[-1].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)) and stale.lstat().st_uid == os.getuid():
+        if pid.isdigit() and not process_alive(int(pid)) and stale.lstat().st_uid == os.getuid():
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

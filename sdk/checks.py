@@ -40,3 +40,28 @@ def positive_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise InvalidOptionError(f"{name} must be a whole number of at least 1, got {value!r}")
     return int(value)
+
+
+MAX_BUDGET_MS = 86_400_000.0
+"""The largest latency budget accepted: one day, in milliseconds (anything longer means "no budget": pass ``None``)."""
+
+
+def nonnegative_number(name: str, value: object, unit: str = "") -> float:
+    """``value`` as a float, or ``InvalidOptionError`` unless it is a finite number of at least 0."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (
+            value >= 0 if isinstance(value, Integral) else math.isfinite(value) and value >= 0):
+        raise InvalidOptionError(f"{name} must be a finite number of at least 0{unit and ' ' + unit}, "
+                                 f"got {_short(value)}")
+    return float(value)
+
+
+def index(name: str, value: object, count: int) -> int:
+    """``value`` as an int, or ``InvalidOptionError`` unless it is a whole number from 0 to ``count - 1``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= value < count:
+        raise InvalidOptionError(f"{name} must be a whole number from 0 to {count - 1}, got {_short(value)}")
+    return int(value)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -527,29 +527,44 @@ def profile(bundle, data, backend, device, require_device, threads, count, repea
 @click.argument("bundle", envvar="STAGEWISE_BUNDLE", type=click.Path(exists=True))
 @click.option("--host", envvar="STAGEWISE_HOST", default="127.0.0.1", show_default=True,
               help="address to listen on (0.0.0.0: every interface)")
-@click.option("--port", envvar="STAGEWISE_PORT", type=int, default=8080, show_default=True)
+@click.option("--port", envvar="STAGEWISE_PORT", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--backend", envvar="STAGEWISE_RUNTIME", default="auto", show_default=True,
               help="runtime: onnxruntime, openvino, litert, auto, or a preference order")
 @click.option("--device", envvar="STAGEWISE_DEVICE", default="CPU", show_default=True)
-@click.option("--threads", envvar="STAGEWISE_THREADS", type=int, help="intra-op threads of the runtime")
+@click.option("--threads", envvar="STAGEWISE_THREADS", type=click.IntRange(min=1), help="intra-op threads of the runtime")
 @click.option("--operating-point", envvar="STAGEWISE_OPERATING_POINT", help="default operating point (see inspect)")
 @click.option("--max-batch", envvar="STAGEWISE_MAX_BATCH", type=click.IntRange(1, 64), default=8, show_default=True,
               help="images per micro-batch (1: one request at a time)")
-@click.option("--batch-window-ms", envvar="STAGEWISE_BATCH_WINDOW_MS", type=click.FloatRange(0, 100), default=3.0,
+@click.option("--batch-window-ms", envvar="STAGEWISE_BATCH_WINDOW_MS", type=_Finite(0, 100), default=3.0,
               show_default=True, help="how long a request waits for others to batch with")
 @click.option("--queue-size", envvar="STAGEWISE_QUEUE_SIZE", type=click.IntRange(1), default=64, show_default=True,
               help="images that may wait; beyond it requests get 503 with Retry-After")
 @click.option("--workers", envvar="STAGEWISE_WORKERS", type=click.IntRange(1, 32), default=1, show_default=True,
               help="inference threads")
-@click.option("--max-body-mb", envvar="STAGEWISE_MAX_BODY_MB", type=click.FloatRange(0.01), default=8.0,
+@click.option("--max-body-mb", envvar="STAGEWISE_MAX_BODY_MB", type=_Finite(0.01, 1024), default=8.0,
               show_default=True, help="largest request body (413 above)")
+@click.option("--max-pixels", envvar="STAGEWISE_MAX_PIXELS", type=click.IntRange(1), default=4096 * 3072,
+              show_default=True, help="largest image, width x height, read from its header before decoding (413 "
+                                      "above); decoded images waiting for answers hold at most 2x this many (503 beyond)")
+@click.option("--decode-slots", envvar="STAGEWISE_DECODE_SLOTS", type=click.IntRange(1, 64), default=2,
+              show_default=True, help="images decoded at once")
+@click.option("--client-timeout", envvar="STAGEWISE_CLIENT_TIMEOUT", type=_Finite(0.1, 3600), default=30.0,
+              show_default=True, help="seconds a client has to send its request (then 408 or disconnected)")
+@click.option("--max-connections", envvar="STAGEWISE_MAX_CONNECTIONS", type=click.IntRange(1), default=256,
+              show_default=True, help="connections served at once (503 beyond)")
 @click.option("--model-name", envvar="STAGEWISE_MODEL_NAME", help="name under /v2/models (default: the bundle's)")
-@click.option("--drain-timeout", envvar="STAGEWISE_DRAIN_TIMEOUT", type=float, default=30.0, show_default=True,
-              help="seconds in-flight requests get to finish at shutdown")
+@click.option("--trusted-key", "trusted_keys", envvar="STAGEWISE_TRUSTED_KEYS", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Ed25519 public key (repeatable); every bundle served, at start and on reload, must be signed by one")
+@click.option("--reload-dir", envvar="STAGEWISE_RELOAD_DIR", type=click.Path(exists=True, file_okay=False),
+              help="folder POST /v1/reload may load other bundles from (default: only the served path)")
+@click.option("--drain-timeout", envvar="STAGEWISE_DRAIN_TIMEOUT", type=_Finite(0, 3600), default=30.0,
+              show_default=True, help="seconds in-flight requests get to finish at shutdown")
 @click.option("--log-level", envvar="STAGEWISE_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(bundle, host, port, backend, device, threads, operating_point, max_batch, batch_window_ms, queue_size,
-          workers, max_body_mb, model_name, drain_timeout, log_level):
+          workers, max_body_mb, max_pixels, decode_slots, client_timeout, max_connections, model_name, trusted_keys,
+          reload_dir, drain_timeout, log_level):
     """Serve a bundle over HTTP: /v1/classify, the KServe v2 endpoints and /metrics (the serve extra).
 
     Every option can also be set by an environment variable (STAGEWISE_BUNDLE, STAGEWISE_PORT,
@@ -560,9 +575,12 @@ def serve(bundle, host, port, backend, device, threads, operating_point, max_bat
     from .runtimes.serve import serve as run_service
 
     config = ServeConfig(max_batch=max_batch, window_ms=batch_window_ms, queue_size=queue_size, workers=workers,
-                         max_body_bytes=int(max_body_mb * 2 ** 20), model_name=model_name, reload_on_sighup=True)
+                         max_body_bytes=int(max_body_mb * 2 ** 20), max_pixels=max_pixels, decode_slots=decode_slots,
+                         max_pixels_in_flight=2 * max_pixels, client_timeout_s=client_timeout, model_name=model_name,
+                         reload_on_sighup=True, reload_dir=reload_dir)
     run_service(bundle, host, port, backend=backend, threads=threads, device=device, config=config,
-                operating_point=operating_point, drain_timeout_s=drain_timeout, log_level=log_level)
+                operating_point=operating_point, drain_timeout_s=drain_timeout, log_level=log_level,
+                trusted_keys=list(trusted_keys) or None, max_connections=max_connections)
 
 
 @cli.command()

@@ -27,12 +27,20 @@ class UnsafeArchiveError(BundleError):
     """A ``.swb`` archive holds a member that would land outside the bundle, twice, or more than its limits allow."""
 
 
+class StageOutputError(BundleError):
+    """A stage's model answered something that is no answer (e.g. NaN scores): the artifact or its runtime is broken."""
+
+
 class InvalidOptionError(StagewiseError, ValueError):
     """An option value is out of range (NaN, infinite, negative, zero where a count is needed)."""
 
 
 class ImageInputError(StagewiseError, ValueError):
     """An image has the wrong type, shape or dtype."""
+
+
+class ImageTooLargeError(ImageInputError):
+    """An image has more pixels than the caller allows (read from its header, before decoding)."""
 
 
 class BackendUnavailableError(StagewiseError):

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageInputError, InvalidOptionError
+from .errors import ImageInputError, ImageTooLargeError, InvalidOptionError
 
 ImageLike = Union[np.ndarray, Image.Image, str, os.PathLike, io.IOBase]
 
@@ -23,7 +23,7 @@ RESIZERS = ("pillow", "opencv")
 """The libraries a stage's resize can run in (a manifest's ``input.resizer``)."""
 
 
-def load_image(image: Any) -> np.ndarray:
+def load_image(image: Any, max_pixels: int | None = None) -> np.ndarray:
     """Return ``image`` as a contiguous HxWx3 uint8 RGB array.
 
     Accepts an HxWx3 uint8 RGB array, a PIL image, a path, or a binary file object. Files and PIL
@@ -33,7 +33,9 @@ def load_image(image: Any) -> np.ndarray:
     larger than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused
     before they are decoded. Anything else that cannot be read — a wrong type, shape or dtype, an
     empty image, a truncated or corrupt file, integer values outside 16 bits, floats outside 0-1 —
-    raises :class:`ImageInputError` saying what to do.
+    raises :class:`ImageInputError` saying what to do. ``max_pixels`` refuses a file with more
+    pixels (width x height, read from its header before anything is decoded) with
+    :class:`~stagewise.errors.ImageTooLargeError`; a decoded RGB image costs 3-7 bytes per pixel.
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -54,7 +56,7 @@ def load_image(image: Any) -> np.ndarray:
     if isinstance(image, (str, os.PathLike, io.IOBase)):
         source = f"image {image!s}"
         with _decoding(source), Image.open(image) as im:
-            _refuse_bomb(im, source)
+            _refuse_bomb(im, source, max_pixels)
             ImageOps.exif_transpose(im, in_place=True)
             return _to_rgb(im, source)
     raise ImageInputError(
@@ -82,14 +84,17 @@ def _too_large(source: str, detail: str) -> str:
             "PIL.Image.MAX_IMAGE_PIXELS (None turns the limit off), otherwise resize the image first")
 
 
-def _refuse_bomb(im: Image.Image, source: str) -> None:
-    """Refuse an opened file over Pillow's decompression-bomb limit before its pixels are decoded.
+def _refuse_bomb(im: Image.Image, source: str, max_pixels: int | None = None) -> None:
+    """Refuse an opened file over ``max_pixels`` or Pillow's decompression-bomb limit before its pixels are decoded.
 
     Pillow itself raises ``DecompressionBombError`` only above twice the limit and merely warns
     between once and twice; checking here makes both an error without touching warning filters
     (which are process-wide and not thread-safe).
     """
     width, height = im.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(f"{source} is {width}x{height} = {width * height} pixels, over the limit of "
+                                 f"{max_pixels} pixels per image; send a smaller image (resize it first)")
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
         raise ImageInputError(_too_large(source, f"{width}x{height} = {width * height} pixels, "
@@ -104,7 +109,7 @@ def _to_rgb(im: Image.Image, source: str) -> np.ndarray:
         grey = _scaled_to_8bit(np.asarray(im), im.mode, source)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     try:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # no second decoded copy of an RGB image
     except ValueError as exc:
         raise ImageInputError(f"{source} has image mode {im.mode}, which cannot be converted to RGB ({exc}); "
                               "save it as an 8-bit RGB or greyscale image") from exc

@@ -97,10 +97,8 @@ def test_huge_declared_size_is_refused_without_decoding(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     path = png_with_size(tmp_path / "bomb.png", 100_000, 100_000)
-    start = time.perf_counter()
     with pytest.raises(ImageInputError, match="too large .* PIL.Image.MAX_IMAGE_PIXELS"):
-        load_image(path)
-    assert time.perf_counter() - start < 1.0
+        load_image(path)  # the patched decoder fails the test if the pixels are decoded
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -77,6 +77,18 @@ def test_force_replaces_a_bundle(tmp_path, models):
         assert read_bundle(out).manifest.name == "second"
 
 
+def test_force_refuses_a_bundle_folder_holding_other_files_and_deletes_nothing(tmp_path, models):
+    out = write_bundle(tmp_path / "b", toy_manifest(), models)
+    (out / "notes").mkdir()
+    (out / "notes" / "results.csv").write_text("a month of measurements")
+    with pytest.raises(BundleError, match=r"also holds 1 file\(s\) its manifest does not name \(notes/results.csv\)"):
+        write_bundle(out, toy_manifest(), models, overwrite=True)
+    assert (out / "notes" / "results.csv").read_text() == "a month of measurements"
+    (out / "notes" / "results.csv").unlink()
+    (out / "notes").rmdir()
+    write_bundle(out, toy_manifest(), models, overwrite=True)  # only what the manifest names: replaced
+
+
 def test_output_folder_must_be_writable_before_any_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -354,3 +366,32 @@ def test_cli_missing_extra_and_unwritable_output_are_one_line(tmp_path, capsys, 
         main(["convert", "tests/toy_models.py:residual_net", "--exits", "a", "--data", str(tmp_path),
               "--out", str(blocker / "out.swb")])
     assert done.value.code == 2 and "cannot write the bundle" in capsys.readouterr().err
+
+
+def test_a_signed_directory_runs_exactly_what_was_verified(tmp_path, models, monkeypatch):
+    """A writer that swaps the models right after verification (the race a concurrent writer can win) changes
+    nothing: the signed load verified and runs private copies."""
+    pytest.importorskip("cryptography")
+    from conftest import onnx_stage_model
+    from stagewise import bundle as bundle_module
+    from stagewise.bundle import sign_bundle
+    from stagewise.signing import generate_key
+
+    out = write_bundle(tmp_path / "signed", toy_manifest(), models)
+    generate_key(tmp_path / "k.pem", tmp_path / "k.pub")
+    sign_bundle(out, tmp_path / "k.pem")
+    real = bundle_module.verify_files
+
+    def verify_then_swap(root, manifest):
+        real(root, manifest)
+        for k in range(3):  # models that answer the darkest channel instead of the brightest
+            onnx_stage_model(out / "onnx" / f"s{k}.onnx", 8, 8, scale=-6.0)
+
+    monkeypatch.setattr(bundle_module, "verify_files", verify_then_swap)
+    with _load(out, trusted_keys=[tmp_path / "k.pub"], options={"cache_dir": False}) as cascade:
+        assert cascade.bundle.root != out
+        assert cascade.predict(toy_image(), operating_point="full").name == "green"
+    monkeypatch.setattr(bundle_module, "verify_files", real)
+    with pytest.raises(IntegrityError):
+        _load(out, trusted_keys=[tmp_path / "k.pub"])
+

@@ -166,8 +166,8 @@ def test_shutdown_finishes_requests_in_flight(tmp_path):
         threads = [threading.Thread(target=one) for _ in range(4)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 10
-        while service.batcher.depth < 2 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10  # all four inside: one running, three queued (a slow machine may take long)
+        while service.batcher.depth < 3 and time.monotonic() < deadline:
             time.sleep(0.005)
         server.should_exit = True  # what SIGTERM does
         for t in threads:
@@ -182,7 +182,7 @@ def test_reload_switches_bundles_without_dropping_requests(tmp_path, image_files
     copy.write_bytes(TOY_BUNDLE.read_bytes())
     broken = tmp_path / "broken.swb"
     broken.write_bytes(b"not a bundle")
-    service = toy_service()
+    service = toy_service(ServeConfig(reload_dir=str(tmp_path)))
     with running(service) as (url, _):
         stop, codes = threading.Event(), []
 
@@ -232,7 +232,7 @@ def test_micro_batches_route_per_sample_and_budgeted_jobs_run_alone(tmp_path):
     assert [a.prediction.stage for a in answers] == [0, 2, 0, 2, 0]
     assert {a.batch_size for a in answers} == {5}
     # ran alone, with its own deadline counted from its arrival (the 200 ms window has passed)
-    assert 700 < answers[3].prediction.budget_ms < 820
+    assert 600 < answers[3].prediction.budget_ms <= 800  # 1000 less the 200 ms window, once (slow machines: less)
     # the budgeted job alone, a batch of 3 and one of 1 (another operating point); only the unsure ones went on
     assert sorted(sessions[0].calls) == [1, 1, 3] and sessions[2].calls == [1, 1]
 

@@ -4,11 +4,17 @@ Endpoints (every error is JSON ``{"error": message}`` with a 4xx/5xx status):
 
 * ``POST /v1/classify``: an image body (JPEG, PNG, anything Pillow reads) or a multipart form
   with one file; query parameters ``budget_ms``, ``operating_point``, ``top_k``, ``trace``.
-* ``POST /v1/reload``: load the bundle again (or ``{"bundle": path}``), verify it, switch to it.
+* ``POST /v1/reload``: load the bundle again (or ``{"bundle": path}``, a path inside the
+  configured ``reload_dir``; any other path is refused with 403), verify it, switch to it.
 * the Open Inference Protocol (KServe v2): ``/v2``, ``/v2/health/live``, ``/v2/health/ready``,
   ``/v2/models/{name}``, ``/v2/models/{name}/ready``, ``/v2/models/{name}/infer``
   (see :mod:`stagewise.runtimes.serve.kserve`).
 * ``GET /metrics``: Prometheus text format.
+
+Memory is bounded per request and in total: an image over ``max_pixels`` is refused with 413
+from its header, before it is decoded; at most ``decode_slots`` images are decoded at once, and
+the decoded images waiting for an answer hold at most ``max_pixels_in_flight`` pixels (503 with
+``Retry-After`` beyond it, like a full queue).
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -34,13 +42,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from stagewise import __version__
-from stagewise.errors import ImageInputError, StagewiseError, UnknownOperatingPointError
+from stagewise import __version__, checks
+from stagewise.errors import (ImageInputError, ImageTooLargeError, InvalidOptionError, StagewiseError,
+                              UnknownOperatingPointError)
 from stagewise.images import load_image
 
 from ..executor import Cascade
 from .batching import Answer, Job, MicroBatcher
-from .errors import PayloadTooLargeError, QueueFullError, RequestError, ServeError, ShuttingDownError
+from .errors import (ForbiddenError, PayloadTooLargeError, QueueFullError, RequestError, RequestTimeoutError, ServeError,
+                     ShuttingDownError)
 from .kserve import HEADER, infer_response, model_metadata, parse_infer_request
 from .metrics import Metrics
 from .model import ModelSlot
@@ -55,9 +65,14 @@ class ServeConfig:
     ``max_batch`` images at most per micro-batch, collected for up to ``window_ms`` after the
     first one arrives (``max_batch=1`` serves one request at a time); ``queue_size`` images may
     wait before requests are shed with 503; ``workers`` inference threads; ``max_body_bytes``
-    per request (413 above); ``model_name`` the name under ``/v2/models`` (default: the
-    bundle's); ``retry_after_s`` the ``Retry-After`` of a 503; ``reload_on_sighup`` reloads
-    the bundle on SIGHUP (only when the service runs in the main thread).
+    per request (413 above); ``max_pixels`` per image (413 above, read from the image header
+    before decoding); ``decode_slots`` images decoded at once; ``max_pixels_in_flight`` pixels of
+    decoded images waiting for their answers (503 above); ``client_timeout_s`` for a client to
+    send its whole request (408, or the connection closed, after it); ``model_name`` the name under
+    ``/v2/models`` (default: the bundle's); ``retry_after_s`` the ``Retry-After`` of a 503;
+    ``reload_on_sighup`` reloads the bundle on SIGHUP (only when the service runs in the main
+    thread); ``reload_dir`` the folder that ``POST /v1/reload`` may load other bundles from
+    (``None``: only the served path). Every value is checked here (:class:`InvalidOptionError`).
     """
 
     max_batch: int = 8
@@ -65,9 +80,42 @@ class ServeConfig:
     queue_size: int = 64
     workers: int = 1
     max_body_bytes: int = 8 * 2 ** 20
+    max_pixels: int = 4096 * 3072
+    decode_slots: int = 2
+    max_pixels_in_flight: int = 2 * 4096 * 3072
+    client_timeout_s: float = 30.0
     model_name: str | None = None
     retry_after_s: int = 1
     reload_on_sighup: bool = False
+    reload_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "queue_size", "workers", "max_body_bytes", "max_pixels", "decode_slots",
+                     "max_pixels_in_flight", "retry_after_s"):
+            checks.positive_count(name, getattr(self, name))
+        checks.nonnegative_number("window_ms", self.window_ms, "milliseconds")
+        checks.positive_number("client_timeout_s", self.client_timeout_s)
+        if self.max_pixels_in_flight < self.max_pixels:
+            raise InvalidOptionError(f"max_pixels_in_flight ({self.max_pixels_in_flight}) must be at least "
+                                     f"max_pixels ({self.max_pixels}), or no image of the largest size could be served")
+
+
+class _Pixels:
+    """The pixels of decoded images waiting for answers, bounded; used from the event loop only."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    @asynccontextmanager
+    async def held(self, pixels: int) -> AsyncIterator[None]:
+        if self.used + pixels > self.limit:
+            raise QueueFullError(f"the service holds {self.used} decoded pixels, and this request's {pixels} would "
+                                 f"pass its limit of {self.limit}; retry shortly")
+        self.used += pixels
+        try:
+            yield
+        finally:
+            self.used -= pixels
 
 
 class _Body(io.BytesIO):
@@ -87,6 +135,8 @@ class Service:
         self.slot = ModelSlot(cascade, loader, source)
         self.model_name = config.model_name or cascade.bundle.manifest.name
         self.batcher: MicroBatcher | None = None
+        self.decodes = asyncio.Semaphore(config.decode_slots)
+        self.pixels = _Pixels(config.max_pixels_in_flight)
         self.metrics = Metrics(lambda: self.batcher.depth if self.batcher else 0)
         self._point_metrics(cascade)
 
@@ -112,7 +162,10 @@ class Service:
         self.slot.close()
 
     def reload(self, source: str | None = None) -> Cascade:
-        """Switch to ``source`` (default: the served path, read again); see :meth:`ModelSlot.reload`."""
+        """Switch to ``source`` (default: the served path, read again; another path must lie inside
+        ``config.reload_dir``, else :class:`ForbiddenError`); see :meth:`ModelSlot.reload`."""
+        if source is not None:
+            self.check_reload_path(source)
         try:
             cascade = self.slot.reload(source)
         except StagewiseError:
@@ -121,6 +174,16 @@ class Service:
         self.metrics.reloads.labels("ok").inc()
         self._point_metrics(cascade)
         return cascade
+
+    def check_reload_path(self, source: object) -> None:
+        """Refuse a reload path that is not a string naming something inside ``config.reload_dir``."""
+        if not isinstance(source, str) or not source or "\0" in source:
+            raise RequestError(f'"bundle" must be a path (a non-empty string), got {str(source)[:80]!r}')
+        allowed = self.config.reload_dir
+        if source != self.slot.source and (
+                allowed is None or Path(allowed).resolve() not in Path(source).resolve().parents):
+            where = f"inside {allowed}" if allowed else "other than the served one (start the service with --reload-dir)"
+            raise ForbiddenError(f"reloading {source!r} is not allowed: this service loads only bundles {where}")
 
     def check_operating_point(self, name: str | None) -> None:
         """Refuse an operating point the served bundle does not define, before anything is queued."""
@@ -146,7 +209,9 @@ def _error(exc: Exception, service: Service) -> Response:
     headers = {}
     if isinstance(exc, ServeError):
         status = exc.status
-    elif isinstance(exc, (ImageInputError, UnknownOperatingPointError)):
+    elif isinstance(exc, ImageTooLargeError):
+        status = 413
+    elif isinstance(exc, (ImageInputError, UnknownOperatingPointError, InvalidOptionError)):
         status = 400
     else:
         status = 500
@@ -179,7 +244,14 @@ def _endpoint(name: str, service: Service,
     return endpoint
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    try:
+        return await asyncio.wait_for(_read_limited(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(f"the request body did not arrive within {timeout_s:g} s; send it at once") from None
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLargeError(f"the request body is {length} bytes, over the limit of {limit} "
@@ -194,8 +266,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _image_bytes(request: Request, limit: int) -> bytes:
-    body = await _read_body(request, limit)
+async def _image_bytes(request: Request, limit: int, timeout_s: float) -> bytes:
+    body = await _read_body(request, limit, timeout_s)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         if not body:
             raise RequestError("the request has no body; send the image as the body or as a multipart file")
@@ -241,14 +313,17 @@ def create_app(service: Service) -> Starlette:
     async def classify(request: Request) -> Response:
         q = request.query_params
         cascade = service.slot.current
-        budget = _number(q, "budget_ms", float, 1e-3)
+        budget = _number(q, "budget_ms", float, 1e-3, checks.MAX_BUDGET_MS)
         top_k = _number(q, "top_k", int, 1, len(cascade.classes))
         trace = _flag(q, "trace")
         point = q.get("operating_point")
         service.check_operating_point(point)
-        data = await _image_bytes(request, config.max_body_bytes)
-        image = await run_in_threadpool(load_image, _Body(data))
-        (answer,) = await service.classify([Job(image, budget, point, arrived=request.state.start)])
+        data = await _image_bytes(request, config.max_body_bytes, config.client_timeout_s)
+        async with service.decodes:
+            image = await run_in_threadpool(load_image, _Body(data), config.max_pixels)
+        del data
+        async with service.pixels.held(image.shape[0] * image.shape[1]):
+            (answer,) = await service.classify([Job(image, budget, point, arrived=request.state.start)])
         elapsed = (time.perf_counter() - request.state.start) * 1e3
         service.answered(answer, elapsed, budget)
         p = answer.prediction
@@ -266,10 +341,10 @@ def create_app(service: Service) -> Starlette:
         return JSONResponse(doc)
 
     async def reload(request: Request) -> Response:
-        body = await _read_body(request, 64 * 1024)
+        body = await _read_body(request, 64 * 1024, config.client_timeout_s)
         try:
             source = json.loads(body).get("bundle") if body.strip() else None
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        except (ValueError, AttributeError, RecursionError):
             raise RequestError('the reload body must be empty or JSON {"bundle": "path/to/bundle"}') from None
         try:
             cascade = await run_in_threadpool(service.reload, source)
@@ -308,12 +383,15 @@ def create_app(service: Service) -> Starlette:
         missing = model_or_404(request)
         if missing:
             return missing
-        body = await _read_body(request, config.max_body_bytes)
-        req = await run_in_threadpool(parse_infer_request, body, request.headers.get(HEADER))
+        body = await _read_body(request, config.max_body_bytes, config.client_timeout_s)
+        async with service.decodes:
+            req = await run_in_threadpool(parse_infer_request, body, request.headers.get(HEADER), config.max_pixels)
+        del body
         service.check_operating_point(req.operating_point)
         start = request.state.start
-        answers = await service.classify([Job(image, req.budget_ms, req.operating_point, arrived=start)
-                                          for image in req.images])
+        async with service.pixels.held(int(np.prod(req.images.shape[:3]))):
+            answers = await service.classify([Job(image, req.budget_ms, req.operating_point, arrived=start)
+                                              for image in req.images])
         elapsed = (time.perf_counter() - start) * 1e3
         for answer in answers:
             service.answered(answer, elapsed, req.budget_ms)

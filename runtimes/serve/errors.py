@@ -23,6 +23,18 @@ class PayloadTooLargeError(RequestError):
     status = 413
 
 
+class ForbiddenError(RequestError):
+    """A request the service refuses on principle (e.g. a reload of a path outside ``--reload-dir``)."""
+
+    status = 403
+
+
+class RequestTimeoutError(RequestError):
+    """The client did not send its whole request within the service's ``client_timeout_s``."""
+
+    status = 408
+
+
 class QueueFullError(ServeError):
     """The request queue is full; retry after a moment or lower the request rate."""
 

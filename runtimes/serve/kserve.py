@@ -4,7 +4,9 @@ The model takes one input, a ``UINT8`` image tensor of shape ``[N, H, W, 3]`` (R
 is one image), given as a flat or nested ``data`` list or, with the binary tensor extension
 that ``tritonclient`` uses, as raw bytes after the JSON header (``Inference-Header-Content-Length``
 says where the header ends, ``parameters.binary_data_size`` how many bytes each input holds).
-Request ``parameters`` may carry ``budget_ms`` and ``operating_point``. It returns ``label``
+Request ``parameters`` may carry ``budget_ms`` and ``operating_point``. Pixels must be JSON
+integers 0-255 (a float, string or boolean is refused, never rounded), NaN and Infinity are not
+JSON, and an image over the service's ``max_pixels`` is refused with 413. It returns ``label``
 (INT64), ``score`` (FP32), ``stage`` (INT32, the exit stage) and ``class_name`` (BYTES), each of
 shape ``[N]``; an output is sent as binary when its request asks ``binary_data`` (or the request
 sets ``binary_data_output``).
@@ -13,13 +15,16 @@ sets ``binary_data_output``).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .errors import RequestError
+from stagewise.checks import MAX_BUDGET_MS
+
+from .errors import PayloadTooLargeError, RequestError
 
 HEADER = "Inference-Header-Content-Length"
 OUTPUTS = {"label": "INT64", "score": "FP32", "stage": "INT32", "class_name": "BYTES"}
@@ -44,8 +49,21 @@ def model_metadata(name: str, version: str) -> dict:
             "outputs": [{"name": n, "datatype": t, "shape": [-1]} for n, t in OUTPUTS.items()]}
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Read an infer request body; a malformed one raises :class:`RequestError` saying what is wrong."""
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _object(value: Any, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_infer_request(body: bytes, header_length: str | None, max_pixels: int | None = None) -> InferRequest:
+    """Read an infer request body; a malformed one raises :class:`RequestError` saying what is wrong,
+    an image over ``max_pixels`` (height x width) :class:`PayloadTooLargeError`."""
     if header_length is not None:
         try:
             n = int(header_length)
@@ -57,35 +75,42 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     else:
         head, binary = body, memoryview(b"")
     try:
-        doc = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"the infer request is not JSON: {exc}") from None
+        doc = json.loads(head, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(f"the infer request is not JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or len(doc["inputs"]) != 1:
         raise RequestError('an infer request needs "inputs": a list with one tensor, the UINT8 image [N, H, W, 3]')
-    images = _image_tensor(doc["inputs"][0], binary)
-    params = doc.get("parameters") or {}
+    images = _image_tensor(doc["inputs"][0], binary, max_pixels)
+    params = _object(doc.get("parameters"), "parameters")
     budget = params.get("budget_ms")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
-        raise RequestError(f"parameters.budget_ms must be a positive number of milliseconds, got {budget!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0 < budget <= MAX_BUDGET_MS):
+        raise RequestError(f"parameters.budget_ms must be a number of milliseconds above 0 and at most "
+                           f"{MAX_BUDGET_MS:.0f}, got {str(budget)[:40]}")
     point = params.get("operating_point")
     if point is not None and not isinstance(point, str):
-        raise RequestError(f"parameters.operating_point must be a string, got {point!r}")
+        raise RequestError(f"parameters.operating_point must be a string, got {str(point)[:40]!r}")
     return InferRequest(doc.get("id"), images, None if budget is None else float(budget), point,
                         _requested_outputs(doc.get("outputs"), bool(params.get("binary_data_output", False))))
 
 
-def _image_tensor(spec: Any, binary: memoryview) -> np.ndarray:
+def _image_tensor(spec: Any, binary: memoryview, max_pixels: int | None) -> np.ndarray:
     if not isinstance(spec, dict):
         raise RequestError("an input tensor must be an object with name, shape, datatype and data")
     if spec.get("datatype") != "UINT8":
-        raise RequestError(f'input datatype must be "UINT8" (RGB pixels 0-255), got {spec.get("datatype")!r}')
+        raise RequestError(f'input datatype must be "UINT8" (RGB pixels 0-255), got {str(spec.get("datatype"))[:40]!r}')
     shape = spec.get("shape")
     if (not isinstance(shape, list) or len(shape) not in (3, 4) or shape[-1] != 3
-            or not all(isinstance(d, int) and d > 0 for d in shape)):
-        raise RequestError(f"input shape must be [N, H, W, 3] (or [H, W, 3]) with positive sizes, got {shape!r}")
-    count = int(np.prod(shape))
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise RequestError(f"input shape must be [N, H, W, 3] (or [H, W, 3]) with positive sizes, got {str(shape)[:80]}")
+    if max_pixels is not None and shape[-3] * shape[-2] > max_pixels:
+        raise PayloadTooLargeError(f"input images are {shape[-3]}x{shape[-2]} = {shape[-3] * shape[-2]} pixels, over "
+                                   f"the limit of {max_pixels} pixels per image; send smaller images")
+    count = math.prod(shape)  # Python integers: no overflow
+    size = _object(spec.get("parameters"), "input parameters").get("binary_data_size")
     if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise RequestError(f"parameters.binary_data_size must be a whole number of bytes, got {str(size)[:40]}")
         if size != count or len(binary) < size:
             raise RequestError(f"binary input holds {min(size, len(binary))} bytes; shape {shape} needs {count}")
         flat = np.frombuffer(binary[:size], dtype=np.uint8)
@@ -93,17 +118,28 @@ def _image_tensor(spec: Any, binary: memoryview) -> np.ndarray:
         data = spec.get("data")
         if data is None:
             raise RequestError('the input tensor has neither "data" nor parameters.binary_data_size')
-        try:
-            values = np.asarray(data, dtype=np.int64).ravel()
-        except (ValueError, TypeError, OverflowError):
-            raise RequestError("input data must be a (flat or nested) list of integers 0-255") from None
-        if values.size != count:
-            raise RequestError(f"input data holds {values.size} values; shape {shape} needs {count}")
-        if values.size and (values.min() < 0 or values.max() > 255):
-            raise RequestError("input data must be integers 0-255 (UINT8)")
-        flat = values.astype(np.uint8)
+        flat = _pixels(data, count, shape)
     images = flat.reshape(shape)
     return images[None] if images.ndim == 3 else images
+
+
+def _pixels(data: Any, count: int, shape: list) -> np.ndarray:
+    """The JSON ``data`` of a UINT8 tensor as a flat uint8 array: integers 0-255 only, nothing coerced."""
+    if not isinstance(data, list):
+        raise RequestError("input data must be a (flat or nested) list of integers 0-255")
+    try:
+        values = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        values = None
+    if values is None or values.dtype.kind not in "iu":  # floats, strings, booleans, ragged lists, huge integers
+        raise RequestError("input data must be a (flat or nested) list of integers 0-255 (no floats, strings "
+                           "or booleans)")
+    values = values.ravel()
+    if values.size != count:
+        raise RequestError(f"input data holds {values.size} values; shape {shape} needs {count}")
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise RequestError("input data must be integers 0-255 (UINT8)")
+    return values.astype(np.uint8)
 
 
 def _requested_outputs(outputs: Any, binary_default: bool) -> dict[str, bool]:
@@ -114,9 +150,9 @@ def _requested_outputs(outputs: Any, binary_default: bool) -> dict[str, bool]:
     wanted = {}
     for out in outputs:
         name = out.get("name") if isinstance(out, dict) else None
-        if name not in OUTPUTS:
-            raise RequestError(f"unknown output {name!r}; this model returns: {', '.join(OUTPUTS)}")
-        wanted[name] = bool((out.get("parameters") or {}).get("binary_data", binary_default))
+        if not isinstance(name, str) or name not in OUTPUTS:
+            raise RequestError(f"unknown output {str(name)[:40]!r}; this model returns: {', '.join(OUTPUTS)}")
+        wanted[name] = bool(_object(out.get("parameters"), "output parameters").get("binary_data", binary_default))
     return wanted
 
 
