@@ -37,7 +37,8 @@ Z95 = 1.959963984540054
 @dataclass(frozen=True)
 class Sample:
     """One request run through every stage: its operating point, exit stage and answer, the full model's answer,
-    the full model's probability of each answer and the full run's trace (every stage's score and answer)."""
+    the full model's probability of each answer, the full run's trace (every stage's score and answer) and
+    the answered request's own trace."""
 
     point: str | None
     stage: int
@@ -46,6 +47,7 @@ class Sample:
     p_full_of_label: float
     p_full_of_full: float
     trace: tuple = ()
+    answered: tuple = ()
 
     @property
     def agrees(self) -> bool:
@@ -63,7 +65,7 @@ def sample_of(prediction: Any, full: Any | None) -> Sample:
     full = full or prediction
     probs = full.probabilities
     return Sample(prediction.operating_point, int(prediction.stage), int(prediction.label), int(full.label),
-                  float(probs[prediction.label]), float(probs[full.label]), tuple(full.trace))
+                  float(probs[prediction.label]), float(probs[full.label]), tuple(full.trace), tuple(prediction.trace))
 
 
 def clopper_pearson(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:

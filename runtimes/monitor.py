@@ -41,6 +41,7 @@ from stagewise.errors import InvalidOptionError, UnknownOperatingPointError
 from .agreement import AgreementSampler, Sample, estimate
 from .edetector import EDetector, bernoulli_ratios, bets, tolerance
 from .monitor_reference import RateTest, rate_tests, reference_of
+from .trace_log import write_sample
 
 NO_REFERENCE = ("this bundle has no monitor reference (it was calibrated before stagewise recorded one); "
                 "run `stagewise calibrate BUNDLE --data IMAGES ...` to add it. Exit rates are counted, not tested.")
@@ -58,7 +59,9 @@ class MonitorSettings:
     evidence); ``agreement``: the share of answered requests run through every stage (0: off),
     at most ``capacity`` waiting; ``window``: agreement samples per point the estimate uses (the
     most recent); ``fallback``: operating point to switch to on an alarm (``None``: only report);
-    ``block``: requests per vectorised update; ``seed``: of the agreement sampling.
+    ``block``: requests per vectorised update; ``seed``: of the agreement sampling; ``log``: a file
+    the agreement samples are appended to as JSON lines (what ``stagewise calibrate --from-log``
+    re-calibrates on).
     """
 
     false_alarms_per_10k: float = 1.0
@@ -69,6 +72,7 @@ class MonitorSettings:
     fallback: str | None = None
     block: int = 64
     seed: int = 0
+    log: str | None = None
 
     def __post_init__(self):
         if not (isinstance(self.false_alarms_per_10k, (int, float)) and 0 < self.false_alarms_per_10k < 1e4):
@@ -138,6 +142,10 @@ class DriftMonitor:
         self.requests = 0
         self._samples: dict[str, deque[Sample]] = {}
         self._sampler = AgreementSampler(settings.agreement, self._record, settings.capacity, settings.seed)
+        self._log = open(settings.log, "a") if settings.log else None
+        if settings.fallback is not None and settings.fallback not in self._thresholds:
+            raise UnknownOperatingPointError(f"the monitor's fallback {settings.fallback!r} is not an operating point "
+                                             f"of this bundle; choose one of: {', '.join(self._thresholds)}")
         self._watch(tuple(settings.points or (default,)))
 
     @classmethod
@@ -151,10 +159,13 @@ class DriftMonitor:
         return monitor
 
     def detach(self) -> None:
-        """Stop listening to the cascade and forget the kept agreement images."""
+        """Stop listening to the cascade, forget the kept agreement images and close the sample log."""
         if self.cascade is not None:
             self.cascade.remove_listener(self.observe)
         self._sampler.clear()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def on_alarm(self, callback: Callable[[Alarm], None]) -> None:
         """Call ``callback(alarm)`` for every alarm (on the thread that processed the block: keep it short)."""
@@ -276,8 +287,8 @@ class DriftMonitor:
             what = "exit rate" if t.kind == "exit" else f"share of scores >= {t.cut:.3f}"
             message = (f"drift at request {self._start + crossing.index + 1} ({t.point}): stage {self.stage_names[t.stage]} "
                        f"{what} is {live:.3f} live vs {t.mean:.3f} at calibration (n={t.n}); e-value "
-                       f"{math.exp(crossing.log_evidence):.3g} >= {self.detector.threshold:g}")
-            raised.append(Alarm("drift", self._start + crossing.index + 1, t.point, math.exp(crossing.log_evidence),
+                       f"{_exp(crossing.log_evidence):.3g} >= {self.detector.threshold:g}")
+            raised.append(Alarm("drift", self._start + crossing.index + 1, t.point, _exp(crossing.log_evidence),
                                 message, {"stage": self.stage_names[t.stage], "statistic": t.kind, "cut": t.cut,
                                           "direction": self._direction[crossing.detector], "live": float(live),
                                           "reference": t.mean}))
@@ -295,6 +306,8 @@ class DriftMonitor:
             if window is None:
                 window = self._samples[point] = deque(maxlen=self.settings.window)
             window.append(sample)
+            if self._log is not None:
+                write_sample(self._log, sample)
             promised = self._promised.get(point)
             if promised is not None:
                 detector = self._loss.get(point)
@@ -304,19 +317,16 @@ class DriftMonitor:
                 lam = np.array(LOSS_BETS) / (1.0 + promised)
                 for crossing in detector.update(np.log1p(lam * (sample.loss - promised))[None, :]):
                     est = estimate(list(window))
-                    raised.append(Alarm("loss", crossing.index + 1, point, math.exp(crossing.log_evidence),
+                    raised.append(Alarm("loss", crossing.index + 1, point, _exp(crossing.log_evidence),
                                         f"accuracy loss at {point}: the agreement estimate {100 * est.loss:.2f} pt "
                                         f"(95% {100 * est.loss_interval[0]:.2f}..{100 * est.loss_interval[1]:.2f}, "
                                         f"n={est.n}) exceeds the promised {100 * promised:g} pt",
                                         {"promised_drop": promised, **est.to_dict()}))
         self._react(raised)
 
-    def record(self, prediction: Any, full: Any | None) -> None:
-        """Add an agreement sample made elsewhere: ``full`` is ``run_all_stages`` of the same image (``None`` when
-        ``prediction`` came from the last stage)."""
-        from .agreement import sample_of
-
-        self._record(sample_of(prediction, full))
+    def add_sample(self, sample: Sample) -> None:
+        """Add an agreement sample made elsewhere (e.g. read from a trace log)."""
+        self._record(sample)
 
     def estimate(self, point: str) -> dict | None:
         """The agreement estimate of ``point`` (see :func:`stagewise.runtimes.agreement.estimate`) with its promise."""
@@ -360,7 +370,7 @@ class DriftMonitor:
             doc: dict[str, Any] = {
                 "reference": self.reference is not None, "requests": self.requests, "watching": list(self.watching),
                 "false_alarms_per_10k": self.settings.false_alarms_per_10k, "threshold": self.detector.threshold,
-                "evidence": math.exp(self.detector.log_evidence), "alarm": self.alarmed,
+                "evidence": _exp(self.detector.log_evidence), "alarm": self.alarmed,
                 "alarm_count": len(self.alarms), "alarms": [a.to_dict() for a in self.alarms[-20:]],
                 "operating_point": self.cascade.operating_point if self.cascade is not None else None,
                 "agreement": {"fraction": self.settings.agreement, "pending": self._sampler.pending,
@@ -392,6 +402,11 @@ class DriftMonitor:
         if agreement is not None:
             out["agreement"] = agreement
         return out
+
+
+def _exp(log_value: float) -> float:
+    """An e-value from its log, finite for JSON."""
+    return math.exp(min(log_value, 700.0))
 
 
 def _promised_drop(goal: Any) -> float | None:

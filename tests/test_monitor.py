@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from stagewise.bundle import read_bundle, write_bundle
 from stagewise.cli import cli
 from stagewise.runtimes.agreement import Sample, clopper_pearson, estimate
 from stagewise.runtimes.edetector import EDetector, bernoulli_ratios, bets, tolerance
+from stagewise.runtimes.monitor import MonitorSettings
 
 
 # ---- the sequential test, on simulated streams ---------------------------------------------------------
@@ -178,3 +180,81 @@ def test_monitor_is_quiet_in_distribution_and_alarms_and_switches_under_shift(ca
     assert report["alarm_count"] >= 1 and seen and seen[0].kind == "drift"
     assert seen[0].request <= len(same) + 3 * len(shifted)
     assert report["watching"] == ["full"]
+
+
+def test_sample_log_replays_and_recalibrates_label_free(calibrated, tmp_path):
+    import shutil
+
+    from stagewise.runtimes import load
+    from stagewise.runtimes.monitor import DriftMonitor, MonitorSettings
+
+    bundle, data, _ = calibrated
+    copy = shutil.copy(bundle, tmp_path / "field.swb")
+    log = tmp_path / "samples.jsonl"
+    with load(copy, backend="onnxruntime", threads=1) as cascade:
+        monitor = DriftMonitor.attach(cascade, MonitorSettings(agreement=1.0, capacity=500, log=str(log)))
+        for path in sorted(data.glob("*/*.png")):
+            monitor.offer(path, cascade.predict(path))
+        monitor.drain()
+        live = monitor.report()
+        monitor.detach()
+    assert len(log.read_text().splitlines()) == 180
+    runner = CliRunner()
+    out = runner.invoke(cli, ["monitor", str(log), "--bundle", str(copy), "--json"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    replayed = json.loads(out.output)
+    point = live["watching"][0]
+    assert replayed["requests"] == 180 and replayed["alarm_count"] == 0
+    assert replayed["points"][point]["agreement"] == live["points"][point]["agreement"]
+    text = runner.invoke(cli, ["monitor", str(log), "--bundle", str(copy)], catch_exceptions=False).output
+    assert "no alarm" in text and "estimated loss" in text
+    out = runner.invoke(cli, ["calibrate", str(copy), "--from-log", str(log), "--target-drop", "5"],
+                        catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    m = read_bundle(copy).manifest
+    assert m.default_operating_point == "drop-5pt" and m.calibration["targets"] == "full_model_agreement"
+    assert m.calibration["monitor"]["n"] == 180 and str(log) == m.calibration["data"]
+    assert m.point("drop-5pt").expected.to_dict()["agreement"] >= 0.95
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"operating_point": "full", "trace": [{"stage": "s0"}]}\n')
+    out = runner.invoke(cli, ["monitor", str(bad), "--bundle", str(copy)])
+    assert out.exit_code != 0 and "bad.jsonl:1" in str(out.exception)
+
+
+def test_serve_exports_the_monitor(calibrated, tmp_path):
+    import httpx
+
+    from serving import running, toy_service
+    from stagewise.runtimes.serve import ServeConfig
+
+    bundle, data, _ = calibrated
+    paths = sorted(data.glob("*/*.png"))[::6]
+    service = toy_service(ServeConfig(monitor=MonitorSettings(agreement=1.0, block=4)), bundle=bundle)
+    with running(service) as (url, _):
+        with httpx.Client(base_url=url) as client:
+            for path in paths:
+                assert client.post("/v1/classify", content=path.read_bytes()).status_code == 200
+            for _ in range(100):  # the checks run after answering, when the worker is next idle
+                client.post("/v1/classify", content=paths[0].read_bytes())
+                report = client.get("/v1/monitor").json()
+                if report["points"][report["watching"][0]]["agreement"]["n"] >= len(paths):
+                    break
+                time.sleep(0.05)
+            metrics = client.get("/metrics").text
+    point = report["watching"][0]
+    assert report["reference"] is True and report["requests"] >= len(paths)
+    assert report["points"][point]["agreement"]["n"] >= len(paths) and report["agreement"]["failed"] == 0
+    assert "stagewise_monitor_alarm 0.0" in metrics and "stagewise_monitor_reference 1.0" in metrics
+    assert f'stagewise_monitor_exit_rate{{operating_point="{point}",source="calibration",stage="s0"}}' in metrics
+    assert 'stagewise_monitor_loss{bound="estimate"' in metrics
+
+
+def test_serve_says_when_the_bundle_has_no_reference():
+    import httpx
+
+    from serving import running, toy_service
+
+    with running(toy_service()) as (url, _):
+        with httpx.Client(base_url=url) as client:
+            report = client.get("/v1/monitor").json()
+    assert report["reference"] is False and "no monitor reference" in report["message"]

@@ -8,7 +8,8 @@ Endpoints (every error is JSON ``{"error": message}`` with a 4xx/5xx status):
 * the Open Inference Protocol (KServe v2): ``/v2``, ``/v2/health/live``, ``/v2/health/ready``,
   ``/v2/models/{name}``, ``/v2/models/{name}/ready``, ``/v2/models/{name}/infer``
   (see :mod:`stagewise.runtimes.serve.kserve`).
-* ``GET /metrics``: Prometheus text format.
+* ``GET /metrics``: Prometheus text format (with the drift monitor's ``stagewise_monitor_*`` lines).
+* ``GET /v1/monitor``: the drift monitor's report (:mod:`stagewise.runtimes.monitor`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ from stagewise.errors import ImageInputError, StagewiseError, UnknownOperatingPo
 from stagewise.images import load_image
 
 from ..executor import Cascade
+from ..monitor import DriftMonitor, MonitorSettings
 from .batching import Answer, Job, MicroBatcher
 from .errors import PayloadTooLargeError, QueueFullError, RequestError, ServeError, ShuttingDownError
 from .kserve import HEADER, infer_response, model_metadata, parse_infer_request
 from .metrics import Metrics
 from .model import ModelSlot
+from .monitoring import MonitorCollector
 
 log = logging.getLogger("stagewise.serve")
 
@@ -57,7 +60,8 @@ class ServeConfig:
     wait before requests are shed with 503; ``workers`` inference threads; ``max_body_bytes``
     per request (413 above); ``model_name`` the name under ``/v2/models`` (default: the
     bundle's); ``retry_after_s`` the ``Retry-After`` of a 503; ``reload_on_sighup`` reloads
-    the bundle on SIGHUP (only when the service runs in the main thread).
+    the bundle on SIGHUP (only when the service runs in the main thread); ``monitor`` how the drift
+    monitor watches (its agreement checks run on a worker when the queue is empty).
     """
 
     max_batch: int = 8
@@ -68,6 +72,7 @@ class ServeConfig:
     model_name: str | None = None
     retry_after_s: int = 1
     reload_on_sighup: bool = False
+    monitor: MonitorSettings = MonitorSettings()
 
 
 class _Body(io.BytesIO):
@@ -89,6 +94,8 @@ class Service:
         self.batcher: MicroBatcher | None = None
         self.metrics = Metrics(lambda: self.batcher.depth if self.batcher else 0)
         self._point_metrics(cascade)
+        self.monitor = DriftMonitor.attach(cascade, config.monitor)
+        self.metrics.registry.register(MonitorCollector(lambda: self.monitor))
 
     def _point_metrics(self, cascade: Cascade) -> None:
         self.metrics.use_operating_points(cascade.operating_points, cascade.operating_point)
@@ -102,13 +109,20 @@ class Service:
         """Start the worker threads."""
         c = self.config
         self.batcher = MicroBatcher(self.slot, c.max_batch, c.window_ms, c.queue_size, c.workers,
-                                    on_batch=self.metrics.batch_size.observe)
+                                    on_batch=self.metrics.batch_size.observe, on_idle=self._check_agreement)
+
+    def _check_agreement(self, cascade: Cascade) -> None:
+        """The drift monitor's kept requests through every stage, one at a time while nothing waits (on a worker)."""
+        monitor, batcher = self.monitor, self.batcher
+        while monitor.cascade is cascade and batcher is not None and not batcher.depth and monitor.drain(1):
+            pass
 
     def stop(self) -> None:
         """Finish every queued image, then close the cascade."""
         batcher, self.batcher = self.batcher, None
         if batcher is not None:
             batcher.close()
+        self.monitor.detach()
         self.slot.close()
 
     def reload(self, source: str | None = None) -> Cascade:
@@ -120,6 +134,8 @@ class Service:
             raise
         self.metrics.reloads.labels("ok").inc()
         self._point_metrics(cascade)
+        self.monitor.detach()
+        self.monitor = DriftMonitor.attach(cascade, self.config.monitor)
         return cascade
 
     def check_operating_point(self, name: str | None) -> None:
@@ -134,7 +150,10 @@ class Service:
         if self.batcher is None:
             raise ShuttingDownError("the service is not running (starting or shutting down); retry shortly")
         self.batcher.submit(jobs)
-        return list(await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs)))
+        answers = list(await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs)))
+        for job, answer in zip(jobs, answers):
+            self.monitor.offer(job.image, answer.prediction)
+        return answers
 
     def answered(self, answer: Answer, elapsed_ms: float, budget_ms: float | None) -> None:
         """Count an answer in the metrics."""
@@ -280,6 +299,9 @@ def create_app(service: Service) -> Starlette:
         return JSONResponse({"bundle": service.slot.source, "generation": service.slot.generation,
                              "stages": cascade.stage_names, "operating_point": cascade.operating_point})
 
+    async def monitor(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(service.monitor.report))
+
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(service.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -338,7 +360,7 @@ def create_app(service: Service) -> Starlette:
             await run_in_threadpool(service.stop)
 
     routes = [("/v1/classify", "classify", classify, ["POST"]), ("/v1/reload", "reload", reload, ["POST"]),
-              ("/metrics", "metrics", metrics, ["GET"]), ("/v2", "metadata", server_metadata, ["GET"]),
+              ("/metrics", "metrics", metrics, ["GET"]), ("/v1/monitor", "monitor", monitor, ["GET"]), ("/v2", "metadata", server_metadata, ["GET"]),
               ("/v2/health/live", "health", live, ["GET"]), ("/v2/health/ready", "health", ready, ["GET"]),
               ("/v2/models/{name}", "metadata", model, ["GET"]),
               ("/v2/models/{name}/ready", "health", model_ready, ["GET"]),
