@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Alternatives each rate test bets on: the live mean this far beyond the null band (absolute).
-SHIFTS = (0.04, 0.08, 0.16, 0.32)
+SHIFTS = (0.05, 0.12, 0.3)
 #: Tolerance of a rate test: this many standard errors of the calibration estimate ...
 TOLERANCE_Z = 3.0
 #: ... plus this much, for what differs between calibration and a fresh sample of the same images.
@@ -87,7 +87,8 @@ class EDetector:
     """
 
     def __init__(self, weight: np.ndarray, threshold: float):
-        self.log_weight = np.log(np.asarray(weight, dtype=np.float64))
+        self.weight = np.asarray(weight, dtype=np.float64)
+        self.log_weight = np.log(self.weight)
         self.log_threshold = math.log(threshold)
         self.threshold = float(threshold)
         self.state = np.zeros(len(self.log_weight))  # W = log max(M, 1) of each detector
@@ -112,7 +113,15 @@ class EDetector:
             low = np.minimum(np.minimum.accumulate(c, axis=0), 0.0)
             before = np.vstack([np.zeros((1, c.shape[1])), low[:-1]])
             log_m = c - before
-            evidence = np.logaddexp.reduce(log_m + self.log_weight, axis=1)
+            peak = log_m.max(axis=0)  # no row's average can exceed the average of the detectors' peaks
+            top = peak.max()
+            if top + math.log(np.exp(peak - top) @ self.weight) < self.log_threshold:
+                last = log_m[-1]
+                self.state = c[-1] - low[-1]
+                self.log_evidence = float(last.max() + math.log(np.exp(last - last.max()) @ self.weight))
+                break
+            top = log_m.max(axis=1)
+            evidence = top + np.log(np.exp(log_m - top[:, None]) @ self.weight)
             hits = np.flatnonzero(evidence >= self.log_threshold)
             if not len(hits):
                 self.state = c[-1] - low[-1]

@@ -70,7 +70,7 @@ class MonitorSettings:
     capacity: int = 64
     window: int = 5000
     fallback: str | None = None
-    block: int = 64
+    block: int = 128
     seed: int = 0
     log: str | None = None
 
@@ -220,9 +220,12 @@ class DriftMonitor:
         self._direction = direction
         weight = np.array(weight)
         self.detector = EDetector(weight / weight.sum() if len(weight) else weight, self.settings.threshold)
+        self._test_stage = np.array([t.stage for t in self.tests], np.int64)
+        self._test_cut = np.array([t.cut for t in self.tests], np.float64)
         self._observed = np.zeros(len(self.tests), np.int64)
         self._hits = np.zeros(len(self.tests), np.int64)
         self._counts: dict[str | None, _Counts] = {}
+        self._unbinned: list[tuple[dict, np.ndarray, np.ndarray]] = []
         self._loss: dict[str, EDetector] = {}
 
     def flush(self) -> list[Alarm]:
@@ -237,46 +240,32 @@ class DriftMonitor:
     def _process(self, batch: list) -> list[Alarm]:
         k = len(self.stage_names)
         n = len(batch)
-        scores = np.full((n, k), np.nan)
-        stage = np.empty(n, np.int64)
-        points: list[str | None] = []
-        for i, p in enumerate(batch):
-            points.append(p.operating_point)
-            stage[i] = p.stage
-            row = []
-            for r in p.trace:
-                if r.score is None:
-                    break
-                row.append(r.score)
-            scores[i, :len(row)] = row
+        pad = [math.nan] * k
+        rows = []
+        for p in batch:
+            row = [r.score for r in p.trace]
+            if None in row:  # a stage skipped or cancelled by a budget: what follows is not a calibration path
+                row = row[:row.index(None)]
+            rows.append(row + pad[len(row):] if len(row) < k else row)
+        scores = np.array(rows, dtype=np.float64)
+        stage = np.fromiter([p.stage for p in batch], np.int64, n)
+        points = [p.operating_point for p in batch]
         self.requests += n
-        reached = ~np.isnan(scores)
-        names = np.array(points, dtype=object)
-        for point in set(points):
-            rows = np.flatnonzero(names == point) if len(set(points)) > 1 else np.arange(n)
-            counts = self._counts.get(point)
-            if counts is None:
-                counts = self._counts[point] = _Counts(k, self._edges)
-            counts.requests += len(rows)
-            counts.reached += reached[rows].sum(axis=0)
-            counts.exited += np.bincount(stage[rows], minlength=k)[:k]
-            if counts.histograms is not None:
-                for j in range(k):
-                    seen = scores[rows, j][reached[rows, j]]
-                    if len(seen):
-                        counts.histograms[j] += np.bincount(np.searchsorted(self._edges[j], seen, side="right"),
-                                                            minlength=len(self._edges[j]) + 1)
+        kinds = set(points)
+        names = np.array(points, dtype=object) if len(kinds) > 1 else None
+        groups = {point: (np.arange(n) if names is None else np.flatnonzero(names == point)) for point in kinds}
+        self._unbinned.append((groups, scores, stage))
+        if len(self._unbinned) >= 32:
+            self._bin()
         if not len(self._stat):
             return []
         block = np.full((n, len(self.tests)), -1, np.int8)
         for point, cols in self._columns.items():
-            rows = np.flatnonzero(names == point)
-            if not len(rows) or not len(cols):
+            at = groups.get(point)
+            if at is None or not len(cols):
                 continue
-            tests = [self.tests[c] for c in cols]
-            values = scores[np.ix_(rows, [t.stage for t in tests])]
-            x = np.where(np.isnan(values), -1, values >= np.array([t.cut for t in tests])).astype(np.int8)
-            block[np.ix_(rows, cols)] = x
+            values = scores[np.ix_(at, self._test_stage[cols])]
+            block[np.ix_(at, cols)] = np.where(np.isnan(values), -1, values >= self._test_cut[cols])
         self._observed += (block >= 0).sum(axis=0)
         self._hits += (block == 1).sum(axis=0)
         raised = []
@@ -295,6 +284,25 @@ class DriftMonitor:
             self._observed[:] = 0
             self._hits[:] = 0
         return raised
+
+    def _bin(self) -> None:
+        """Fold the blocks processed since the last call into the live counters (in one go: cheaper per block)."""
+        k = len(self.stage_names)
+        for groups, scores, stage in self._unbinned:
+            reached = ~np.isnan(scores)
+            for point, at in groups.items():
+                counts = self._counts.get(point)
+                if counts is None:
+                    counts = self._counts[point] = _Counts(k, self._edges)
+                counts.requests += len(at)
+                counts.reached += reached[at].sum(axis=0)
+                counts.exited += np.bincount(stage[at], minlength=k)[:k]
+                if counts.histograms is not None:
+                    for j in range(k):
+                        seen = scores[at, j][reached[at, j]]
+                        counts.histograms[j] += np.bincount(np.searchsorted(self._edges[j], seen, side="right"),
+                                                            minlength=len(self._edges[j]) + 1)
+        self._unbinned.clear()
 
     # ---- agreement ----------------------------------------------------------------------------------
 
@@ -367,6 +375,7 @@ class DriftMonitor:
         """Everything the monitor knows, JSON-ready (``/v1/monitor`` serves it)."""
         self.flush()
         with self._lock:
+            self._bin()
             doc: dict[str, Any] = {
                 "reference": self.reference is not None, "requests": self.requests, "watching": list(self.watching),
                 "false_alarms_per_10k": self.settings.false_alarms_per_10k, "threshold": self.detector.threshold,

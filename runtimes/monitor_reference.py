@@ -28,8 +28,8 @@ VERSION = 1
 BINS = 16
 #: A stage reached by fewer calibration images than this at an operating point is not tested there.
 MIN_REACHED = 30
-#: The score-distribution tests of a stage sit at the bin edges nearest to these shares of its scores.
-QUANTILES = (0.25, 0.5, 0.75)
+#: The score-distribution tests of a stage sit at the bin edges nearest to these quantiles of its scores.
+QUANTILES = (1 / 3, 2 / 3)
 
 
 def monitor_reference(table: ExitTable, points: list[dict], bins: int = BINS) -> dict:
