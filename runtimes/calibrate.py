@@ -23,6 +23,7 @@ from stagewise.errors import CalibrationError
 from stagewise.exits import load_exit_model
 
 from .executor import Cascade
+from .monitor_reference import monitor_reference
 from .profiling import measure_stage_latency, record_profile
 
 EXIT_MODEL_DIR = "exits"
@@ -102,7 +103,8 @@ def calibrate_manifest(cascade: Cascade, manifest: dict, images: Sequence[np.nda
                               None if targets is None else np.asarray(targets), goal, settings, cost_unit="ms",
                               float_logits=float_logits)
     manifest = apply_calibration(manifest, result, Path(model_root or cascade.bundle.root), files)
-    manifest["calibration"].update(cost=f"latency_ms:{profile}", data=origin)
+    manifest["calibration"].update(cost=f"latency_ms:{profile}", data=origin,
+                                   monitor=monitor_reference(result.table, result.points))
     return manifest
 
 

@@ -388,8 +388,11 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
 
 @cli.command()
 @click.argument("bundle", type=click.Path(exists=True))
-@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
               help="held-out images: class folders, labels.tsv or an archive; with --no-labels any folder of images")
+@click.option("--from-log", type=click.Path(exists=True, path_type=Path),
+              help="instead of --data: re-choose the thresholds without labels from the agreement samples of a trace "
+                   "log recorded on the device (stagewise serve --monitor-log); goal: --target-drop")
 @click.option("--target-drop", type=_Finite(min=0, max=100),
               help="goal: cheapest point with top-1 at most this many points below full")
 @click.option("--budget-ms", type=_Finite(min=0, min_open=True),
@@ -415,16 +418,32 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
 @click.option("--seed", type=int, default=0, show_default=True)
 @backend_option
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-def calibrate(bundle, data, target_drop, budget_ms, alpha, risk, delta, risk_kind, no_labels, score, temperature,
-              front_points, tune_fraction, limit, seed, backend, threads):
+def calibrate(bundle, data, from_log, target_drop, budget_ms, alpha, risk, delta, risk_kind, no_labels, score,
+              temperature, front_points, tune_fraction, limit, seed, backend, threads):
     """Re-pick thresholds and operating points on new data, without reconverting.
 
     Exactly one goal: --target-drop, --budget-ms, --alpha, or --risk with --delta. The manifest's
     operating points are rewritten atomically and the expected accuracy / cost table is printed.
+    With --from-log instead of --data, the thresholds are re-chosen label-free from the agreement
+    samples recorded in the field (goal: --target-drop, as agreement with the full model).
     """
     from .calibration import Settings
     from .reports import manifest_tables, print_tables
     from .runtimes.calibrate import recalibrate
+
+    if from_log is not None:
+        if data is not None or any(g is not None for g in (budget_ms, alpha, risk)) or target_drop is None:
+            raise click.UsageError("--from-log takes no --data and one goal, --target-drop (agreement with the full "
+                                   "model at least 1 - D)")
+        from .runtimes.trace_log import recalibrate_from_log
+
+        manifest = recalibrate_from_log(bundle, from_log, target_drop)
+        print_tables(manifest_tables(manifest)[1])
+        click.echo(f"re-calibrated on {manifest['calibration']['n']} agreement samples from {from_log} (no labels): "
+                   f"default point {manifest['default_operating_point']}")
+        return
+    if data is None:
+        raise click.UsageError("give --data IMAGES (or --from-log TRACES to re-calibrate from field traces)")
 
     goals = [g for g in (target_drop, budget_ms, alpha, risk) if g is not None]
     if len(goals) != 1:
@@ -454,6 +473,57 @@ def calibrate(bundle, data, target_drop, budget_ms, alpha, risk, delta, risk_kin
         click.echo(f"guarantee: {g['risk']} <= {100 * g['epsilon']:g}% with probability >= {1 - g['delta']:g} "
                    f"(n={g['n']} test images, {g['n_tune']} tune; observed {100 * g['empirical_risk']:.2f}%, "
                    f"{1 - g['delta']:g} upper bound {100 * g['upper_bound']:.2f}%)")
+
+
+@cli.command()
+@click.argument("log", type=click.Path(exists=True, path_type=Path))
+@click.option("--bundle", required=True, type=click.Path(exists=True), help="the bundle the log was recorded with")
+@click.option("--operating-point", "points", multiple=True,
+              help="operating points to test (repeat; default: the bundle's default point)")
+@click.option("--false-alarms-per-10k", type=_Finite(min=0, max=1e4, min_open=True, max_open=True), default=1.0,
+              show_default=True, help="average false-alarm rate bound of the drift test")
+@click.option("--json", "as_json", is_flag=True, help="print the monitor's report as JSON")
+def monitor(log, bundle, points, false_alarms_per_10k, as_json):
+    """Replay a trace log (JSON lines: stagewise run --json, stream frame logs, the monitor's sample log) through
+    the drift monitor: alarms, live vs calibration exit rates, and the agreement estimate of the accuracy loss."""
+    from .bundle import read_bundle
+    from .runtimes.monitor import DriftMonitor, MonitorSettings
+    from .runtimes.trace_log import read_log
+
+    b = read_bundle(bundle)
+    try:
+        watched = DriftMonitor(b.manifest, MonitorSettings(false_alarms_per_10k=false_alarms_per_10k,
+                                                           points=tuple(points) or None))
+    finally:
+        b.close()
+    for prediction, sample in read_log(log):
+        watched.observe(prediction)
+        if sample is not None:
+            watched.add_sample(sample)
+    report = watched.report()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['requests']} requests; testing {', '.join(report['watching'])} "
+               f"(at most {false_alarms_per_10k:g} false alarm per 10,000 requests on average)")
+    if not report["reference"]:
+        click.echo(report["message"])
+    for alarm in report["alarms"]:
+        click.echo(f"ALARM {alarm['message']}")
+    if report["reference"] and not report["alarms"]:
+        click.echo("no alarm: live traffic is consistent with the calibration")
+    for name, point in report["points"].items():
+        rates = ", ".join(f"{s['stage']} {100 * s['exit_rate']:.1f}%"
+                          + (f" (calibration {100 * s['reference_exit_rate']:.1f}%)" if "reference_exit_rate" in s else "")
+                          for s in point["stages"] if s.get("exit_rate") is not None)
+        click.echo(f"{name}: {point['requests']} requests; exits {rates}")
+        a = point.get("agreement")
+        if a:
+            promise = "" if a["promised_drop"] is None else f"; promised drop {100 * a['promised_drop']:g} pt"
+            click.echo(f"  agreement samples {a['n']}: disagreement {100 * a['disagreement']:.2f}% "
+                       f"(95% {100 * a['disagreement_interval'][0]:.2f}..{100 * a['disagreement_interval'][1]:.2f}), "
+                       f"estimated loss {100 * a['loss']:.2f} pt (95% {100 * a['loss_interval'][0]:.2f}.."
+                       f"{100 * a['loss_interval'][1]:.2f}){promise}")
 
 
 @cli.command()
@@ -562,22 +632,32 @@ def profile(bundle, data, backend, device, require_device, threads, count, repea
               show_default=True, help="seconds in-flight requests get to finish at shutdown")
 @click.option("--log-level", envvar="STAGEWISE_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--monitor-agreement", envvar="STAGEWISE_MONITOR_AGREEMENT", type=_Finite(min=0, max=1), default=0.0,
+              show_default=True, help="drift monitor: share of answered requests also run through every stage "
+                                      "(after answering) to estimate the live accuracy loss without labels")
+@click.option("--monitor-fallback", envvar="STAGEWISE_MONITOR_FALLBACK",
+              help="drift monitor: operating point to switch to on an alarm (e.g. full; default: only report)")
+@click.option("--monitor-log", envvar="STAGEWISE_MONITOR_LOG", type=click.Path(path_type=Path),
+              help="drift monitor: append the agreement samples to this JSON-lines file (for calibrate --from-log)")
 def serve(bundle, host, port, backend, device, threads, operating_point, max_batch, batch_window_ms, queue_size,
           workers, max_body_mb, max_pixels, decode_slots, client_timeout, max_connections, model_name, trusted_keys,
-          reload_dir, drain_timeout, log_level):
+          reload_dir, drain_timeout, log_level, monitor_agreement, monitor_fallback, monitor_log):
     """Serve a bundle over HTTP: /v1/classify, the KServe v2 endpoints and /metrics (the serve extra).
 
     Every option can also be set by an environment variable (STAGEWISE_BUNDLE, STAGEWISE_PORT,
     STAGEWISE_RUNTIME, STAGEWISE_THREADS, ...; see docs/device.md). SIGTERM drains in-flight
     requests, SIGHUP or POST /v1/reload loads the bundle path again and switches to it.
     """
+    from .runtimes.monitor import MonitorSettings
     from .runtimes.serve import ServeConfig
     from .runtimes.serve import serve as run_service
 
+    monitor = MonitorSettings(agreement=monitor_agreement, fallback=monitor_fallback,
+                              log=str(monitor_log) if monitor_log else None)
     config = ServeConfig(max_batch=max_batch, window_ms=batch_window_ms, queue_size=queue_size, workers=workers,
                          max_body_bytes=int(max_body_mb * 2 ** 20), max_pixels=max_pixels, decode_slots=decode_slots,
                          max_pixels_in_flight=2 * max_pixels, client_timeout_s=client_timeout, model_name=model_name,
-                         reload_on_sighup=True, reload_dir=reload_dir)
+                         reload_on_sighup=True, reload_dir=reload_dir, monitor=monitor)
     run_service(bundle, host, port, backend=backend, threads=threads, device=device, config=config,
                 operating_point=operating_point, drain_timeout_s=drain_timeout, log_level=log_level,
                 trusted_keys=list(trusted_keys) or None, max_connections=max_connections)

@@ -82,6 +82,10 @@ class DatasetError(StagewiseError):
     """Image data cannot be read as a labelled set."""
 
 
+class TraceLogError(DatasetError):
+    """A trace log (JSON lines of answered requests) cannot be read."""
+
+
 class CalibrationError(StagewiseError):
     """No thresholds satisfy the requested goal."""
 

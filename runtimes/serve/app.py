@@ -9,7 +9,8 @@ Endpoints (every error is JSON ``{"error": message}`` with a 4xx/5xx status):
 * the Open Inference Protocol (KServe v2): ``/v2``, ``/v2/health/live``, ``/v2/health/ready``,
   ``/v2/models/{name}``, ``/v2/models/{name}/ready``, ``/v2/models/{name}/infer``
   (see :mod:`stagewise.runtimes.serve.kserve`).
-* ``GET /metrics``: Prometheus text format.
+* ``GET /metrics``: Prometheus text format (with the drift monitor's ``stagewise_monitor_*`` lines).
+* ``GET /v1/monitor``: the drift monitor's report (:mod:`stagewise.runtimes.monitor`).
 
 Memory is bounded per request and in total: an image over ``max_pixels`` is refused with 413
 from its header, before it is decoded; at most ``decode_slots`` images are decoded at once, and
@@ -48,12 +49,14 @@ from stagewise.errors import (ImageInputError, ImageTooLargeError, InvalidOption
 from stagewise.images import load_image
 
 from ..executor import Cascade
+from ..monitor import DriftMonitor, MonitorSettings
 from .batching import Answer, Job, MicroBatcher
 from .errors import (ForbiddenError, PayloadTooLargeError, QueueFullError, RequestError, RequestTimeoutError, ServeError,
                      ShuttingDownError)
 from .kserve import HEADER, infer_response, model_metadata, parse_infer_request
 from .metrics import Metrics
 from .model import ModelSlot
+from .monitoring import MonitorCollector
 
 log = logging.getLogger("stagewise.serve")
 
@@ -72,7 +75,9 @@ class ServeConfig:
     ``/v2/models`` (default: the bundle's); ``retry_after_s`` the ``Retry-After`` of a 503;
     ``reload_on_sighup`` reloads the bundle on SIGHUP (only when the service runs in the main
     thread); ``reload_dir`` the folder that ``POST /v1/reload`` may load other bundles from
-    (``None``: only the served path). Every value is checked here (:class:`InvalidOptionError`).
+    (``None``: only the served path); ``monitor`` how the drift monitor watches (its agreement
+    checks run on a worker when the queue is empty). Every value is checked here
+    (:class:`InvalidOptionError`).
     """
 
     max_batch: int = 8
@@ -88,6 +93,7 @@ class ServeConfig:
     retry_after_s: int = 1
     reload_on_sighup: bool = False
     reload_dir: str | None = None
+    monitor: MonitorSettings = MonitorSettings()
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "queue_size", "workers", "max_body_bytes", "max_pixels", "decode_slots",
@@ -139,6 +145,8 @@ class Service:
         self.pixels = _Pixels(config.max_pixels_in_flight)
         self.metrics = Metrics(lambda: self.batcher.depth if self.batcher else 0)
         self._point_metrics(cascade)
+        self.monitor = DriftMonitor.attach(cascade, config.monitor)
+        self.metrics.registry.register(MonitorCollector(lambda: self.monitor))
 
     def _point_metrics(self, cascade: Cascade) -> None:
         self.metrics.use_operating_points(cascade.operating_points, cascade.operating_point)
@@ -152,13 +160,20 @@ class Service:
         """Start the worker threads."""
         c = self.config
         self.batcher = MicroBatcher(self.slot, c.max_batch, c.window_ms, c.queue_size, c.workers,
-                                    on_batch=self.metrics.batch_size.observe)
+                                    on_batch=self.metrics.batch_size.observe, on_idle=self._check_agreement)
+
+    def _check_agreement(self, cascade: Cascade) -> None:
+        """The drift monitor's kept requests through every stage, one at a time while nothing waits (on a worker)."""
+        monitor, batcher = self.monitor, self.batcher
+        while monitor.cascade is cascade and batcher is not None and not batcher.depth and monitor.drain(1):
+            pass
 
     def stop(self) -> None:
         """Finish every queued image, then close the cascade."""
         batcher, self.batcher = self.batcher, None
         if batcher is not None:
             batcher.close()
+        self.monitor.detach()
         self.slot.close()
 
     def reload(self, source: str | None = None) -> Cascade:
@@ -173,6 +188,8 @@ class Service:
             raise
         self.metrics.reloads.labels("ok").inc()
         self._point_metrics(cascade)
+        self.monitor.detach()
+        self.monitor = DriftMonitor.attach(cascade, self.config.monitor)
         return cascade
 
     def check_reload_path(self, source: object) -> None:
@@ -197,7 +214,10 @@ class Service:
         if self.batcher is None:
             raise ShuttingDownError("the service is not running (starting or shutting down); retry shortly")
         self.batcher.submit(jobs)
-        return list(await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs)))
+        answers = list(await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs)))
+        for job, answer in zip(jobs, answers):
+            self.monitor.offer(job.image, answer.prediction)
+        return answers
 
     def answered(self, answer: Answer, elapsed_ms: float, budget_ms: float | None) -> None:
         """Count an answer in the metrics."""
@@ -355,6 +375,9 @@ def create_app(service: Service) -> Starlette:
         return JSONResponse({"bundle": service.slot.source, "generation": service.slot.generation,
                              "stages": cascade.stage_names, "operating_point": cascade.operating_point})
 
+    async def monitor(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(service.monitor.report))
+
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(service.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -416,7 +439,7 @@ def create_app(service: Service) -> Starlette:
             await run_in_threadpool(service.stop)
 
     routes = [("/v1/classify", "classify", classify, ["POST"]), ("/v1/reload", "reload", reload, ["POST"]),
-              ("/metrics", "metrics", metrics, ["GET"]), ("/v2", "metadata", server_metadata, ["GET"]),
+              ("/metrics", "metrics", metrics, ["GET"]), ("/v1/monitor", "monitor", monitor, ["GET"]), ("/v2", "metadata", server_metadata, ["GET"]),
               ("/v2/health/live", "health", live, ["GET"]), ("/v2/health/ready", "health", ready, ["GET"]),
               ("/v2/models/{name}", "metadata", model, ["GET"]),
               ("/v2/models/{name}/ready", "health", model_ready, ["GET"]),

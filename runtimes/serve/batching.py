@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -64,12 +64,16 @@ class Answer:
 class MicroBatcher:
     """Runs queued :class:`Job` s on ``workers`` threads in micro-batches (see the module docstring).
 
-    ``on_batch(size)`` is called for every batch a worker takes (for metrics).
+    ``on_batch(size)`` is called for every batch a worker takes (for metrics); ``on_idle(cascade)``
+    after a batch is answered when nothing waits (background work on the worker's cascade, e.g. the
+    drift monitor's agreement checks: it delays only requests that arrive while it runs).
     """
 
     def __init__(self, slot: ModelSlot, max_batch: int = 8, window_ms: float = 3.0, queue_size: int = 64,
-                 workers: int = 1, on_batch: Callable[[int], None] | None = None):
+                 workers: int = 1, on_batch: Callable[[int], None] | None = None,
+                 on_idle: Callable[[Any], None] | None = None):
         self.slot = slot
+        self._on_idle = on_idle
         self.max_batch = max_batch
         self.window_s = window_ms / 1e3
         self.queue_size = queue_size
@@ -137,6 +141,8 @@ class MicroBatcher:
             try:
                 with self.slot.acquire() as cascade:
                     self._run(cascade, live, len(batch))
+                    if self._on_idle is not None and not self._queue:
+                        self._on_idle(cascade)
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the worker goes on
                 for job in live:
                     if not job.future.done():

@@ -1,0 +1,260 @@
+"""The drift monitor: the sequential test's false-alarm rate on simulated null streams (numpy only), its power,
+the calibration record written and read, old bundles without it, agreement sampling, trace logs and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import manifest_for, onnx_stage_model, stage_entry
+from stagewise.bundle import read_bundle, write_bundle
+from stagewise.cli import cli
+from stagewise.runtimes.agreement import Sample, clopper_pearson, estimate
+from stagewise.runtimes.edetector import EDetector, bernoulli_ratios, bets, tolerance
+from stagewise.runtimes.monitor import MonitorSettings
+
+
+# ---- the sequential test, on simulated streams ---------------------------------------------------------
+
+def _rate_detector(means: list[float], n_ref: int, threshold: float) -> tuple[EDetector, tuple]:
+    stat, l0, l1 = [], [], []
+    for s, m in enumerate(means):
+        for a, b, _ in bets(m, tolerance(m, n_ref)):
+            stat.append(s)
+            l0.append(a)
+            l1.append(b)
+    weight = np.full(len(stat), 1 / len(stat))
+    return EDetector(weight, threshold), (np.array(stat), np.array(l0), np.array(l1))
+
+
+def _run_null(means, live_means, n_ref, threshold, requests, seed, block=64) -> int:
+    detector, (stat, l0, l1) = _rate_detector(means, n_ref, threshold)
+    rng = np.random.default_rng(seed)
+    alarms = 0
+    for _ in range(requests // block):
+        x = (rng.random((block, len(means))) < np.asarray(live_means)).astype(np.int8)
+        x[rng.random((block, len(means))) < 0.3] = -1  # some requests do not reach the stage
+        alarms += len(detector.update(bernoulli_ratios(x, stat, l0, l1)))
+    return alarms
+
+
+def test_vectorised_cusum_equals_the_recursion():
+    rng = np.random.default_rng(1)
+    ratios = rng.normal(0.05, 0.4, (300, 3))
+    fast = EDetector(np.full(3, 1 / 3), 1e300)
+    fast.update(ratios[:100])
+    fast.update(ratios[100:])
+    m = np.ones(3)
+    for row in ratios:
+        m = np.maximum(m, 1.0) * np.exp(row)
+    assert np.allclose(fast.state, np.log(np.maximum(m, 1.0)))
+    assert fast.log_evidence == pytest.approx(math.log(m.mean()))
+
+
+def test_false_alarm_rate_holds_on_null_streams():
+    """Live rates anywhere inside the tolerance band: far fewer alarms than 1 per c requests (c = 2,000 here)."""
+    means, n_ref = [0.6, 0.3, 0.85], 2000
+    live = [m + 0.9 * tolerance(m, n_ref) * s for m, s in zip(means, (1, -1, 1))]  # near the band's edge
+    requests, threshold = 200_000, 2000.0
+    alarms = sum(_run_null(means, live, n_ref, threshold, requests // 4, seed) for seed in range(4))
+    assert alarms / requests <= 1 / threshold
+
+
+def test_the_bound_is_tight_enough_to_fail_when_the_null_is_wrong():
+    """The same test raises alarms quickly once a rate leaves its band: the false-alarm check above can fail."""
+    means, n_ref = [0.6, 0.3, 0.85], 2000
+    detector, (stat, l0, l1) = _rate_detector(means, n_ref, 1e4)
+    rng = np.random.default_rng(0)
+    x = (rng.random((500, 3)) < np.array([0.45, 0.3, 0.85])).astype(np.int8)
+    crossings = detector.update(bernoulli_ratios(x, stat, l0, l1))
+    assert crossings and crossings[0].index < 500
+    assert stat[crossings[0].detector] == 0
+
+
+def test_agreement_estimate_and_intervals():
+    low, high = clopper_pearson(5, 100)
+    assert 0.016 < low < 0.02 and 0.11 < high < 0.12  # the textbook exact interval of 5/100
+    samples = [Sample("p", 0, 1, 1, 0.9, 0.9, ())] * 90 + [Sample("p", 0, 2, 1, 0.2, 0.7, ())] * 10
+    est = estimate(samples)
+    assert est.disagreement == pytest.approx(0.1) and est.loss == pytest.approx(0.05)
+    assert est.loss_interval[0] < 0.05 < est.loss_interval[1]
+    assert estimate([]) is None
+
+
+# ---- a real calibrated bundle ------------------------------------------------------------------------------
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def _images(root: Path, shift: int = 0, per_class: int = 60, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 200, (8, 8, 3))
+            img[..., c] += 25 - shift
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"class{c}" / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> tuple[Path, Path]:
+    """A three-stage ONNX bundle calibrated with `stagewise calibrate`, and its labelled images."""
+    root = tmp_path_factory.mktemp("monitor")
+    files, stages = {}, []
+    for k, (rows, cols) in enumerate([(4, 4), (8, 4), (8, 8)]):
+        f = root / f"s{k}.onnx"
+        onnx_stage_model(f, rows, cols, scale=6.0)
+        files[f"onnx/s{k}.onnx"] = f
+        stages.append(stage_entry(f"s{k}", {"source": "image", "size": [8, 8], "tensor": "image"},
+                                  [f"onnx/s{k}.onnx"], carry=False))
+    manifest = manifest_for(stages, ["class0", "class1", "class2"], {"full": [None, None, None]})
+    manifest["input"].update(mean=[128, 128, 128], std=[64, 64, 64])
+    old = write_bundle(root / "old.swb", manifest, files)
+    data = _images(root / "data")
+    bundle = write_bundle(root / "new.swb", manifest, files)
+    result = CliRunner().invoke(cli, ["calibrate", str(bundle), "--data", str(data), "--target-drop", "2"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return bundle, data, old
+
+
+def test_calibration_writes_the_monitor_record(calibrated):
+    bundle, _, _ = calibrated
+    m = read_bundle(bundle).manifest
+    record = m.calibration["monitor"]
+    assert record["version"] == 1 and record["n"] == 180 and len(record["edges"]) == 3
+    for point in m.operating_points:
+        entry = record["points"][point.name]
+        assert entry["reached"][0] == 180 and sum(entry["exited"]) == 180
+        assert all(sum(h) == r for h, r in zip(entry["histograms"], entry["reached"]))
+        expected = point.expected.to_dict()["exit_rates"]
+        assert np.allclose(np.array(entry["exited"]) / 180, expected)
+
+
+def test_old_bundle_loads_and_the_monitor_says_it_has_no_reference(calibrated):
+    from stagewise.runtimes import load
+    from stagewise.runtimes.monitor import DriftMonitor
+
+    _, data, old = calibrated
+    with load(old, backend="onnxruntime", threads=1) as cascade:
+        monitor = DriftMonitor.attach(cascade)
+        cascade.predict_batch([data / "class0" / "000.png", data / "class1" / "001.png"])
+        report = monitor.report()
+    assert report["reference"] is False and "no monitor reference" in report["message"]
+    assert report["requests"] == 2 and report["alarm"] is False
+    assert report["points"]["full"]["stages"][2]["exit_rate"] == 1.0
+
+
+def test_monitor_is_quiet_in_distribution_and_alarms_and_switches_under_shift(calibrated, tmp_path):
+    from stagewise.runtimes import load
+    from stagewise.runtimes.monitor import DriftMonitor, MonitorSettings
+
+    bundle, data, _ = calibrated
+    same = sorted(data.glob("*/*.png"))
+    shifted = sorted(_images(tmp_path / "shifted", shift=25, seed=1).glob("*/*.png"))  # no colour cue left
+    seen = []
+    with load(bundle, backend="onnxruntime", threads=1) as cascade:
+        monitor = DriftMonitor.attach(cascade, MonitorSettings(fallback="full", agreement=1.0, block=16, capacity=200),
+                                      on_alarm=seen.append)
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in same]
+        for im in images:
+            monitor.offer(im, cascade.predict(im))
+        monitor.drain()
+        quiet = monitor.report()
+        assert quiet["alarm_count"] == 0 and quiet["reference"] is True
+        point = quiet["watching"][0]
+        assert quiet["points"][point]["agreement"]["n"] == len(same)
+        for _ in range(3):
+            cascade.predict_batch(shifted)
+        report = monitor.report()
+        assert cascade.operating_point == "full"  # the documented reaction
+    assert report["alarm_count"] >= 1 and seen and seen[0].kind == "drift"
+    assert seen[0].request <= len(same) + 3 * len(shifted)
+    assert report["watching"] == ["full"]
+
+
+def test_sample_log_replays_and_recalibrates_label_free(calibrated, tmp_path):
+    import shutil
+
+    from stagewise.runtimes import load
+    from stagewise.runtimes.monitor import DriftMonitor, MonitorSettings
+
+    bundle, data, _ = calibrated
+    copy = shutil.copy(bundle, tmp_path / "field.swb")
+    log = tmp_path / "samples.jsonl"
+    with load(copy, backend="onnxruntime", threads=1) as cascade:
+        monitor = DriftMonitor.attach(cascade, MonitorSettings(agreement=1.0, capacity=500, log=str(log)))
+        for path in sorted(data.glob("*/*.png")):
+            monitor.offer(path, cascade.predict(path))
+        monitor.drain()
+        live = monitor.report()
+        monitor.detach()
+    assert len(log.read_text().splitlines()) == 180
+    runner = CliRunner()
+    out = runner.invoke(cli, ["monitor", str(log), "--bundle", str(copy), "--json"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    replayed = json.loads(out.output)
+    point = live["watching"][0]
+    assert replayed["requests"] == 180 and replayed["alarm_count"] == 0
+    assert replayed["points"][point]["agreement"] == live["points"][point]["agreement"]
+    text = runner.invoke(cli, ["monitor", str(log), "--bundle", str(copy)], catch_exceptions=False).output
+    assert "no alarm" in text and "estimated loss" in text
+    out = runner.invoke(cli, ["calibrate", str(copy), "--from-log", str(log), "--target-drop", "5"],
+                        catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    m = read_bundle(copy).manifest
+    assert m.default_operating_point == "drop-5pt" and m.calibration["targets"] == "full_model_agreement"
+    assert m.calibration["monitor"]["n"] == 180 and str(log) == m.calibration["data"]
+    assert m.point("drop-5pt").expected.to_dict()["agreement"] >= 0.95
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"operating_point": "full", "trace": [{"stage": "s0"}]}\n')
+    out = runner.invoke(cli, ["monitor", str(bad), "--bundle", str(copy)])
+    assert out.exit_code != 0 and "bad.jsonl:1" in str(out.exception)
+
+
+def test_serve_exports_the_monitor(calibrated, tmp_path):
+    import httpx
+
+    from serving import running, toy_service
+    from stagewise.runtimes.serve import ServeConfig
+
+    bundle, data, _ = calibrated
+    paths = sorted(data.glob("*/*.png"))[::6]
+    service = toy_service(ServeConfig(monitor=MonitorSettings(agreement=1.0, block=4)), bundle=bundle)
+    with running(service) as (url, _):
+        with httpx.Client(base_url=url) as client:
+            for path in paths:
+                assert client.post("/v1/classify", content=path.read_bytes()).status_code == 200
+            for _ in range(100):  # the checks run after answering, when the worker is next idle
+                client.post("/v1/classify", content=paths[0].read_bytes())
+                report = client.get("/v1/monitor").json()
+                if report["points"][report["watching"][0]]["agreement"]["n"] >= len(paths):
+                    break
+                time.sleep(0.05)
+            metrics = client.get("/metrics").text
+    point = report["watching"][0]
+    assert report["reference"] is True and report["requests"] >= len(paths)
+    assert report["points"][point]["agreement"]["n"] >= len(paths) and report["agreement"]["failed"] == 0
+    assert "stagewise_monitor_alarm 0.0" in metrics and "stagewise_monitor_reference 1.0" in metrics
+    assert f'stagewise_monitor_exit_rate{{operating_point="{point}",source="calibration",stage="s0"}}' in metrics
+    assert 'stagewise_monitor_loss{bound="estimate"' in metrics
+
+
+def test_serve_says_when_the_bundle_has_no_reference():
+    import httpx
+
+    from serving import running, toy_service
+
+    with running(toy_service()) as (url, _):
+        with httpx.Client(base_url=url) as client:
+            report = client.get("/v1/monitor").json()
+    assert report["reference"] is False and "no monitor reference" in report["message"]
