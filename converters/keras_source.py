@@ -406,6 +406,26 @@ class KerasSource:
             return carry.mean(axis=1)
         return carry.reshape(len(carry), -1)
 
+    def pooled_features(self, segments: Sequence[keras.Model], x: np.ndarray, device: str = "cpu",
+                        pool_last: bool = True) -> list[np.ndarray]:
+        """Every segment's output on the batch ``x`` (in turn), pooled to N x C; the last as it is unless
+        ``pool_last``. ``device`` is ignored: TensorFlow places the work itself."""
+        outputs = []
+        for k, segment in enumerate(segments):
+            x = self.run(segment, x)[0]
+            outputs.append(self.pool(x) if (pool_last or k < len(segments) - 1) else x)
+        return outputs
+
+    def fingerprint(self, model: keras.Model) -> str:
+        """A digest of the model's name and every weight (paths and values)."""
+        import hashlib
+
+        digest = hashlib.sha256(model.name.encode())
+        for weight in model.weights:
+            digest.update(weight.path.encode())
+            digest.update(np.ascontiguousarray(to_numpy(weight)).tobytes())
+        return digest.hexdigest()
+
     def macs(self, module: keras.Model, input_shape: Sequence[int]) -> int:
         return count_macs(module, tuple(input_shape[1:3]))
 

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 from torch import fx
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from stagewise.errors import ConversionError, InvalidCutPointError
 
@@ -87,29 +88,38 @@ def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoi
     return records
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FLOPs of the CPU kernel of ``scaled_dot_product_attention`` (torch counts only the GPU kernels)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 class MacCounter:
-    """Forward hooks on a module's Conv2d and Linear layers that add up their MACs as they run."""
+    """Multiply-accumulates of the torch operations run while it is active: convolutions, linear layers,
+    matrix products and attention, whether a module or a functional call runs them (torch's
+    :class:`~torch.utils.flop_counter.FlopCounterMode` on the dispatched operators, halved)."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.total = 0
-        self._hooks = [m.register_forward_hook(self._count) for m in module.modules()
-                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    def __init__(self) -> None:
+        extra = {}
+        cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if cpu_attention is not None:
+            extra[cpu_attention] = _cpu_attention_flops
+        self._mode = FlopCounterMode(display=False, custom_mapping=extra)
 
-    def _count(self, m: torch.nn.Module, _inp: object, out: torch.Tensor) -> None:
-        if isinstance(m, torch.nn.Conv2d):
-            kh, kw = m.kernel_size
-            self.total += out[0].numel() * (m.in_channels // m.groups) * kh * kw
-        else:
-            self.total += out[0].numel() * m.in_features
+    def __enter__(self) -> "MacCounter":
+        self._mode.__enter__()
+        return self
 
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return int(self._mode.get_total_flops()) // 2
 
 
 def _forward_record(model: torch.nn.Module, example: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Per named module: its output shape (one sample) and the MACs computed up to its end."""
-    counter = MacCounter(model)
+    counter = MacCounter()
     shapes: dict[str, tuple[int, ...]] = {}
     macs: dict[str, int] = {}
 
@@ -122,10 +132,9 @@ def _forward_record(model: torch.nn.Module, example: torch.Tensor) -> tuple[dict
 
     hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if name]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             model.eval()(example[:1])
     finally:
-        counter.remove()
         for h in hooks:
             h.remove()
     return shapes, macs

@@ -151,13 +151,23 @@ def cli(debug: bool) -> None:
 @click.option("--max-calibration-images", type=click.IntRange(min=1), help="cap on images used to pick thresholds")
 @click.option("--threads", type=click.IntRange(min=1), help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
+@click.option("--new-classes", is_flag=True, default=None,
+              help="early exit: classify the data's own classes (class folders name them) on the frozen backbone's "
+                   "features: a linear head on every stage, the last on the penultimate features; without it, data "
+                   "whose classes are not the model's outputs is refused")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              help="folder that keeps extracted backbone features, so re-runs skip the backbone pass")
+@click.option("--device", "train_device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+              help="torch: where features are extracted and heads/joint training run (mixed precision on a GPU); "
+                   "Keras follows TensorFlow [auto]")
+@click.option("--verbose", is_flag=True, help="show the warnings of the libraries the conversion runs")
 def convert(model, stages, focus, patches, iou, patch_fraction, adapt, search_models, sizes, max_stages, exits, data,
             calibration_data, formats, legacy_formats, int8, int8_tolerance, int8_mixed, int8_min_speedup,
             agreement_images, fp16,
             int8_io, head_kind,
             head_width, train_exits, epochs, lr, head_lr, freeze, exit_weights, augment, npu,
             target_drop, out, input_size, mean, std, resize, crop_fraction, resizer, combine, score, max_head_images,
-            max_calibration_images, threads, force):
+            max_calibration_images, threads, force, new_classes, cache, train_device, verbose):
     """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
     from .converters.convert import CascadeSearch, StageSource, job_from_toml, make_job, run_job, stage_source
 
@@ -176,7 +186,10 @@ def convert(model, stages, focus, patches, iou, patch_fraction, adapt, search_mo
                  target_drop=target_drop, threads=threads, input_size=input_size, combine=combine, score=score,
                  max_head_images=max_head_images, max_calibration_images=max_calibration_images,
                  exits=exits.split(",") if exits else None, input=spec or None, force=force or None,
-                 patches=patches, iou=iou, patch_fraction=patch_fraction)
+                 patches=patches, iou=iou, patch_fraction=patch_fraction, new_classes=new_classes, cache=cache,
+                 device=train_device)
+    if not verbose:
+        _silence_libraries()
     search = None
     if search_models:
         if stages or model:
@@ -250,6 +263,18 @@ def cuts(model, input_size, show_all, as_json):
                       "-" if c.reduction is None else f"/{c.reduction}",
                       f"{c.macs / 1e6:.2f} M", "yes" if c.single_tensor else "no")
     print_tables(table)
+
+
+def _silence_libraries() -> None:
+    """Library warnings and TensorFlow's C++ log lines off for a conversion (``--verbose`` keeps them)."""
+    import logging
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("tensorflow", "absl", "tf2onnx", "nncf", "torch.onnx", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _calibration_summary(cal: object) -> str | None:
