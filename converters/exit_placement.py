@@ -40,7 +40,7 @@ from .features import OUTPUT, FeatureStore
 from .heads import HeadTraining, train_head
 from .options import BuildOptions
 from .plans import StagePlan, pixel_plan, plans_with_heads
-from .source import SourceAdapter
+from .source import AMBIGUOUS, SourceAdapter
 
 _AUTO = re.compile(r"^auto(?::(\d+))?$")
 DEFAULT_EXITS = 2
@@ -118,7 +118,7 @@ def candidate_cuts(source: SourceAdapter, model: Any, size: tuple[int, int], max
     points = source.cut_points(model, size)
     if before is not None:
         points = points[:[c.name for c in points].index(before)]
-    points = [c for c in points if c.single_tensor and c.layout != "flat"]
+    points = [c for c in points if c.single_tensor and c.layout not in ("flat", AMBIGUOUS)]
     if carried is not None:
         points = [c for c in points if c.name in carried]
     else:

@@ -182,7 +182,8 @@ def _single(tensors: list) -> Any:
 def split_model(model: keras.Model, cuts: Sequence[str]) -> list[keras.Model]:
     """Segments of ``model`` between consecutive cuts (sharing its layers and weights)."""
     check_cuts(model, cuts)
-    bounds = [model.inputs[0]] + [model.get_layer(c).output for c in cuts] + [model.outputs[0]]
+    ops = {op.name: op for op in model.operations}  # layers and op layers (``x + y`` is an ``add`` op)
+    bounds = [model.inputs[0]] + [ops[c].output for c in cuts] + [model.outputs[0]]
     segments = []
     for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         try:
@@ -434,8 +435,19 @@ class KerasSource:
 
     # --- export frontends ------------------------------------------------------------------
 
+    def check_formats(self, model: keras.Model, formats: Sequence[str]) -> None:
+        """Refuse, before any work, a format this model cannot reach: tf2onnx writes grouped convolutions
+        (``Conv2D(groups>1)``) as an invalid ONNX graph, while OpenVINO and TFLite read them."""
+        grouped = [layer.name for layer in _flat_layers(model)
+                   if isinstance(layer, keras.layers.Conv2D) and getattr(layer, "groups", 1) > 1]
+        if "onnx" in formats and grouped:
+            raise ConversionError(f"the model has grouped convolutions ({', '.join(grouped[:3])}"
+                                  f"{', ...' if len(grouped) > 3 else ''}), which tf2onnx writes as an invalid ONNX "
+                                  "graph; convert it with --format openvino or --format tflite (both read them)")
+
     def export_onnx(self, plan: Any, example: np.ndarray, path: Path) -> dict:
         """Write the stage as ONNX with tf2onnx (opset 17, dynamic batch, NHWC input as the stage is fed)."""
+        self.check_formats(plan.module, ("onnx",))
         tf2onnx = require("tf2onnx", "keras", "exporting Keras stages to ONNX")
         try:  # tf2onnx predates numpy 2; Keras ships the patch it uses for its own ONNX export
             from keras.src.export.tf2onnx_lib import patch_tf2onnx

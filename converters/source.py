@@ -43,6 +43,10 @@ from stagewise.errors import ConversionError
 from .tooling import plugin
 
 
+#: The layout of a cube carry (C = H = W, e.g. Swin at 384 px: 96 x 96 x 96), which its shape cannot tell.
+AMBIGUOUS = "ambiguous"
+
+
 @dataclass(frozen=True)
 class CutPoint:
     """A place after which a model can be cut (in the style of timm's ``feature_info``).
@@ -52,7 +56,8 @@ class CutPoint:
     ``reduction`` the input size divided by the output's spatial size (None for token or flat
     outputs); ``macs`` the multiply-accumulates from the input up to and including this point;
     ``single_tensor`` whether only this one tensor crosses the cut (only such cuts are valid);
-    ``layout`` how an exit head pools it: ``NCHW``, ``NHWC``, ``tokens`` or ``flat``.
+    ``layout`` how an exit head pools it: ``NCHW``, ``NHWC``, ``tokens`` or ``flat``, or
+    :data:`AMBIGUOUS` for a cube feature map (C = H = W) that no exit can pool.
     """
 
     name: str

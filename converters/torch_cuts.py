@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+import sys
 from typing import Sequence
 
 import torch
@@ -26,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from stagewise.errors import ConversionError, InvalidCutPointError
 
-from .source import CutPoint
+from .source import AMBIGUOUS, CutPoint
 from .torch_heads import carry_layout
 
 _SKIPPED_OPS = ("placeholder", "get_attr", "output")
@@ -79,6 +80,8 @@ def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoi
         if shape is None:
             continue
         layout = carry_layout(shape, example.shape[2:]) if 1 <= len(shape) <= 3 else "flat"
+        if layout in ("NCHW", "NHWC") and len(set(shape)) == 1:
+            layout = AMBIGUOUS
         if layout in ("NCHW", "NHWC"):
             spatial = shape[1] if layout == "NCHW" else shape[0]
             channels, reduction = shape[0 if layout == "NCHW" else 2], max(1, example.shape[2] // max(1, spatial))
@@ -161,11 +164,11 @@ def split_model(model: torch.nn.Module, cuts: Sequence[str]) -> list[fx.GraphMod
             problem = "is not a submodule of the model" if cut not in known else (
                 "is not a valid cut point: more than one value would cross it, it does not run "
                 "as one contiguous piece of forward(), or it produces the final output")
-            raise InvalidCutPointError(f"cut {cut!r} {problem}. {_valid_list(_listed(valid, spans))}")
+            raise InvalidCutPointError(f"cut {cut!r} {problem}. {_valid_list(_listed(valid, spans), model)}")
         if ends and valid[cut] <= ends[-1]:
             raise InvalidCutPointError(
                 f"cut {cut!r} does not come after {cuts[len(ends) - 1]!r}; cuts must be in forward "
-                f"order without duplicates. {_valid_list(_listed(valid, spans))}")
+                f"order without duplicates. {_valid_list(_listed(valid, spans), model)}")
         ends.append(valid[cut])
 
     output = _output_node(traced)
@@ -182,7 +185,9 @@ def _trace(model: torch.nn.Module) -> fx.GraphModule:
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        return fx.symbolic_trace(model, concrete_args=_optional_arguments(model) or None)
+        tracer = _tracer()
+        graph = tracer.trace(model, concrete_args=_optional_arguments(model) or None)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:
         raise ConversionError(
             f"{type(model).__name__} cannot be split: the model must be fx-traceable "
@@ -191,6 +196,27 @@ def _trace(model: torch.nn.Module) -> fx.GraphModule:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def _tracer() -> fx.Tracer:
+    """A ``torch.fx`` tracer that keeps timm's non-traceable modules whole (leaves) and its non-traceable
+    functions wrapped, as timm's own feature extraction does, when timm is loaded (e.g. EfficientViT, MobileViT)."""
+    leaves: tuple[type, ...] = ()
+    functions: tuple = ()
+    if "timm" in sys.modules:
+        try:
+            from timm.models import get_notrace_functions, get_notrace_modules
+        except ImportError:
+            pass
+        else:
+            leaves = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+            functions = tuple(f for f in get_notrace_functions() if callable(f))
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: torch.nn.Module, qualified_name: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, qualified_name)
+
+    return Tracer(autowrap_functions=functions)
 
 
 def _optional_arguments(model: torch.nn.Module) -> dict[str, object]:
@@ -246,8 +272,25 @@ def _analyse(model: torch.nn.Module) -> tuple[fx.GraphModule, list[fx.Node], dic
     return traced, nodes, valid, spans
 
 
-def _valid_list(valid: list[str]) -> str:
-    return "Valid cut points, in forward order: " + (", ".join(valid) or "none") + "."
+#: Cut points an error message names at most (``stagewise cuts MODEL`` lists them all).
+LISTED_IN_ERRORS = 20
+#: Modules that return their input in eval mode: a cut after one is the cut before it.
+_IDENTITIES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+               torch.nn.AlphaDropout)
+
+
+def shortened(names: Sequence[str], limit: int = LISTED_IN_ERRORS) -> str:
+    """``names`` comma-separated, or the first ``limit`` of them and where to see all."""
+    if len(names) <= limit:
+        return ", ".join(names) or "none"
+    return f"{', '.join(names[:limit])} (first {limit} of {len(names)}; `stagewise cuts MODEL` lists all)"
+
+
+def _valid_list(valid: list[str], model: torch.nn.Module | None = None) -> str:
+    """The valid cuts for an error message: without identity modules (dropout at eval) and shortened."""
+    modules = dict(model.named_modules()) if model is not None else {}
+    useful = [name for name in valid if not isinstance(modules.get(name), _IDENTITIES)]
+    return "Valid cut points, in forward order: " + shortened(useful) + "."
 
 
 def _is_batch_size(node: fx.Node) -> bool:
