@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -375,7 +376,11 @@ def _explain(cascade: Any, path: str, prediction: Any, out: Path) -> None:
 @click.option("--plot", type=click.Path(path_type=Path), help="write a Pareto plot (PNG)")
 @patches_option
 @patch_seed_option
-def bench(bundle, data, backend, device, threads, limit, seed, points, json_out, plot, patch_mode, patch_seed):
+@click.option("--reference", "references", multiple=True, type=click.Path(exists=True),
+              help="another bundle (e.g. the plain network's) run beside this one at its full point, in the same "
+                   "round robin; equal-accuracy speed-ups compare with it too (repeat for more)")
+def bench(bundle, data, backend, device, threads, limit, seed, points, json_out, plot, patch_mode, patch_seed,
+          references):
     """Top-1/top-5, latency p50/p95, exits and speed-up of each operating point and single stage."""
     from .datasets import open_image_set
     from .reports import bench_table, pareto_plot, print_tables
@@ -384,9 +389,12 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
     images = open_image_set(data)
     if limit and limit < len(images):
         images = images.split([limit / len(images)], seed=seed)[0]
-    with _load(bundle, backend, threads, device) as cascade:
+    with contextlib.ExitStack() as stack:
+        cascade = stack.enter_context(_load(bundle, backend, threads, device))
         cascade.choose_patches(patch_mode, patch_seed)
-        result = benchmark(cascade, [images.image(i) for i in range(len(images))], images.targets, points or None)
+        others = {Path(r).stem: stack.enter_context(_load(r, backend, threads, device)) for r in references}
+        result = benchmark(cascade, [images.image(i) for i in range(len(images))], images.targets, points or None,
+                           references=others)
     result.update(bundle=str(bundle), data=str(data), patches=patch_mode)
     print_tables(bench_table(result))
     if json_out:

@@ -76,16 +76,22 @@ def _logged(items: Sequence[T] | Iterable[T], description: str) -> Iterator[T]:
     lines.finish()
 
 
+#: ``(phase, wall seconds)`` of every :func:`phase` finished in this process, in order (benchmarks read it).
+PHASE_TIMES: list[tuple[str, float]] = []
+
+
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """A named phase of long work: when stderr is not a terminal, a line at its start and one with its wall time."""
-    if _quiet() or _terminal():
-        yield
-        return
+    """A named phase of long work, its wall time appended to :data:`PHASE_TIMES`; when stderr is not a
+    terminal, a line at its start and one with its wall time."""
+    lines = not (_quiet() or _terminal())
     start = time.monotonic()
-    _line(f"phase {name}: started")
+    if lines:
+        _line(f"phase {name}: started")
     yield
-    _line(f"phase {name}: done in {time.monotonic() - start:.1f} s")
+    PHASE_TIMES.append((name, time.monotonic() - start))
+    if lines:
+        _line(f"phase {name}: done in {PHASE_TIMES[-1][1]:.1f} s")
 
 
 def note(message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +56,21 @@ def test_classes_that_are_not_the_models_outputs_are_refused_naming_the_flag(tmp
     assert not out.exists()
 
 
-@pytest.mark.parametrize("exits", [["--exits", "layer1"], []], ids=["with-exits", "without-exits"])
-def test_every_stage_answers_the_folder_classes(tmp_path, new_images, exits):
-    out = tmp_path / "new.swb"
-    result = _convert([*exits, "--new-classes", "--data", str(new_images), "--out", str(out), "--target-drop", "2"])
-    assert result.exit_code == 0, result.output
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, new_images) -> dict[str, Path]:
+    """The new-class bundle with an exit after layer1, and without exits (the last-layer classifier)."""
+    made = {}
+    for name, exits in (("early", ["--exits", "layer1"]), ("last", [])):
+        out = tmp_path_factory.mktemp("bundles") / f"{name}.swb"
+        result = _convert([*exits, "--new-classes", "--data", str(new_images), "--out", str(out), "--target-drop", "2"])
+        assert result.exit_code == 0, result.output
+        made[name] = out
+    return made
+
+
+@pytest.mark.parametrize("name", ["early", "last"])
+def test_every_stage_answers_the_folder_classes(bundles, new_images, name):
+    out, exits = bundles[name], name == "early"
     manifest = read_bundle(out).manifest
     assert list(manifest.task.labels) == ["accordion", "bonsai", "cougar", "dalmatian"]
     assert len(manifest.stages) == (2 if exits else 1)
@@ -74,6 +85,26 @@ def test_every_stage_answers_the_folder_classes(tmp_path, new_images, exits):
             assert (z.argmax(1) == sample.targets).mean() >= 0.9
         answer = cascade.predict(sample.image(0), operating_point="full")
         assert answer.name == "accordion"
+
+
+def test_bench_puts_a_reference_bundle_beside_the_bundle(bundles, new_images, tmp_path):
+    result = CliRunner().invoke(cli, ["bench", str(bundles["early"]), "--data", str(new_images), "--limit", "12",
+                                      "--reference", str(bundles["last"]), "--json", str(tmp_path / "b.json")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    reference = next(r for r in rows if r["kind"] == "reference")
+    assert reference["name"] == "last" and reference["n"] == 12 and reference["exit_histogram"] == [12]
+    assert all("speedup_vs_equal_accuracy_single" in r or "more_accurate_than_every_single" in r
+               for r in rows if r["kind"] == "operating_point")
+
+
+def test_round_robin_rotates_the_order():
+    from stagewise.runtimes.bench import round_robin
+
+    calls = []
+    round_robin({name: (lambda image, name=name: calls.append(name)) for name in "abc"}, [0, 1, 2])
+    assert calls == list("abc" "bca" "cab")
 
 
 def test_python_and_toml_take_new_classes_and_savchenko_heads(tmp_path, new_images):
