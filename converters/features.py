@@ -26,7 +26,7 @@ import numpy as np
 from stagewise.datasets import ImageSet
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
-from stagewise.progress import progress_bar
+from stagewise.progress import phase, progress_bar
 
 from .source import SourceAdapter
 
@@ -113,13 +113,14 @@ class FeatureStore:
         if not output:
             segments = segments[:-1]  # the part after the last cut is not needed
         keys = cuts + ([OUTPUT] if output else [])
-        for start in progress_bar(range(0, len(indices), self.batch),
-                                  f"backbone features of {len(indices)} images at {len(cuts)} cuts"):
-            chunk = indices[start:start + self.batch]
-            x = self.preprocess.tensor([images.image(i) for i in chunk], self.size)
-            pooled = self.source.pooled_features(segments, x, self.device, pool_last=not output)
-            for key, values in zip(keys, pooled):
-                table = self._memory[key]
-                for d, row in zip(digests[start:start + self.batch], values):
-                    table[d] = np.asarray(row, dtype=np.float32)
-            self.computed += len(chunk)
+        with phase("backbone features"):
+            for start in progress_bar(range(0, len(indices), self.batch),
+                                      f"backbone features of {len(indices)} images at {len(cuts)} cuts"):
+                chunk = indices[start:start + self.batch]
+                x = self.preprocess.tensor([images.image(i) for i in chunk], self.size)
+                pooled = self.source.pooled_features(segments, x, self.device, pool_last=not output)
+                for key, values in zip(keys, pooled):
+                    table = self._memory[key]
+                    for d, row in zip(digests[start:start + self.batch], values):
+                        table[d] = np.asarray(row, dtype=np.float32)
+                self.computed += len(chunk)
