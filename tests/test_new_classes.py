@@ -195,3 +195,21 @@ def test_progress_lines_when_not_a_terminal(tmp_path, new_images, capsys, monkey
     FeatureStore(TorchSource(), pretrained_toy(), PRE, (16, 16), batch=16).features(["layer1"], images)
     err = capsys.readouterr().err
     assert "backbone features of 120 images at 1 cuts: started (8 steps)" in err and ": done in" in err
+
+
+def test_a_keras_backbone_takes_new_classes(tmp_path, new_images):
+    pytest.importorskip("keras")
+    from keras_toy_models import residual_net
+
+    with pytest.raises(ConversionError, match="--new-classes"):
+        convert(residual_net(), out=tmp_path / "never.swb", data=new_images, exits=["block1_out"])
+    out = convert(residual_net(), out=tmp_path / "keras.swb", data=new_images, exits=["block1_out"], new_classes=True,
+                  target_drop=2.0)
+    manifest = read_bundle(out).manifest
+    assert list(manifest.task.labels) == ["accordion", "bonsai", "cougar", "dalmatian"]
+    assert [s.head["after"] for s in manifest.stages][0] == "block1_out" and len(manifest.stages) == 2
+    images = open_image_set(new_images).take_per_class(3, seed=1)
+    with load(out) as cascade:
+        logits = cascade.stage_logits([images.image(i) for i in range(len(images))])
+    assert [z.shape[1] for z in logits] == [4, 4]
+    assert all((z.argmax(1) == images.targets).mean() >= 0.9 for z in logits)
