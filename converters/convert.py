@@ -82,7 +82,7 @@ from .new_classes import preview, check_classes, check_training, feature_cut, mo
 from .options import BuildOptions
 from .plans import cascade_plans, early_exit_plans, glance_focus_plans
 from .search import COMBINES, choose, search_cascades
-from .source import source_of
+from .source import AMBIGUOUS, source_of
 
 #: Images the linear probes of automatic exit placement are fitted on (at most).
 PROBE_IMAGES = 5000
@@ -407,6 +407,11 @@ def _early_exit(job: ConvertJob, train: ImageSet,
             cuts, placement = choose_exits(source, prepared, pre, size, max_exits,
                                            _cap(head_images, PROBE_IMAGES, job.build.seed), calib, job.build, carried,
                                            store=store, feature=feature)
+    ambiguous = cuts and [c.name for c in source.cut_points(prepared, size) if c.name in cuts and c.layout == AMBIGUOUS]
+    if ambiguous:
+        raise ConversionError(f"the carry after {', '.join(ambiguous)} is channels-last with its side equal to its "
+                              "channel count, so an exit head cannot tell which axes to pool; convert at another input "
+                              "size or choose other exits")
     with phase("heads"):
         if job.new_classes:
             plans = new_class_plans(model, cuts, pre, size, head_images, store, training, job.score, feature)

@@ -72,6 +72,7 @@ def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoi
         if name and nodes[span[-1]] is not output:
             by_end.setdefault(span[-1], []).append(name)
     shapes, macs = _forward_record(model, example)
+    larger: dict[str, tuple[int, ...]] | None = {}
     records = []
     for end in sorted(by_end):
         group = sorted(by_end[end], key=lambda n: (spans[n][0], n.count("."), order[n]))
@@ -81,7 +82,9 @@ def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoi
             continue
         layout = carry_layout(shape, example.shape[2:]) if 1 <= len(shape) <= 3 else "flat"
         if layout in ("NCHW", "NHWC") and len(set(shape)) == 1:
-            layout = AMBIGUOUS
+            if larger == {}:
+                larger = _larger_shapes(model, example)
+            layout = _cube_layout(shape, None if larger is None else larger.get(name))
         if layout in ("NCHW", "NHWC"):
             spatial = shape[1] if layout == "NCHW" else shape[0]
             channels, reduction = shape[0 if layout == "NCHW" else 2], max(1, example.shape[2] // max(1, spatial))
@@ -94,6 +97,21 @@ def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoi
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     """FLOPs of the CPU kernel of ``scaled_dot_product_attention`` (torch counts only the GPU kernels)."""
     return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _larger_shapes(model: torch.nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]] | None:
+    """Per module, its output shape for an image twice ``example``'s side (None: the model takes no other size)."""
+    try:
+        return _forward_record(model, torch.zeros(1, example.shape[1], *(2 * d for d in example.shape[2:])))[0]
+    except Exception:  # a model fixed to one input size
+        return None
+
+
+def _cube_layout(shape: tuple[int, ...], larger: tuple[int, ...] | None) -> str:
+    """The layout of a cube carry (C = H = W), which its shape cannot tell: ``NCHW`` when a larger image
+    (``larger``: the carry's shape then) leaves its first axis alone; else :data:`AMBIGUOUS` (channels-last,
+    which exit heads would pool as channels-first, or unknown)."""
+    return "NCHW" if larger is not None and larger[0] == shape[0] and larger[1] != shape[1] else AMBIGUOUS
 
 
 class MacCounter:

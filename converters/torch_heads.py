@@ -64,10 +64,6 @@ class Pool(torch.nn.Module):
         self.layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "auto" and x.dim() == 4 and x.shape[1] == x.shape[2] == x.shape[3]:
-            raise ConversionError(f"a carry of shape {tuple(x.shape[1:])} may be channels-first or channels-last, so "
-                                  "an exit head cannot tell which axes to pool; convert at another input size (e.g. 32 "
-                                  "pixels less) or cut where the side differs from the channel count")
         layout = carry_layout(tuple(x.shape[1:])) if self.layout == "auto" else self.layout
         if layout == "NCHW":
             return x.mean(dim=(2, 3))

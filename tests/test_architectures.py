@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_image_folder
+from stagewise.converters import convert
 from stagewise.converters.source import AMBIGUOUS
 from stagewise.converters.torch_cuts import cut_candidates, list_cut_points, split_model
-from stagewise.converters.torch_heads import Pool
 from stagewise.errors import ConversionError, InvalidCutPointError
 
 
@@ -72,14 +73,24 @@ class ChannelsLastCube(nn.Module):
         return self.fc(x.mean((1, 2)))
 
 
-def test_a_cube_carry_is_marked_ambiguous_and_refused_clearly():
+def test_a_channels_last_cube_carry_is_marked_ambiguous_and_refused_clearly(tmp_path):
     model = ChannelsLastCube().eval()
     points = {c.name: c for c in cut_candidates(model, torch.zeros(1, 3, 32, 32))}
     assert points["norm"].layout == AMBIGUOUS
-    with pytest.raises(ConversionError, match="channels-first or channels-last.*another input size"):
-        Pool()(torch.zeros(1, 8, 8, 8))
     # at another size the layout is plain again
     assert {c.name: c for c in cut_candidates(model, torch.zeros(1, 3, 48, 48))}["norm"].layout == "NHWC"
+    model.stagewise_input = {"mean": [128] * 3, "std": [64] * 3, "resize": "stretch"}
+    data = make_image_folder(tmp_path / "images", classes=3, per_class=10, size=32)
+    with pytest.raises(ConversionError, match="channels-last with its side equal to its channel count"):
+        convert(model, out=tmp_path / "never.swb", data=data, exits=["norm"], input_size=32)
+    assert not (tmp_path / "never.swb").exists()
+
+
+def test_a_channels_first_cube_carry_stays_channels_first():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 2)).eval()
+    points = {c.name: c for c in cut_candidates(model, torch.zeros(1, 3, 32, 32))}
+    assert points["1"].shape == (8, 8, 8) and points["1"].layout == "NCHW"
 
 
 def test_long_cut_lists_are_shortened_and_skip_identities():
