@@ -418,13 +418,15 @@ class KerasSource:
         return outputs
 
     def fingerprint(self, model: keras.Model) -> str:
-        """A digest of the model's name and every weight (paths and values)."""
+        """A digest of every weight's shape and values, in order (not of names, which Keras numbers per
+        process: ``functional_3``, ``conv2d_7``)."""
         import hashlib
 
-        digest = hashlib.sha256(model.name.encode())
+        digest = hashlib.sha256(str(len(model.weights)).encode())
         for weight in model.weights:
-            digest.update(weight.path.encode())
-            digest.update(np.ascontiguousarray(to_numpy(weight)).tobytes())
+            value = np.ascontiguousarray(to_numpy(weight))
+            digest.update(str(value.shape).encode())
+            digest.update(value.tobytes())
         return digest.hexdigest()
 
     def macs(self, module: keras.Model, input_shape: Sequence[int]) -> int:

@@ -183,10 +183,11 @@ class TorchSource:
         return outputs
 
     def fingerprint(self, model: torch.nn.Module) -> str:
-        """A digest of the model's class and every parameter and buffer (names and values)."""
+        """A digest of the model's class name and every parameter and buffer (names and values); not of the
+        module it was imported as, which differs between a factory file and an import."""
         import hashlib
 
-        digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+        digest = hashlib.sha256(type(model).__qualname__.encode())
         for name, value in model.state_dict().items():
             digest.update(name.encode())
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
