@@ -65,7 +65,8 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
             int8_io: bool = False, threads: int = 1, force: bool = False, name: str | None = None,
             max_head_images: int | None = None, max_calibration_images: int | None = None,
             focus: Any = None, patches: int = 3, iou: float = 0.3, patch_fraction: float = 0.7,
-            adapt: str | None = None, search: CascadeSearch | None = None) -> Path:
+            adapt: str | None = None, search: CascadeSearch | None = None, new_classes: bool = False,
+            cache: str | Path | None = None, device: str = "auto") -> Path:
     """Build a bundle, as ``stagewise convert`` does; returns its path.
 
     Early exit: ``model`` (a ``file.py:factory`` / ``module:factory`` spec or a model object)
@@ -85,7 +86,11 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
     glance model, ending in global pooling + linear) and ``focus`` (``"factory@SIZE"`` or
     ``(model, size)``), which classifies ``patches`` patches chosen from the glance model's CAM
     (kept when their IoU with every kept one is below ``iou``; side ``patch_fraction`` of the glance
-    view's shorter side), one step each.
+    view's shorter side), one step each. ``new_classes``: every early-exit stage, the last included,
+    classifies ``data``'s own classes on the frozen backbone's features (:mod:`.new_classes`; without
+    it, data whose classes are not the model's outputs is refused); ``exits`` may then be empty (one
+    stage: the new classifier on the penultimate features). ``cache``: a folder keeping extracted
+    features for re-runs; ``device``: where torch work runs (auto, cpu, cuda, mps).
     """
     sources = [stage_source(stage, adapt) for stage in stages]
     if sum(map(bool, (sources, model is not None, search is not None))) > 1:
@@ -108,7 +113,8 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
                    exits=list(exits), input=spec, input_size=input_size, combine=combine, score=score, name=name,
                    max_head_images=max_head_images, max_calibration_images=max_calibration_images,
                    focus=None if focus is None else stage_source(focus), patches=patches, iou=iou,
-                   patch_fraction=patch_fraction,
+                   patch_fraction=patch_fraction, new_classes=new_classes,
+                   cache=None if cache is None else Path(cache), device=device,
                    **({"head": head} if isinstance(head, HeadTraining) else {}))
     return run_job(job)
 

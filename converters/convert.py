@@ -25,7 +25,10 @@ A TOML config names the same things as the flags::
     target_drop = 0.5                # points of top-1
 
 For ``kind = "early_exit"`` give ``model = "file.py:factory"`` and ``exits = ["layer1", ...]``
-at the top level instead of ``[[stages]]``, and optionally how the exits are trained::
+at the top level instead of ``[[stages]]``; ``new_classes = true`` classifies the data's own
+classes on every stage (:mod:`~stagewise.converters.new_classes`), ``cache = "features/"`` keeps
+extracted features for re-runs and ``device = "cuda"`` (auto, cpu, cuda, mps) says where torch
+work runs; and optionally how the exits are trained::
 
     [training]
     mode = "joint"                   # frozen | joint | given (default: given if the model carries heads)
@@ -54,7 +57,7 @@ on the command line win over the file.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,18 +67,22 @@ from stagewise.bundle import check_output, remove_stale_build_dirs, update_manif
 from stagewise.datasets import ImageSet, open_image_set
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
+from stagewise.progress import note, phase
 
 from .adapt import ADAPTATIONS, Adaptation
 from .build import build_bundle
 from .candidates import (adapt_stage_model, build_cascade, candidate_stages, declared_size, measure_candidates,
                          search_record, with_adaptations)
+from .devices import check_device_name, resolve_device
 from .exit_placement import auto_exit_count, choose_exits
 from .factory import build_model
+from .features import FeatureStore
 from .heads import FineTuning, HeadTraining
+from .new_classes import preview, check_classes, check_training, feature_cut, model_outputs, new_class_plans
 from .options import BuildOptions
 from .plans import cascade_plans, early_exit_plans, glance_focus_plans
 from .search import COMBINES, choose, search_cascades
-from .source import source_of
+from .source import AMBIGUOUS, source_of
 
 #: Images the linear probes of automatic exit placement are fitted on (at most).
 PROBE_IMAGES = 5000
@@ -163,6 +170,12 @@ class ConvertJob:
     patch_fraction: float = 0.7
     adaptation: Adaptation = Adaptation()
     search: CascadeSearch | None = None
+    new_classes: bool = False
+    cache: Path | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
 
 
 def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
@@ -218,6 +231,8 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "patches": focus_cfg.get("patches"), "iou": focus_cfg.get("iou"),
         "patch_fraction": focus_cfg.get("patch_fraction"),
         "search": search,
+        "new_classes": cfg.get("new_classes"), "device": cfg.get("device"),
+        "cache": base / cfg["cache"] if "cache" in cfg else None,
     }
     values.update({k: v for k, v in overrides.items() if v is not None and v != () and v != []})
     return make_job(**values)
@@ -317,29 +332,18 @@ def run_job(job: ConvertJob) -> Path:
     else:
         train, calib = data.split([1 - job.calibration_fraction, job.calibration_fraction], seed=job.build.seed)
     calib = _cap(calib, job.max_calibration_images, job.build.seed)
+    if job.new_classes and job.kind != "early_exit":
+        raise ConversionError("--new-classes builds an early-exit bundle from one model (MODEL, with or without "
+                              "--exits); cascades, searches and glance-and-focus keep their models' classes")
     if job.kind == "early_exit":
-        if len(job.sources) != 1 or not job.exits:
-            raise ConversionError("an early-exit conversion needs one model and --exits (cut points, comma-separated; "
-                                  "`stagewise cuts MODEL` lists them)")
-        model = build_model(job.sources[0].model)
-        pre = _preprocess(job, model)
-        size, head_images = _size(job, job.sources[0], model, train), _cap(train, job.max_head_images, job.build.seed)
-        cuts, placement = job.exits, None
-        if (max_exits := auto_exit_count(job.exits)) is not None:
-            source = source_of(model)
-            training = job.head.resolved(model)
-            carried = getattr(model, "stagewise_exits", None) if training.mode == "given" else None
-            cuts, placement = choose_exits(source, source.prepare(model), pre, size, max_exits,
-                                           _cap(head_images, PROBE_IMAGES, job.build.seed), calib, job.build, carried)
-        plans = early_exit_plans(model, cuts, pre, size, head_images, job.head, job.score, held_out=calib)
-        if placement is not None:
-            plans[0].head = dict(plans[0].head, placement=placement)
+        plans, model, pre, train, calib = _early_exit(job, train, calib)
     elif job.kind in ("cascade", "search"):
         models = [(s, build_model(s.model, s.size)) for s in job.sources]
         pre = _preprocess(job, models[0][1])
         if job.kind == "search":
             return _run_search(job, pre, train, calib, {s.model: m for s, m in models})
         named = [(s.name or f"stage{k}", m, _size(job, s, m, calib)) for k, (s, m) in enumerate(models)]
+        train, calib = _own_classes(models[0][1], pre, named[0][2], train, calib)
         adaptations = [adapt_stage_model(m, s.model, size, s.adapt, pre, train, job.adaptation)
                        for (s, _), (_, m, size) in zip(models, named)]
         plans = cascade_plans(named, job.combine, job.score)
@@ -355,12 +359,74 @@ def run_job(job: ConvertJob) -> Path:
                                    job.patch_fraction, job.score)
     else:
         raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit, cascade, search or glance_focus")
-    labels = _labels(model if job.kind == "early_exit" else models[0][1], calib)
+    labels = list(calib.classes) if job.new_classes else _labels(model if job.kind == "early_exit" else models[0][1], calib)
     name = job.name or job.out.stem
-    path = build_bundle(job.out, name, plans, pre, labels, calib, job.build, kind=job.kind)
+    with phase("export, verification and calibration"):
+        path = build_bundle(job.out, name, plans, pre, labels, calib, job.build, kind=job.kind)
     if job.kind == "cascade" and any(a["kind"] != "none" for a in adaptations):
         update_manifest(path, lambda manifest, _: with_adaptations(manifest, adaptations))
     return path
+
+
+def _own_classes(model: Any, pre: Preprocess, size: tuple[int, int], *sets: ImageSet) -> list[ImageSet]:
+    """``sets`` labelled as ``model``'s own outputs (:func:`.new_classes.check_classes`: refused, naming
+    --new-classes, when their classes are not the model's)."""
+    source = source_of(model)
+    outputs = model_outputs(source, source.prepare(model), pre, size)
+    return [check_classes(model, outputs, images) for images in sets]
+
+
+def _early_exit(job: ConvertJob, train: ImageSet,
+                calib: ImageSet) -> tuple[list, Any, Preprocess, ImageSet, ImageSet]:
+    """The early-exit plans of ``job`` (exits given or placed automatically; with ``new_classes`` a head
+    for the data's classes on every stage), the model, its preprocessing, and the training and
+    calibration images (labelled as the model's outputs unless ``new_classes``)."""
+    if len(job.sources) != 1 or not (job.exits or job.new_classes):
+        raise ConversionError("an early-exit conversion needs one model and --exits (cut points, comma-separated; "
+                              "`stagewise cuts MODEL` lists them)")
+    model = build_model(job.sources[0].model)
+    pre = _preprocess(job, model)
+    size = _size(job, job.sources[0], model, train)
+    source = source_of(model)
+    prepared = source.prepare(model)
+    if hasattr(source, "check_formats"):  # formats the source cannot write, refused before any work
+        source.check_formats(prepared, job.build.formats)
+    if job.new_classes:
+        check_training(job.head)
+        if tuple(train.classes) != tuple(calib.classes):
+            raise ConversionError(f"the training and calibration images have different classes ({preview(train.classes)} "
+                                  f"vs {preview(calib.classes)}); with --new-classes both name the bundle's classes")
+    else:
+        train, calib = _own_classes(model, pre, size, train, calib)
+    head_images = _cap(train, job.max_head_images, job.build.seed)
+    device = resolve_device(job.device) if source.framework == "torch" else "cpu"
+    store = FeatureStore(source, prepared, pre, size, job.cache, device)
+    training = replace(job.head, tuning=replace(job.head.tuning, device=device))
+    feature = feature_cut(source, prepared, size) if job.new_classes else None
+    cuts, placement = list(job.exits), None
+    if (max_exits := auto_exit_count(job.exits)) is not None:
+        resolved = training.resolved(model)
+        carried = getattr(model, "stagewise_exits", None) if resolved.mode == "given" and not job.new_classes else None
+        with phase("exit placement"):
+            cuts, placement = choose_exits(source, prepared, pre, size, max_exits,
+                                           _cap(head_images, PROBE_IMAGES, job.build.seed), calib, job.build, carried,
+                                           store=store, feature=feature)
+    ambiguous = cuts and [c.name for c in source.cut_points(prepared, size) if c.name in cuts and c.layout == AMBIGUOUS]
+    if ambiguous:
+        raise ConversionError(f"the carry after {', '.join(ambiguous)} is channels-last with its side equal to its "
+                              "channel count, so an exit head cannot tell which axes to pool; convert at another input "
+                              "size or choose other exits")
+    with phase("heads"):
+        if job.new_classes:
+            plans = new_class_plans(model, cuts, pre, size, head_images, store, training, job.score, feature)
+        else:
+            plans = early_exit_plans(model, cuts, pre, size, head_images, training, job.score, held_out=calib,
+                                     store=store)
+    if placement is not None:
+        plans[0].head = dict(plans[0].head, placement=placement)
+    if store.cache is not None:
+        note(f"feature cache {store.cache}: the backbone ran on {store.computed} images, the rest were cached")
+    return plans, model, pre, train, calib
 
 
 def _labels(model: Any, calib: ImageSet) -> list[str]:

@@ -36,10 +36,11 @@ from stagewise.errors import CalibrationError, ConversionError
 from stagewise.images import Preprocess
 from stagewise.progress import note
 
+from .features import OUTPUT, FeatureStore
 from .heads import HeadTraining, train_head
 from .options import BuildOptions
-from .plans import StagePlan, pixel_plan, plans_with_heads, segment_features
-from .source import SourceAdapter
+from .plans import StagePlan, pixel_plan, plans_with_heads
+from .source import AMBIGUOUS, SourceAdapter
 
 _AUTO = re.compile(r"^auto(?::(\d+))?$")
 DEFAULT_EXITS = 2
@@ -67,8 +68,8 @@ class Candidate:
 
     @property
     def head_ms(self) -> float:
-        """The head's share of :attr:`ms`, estimated by its share of the MACs."""
-        return self.ms * self.head_macs / max(1, self.macs)
+        """The head's share of :attr:`ms`, estimated by its share of the MACs (at most all of it)."""
+        return self.ms * min(1.0, self.head_macs / max(1, self.macs))
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,13 @@ def rank_placements(candidates: Sequence[Candidate], exit_logits: dict[str, np.n
 
 
 def candidate_cuts(source: SourceAdapter, model: Any, size: tuple[int, int], max_candidates: int,
-                   carried: Sequence[str] | None = None) -> list[Any]:
-    """The cut points worth an exit: valid, poolable, between 3 % and 97 % of the MACs (``carried``: only those)."""
-    points = [c for c in source.cut_points(model, size) if c.single_tensor and c.layout != "flat"]
+                   carried: Sequence[str] | None = None, before: str | None = None) -> list[Any]:
+    """The cut points worth an exit: valid, poolable, between 3 % and 97 % of the MACs (``carried``: only those;
+    ``before``: only those before this cut, the feature cut of new classes)."""
+    points = source.cut_points(model, size)
+    if before is not None:
+        points = points[:[c.name for c in points].index(before)]
+    points = [c for c in points if c.single_tensor and c.layout not in ("flat", AMBIGUOUS)]
     if carried is not None:
         points = [c for c in points if c.name in carried]
     else:
@@ -156,28 +161,46 @@ def _time_plans(plans: Sequence[StagePlan], preprocess: Preprocess, image: np.nd
 def measure_candidates(source: SourceAdapter, model: Any, preprocess: Preprocess, size: tuple[int, int],
                        probe_images: ImageSet, calibration: ImageSet, options: BuildOptions,
                        carried: dict[str, Any] | None = None, max_candidates: int = 10,
-                       repeats: int = 30) -> tuple[list[Candidate], dict[str, np.ndarray], np.ndarray, float]:
-    """Candidates with measured latency and exit accuracy, their calibration logits, the network's and its latency."""
-    points = candidate_cuts(source, model, size, max_candidates, None if carried is None else list(carried))
+                       repeats: int = 30, store: FeatureStore | None = None,
+                       feature: str | None = None) -> tuple[list[Candidate], dict[str, np.ndarray], np.ndarray, float]:
+    """Candidates with measured latency and exit accuracy, their calibration logits, the network's and its latency.
+
+    Probes are fitted on pooled features from ``store`` (one pass per image for every candidate).
+    ``feature``: new classes — the network ends at this cut with a head fitted for the data's
+    classes (:mod:`.new_classes`), which is then what the exits are compared with and timed against.
+    """
+    points = candidate_cuts(source, model, size, max_candidates, None if carried is None else list(carried), feature)
     cuts = [c.name for c in points]
-    segments = source.split(model, cuts)
-    if carried is not None:
-        heads = [carried[cut] for cut in cuts]
-    else:
-        feats, teacher = segment_features(source, segments, preprocess, size, probe_images)
-        probe = HeadTraining(max_iter=100)
-        heads = [train_head(f, np.asarray(probe_images.targets), teacher, probe)[0] for f in feats]
-    chain = plans_with_heads(source, segments, cuts, size, [*heads, None], [None] * (len(cuts) + 1), "max_softmax")
-    x = preprocess.tensor([calibration.image(i) for i in range(len(calibration))], size)
-    exit_logits = {}
-    for cut, plan in zip(cuts, chain):
-        x, exit_logits[cut] = source.run(plan.module, x)
-    final_logits = source.run(chain[-1].module, x)[0]
     targets = np.asarray(calibration.targets)
-    prefixes = [plans_with_heads(source, source.split(model, [cut]), [cut], size, [head, None], [None, None],
-                                 "max_softmax")[0] for cut, head in zip(cuts, heads)]
     whole = StagePlan(name="full", module=model, source={"source": "image", "size": list(size)}, has_carry=False,
                       exit={}, macs=0, params=0, framework=source.framework)
+    if carried is not None:
+        heads = [carried[cut] for cut in cuts]
+        chain = plans_with_heads(source, source.split(model, cuts), cuts, size, [*heads, None],
+                                 [None] * (len(cuts) + 1), "max_softmax")
+        x = preprocess.tensor([calibration.image(i) for i in range(len(calibration))], size)
+        exit_logits = {}
+        for cut, plan in zip(cuts, chain):
+            x, exit_logits[cut] = source.run(plan.module, x)
+        final_logits = source.run(chain[-1].module, x)[0]
+    else:
+        store = store or FeatureStore(source, model, preprocess, size)
+        probe_targets = np.asarray(probe_images.targets)
+        wanted = cuts + ([feature] if feature else [])
+        probe = store.features(wanted, probe_images, output=feature is None)
+        calib = store.features(wanted, calibration, output=feature is None)
+        settings = HeadTraining(max_iter=100)
+        if feature is None:
+            teacher, final_logits = probe[OUTPUT], calib[OUTPUT]
+        else:
+            final, _ = train_head(probe[feature], probe_targets, None, settings, classes=len(probe_images.classes))
+            teacher, final_logits = final.decision(probe[feature]), final.decision(calib[feature])
+            whole = plans_with_heads(source, source.split(model, [feature])[:-1], [feature], size, [final], [None],
+                                     "max_softmax")[0]
+        heads = [train_head(probe[cut], probe_targets, teacher, settings)[0] for cut in cuts]
+        exit_logits = {cut: head.decision(calib[cut]) for cut, head in zip(cuts, heads)}
+    prefixes = [plans_with_heads(source, source.split(model, [cut]), [cut], size, [head, None], [None, None],
+                                 "max_softmax")[0] for cut, head in zip(cuts, heads)]
     latencies = _time_plans([*prefixes, whole], preprocess, calibration.image(0), options, repeats)
     candidates = [Candidate(cut, prefix.macs, prefix.macs - point.macs, ms,
                             float((exit_logits[cut].argmax(1) == targets).mean()))
@@ -227,11 +250,14 @@ def print_placement(candidates: Sequence[Candidate], ranked: Sequence[Placement]
 
 def choose_exits(source: SourceAdapter, model: Any, preprocess: Preprocess, size: tuple[int, int], max_exits: int,
                  probe_images: ImageSet, calibration: ImageSet, options: BuildOptions,
-                 carried: dict[str, Any] | None = None) -> tuple[list[str], dict]:
-    """The cuts :func:`rank_placements` ranks first (at least one exit), printed, and their manifest record."""
+                 carried: dict[str, Any] | None = None, store: FeatureStore | None = None,
+                 feature: str | None = None) -> tuple[list[str], dict]:
+    """The cuts :func:`rank_placements` ranks first (at least one exit), printed, and their manifest record
+    (``store``, ``feature``: see :func:`measure_candidates`)."""
     drop = options.default_drop
     candidates, logits, final, full_ms = measure_candidates(source, model, preprocess, size, probe_images,
-                                                            calibration, options, carried)
+                                                            calibration, options, carried, store=store,
+                                                            feature=feature)
     ranked = rank_placements(candidates, logits, final, full_ms, calibration.targets, max_exits, drop)
     with_exits = [p for p in ranked if p.cuts]
     if not with_exits:

@@ -8,8 +8,10 @@ back into the linear layer, so the exported head is plain ``pool -> linear``.
 
 Loss (``kind="gap_linear"``): ``(1 - distill) * CE(labels) + distill * T^2 * KL(teacher_T || head_T)
 + weight_decay / 2 * |W|^2``, where the teacher is the full network's own final softmax (labels
-plus teacher softmax beat labels alone). ``kind="savchenko"``: Savchenko's linear classifier on
-global-average-pooled, L2-normalised features, fitted to the labels only.
+plus teacher softmax beat labels alone); without a teacher (new classes: the final head is fitted
+first, on the labels alone, and teaches the exits) the CE term only. ``kind="savchenko"``:
+Savchenko's linear SVM (squared hinge) on global-average-pooled, L2-normalised features, fitted to
+the labels only — the one classifier of :mod:`.savchenko`.
 
 The source adapters (:mod:`.torch_source`, :mod:`.keras_source`) turn a :class:`LinearHead`
 into their own layers.
@@ -40,7 +42,8 @@ class FineTuning:
     weigh each exit's loss (default 1.0 each; the final exit's cross-entropy has weight 1);
     ``freeze`` names a cut up to which (inclusive) the backbone stays frozen; ``augment``:
     ``flip_crop`` (random crops from a zero-padded image plus horizontal flips), ``flip`` or
-    ``none``; ``bf16``: bfloat16 autocast (default: when the CPU has fast bf16 kernels).
+    ``none``; ``bf16``: bfloat16 autocast on the CPU (default: when it has fast bf16 kernels);
+    ``device``: where the loop runs (:mod:`.devices`; float16 autocast on CUDA).
     """
 
     epochs: int = 4
@@ -53,6 +56,7 @@ class FineTuning:
     augment: str = "flip_crop"
     bf16: bool | None = None
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -107,16 +111,6 @@ class HeadTraining:
         if self.mode != "auto":
             return self
         return replace(self, mode="given" if getattr(model, "stagewise_exits", None) else "frozen")
-
-    @property
-    def normalise(self) -> bool:
-        """Whether the head L2-normalises its pooled features."""
-        return self.kind == "savchenko"
-
-    @property
-    def distill_weight(self) -> float:
-        """The teacher term's weight actually used (Savchenko's heads fit the labels only)."""
-        return 0.0 if self.kind == "savchenko" else self.distill
 
 
 @dataclass(frozen=True)
@@ -177,22 +171,30 @@ def distillation_loss(logits: np.ndarray, targets: np.ndarray, teacher: np.ndarr
     return float(loss), grad / n
 
 
-def train_head(features: np.ndarray, targets: np.ndarray, teacher_logits: np.ndarray,
-               settings: HeadTraining = HeadTraining()) -> tuple[LinearHead, dict]:
+def train_head(features: np.ndarray, targets: np.ndarray, teacher_logits: np.ndarray | None,
+               settings: HeadTraining = HeadTraining(), classes: int | None = None) -> tuple[LinearHead, dict]:
     """Fit a head on pooled ``features`` (N x C) to integer ``targets`` and the teacher's logits (N x K).
 
-    Returns the head and its training record for the manifest.
+    Without a teacher (``teacher_logits`` None, e.g. the final head of new classes) the head fits
+    the labels alone and ``classes`` gives its width. ``kind="savchenko"`` heads are the linear
+    classifier of Savchenko's method (:func:`.savchenko.fit_linear_head`, the same one the Python
+    route of :mod:`.savchenko` fits). Returns the head and its training record for the manifest.
     """
     targets = np.asarray(targets, dtype=np.int64)
-    teacher = np.asarray(teacher_logits, dtype=np.float64)
-    x = head_input(features, settings.normalise)
-    if len(x) != len(targets) or len(x) != len(teacher):
+    classes = int(teacher_logits.shape[1]) if teacher_logits is not None else classes
+    if classes is None:
+        raise ConversionError("head training needs the teacher's logits or the number of classes")
+    if settings.kind == "savchenko":
+        return _savchenko_head(features, targets, classes, settings)
+    teacher = None if teacher_logits is None else np.asarray(teacher_logits, dtype=np.float64)
+    x = np.asarray(features, dtype=np.float64)
+    if len(x) != len(targets) or (teacher is not None and len(x) != len(teacher)):
         raise ConversionError(f"head training got {len(x)} feature rows, {len(targets)} targets, "
-                              f"{len(teacher)} teacher rows; they must match")
+                              f"{len(teacher) if teacher is not None else 0} teacher rows; they must match")
     mean, std = x.mean(0), np.maximum(x.std(0), 1e-6)
     z = (x - mean) / std
-    channels, classes = z.shape[1], teacher.shape[1]
-    distill = settings.distill_weight
+    channels = z.shape[1]
+    distill = settings.distill if teacher is not None else 0.0
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = theta[:channels * classes].reshape(channels, classes), theta[channels * classes:]
@@ -206,13 +208,25 @@ def train_head(features: np.ndarray, targets: np.ndarray, teacher_logits: np.nda
     result = minimize(objective, start, jac=True, method="L-BFGS-B", options={"maxiter": settings.max_iter})
     w = result.x[:channels * classes].reshape(channels, classes) / std[:, None]
     b = result.x[channels * classes:] - (mean / std) @ result.x[:channels * classes].reshape(channels, classes)
-    head = LinearHead(w.T.astype(np.float32), b.astype(np.float32), settings.normalise)
+    head = LinearHead(w.T.astype(np.float32), b.astype(np.float32))
     train_acc = float((head.decision(features).argmax(1) == targets).mean())
     record = {"kind": settings.kind, "trained_on": "frozen backbone",
               "loss": "cross_entropy+distillation" if distill else "cross_entropy",
               "distill_weight": distill, "distill_temperature": settings.temperature,
               "weight_decay": settings.weight_decay, "optimizer": "L-BFGS (full batch)",
               "iterations": int(result.nit), "images": int(len(x)), "train_accuracy": train_acc}
-    if settings.normalise:
-        record["features"] = "global average pooling, L2-normalised"
+    return head, record
+
+
+def _savchenko_head(features: np.ndarray, targets: np.ndarray, classes: int,
+                    settings: HeadTraining) -> tuple[LinearHead, dict]:
+    """Savchenko's head: a linear SVM (squared hinge) on global-average-pooled, L2-normalised features."""
+    from .savchenko import SavchenkoSettings, fit_linear_head
+
+    method = SavchenkoSettings(seed=settings.seed)
+    head = fit_linear_head(features, targets, classes, method)
+    record = {"kind": "savchenko", "trained_on": "frozen backbone", "classifier": "linear_svm_squared_hinge",
+              "C": method.C, "features": "global average pooling, L2-normalised", "loss": "squared_hinge",
+              "images": int(len(targets)),
+              "train_accuracy": float((head.decision(features).argmax(1) == targets).mean())}
     return head, record

@@ -182,7 +182,8 @@ def _single(tensors: list) -> Any:
 def split_model(model: keras.Model, cuts: Sequence[str]) -> list[keras.Model]:
     """Segments of ``model`` between consecutive cuts (sharing its layers and weights)."""
     check_cuts(model, cuts)
-    bounds = [model.inputs[0]] + [model.get_layer(c).output for c in cuts] + [model.outputs[0]]
+    ops = {op.name: op for op in model.operations}  # layers and op layers (``x + y`` is an ``add`` op)
+    bounds = [model.inputs[0]] + [ops[c].output for c in cuts] + [model.outputs[0]]
     segments = []
     for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         try:
@@ -406,6 +407,28 @@ class KerasSource:
             return carry.mean(axis=1)
         return carry.reshape(len(carry), -1)
 
+    def pooled_features(self, segments: Sequence[keras.Model], x: np.ndarray, device: str = "cpu",
+                        pool_last: bool = True) -> list[np.ndarray]:
+        """Every segment's output on the batch ``x`` (in turn), pooled to N x C; the last as it is unless
+        ``pool_last``. ``device`` is ignored: TensorFlow places the work itself."""
+        outputs = []
+        for k, segment in enumerate(segments):
+            x = self.run(segment, x)[0]
+            outputs.append(self.pool(x) if (pool_last or k < len(segments) - 1) else x)
+        return outputs
+
+    def fingerprint(self, model: keras.Model) -> str:
+        """A digest of every weight's shape and values, in order (not of names, which Keras numbers per
+        process: ``functional_3``, ``conv2d_7``)."""
+        import hashlib
+
+        digest = hashlib.sha256(str(len(model.weights)).encode())
+        for weight in model.weights:
+            value = np.ascontiguousarray(to_numpy(weight))
+            digest.update(str(value.shape).encode())
+            digest.update(value.tobytes())
+        return digest.hexdigest()
+
     def macs(self, module: keras.Model, input_shape: Sequence[int]) -> int:
         return count_macs(module, tuple(input_shape[1:3]))
 
@@ -414,8 +437,19 @@ class KerasSource:
 
     # --- export frontends ------------------------------------------------------------------
 
+    def check_formats(self, model: keras.Model, formats: Sequence[str]) -> None:
+        """Refuse, before any work, a format this model cannot reach: tf2onnx writes grouped convolutions
+        (``Conv2D(groups>1)``) as an invalid ONNX graph, while OpenVINO and TFLite read them."""
+        grouped = [layer.name for layer in _flat_layers(model)
+                   if isinstance(layer, keras.layers.Conv2D) and getattr(layer, "groups", 1) > 1]
+        if "onnx" in formats and grouped:
+            raise ConversionError(f"the model has grouped convolutions ({', '.join(grouped[:3])}"
+                                  f"{', ...' if len(grouped) > 3 else ''}), which tf2onnx writes as an invalid ONNX "
+                                  "graph; convert it with --format openvino or --format tflite (both read them)")
+
     def export_onnx(self, plan: Any, example: np.ndarray, path: Path) -> dict:
         """Write the stage as ONNX with tf2onnx (opset 17, dynamic batch, NHWC input as the stage is fed)."""
+        self.check_formats(plan.module, ("onnx",))
         tf2onnx = require("tf2onnx", "keras", "exporting Keras stages to ONNX")
         try:  # tf2onnx predates numpy 2; Keras ships the patch it uses for its own ONNX export
             from keras.src.export.tf2onnx_lib import patch_tf2onnx

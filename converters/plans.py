@@ -17,8 +17,8 @@ import numpy as np
 from stagewise.datasets import ImageSet
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
-from stagewise.progress import progress_bar
 
+from .features import OUTPUT, FeatureStore
 from .heads import HeadTraining, train_head
 from .source import SourceAdapter, source_named, source_of
 
@@ -86,21 +86,6 @@ def exit_rule(score: str, combine: str = "own") -> dict:
     return {"score": score, "temperature": 1.0, "combine": combine}
 
 
-def segment_features(source: SourceAdapter, segments: Sequence[Any], preprocess: Preprocess, size: tuple[int, int],
-                     images: ImageSet, batch: int = 128) -> tuple[list[np.ndarray], np.ndarray]:
-    """Pooled carry features after every segment but the last, and the last segment's outputs, for ``images``."""
-    feats: list[list[np.ndarray]] = [[] for _ in segments[:-1]]
-    final = []
-    for i in progress_bar(range(0, len(images), batch), "backbone features for exit heads"):
-        x = preprocess.tensor([images.image(j) for j in range(i, min(i + batch, len(images)))], size)
-        for k, segment in enumerate(segments):
-            x = source.run(segment, x)[0]
-            if k < len(segments) - 1:
-                feats[k].append(source.pool(x))
-        final.append(x)
-    return [np.concatenate(f) for f in feats], np.concatenate(final)
-
-
 def plans_with_heads(source: SourceAdapter, segments: Sequence[Any], cuts: Sequence[str], size: tuple[int, int],
                      heads: Sequence[Any], records: Sequence[dict | None], score: str) -> list[StagePlan]:
     """Plans for consecutive ``segments`` (cut after ``cuts``), segment k ending in ``heads[k]``.
@@ -131,7 +116,8 @@ def plans_with_heads(source: SourceAdapter, segments: Sequence[Any], cuts: Seque
 
 def early_exit_plans(model: Any, cuts: Sequence[str], preprocess: Preprocess, size: tuple[int, int],
                      head_images: ImageSet, training: HeadTraining = HeadTraining(),
-                     score: str = "max_softmax", held_out: ImageSet | None = None) -> list[StagePlan]:
+                     score: str = "max_softmax", held_out: ImageSet | None = None,
+                     store: FeatureStore | None = None) -> list[StagePlan]:
     """Stages of ``model`` cut after ``cuts``, each non-final one with a trained exit head.
 
     By ``training.mode`` (``auto`` resolved by :meth:`~.heads.HeadTraining.resolved`):
@@ -140,7 +126,8 @@ def early_exit_plans(model: Any, cuts: Sequence[str], preprocess: Preprocess, si
     or Savchenko's L2 head); ``frozen`` conv/mlp heads and ``joint`` training (backbone and heads
     together) go through the source adapter's ``train_exits`` (torch), which also reports every
     exit's and the original network's accuracy on ``held_out``; ``given`` exports the heads the
-    model carries.
+    model carries. ``store``: where frozen heads' features come from (default: a fresh in-memory
+    :class:`~.features.FeatureStore`; pass the conversion's to reuse features and its cache).
     """
     if not cuts:
         raise ConversionError("an early-exit conversion needs at least one cut point (see `stagewise cuts MODEL`)")
@@ -159,9 +146,9 @@ def early_exit_plans(model: Any, cuts: Sequence[str], preprocess: Preprocess, si
         records = [dict(kind=training.kind, trained_on=trained_on, training=record) for _ in heads]
     else:
         segments = source.split(model, cuts)
-        feats, teacher = segment_features(source, segments, preprocess, size, head_images)
+        feats = (store or FeatureStore(source, model, preprocess, size)).features(cuts, head_images, output=True)
         targets = np.asarray(head_images.targets)
-        trained = [train_head(f, targets, teacher, training) for f in feats]
+        trained = [train_head(feats[cut], targets, feats[OUTPUT], training) for cut in cuts]
         heads = [h for h, _ in trained]
         records = [r for _, r in trained]
     return plans_with_heads(source, segments, cuts, size, [*heads, None], [*records, None], score)

@@ -125,15 +125,17 @@ def savchenko_heads(stage_features: Sequence[np.ndarray], labels: np.ndarray, cl
 
 
 def backbone_features(model: Any, cuts: Sequence[str], preprocess: Any, size: tuple[int, int], images: Any,
-                      batch: int = 32) -> list[np.ndarray]:
-    """Global-average-pooled features (N x C_m) of ``images`` after each cut of the frozen ``model``."""
-    from .plans import segment_features
+                      batch: int = 32, store: Any = None) -> list[np.ndarray]:
+    """Global-average-pooled features (N x C_m) of ``images`` after each cut of the frozen ``model``
+    (from ``store``, a :class:`~.features.FeatureStore`, when given: reused and cached)."""
+    from .features import FeatureStore
     from .source import source_of
 
     source = source_of(model)
-    segments = source.split(source.prepare(model), list(cuts))[:-1]
-    feats, last = segment_features(source, segments, preprocess, size, images, batch)
-    return feats + [source.pool(last)]
+    model = source.prepare(model)
+    store = store or FeatureStore(source, model, preprocess, size, batch=batch)
+    found = store.features(list(cuts), images)
+    return [found[cut] for cut in cuts]
 
 
 def plans_from_heads(model: Any, cuts: Sequence[str], preprocess: Any, size: tuple[int, int],

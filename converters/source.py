@@ -18,6 +18,9 @@ An adapter promises:
 * ``pixel_input(module, preprocess, size)``: an image-reading stage module wrapped so it takes
   uint8 NHWC pixels and normalises them (cast, mean/std, layout) inside the exported graph;
 * ``pool(carry)``: the pooled features a head sees, by the carry's layout;
+* ``pooled_features(segments, x, device, pool_last)``: the segments run in turn on a batch, each
+  output pooled (:class:`~stagewise.converters.features.FeatureStore`); ``fingerprint(model)``:
+  a digest of the model's weights (the feature cache's key);
 * ``train_exits(segments, images, preprocess, size, classes, training, held_out)``: heads trained
   by the framework (conv/mlp heads, joint fine-tuning), and ``given_exits(model, cuts)``: the
   trained heads a model carries — torch only, Keras raises a ``ConversionError``;
@@ -40,6 +43,10 @@ from stagewise.errors import ConversionError
 from .tooling import plugin
 
 
+#: The layout of a cube carry (C = H = W, e.g. Swin at 384 px: 96 x 96 x 96), which its shape cannot tell.
+AMBIGUOUS = "ambiguous"
+
+
 @dataclass(frozen=True)
 class CutPoint:
     """A place after which a model can be cut (in the style of timm's ``feature_info``).
@@ -49,7 +56,8 @@ class CutPoint:
     ``reduction`` the input size divided by the output's spatial size (None for token or flat
     outputs); ``macs`` the multiply-accumulates from the input up to and including this point;
     ``single_tensor`` whether only this one tensor crosses the cut (only such cuts are valid);
-    ``layout`` how an exit head pools it: ``NCHW``, ``NHWC``, ``tokens`` or ``flat``.
+    ``layout`` how an exit head pools it: ``NCHW``, ``NHWC``, ``tokens`` or ``flat``, or
+    :data:`AMBIGUOUS` for a cube feature map (C = H = W) that no exit can pool.
     """
 
     name: str
@@ -91,6 +99,11 @@ class SourceAdapter(Protocol):
     def run(self, module: Any, x: np.ndarray) -> list[np.ndarray]: ...
 
     def pool(self, carry: np.ndarray) -> np.ndarray: ...
+
+    def pooled_features(self, segments: Sequence[Any], x: np.ndarray, device: str = "cpu",
+                        pool_last: bool = True) -> list[np.ndarray]: ...
+
+    def fingerprint(self, model: Any) -> str: ...
 
     def train_exits(self, segments: Sequence[Any], images: Any, preprocess: Any, size: tuple[int, int],
                     classes: int, training: Any, held_out: Any = None) -> tuple[list, list, dict]: ...

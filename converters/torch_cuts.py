@@ -18,14 +18,16 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+import sys
 from typing import Sequence
 
 import torch
 from torch import fx
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from stagewise.errors import ConversionError, InvalidCutPointError
 
-from .source import CutPoint
+from .source import AMBIGUOUS, CutPoint
 from .torch_heads import carry_layout
 
 _SKIPPED_OPS = ("placeholder", "get_attr", "output")
@@ -70,6 +72,7 @@ def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoi
         if name and nodes[span[-1]] is not output:
             by_end.setdefault(span[-1], []).append(name)
     shapes, macs = _forward_record(model, example)
+    larger: dict[str, tuple[int, ...]] | None = {}
     records = []
     for end in sorted(by_end):
         group = sorted(by_end[end], key=lambda n: (spans[n][0], n.count("."), order[n]))
@@ -78,6 +81,10 @@ def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoi
         if shape is None:
             continue
         layout = carry_layout(shape, example.shape[2:]) if 1 <= len(shape) <= 3 else "flat"
+        if layout in ("NCHW", "NHWC") and len(set(shape)) == 1:
+            if larger == {}:
+                larger = _larger_shapes(model, example)
+            layout = _cube_layout(shape, None if larger is None else larger.get(name))
         if layout in ("NCHW", "NHWC"):
             spatial = shape[1] if layout == "NCHW" else shape[0]
             channels, reduction = shape[0 if layout == "NCHW" else 2], max(1, example.shape[2] // max(1, spatial))
@@ -87,29 +94,53 @@ def cut_candidates(model: torch.nn.Module, example: torch.Tensor) -> list[CutPoi
     return records
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FLOPs of the CPU kernel of ``scaled_dot_product_attention`` (torch counts only the GPU kernels)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _larger_shapes(model: torch.nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]] | None:
+    """Per module, its output shape for an image twice ``example``'s side (None: the model takes no other size)."""
+    try:
+        return _forward_record(model, torch.zeros(1, example.shape[1], *(2 * d for d in example.shape[2:])))[0]
+    except Exception:  # a model fixed to one input size
+        return None
+
+
+def _cube_layout(shape: tuple[int, ...], larger: tuple[int, ...] | None) -> str:
+    """The layout of a cube carry (C = H = W), which its shape cannot tell: ``NCHW`` when a larger image
+    (``larger``: the carry's shape then) leaves its first axis alone; else :data:`AMBIGUOUS` (channels-last,
+    which exit heads would pool as channels-first, or unknown)."""
+    return "NCHW" if larger is not None and larger[0] == shape[0] and larger[1] != shape[1] else AMBIGUOUS
+
+
 class MacCounter:
-    """Forward hooks on a module's Conv2d and Linear layers that add up their MACs as they run."""
+    """Multiply-accumulates of the torch operations run while it is active: convolutions, linear layers,
+    matrix products and attention, whether a module or a functional call runs them (torch's
+    :class:`~torch.utils.flop_counter.FlopCounterMode` on the dispatched operators, halved)."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.total = 0
-        self._hooks = [m.register_forward_hook(self._count) for m in module.modules()
-                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    def __init__(self) -> None:
+        extra = {}
+        cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if cpu_attention is not None:
+            extra[cpu_attention] = _cpu_attention_flops
+        self._mode = FlopCounterMode(display=False, custom_mapping=extra)
 
-    def _count(self, m: torch.nn.Module, _inp: object, out: torch.Tensor) -> None:
-        if isinstance(m, torch.nn.Conv2d):
-            kh, kw = m.kernel_size
-            self.total += out[0].numel() * (m.in_channels // m.groups) * kh * kw
-        else:
-            self.total += out[0].numel() * m.in_features
+    def __enter__(self) -> "MacCounter":
+        self._mode.__enter__()
+        return self
 
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return int(self._mode.get_total_flops()) // 2
 
 
 def _forward_record(model: torch.nn.Module, example: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Per named module: its output shape (one sample) and the MACs computed up to its end."""
-    counter = MacCounter(model)
+    counter = MacCounter()
     shapes: dict[str, tuple[int, ...]] = {}
     macs: dict[str, int] = {}
 
@@ -122,10 +153,9 @@ def _forward_record(model: torch.nn.Module, example: torch.Tensor) -> tuple[dict
 
     hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if name]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             model.eval()(example[:1])
     finally:
-        counter.remove()
         for h in hooks:
             h.remove()
     return shapes, macs
@@ -152,11 +182,11 @@ def split_model(model: torch.nn.Module, cuts: Sequence[str]) -> list[fx.GraphMod
             problem = "is not a submodule of the model" if cut not in known else (
                 "is not a valid cut point: more than one value would cross it, it does not run "
                 "as one contiguous piece of forward(), or it produces the final output")
-            raise InvalidCutPointError(f"cut {cut!r} {problem}. {_valid_list(_listed(valid, spans))}")
+            raise InvalidCutPointError(f"cut {cut!r} {problem}. {_valid_list(_listed(valid, spans), model)}")
         if ends and valid[cut] <= ends[-1]:
             raise InvalidCutPointError(
                 f"cut {cut!r} does not come after {cuts[len(ends) - 1]!r}; cuts must be in forward "
-                f"order without duplicates. {_valid_list(_listed(valid, spans))}")
+                f"order without duplicates. {_valid_list(_listed(valid, spans), model)}")
         ends.append(valid[cut])
 
     output = _output_node(traced)
@@ -173,7 +203,9 @@ def _trace(model: torch.nn.Module) -> fx.GraphModule:
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        return fx.symbolic_trace(model, concrete_args=_optional_arguments(model) or None)
+        tracer = _tracer()
+        graph = tracer.trace(model, concrete_args=_optional_arguments(model) or None)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:
         raise ConversionError(
             f"{type(model).__name__} cannot be split: the model must be fx-traceable "
@@ -182,6 +214,27 @@ def _trace(model: torch.nn.Module) -> fx.GraphModule:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def _tracer() -> fx.Tracer:
+    """A ``torch.fx`` tracer that keeps timm's non-traceable modules whole (leaves) and its non-traceable
+    functions wrapped, as timm's own feature extraction does, when timm is loaded (e.g. EfficientViT, MobileViT)."""
+    leaves: tuple[type, ...] = ()
+    functions: tuple = ()
+    if "timm" in sys.modules:
+        try:
+            from timm.models import get_notrace_functions, get_notrace_modules
+        except ImportError:
+            pass
+        else:
+            leaves = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+            functions = tuple(f for f in get_notrace_functions() if callable(f))
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: torch.nn.Module, qualified_name: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, qualified_name)
+
+    return Tracer(autowrap_functions=functions)
 
 
 def _optional_arguments(model: torch.nn.Module) -> dict[str, object]:
@@ -237,8 +290,25 @@ def _analyse(model: torch.nn.Module) -> tuple[fx.GraphModule, list[fx.Node], dic
     return traced, nodes, valid, spans
 
 
-def _valid_list(valid: list[str]) -> str:
-    return "Valid cut points, in forward order: " + (", ".join(valid) or "none") + "."
+#: Cut points an error message names at most (``stagewise cuts MODEL`` lists them all).
+LISTED_IN_ERRORS = 20
+#: Modules that return their input in eval mode: a cut after one is the cut before it.
+_IDENTITIES = (torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+               torch.nn.AlphaDropout)
+
+
+def shortened(names: Sequence[str], limit: int = LISTED_IN_ERRORS) -> str:
+    """``names`` comma-separated, or the first ``limit`` of them and where to see all."""
+    if len(names) <= limit:
+        return ", ".join(names) or "none"
+    return f"{', '.join(names[:limit])} (first {limit} of {len(names)}; `stagewise cuts MODEL` lists all)"
+
+
+def _valid_list(valid: list[str], model: torch.nn.Module | None = None) -> str:
+    """The valid cuts for an error message: without identity modules (dropout at eval) and shortened."""
+    modules = dict(model.named_modules()) if model is not None else {}
+    useful = [name for name in valid if not isinstance(modules.get(name), _IDENTITIES)]
+    return "Valid cut points, in forward order: " + shortened(useful) + "."
 
 
 def _is_batch_size(node: fx.Node) -> bool:

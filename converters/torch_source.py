@@ -56,13 +56,10 @@ class PixelInput(torch.nn.Module):
 
 
 def count_macs(module: torch.nn.Module, example: torch.Tensor) -> int:
-    """MACs of one forward pass on a single sample, counted over Conv2d and Linear layers."""
-    counter = MacCounter(module)
-    try:
-        with torch.no_grad():
-            module.eval()(example[:1])
-    finally:
-        counter.remove()
+    """MACs of one forward pass on a single sample, counted on the operators that run (:class:`.torch_cuts.MacCounter`:
+    convolutions and matrix products, functional ones and attention included)."""
+    with torch.no_grad(), MacCounter() as counter:
+        module.eval()(example[:1])
     return counter.total
 
 
@@ -168,6 +165,33 @@ class TorchSource:
     def pool(self, carry: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return Pool()(torch.from_numpy(carry)).numpy()
+
+    def pooled_features(self, segments: Sequence[torch.nn.Module], x: np.ndarray, device: str = "cpu",
+                        pool_last: bool = True) -> list[np.ndarray]:
+        """Every segment's output on the batch ``x`` (segments run in turn on ``device``, mixed precision on a
+        GPU; the segments stay there), pooled to N x C float32; the last one as it is unless ``pool_last``."""
+        from .devices import autocast
+
+        outputs = []
+        with torch.no_grad(), autocast(device):
+            carry = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+            pool = Pool()
+            for k, segment in enumerate(segments):
+                carry = segment.eval().to(device)(carry)
+                keep = pool(carry) if (pool_last or k < len(segments) - 1) else carry
+                outputs.append(keep.float().cpu().numpy())
+        return outputs
+
+    def fingerprint(self, model: torch.nn.Module) -> str:
+        """A digest of the model's class name and every parameter and buffer (names and values); not of the
+        module it was imported as, which differs between a factory file and an import."""
+        import hashlib
+
+        digest = hashlib.sha256(type(model).__qualname__.encode())
+        for name, value in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def macs(self, module: torch.nn.Module, input_shape: Sequence[int]) -> int:
         return count_macs(module, torch.zeros(1, *input_shape[1:]))

@@ -11,7 +11,8 @@ with the final exit's own softmax, detached, as each exit's teacher (labels plus
 softmax beat labels alone). In ``joint`` mode every unfrozen parameter trains; in ``frozen``
 mode (conv/mlp heads on a fixed backbone) only the heads do and the backbone runs without
 gradients in eval mode. SGD with Nesterov momentum and a one-cycle schedule; channels-last
-convolutions under bfloat16 autocast when the CPU has fast bf16 kernels (weights stay float32).
+convolutions under bfloat16 autocast when the CPU has fast bf16 kernels (weights stay float32), or
+on ``tuning.device`` (:mod:`.devices`) under its mixed precision (CUDA: float16 with loss scaling).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
 from stagewise.progress import ProgressTask, note, progress_bar
 
+from .devices import autocast
 from .heads import HeadTraining
 from .torch_heads import carry_layout, make_head
 
@@ -79,7 +81,8 @@ class Normalise:
         self.std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, 1, 1, 3)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = ((pixels.float() - self.mean) / self.std).permute(0, 3, 1, 2)
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        x = ((pixels.float() - mean) / std).permute(0, 3, 1, 2)
         return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -172,18 +175,22 @@ def train_exits(segments: Sequence[torch.nn.Module], images: ImageSet, preproces
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], epochs=tuning.epochs,
                                                     steps_per_epoch=steps, pct_start=0.15, div_factor=10.0,
                                                     final_div_factor=100.0)
-    use_bf16 = bf16_supported() if tuning.bf16 is None else tuning.bf16
+    device = tuning.device
+    on_cpu = device == "cpu"
+    use_bf16 = on_cpu and (bf16_supported() if tuning.bf16 is None else tuning.bf16)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.startswith("cuda"))
     targets_np = np.asarray(images.targets, dtype=np.int64)
     pixels = torch.from_numpy(decoded_pixels(images, preprocess, size))
     targets = torch.from_numpy(targets_np)
     normalise = Normalise(preprocess)
     gen = torch.Generator().manual_seed(tuning.seed)
     for module in [*segments, *heads]:
-        module.to(memory_format=torch.channels_last)
+        module.to(device=device, memory_format=torch.channels_last)
     names = [f"exit{k}" for k in range(len(heads))] + ["final"]
     note(f"training {len(heads)} {training.kind} exit head(s) "
          f"{'with the backbone (joint)' if joint else 'on the frozen backbone'}: {tuning.epochs} epochs x {steps} "
-         f"steps of {tuning.batch_size} on {len(images)} images, bf16 autocast {'on' if use_bf16 else 'off'}")
+         f"steps of {tuning.batch_size} on {len(images)} images on {device}, "
+         f"{'bf16 autocast' if use_bf16 else 'mixed precision' if not on_cpu else 'float32'}")
     start = time.perf_counter()
     running = [0.0] * len(names)
     with ProgressTask(tuning.epochs * steps, "exit training") as bar:
@@ -199,31 +206,36 @@ def train_exits(segments: Sequence[torch.nn.Module], images: ImageSet, preproces
             seen = 0
             for step in range(steps):
                 idx = order[step * tuning.batch_size:(step + 1) * tuning.batch_size]
-                batch = normalise(augment(pixels[idx], tuning.augment, gen))
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                batch = normalise(augment(pixels[idx], tuning.augment, gen).to(device))
+                wanted = targets[idx].to(device)
+                precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16) if on_cpu else autocast(device)
+                with precision:
                     outputs = _forward(segments, heads, batch, not joint)
-                loss = exit_loss(outputs, targets[idx], weights, training.distill, training.temperature)
+                loss = exit_loss(outputs, wanted, weights, training.distill, training.temperature)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 seen += len(idx)
-                correct += [int((o.argmax(1) == targets[idx]).sum()) for o in outputs]
+                correct += [int((o.argmax(1) == wanted).sum()) for o in outputs]
                 running = [float(c / seen) for c in correct]
                 bar.advance(f"epoch {epoch + 1}/{tuning.epochs} " +
                             " ".join(f"{n} {100 * a:.1f}%" for n, a in zip(names, running)))
             note(f"epoch {epoch + 1}/{tuning.epochs} ({time.perf_counter() - start:.0f} s): running train top-1 " +
                  ", ".join(f"{n} {100 * a:.1f}%" for n, a in zip(names, running)))
     seconds = time.perf_counter() - start
-    segments = [s.to(memory_format=torch.contiguous_format).eval() for s in segments]
-    heads = [h.to(memory_format=torch.contiguous_format).eval() for h in heads]
+    # back on the CPU in float32, so the exported stages do not depend on where they trained
+    segments = [s.to(device="cpu", memory_format=torch.contiguous_format).float().eval() for s in segments]
+    heads = [h.to(device="cpu", memory_format=torch.contiguous_format).float().eval() for h in heads]
     record: dict[str, Any] = {
         "mode": training.mode, "kind": training.kind, "epochs": tuning.epochs, "images": len(images),
         "batch_size": tuning.batch_size, "optimizer": "SGD (Nesterov, momentum 0.9), one-cycle",
         "lr": tuning.lr if joint else None, "head_lr": tuning.head_lr, "weight_decay": tuning.weight_decay,
         "exit_weights": list(weights), "freeze": tuning.freeze, "augment": tuning.augment,
         "loss": "cross_entropy+distillation from the final exit", "distill_weight": training.distill,
-        "distill_temperature": training.temperature, "bf16_autocast": use_bf16, "seconds": round(seconds, 1),
+        "distill_temperature": training.temperature, "bf16_autocast": use_bf16, "device": device,
+        "seconds": round(seconds, 1),
         "train_accuracy_augmented_last_epoch": dict(zip(names, (round(a, 4) for a in running))),
     }
     if held_out is not None:

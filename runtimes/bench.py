@@ -41,11 +41,14 @@ def summarize(name: str, kind: str, preds: list[Prediction], labels: np.ndarray,
 
 def round_robin(configs: dict[str, Callable[[np.ndarray], Prediction]], images: Sequence[np.ndarray]
                 ) -> dict[str, list[Prediction]]:
-    """Run every configuration on every image, image by image, so machine noise hits all alike."""
+    """Run every configuration on every image, image by image, so machine noise hits all alike; the order
+    rotates by one configuration per image, so none always runs first (cold caches) or right after another."""
     out: dict[str, list[Prediction]] = {name: [] for name in configs}
-    for image in progress_bar(images, f"benchmarking {len(configs)} configurations"):
-        for name, run in configs.items():
-            out[name].append(run(image))
+    names = list(configs)
+    for i, image in enumerate(progress_bar(images, f"benchmarking {len(configs)} configurations")):
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
+            out[name].append(configs[name](image))
     return out
 
 

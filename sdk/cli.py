@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -164,13 +165,23 @@ def cli(debug: bool) -> None:
 @click.option("--max-calibration-images", type=click.IntRange(min=1), help="cap on images used to pick thresholds")
 @click.option("--threads", type=click.IntRange(min=1), help="runtime threads for calibration and profiling [1]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
+@click.option("--new-classes", is_flag=True, default=None,
+              help="early exit: classify the data's own classes (class folders name them) on the frozen backbone's "
+                   "features: a linear head on every stage, the last on the penultimate features; without it, data "
+                   "whose classes are not the model's outputs is refused")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              help="folder that keeps extracted backbone features, so re-runs skip the backbone pass")
+@click.option("--device", "train_device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+              help="torch: where features are extracted and heads/joint training run (mixed precision on a GPU); "
+                   "Keras follows TensorFlow [auto]")
+@click.option("--verbose", is_flag=True, help="show the warnings of the libraries the conversion runs")
 def convert(model, stages, focus, patches, iou, patch_fraction, adapt, search_models, sizes, max_stages, exits, data,
             calibration_data, formats, legacy_formats, int8, int8_max_drop, int8_tolerance, int8_mixed,
             int8_search_seconds, int8_min_speedup, agreement_images, fp16,
             int8_io, head_kind,
             head_width, train_exits, epochs, lr, head_lr, freeze, exit_weights, augment, npu,
             target_drop, out, input_size, mean, std, resize, crop_fraction, resizer, combine, score, max_head_images,
-            max_calibration_images, threads, force):
+            max_calibration_images, threads, force, new_classes, cache, train_device, verbose):
     """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
     from .converters.convert import CascadeSearch, StageSource, job_from_toml, make_job, run_job, stage_source
 
@@ -190,7 +201,10 @@ def convert(model, stages, focus, patches, iou, patch_fraction, adapt, search_mo
                  target_drop=target_drop, threads=threads, input_size=input_size, combine=combine, score=score,
                  max_head_images=max_head_images, max_calibration_images=max_calibration_images,
                  exits=exits.split(",") if exits else None, input=spec or None, force=force or None,
-                 patches=patches, iou=iou, patch_fraction=patch_fraction)
+                 patches=patches, iou=iou, patch_fraction=patch_fraction, new_classes=new_classes, cache=cache,
+                 device=train_device)
+    if not verbose:
+        _silence_libraries()
     search = None
     if search_models:
         if stages or model:
@@ -264,6 +278,18 @@ def cuts(model, input_size, show_all, as_json):
                       "-" if c.reduction is None else f"/{c.reduction}",
                       f"{c.macs / 1e6:.2f} M", "yes" if c.single_tensor else "no")
     print_tables(table)
+
+
+def _silence_libraries() -> None:
+    """Library warnings and TensorFlow's C++ log lines off for a conversion (``--verbose`` keeps them)."""
+    import logging
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("tensorflow", "absl", "tf2onnx", "nncf", "torch.onnx", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _calibration_summary(cal: object) -> str | None:
@@ -365,7 +391,11 @@ def _explain(cascade: Any, path: str, prediction: Any, out: Path) -> None:
 @click.option("--plot", type=click.Path(path_type=Path), help="write a Pareto plot (PNG)")
 @patches_option
 @patch_seed_option
-def bench(bundle, data, backend, device, threads, limit, seed, points, json_out, plot, patch_mode, patch_seed):
+@click.option("--reference", "references", multiple=True, type=click.Path(exists=True),
+              help="another bundle (e.g. the plain network's) run beside this one at its full point, in the same "
+                   "round robin; equal-accuracy speed-ups compare with it too (repeat for more)")
+def bench(bundle, data, backend, device, threads, limit, seed, points, json_out, plot, patch_mode, patch_seed,
+          references):
     """Top-1/top-5, latency p50/p95, exits and speed-up of each operating point and single stage."""
     from .datasets import open_image_set
     from .reports import bench_table, pareto_plot, print_tables
@@ -374,9 +404,12 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
     images = open_image_set(data)
     if limit and limit < len(images):
         images = images.split([limit / len(images)], seed=seed)[0]
-    with _load(bundle, backend, threads, device) as cascade:
+    with contextlib.ExitStack() as stack:
+        cascade = stack.enter_context(_load(bundle, backend, threads, device))
         cascade.choose_patches(patch_mode, patch_seed)
-        result = benchmark(cascade, [images.image(i) for i in range(len(images))], images.targets, points or None)
+        others = {Path(r).stem: stack.enter_context(_load(r, backend, threads, device)) for r in references}
+        result = benchmark(cascade, [images.image(i) for i in range(len(images))], images.targets, points or None,
+                           references=others)
     result.update(bundle=str(bundle), data=str(data), patches=patch_mode)
     print_tables(bench_table(result))
     if json_out:
