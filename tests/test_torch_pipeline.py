@@ -137,11 +137,12 @@ def test_cascade_stages_see_their_own_resolution(tmp_path, splits):
         inputs = [s["input"] for s in cascade.bundle.manifest["stages"]]
         assert [i["size"] for i in inputs] == [[8, 8], [16, 12]]
         assert [(i["dtype"], i["layout"]) for i in inputs] == [("uint8", "NHWC")] * 2
-        sessions = [s.session for s in cascade._stages]
         shapes = []
-        for s in sessions:
-            original = s.run
-            s.run = lambda x, original=original: (shapes.append((x.shape, x.dtype)), original(x))[1]
+        runners = cascade._acquire()  # the warmed-up runners the next request takes
+        for runner in runners:
+            original = runner.run
+            runner.run = lambda x, *a, original=original: (shapes.append((x.shape, x.dtype)), original(x, *a))[1]
+        cascade._release(runners)
         cascade.predict(calib.image(0), operating_point="full")
     assert shapes == [((1, 8, 8, 3), np.uint8), ((1, 16, 12, 3), np.uint8)]
 
