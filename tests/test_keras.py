@@ -197,9 +197,11 @@ def test_keras_resolution_cascade_fp16(tmp_path, splits):
         art = m["stages"][1]["artifacts"]["tflite"]
         assert art["precision"] == "fp16" and art["verification"]["fp16"]["weights"] == "fp16"
         shapes = []
-        for st in cascade._stages:
-            original = st.session.run
-            st.session.run = lambda x, original=original: (shapes.append(x.shape), original(x))[1]
+        runners = cascade._acquire()  # the warmed-up runners the next request takes
+        for runner in runners:
+            original = runner.run
+            runner.run = lambda x, *a, original=original: (shapes.append(x.shape), original(x, *a))[1]
+        cascade._release(runners)
         cascade.predict(calib.image(0), operating_point="full")
     assert shapes == [(1, 8, 8, 3), (1, 16, 16, 3)]
 
