@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.optimize import minimize
 
 from stagewise.errors import ConversionError
 
@@ -183,6 +182,8 @@ def train_head(features: np.ndarray, targets: np.ndarray, teacher_logits: np.nda
 
     Returns the head and its training record for the manifest.
     """
+    from scipy.optimize import minimize  # here, so that a conversion request is checked before scipy loads
+
     targets = np.asarray(targets, dtype=np.int64)
     teacher = np.asarray(teacher_logits, dtype=np.float64)
     x = head_input(features, settings.normalise)

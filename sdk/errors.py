@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class StagewiseError(Exception):
     """Base class of every error stagewise raises on purpose."""
@@ -84,3 +87,11 @@ class DeadlineExceededError(StagewiseError):
     The executor catches it and answers with the best stage so far (``budget_limited``); it
     reaches a caller only from a session's own ``run_within``.
     """
+
+
+def unknown_choice(what: str, value: object, names: Iterable[str]) -> str:
+    """The message for a ``value`` that is none of ``names``: the closest name when one is near, then all of them."""
+    names = list(names)
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what} {value!r}{hint} (choose from {', '.join(names)})"
