@@ -67,6 +67,7 @@ def _stages(args, maker, held_back: int) -> list[dict]:
     from stagewise.converters.export import StageInputs, exporter
     from stagewise.converters.options import BuildOptions
     from stagewise.converters.plans import pixel_plan
+    from stagewise.converters.int8_gate import Gate
     from stagewise.errors import ConversionError
 
     _, plans, pre, _, calibration, _ = maker(args)
@@ -82,7 +83,7 @@ def _stages(args, maker, held_back: int) -> list[dict]:
                 work = Path(tmp) / fmt / plan.name
                 work.mkdir(parents=True)
                 fp32 = tool.export(plan, work, inputs, options)
-                judge = tool.judge(plan, fp32, inputs.agree, args.threads)
+                judge = tool.judge(plan, fp32, inputs, Gate(tolerance=0.0), args.threads)  # measures agreement only
                 for k, (name, recipe) in enumerate(recipes(fmt).items()):
                     try:
                         quantized = tool.quantize(plan, fp32, work, inputs, options, recipe=recipe, tag=f"r{k}")
@@ -90,13 +91,14 @@ def _stages(args, maker, held_back: int) -> list[dict]:
                         rows.append({"runtime": tool.runtime, "stage": plan.name, "recipe": name, "error": str(exc)})
                         print(f"{tool.runtime} {plan.name} {name}: failed: {exc}", flush=True)
                         continue
-                    agreement = judge(quantized)
+                    agreement = judge(quantized).record
                     speed = tool.host_speed(plan, fp32, quantized, inputs.agree, args.threads, runs=args.runs)
                     rows.append({"runtime": tool.runtime, "stage": plan.name, "recipe": name,
-                                 "agreement": agreement.rate, "interval": list(agreement.interval),
-                                 "images": agreement.n, "fp32_ms": speed.float_ms, "int8_ms": speed.int8_ms})
-                    print(f"{tool.runtime} {plan.name} {name}: {100 * agreement.rate:.1f}%, {speed.speedup:.2f}x",
-                          flush=True)
+                                 "agreement": agreement["agreement_with_fp32"],
+                                 "interval": agreement["agreement_interval"], "images": agreement["agreement_images"],
+                                 "fp32_ms": speed.float_ms, "int8_ms": speed.int8_ms})
+                    print(f"{tool.runtime} {plan.name} {name}: {100 * agreement['agreement_with_fp32']:.1f}%, "
+                          f"{speed.speedup:.2f}x", flush=True)
     return rows
 
 

@@ -56,8 +56,9 @@ def cut_points(model: Any, input_size: int | tuple[int, int] | None = None) -> l
 
 def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Sequence[Any] = (),
             exits: Sequence[str] = (), calibration_data: str | Path | None = None,
-            formats: str | Sequence[str] = "onnx", int8: bool = False, int8_tolerance: float = 0.99,
-            int8_mixed: bool = True, int8_min_speedup: float = 0.0, agreement_images: int = 1000, target_drop: float = 0.5,
+            formats: str | Sequence[str] = "onnx", int8: bool = False, int8_max_drop: float = 0.5,
+            int8_tolerance: float | None = None, int8_search_seconds: float = 240.0, int8_mixed: bool = True,
+            int8_min_speedup: float = 0.0, agreement_images: int = 1000, target_drop: float = 0.5,
             combine: str = "own", score: str = "max_softmax", head: HeadTraining | str = "gap_linear",
             input_size: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             resize: str | None = None, crop_fraction: float | None = None, fp16: bool = False, npu: bool = False,
@@ -75,7 +76,11 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
     cascade within ``target_drop`` of the best single candidate. ``data`` holds labelled images
     (class folders, an archive or ``labels.tsv``); heads train on 80 % of it and thresholds are
     picked on the rest unless ``calibration_data`` is given (cascades calibrate on all of it).
-    ``target_drop`` is in points of top-1 for the default operating point. ``formats``: onnx,
+    ``target_drop`` is in points of top-1 for the default operating point (measured from the float full
+    model when stages are INT8). ``int8``: quantize every stage, keeping INT8 where its top-1 on held-back
+    calibration images is at most ``int8_max_drop`` points below the float stage's (or, with
+    ``int8_tolerance``, where its agreement with float reaches it), searching recipes and float layers for
+    at most ``int8_search_seconds`` per stage. ``formats``: onnx,
     openvino, tflite (several: a list or ``"onnx,openvino"``). Glance and focus: one stage (the
     glance model, ending in global pooling + linear) and ``focus`` (``"factory@SIZE"`` or
     ``(model, size)``), which classifies ``patches`` patches chosen from the glance model's CAM
@@ -94,7 +99,8 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
         sources = [StageSource(m) for m in search.models]
     job = make_job(kind=kind, sources=sources or [StageSource(model)], out=Path(out), search=search,
                    formats=formats if isinstance(formats, str) else ",".join(formats), int8=int8,
-                   int8_tolerance=int8_tolerance, int8_mixed=int8_mixed, int8_min_speedup=int8_min_speedup,
+                   int8_max_drop=int8_max_drop, int8_tolerance=int8_tolerance, int8_search_seconds=int8_search_seconds,
+                   int8_mixed=int8_mixed, int8_min_speedup=int8_min_speedup,
                    agreement_images=agreement_images,
                    target_drop=target_drop, threads=threads, force=force, fp16=fp16, npu=npu, int8_io=int8_io,
                    head_kind=head if isinstance(head, str) else None, data=Path(data),

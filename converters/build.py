@@ -15,6 +15,7 @@ The pipeline, shared by early-exit and cascade conversions from any source frame
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import platform
 import tempfile
@@ -47,11 +48,16 @@ def stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, images: lis
     return stage_tensors(router, images, lambda k, x: plans[k].outputs(x), batch).inputs
 
 
+def calibration_sample(calibration: ImageSet, size: int, seed: int = 0) -> np.ndarray:
+    """The indices of a seeded random sample of ``size`` of the ``calibration`` images."""
+    return np.random.default_rng(seed).choice(len(calibration), size=size, replace=False)
+
+
 def sample_stage_inputs(plans: Sequence[StagePlan], preprocess: Preprocess, calibration: ImageSet, size: int,
                         seed: int = 0) -> list[np.ndarray]:
-    """Every stage's input (:func:`stage_inputs`) for a seeded random sample of ``size`` of the ``calibration``
-    images: what a build quantizes and measures agreement on."""
-    sample = np.random.default_rng(seed).choice(len(calibration), size=size, replace=False)
+    """Every stage's input (:func:`stage_inputs`) for the :func:`calibration_sample` of ``size`` images: what a
+    build quantizes and judges INT8 on."""
+    sample = calibration_sample(calibration, size, seed)
     images = [calibration.image(int(i)) for i in progress_bar(sample, "decoding calibration sample")]
     return stage_inputs(plans, preprocess, images)
 
@@ -84,19 +90,25 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
     if classes != len(labels):
         raise ConversionError(f"the model predicts {classes} classes but {len(labels)} labels were given; "
                               "the images' classes must match the model's outputs")
-    # the quantizer calibrates on the first images; the agreement is measured on the others
+    # the quantizer calibrates on the first images; the INT8 gate judges on the others (with their labels)
     split = min(options.quantization_images, max(1, n_small // 2))
-    inputs = [StageInputs(verify=x[:16], calibrate=x[:split], agree=x[split:] if n_small > split else x)
+    held_back = slice(split, None) if n_small > split else slice(None)
+    sample_targets = calibration.targets[calibration_sample(calibration, n_small, options.seed)] \
+        if options.labelled else None
+    inputs = [StageInputs(verify=x[:16], calibrate=x[:split], agree=x[held_back],
+                          agree_targets=None if sample_targets is None else sample_targets[held_back])
               for x in inputs_per_stage]
 
     with tempfile.TemporaryDirectory(prefix="stagewise-build-") as tmp:
         work = Path(tmp)
-        stages, files = [], {}
+        stages, files, float_files = [], {}, {}
         for plan, plan_inputs in progress_bar(list(zip(plans, inputs)), "exporting stages"):
             artifacts = {}
             for fmt in options.formats:
-                artifacts[fmt], produced = export_stage(exporters[fmt], plan, work / fmt, plan_inputs, options)
-                files.update(produced)
+                exported = export_stage(exporters[fmt], plan, work / fmt, plan_inputs, options)
+                artifacts[fmt] = exported.artifact
+                files.update(exported.files)
+                float_files.update(exported.float_files)
             stages.append(_stage_entry(plan, artifacts))
         manifest = {
             "format": "stagewise-bundle", "format_version": 1, "name": name,
@@ -110,8 +122,25 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
             "default_operating_point": "full",
         }
         staged = write_bundle(work / "staged", manifest, files)
-        manifest = _calibrate_on_runtime(staged, manifest, calibration, options, files)
+        reference = _float_reference(work / "float", manifest, float_files, options) if options.int8 else None
+        manifest = _calibrate_on_runtime(staged, manifest, calibration, options, files, reference)
         return write_bundle(out, manifest, files, overwrite=options.overwrite)
+
+
+def _float_reference(where: Path, manifest: dict, float_files: dict[str, Path], options: BuildOptions) -> Path | None:
+    """A staged copy of the bundle with every stage of the calibrated format in float (``None`` when none of them
+    is quantized): the float full model that a quantized bundle's drops are measured from."""
+    fmt = options.formats[0]
+    if all(stage["artifacts"][fmt]["precision"] != "int8" for stage in manifest["stages"]):
+        return None
+    floating = copy.deepcopy(manifest)
+    for stage in floating["stages"]:
+        artifact = stage["artifacts"][fmt]
+        quantization = artifact.pop("quantization", {})
+        if artifact["precision"] == "int8":
+            artifact["precision"] = "fp16" if quantization.get("float_reference") else "fp32"
+        stage["artifacts"] = {fmt: artifact}
+    return write_bundle(where, floating, {path: f for path, f in float_files.items() if path.startswith(f"{fmt}/")})
 
 
 def _stage_entry(plan: StagePlan, artifacts: dict) -> dict:
@@ -127,13 +156,18 @@ def _stage_entry(plan: StagePlan, artifacts: dict) -> dict:
 
 
 def _calibrate_on_runtime(staged: Path, manifest: dict, calibration: ImageSet, options: BuildOptions,
-                          files: dict | None = None) -> dict:
-    with load(staged, backend=primary_runtime(options.formats), threads=options.threads) as cascade:
-        images = [calibration.image(i) for i in progress_bar(range(len(calibration)), "decoding calibration images")]
+                          files: dict | None = None, float_reference: Path | None = None) -> dict:
+    runtime = primary_runtime(options.formats)
+    images = [calibration.image(i) for i in progress_bar(range(len(calibration)), "decoding calibration images")]
+    float_logits = None
+    if float_reference is not None:
+        with load(float_reference, backend=runtime, threads=options.threads, warmup=False) as floating:
+            float_logits = floating.stage_logits(images)
+    with load(staged, backend=runtime, threads=options.threads) as cascade:
         manifest = calibrate_manifest(cascade, manifest, images, calibration.targets if options.labelled else None,
                                       calibration.origin, default_drop=options.default_drop,
                                       target_drops=options.target_drops, seed=options.seed,
                                       profile_images=options.profile_images, goal=options.goal,
-                                      settings=options.calibration, files=files)
+                                      settings=options.calibration, files=files, float_logits=float_logits)
     manifest["producer"]["machine"] = platform.machine()
     return manifest

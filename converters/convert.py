@@ -226,7 +226,8 @@ def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
         "epochs": train_cfg.get("epochs"), "lr": train_cfg.get("lr"), "head_lr": train_cfg.get("head_lr"),
         "freeze": ",".join(train_cfg["freeze"]) if isinstance(train_cfg.get("freeze"), list) else train_cfg.get("freeze"),
         "exit_weights": train_cfg.get("exit_weights"), "augment": train_cfg.get("augment"),
-        "int8_tolerance": build_cfg.get("int8_tolerance"), "int8_mixed": build_cfg.get("int8_mixed"),
+        "int8_max_drop": build_cfg.get("int8_max_drop"), "int8_tolerance": build_cfg.get("int8_tolerance"),
+        "int8_mixed": build_cfg.get("int8_mixed"), "int8_search_seconds": build_cfg.get("int8_search_seconds"),
         "int8_min_speedup": build_cfg.get("int8_min_speedup"),
         "agreement_images": build_cfg.get("agreement_images"),
         "focus": StageSource(focus_cfg["model"], focus_cfg.get("size")) if "model" in focus_cfg else None,
@@ -253,19 +254,22 @@ def head_training(head_kind: str | None = None, train_exits: str | None = None, 
 def make_job(kind: str, sources: list[StageSource], out: Path | None, formats: str | None = None,
              int8: bool | None = None, target_drop: float | None = None, threads: int | None = None,
              force: bool = False, fp16: bool | None = None, npu: bool | None = None, int8_io: bool | None = None,
-             int8_tolerance: float | None = None, int8_mixed: bool | None = None,
-             int8_min_speedup: float | None = None, agreement_images: int | None = None,
-             head_kind: str | None = None, train_exits: str | None = None, head_width: int | None = None,
+             int8_max_drop: float | None = None, int8_tolerance: float | None = None, int8_mixed: bool | None = None,
+             int8_search_seconds: float | None = None, int8_min_speedup: float | None = None,
+             agreement_images: int | None = None, head_kind: str | None = None, train_exits: str | None = None, head_width: int | None = None,
              epochs: int | None = None, lr: float | None = None, head_lr: float | None = None,
              freeze: str | None = None, exit_weights: Sequence[float] | None = None, augment: str | None = None,
              **fields: Any) -> ConvertJob:
-    """A job from flag-style values (``target_drop`` in points, ``formats`` comma-separated)."""
+    """A job from flag-style values (``target_drop`` and ``int8_max_drop`` in points, ``formats`` comma-separated)."""
     if out is None:
         raise ConversionError("say where to write the bundle with --out (a directory, or a file ending in .swb)")
     build = BuildOptions(formats=tuple(f.strip() for f in (formats or "onnx").split(",") if f.strip()),
                          int8=bool(int8), default_drop=(0.5 if target_drop is None else target_drop) / 100,
                          threads=threads or 1, overwrite=force, fp16=bool(fp16), npu=bool(npu), int8_io=bool(int8_io),
-                         int8_tolerance=0.99 if int8_tolerance is None else int8_tolerance,
+                         int8_max_drop=(100 * BuildOptions.int8_max_drop if int8_max_drop is None else int8_max_drop) / 100,
+                         int8_tolerance=int8_tolerance,
+                         int8_search_seconds=BuildOptions.int8_search_seconds if int8_search_seconds is None
+                         else int8_search_seconds,
                          int8_mixed=True if int8_mixed is None else int8_mixed,
                          int8_min_speedup=int8_min_speedup or 0.0,
                          agreement_images=agreement_images or BuildOptions.agreement_images)

@@ -15,12 +15,13 @@ artifact format and knows that format's tools. It promises:
   with the format's own quantizer, and its record;
 * optionally ``fp16(plan, files, workdir, example, options)``: the float model with fp16 weights.
 
-:class:`Exporter` implements ``verify`` (source model vs exported model on real inputs) and
-``agreement`` (top-1 agreement of two exported models) once for every format on top of ``open``.
-:func:`export_stage` is the pipeline: export, check the declared inputs/outputs, verify,
-optionally fp16, quantize, measure the agreement with the float model and time both on the build
-machine (:meth:`Exporter.host_speed`), keep INT8 only when it meets the tolerance and, if asked, a
-minimum speed-up (:func:`keep_int8`), and list the chosen files for the manifest.
+:class:`Exporter` implements ``verify`` (source model vs exported model on real inputs) and ``judge``
+(a quantized candidate against the float model by the INT8 gate, :mod:`.int8_gate`) once for every
+format on top of ``open``. :func:`export_stage` is the pipeline: export, check the declared
+inputs/outputs, verify, optionally fp16, quantize (searching recipes and float layers within
+``--int8-search-seconds`` until a candidate passes the gate), judge it on the held-back images, time
+it against the float model on the build machine (:meth:`Exporter.host_speed`), keep INT8 only when it
+passes the gate and, if asked, a minimum speed-up (:func:`keep_int8`), and list the chosen files.
 """
 
 from __future__ import annotations
@@ -29,65 +30,43 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from stagewise.errors import ConversionError, VerificationError
+from stagewise.machine import cpu_summary
 from stagewise.progress import note
 from stagewise.runtimes.base import RUNTIMES, LoadOptions, StageIO
 
+from .int8_gate import Gate, Verdict
 from .options import BuildOptions
 from .plans import StagePlan
 from .tooling import plugin
 
 FP16_TOLERANCE = 2e-2
 """Relative tolerance (of the largest output magnitude) of fp16-weight models against the source."""
-CONFIDENCE = 0.95
-"""Confidence of the Wilson interval around a measured top-1 agreement."""
 RANKING_IMAGES = 64
 """Calibration images a mixed-precision search ranks layers on (quantizing and measuring on them)."""
 TIMED_RUNS = 30
 """Single-image runs per model when the build machine times a quantized model against its float version."""
 
 
-@dataclass(frozen=True)
-class Agreement:
-    """Top-1 agreement of a quantized model with its float reference on ``n`` images, with its Wilson interval."""
+class SearchClock:
+    """The time budget of one stage's INT8 search (``--int8-search-seconds``): every search step asks
+    :meth:`expired` before it starts another candidate, so a search ends within about one candidate's time of
+    the budget."""
 
-    agreeing: int
-    n: int
-
-    @property
-    def rate(self) -> float:
-        return self.agreeing / self.n if self.n else 0.0
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self._clock = float(seconds), clock
+        self._start = clock()
 
     @property
-    def interval(self) -> tuple[float, float]:
-        """The two-sided :data:`CONFIDENCE` Wilson score interval of the agreement rate."""
-        from scipy.stats import binomtest
+    def spent(self) -> float:
+        return self._clock() - self._start
 
-        if not self.n:
-            return 0.0, 1.0
-        ci = binomtest(self.agreeing, self.n).proportion_ci(CONFIDENCE, method="wilson")
-        return float(ci.low), float(ci.high)
-
-    def meets(self, tolerance: float) -> bool:
-        """Whether the interval's lower end reaches ``tolerance``."""
-        return self.interval[0] >= tolerance
-
-    def record(self) -> dict:
-        low, high = self.interval
-        return {"agreement_with_fp32": self.rate, "agreement_images": self.n, "agreement_interval": [low, high],
-                "interval": f"Wilson {100 * CONFIDENCE:g}%"}
-
-
-def minimum_agreeing(n: int, tolerance: float) -> int:
-    """The fewest agreeing images out of ``n`` whose Wilson interval's lower end reaches ``tolerance`` (n + 1: none)."""
-    for k in range(int(np.floor(tolerance * n)), n + 1):
-        if Agreement(k, n).meets(tolerance):
-            return k
-    return n + 1
+    def expired(self) -> bool:
+        return self.spent >= self.seconds
 
 
 def logit_snr(reference: np.ndarray, quantized: np.ndarray) -> float:
@@ -113,17 +92,26 @@ class HostSpeed:
     def record(self) -> dict:
         return {"host_latency_ms": {"float": round(self.float_ms, 4), "int8": round(self.int8_ms, 4)},
                 "host_speedup": round(self.speedup, 3), "host_timed_runs": self.runs,
-                "host": f"{platform.machine()} {platform.processor() or ''}".strip()}
+                "host": f"{platform.machine()} {platform.processor() or ''}".strip(), "host_cpu": cpu_summary()}
 
 
-Judge = Callable[["Exported"], Agreement]
-"""Measures a quantized candidate's agreement with the float reference (on the held-back images)."""
+Judge = Callable[["Exported"], Verdict]
+"""Judges a quantized candidate against the float reference on the held-back images (see :mod:`.int8_gate`)."""
+
+
+def tried_entry(recipe: str, candidate: "Exported", verdict: Verdict) -> dict:
+    """One row of a search record: the recipe, the layers kept in float and what the gate measured."""
+    entry = {"recipe": recipe, "float_layers": list(candidate.record.get("float_layers", [])),
+             "passes": verdict.passes, "agreement_with_fp32": verdict.record["agreement_with_fp32"]}
+    if "accuracy_difference" in verdict.record:
+        entry["accuracy_difference"] = verdict.record["accuracy_difference"]
+    return entry
 
 
 @dataclass(frozen=True)
 class RecipeSearch:
-    """What :func:`try_recipes` found: every try, and the first recipe meeting the tolerance (``met``) or else the
-    one with the highest agreement, with its fully quantized model."""
+    """What :func:`try_recipes` found: every try, and the first recipe that passes the gate (``met``) or else the
+    best by the gate's merit, with its fully quantized model."""
 
     tried: list[dict]
     recipe: Any
@@ -132,18 +120,21 @@ class RecipeSearch:
 
 
 def try_recipes(recipes: Sequence[Any], quantize: Callable[[int, Any], "Exported"], judge: Judge,
-                tolerance: float) -> RecipeSearch:
-    """Fully quantize by each of ``recipes`` in turn (``quantize(k, recipe)``; a recipe has a ``name``) until one's
-    agreement meets ``tolerance``."""
+                clock: SearchClock | None = None) -> RecipeSearch:
+    """Fully quantize by each of ``recipes`` in turn (``quantize(k, recipe)``; a recipe has a ``name``) until one
+    passes the gate, or the ``clock`` runs out (the first recipe is always tried)."""
     tried: list[dict] = []
     best = None
     for k, recipe in enumerate(recipes):
+        if k and clock is not None and clock.expired():
+            tried.append({"recipe": recipe.name, "stopped": f"search time budget ({clock.seconds:g} s) spent"})
+            break
         full = quantize(k, recipe)
         verdict = judge(full)
-        tried.append({"recipe": recipe.name, "float_layers": [], "agreement_with_fp32": verdict.rate})
-        if verdict.meets(tolerance):
+        tried.append(tried_entry(recipe.name, full, verdict))
+        if verdict.passes:
             return RecipeSearch(tried, recipe, full, True)
-        if best is None or verdict.agreeing > best[1].agreeing:
+        if best is None or verdict.merit > best[1].merit:
             best = recipe, verdict, full
     if best is None:
         raise ConversionError("no INT8 recipe to try")
@@ -161,16 +152,18 @@ def exclusion_counts(n: int) -> list[int]:
 
 
 def exclude_most_sensitive(ranked: Sequence[Any], make: Callable[[int, list], "Exported"], judge: Judge,
-                           tolerance: float, tried: list[dict], recipe: str) -> "Exported | None":
+                           tried: list[dict], recipe: str, clock: SearchClock | None = None) -> "Exported | None":
     """The first candidate with the first 1, 2, 4, … of ``ranked`` (most sensitive first) kept in float —
-    ``make(count, ranked[:count])`` — whose agreement meets ``tolerance``, or None. Every try is appended to
-    ``tried`` with its record's ``float_layers``."""
+    ``make(count, ranked[:count])`` — that passes the gate, or None (also when the ``clock`` runs out). Every try
+    is appended to ``tried``."""
     for count in exclusion_counts(len(ranked)):
+        if clock is not None and clock.expired():
+            tried.append({"recipe": recipe, "stopped": f"search time budget ({clock.seconds:g} s) spent"})
+            return None
         candidate = make(count, list(ranked[:count]))
         verdict = judge(candidate)
-        tried.append({"recipe": recipe, "float_layers": candidate.record["float_layers"],
-                      "agreement_with_fp32": verdict.rate})
-        if verdict.meets(tolerance):
+        tried.append(tried_entry(recipe, candidate, verdict))
+        if verdict.passes:
             return candidate
     return None
 
@@ -186,11 +179,13 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class StageInputs:
-    """Real inputs of one stage (uint8 pixels or fp32 tensors): for verification, quantization and agreement."""
+    """Real inputs of one stage (uint8 pixels or fp32 tensors): for verification, quantization and the INT8 gate,
+    which judges on the held-back ``agree`` inputs and their labels ``agree_targets`` (``None``: no labels)."""
 
     verify: np.ndarray
     calibrate: np.ndarray
     agree: np.ndarray
+    agree_targets: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -220,9 +215,10 @@ class Exporter:
         raise NotImplementedError
 
     def quantize_mixed(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
-                       options: BuildOptions, judge: Judge) -> Exported:
-        """INT8 that meets the tolerance by keeping sensitive layers in float, where the format's tools can;
-        this base version quantizes everything once. The record lists the layers left in float."""
+                       options: BuildOptions, judge: Judge, clock: SearchClock | None = None) -> Exported:
+        """INT8 that passes the gate (``judge``) by trying recipes and keeping sensitive layers in float, where the
+        format's tools can, within the ``clock``'s budget; this base version quantizes everything once. The record
+        lists the layers left in float."""
         return self.quantize(plan, fp32, workdir, inputs, options)
 
     supports_fp16: bool = False
@@ -297,23 +293,25 @@ class Exporter:
         return HostSpeed(float(np.median(times[0][1:])), float(np.median(times[1][1:])), runs)
 
     def rank_by_logit_snr(self, plan: StagePlan, fp32: Exported, units: Sequence[Any],
-                          quantize_without: Callable[[Any], Exported], x: np.ndarray) -> list[tuple[Any, float]]:
+                          quantize_without: Callable[[Any], Exported], x: np.ndarray,
+                          clock: SearchClock | None = None) -> list[tuple[Any, float]]:
         """``units`` (what a mixed-precision search may keep in float) with the logit SNR (dB) against the float
         model of the stage quantized with only that unit in float (``quantize_without(unit)``), run on ``x``
-        through this format's runtime; most helpful first."""
+        through this format's runtime; most helpful first. Units not reached before the ``clock`` ran out are
+        ranked last, in their order (SNR ``-inf``)."""
         reference = self.run(plan, fp32.files, x)["logits"]
-        scores = [(unit, logit_snr(reference, self.run(plan, quantize_without(unit).files, x)["logits"]))
-                  for unit in units]
+        scores = []
+        for unit in units:
+            if clock is not None and clock.expired():
+                scores.append((unit, float("-inf")))
+            else:
+                scores.append((unit, logit_snr(reference, self.run(plan, quantize_without(unit).files, x)["logits"])))
         return sorted(scores, key=lambda item: -item[1])
 
-    def judge(self, plan: StagePlan, reference: Exported, inputs: np.ndarray, threads: int = 1) -> Judge:
-        """A :data:`Judge` against ``reference`` on ``inputs`` (the reference runs once)."""
-        expected = self.run(plan, reference.files, inputs, threads)["logits"].argmax(1)
-
-        def judge(candidate: Exported) -> Agreement:
-            got = self.run(plan, candidate.files, inputs, threads)["logits"].argmax(1)
-            return Agreement(int((got == expected).sum()), int(len(expected)))
-        return judge
+    def judge(self, plan: StagePlan, reference: Exported, inputs: StageInputs, gate: Gate, threads: int = 1) -> Judge:
+        """A :data:`Judge` by ``gate`` against ``reference`` on the held-back inputs (the reference runs once)."""
+        verdict = gate.judge(self.run(plan, reference.files, inputs.agree, threads)["logits"], inputs.agree_targets)
+        return lambda candidate: verdict(self.run(plan, candidate.files, inputs.agree, threads)["logits"])
 
 
 def check_signature(exporter: Exporter, plan: StagePlan, exported: Exported, integer_io: bool = False) -> None:
@@ -338,26 +336,36 @@ def check_signature(exporter: Exporter, plan: StagePlan, exported: Exported, int
         raise ConversionError(f"{where} " + "; ".join(problems))
 
 
-def keep_int8(record: dict, agreement: Agreement, speed: HostSpeed, options: BuildOptions) -> bool:
-    """The fallback shared by every exporter: record the INT8 model's top-1 agreement with the float model
-    and its speed on the build machine in ``record``, and say whether it is kept — the agreement interval's
-    lower end reaches ``options.int8_tolerance`` and the INT8 model is at least ``options.int8_min_speedup``
-    times as fast as the float one (``record["rejected"]`` says which failed)."""
-    accurate = agreement.meets(options.int8_tolerance)
+def keep_int8(record: dict, verdict: Verdict, speed: HostSpeed, options: BuildOptions) -> bool:
+    """The fallback shared by every exporter: record what the gate measured on the held-back images (``verdict``)
+    and the INT8 model's speed on the build machine in ``record``, and say whether it is kept — it passes the gate
+    and is at least ``options.int8_min_speedup`` times as fast as the float one (``record["rejected"]`` says which
+    failed)."""
     fast = speed.speedup >= options.int8_min_speedup
-    record.update(agreement.record(), **speed.record(), tolerance=options.int8_tolerance,
-                  min_speedup=options.int8_min_speedup, kept_fp32=not (accurate and fast))
-    if not accurate:
-        record["rejected"] = "agreement below the tolerance"
+    record.update(verdict.record, **speed.record(), gate=options.gate.describe(), min_speedup=options.int8_min_speedup,
+                  kept_fp32=not (verdict.passes and fast))
+    if options.int8_tolerance is not None:
+        record["tolerance"] = options.int8_tolerance
+    if not verdict.passes:
+        record["rejected"] = f"{options.gate.rule} gate: {verdict.summary}"
     elif not fast:
         record["rejected"] = (f"{speed.speedup:.2f}x the float model's speed on the build machine, below the "
                               f"{options.int8_min_speedup:g}x --int8-min-speedup")
-    return accurate and fast
+    return verdict.passes and fast
+
+
+class StageExport(NamedTuple):
+    """One stage in one format: the manifest ``artifact``, the chosen ``files`` (``{bundle path: file}``) and the
+    float model's files under the same paths (``float_files``, what a float reference of the bundle runs)."""
+
+    artifact: dict
+    files: dict[str, Path]
+    float_files: dict[str, Path]
 
 
 def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: StageInputs,
-                 options: BuildOptions) -> tuple[dict, dict[str, Path]]:
-    """The pipeline for one stage and one format: returns the manifest artifact and ``{bundle path: file}``."""
+                 options: BuildOptions) -> StageExport:
+    """The pipeline for one stage and one format (see the module docstring)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     example = np.ascontiguousarray(inputs.verify[:1])
@@ -376,43 +384,54 @@ def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: Sta
         artifact.update(precision="fp16", verification=verification16)
         reference = chosen = half
     if options.int8:
-        judge = exporter.judge(plan, reference, inputs.agree, options.threads)
-        provable = minimum_agreeing(len(inputs.agree), options.int8_tolerance) <= len(inputs.agree)
-        if options.int8_mixed and provable:
-            quantized = exporter.quantize_mixed(plan, fp32, workdir, inputs, options, judge)
-        else:
-            quantized = exporter.quantize(plan, fp32, workdir, inputs, options)
-        check_signature(exporter, plan, quantized, integer_io=options.int8_io and exporter.format == "tflite")
-        record = dict(quantized.record)
-        if options.int8_mixed and not provable:
-            record["search_skipped"] = (f"even {len(inputs.agree)} agreeing images out of {len(inputs.agree)} leave the "
-                                        f"Wilson interval below the {options.int8_tolerance:g} tolerance; give more "
-                                        "calibration images or a lower --int8-tolerance")
-        agreement = judge(quantized)
-        speed = exporter.host_speed(plan, reference, quantized, inputs.agree, options.threads)
-        kept = keep_int8(record, agreement, speed, options)
-        if reference is not fp32:
-            record["float_reference"] = "fp16 weights"
-        artifact["quantization"] = record
-        if kept:
+        quantized, record = _quantize_stage(exporter, plan, fp32, reference, workdir, inputs, options)
+        if quantized is not None:
             artifact["precision"], chosen = "int8", quantized
-            if record.get("float_layers"):
-                note(f"stage {plan.name} ({exporter.format}): mixed INT8, {len(record['float_layers'])} layer(s) kept "
-                     f"in float, agreement {100 * agreement.rate:.1f}% of {agreement.n} images")
-        elif agreement.meets(options.int8_tolerance):
-            note(f"stage {plan.name} ({exporter.format}): INT8 meets the agreement tolerance but runs at "
-                 f"{record['rejected']}: kept {artifact['precision']}")
-        else:
-            note(f"stage {plan.name} ({exporter.format}): INT8 agrees with the float model on {100 * agreement.rate:.1f}% "
-                 f"of {agreement.n} images (95% interval from {100 * agreement.interval[0]:.1f}%), below the "
-                 f"{100 * options.int8_tolerance:g}% tolerance: kept {artifact['precision']}"
-                 + ("" if provable else f" ({len(inputs.agree)} images cannot show that tolerance: no mixed-precision search)"))
+        artifact["quantization"] = record
     target = exporter.target(chosen.files, options)
     if target is not None:
         artifact["target"] = target
     rels = [f"{exporter.format}/{plan.name}{suffix}" for suffix in exporter.suffixes]
     artifact["files"] = [{"path": rel} for rel in rels]
-    return artifact, dict(zip(rels, chosen.files))
+    return StageExport(artifact, dict(zip(rels, chosen.files)), dict(zip(rels, reference.files)))
+
+
+def _quantize_stage(exporter: Exporter, plan: StagePlan, fp32: Exported, reference: Exported, workdir: Path,
+                    inputs: StageInputs, options: BuildOptions) -> tuple[Exported | None, dict]:
+    """Quantize one stage, judge it by the gate on the held-back images and time it: the INT8 model when it is
+    kept (else ``None``) and the record. The mixed-precision search runs within ``options.int8_search_seconds``."""
+    gate = options.gate
+    started = time.monotonic()
+    judge = exporter.judge(plan, reference, inputs, gate, options.threads)
+    searchable = options.int8_mixed and gate.can_pass(len(inputs.agree))
+    if searchable:
+        quantized = exporter.quantize_mixed(plan, fp32, workdir, inputs, options, judge,
+                                            SearchClock(options.int8_search_seconds))
+    else:
+        quantized = exporter.quantize(plan, fp32, workdir, inputs, options)
+    check_signature(exporter, plan, quantized, integer_io=options.int8_io and exporter.format == "tflite")
+    record = dict(quantized.record)
+    if options.int8_mixed and not searchable:
+        record["search_skipped"] = (f"even {len(inputs.agree)} agreeing images out of {len(inputs.agree)} leave the "
+                                    f"Wilson interval below the {options.int8_tolerance:g} tolerance; give more "
+                                    "calibration images or a lower --int8-tolerance")
+    verdict = judge(quantized)
+    speed = exporter.host_speed(plan, reference, quantized, inputs.agree, options.threads)
+    kept = keep_int8(record, verdict, speed, options)
+    record["search_seconds"] = round(time.monotonic() - started, 1)
+    if reference is not fp32:
+        record["float_reference"] = "fp16 weights"
+    where = f"stage {plan.name} ({exporter.format})"
+    if kept:
+        mixed = f"mixed INT8 ({len(record['float_layers'])} layer(s) in float)" if record.get("float_layers") else "INT8"
+        note(f"{where}: {mixed} kept, {verdict.summary}; {speed.speedup:.2f}x float speed here")
+    elif verdict.passes:
+        note(f"{where}: INT8 passes the gate but runs at {record['rejected']}: kept float")
+    else:
+        note(f"{where}: INT8 refused, {verdict.summary}: kept float"
+             + ("" if searchable or not options.int8_mixed else f" ({len(inputs.agree)} images cannot show the "
+                                                                 "agreement tolerance: no mixed-precision search)"))
+    return (quantized if kept else None), record
 
 
 EXPORTERS: dict[str, tuple[str, str, str]] = {

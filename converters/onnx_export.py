@@ -1,14 +1,17 @@
 """The ONNX exporter: the source's ONNX frontend, verification on ONNX Runtime, INT8 with ONNX Runtime's quantizer.
 
-INT8 is ONNX Runtime's static QDQ quantization (uint8 activations, int8 per-channel weights),
-calibrated on the stage's real inputs after ``quant_pre_process``. When the fully quantized stage
-misses the agreement tolerance, the search (:meth:`OnnxExporter.quantize_mixed`):
+INT8 is ONNX Runtime's static QDQ quantization (per-tensor activations, per-channel weights, in the
+element types of the build machine's CPU family: uint8 x int8 on x86, int8 x int8 on ARM),
+calibrated on the stage's real inputs after ``quant_pre_process``. The activation ranges are computed
+once per stage and calibration method and reused from ONNX Runtime's calibration cache by every later
+candidate. When the fully quantized stage fails the INT8 gate, the search
+(:meth:`OnnxExporter.quantize_mixed`, within ``--int8-search-seconds``):
 
-1. tries every calibration recipe of :data:`RECIPES` (MinMax, Percentile, Entropy, each with
-   8-bit and with 7-bit weights, ``reduce_range``) and keeps the first that meets the tolerance;
+1. tries every calibration recipe of :func:`recipes` (MinMax, Percentile, Entropy, each with
+   8-bit and with 7-bit weights, ``reduce_range``) and keeps the first that passes;
 2. else ranks the weighted nodes (Conv, Gemm, MatMul) of the best recipe by what keeping each
    one alone in float does to the stage's logits, measured on ONNX Runtime's own CPU kernels,
-   and excludes (``nodes_to_exclude``) the 1, 2, 4, … most sensitive until the tolerance is met,
+   and excludes (``nodes_to_exclude``) the 1, 2, 4, … most sensitive until one passes,
    while at least one weighted node stays INT8.
 
 The ranking runs the real kernels on purpose: on x86 CPUs without VNNI, ONNX Runtime's uint8 x
@@ -30,8 +33,10 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .export import (RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, exclude_most_sensitive,
-                     try_recipes)
+from stagewise.machine import family
+
+from .export import (RANKING_IMAGES, Exported, Exporter, Judge, SearchClock, StageInputs, TensorSpec,
+                     exclude_most_sensitive, try_recipes)
 from .options import BuildOptions
 from .plans import StagePlan
 from .tooling import quiet
@@ -62,12 +67,19 @@ class Recipe:
         return f"{self.calibration}, {7 if self.reduce_range else 8}-bit weights{types}"
 
 
-RECIPES: tuple[Recipe, ...] = tuple(Recipe(method, reduce) for method in ("MinMax", "Percentile", "Entropy")
-                                    for reduce in (False, True))
-"""The recipes the search tries, in order (the first is what ``--no-int8-mixed`` uses). All are uint8 x int8, the
-types ONNX Runtime's x86 kernels run fastest: int8 x int8 and uint8 x uint8 avoid the no-VNNI saturation, but
-int8 x int8 ran at 0.67-0.92x of fp32 and uint8 x uint8 at 0.19-0.27x on EfficientNet-Lite
-(``benchmarks/int8_recipes``)."""
+ELEMENT_TYPES = {"x86": ("QUInt8", "QInt8"), "arm": ("QInt8", "QInt8")}
+"""Activation x weight types per CPU family: uint8 x int8 on x86, the types ONNX Runtime's x86 kernels run fastest
+(int8 x int8 ran at 0.67-0.92x of fp32 and uint8 x uint8 at 0.19-0.27x on EfficientNet-Lite on an AVX2 CPU,
+``benchmarks/int8_recipes``); int8 x int8 on ARM, whose dot-product kernels take signed pairs."""
+
+
+def recipes(machine: str | None = None) -> tuple[Recipe, ...]:
+    """The recipes the search tries, in order (the first is what ``--no-int8-mixed`` uses): MinMax, Percentile and
+    Entropy calibration, each with 8-bit and with 7-bit weights, in the element types of the build machine's CPU
+    family (:data:`ELEMENT_TYPES`; the bundle should be built on the device's family)."""
+    activations, weights = ELEMENT_TYPES.get(family(machine), ELEMENT_TYPES["x86"])
+    return tuple(Recipe(method, reduce, activations, weights) for method in ("MinMax", "Percentile", "Entropy")
+                 for reduce in (False, True))
 
 
 class _Batches(CalibrationDataReader):
@@ -110,21 +122,25 @@ class OnnxExporter(Exporter):
 
     def quantize(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
                  options: BuildOptions, exclude: Sequence[str] = (), tag: str = "int8",
-                 recipe: Recipe = RECIPES[0], calibrate: np.ndarray | None = None) -> Exported:
-        """ONNX Runtime's static QDQ quantization by ``recipe`` of every node but ``exclude`` (node names of
-        the pre-processed float model, see :meth:`prepared`), calibrated on ``calibrate`` (default: all the
-        calibration inputs), a batch at a time (histogram methods keep each batch's tensors in memory)."""
+                 recipe: Recipe | None = None) -> Exported:
+        """ONNX Runtime's static QDQ quantization by ``recipe`` (default: the first of :func:`recipes`) of every
+        node but ``exclude`` (node names of the pre-processed float model, see :meth:`prepared`). The activation
+        ranges come from one calibration pass per stage and calibration method over all the calibration inputs,
+        a batch at a time (histogram methods keep each batch's tensors in memory), kept in ONNX Runtime's
+        calibration cache (:meth:`ranges`) for every later recipe and exclusion step."""
+        recipe = recipe or recipes()[0]
         out = workdir / f"{plan.name}.{tag}.onnx"
-        calibrate = inputs.calibrate if calibrate is None else calibrate
+        calibrate = inputs.calibrate
         with quiet():  # the histogram calibrators print their progress
             quantize_static(str(self.prepared(fp32, workdir)), str(out), _Batches(plan.input_name, calibrate),
                             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=recipe.reduce_range,
                             activation_type=QuantType[recipe.activations], weight_type=QuantType[recipe.weights],
                             nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod[recipe.calibration],
-                            extra_options={"CalibStridedMinMax": 1})
+                            extra_options={"CalibStridedMinMax": 1},
+                            calibration_cache_path=str(self.ranges(fp32, workdir, recipe)))
         return Exported((out,), {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                                  "per_channel": True, "activations": _TYPE_NAMES[recipe.activations],
-                                 "weights": _TYPE_NAMES[recipe.weights],
+                                 "weights": _TYPE_NAMES[recipe.weights], "element_types_for": family(),
                                  "calibration": recipe.calibration, "reduce_range": recipe.reduce_range,
                                  "recipe": recipe.name,
                                  "calibration_images": int(len(calibrate)), "float_layers": list(exclude)})
@@ -136,34 +152,41 @@ class OnnxExporter(Exporter):
             quant_pre_process(str(fp32.files[0]), str(path), skip_symbolic_shape=True)
         return path
 
+    @staticmethod
+    def ranges(fp32: Exported, workdir: Path, recipe: Recipe) -> Path:
+        """Where the activation ranges of one stage by ``recipe``'s calibration method are cached (ONNX Runtime's
+        ``calibration_cache_path``: written by the first quantization, read by every later one)."""
+        return workdir / f"{fp32.files[0].stem}.{recipe.calibration}.ranges.json"
+
     def sensitivity(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
-                    options: BuildOptions, recipe: Recipe) -> list[tuple[str, float]]:
+                    options: BuildOptions, recipe: Recipe, clock: SearchClock | None = None) -> list[tuple[str, float]]:
         """Weighted nodes with the logit SNR (dB) of the stage quantized by ``recipe`` with only that node in
         float, most helpful first, on :data:`RANKING_IMAGES` calibration inputs through ONNX Runtime's CPU
-        kernels (the quantized models are calibrated on those inputs too)."""
+        kernels (nodes not reached within the ``clock`` rank last)."""
         x = inputs.calibrate[:RANKING_IMAGES]
         nodes = [n.name for n in onnx.load(str(self.prepared(fp32, workdir))).graph.node if n.op_type in WEIGHTED]
         return self.rank_by_logit_snr(plan, fp32, nodes, lambda node: self.quantize(
-            plan, fp32, workdir, inputs, options, [node], tag="rank", recipe=recipe, calibrate=x), x)
+            plan, fp32, workdir, inputs, options, [node], tag="rank", recipe=recipe), x, clock)
 
     def quantize_mixed(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
-                       options: BuildOptions, judge: Judge) -> Exported:
-        """The first of :data:`RECIPES` whose full INT8 meets the tolerance; else the best of them with the
-        1, 2, 4, … most sensitive weighted nodes (:meth:`sensitivity`) in float until it is met, while at
-        least one stays INT8; else the best recipe's full INT8 model. The record's ``search`` lists every try."""
-        found = try_recipes(RECIPES, lambda k, recipe: self.quantize(plan, fp32, workdir, inputs, options,
-                                                                     tag=f"int8.r{k}", recipe=recipe),
-                            judge, options.int8_tolerance)
+                       options: BuildOptions, judge: Judge, clock: SearchClock | None = None) -> Exported:
+        """The first of :func:`recipes` whose full INT8 passes the gate; else the best of them with the
+        1, 2, 4, … most sensitive weighted nodes (:meth:`sensitivity`) in float until one passes, while at
+        least one stays INT8; else the best recipe's full INT8 model; all within the ``clock``. The record's
+        ``search`` lists every try."""
+        found = try_recipes(recipes(), lambda k, recipe: self.quantize(plan, fp32, workdir, inputs, options,
+                                                                       tag=f"int8.r{k}", recipe=recipe),
+                            judge, clock)
         recipe, full, tried = found.recipe, found.full, found.tried
-        if found.met:
+        if found.met or (clock is not None and clock.expired()):
             return Exported(full.files, dict(full.record, search=tried))
-        ranking = self.sensitivity(plan, fp32, workdir, inputs, options, recipe)
+        ranking = self.sensitivity(plan, fp32, workdir, inputs, options, recipe, clock)
         record = {"search": tried, "sensitivity": f"logit SNR with one weighted node in float ({recipe.name}, "
                                                   f"{min(RANKING_IMAGES, len(inputs.calibrate))} calibration images, "
                                                   "ONNX Runtime CPU kernels)",
                   "ranking": [{"node": node, "logit_snr_db": round(snr, 2)} for node, snr in ranking]}
         mixed = exclude_most_sensitive([node for node, _ in ranking], lambda count, exclude: self.quantize(
             plan, fp32, workdir, inputs, options, exclude, tag=f"mixed{count}", recipe=recipe),
-            judge, options.int8_tolerance, tried, recipe.name)
+            judge, tried, recipe.name, clock)
         chosen = full if mixed is None else mixed
         return Exported(chosen.files, dict(chosen.record, **record))

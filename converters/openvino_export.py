@@ -9,10 +9,11 @@ SavedModel), ``best`` both, keeping the one closer to the source on the verifica
 * ``fp16``: weights stored as fp16 (``save_model(compress_to_fp16=True)``, about half the size);
   the stage still runs in f32 on CPU.
 * ``int8``: NNCF post-training quantization (``nncf.quantize``, fast bias correction) on the
-  stage's real calibration inputs; when that misses the agreement tolerance, the other
-  :func:`recipes` (full bias correction, then the mixed preset), and then NNCF's accuracy control
-  (``nncf.quantize_with_accuracy_control``, validation = top-1 agreement with the float IR on the
-  held-back images) with the best of them, which reverts the most harmful layers to float.
+  stage's real calibration inputs; when that fails the INT8 gate, the other :func:`recipes`
+  (overflow fix on every layer, full bias correction, the mixed preset), and then, within
+  ``--int8-search-seconds``, NNCF's accuracy control (``nncf.quantize_with_accuracy_control``,
+  validation = the gate's measure on the held-back images) with the best of them, which reverts
+  the most harmful layers to float.
 * ``npu``: every stage gets a fully static batch-1 input (NPUs compile only static shapes; the
   runtime feeds larger batches row by row), fp16 weights and NNCF's NPU scheme; the chosen IR
   is checked against the NPU constraints (:func:`check_npu_constraints`) and the manifest
@@ -35,7 +36,7 @@ from stagewise.errors import ConversionError, VerificationError
 from stagewise.extras import require
 from stagewise.runtimes.base import LoadOptions
 
-from .export import Exported, Exporter, Judge, StageInputs, TensorSpec, minimum_agreeing, try_recipes
+from .export import Exported, Exporter, Judge, SearchClock, StageInputs, TensorSpec, tried_entry, try_recipes
 from .options import BuildOptions
 from .plans import StagePlan
 
@@ -181,11 +182,13 @@ class OpenVinoExporter(Exporter):
                                                                                "compute": "f32 on CPU"})
 
     def quantize(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
-                 options: BuildOptions, judge: Judge | None = None, recipe: Recipe | None = None,
+                 options: BuildOptions, controlled: bool = False, recipe: Recipe | None = None,
                  tag: str = "int8") -> Exported:
         """NNCF post-training INT8 of the float IR on real stage inputs by ``recipe`` (default: the first of
-        :func:`recipes`); with ``judge``, NNCF's accuracy control (``quantize_with_accuracy_control``) reverts
-        the layers that cost agreement with the float model to float until the tolerance is met."""
+        :func:`recipes`); ``controlled``: NNCF's accuracy control (``quantize_with_accuracy_control``) reverts
+        the layers that cost most to float until the INT8 gate's measure (``options.gate``: top-1 against the
+        labels, the float model's probability of the answered class without labels, or agreement) on the
+        held-back images drops by no more than the gate allows."""
         recipe = recipe or recipes(options)[0]
         nncf = require("nncf", "openvino-convert", "INT8 OpenVINO artifacts")
         nncf.set_log_level(logging.WARNING)
@@ -204,25 +207,28 @@ class OpenVinoExporter(Exporter):
             **({"overflow_fix": parameters.OverflowFix.ENABLE} if recipe.overflow_fix_everywhere else {}))
         record: dict[str, Any] = {}
         try:
-            if judge is None:
+            if not controlled:
                 quantized = nncf.quantize(model, nncf.Dataset(items), advanced_parameters=advanced, **common)
             else:
-                expected = self.run(plan, fp32.files, inputs.agree, options.threads)["logits"].argmax(1)
-                checks = [(inputs.agree[i:i + batch], expected[i:i + batch])
-                          for i in range(0, len(expected) - batch + 1, batch)]
-                n = sum(len(e) for _, e in checks)
-                needed = minimum_agreeing(n, options.int8_tolerance)
+                n = len(inputs.agree) - len(inputs.agree) % batch
+                targets = None if inputs.agree_targets is None else inputs.agree_targets[:n]
+                reference = self.run(plan, fp32.files, inputs.agree[:n], options.threads)["logits"]
+                measure = options.gate.per_image(reference, targets)
+                checks = [(inputs.agree[i:i + batch], np.arange(i, i + batch)) for i in range(0, n, batch)]
 
                 def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
                     output = compiled.output("logits")
-                    same = [float(v) for x, e in data for v in (compiled(x)[output].argmax(1) == e)]
-                    return float(np.mean(same)), same
+                    values = np.concatenate([measure(compiled(x)[output], rows) for x, rows in data])
+                    return float(values.mean()), [float(v) for v in values]
 
+                max_drop = options.gate.quantizer_max_drop(n)
                 quantized = nncf.quantize_with_accuracy_control(
-                    model, nncf.Dataset(items), nncf.Dataset(checks), validate, max_drop=max(0.0, 1 - needed / n),
+                    model, nncf.Dataset(items), nncf.Dataset(checks), validate, max_drop=max_drop,
                     drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=advanced, **common)
-                record = {"accuracy_control": "nncf.quantize_with_accuracy_control", "metric": "top-1 agreement",
-                          "max_drop": max(0.0, 1 - needed / n), "float_layers": float_layers(quantized)}
+                record = {"accuracy_control": "nncf.quantize_with_accuracy_control",
+                          "metric": {"accuracy": "top-1" if targets is not None else "float probability of the answer",
+                                     "agreement": "top-1 agreement"}[options.gate.rule],
+                          "max_drop": max_drop, "float_layers": float_layers(quantized)}
         except Exception as exc:  # NNCF raises many unrelated types
             raise ConversionError(f"NNCF quantization failed for stage {plan.name}: {exc}") from exc
         activations = "symmetric" if recipe.preset == "performance" else "asymmetric"
@@ -235,21 +241,20 @@ class OpenVinoExporter(Exporter):
                                 "calibration_images": int(len(items) * batch), "float_layers": [], **record})
 
     def quantize_mixed(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
-                       options: BuildOptions, judge: Judge) -> Exported:
-        """Full INT8 by each of :func:`recipes`, the first meeting the tolerance kept; else NNCF's accuracy control
-        with the best of them. A result with every weighted layer reverted to float is no INT8 model: the best
-        full INT8 one is returned instead (the stage then falls back whole). The record's ``search`` lists every
-        try."""
+                       options: BuildOptions, judge: Judge, clock: SearchClock | None = None) -> Exported:
+        """Full INT8 by each of :func:`recipes`, the first passing the gate kept; else (time left on the ``clock``)
+        NNCF's accuracy control with the best of them. A result with every weighted layer reverted to float is no
+        INT8 model: the best full INT8 one is returned instead (the stage then falls back whole). The record's
+        ``search`` lists every try."""
         found = try_recipes(recipes(options), lambda k, recipe: self.quantize(plan, fp32, workdir, inputs, options,
                                                                               recipe=recipe, tag=f"int8.r{k}"),
-                            judge, options.int8_tolerance)
+                            judge, clock)
         recipe, full, tried = found.recipe, found.full, found.tried
-        if found.met:
+        if found.met or (clock is not None and clock.expired()):
             return Exported(full.files, dict(full.record, search=tried))
-        mixed = self.quantize(plan, fp32, workdir, inputs, options, judge, recipe=recipe, tag="mixed")
+        mixed = self.quantize(plan, fp32, workdir, inputs, options, True, recipe=recipe, tag="mixed")
         weighted = float_layers(ov.Core().read_model(str(fp32.files[0])))
-        tried.append({"recipe": f"{recipe.name}, nncf.quantize_with_accuracy_control",
-                      "float_layers": mixed.record["float_layers"], "agreement_with_fp32": judge(mixed).rate})
+        tried.append(tried_entry(f"{recipe.name}, nncf.quantize_with_accuracy_control", mixed, judge(mixed)))
         if len(mixed.record["float_layers"]) < len(weighted):
             return Exported(mixed.files, dict(mixed.record, search=tried))
         tried[-1]["note"] = "every weighted layer reverted to float"

@@ -8,6 +8,8 @@ from typing import Any
 from stagewise.calibration import DEFAULT_DROPS
 from stagewise.errors import ConversionError
 
+from .int8_gate import DEFAULT_MAX_DROP, Gate
+
 OPENVINO_ROUTES = ("auto", "onnx", "native", "best")
 OPENVINO_PRESETS = ("performance", "mixed")
 
@@ -17,12 +19,15 @@ class BuildOptions:
     """Choices of a conversion. Drops are fractions of top-1 (0.005 = half a point).
 
     ``formats``: artifact formats the bundle carries (the first is calibrated on). ``int8``:
-    post-training INT8, kept per stage only when its top-1 agreement with the float model on
-    real stage inputs reaches ``int8_tolerance`` — compared with the lower end of the 95 % Wilson
-    interval of the agreement measured on up to ``agreement_images`` calibration images that the
-    quantizer did not calibrate on. ``int8_mixed``: a stage that misses the tolerance first keeps
-    its most sensitive layers in float (each backend's own tool), and only falls back whole when
-    that does not reach it either. ``int8_min_speedup``: INT8 is also kept only when it runs at
+    post-training INT8, kept per stage only when it passes the INT8 gate (:mod:`.int8_gate`) on up to
+    ``agreement_images`` calibration images that the quantizer did not calibrate on: its top-1
+    accuracy (against the labels; without labels, the float stage's probability of the answered
+    class) at most ``int8_max_drop`` below the float stage's, judged with a paired bootstrap
+    interval; or, when ``int8_tolerance`` is set, the agreement rule of earlier releases (the lower
+    end of the 95 % Wilson interval of top-1 agreement reaches it). ``int8_mixed``: a stage that
+    fails first tries the format's other calibration recipes and then keeps its most sensitive
+    layers in float (each backend's own tool), within ``int8_search_seconds`` per stage, and only
+    falls back whole when nothing passes. ``int8_min_speedup``: INT8 is also kept only when it runs at
     least this many times as fast as the float model on the build machine (single images, timed
     round robin; the timing is recorded either way); 0 (the default) checks nothing, for builds on
     a machine that is not the device. ``fp16``: OpenVINO and TFLite artifacts store
@@ -41,7 +46,9 @@ class BuildOptions:
 
     formats: tuple[str, ...] = ("onnx",)
     int8: bool = False
-    int8_tolerance: float = 0.99
+    int8_tolerance: float | None = None
+    int8_max_drop: float = DEFAULT_MAX_DROP
+    int8_search_seconds: float = 240.0
     int8_mixed: bool = True
     int8_min_speedup: float = 0.0
     quantization_images: int = 256
@@ -74,5 +81,16 @@ class BuildOptions:
         if self.int8_min_speedup < 0:
             raise ConversionError(f"int8_min_speedup is a ratio of latencies (1.0: INT8 at least as fast as float, "
                                   f"0: not checked), got {self.int8_min_speedup}")
-        if not 0.0 <= self.int8_tolerance <= 1.0:
+        if self.int8_tolerance is not None and not 0.0 <= self.int8_tolerance <= 1.0:
             raise ConversionError(f"int8_tolerance is a fraction of agreeing images in [0, 1], got {self.int8_tolerance}")
+        if not 0.0 <= self.int8_max_drop <= 1.0:
+            raise ConversionError(f"int8_max_drop is a fraction of top-1 in [0, 1] (0.005 = half a point), "
+                                  f"got {self.int8_max_drop}")
+        if not self.int8_search_seconds >= 0:
+            raise ConversionError(f"int8_search_seconds is a time in seconds (0: try one recipe only), "
+                                  f"got {self.int8_search_seconds}")
+
+    @property
+    def gate(self) -> Gate:
+        """The rule an INT8 stage must pass (:class:`~stagewise.converters.int8_gate.Gate`)."""
+        return Gate(self.int8_max_drop, self.int8_tolerance)

@@ -9,12 +9,13 @@
   dataset of real stage inputs; fp16 by ``supported_types``); otherwise the AI Edge Quantizer
   on the float ``.tflite``: static int8 weights (per channel) and activations (per tensor)
   calibrated on the stage's real inputs, fp16 weights for convolutions and dense layers.
-* Mixed precision: a stage whose INT8 misses the tolerance is quantized again by the AI Edge
+* Mixed precision: a stage whose INT8 fails the INT8 gate is quantized again by the AI Edge
   Quantizer with some weighted ops (convolutions, fully connected) left in float together with
   the ops producing their inputs, ranked by what each alone in float does to the stage's logits
-  on LiteRT; their number doubles until the tolerance is met. If no such mix meets it, int8
-  weights with int16 activations (the quantizer's a16w8 recipe) are tried; they are kept only
-  when they meet the tolerance and run faster than the float model.
+  on LiteRT; their number doubles until one passes, within ``--int8-search-seconds``. If no such
+  mix passes, int8 weights with int16 activations (the quantizer's a16w8 recipe) are tried; they
+  are kept only when they pass and run faster than the float model. The tensor statistics are
+  collected once per stage and reused by every candidate.
 * ``int8_io``: the INT8 model takes and returns int8 tensors (integer-only NPUs such as the
   Edge TPU); the runtime adapter (de)quantizes with the model's own scale and zero point.
 """
@@ -31,7 +32,8 @@ import numpy as np
 from stagewise.extras import require
 from stagewise.runtimes.litert_adapter import interpreter_module
 
-from .export import RANKING_IMAGES, Exported, Exporter, Judge, StageInputs, TensorSpec, exclude_most_sensitive
+from .export import (RANKING_IMAGES, Exported, Exporter, Judge, SearchClock, StageInputs, TensorSpec,
+                     exclude_most_sensitive, tried_entry)
 from .options import BuildOptions
 from .plans import StagePlan
 from .tooling import package_version, quiet
@@ -59,14 +61,24 @@ def _samples(plan: StagePlan, x: np.ndarray) -> dict:
     return {SIGNATURE: [{plan.input_name: x[i:i + 1]} for i in range(len(x))]}
 
 
-def _edge_quantize(plan: StagePlan, fp32: Path, recipe: list[dict], calibrate: np.ndarray | None, out: Path) -> None:
-    """Quantize ``fp32`` with the AI Edge Quantizer by ``recipe`` into ``out``."""
+def _edge_quantize(fp32: Path, recipe: list[dict], calibration: dict | None, out: Path) -> None:
+    """Quantize ``fp32`` with the AI Edge Quantizer by ``recipe`` into ``out``, with the tensor statistics of
+    :func:`_edge_ranges` (``None``: a recipe that needs none)."""
     aeq = require("ai_edge_quantizer.quantizer", "tflite", "quantizing TFLite stages")
     with quiet():
         q = aeq.Quantizer(str(fp32))
         q.load_quantization_recipe(recipe)
-        calibration = None if calibrate is None else q.calibrate(_samples(plan, calibrate))
         q.quantize(calibration).export_model(str(out), overwrite=True)
+
+
+def _edge_ranges(plan: StagePlan, fp32: Path, calibrate: np.ndarray, int8_io: bool) -> dict:
+    """The AI Edge Quantizer's statistics of every tensor of ``fp32`` on the ``calibrate`` inputs (one calibration
+    pass; every recipe and exclusion step of the stage reuses them)."""
+    aeq = require("ai_edge_quantizer.quantizer", "tflite", "quantizing TFLite stages")
+    with quiet():
+        q = aeq.Quantizer(str(fp32))
+        q.load_quantization_recipe(_int8_recipe(int8_io))
+        return q.calibrate(_samples(plan, calibrate))
 
 
 def _int8_recipe(int8_io: bool, float_tensors: Sequence[str] = (), int16_activations: bool = False) -> list[dict]:
@@ -111,6 +123,9 @@ class TFLiteExporter(Exporter):
     suffixes = (".tflite",)
     supports_fp16 = True
 
+    def __init__(self) -> None:
+        self._ranges: dict[tuple, dict] = {}  # per stage: the AI Edge Quantizer's tensor statistics
+
     def export(self, plan: StagePlan, workdir: Path, inputs: StageInputs, options: BuildOptions) -> Exported:
         interpreter_module()  # fail early, with the install hint, when LiteRT is missing
         path = workdir / f"{plan.name}.fp32.tflite"
@@ -143,7 +158,7 @@ class TFLiteExporter(Exporter):
         native = getattr(plan.adapter, "tflite_fp16", None)
         if native is not None:
             return Exported((out,), native(plan, example, out))
-        _edge_quantize(plan, fp32.files[0], _FP16_RECIPE, None, out)
+        _edge_quantize(fp32.files[0], _FP16_RECIPE, None, out)
         return Exported((out,), {"tool": "ai_edge_quantizer (float_casting)", "weights": "fp16",
                                  "compute": "fp32 on CPU"})
 
@@ -159,25 +174,27 @@ class TFLiteExporter(Exporter):
         return Exported((out,), record)
 
     def _edge_int8(self, plan: StagePlan, fp32: Exported, inputs: StageInputs, options: BuildOptions, out: Path,
-                   float_tensors: Sequence[str] = (), int16_activations: bool = False,
-                   calibrate: np.ndarray | None = None) -> dict:
-        calibrate = inputs.calibrate if calibrate is None else calibrate
-        _edge_quantize(plan, fp32.files[0], _int8_recipe(options.int8_io, float_tensors, int16_activations),
-                       calibrate, out)
+                   float_tensors: Sequence[str] = (), int16_activations: bool = False) -> dict:
+        calibrate = inputs.calibrate
+        key = (fp32.files[0], len(calibrate), options.int8_io)
+        if key not in self._ranges:
+            self._ranges[key] = _edge_ranges(plan, fp32.files[0], calibrate, options.int8_io)
+        _edge_quantize(fp32.files[0], _int8_recipe(options.int8_io, float_tensors, int16_activations),
+                       self._ranges[key], out)
         return {"tool": "ai_edge_quantizer (static int8, min-max)", "version": package_version("ai-edge-quantizer"),
                 "activations": "int16 per-tensor (symmetric)" if int16_activations else "int8 per-tensor (asymmetric)",
                 "weights": "int8 per-channel (symmetric)", "io": "int8" if options.int8_io else "float32",
                 "calibration_images": int(len(calibrate)), "float_layers": list(float_tensors)}
 
     def sensitivity(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
-                    options: BuildOptions) -> list[tuple[list[str], float]]:
+                    options: BuildOptions, clock: SearchClock | None = None) -> list[tuple[list[str], float]]:
         """Weighted ops (:func:`weighted_units`, as the tensors to leave in float) with the logit SNR (dB) of
         the stage quantized with only that op and its input producers in float, most helpful first, on
-        :data:`RANKING_IMAGES` calibration inputs through LiteRT (the quantized models calibrate on them)."""
+        :data:`RANKING_IMAGES` calibration inputs through LiteRT (ops not reached within the ``clock`` rank last)."""
         x = inputs.calibrate[:RANKING_IMAGES]
         out = workdir / f"{plan.name}.rank.tflite"
         return self.rank_by_logit_snr(plan, fp32, weighted_units(fp32.files[0]), lambda unit: Exported(
-            (out,), self._edge_int8(plan, fp32, inputs, options, out, unit, calibrate=x)), x)
+            (out,), self._edge_int8(plan, fp32, inputs, options, out, unit)), x, clock)
 
     def _candidate(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs, options: BuildOptions,
                    tag: str, float_tensors: Sequence[str] = (), int16_activations: bool = False) -> Exported:
@@ -186,34 +203,35 @@ class TFLiteExporter(Exporter):
         return Exported((out,), dict(record, io_quantization=self.open(plan, (out,)).quantization))
 
     def quantize_mixed(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
-                       options: BuildOptions, judge: Judge) -> Exported:
-        """Full INT8 (the framework's own quantizer where it has one); if that misses the tolerance, the
+                       options: BuildOptions, judge: Judge, clock: SearchClock | None = None) -> Exported:
+        """Full INT8 (the framework's own quantizer where it has one); if that fails the gate, the
         AI Edge Quantizer's INT8 with the 1, 2, 4, … most sensitive weighted ops (:meth:`sensitivity`) and
         the ops producing their inputs left in float, while at least one weighted op stays INT8; then int8
-        weights with int16 activations, kept when they meet the tolerance and beat the float model's latency;
-        else the full INT8 model. The record's ``search`` lists every try."""
+        weights with int16 activations, kept when they pass and beat the float model's latency;
+        else the full INT8 model; all within the ``clock``. The record's ``search`` lists every try."""
         full = self.quantize(plan, fp32, workdir, inputs, options)
         verdict = judge(full)
-        if verdict.meets(options.int8_tolerance):
+        if verdict.passes:
             return full
-        tried: list[dict] = [{"recipe": "int8", "float_layers": [], "agreement_with_fp32": verdict.rate}]
-        ranking = self.sensitivity(plan, fp32, workdir, inputs, options)
+        tried: list[dict] = [tried_entry("int8", full, verdict)]
+        if clock is not None and clock.expired():
+            return Exported(full.files, dict(full.record, search=tried))
+        ranking = self.sensitivity(plan, fp32, workdir, inputs, options, clock)
         record = {"search": tried, "sensitivity": "logit SNR with one weighted op and its input producers in float "
                                                   f"({min(RANKING_IMAGES, len(inputs.calibrate))} calibration images, "
                                                   "LiteRT)",
                   "ranking": [{"tensors": unit, "logit_snr_db": round(snr, 2)} for unit, snr in ranking]}
         mixed = exclude_most_sensitive([unit for unit, _ in ranking], lambda count, units: self._candidate(
             plan, fp32, workdir, inputs, options, f"mixed{count}", sorted({t for unit in units for t in unit})),
-            judge, options.int8_tolerance, tried, "int8")
+            judge, tried, "int8", clock)
         if mixed is not None:
             return Exported(mixed.files, dict(mixed.record, **record))
-        if not options.int8_io:
+        if not options.int8_io and not (clock is not None and clock.expired()):
             wide = self._candidate(plan, fp32, workdir, inputs, options, "a16w8", int16_activations=True)
             verdict = judge(wide)
             speed = self.host_speed(plan, fp32, wide, inputs.calibrate[:RANKING_IMAGES])
-            tried.append({"recipe": "int8 weights, int16 activations", "float_layers": [],
-                          "agreement_with_fp32": verdict.rate, **speed.record()})
-            if verdict.meets(options.int8_tolerance) and speed.speedup > 1:
+            tried.append(dict(tried_entry("int8 weights, int16 activations", wide, verdict), **speed.record()))
+            if verdict.passes and speed.speedup > 1:
                 return Exported(wide.files, dict(wide.record, **record))
         return Exported(full.files, dict(full.record, **record))
 

@@ -73,7 +73,8 @@ def calibrate_manifest(cascade: Cascade, manifest: dict, images: Sequence[np.nda
                        origin: str, default_drop: float | None = None, default_budget_ms: float | None = None,
                        target_drops: Sequence[float] = DEFAULT_DROPS, seed: int = 0, profile_images: int = 40,
                        goal: Goal | None = None, settings: Settings | None = None,
-                       files: dict[str, Path] | None = None, model_root: Path | None = None) -> dict:
+                       files: dict[str, Path] | None = None, model_root: Path | None = None,
+                       float_logits: list[np.ndarray] | None = None) -> dict:
     """Profile the stages on this device, pick operating points on ``images`` and return the manifest.
 
     The default operating point follows ``goal`` (see :class:`~stagewise.calibration.Goal`), or
@@ -82,6 +83,8 @@ def calibrate_manifest(cascade: Cascade, manifest: dict, images: Sequence[np.nda
     answers. Learned exit-score models
     are written under ``model_root`` (default: the loaded bundle's folder) and, when ``files``
     is given, added to it (``{bundle path: local file}``, as :func:`~stagewise.bundle.write_bundle` takes).
+    ``float_logits``: every stage's logits on ``images`` in float, for a quantized bundle: drops are then
+    measured from the float full model (see :func:`~stagewise.calibration.calibrate_stages`).
     """
     if goal is None:
         if default_budget_ms is not None:
@@ -96,7 +99,8 @@ def calibrate_manifest(cascade: Cascade, manifest: dict, images: Sequence[np.nda
     current = [dict(s["exit"]) for s in manifest["stages"]]
     logits = cascade.stage_logits(images)
     result = calibrate_stages(logits, current, np.array([s["p50"] for s in stats]),
-                              None if targets is None else np.asarray(targets), goal, settings, cost_unit="ms")
+                              None if targets is None else np.asarray(targets), goal, settings, cost_unit="ms",
+                              float_logits=float_logits)
     manifest = apply_calibration(manifest, result, Path(model_root or cascade.bundle.root), files)
     manifest["calibration"].update(cost=f"latency_ms:{profile}", data=origin)
     return manifest

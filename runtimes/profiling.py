@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from stagewise.machine import cpu_summary
+
 from .base import RUNTIMES
 from .executor import Cascade, profile_name
 
@@ -56,7 +58,7 @@ def record_profile(manifest: dict, cascade: Cascade, stats: list[dict], name: st
     manifest.setdefault("profiles", {})[name] = {
         "runtime": cascade.runtime, "device": cascade.device, "threads": cascade.threads or 0,
         "precision": [s.get("artifacts", {}).get(fmt, {}).get("precision") for s in manifest["stages"]] if fmt else None,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu": cpu_summary(),
         "date": _dt.date.today().isoformat(), **(extra or {})}
     if manifest["profiles"][name]["precision"] is None:
         del manifest["profiles"][name]["precision"]

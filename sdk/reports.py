@@ -21,20 +21,25 @@ def _threshold(t: float | None) -> str:
 
 
 def _quantization(record: Mapping[str, Any] | None) -> str:
-    """What INT8 did for one artifact: rejected or mixed, with the agreement, its interval and the speed-up the
-    build machine measured."""
+    """What INT8 did for one artifact: rejected or mixed, with what the gate measured (the top-1 difference and its
+    paired interval, or the agreement and its interval under the agreement rule) and the speed-up the build
+    machine measured."""
     if not record or "agreement_with_fp32" not in record:
         return ""
     interval = record.get("agreement_interval")
     agreement = f"{100 * record['agreement_with_fp32']:.1f}%" + (
         f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "") + f" of {record.get('agreement_images')}"
+    measured = f"agreement {agreement}"
+    if "accuracy_difference" in record:
+        low, high = record["difference_interval"]
+        measured = (f"top-1 {100 * record['accuracy_difference']:+.2f} pt [{100 * low:+.2f}, {100 * high:+.2f}] of "
+                    f"{record['images']}, agreement {100 * record['agreement_with_fp32']:.1f}%")
     speed = f", {record['host_speedup']:.2f}x float speed when built" if "host_speedup" in record else ""
     if record.get("kept_fp32"):
         why = "too slow, " if "speed" in str(record.get("rejected", "")) else ""
-        return f" (int8 rejected: {why}agreement {agreement}{speed})"
+        return f" (int8 rejected: {why}{measured}{speed})"
     kept = record.get("float_layers") or []
-    return (f" (mixed: {len(kept)} float layers, agreement {agreement}{speed})" if kept
-            else f" (agreement {agreement}{speed})")
+    return (f" (mixed: {len(kept)} float layers, {measured}{speed})" if kept else f" ({measured}{speed})")
 
 
 def _input_text(stage: Any) -> str:
@@ -74,9 +79,11 @@ def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
         if s.exit.combine != "own":
             exit_rule += f" {s.exit.combine}"
         stages.add_row(s.name, where, arts, exit_rule, f"{(s.cost.macs or 0) / 1e6:.1f}", lat)
-    points = Table(title=f"operating points (default: {manifest.default_operating_point})")
-    for col in ("name", "thresholds", "expected top-1", "agreement with full", "expected mean cost", "exit rates", "n",
-                "guarantee"):
+    reference = (manifest.calibration or {}).get("float_reference_accuracy")
+    points = Table(title=f"operating points (default: {manifest.default_operating_point})" + (
+        f"; the float full model: {_pct(reference)} expected top-1" if reference is not None else ""))
+    for col in ("name", "thresholds", "expected top-1", *(("vs float full",) if reference is not None else ()),
+                "agreement with full", "expected mean cost", "exit rates", "n", "guarantee"):
         points.add_column(col)
     for p in manifest.operating_points:
         e = p.expected or Expected()
@@ -85,7 +92,9 @@ def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
         g = p.guarantee
         promise = (f"{g.risk.replace('_', ' ')} <= {100 * g.epsilon:g}% w.p. >= {1 - g.delta:g} (n={g.n})"
                    if g else "-")
-        points.add_row(p.name, " ".join(_threshold(t) for t in p.thresholds), _pct(e.accuracy),
+        versus = () if reference is None else (
+            "-" if e.accuracy is None else f"{100 * (e.accuracy - reference):+.1f} pt",)
+        points.add_row(p.name, " ".join(_threshold(t) for t in p.thresholds), _pct(e.accuracy), *versus,
                        _pct(e.agreement), cost, rates, str("-" if e.n is None else e.n), promise)
     return [stages, points]
 

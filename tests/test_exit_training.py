@@ -88,7 +88,7 @@ def test_torch_trained_heads_export_and_agree_with_torch(tmp_path, image_folder,
     if kind == "conv":  # a 3x3 stride-2 conv from 8 to 8 channels at 8x8, then a linear layer
         assert plans[0].head["macs"] == 8 * 8 * 8 * 8 * 9 + 8 * 3
     x = stage_inputs(plans, PRE, [calib.image(i) for i in range(12)])[0]
-    art, _ = export_stage(exporter("onnx"), plans[0], tmp_path, StageInputs(x, x, x), BuildOptions())
+    art, _, _ = export_stage(exporter("onnx"), plans[0], tmp_path, StageInputs(x, x, x), BuildOptions())
     assert art["verification"]["top1_agreement"] == 1.0
     assert max(art["verification"]["max_abs_diff"].values()) < 1e-4
 
@@ -130,7 +130,7 @@ def test_heads_pool_token_and_channels_last_carries_over_the_right_axes(tmp_path
         linear = head.linear if training.kind == "gap_linear" else head.hidden
         assert linear.in_features == model.fc.in_features  # pooled over tokens / H and W, not over channels
         x = stage_inputs(plans, PRE, [calib.image(i) for i in range(12)])[0]
-        art, _ = export_stage(exporter("onnx"), plans[0], tmp_path, StageInputs(x, x, x), BuildOptions())
+        art, _, _ = export_stage(exporter("onnx"), plans[0], tmp_path, StageInputs(x, x, x), BuildOptions())
         assert art["verification"]["top1_agreement"] == 1.0
 
 

@@ -178,7 +178,7 @@ def test_keras_applications_cut_and_convert(tmp_path, splits, name, build, cut):
     carry, _ = run_model(plans[0].module, x)
     np.testing.assert_allclose(run_model(plans[1].module, carry)[0], run_model(logits_model(model), x)[0],
                                rtol=1e-4, atol=1e-4)
-    artifact, files = export_stage(exporter("tflite"), plans[0], tmp_path, StageInputs(x, x, x), BuildOptions(threads=1))
+    artifact, files, _ = export_stage(exporter("tflite"), plans[0], tmp_path, StageInputs(x, x, x), BuildOptions(threads=1))
     assert artifact["verification"]["top1_agreement"] == 1.0
     assert set(files) == {"tflite/exit0.tflite"}
 

@@ -195,10 +195,10 @@ def test_mixed_int8_leaves_the_fragile_tensors_in_float(tmp_path):
 
     x = np.random.default_rng(0).normal(0, 1, (400, 3, 16, 16)).astype(np.float32)
     plan, inputs = cascade_plans([("only", fragile_net(), (16, 16))])[0], StageInputs(x[:16], x[:100], x[100:])
-    whole, _ = export_stage(exporter("tflite"), plan, tmp_path / "whole", inputs,
+    whole, _, _ = export_stage(exporter("tflite"), plan, tmp_path / "whole", inputs,
                             BuildOptions(formats=("tflite",), int8=True, int8_mixed=False, int8_tolerance=0.85))
     assert whole["precision"] == "fp32" and whole["quantization"]["agreement_with_fp32"] < 0.6
-    mixed, files = export_stage(exporter("tflite"), plan, tmp_path / "mixed", inputs,
+    mixed, files, _ = export_stage(exporter("tflite"), plan, tmp_path / "mixed", inputs,
                                 BuildOptions(formats=("tflite",), int8=True, int8_tolerance=0.85))
     q = mixed["quantization"]
     assert mixed["precision"] == "int8" and q["kept_fp32"] is False, q
@@ -211,7 +211,8 @@ def test_mixed_int8_leaves_the_fragile_tensors_in_float(tmp_path):
 
 
 def test_mixed_int8_search_that_cannot_meet_the_tolerance_ends_with_int16_activations_tried(tmp_path):
-    from stagewise.converters.export import Agreement, StageInputs, exporter
+    from stagewise.converters.export import StageInputs, exporter
+    from stagewise.converters.int8_gate import Verdict
     from stagewise.converters.plans import cascade_plans
     from stagewise.converters.tflite_export import weighted_units
     from toy_models import fragile_net
@@ -221,7 +222,7 @@ def test_mixed_int8_search_that_cannot_meet_the_tolerance_ends_with_int16_activa
     tfl = exporter("tflite")
     options = BuildOptions(formats=("tflite",), int8=True)
     fp32 = tfl.export(plan, tmp_path, inputs, options)
-    result = tfl.quantize_mixed(plan, fp32, tmp_path, inputs, options, lambda candidate: Agreement(0, 100))
+    result = tfl.quantize_mixed(plan, fp32, tmp_path, inputs, options, lambda candidate: Verdict(False, 0.0, "refused", {"agreement_with_fp32": 0.0}))
     search, units = result.record["search"], weighted_units(fp32.files[0])
     assert [t["recipe"] for t in (search[0], search[-1])] == ["int8", "int8 weights, int16 activations"]
     assert len(result.record["ranking"]) == len(units) and result.record["float_layers"] == []

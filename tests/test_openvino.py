@@ -327,8 +327,8 @@ def test_exporter_fp16_int8_fallback_and_sources(tmp_path, ee_plans, images):
     inputs = StageInputs(verify=x[:16], calibrate=x[:30], agree=x[30:])
     for d in "abcde":
         (tmp_path / d).mkdir()
-    art32, files32 = export_stage(exporter("openvino"), plan, tmp_path / "a", inputs, BuildOptions())
-    art16, files16 = export_stage(exporter("openvino"), plan, tmp_path / "b", inputs,
+    art32, files32, _ = export_stage(exporter("openvino"), plan, tmp_path / "a", inputs, BuildOptions())
+    art16, files16, _ = export_stage(exporter("openvino"), plan, tmp_path / "b", inputs,
                                   BuildOptions(fp16=True, openvino_route="best"))
     assert art32["precision"] == "fp32" and "quantization" not in art32
     assert art16["precision"] == "fp16" and art16["verification"]["tolerance"] >= 1e-2
@@ -337,14 +337,14 @@ def test_exporter_fp16_int8_fallback_and_sources(tmp_path, ee_plans, images):
     size = {k: v.stat().st_size for k, v in files32.items()}
     size16 = {k: v.stat().st_size for k, v in files16.items()}
     assert size16["openvino/exit0.bin"] < 0.6 * size["openvino/exit0.bin"]
-    strict = exporter("openvino")
-    strict.agreement = lambda *args, **kwargs: 0.5  # below any sensible tolerance: the stage must stay float
-    art8, files8 = export_stage(strict, plan, tmp_path / "c", inputs, BuildOptions(int8=True))
+    # an agreement tolerance of 1.0 no finite sample can show: the stage must stay float
+    art8, files8, _ = export_stage(exporter("openvino"), plan, tmp_path / "c", inputs,
+                                   BuildOptions(int8=True, int8_tolerance=1.0))
     q = art8["quantization"]
     assert q["kept_fp32"] is True and art8["precision"] == "fp32" and 0.0 <= q["agreement_with_fp32"] <= 1.0
     assert q["tool"] == "nncf.quantize" and q["calibration_images"] == 30 and q["agreement_images"] == len(x) - 30
     assert files8["openvino/exit0.bin"].read_bytes() == files32["openvino/exit0.bin"].read_bytes()
-    direct, _ = export_stage(exporter("openvino"), plan, tmp_path / "e", inputs, BuildOptions(openvino_route="native"))
+    direct, _, _ = export_stage(exporter("openvino"), plan, tmp_path / "e", inputs, BuildOptions(openvino_route="native"))
     assert direct["verification"]["conversion"]["route"] == "native"
     assert max(direct["verification"]["max_abs_diff"].values()) < 1e-4
     with pytest.raises(ConversionError, match="OpenVINO route"):
@@ -409,10 +409,10 @@ def test_openvino_accuracy_control_reverts_the_fragile_layer(tmp_path):
     x = np.random.default_rng(0).normal(0, 1, (600, 3, 16, 16)).astype(np.float32)
     plan = cascade_plans([("only", fragile_net(), (16, 16))])[0]
     inputs = StageInputs(x[:16], x[:100], x[100:])
-    whole, _ = export_stage(exporter("openvino"), plan, tmp_path / "w", inputs,
+    whole, _, _ = export_stage(exporter("openvino"), plan, tmp_path / "w", inputs,
                             BuildOptions(int8=True, int8_mixed=False, int8_tolerance=0.9))
     assert whole["precision"] == "fp32" and whole["quantization"]["agreement_with_fp32"] < 0.6
-    mixed, _ = export_stage(exporter("openvino"), plan, tmp_path / "m", inputs, BuildOptions(int8=True, int8_tolerance=0.9))
+    mixed, _, _ = export_stage(exporter("openvino"), plan, tmp_path / "m", inputs, BuildOptions(int8=True, int8_tolerance=0.9))
     q = mixed["quantization"]
     assert mixed["precision"] == "int8" and q["accuracy_control"] == "nncf.quantize_with_accuracy_control"
     assert any(name.startswith("/mix/Conv") for name in q["float_layers"])
@@ -420,7 +420,7 @@ def test_openvino_accuracy_control_reverts_the_fragile_layer(tmp_path):
 
 
 def test_openvino_accuracy_control_that_reverts_every_weighted_layer_is_no_int8(tmp_path):
-    from stagewise.converters.export import Agreement
+    from stagewise.converters.int8_gate import Verdict
     from stagewise.converters.openvino_export import float_layers
     from toy_models import fragile_net
 
@@ -430,7 +430,7 @@ def test_openvino_accuracy_control_that_reverts_every_weighted_layer_is_no_int8(
     ov_exporter = exporter("openvino")
     fp32 = ov_exporter.export(plan, tmp_path, inputs, BuildOptions())
     result = ov_exporter.quantize_mixed(plan, fp32, tmp_path, inputs, BuildOptions(int8=True, int8_tolerance=0.999),
-                                        lambda candidate: Agreement(0, 500))
+                                        lambda candidate: Verdict(False, 0.0, "refused", {"agreement_with_fp32": 0.0}))
     *full, tried = result.record["search"]
     assert [t["recipe"] for t in full] == ["NNCF performance, fast bias correction",
                                            "NNCF performance, fast bias correction, overflow fix on every layer",

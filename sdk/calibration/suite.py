@@ -66,7 +66,7 @@ def fit_temperatures(stage_logits: list[np.ndarray], targets: np.ndarray | None,
 
 def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_costs: np.ndarray,
                      targets: np.ndarray | None = None, goal: Goal = Goal(), settings: Settings = Settings(),
-                     cost_unit: str = "ms") -> Calibration:
+                     cost_unit: str = "ms", float_logits: list[np.ndarray] | None = None) -> Calibration:
     """Calibrate a K-stage sequence from its raw logits on held-out images.
 
     ``exits`` are the manifest stages' ``exit`` entries (score, temperature, combine); the
@@ -75,6 +75,12 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
     ``drop-*``, ``budget-*``, ``alpha-*``, ``pareto-*`` and the goal's point) and the record for
     the manifest's ``calibration``. ``targets`` are the images' integer labels;
     ``None`` calibrates against the full model's answers.
+
+    ``float_logits``: the same stages' logits in float, for a bundle whose stages are quantized. The
+    drops are then measured from the float full model (its top-1 on the labels; without labels the
+    targets are the float full model's answers), so the quantization's loss counts inside a target
+    drop instead of on top of it; a drop the quantized stages cannot reach gives the most accurate
+    point, and its goal says so (``reached: false``).
     """
     k = len(stage_logits)
     n = len(stage_logits[0])
@@ -115,7 +121,10 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
     probs = stage_probabilities(stage_logits, temps, combine)
     answers = np.stack([p.argmax(axis=1) for p in probs])
     full_answer = answers[-1]
-    truth = targets if targets is not None else full_answer
+    float_answer = None
+    if float_logits is not None:
+        float_answer = stage_probabilities(float_logits, temps, combine)[-1].argmax(axis=1)
+    truth = targets if targets is not None else (full_answer if float_answer is None else float_answer)
     correct = answers == truth[None, :]
     agree = answers == full_answer[None, :]
 
@@ -134,12 +143,16 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
     label_table = ExitTable(scores[:, sel], correct[:, sel], costs) if targets is not None else None
     table = label_table if label_table is not None else agree_table
     reference = "labels" if targets is not None else "full_model_agreement"
+    if float_answer is not None and targets is None:
+        reference = "float_full_model_agreement"
 
     def point(name, thr, g):
         return threshold_point(name, np.asarray(thr, dtype=np.float64), g, agree_table, label_table, cost_unit)
 
     points = [point("full", np.full(k, np.inf), {"kind": "full"})]
     full_acc = table.full().accuracy
+    if float_answer is not None:  # the float full model's top-1 (or, without labels, agreement with itself)
+        full_acc = float((float_answer[sel] == truth[sel]).mean())
     cached: list[list[Outcome]] = []
 
     def front() -> list[Outcome]:  # traced once, shared by every constrained search
@@ -149,10 +162,12 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
 
     drops = sorted(set(settings.target_drops) | ({goal.value} if goal.kind == "drop" else set()))
     for drop in drops:
-        o = table.min_cost(full_acc - drop, front())
-        points.append(point(f"drop-{100 * drop:g}pt", o.thresholds,
-                            {"kind": "max_accuracy_drop", "drop": drop, "reference_accuracy": full_acc,
-                             "reference": reference}))
+        best = max(o.accuracy for o in front())
+        o = table.min_cost(min(full_acc - drop, best), front())
+        described = {"kind": "max_accuracy_drop", "drop": drop, "reference_accuracy": full_acc, "reference": reference}
+        if float_answer is not None:
+            described.update(reference_model="float", reached=bool(best >= full_acc - drop - 1e-12))
+        points.append(point(f"drop-{100 * drop:g}pt", o.thresholds, described))
     budgets = sorted(set(settings.budgets) | ({goal.value} if goal.kind == "budget" else set()))
     for budget in budgets:
         o = table.max_accuracy(budget, front())
@@ -204,11 +219,15 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
         "stage_agreement": [float(a.mean()) for a in agree[:, sel]],
         "oracle": {"accuracy": oracle.accuracy, "mean_cost": oracle.mean_cost, "exit_rates": list(oracle.exit_rates)},
     }
+    if float_answer is not None:
+        record["float_reference_accuracy"] = full_acc
+        record["drops_from"] = "the float full model"
     if targets is not None:
         record["reference_accuracy"] = float(correct[-1][sel].mean())
         record["stage_accuracy"] = [float(c.mean()) for c in correct[:, sel]]
     else:
         record["reference_accuracy"] = 1.0
-        record["note"] = "no labels: accuracy means agreement with running every stage"
+        record["note"] = ("no labels: accuracy means agreement with running every stage" if float_answer is None else
+                          "no labels: accuracy means agreement with the float full model")
     return Calibration(exits=exits, models=models, points=points, default=goal.point_name(cost_unit), record=record,
                        table=table, guarantee=guarantee)
