@@ -65,8 +65,9 @@ import numpy as np
 
 from stagewise.bundle import check_output, remove_stale_build_dirs, update_manifest
 from stagewise.datasets import ImageSet, open_image_set
-from stagewise.errors import ConversionError
-from stagewise.images import Preprocess
+from stagewise.errors import ConversionError, unknown_choice
+from stagewise.exits import SCORES
+from stagewise.images import RESIZERS, Preprocess
 from stagewise.progress import note, phase
 
 from .adapt import ADAPTATIONS, Adaptation
@@ -75,6 +76,7 @@ from .candidates import (adapt_stage_model, build_cascade, candidate_stages, dec
                          search_record, with_adaptations)
 from .devices import check_device_name, resolve_device
 from .exit_placement import auto_exit_count, choose_exits
+from .export import EXPORTERS
 from .factory import build_model
 from .features import FeatureStore
 from .heads import FineTuning, HeadTraining
@@ -86,6 +88,8 @@ from .source import AMBIGUOUS, source_of
 
 #: Images the linear probes of automatic exit placement are fitted on (at most).
 PROBE_IMAGES = 5000
+#: The kinds of conversion: a ``ConvertJob.kind``.
+KINDS = ("early_exit", "cascade", "search", "glance_focus")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -137,7 +141,10 @@ class CascadeSearch:
         if not self.models:
             raise ConversionError("the cascade search needs models: --search a.py:f,b.py:g (factory specs)")
         if self.adapt not in ADAPTATIONS:
-            raise ConversionError(f"unknown adaptation {self.adapt!r}; choose one of {', '.join(ADAPTATIONS)}")
+            raise ConversionError(unknown_choice("adaptation", self.adapt, ADAPTATIONS))
+        for combine in self.combines:
+            if combine not in COMBINES:
+                raise ConversionError(unknown_choice("combine mode", combine, COMBINES))
         if not 1 <= self.max_stages <= 4:
             raise ConversionError(f"--max-stages must be 1 to 4, got {self.max_stages}")
         if any(size < 1 for size in self.sizes) or self.timing_images < 1:
@@ -176,6 +183,15 @@ class ConvertJob:
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+
+    def __post_init__(self) -> None:
+        """Check every named choice against the names there are, before any model or image is opened."""
+        choices = [("conversion kind", self.kind, KINDS), ("exit score", self.score, SCORES),
+                   ("combine mode", self.combine, COMBINES), ("resizer", self.input.get("resizer", "pillow"), RESIZERS),
+                   *(("artifact format", f, EXPORTERS) for f in self.build.formats)]
+        for what, value, names in choices:
+            if value not in names:
+                raise ConversionError(unknown_choice(what, value, names))
 
 
 def job_from_toml(path: Path, overrides: dict[str, Any]) -> ConvertJob:
@@ -358,7 +374,7 @@ def run_job(job: ConvertJob) -> Path:
                                    (models[1][1], _size(job, focus, models[1][1], calib)), job.patches, job.iou,
                                    job.patch_fraction, job.score)
     else:
-        raise ConversionError(f"unknown conversion kind {job.kind!r}; use early_exit, cascade, search or glance_focus")
+        raise ConversionError(unknown_choice("conversion kind", job.kind, KINDS))
     labels = list(calib.classes) if job.new_classes else _labels(model if job.kind == "early_exit" else models[0][1], calib)
     name = job.name or job.out.stem
     with phase("export, verification and calibration"):

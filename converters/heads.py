@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.optimize import minimize
 
 from stagewise.errors import ConversionError
 
@@ -180,6 +179,8 @@ def train_head(features: np.ndarray, targets: np.ndarray, teacher_logits: np.nda
     classifier of Savchenko's method (:func:`.savchenko.fit_linear_head`, the same one the Python
     route of :mod:`.savchenko` fits). Returns the head and its training record for the manifest.
     """
+    from scipy.optimize import minimize  # here, so that a conversion request is checked before scipy loads
+
     targets = np.asarray(targets, dtype=np.int64)
     classes = int(teacher_logits.shape[1]) if teacher_logits is not None else classes
     if classes is None:

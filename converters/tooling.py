@@ -9,7 +9,7 @@ import warnings
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterator, Mapping
 
-from stagewise.errors import ConversionError, MissingExtraError
+from stagewise.errors import ConversionError, MissingExtraError, unknown_choice
 
 
 def package_version(package: str) -> str:
@@ -37,7 +37,7 @@ def plugin(table: Mapping[str, tuple[str, str, str]], key: str, kind: str, purpo
     dependency of the module is a :class:`MissingExtraError` naming the extra.
     """
     if key not in table:
-        raise ConversionError(f"unknown {kind} {key!r}; choose from {', '.join(table)}")
+        raise ConversionError(unknown_choice(kind, key, table))
     module, name, extra = table[key]
     try:
         return getattr(importlib.import_module(module), name)()

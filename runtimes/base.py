@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 
-from stagewise.errors import BackendUnavailableError, MissingExtraError
+from stagewise.errors import BackendUnavailableError, MissingExtraError, unknown_choice
 from stagewise.manifest import StageSpec
 
 from .options import LiteRTOptions, OnnxRuntimeOptions, OpenVinoOptions, RuntimeOptions
@@ -182,14 +182,12 @@ def resolve_runtime(requested: str, formats: Sequence[str], prefer: Sequence[str
         prefer = preference()
     if "," in requested:
         prefer, requested = tuple(n.strip() for n in requested.split(",") if n.strip()), "auto"
-    unknown = [n for n in prefer if n not in RUNTIMES]
-    if unknown:
-        raise BackendUnavailableError(f"unknown runtime(s) {', '.join(map(repr, unknown))} in the preference order; "
-                                      f"choose from {', '.join(RUNTIMES)}")
+    for name in prefer:
+        if name not in RUNTIMES:
+            raise BackendUnavailableError(unknown_choice("preferred runtime", name, RUNTIMES))
     if requested != "auto":
         if requested not in RUNTIMES:
-            raise BackendUnavailableError(
-                f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)} or 'auto'")
+            raise BackendUnavailableError(unknown_choice("runtime", requested, [*RUNTIMES, "auto"]))
         runtime = RUNTIMES[requested]
         if runtime.artifact_format not in formats:
             raise BackendUnavailableError(

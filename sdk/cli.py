@@ -14,7 +14,7 @@ from typing import Any
 import click
 import numpy as np
 
-from .errors import StagewiseError
+from .errors import StagewiseError, unknown_choice
 
 
 class _Finite(click.FloatRange):
@@ -27,6 +27,16 @@ class _Finite(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
+
+
+class _Choice(click.Choice):
+    """click's Choice whose refusal names the choice a near miss was meant to be (``--score margn``)."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(unknown_choice("choice", value, self.choices), param, ctx)
 
 
 def _triple(value: str | None) -> tuple[float, float, float] | None:
@@ -752,6 +762,18 @@ def _fail(message: str, code: int, debug: bool) -> None:
         traceback.print_exc()
     click.echo(message, err=True)
     sys.exit(code)
+
+
+def _suggest_near_misses(command: click.Command) -> None:
+    """Give every choice option of ``command`` and its subcommands the refusal of :class:`_Choice`."""
+    for param in command.params:
+        if type(param.type) is click.Choice:
+            param.type = _Choice(param.type.choices, param.type.case_sensitive)
+    for sub in getattr(command, "commands", {}).values():
+        _suggest_near_misses(sub)
+
+
+_suggest_near_misses(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class StagewiseError(Exception):
     """Base class of every error stagewise raises on purpose."""
@@ -100,3 +103,11 @@ class DeadlineExceededError(StagewiseError):
 
 class CascadeClosedError(StagewiseError):
     """A request reached a :class:`~stagewise.runtimes.Cascade` after its ``close``: load the bundle again."""
+
+
+def unknown_choice(what: str, value: object, names: Iterable[str]) -> str:
+    """The message for a ``value`` that is none of ``names``: the closest name when one is near, then all of them."""
+    names = list(names)
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what} {value!r}{hint} (choose from {', '.join(names)})"

@@ -9,7 +9,7 @@ from stagewise.converters.adapt import Adaptation, adapt
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
 
-from conftest import texture_images
+from toy_images import texture_images
 
 torch = pytest.importorskip("torch", reason='the torch adaptation tests need torch: pip install -c constraints.txt -e ".[dev]"')
 nn = torch.nn

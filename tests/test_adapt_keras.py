@@ -11,7 +11,7 @@ from stagewise.images import Preprocess
 
 keras = pytest.importorskip("keras", reason='the Keras adaptation test needs Keras: pip install "stagewise[keras]" (the dev install has it)')
 
-from conftest import texture_images  # noqa: E402
+from toy_images import texture_images  # noqa: E402
 from keras_toy_models import residual_net  # noqa: E402
 
 PRE = Preprocess(mean=(128.0,) * 3, std=(64.0,) * 3, layout="NHWC", resize="stretch", crop_fraction=1.0)

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 import stagewise
-from conftest import onnx_stage_model
 from stagewise.bundle import write_bundle
 from stagewise.errors import InvalidOptionError, StagewiseError
-from toy_bundle import toy_bundle, toy_files, toy_image, toy_manifest
+from toy_bundle import onnx_stage_model, toy_bundle, toy_files, toy_image, toy_manifest
 
 pytest.importorskip("onnxruntime")
 

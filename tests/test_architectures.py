@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_image_folder
+from toy_images import make_image_folder
 from stagewise.converters import convert
 from stagewise.converters.source import AMBIGUOUS
 from stagewise.converters.torch_cuts import cut_candidates, list_cut_points, split_model

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FakeClock, ScriptedStage, manifest_for, scripted_image, stage_entry
-from stagewise.bundle import read_bundle, write_bundle
 from stagewise.errors import DeadlineExceededError
 from stagewise.runtimes import Cascade
 from stagewise.runtimes.latency import LatencyModel, SortedWindow
+from stagewise.testing import FakeClock, ScriptedSession, scripted_cascade, scripted_image
 
 
 class TickingClock(FakeClock):
@@ -25,7 +24,7 @@ class TickingClock(FakeClock):
 
 
 class Jitter:
-    """Scripted latencies drawn from a seeded distribution (used as ``ScriptedStage.latencies``)."""
+    """Scripted latencies drawn from a seeded distribution (used as ``ScriptedSession.latencies``)."""
 
     def __init__(self, base_ms: float, rng: np.random.Generator, sigma: float = 0.1, spike_p: float = 0.0,
                  spike_x: float = 1.0):
@@ -38,28 +37,6 @@ class Jitter:
     def pop(self, _=0) -> float:
         ms = self.base * self.scale * float(self.rng.lognormal(0.0, self.sigma))
         return ms * self.spike_x if self.rng.random() < self.spike_p else ms
-
-
-def make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0), clock=None, profile=None, latency=None, **kwargs):
-    names = [f"s{k}" for k in range(len(latencies))]
-    stages = [stage_entry(names[0], {"source": "image", "size": [8, 8], "tensor": "image"}, ["s0.bin"], carry=True)]
-    for k in range(1, len(latencies)):
-        stages.append(stage_entry(names[k], {"source": "carry", "from": names[k - 1], "tensor": "carry"},
-                                  [f"s{k}.bin"], carry=k < len(latencies) - 1))
-    if profile:
-        for s, p95 in zip(stages, profile):
-            s["cost"]["latency_ms"] = {"mock-cpu-1t": {"p50": p95 / 2, "p95": p95, "n": 10}}
-    files = {}
-    for k in range(len(latencies)):
-        f = tmp_path / f"s{k}.bin"
-        f.write_bytes(bytes([k]) * 16)
-        files[f"s{k}.bin"] = f
-    manifest = manifest_for(stages, ["a", "b", "c"], {"default": [0.8, 0.6, None]})
-    out = write_bundle(tmp_path / "bundle", manifest, files)
-    clock = clock or FakeClock()
-    sessions = [ScriptedStage(k, clock, ms) for k, ms in enumerate(latencies)]
-    cascade = Cascade(read_bundle(out), sessions, "mock", 1, clock=clock, latency=latency, **kwargs)
-    return cascade, sessions, clock
 
 
 UNSURE = scripted_image([10, 10, 10], label=1)
@@ -79,7 +56,7 @@ def test_sorted_window_quantiles_match_nearest_rank():
 
 
 def test_cold_start_uses_the_bundle_profile_then_live_measurements(tmp_path):
-    cascade, sessions, _ = make_cascade(tmp_path, latencies=(2.0, 5.0, 8.0), profile=(3.0, 6.0, 30.0))
+    cascade, sessions, _ = scripted_cascade(tmp_path / "bundle", latencies=(2.0, 5.0, 8.0), profile=(3.0, 6.0, 30.0))
     assert [cascade.latency.predict(k) for k in range(3)] == [3.0, 6.0, 30.0]
     p = cascade.predict(UNSURE, budget_ms=20)
     # the profile says stage 2 needs 30 ms; stage 0 ran in 2 ms where the profile says 3, so the
@@ -98,7 +75,7 @@ def test_cold_start_uses_the_bundle_profile_then_live_measurements(tmp_path):
 
 
 def test_trace_explains_every_decision(tmp_path):
-    cascade, _, _ = make_cascade(tmp_path)
+    cascade, _, _ = scripted_cascade(tmp_path / "bundle")
     cascade.warm_up()
     p = cascade.predict(UNSURE, budget_ms=10)
     assert [r.reason for r in p.trace] == ["first", "fits", "over_budget"]
@@ -115,7 +92,7 @@ def test_trace_explains_every_decision(tmp_path):
 
 
 def test_first_stage_always_runs_and_a_late_answer_is_flagged(tmp_path):
-    cascade, _, _ = make_cascade(tmp_path, latencies=(4.0, 5.0, 20.0))
+    cascade, _, _ = scripted_cascade(tmp_path / "bundle", latencies=(4.0, 5.0, 20.0))
     cascade.warm_up()
     p = cascade.predict(UNSURE, budget_ms=3)
     assert p.stage == 0 and p.budget_limited and p.deadline_missed
@@ -124,7 +101,7 @@ def test_first_stage_always_runs_and_a_late_answer_is_flagged(tmp_path):
 
 def test_overheads_outside_the_backend_are_counted(tmp_path):
     """Each clock read costs 0.5 ms here: the step times and the return overhead include the executor's own work."""
-    cascade, _, clock = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0), clock=TickingClock(0.5))
+    cascade, _, clock = scripted_cascade(tmp_path / "bundle", latencies=(2.0, 5.0, 20.0), clock=TickingClock(0.5))
     for _ in range(10):
         cascade.predict(UNSURE)
     assert cascade.latency.predict(1) == pytest.approx(5.5)  # backend 5 ms + one clock read
@@ -143,7 +120,7 @@ def test_never_late_by_choice_under_noisy_latencies(tmp_path):
     learned margin covers them. With budgets just above what two or three stages need, fewer than
     0.5% of 3,000 requests run a later stage and come late (without the margin: about 1%)."""
     rng = np.random.default_rng(0)
-    cascade, sessions, _ = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0))
+    cascade, sessions, _ = scripted_cascade(tmp_path / "bundle", latencies=(2.0, 5.0, 20.0))
     sessions[0].latencies = Jitter(2.0, rng, 0.05)
     sessions[1].latencies = Jitter(5.0, rng, 0.03, spike_p=0.04, spike_x=1.5)
     sessions[2].latencies = Jitter(20.0, rng, 0.03, spike_p=0.04, spike_x=1.5)
@@ -173,7 +150,7 @@ def test_margin_grows_after_mispredictions_and_skips_a_borderline_stage(tmp_path
 
 
 def test_stage_slowdown_is_learned_quickly_and_speedup_recovers(tmp_path):
-    cascade, sessions, _ = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0))
+    cascade, sessions, _ = scripted_cascade(tmp_path / "bundle", latencies=(2.0, 5.0, 20.0))
     cascade.warm_up()
     assert cascade.predict(UNSURE, budget_ms=28).stage == 2
     sessions[2].latency = 40.0
@@ -188,19 +165,9 @@ def test_stage_slowdown_is_learned_quickly_and_speedup_recovers(tmp_path):
     assert cascade.predict(UNSURE, budget_ms=27 * cascade.latency.margin()).stage == 2
 
 
-def make_resolution_cascade(tmp_path, latencies=(2.0, 5.0, 20.0), combine="own"):
+def make_resolution_cascade(tmp_path, combine="own"):
     """Every stage reads the image (a resolution / model cascade), so a plan may skip cheap stages."""
-    stages = [stage_entry(f"s{k}", {"source": "image", "size": [8, 8], "tensor": "image"}, [f"s{k}.bin"],
-                          carry=False, combine=combine if k else "own") for k in range(len(latencies))]
-    files = {}
-    for k in range(len(latencies)):
-        f = tmp_path / f"s{k}.bin"
-        f.write_bytes(bytes([k]) * 16)
-        files[f"s{k}.bin"] = f
-    out = write_bundle(tmp_path / "bundle", manifest_for(stages, ["a", "b", "c"], {"default": [0.8, 0.6, None]}), files)
-    clock = FakeClock()
-    sessions = [ScriptedStage(k, clock, ms) for k, ms in enumerate(latencies)]
-    cascade = Cascade(read_bundle(out), sessions, "mock", 1, clock=clock)
+    cascade, sessions, _ = scripted_cascade(tmp_path / "bundle", chained=False, combine=combine)
     cascade.warm_up()
     return cascade, sessions
 
@@ -234,7 +201,7 @@ def test_mean_probs_average_only_the_stages_that_ran(tmp_path):
 def test_device_slowdown_reaches_stages_that_did_not_run(tmp_path):
     """Every stage slows 2x (another process on the CPU). Stage 2 does not fit and never runs, yet its
     prediction follows the device through the first stage's speed; when the device recovers, so does it."""
-    cascade, sessions, _ = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0))
+    cascade, sessions, _ = scripted_cascade(tmp_path / "bundle", latencies=(2.0, 5.0, 20.0))
     cascade.warm_up()
     for _ in range(10):
         cascade.predict(UNSURE)
@@ -260,7 +227,7 @@ def test_device_slowdown_reaches_stages_that_did_not_run(tmp_path):
     assert without.speed() == 1.0
 
 
-class CancellableStage(ScriptedStage):
+class CancellableStage(ScriptedSession):
     """A scripted stage that a deadline can stop: ``run_within`` takes at most the timeout, then raises."""
 
     def __init__(self, *args, **kwargs):
@@ -276,7 +243,7 @@ class CancellableStage(ScriptedStage):
 
 
 def test_a_running_stage_is_cancelled_at_the_budget_and_the_best_answer_returned(tmp_path):
-    cascade, _, clock = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0))
+    cascade, _, clock = scripted_cascade(tmp_path / "bundle", latencies=(2.0, 5.0, 20.0))
     sessions = [CancellableStage(k, clock, ms) for k, ms in enumerate((2.0, 5.0, 20.0))]
     cascade = Cascade(cascade.bundle, sessions, "mock", 1, clock=clock)
     cascade.warm_up()
@@ -298,9 +265,8 @@ def test_a_cancellable_stage_is_admitted_on_its_median_a_plain_one_on_its_p95(tm
     answers = {}
     for cancellable in (False, True):
         clock = FakeClock()
-        kind = CancellableStage if cancellable else ScriptedStage
-        (tmp_path / str(cancellable)).mkdir()
-        cascade, _, _ = make_cascade(tmp_path / str(cancellable), latencies=(2.0, 2.0, 10.0), clock=clock)
+        kind = CancellableStage if cancellable else ScriptedSession
+        cascade, _, _ = scripted_cascade(tmp_path / str(cancellable) / "bundle", (2.0, 2.0, 10.0), clock=clock)
         sessions = [kind(k, clock, ms) for k, ms in enumerate((2.0, 2.0, 10.0))]
         cascade = Cascade(cascade.bundle, sessions, "mock", 1, clock=clock)
         for i in range(20):  # live history of stage 2: 10 ms, with a 40 ms run every fifth time
@@ -332,7 +298,7 @@ class LateCancelStage(CancellableStage):
 
 def test_the_cancel_lead_is_learned_so_late_cancellations_stop_missing_the_deadline(tmp_path):
     clock = FakeClock()
-    cascade, _, _ = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0), clock=clock)
+    cascade, _, _ = scripted_cascade(tmp_path / "bundle", latencies=(2.0, 5.0, 20.0), clock=clock)
     sessions = [LateCancelStage(k, clock, ms) for k, ms in enumerate((2.0, 5.0, 20.0))]
     cascade = Cascade(cascade.bundle, sessions, "mock", 1, clock=clock)
     for _ in range(10):  # stage 2 usually takes 20 ms: its median stays there through a few overruns

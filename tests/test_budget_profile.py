@@ -3,56 +3,26 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import assert_manifest_round_trips, manifest_for, stage_entry
-from stagewise.bundle import read_bundle, write_bundle
+from stagewise.bundle import read_bundle
 from stagewise.cli import cli
-from stagewise.runtimes import RUNTIMES, load, register_runtime
-from stagewise.runtimes.base import Runtime
-
-
-class EchoStage:
-    """Answers instantly with confident logits (real clock; no timing is asserted)."""
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        logits = np.zeros((len(x), 3), dtype=np.float32)
-        logits[:, 1] = 5.0
-        return {"logits": logits, "carry": x}
-
-
-@dataclass(frozen=True)
-class MockRuntime(Runtime):
-    def installed(self) -> bool:
-        return True
-
-    def opener(self):
-        return lambda paths, io, options: EchoStage()
+from stagewise.runtimes import load
+from stagewise.testing import fake_runtime, scripted_bundle
+from toy_bundle import assert_manifest_round_trips
 
 
 @pytest.fixture
 def mock_runtime():
-    saved = dict(RUNTIMES)
-    register_runtime(MockRuntime("mockrt", "onnx", "unused", "unused", "nothing to install"))
-    yield "mockrt"
-    RUNTIMES.clear()
-    RUNTIMES.update(saved)
+    with fake_runtime("mockrt") as runtime:
+        yield runtime.name
 
 
 @pytest.fixture
 def bundle(tmp_path):
-    stages = [stage_entry("s0", {"source": "image", "size": [8, 8], "tensor": "image"}, ["s0.bin"], carry=True),
-              stage_entry("s1", {"source": "carry", "from": "s0", "tensor": "carry"}, ["s1.bin"], carry=False)]
-    files = {}
-    for k in range(2):
-        f = tmp_path / f"s{k}.bin"
-        f.write_bytes(bytes([k]) * 16)
-        files[f"s{k}.bin"] = f
-    return write_bundle(tmp_path / "bundle", manifest_for(stages, ["a", "b", "c"], {"full": [None, None]}), files)
+    return scripted_bundle(tmp_path / "bundle", 2, thresholds={"full": [None, None]})
 
 
 def test_profile_stores_the_distribution_and_the_runtime_seeds_from_it(bundle, mock_runtime):

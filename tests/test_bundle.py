@@ -8,9 +8,9 @@ import zipfile
 
 import pytest
 
-from conftest import manifest_for, stage_entry
 from stagewise.bundle import pack, read_bundle, update_manifest, validate_manifest, write_bundle
 from stagewise.errors import BundleError, IntegrityError, ManifestError, UnsafeArchiveError
+from stagewise.testing import manifest_for, stage_entry
 
 
 def two_stage_manifest() -> dict:

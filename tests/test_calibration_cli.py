@@ -17,13 +17,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import manifest_for, onnx_stage_model, stage_entry
-from stagewise.bundle import read_bundle, write_bundle
+from stagewise.bundle import read_bundle
 from stagewise.cli import cli
 from stagewise.datasets import open_image_set
 from stagewise.errors import DatasetError
 from stagewise.runtimes import load
 from stagewise.runtimes.calibrate import exit_table
+from toy_bundle import toy_bundle, toy_manifest
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -49,17 +49,7 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture()
 def bundle(tmp_path) -> Path:
-    files = {}
-    stages = []
-    for k, (rows, cols) in enumerate([(4, 4), (8, 4), (8, 8)]):
-        f = tmp_path / f"s{k}.onnx"
-        onnx_stage_model(f, rows, cols, scale=6.0)
-        files[f"onnx/s{k}.onnx"] = f
-        stages.append(stage_entry(f"s{k}", {"source": "image", "size": [8, 8], "tensor": "image"},
-                                  [f"onnx/s{k}.onnx"], carry=False))
-    manifest = manifest_for(stages, ["class0", "class1", "class2"], {"full": [None, None, None]})
-    manifest["input"].update(mean=[128, 128, 128], std=[64, 64, 64])
-    return write_bundle(tmp_path / "toy.swb", manifest, files)
+    return toy_bundle(tmp_path / "toy.swb", tmp_path, toy_manifest(["class0", "class1", "class2"], latency=False))
 
 
 def _run(*args: str):

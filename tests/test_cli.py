@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import assert_manifest_round_trips
+from toy_bundle import assert_manifest_round_trips
 from stagewise.bundle import read_bundle
 from stagewise.cli import cli
 

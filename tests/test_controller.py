@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FakeClock, ScriptedStage, manifest_for, scripted_image, stage_entry
-from stagewise.bundle import read_bundle, write_bundle
 from stagewise.manifest import Manifest
-from stagewise.runtimes import Cascade
 from stagewise.runtimes.controller import ControllerError, MeanBudgetController, points_from_manifest
 from stagewise.runtimes.latency import LatencyModel
+from stagewise.testing import manifest_for, scripted_cascade, scripted_image, stage_entry
 
 TOLERANCE = 0.04  # the windowed mean cost must be within 4% of the budget once converged
 
@@ -25,23 +23,16 @@ FIRST_STAGE_ACCURACY = 0.70
 
 
 def make_cascade(tmp_path, latencies=(10.0, 30.0), points=POINTS, stage_accuracy=True, **kwargs):
-    stages = [stage_entry("s0", {"source": "image", "size": [8, 8], "tensor": "image"}, ["s0.bin"], carry=True),
-              stage_entry("s1", {"source": "carry", "from": "s0", "tensor": "carry"}, ["s1.bin"], carry=False)]
-    files = {}
-    for k in range(2):
-        f = tmp_path / f"s{k}.bin"
-        f.write_bytes(bytes([k]) * 16)
-        files[f"s{k}.bin"] = f
-    manifest = manifest_for(stages, ["a", "b", "c"], {n: t for n, (t, _, _) in points.items()})
-    for p in manifest["operating_points"]:
-        _, rates, acc = points[p["name"]]
-        p["expected"] = {"accuracy": acc, "mean_cost": 0.0, "cost_unit": "ms", "exit_rates": rates, "n": 500}
-    if stage_accuracy:
-        manifest["calibration"] = {"stage_accuracy": [FIRST_STAGE_ACCURACY, 0.8]}
-    out = write_bundle(tmp_path / "bundle", manifest, files)
-    clock = FakeClock()
-    sessions = [ScriptedStage(k, clock, ms) for k, ms in enumerate(latencies)]
-    return Cascade(read_bundle(out), sessions, "mock", 1, clock=clock, **kwargs), sessions
+    def calibrated(manifest: dict) -> None:
+        for p in manifest["operating_points"]:
+            _, rates, acc = points[p["name"]]
+            p["expected"] = {"accuracy": acc, "mean_cost": 0.0, "cost_unit": "ms", "exit_rates": rates, "n": 500}
+        if stage_accuracy:
+            manifest["calibration"] = {"stage_accuracy": [FIRST_STAGE_ACCURACY, 0.8]}
+
+    cascade, sessions, _ = scripted_cascade(tmp_path / "bundle", latencies, edit=calibrated,
+                                            thresholds={n: t for n, (t, _, _) in points.items()}, **kwargs)
+    return cascade, sessions
 
 
 class Requests:

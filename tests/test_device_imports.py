@@ -10,7 +10,7 @@ HEAVY = ("torch", "tensorflow", "onnx", "keras", "jax", "openvino.tools", "nncf"
 
 
 def test_runtime_imports_no_framework():
-    code = ("import json, sys, stagewise, stagewise.runtimes, stagewise.cli\n"
+    code = ("import json, sys, stagewise, stagewise.runtimes, stagewise.cli, stagewise.testing\n"
             "from stagewise.runtimes import executor, base, latency, profiling, bench, calibrate\n"
             "print(json.dumps(sorted(sys.modules)))")
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)

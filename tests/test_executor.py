@@ -6,28 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FakeClock, ScriptedStage, manifest_for, scripted_image, stage_entry
-from stagewise.bundle import read_bundle, write_bundle
 from stagewise.errors import ImageInputError, UnknownOperatingPointError
-from stagewise.runtimes import Cascade
+from stagewise.testing import scripted_cascade, scripted_image
 
 
-def make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0), thresholds=None, combine="own"):
-    names = [f"s{k}" for k in range(len(latencies))]
-    stages = [stage_entry(names[0], {"source": "image", "size": [8, 8], "tensor": "image"}, ["s0.bin"], carry=True)]
-    for k in range(1, len(latencies)):
-        stages.append(stage_entry(names[k], {"source": "carry", "from": names[k - 1], "tensor": "carry"},
-                                  [f"s{k}.bin"], carry=k < len(latencies) - 1, combine=combine))
+def make_cascade(tmp_path, thresholds=None, **options):
+    """Three chained scripted stages of 2, 5 and 20 ms with operating points ``default`` and ``strict``."""
     thresholds = thresholds or {"default": [0.8, 0.6, None], "strict": [0.99, 0.99, None]}
-    files = {}
-    for k in range(len(latencies)):
-        f = tmp_path / f"s{k}.bin"
-        f.write_bytes(bytes([k]) * 16)
-        files[f"s{k}.bin"] = f
-    out = write_bundle(tmp_path / "bundle", manifest_for(stages, ["a", "b", "c"], thresholds), files)
-    clock = FakeClock()
-    sessions = [ScriptedStage(k, clock, ms) for k, ms in enumerate(latencies)]
-    return Cascade(read_bundle(out), sessions, "mock", 1, clock=clock), sessions, clock
+    return scripted_cascade(tmp_path / "bundle", thresholds=thresholds, **options)
 
 
 def test_exits_at_first_confident_stage(tmp_path):

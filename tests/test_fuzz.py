@@ -26,7 +26,7 @@ import stagewise
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import manifest_for  # noqa: E402
+from stagewise.testing import manifest_for  # noqa: E402
 from stagewise.bundle import artifact_files, write_bundle  # noqa: E402
 from toy_bundle import toy_bundle, toy_image  # noqa: E402
 

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import manifest_for, stage_entry
 from stagewise.bundle import read_bundle, update_manifest, write_bundle
 from stagewise.errors import ManifestError
 from stagewise.images import Preprocess
 from stagewise.manifest import ExitRule, LatencyStats, Manifest, StageInput
+from stagewise.testing import manifest_for, stage_entry
 
 SHA = "ab" * 32
 

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import manifest_for, onnx_stage_model, stage_entry
+from stagewise.testing import manifest_for, stage_entry
+from toy_bundle import onnx_stage_model
 from stagewise.bundle import read_bundle, write_bundle
 from stagewise.cli import cli
 from stagewise.runtimes.agreement import Sample, clopper_pearson, estimate

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_image_folder
+from toy_images import make_image_folder
 from new_class_models import functional_net, pretrained_toy
 from stagewise import load
 from stagewise.bundle import read_bundle

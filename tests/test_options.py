@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 import stagewise
-from conftest import manifest_for, stage_entry
 from stagewise.bundle import write_bundle
 from stagewise.runtimes.base import RUNTIMES, LoadOptions
 from stagewise.runtimes.options import LiteRTOptions, OnnxRuntimeOptions, OpenVinoOptions, RuntimeOptions
+from stagewise.testing import manifest_for, stage_entry
 
 
 def test_each_runtime_chooses_its_options():

@@ -372,7 +372,7 @@ def test_a_signed_directory_runs_exactly_what_was_verified(tmp_path, models, mon
     """A writer that swaps the models right after verification (the race a concurrent writer can win) changes
     nothing: the signed load verified and runs private copies."""
     pytest.importorskip("cryptography")
-    from conftest import onnx_stage_model
+    from toy_bundle import onnx_stage_model
     from stagewise import bundle as bundle_module
     from stagewise.bundle import sign_bundle
     from stagewise.signing import generate_key

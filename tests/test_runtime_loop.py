@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from conftest import manifest_for, onnx_stage_model, stage_entry
+from stagewise.testing import manifest_for, stage_entry
+from toy_bundle import onnx_stage_model
 from stagewise.bundle import write_bundle
 from stagewise.errors import CascadeClosedError, DeviceUnavailableError, InvalidOptionError
 from stagewise.runtimes import RUNTIMES, Runtime, load, register_runtime

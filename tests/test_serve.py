@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import scripted_image
 from serving import TOY_BUNDLE, png_bytes, running, toy_service
 from stagewise.runtimes import load
 from stagewise.runtimes.serve import Job, MicroBatcher, ModelSlot, ServeConfig, Service
-from test_budget import make_cascade
+from stagewise.testing import scripted_cascade, scripted_image
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 
@@ -127,7 +126,7 @@ def test_malformed_requests_get_a_4xx_with_a_message(image_files):
 
 def slow_service(tmp_path, config: ServeConfig, delay_s: float) -> tuple[Service, list]:
     """A service on the scripted three-stage cascade whose every stage call sleeps ``delay_s``."""
-    cascade, sessions, _ = make_cascade(tmp_path)
+    cascade, sessions, _ = scripted_cascade(tmp_path / "bundle")
     for s in sessions:
         s.run = lambda x, run=s.run: (time.sleep(delay_s), run(x))[1]
     closed = []
@@ -222,7 +221,7 @@ def test_metrics_count_requests_exits_and_operating_point(image_files):
 
 
 def test_micro_batches_route_per_sample_and_budgeted_jobs_run_alone(tmp_path):
-    cascade, sessions, _ = make_cascade(tmp_path)
+    cascade, sessions, _ = scripted_cascade(tmp_path / "bundle")
     batcher = MicroBatcher(ModelSlot(cascade, lambda path: cascade, "x"), max_batch=8, window_ms=200)
     sure, unsure = scripted_image([250, 250, 250], 1), scripted_image([10, 10, 10], 2)
     jobs = [Job(sure), Job(unsure), Job(sure), Job(unsure, budget_ms=1e3), Job(sure, operating_point="default")]

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import scripted_image
 from stagewise import MissingExtraError
 from stagewise.runtimes.stream import Stream, StreamError, folder_frames, stream, video_frames
-from test_budget import make_cascade
+from stagewise.testing import fake_runtime, scripted_bundle, scripted_cascade, scripted_image
 
 UNSURE = scripted_image([10, 10, 10], label=1)
 
@@ -33,7 +32,7 @@ class LazyFrame:
 
 
 def setup(tmp_path, latencies):
-    cascade, sessions, clock = make_cascade(tmp_path, latencies=latencies)
+    cascade, sessions, clock = scripted_cascade(tmp_path / "bundle", latencies)
     cascade.warm_up()
     clock.now = 0.0
     return cascade, sessions, clock, FakeSleep(clock)
@@ -169,27 +168,16 @@ def test_example_script_plays_a_folder_of_frames(tmp_path, monkeypatch, capsys):
     import sys
     from pathlib import Path
 
-    from test_budget_profile import MockRuntime
-    from stagewise.runtimes import RUNTIMES, register_runtime
-
-    cascade_dir = tmp_path / "c"
-    cascade_dir.mkdir()
-    make_cascade(cascade_dir)  # writes cascade_dir / "bundle"
+    bundle = scripted_bundle(tmp_path / "bundle")
     frames = tmp_path / "frames"
     frames.mkdir()
     for i in range(5):
         Image.fromarray(scripted_image([10, 10, 10], label=1)).save(frames / f"{i:03d}.png")
-    saved = dict(RUNTIMES)
-    register_runtime(MockRuntime("mockrt", "onnx", "unused", "unused", "nothing to install"))
-    try:
-        script = Path(__file__).resolve().parents[1] / "examples" / "stream" / "classify_stream.py"
-        monkeypatch.setattr(sys, "argv", [str(script), str(cascade_dir / "bundle"), str(frames), "--fps", "20",
-                                          "--on-late", "degrade", "--backend", "mockrt",
-                                          "--trace", str(tmp_path / "trace.jsonl")])
+    script = Path(__file__).resolve().parents[1] / "examples" / "stream" / "classify_stream.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(bundle), str(frames), "--fps", "20", "--on-late", "degrade",
+                                      "--backend", "fake", "--trace", str(tmp_path / "trace.jsonl")])
+    with fake_runtime("fake"):
         runpy.run_path(str(script), run_name="__main__")
-    finally:
-        RUNTIMES.clear()
-        RUNTIMES.update(saved)
     out = capsys.readouterr().out
     assert out.count("\nframe ") == 5 and '"frames": 5' in out  # dropped frames are listed too
     lines = [json.loads(x) for x in (tmp_path / "trace.jsonl").read_text().splitlines()]

@@ -1,25 +1,57 @@
-"""A small real ONNX bundle (three image stages, three classes) and an image it classifies, for the reliability tests."""
+"""A small real ONNX bundle (three image stages, three classes), the ONNX stage models it is made of,
+an image it classifies, and the manifest round-trip check the bundle tests share."""
 
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from conftest import manifest_for, onnx_stage_model, stage_entry
 from stagewise.bundle import write_bundle
+from stagewise.manifest import Manifest
+from stagewise.testing import manifest_for, stage_entry
 
 
-def toy_manifest() -> dict:
+def onnx_stage_model(path: Path, rows: int, cols: int, scale: float) -> None:
+    """A tiny ONNX stage (input ``image`` n x 3 x 8 x 8, output ``logits`` n x 3): the mean colour of the
+    top-left ``rows`` x ``cols`` pixels, times ``scale``, as class logits (the dominant channel is the class)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array((np.eye(3) * scale).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(3, np.float32), "b")
+    starts = numpy_helper.from_array(np.array([0, 0], np.int64), "starts")
+    ends = numpy_helper.from_array(np.array([rows, cols], np.int64), "ends")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    nodes = [helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["crop"]),
+             helper.make_node("GlobalAveragePool", ["crop"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["logits"])]
+    graph = helper.make_graph(nodes, "stage", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+                              [w, b, starts, ends, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def toy_manifest(labels: Sequence[str] = ("red", "green", "blue"), latency: bool = True) -> dict:
+    """The toy bundle's manifest: operating points ``full`` and ``fast``; with ``latency``, a profile of stage 0."""
     stages = [stage_entry(f"s{k}", {"source": "image", "size": [8, 8], "tensor": "image"}, [f"onnx/s{k}.onnx"],
                           carry=False) for k in range(3)]
-    manifest = manifest_for(stages, ["red", "green", "blue"], {"full": [None, None, None], "fast": [0.6, 0.6, None]})
+    manifest = manifest_for(stages, labels, {"full": [None, None, None], "fast": [0.6, 0.6, None]})
     manifest["input"].update(mean=[128, 128, 128], std=[64, 64, 64])
-    manifest["stages"][0]["cost"]["latency_ms"] = {"onnxruntime-cpu-defaultt": {"p50": 1.0, "p95": 2.0}}
+    if latency:
+        manifest["stages"][0]["cost"]["latency_ms"] = {"onnxruntime-cpu-defaultt": {"p50": 1.0, "p95": 2.0}}
     return manifest
 
 
 def toy_files(folder: Path) -> dict[str, Path]:
+    """The three stage models (stage ``k`` sees the top-left 4x4, 8x4 and 8x8 pixels), written in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for k, (rows, cols) in enumerate([(4, 4), (8, 4), (8, 8)]):
@@ -29,9 +61,10 @@ def toy_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def toy_bundle(out: Path, models: Path) -> Path:
-    """Write the toy bundle to ``out`` (a directory, or a ``.swb``), its models built in ``models``."""
-    return write_bundle(out, toy_manifest(), toy_files(models))
+def toy_bundle(out: Path, models: Path, manifest: dict | None = None) -> Path:
+    """Write the toy bundle (``manifest``, default :func:`toy_manifest`) to ``out`` (a directory, or a
+    ``.swb``), its models built in ``models``."""
+    return write_bundle(out, manifest or toy_manifest(), toy_files(models))
 
 
 def toy_image() -> np.ndarray:
@@ -39,3 +72,13 @@ def toy_image() -> np.ndarray:
     img = np.full((8, 8, 3), 100, np.uint8)
     img[..., 1] = 220
     return img
+
+
+def assert_manifest_round_trips(bundle: Path) -> None:
+    """The bundle's ``manifest.json`` parses to a :class:`Manifest` whose ``to_dict`` is the document itself."""
+    if bundle.is_dir():
+        doc = json.loads((bundle / "manifest.json").read_text())
+    else:
+        with zipfile.ZipFile(bundle) as zf:
+            doc = json.loads(zf.read("manifest.json"))
+    assert Manifest.from_dict(doc).to_dict() == doc
