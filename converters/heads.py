@@ -192,7 +192,11 @@ def train_head(features: np.ndarray, targets: np.ndarray, teacher_logits: np.nda
     if len(x) != len(targets) or (teacher is not None and len(x) != len(teacher)):
         raise ConversionError(f"head training got {len(x)} feature rows, {len(targets)} targets, "
                               f"{len(teacher) if teacher is not None else 0} teacher rows; they must match")
-    mean, std = x.mean(0), np.maximum(x.std(0), 1e-6)
+    # a channel that barely varies on these images (dead, or a pre-activation BatchNorm output) is not scaled up
+    # beyond 100x the typical channel: folded back into the weights, a larger factor amplifies float rounding
+    # of the exported backbone into different logits
+    spread = x.std(0)
+    mean, std = x.mean(0), np.maximum(spread, max(1e-2 * float(np.median(spread)), 1e-6))
     z = (x - mean) / std
     channels = z.shape[1]
     distill = settings.distill if teacher is not None else 0.0
