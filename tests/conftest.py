@@ -44,6 +44,14 @@ SLOW = (
     "test_risk.py::test_guarantee_holds_at_promised_rate_in_simulation",
     "test_serve.py::test_classify_answers_equal_predict_alone_and_in_micro_batches",
     "test_torch_cuts.py::test_segment_exports_to_onnx",
+    "test_runtime_loop.py::test_load_predict_close_cycles_leave_the_thread_count_flat",
+    "test_runtime_loop.py::test_batch_equals_single_with_carries_kept_in_the_runtime",
+    "test_runtime_loop.py::test_two_concurrent_budgeted_requests_honour_their_own_deadlines",
+    "test_new_classes.py::test_a_keras_backbone_takes_new_classes",
+    "test_new_classes.py::test_automatic_placement_with_new_classes",
+    "test_serve.py::test_a_full_queue_sheds_requests_with_503_and_retry_after",
+    "test_int8_gate.py::test_calibration_runs_once_per_stage_and_method",
+    "test_openvino.py::test_second_load_comes_from_the_content_keyed_cache",
 )
 SLOW_FIXTURES = (
     "test_adapt.py::trained",
