@@ -194,7 +194,8 @@ def main() -> None:
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--cascades", default="lite0@224>lite2@260 mean,lite0@224>lite2@260 own", help="comma-separated names from: " + ", ".join(CASCADES))
     ap.add_argument("--singles", default="lite0@224,lite1@240,lite2@260", help="from: " + ", ".join(SINGLES))
-    ap.add_argument("--int8-cascades", default=next(iter(CASCADES)), help="cascades also built in INT8")
+    ap.add_argument("--int8-cascades", default="lite0@224>lite2@260 mean,lite0@224>lite2@260 own",
+                    help="cascades also built in INT8")
     ap.add_argument("--int8-singles", default="lite0@224,lite1@240,lite2@260", help="single models also built in INT8")
     args = ap.parse_args()
     if harness.render_only(args, NAME, markdown):
