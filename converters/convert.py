@@ -182,10 +182,8 @@ class ConvertJob:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        check_device_name(self.device)
-
-    def __post_init__(self) -> None:
         """Check every named choice against the names there are, before any model or image is opened."""
+        check_device_name(self.device)
         choices = [("conversion kind", self.kind, KINDS), ("exit score", self.score, SCORES),
                    ("combine mode", self.combine, COMBINES), ("resizer", self.input.get("resizer", "pillow"), RESIZERS),
                    *(("artifact format", f, EXPORTERS) for f in self.build.formats)]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from stagewise.converters.adapt import Adaptation, adapt
+from stagewise.datasets import ImageSet
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
 

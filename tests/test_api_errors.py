@@ -3,7 +3,6 @@ or a silent wrong answer: budgets, stage indices, a closed cascade, typed runtim
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import stagewise
