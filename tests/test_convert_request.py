@@ -74,3 +74,12 @@ def test_a_misspelt_runtime_names_the_runtime_it_was_meant_to_be():
         resolve_runtime("onnxruntme", ["onnx"])
     with pytest.raises(BackendUnavailableError, match=r"unknown preferred runtime 'openvno'; did you mean 'openvino'\?"):
         resolve_runtime("openvno,onnxruntime", ["onnx"])
+
+
+def test_an_unknown_device_is_refused_with_the_other_named_choices(tmp_path):
+    from stagewise.converters import StageSource, make_job
+
+    with pytest.raises(ConversionError, match="unknown device 'tpu'"):
+        make_job(kind="early_exit", sources=[StageSource(str(tmp_path / "models.py") + ":net")],
+                 out=tmp_path / "out.swb", device="tpu", data=tmp_path / "no-images")
+    assert list(tmp_path.iterdir()) == []
