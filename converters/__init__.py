@@ -66,8 +66,9 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
             max_head_images: int | None = None, max_calibration_images: int | None = None,
             focus: Any = None, patches: int = 3, iou: float = 0.3, patch_fraction: float = 0.7,
             adapt: str | None = None, search: CascadeSearch | None = None, new_classes: bool = False,
-            cache: str | Path | None = None, device: str = "auto") -> Path:
-    """Build a bundle, as ``stagewise convert`` does; returns its path.
+            cache: str | Path | None = None, device: str = "auto") -> Path | None:
+    """Build a bundle, as ``stagewise convert`` does; returns its path (None on a ``torchrun`` rank other
+    than 0, which writes nothing: see :func:`run_job`).
 
     Early exit: ``model`` (a ``file.py:factory`` / ``module:factory`` spec or a model object)
     and ``exits`` (cut points, see :func:`cut_points`). Cascade: ``stages``, each

@@ -75,6 +75,7 @@ from .build import build_bundle
 from .candidates import (adapt_stage_model, build_cascade, candidate_stages, declared_size, measure_candidates,
                          search_record, with_adaptations)
 from .devices import check_device_name, resolve_device
+from .distributed import launched_ranks, process_group, rank, rank_device
 from .exit_placement import auto_exit_count, choose_exits
 from .export import EXPORTERS
 from .factory import build_model
@@ -325,13 +326,19 @@ def _cap(images: ImageSet, limit: int | None, seed: int) -> ImageSet:
     return images.split([limit / len(images)], seed=seed)[0]
 
 
-def run_job(job: ConvertJob) -> Path:
+def run_job(job: ConvertJob) -> Path | None:
     """Convert, calibrate and write the bundle that ``job`` describes; returns its path.
+
+    Launched by ``torchrun`` (:mod:`.distributed`), an early-exit conversion trains its exits on every
+    rank together; rank 0 writes the bundle and the other ranks return None, having written nothing.
 
     Before any work: ``job.out`` must be writable, and if it exists, be a stagewise bundle that
     ``job.build.overwrite`` (--force) allows to replace; build folders that killed conversions left
     in the temporary directory are removed.
     """
+    if launched_ranks() > 1 and job.kind != "early_exit":
+        raise ConversionError(f"torchrun shares the exit training of an early-exit conversion between processes; a "
+                              f"{job.kind} conversion trains no exits: run it as one process, without torchrun")
     if job.out.exists() and not job.build.overwrite:
         raise ConversionError(f"{job.out} already exists; pass --force to replace it")
     check_output(job.out, job.build.overwrite)
@@ -350,7 +357,11 @@ def run_job(job: ConvertJob) -> Path:
         raise ConversionError("--new-classes builds an early-exit bundle from one model (MODEL, with or without "
                               "--exits); cascades, searches and glance-and-focus keep their models' classes")
     if job.kind == "early_exit":
-        plans, model, pre, train, calib = _early_exit(job, train, calib)
+        with process_group():
+            plans, model, pre, train, calib = _early_exit(job, train, calib)
+        if rank() > 0:
+            note(f"rank {rank()} of {launched_ranks()}: training done; rank 0 writes {job.out}")
+            return None
     elif job.kind in ("cascade", "search"):
         models = [(s, build_model(s.model, s.size)) for s in job.sources]
         pre = _preprocess(job, models[0][1])
@@ -413,7 +424,7 @@ def _early_exit(job: ConvertJob, train: ImageSet,
     else:
         train, calib = _own_classes(model, pre, size, train, calib)
     head_images = _cap(train, job.max_head_images, job.build.seed)
-    device = resolve_device(job.device) if source.framework == "torch" else "cpu"
+    device = rank_device(resolve_device(job.device)) if source.framework == "torch" else "cpu"
     store = FeatureStore(source, prepared, pre, size, job.cache, device)
     training = replace(job.head, tuning=replace(job.head.tuning, device=device))
     feature = feature_cut(source, prepared, size) if job.new_classes else None

@@ -32,6 +32,7 @@ from stagewise.images import Preprocess
 from stagewise.progress import ProgressTask, note, progress_bar
 
 from .devices import autocast
+from .distributed import batch_share, world
 from .heads import HeadTraining
 from .torch_heads import carry_layout, make_head
 
@@ -125,6 +126,31 @@ def _forward(segments: Sequence[torch.nn.Module], heads: Sequence[torch.nn.Modul
     return outputs + [x]
 
 
+class _Exits(torch.nn.Module):
+    """The segments and their heads as one module, the logits of :func:`_forward` its output (what
+    DistributedDataParallel wraps)."""
+
+    def __init__(self, segments: Sequence[torch.nn.Module], heads: Sequence[torch.nn.Module], frozen_backbone: bool):
+        super().__init__()
+        self.segments, self.heads = torch.nn.ModuleList(segments), torch.nn.ModuleList(heads)
+        self.frozen_backbone = frozen_backbone
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return _forward(self.segments, self.heads, x, self.frozen_backbone)
+
+
+def _distributed(segments: Sequence[torch.nn.Module], heads: Sequence[torch.nn.Module], joint: bool,
+                 device: str) -> torch.nn.Module:
+    """The modules as one DistributedDataParallel model on ``device`` (a frozen backbone holds no trainable
+    parameter, so that every one DDP syncs gets a gradient)."""
+    if not joint:
+        for segment in segments:
+            segment.requires_grad_(False)
+    index = torch.device(device).index
+    return torch.nn.parallel.DistributedDataParallel(_Exits(segments, heads, not joint),
+                                                     device_ids=None if index is None else [index])
+
+
 @torch.no_grad()
 def exit_accuracies(segments: Sequence[torch.nn.Module], heads: Sequence[torch.nn.Module], pixels: np.ndarray,
                     targets: np.ndarray, preprocess: Preprocess, batch: int = 256) -> list[float]:
@@ -144,7 +170,10 @@ def train_exits(segments: Sequence[torch.nn.Module], images: ImageSet, preproces
                 held_out: ImageSet | None = None) -> tuple[list[torch.nn.Module], list[torch.nn.Module], dict]:
     """Train exit heads after every segment but the last (and, in ``joint`` mode, the segments).
 
-    Returns the trained segments (copies; the given ones are not changed), the heads in eval
+    In an initialised torch process group (:mod:`.distributed`, ``torchrun``) the modules train as one
+    DistributedDataParallel model: every rank draws the same seeded batch order and augmentation and
+    trains on its share of each global batch, so SGD sees the single-process global batch's gradient
+    (BatchNorm layers that train normalise with their rank's share). Returns the trained segments (copies; the given ones are not changed), the heads in eval
     mode and the training record for the manifest. With ``held_out`` images the record also
     holds every exit's accuracy on them and the original network's, so a fine-tuned final exit
     that lost accuracy shows.
@@ -186,6 +215,8 @@ def train_exits(segments: Sequence[torch.nn.Module], images: ImageSet, preproces
     gen = torch.Generator().manual_seed(tuning.seed)
     for module in [*segments, *heads]:
         module.to(device=device, memory_format=torch.channels_last)
+    rank, ranks = world()
+    model = _distributed(segments, heads, joint, device) if ranks > 1 else None
     names = [f"exit{k}" for k in range(len(heads))] + ["final"]
     note(f"training {len(heads)} {training.kind} exit head(s) "
          f"{'with the backbone (joint)' if joint else 'on the frozen backbone'}: {tuning.epochs} epochs x {steps} "
@@ -206,22 +237,28 @@ def train_exits(segments: Sequence[torch.nn.Module], images: ImageSet, preproces
             seen = 0
             for step in range(steps):
                 idx = order[step * tuning.batch_size:(step + 1) * tuning.batch_size]
-                batch = normalise(augment(pixels[idx], tuning.augment, gen).to(device))
-                wanted = targets[idx].to(device)
+                share, factor = batch_share(len(idx), rank, ranks)
+                batch = normalise(augment(pixels[idx], tuning.augment, gen)[share].to(device))
+                wanted = targets[idx][share].to(device)
                 precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16) if on_cpu else autocast(device)
                 with precision:
-                    outputs = _forward(segments, heads, batch, not joint)
-                loss = exit_loss(outputs, wanted, weights, training.distill, training.temperature)
+                    outputs = model(batch) if model is not None else _forward(segments, heads, batch, not joint)
+                loss = exit_loss(outputs, wanted, weights, training.distill, training.temperature) * factor
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                seen += len(idx)
-                correct += [int((o.argmax(1) == wanted).sum()) for o in outputs]
-                running = [float(c / seen) for c in correct]
+                if factor:
+                    seen += len(wanted)
+                    correct += [int((o.argmax(1) == wanted).sum()) for o in outputs]
+                    running = [float(c / seen) for c in correct]
                 bar.advance(f"epoch {epoch + 1}/{tuning.epochs} " +
                             " ".join(f"{n} {100 * a:.1f}%" for n, a in zip(names, running)))
+            if ranks > 1:  # every rank's images
+                totals = torch.tensor([seen, *correct], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(totals)
+                running = [float(c / totals[0]) for c in totals[1:]]
             note(f"epoch {epoch + 1}/{tuning.epochs} ({time.perf_counter() - start:.0f} s): running train top-1 " +
                  ", ".join(f"{n} {100 * a:.1f}%" for n, a in zip(names, running)))
     seconds = time.perf_counter() - start
@@ -235,6 +272,7 @@ def train_exits(segments: Sequence[torch.nn.Module], images: ImageSet, preproces
         "exit_weights": list(weights), "freeze": tuning.freeze, "augment": tuning.augment,
         "loss": "cross_entropy+distillation from the final exit", "distill_weight": training.distill,
         "distill_temperature": training.temperature, "bf16_autocast": use_bf16, "device": device,
+        "processes": ranks if ranks > 1 else None,
         "seconds": round(seconds, 1),
         "train_accuracy_augmented_last_epoch": dict(zip(names, (round(a, 4) for a in running))),
     }

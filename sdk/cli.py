@@ -246,6 +246,8 @@ def convert(model, stages, focus, patches, iou, patch_fraction, adapt, search_mo
     else:
         raise click.UsageError("give a MODEL (early exit, with --exits), --stage twice or more (cascade), or a .toml config")
     path = run_job(job)
+    if path is None:  # a torchrun rank other than 0
+        return
     click.echo(f"wrote {path}")
     from .bundle import read_bundle
     from .reports import manifest_tables, print_tables, search_tables
@@ -803,3 +805,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         _fail(f"unexpected error ({type(exc).__name__}: {_one_line(exc)}); this is a stagewise bug: run with "
               "--debug and report it", 3, debug)
+
+
+if __name__ == "__main__":  # python -m stagewise.cli, as torchrun -m starts it
+    main()

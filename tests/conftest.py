@@ -24,6 +24,7 @@ SLOW = (
     "test_adapt.py::test_bn_reestimation_moves_statistics_and_recovers_accuracy",
     "test_deadline.py::test_onnxruntime_run_is_cancelled_within_a_bound",
     "test_deadline.py::test_openvino_run_is_cancelled_within_a_bound",
+    "test_ddp.py::test_two_gloo_processes_train_the_exits_as_one_process_does",
     "test_device_install.py",
     "test_exit_training.py::test_auto_exits_on_the_command_line_pick_valid_cuts_and_print_the_table",
     "test_exit_training.py::test_joint_training_beats_frozen_heads_at_an_early_exit",
@@ -66,9 +67,9 @@ SLOW_FIXTURES = (
 # What each test exercises beyond ONNX Runtime and numpy: `-m openvino` after a change to the OpenVINO
 # adapter or exporter, `-m "not keras"` where TensorFlow is not installed.
 FRAMEWORKS = {
-    "torch": ("test_adapt.py", "test_calibration_cli.py", "test_cli.py", "test_exit_training.py", "test_first_run.py",
-              "test_glance_focus.py", "test_litert.py", "test_openvino.py", "test_pixel_input.py", "test_resizer.py",
-              "test_savchenko.py", "test_search_cli.py", "test_torch_cuts.py", "test_torch_pipeline.py"),
+    "torch": ("test_adapt.py", "test_calibration_cli.py", "test_cli.py", "test_ddp.py", "test_exit_training.py",
+              "test_first_run.py", "test_glance_focus.py", "test_litert.py", "test_openvino.py", "test_pixel_input.py",
+              "test_resizer.py", "test_savchenko.py", "test_search_cli.py", "test_torch_cuts.py", "test_torch_pipeline.py"),
     "keras": ("test_adapt_keras.py", "test_keras.py"),
     "openvino": ("test_openvino.py", "test_deadline.py::test_openvino_run_is_cancelled_within_a_bound",
                  "test_glance_focus.py::test_other_runtimes_run_the_glance_and_focus_bundle_like_onnx_runtime",
