@@ -75,7 +75,7 @@ from .build import build_bundle
 from .candidates import (adapt_stage_model, build_cascade, candidate_stages, declared_size, measure_candidates,
                          search_record, with_adaptations)
 from .devices import check_device_name, resolve_device
-from .distributed import launched_ranks, process_group, rank, rank_device
+from .distributed import launched_ranks, process_group, rank_device, world
 from .exit_placement import auto_exit_count, choose_exits
 from .export import EXPORTERS
 from .factory import build_model
@@ -330,7 +330,8 @@ def run_job(job: ConvertJob) -> Path | None:
     """Convert, calibrate and write the bundle that ``job`` describes; returns its path.
 
     Launched by ``torchrun`` (:mod:`.distributed`), an early-exit conversion trains its exits on every
-    rank together; rank 0 writes the bundle and the other ranks return None, having written nothing.
+    rank together (or in a process group the caller initialised); rank 0 writes the bundle and the other
+    ranks return None, having written nothing.
 
     Before any work: ``job.out`` must be writable, and if it exists, be a stagewise bundle that
     ``job.build.overwrite`` (--force) allows to replace; build folders that killed conversions left
@@ -359,8 +360,9 @@ def run_job(job: ConvertJob) -> Path | None:
     if job.kind == "early_exit":
         with process_group():
             plans, model, pre, train, calib = _early_exit(job, train, calib)
-        if rank() > 0:
-            note(f"rank {rank()} of {launched_ranks()}: training done; rank 0 writes {job.out}")
+            rank, ranks = world()
+        if rank > 0:
+            note(f"rank {rank} of {ranks}: training done; rank 0 writes {job.out}")
             return None
     elif job.kind in ("cascade", "search"):
         models = [(s, build_model(s.model, s.size)) for s in job.sources]

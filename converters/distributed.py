@@ -22,11 +22,6 @@ def launched_ranks() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def rank() -> int:
-    """This process's rank among them (0 without ``torchrun``)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def world() -> tuple[int, int]:
     """``(rank, size)`` of the initialised torch process group, or ``(0, 1)`` when there is none."""
     import torch.distributed as dist
