@@ -88,7 +88,7 @@ def run_cascade_demo(out: Path, int8: bool = True, threads: int = 1) -> dict:
         fastest = min((r for r in singles if r["top1"] >= top["top1"]), key=lambda r: r["mean_ms"])
         click.echo(f"cascade at the most accurate single model's top-1 ({top['name']}, {precision}, "
                    f"{100 * top['top1']:.1f} %): {best['name']} {100 * best['top1']:.1f} % at {best['mean_ms']:.2f} ms vs "
-                   f"{fastest['mean_ms']:.2f} ms = {fastest['mean_ms'] / best['mean_ms']:.2f}x faster than "
+                   f"{fastest['mean_ms']:.2f} ms = {fastest['mean_ms'] / best['mean_ms']:.2f}x the speed of "
                    f"{fastest['name']} in the same precision")
     else:
         click.echo(f"no operating point reached {top['name']}'s top-1 ({100 * top['top1']:.1f} %) on these images")
