@@ -23,7 +23,10 @@ def launched_ranks() -> int:
 
 
 def world() -> tuple[int, int]:
-    """``(rank, size)`` of the initialised torch process group, or ``(0, 1)`` when there is none."""
+    """``(rank, size)`` of the initialised torch process group, or ``(0, 1)`` when there is none (without
+    ``torchrun`` torch is not even imported: a Keras conversion has no torch)."""
+    if launched_ranks() == 1:
+        return 0, 1
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -46,9 +49,12 @@ def rank_device(device: str) -> str:
 def process_group() -> Iterator[None]:
     """Joined to the process group ``torchrun`` set up (by its environment) for the time inside, when it started
     more than one process; torch's default backends: gloo for CPU tensors, NCCL for CUDA ones."""
+    if launched_ranks() == 1:
+        yield
+        return
     import torch.distributed as dist
 
-    if launched_ranks() == 1 or dist.is_initialized():
+    if dist.is_initialized():
         yield
         return
     dist.init_process_group()

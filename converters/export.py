@@ -270,9 +270,16 @@ class Exporter:
             diff = float(np.abs(e - g).max())
             diffs[name] = diff
             if diff > tolerance * max(1.0, float(np.abs(e).max())):
+                unstable = plan.adapter.unstable_normalisation(plan.module)
+                why = ("the exporter did not reproduce this stage faithfully" if not unstable else
+                       "this is the network, not the exporter: its batch-normalisation layer(s) "
+                       + ", ".join(f"{layer} ({gain:.3g}x)" for layer, gain in unstable[:3])
+                       + " multiply their input by more than a thousand (a running variance near zero), which turns "
+                         "float rounding into output differences; re-estimate their statistics on real images "
+                         "(e.g. train or adapt the network further) or convert a checkpoint whose statistics are sane")
                 raise VerificationError(
                     f"stage {plan.name} ({self.format}): output {name!r} differs from {plan.framework} by {diff:.3g} "
-                    f"(tolerance {tolerance:g} relative); the exporter did not reproduce this stage faithfully")
+                    f"(tolerance {tolerance:g} relative); {why}")
         agreement = float((expected["logits"].argmax(1) == got["logits"].argmax(1)).mean())
         return {"max_abs_diff": diffs, "top1_agreement": agreement, "n": int(len(inputs)), "tolerance": tolerance,
                 "runtime": self.runtime}

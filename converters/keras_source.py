@@ -38,7 +38,7 @@ from stagewise.errors import ConversionError, InvalidCutPointError  # noqa: E402
 from stagewise.extras import require  # noqa: E402
 
 from .heads import LinearHead  # noqa: E402
-from .source import CutPoint  # noqa: E402
+from .source import UNSTABLE_BN_GAIN, CutPoint  # noqa: E402
 from .tooling import package_version, quiet  # noqa: E402
 
 OPSET = 17
@@ -434,6 +434,17 @@ class KerasSource:
 
     def params(self, module: keras.Model) -> int:
         return count_params(module)
+
+    def unstable_normalisation(self, module: keras.Model) -> list[tuple[str, float]]:
+        found = []
+        for layer in module._flatten_layers(include_self=False):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                variance = np.asarray(layer.moving_variance)
+                weight = np.abs(np.asarray(layer.gamma)) if layer.gamma is not None else np.ones_like(variance)
+                gain = float((weight / np.sqrt(variance + layer.epsilon)).max())
+                if gain > UNSTABLE_BN_GAIN:
+                    found.append((layer.name, gain))
+        return sorted(found, key=lambda item: -item[1])
 
     # --- export frontends ------------------------------------------------------------------
 

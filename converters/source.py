@@ -114,6 +114,16 @@ class SourceAdapter(Protocol):
 
     def params(self, module: Any) -> int: ...
 
+    def unstable_normalisation(self, module: Any) -> list[tuple[str, float]]:
+        """The batch-normalisation layers of ``module`` that scale their input by more than
+        :data:`UNSTABLE_BN_GAIN` (a running variance near zero), with that gain, largest first."""
+        ...
+
+
+UNSTABLE_BN_GAIN = 1e3
+"""A batch-normalisation layer that multiplies its input by more than this (``|gamma| / sqrt(var + eps)``) turns
+float rounding into output differences no exporter can avoid."""
+
 
 SOURCES: dict[str, tuple[str, str, str]] = {
     "torch": ("stagewise.converters.torch_source", "TorchSource", "torch"),

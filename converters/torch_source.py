@@ -20,7 +20,7 @@ from stagewise.errors import ConversionError
 from stagewise.extras import require
 
 from .heads import LinearHead
-from .source import CutPoint
+from .source import UNSTABLE_BN_GAIN, CutPoint
 from .torch_heads import Head, Pool
 from .tooling import package_version, quiet
 from .torch_cam import glance_stage
@@ -198,6 +198,16 @@ class TorchSource:
 
     def params(self, module: torch.nn.Module) -> int:
         return int(sum(p.numel() for p in module.parameters()))
+
+    def unstable_normalisation(self, module: torch.nn.Module) -> list[tuple[str, float]]:
+        found = []
+        for name, layer in module.named_modules():
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.running_var is not None:
+                weight = layer.weight.detach().abs() if layer.weight is not None else torch.ones_like(layer.running_var)
+                gain = float((weight / torch.sqrt(layer.running_var + layer.eps)).max())
+                if gain > UNSTABLE_BN_GAIN:
+                    found.append((name, gain))
+        return sorted(found, key=lambda item: -item[1])
 
     # --- export frontends ------------------------------------------------------------------
 

@@ -141,3 +141,42 @@ def test_keras_grouped_convolutions_are_refused_for_onnx_naming_the_formats_that
     with pytest.raises(ConversionError, match="grouped.*--format openvino or --format tflite"):
         KerasSource().check_formats(model, ("onnx",))
     KerasSource().check_formats(model, ("openvino", "tflite"))
+
+
+class _UnstableBN(torch.nn.Module):
+    """A conv whose first channel is nearly constant, normalised by a running variance near zero: the network
+    itself amplifies float rounding (a BatchNorm-unstable checkpoint), whatever exports it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            self.conv.weight[0] *= 1e-4
+            self.conv.bias[0] = 10.0
+            self.bn.running_mean[0] = 10.0
+            self.bn.running_var[0] = 1e-12
+            self.bn.weight[0] = 100.0  # gain 100 / sqrt(eps) = 3.2e4
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_a_batchnorm_unstable_network_is_named_as_such_not_as_an_exporter_difference(tmp_path):
+    from stagewise.converters.export import StageInputs, export_stage, exporter
+    from stagewise.converters.options import BuildOptions
+    from stagewise.converters.plans import cascade_plans
+    from stagewise.converters.torch_source import TorchSource
+    from stagewise.errors import VerificationError
+
+    model = _UnstableBN().eval()
+    assert [name for name, _ in TorchSource().unstable_normalisation(model)] == ["bn"]
+    x = np.random.default_rng(0).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    plan = cascade_plans([("only", model, (8, 8))])[0]
+    with pytest.raises(VerificationError, match=r"not the exporter: its batch-normalisation layer\(s\) bn \("):
+        export_stage(exporter("onnx"), plan, tmp_path, StageInputs(x, x, x), BuildOptions())
+    with torch.no_grad():
+        model.bn.running_var[0] = 1.0
+    assert TorchSource().unstable_normalisation(model) == []
