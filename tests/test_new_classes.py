@@ -174,7 +174,7 @@ def test_attention_is_counted():
     assert count_macs(Attention(), torch.zeros(1, 4, 10, 16)) == 2 * 4 * 10 * 10 * 16
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal where CUDA is absent; this machine has CUDA")
 def test_cuda_is_refused_clearly_where_absent(tmp_path, new_images, capsys):
     with pytest.raises(ConversionError, match="sees no CUDA GPU; use --device cpu"):
         resolve_device("cuda")
