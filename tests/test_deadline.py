@@ -10,6 +10,7 @@ import pytest
 
 from stagewise.errors import DeadlineExceededError
 from stagewise.runtimes.base import LoadOptions, StageIO
+from toy_bundle import nodes_for_seconds
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -33,14 +34,14 @@ def slow_model(path, nodes: int = 600, n: int = 384):
     return path
 
 
-def nodes_for(open_stage, folder, seconds: float = LONG_S, probe: int = 40) -> int:
-    """How many MatMul nodes make a stage that runs ``seconds`` on this machine, measured on a ``probe``-node
-    model opened with ``open_stage(path)`` (the fastest of three runs, so a busy machine sizes it longer)."""
-    stage = open_stage(slow_model(folder / f"probe{probe}.onnx", nodes=probe))
+def nodes_for(open_stage, folder, seconds: float = LONG_S) -> int:
+    """How many MatMul nodes make a stage that runs ``seconds`` on this machine, opened with ``open_stage(path)``."""
     x = np.ones((384, 384), np.float32)
-    stage.run(x)
-    per_node = min(_timed(lambda: stage.run(x))[1] for _ in range(3)) / probe
-    return max(probe, int(seconds / per_node) + 1)
+
+    def open_probe(probe):
+        stage = open_stage(slow_model(folder / f"probe{probe}.onnx", nodes=probe))
+        return lambda: stage.run(x)
+    return nodes_for_seconds(open_probe, seconds)
 
 
 def _ort_stage(path):

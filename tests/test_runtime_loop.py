@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from stagewise.testing import manifest_for, stage_entry
-from toy_bundle import onnx_stage_model
+from toy_bundle import nodes_for_seconds, onnx_stage_model
 from stagewise.bundle import write_bundle
 from stagewise.errors import CascadeClosedError, DeviceUnavailableError, InvalidOptionError
 from stagewise.runtimes import RUNTIMES, Runtime, load, register_runtime
@@ -25,11 +25,13 @@ pytest.importorskip("onnxruntime")
 from toy_bundle import toy_bundle, toy_image  # noqa: E402
 
 CANCEL_BOUND_S = 0.25  # one MatMul node plus thread wake-up on a loaded 2-core machine
+SHORT_MS = 100.0  # the budget of the request that must be cancelled in the slow stage
+SLOW_S = 4 * (SHORT_MS / 1e3 + CANCEL_BOUND_S)  # a slow stage this long is told from a cancelled one anywhere
 
 
-def slow_stage_model(path, nodes: int = 400, n: int = 384) -> None:
-    """An image stage (n x 3 x 8 x 8 -> logits n x 3) that also multiplies an n x n matrix ``nodes`` times (a
-    second or more), scaled by the image mean so that ONNX Runtime cannot fold it away; its logits are weak."""
+def slow_stage_model(path, nodes: int, n: int = 384) -> None:
+    """An image stage (n x 3 x 8 x 8 -> logits n x 3) that also multiplies an n x n matrix ``nodes`` times
+    (sized by :func:`slow_nodes`), scaled by the image mean so that ONNX Runtime cannot fold it away; its logits are weak."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.eye(n, dtype=np.float32), "w")
@@ -53,6 +55,21 @@ def slow_stage_model(path, nodes: int = 400, n: int = 384) -> None:
     onnx.save(model, str(path))
 
 
+def slow_nodes(folder) -> int:
+    """The node count that makes :func:`slow_stage_model` run ``SLOW_S`` on this machine (one ONNX Runtime thread)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+
+    def open_probe(probe):
+        slow_stage_model(folder / "probe.onnx", probe)
+        session = ort.InferenceSession(str(folder / "probe.onnx"), options, providers=["CPUExecutionProvider"])
+        image = np.ones((1, 3, 8, 8), np.float32)
+        return lambda: session.run(None, {"image": image})
+    return nodes_for_seconds(open_probe, SLOW_S)
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
@@ -64,7 +81,7 @@ def slow(tmp_path_factory):
     """A fast, unsure first stage and a slow second one (both read the image)."""
     root = tmp_path_factory.mktemp("slow")
     onnx_stage_model(root / "s0.onnx", 4, 4, scale=0.1)
-    slow_stage_model(root / "s1.onnx")
+    slow_stage_model(root / "s1.onnx", slow_nodes(root))
     stages = [stage_entry(f"s{k}", {"source": "image", "size": [8, 8], "tensor": "image"}, [f"onnx/s{k}.onnx"],
                           carry=False) for k in range(2)]
     manifest = manifest_for(stages, ["red", "green", "blue"], {"full": [None, None]})
@@ -98,8 +115,7 @@ def test_two_concurrent_budgeted_requests_honour_their_own_deadlines(slow):
         t0 = time.perf_counter()
         full = cascade.predict(image, operating_point="full")
         stage_s = time.perf_counter() - t0
-        short_ms = 100.0
-        assert full.stage == 1 and stage_s > short_ms / 1e3 + CANCEL_BOUND_S  # long enough to tell
+        assert full.stage == 1 and stage_s > SHORT_MS / 1e3 + CANCEL_BOUND_S  # long enough to tell
         for _ in range(3):
             cascade.latency.reset()  # nothing measured: both requests admit the slow stage
             answers = {}
@@ -108,11 +124,11 @@ def test_two_concurrent_budgeted_requests_honour_their_own_deadlines(slow):
             long.start()
             time.sleep(0.01)
             t0 = time.perf_counter()
-            short = cascade.predict(image, budget_ms=short_ms, operating_point="full")
+            short = cascade.predict(image, budget_ms=SHORT_MS, operating_point="full")
             short_s = time.perf_counter() - t0
             long.join()
             assert [r.decision for r in short.trace] == ["continue", "cancelled_budget"]
-            assert short.stage == 0 and short.budget_limited and short_s < short_ms / 1e3 + CANCEL_BOUND_S
+            assert short.stage == 0 and short.budget_limited and short_s < SHORT_MS / 1e3 + CANCEL_BOUND_S
             kept = answers["long"]
             assert [r.decision for r in kept.trace] == ["continue", "last"] and not kept.budget_limited
             np.testing.assert_allclose(kept.probabilities, full.probabilities, rtol=1e-5)

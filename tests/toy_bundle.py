@@ -4,9 +4,10 @@ an image it classifies, and the manifest round-trip check the bundle tests share
 from __future__ import annotations
 
 import json
+import time
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -82,3 +83,17 @@ def assert_manifest_round_trips(bundle: Path) -> None:
         with zipfile.ZipFile(bundle) as zf:
             doc = json.loads(zf.read("manifest.json"))
     assert Manifest.from_dict(doc).to_dict() == doc
+
+
+def nodes_for_seconds(open_probe: Callable[[int], Callable[[], object]], seconds: float, probe: int = 40) -> int:
+    """How many repeated nodes make a slow test stage run ``seconds`` on this machine: ``open_probe(probe)`` builds
+    a ``probe``-node stage and returns a call that runs it once; the fastest of three timed runs sizes it, so a
+    busy machine sizes the stage longer, never shorter. Machines differ 2x in speed: never hard-code the count."""
+    run = open_probe(probe)
+    run()
+    fastest = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run()
+        fastest = min(fastest, time.perf_counter() - t0)
+    return max(probe, int(seconds / (fastest / probe)) + 1)
