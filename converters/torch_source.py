@@ -43,7 +43,12 @@ class ExitStage(torch.nn.Module):
 
 
 class PixelInput(torch.nn.Module):
-    """A stage that takes uint8 NHWC pixels: cast, ``(x - mean) / std`` and NHWC->NCHW in the graph."""
+    """A stage that takes uint8 NHWC pixels: cast, ``(x - mean) / std`` and NHWC->NCHW in the graph.
+
+    The mean and std are expanded to the pixels' shape in the graph (``Shape`` + ``Expand``):
+    ONNX Runtime broadcasts a trailing axis of 3 channels element by element, which took 1.5 ms of an INT8
+    EfficientNet-Lite0's 7.0 ms at 224 x 224; subtracting a same-shape tensor takes a tenth of that (same values,
+    bit for bit; the runtime's transpose optimizer keeps these ops in NHWC whatever order they are written in)."""
 
     def __init__(self, module: torch.nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -52,7 +57,8 @@ class PixelInput(torch.nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 1, 1, 3))
 
     def forward(self, x: torch.Tensor) -> Any:
-        return self.module(((x.float() - self.mean) / self.std).permute(0, 3, 1, 2))
+        pixels = x.float()
+        return self.module(((pixels - self.mean.expand_as(pixels)) / self.std.expand_as(pixels)).permute(0, 3, 1, 2))
 
 
 def count_macs(module: torch.nn.Module, example: torch.Tensor) -> int:
