@@ -388,12 +388,15 @@ class KerasSource:
         """``module`` reading uint8 NHWC pixels: a ``Rescaling`` layer (cast, then ``x / std - mean / std``) in front.
 
         ``Rescaling`` holds its per-channel scale and offset as constants of the traced graph (a
-        ``Normalization`` layer's mean and variance are variables, which tf2onnx turns into inputs).
+        ``Normalization`` layer's mean and variance are variables, which tf2onnx turns into inputs), stored as
+        one row of pixels (width x 3) like the torch adapter's :class:`PixelInput` (torch_source): ONNX Runtime broadcasts a
+        trailing axis of 3 channels element by element (4.9 ms against 0.43 ms for a 224 x 224 stem).
         """
         pixels = keras.Input(shape=(*size, 3), dtype="uint8", name=f"{module.name}_pixels")
         std = np.asarray(preprocess.std, np.float64)
         mean = np.asarray(preprocess.mean, np.float64)
-        x = keras.layers.Rescaling(scale=(1.0 / std).tolist(), offset=(-mean / std).tolist(),
+        row = (size[1], 1)
+        x = keras.layers.Rescaling(scale=np.tile(1.0 / std, row).tolist(), offset=np.tile(-mean / std, row).tolist(),
                                    name=f"{module.name}_normalise")(pixels)
         return keras.Model(pixels, module(x), name=module.name)
 
