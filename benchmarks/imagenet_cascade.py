@@ -197,6 +197,8 @@ def main() -> None:
     ap.add_argument("--int8-cascades", default="lite0@224>lite2@260 mean,lite0@224>lite2@260 own",
                     help="cascades also built in INT8")
     ap.add_argument("--int8-singles", default="lite0@224,lite1@240,lite2@260", help="single models also built in INT8")
+    ap.add_argument("--build-only", action="store_true", help="build the bundles and stop (on a busy machine); "
+                                                               "then measure them with --reuse on a quiet one")
     args = ap.parse_args()
     if harness.render_only(args, NAME, markdown):
         return
@@ -253,6 +255,8 @@ def main() -> None:
                   f"{name}-{tag}", opts)
             bundles[f"{name} {tag}"] = path
             kinds[f"{name} {tag}"] = "cascade"
+    if args.build_only:
+        return
 
     cascades = {name: load(path, backend="onnxruntime", threads=args.threads) for name, path in bundles.items()}
     all_images = harness.decode_all(data, "decoding all sample images")
