@@ -99,6 +99,8 @@ class HeadTraining:
             raise ConversionError(unknown_choice("exit training", self.mode, TRAINING_MODES))
         if not 0.0 <= self.distill <= 1.0:
             raise ConversionError(f"distill weight must lie in [0, 1], got {self.distill}")
+        if self.width is not None and self.width < 1:
+            raise ConversionError(f"the head width (channels or hidden units) must be at least 1, got {self.width}")
 
     @property
     def in_torch(self) -> bool:

@@ -87,6 +87,9 @@ class BuildOptions:
         if not 0.0 <= self.int8_max_drop <= 1.0:
             raise ConversionError(f"int8_max_drop is a fraction of top-1 in [0, 1] (0.005 = half a point), "
                                   f"got {self.int8_max_drop}")
+        if self.threads < 1 or self.agreement_images < 1 or self.quantization_images < 1:
+            raise ConversionError(f"threads, agreement images and quantization images must be at least 1, got "
+                                  f"{self.threads}, {self.agreement_images}, {self.quantization_images}")
         if not 0.0 <= self.default_drop <= 1.0:
             raise ConversionError(f"the target drop is a fraction of top-1 in [0, 1] (0.005 = half a point; the "
                                   f"flag --target-drop takes points, 0 to 100), got {self.default_drop}")

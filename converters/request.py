@@ -322,7 +322,10 @@ class ConversionRequest:
         for key, value in options.items():
             if key in OPTIONS:
                 option = OPTIONS[key]
-                groups[option.group][option.field] = option.parse(value)
+                try:
+                    groups[option.group][option.field] = option.parse(value)
+                except (TypeError, ValueError) as exc:
+                    raise ConversionError(f"option {key}: cannot read {value!r} ({exc})") from None
         head = options.get("head")
         if isinstance(head, HeadTraining):
             del groups["head"]["kind"]

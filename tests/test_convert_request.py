@@ -132,6 +132,16 @@ def test_a_misspelt_keyword_is_refused_with_the_one_it_was_meant_to_be(tmp_path)
                                         "fromats": "onnx"})
 
 
+def test_a_value_of_the_wrong_type_is_a_conversion_error(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('model = "m.py:f"\nexits = ["a"]\nout = "o"\ndata = "d"\n[build]\nthreads = "two"\n')
+    with pytest.raises(ConversionError, match="option threads: cannot read 'two'"):
+        request_from_toml(config)
+    with pytest.raises(ConversionError, match="--mean: give 3 comma-separated numbers"):
+        ConversionRequest.from_options({"model": "m.py:f", "exits": "a", "out": tmp_path, "data": tmp_path,
+                                        "mean": "1,2"})
+
+
 def test_a_misspelt_runtime_names_the_runtime_it_was_meant_to_be():
     with pytest.raises(BackendUnavailableError, match=r"unknown runtime 'onnxruntme'; did you mean 'onnxruntime'\?"):
         resolve_runtime("onnxruntme", ["onnx"])
