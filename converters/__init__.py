@@ -14,8 +14,9 @@ The Python twin of ``stagewise convert``::
     convert(stages=["zoo:efficientnet_lite0@224"], focus="zoo:efficientnet_lite0@224", patches=3, iou=0.3,
             data="imagenet-calibration/", out="glance.swb")          # glance and focus (AnchorNet)
 
-Lower-level pieces, each written once for every source framework and artifact format:
-:mod:`.source` (the source-adapter interface; :mod:`.torch_source`, :mod:`.keras_source`),
+:mod:`.request` holds the one typed conversion request that this function, the command line and
+its TOML configs parse into; :mod:`.convert` runs it. Lower-level pieces, each written once for every
+source framework and artifact format: :mod:`.source` (the source-adapter interface; :mod:`.torch_source`, :mod:`.keras_source`),
 :mod:`.plans` (early-exit and cascade stage plans), :mod:`.heads` (exit-head training),
 :mod:`.export` (the exporter interface and the export pipeline; :mod:`.onnx_export`,
 :mod:`.openvino_export`, :mod:`.tflite_export`), :mod:`.build` (export, calibrate on the real
@@ -27,16 +28,17 @@ model comes from is imported when the model is.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from stagewise.errors import ConversionError
-
 from .adapt import Adaptation
-from .convert import CascadeSearch, ConvertJob, StageSource, job_from_toml, make_job, run_job, stage_source
+from .convert import run_job
 from .factory import build_model
 from .heads import HeadTraining
 from .options import BuildOptions
+from .request import (CascadeSearch, ConversionRequest, StageSource, option_default, request_from_toml,
+                      stage_source)
 from .source import CutPoint, source_of
 
 
@@ -54,21 +56,27 @@ def cut_points(model: Any, input_size: int | tuple[int, int] | None = None) -> l
     return source_of(built).cut_points(built, size)
 
 
-def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Sequence[Any] = (),
-            exits: Sequence[str] = (), calibration_data: str | Path | None = None,
-            formats: str | Sequence[str] = "onnx", int8: bool = False, int8_max_drop: float = 0.5,
-            int8_tolerance: float | None = None, int8_search_seconds: float = 240.0, int8_mixed: bool = True,
-            int8_min_speedup: float = 0.0, agreement_images: int = 1000, target_drop: float = 0.5,
-            combine: str = "own", score: str = "max_softmax", head: HeadTraining | str = "gap_linear",
-            input_size: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-            resize: str | None = None, crop_fraction: float | None = None, fp16: bool = False, npu: bool = False,
-            int8_io: bool = False, threads: int = 1, force: bool = False, name: str | None = None,
-            max_head_images: int | None = None, max_calibration_images: int | None = None,
-            focus: Any = None, patches: int = 3, iou: float = 0.3, patch_fraction: float = 0.7,
-            adapt: str | None = None, search: CascadeSearch | None = None, new_classes: bool = False,
-            cache: str | Path | None = None, device: str = "auto") -> Path | None:
+def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Sequence[Any] | None = None,
+            exits: Sequence[str] | None = None, calibration_data: str | Path | None = None,
+            formats: str | Sequence[str] | None = None, int8: bool | None = None, int8_max_drop: float | None = None,
+            int8_tolerance: float | None = None, int8_search_seconds: float | None = None,
+            int8_mixed: bool | None = None, int8_min_speedup: float | None = None,
+            agreement_images: int | None = None, target_drop: float | None = None, combine: str | None = None,
+            score: str | None = None, head: HeadTraining | str | None = None, input_size: int | None = None,
+            mean: Sequence[float] | None = None, std: Sequence[float] | None = None, resize: str | None = None,
+            crop_fraction: float | None = None, resizer: str | None = None, fp16: bool | None = None,
+            npu: bool | None = None, int8_io: bool | None = None, threads: int | None = None,
+            force: bool | None = None, name: str | None = None, max_head_images: int | None = None,
+            max_calibration_images: int | None = None, focus: Any = None, patches: int | None = None,
+            iou: float | None = None, patch_fraction: float | None = None, adapt: str | None = None,
+            search: CascadeSearch | None = None, new_classes: bool | None = None, cache: str | Path | None = None,
+            device: str | None = None) -> Path | None:
     """Build a bundle, as ``stagewise convert`` does; returns its path (None on a ``torchrun`` rank other
     than 0, which writes nothing: see :func:`run_job`).
+
+    The keywords are the options of a :class:`ConversionRequest` (:meth:`ConversionRequest.from_options`),
+    which is checked whole before any model or image is opened; ``None`` (or leaving a keyword out) means
+    the request's default, stated once on its fields (:func:`option_default` says what it is).
 
     Early exit: ``model`` (a ``file.py:factory`` / ``module:factory`` spec or a model object)
     and ``exits`` (cut points, see :func:`cut_points`). Cascade: ``stages``, each
@@ -78,12 +86,13 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
     cascade within ``target_drop`` of the best single candidate. ``data`` holds labelled images
     (class folders, an archive or ``labels.tsv``); heads train on 80 % of it and thresholds are
     picked on the rest unless ``calibration_data`` is given (cascades calibrate on all of it).
-    ``target_drop`` is in points of top-1 for the default operating point (measured from the float full
+    ``target_drop`` is in points of top-1 for the default operating point (0.5; measured from the float full
     model when stages are INT8). ``int8``: quantize every stage, keeping INT8 where its top-1 on held-back
-    calibration images is at most ``int8_max_drop`` points below the float stage's (or, with
+    calibration images is at most ``int8_max_drop`` points (0.5) below the float stage's (or, with
     ``int8_tolerance``, where its agreement with float reaches it), searching recipes and float layers for
-    at most ``int8_search_seconds`` per stage. ``formats``: onnx,
-    openvino, tflite (several: a list or ``"onnx,openvino"``). Glance and focus: one stage (the
+    at most ``int8_search_seconds`` per stage. ``formats``: onnx (the default),
+    openvino, tflite (several: a list or ``"onnx,openvino"``). ``head``: a head kind (gap_linear, savchenko,
+    conv, mlp) or a :class:`HeadTraining`. Glance and focus: one stage (the
     glance model, ending in global pooling + linear) and ``focus`` (``"factory@SIZE"`` or
     ``(model, size)``), which classifies ``patches`` patches chosen from the glance model's CAM
     (kept when their IoU with every kept one is below ``iou``; side ``patch_fraction`` of the glance
@@ -93,32 +102,23 @@ def convert(model: Any = None, *, out: str | Path, data: str | Path, stages: Seq
     stage: the new classifier on the penultimate features). ``cache``: a folder keeping extracted
     features for re-runs; ``device``: where torch work runs (auto, cpu, cuda, mps).
     """
-    sources = [stage_source(stage, adapt) for stage in stages]
-    if sum(map(bool, (sources, model is not None, search is not None))) > 1:
-        raise ConversionError("give one of: a model with exits (early exit), stages (cascade or glance and focus) "
-                              "or a search")
-    spec = {k: v for k, v in (("mean", mean), ("std", std), ("resize", resize), ("crop_fraction", crop_fraction))
-            if v is not None}
-    kind = ("search" if search is not None else ("glance_focus" if focus is not None else "cascade") if sources
-            else "early_exit")
-    if search is not None:
-        sources = [StageSource(m) for m in search.models]
-    job = make_job(kind=kind, sources=sources or [StageSource(model)], out=Path(out), search=search,
-                   formats=formats if isinstance(formats, str) else ",".join(formats), int8=int8,
-                   int8_max_drop=int8_max_drop, int8_tolerance=int8_tolerance, int8_search_seconds=int8_search_seconds,
-                   int8_mixed=int8_mixed, int8_min_speedup=int8_min_speedup,
-                   agreement_images=agreement_images,
-                   target_drop=target_drop, threads=threads, force=force, fp16=fp16, npu=npu, int8_io=int8_io,
-                   head_kind=head if isinstance(head, str) else None, data=Path(data),
-                   calibration_data=None if calibration_data is None else Path(calibration_data),
-                   exits=list(exits), input=spec, input_size=input_size, combine=combine, score=score, name=name,
-                   max_head_images=max_head_images, max_calibration_images=max_calibration_images,
-                   focus=None if focus is None else stage_source(focus), patches=patches, iou=iou,
-                   patch_fraction=patch_fraction, new_classes=new_classes,
-                   cache=None if cache is None else Path(cache), device=device,
-                   **({"head": head} if isinstance(head, HeadTraining) else {}))
-    return run_job(job)
+    options = {key: value for key, value in locals().items() if value is not None}
+    return run_job(ConversionRequest.from_options(options))
 
 
-__all__ = ["Adaptation", "BuildOptions", "CascadeSearch", "ConvertJob", "CutPoint", "HeadTraining", "StageSource",
-           "build_model", "convert", "cut_points", "job_from_toml", "make_job", "run_job", "stage_source"]
+_RENAMED = {"ConvertJob": ("ConversionRequest", ConversionRequest),
+            "job_from_toml": ("request_from_toml", request_from_toml)}
+
+
+def __getattr__(name: str) -> Any:
+    """The names of earlier releases, with a :class:`DeprecationWarning` naming the new one."""
+    if name in _RENAMED:
+        new, value = _RENAMED[name]
+        warnings.warn(f"stagewise.converters.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Adaptation", "BuildOptions", "CascadeSearch", "ConversionRequest", "CutPoint", "HeadTraining",
+           "StageSource", "build_model", "convert", "cut_points", "option_default", "request_from_toml", "run_job",
+           "stage_source"]

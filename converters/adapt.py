@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from stagewise.datasets import ImageSet
-from stagewise.errors import ConversionError
+from stagewise.errors import ConversionError, unknown_choice
 from stagewise.images import Preprocess
 from stagewise.progress import progress_bar
 
@@ -60,7 +60,7 @@ class Adaptation:
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTATIONS:
-            raise ConversionError(f"unknown adaptation {self.kind!r}; choose one of {', '.join(ADAPTATIONS)}")
+            raise ConversionError(unknown_choice("adaptation", self.kind, ADAPTATIONS))
         if self.batch < 2:
             raise ConversionError(f"BatchNorm statistics need batches of at least 2 images, got batch={self.batch}")
         if self.epochs < 1 or self.lr <= 0 or not 0.0 <= self.distill <= 1.0:

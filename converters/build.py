@@ -165,9 +165,8 @@ def _calibrate_on_runtime(staged: Path, manifest: dict, calibration: ImageSet, o
             float_logits = floating.stage_logits(images)
     with load(staged, backend=runtime, threads=options.threads) as cascade:
         manifest = calibrate_manifest(cascade, manifest, images, calibration.targets if options.labelled else None,
-                                      calibration.origin, default_drop=options.default_drop,
-                                      target_drops=options.target_drops, seed=options.seed,
-                                      profile_images=options.profile_images, goal=options.goal,
+                                      calibration.origin, target_drops=options.target_drops, seed=options.seed,
+                                      profile_images=options.profile_images, goal=options.calibration_goal,
                                       settings=options.calibration, files=files, float_logits=float_logits)
     manifest["producer"]["machine"] = platform.machine()
     return manifest

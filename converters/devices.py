@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, ContextManager
 
-from stagewise.errors import ConversionError
+from stagewise.errors import ConversionError, unknown_choice
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -20,7 +20,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 def check_device_name(name: str) -> str:
     """``name`` when it is one of :data:`DEVICES` (``cuda:1`` included), else a :class:`ConversionError`."""
     if name.split(":")[0] not in DEVICES:
-        raise ConversionError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)} (e.g. cuda:1)")
+        raise ConversionError(unknown_choice("device", name, DEVICES) + "; a GPU may be numbered, e.g. cuda:1")
     return name
 
 

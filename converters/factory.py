@@ -23,13 +23,17 @@ ZOO = "stagewise.converters.zoo"
 """The built-in model zoo; ``zoo:efficientnet_lite0`` is short for ``stagewise.converters.zoo:efficientnet_lite0``."""
 
 
-def load_factory(spec: str) -> Callable[..., Any]:
-    """Resolve ``spec`` to the callable it names (``zoo:NAME``: a model of :data:`ZOO`)."""
+def factory_parts(spec: str) -> tuple[str, str]:
+    """``spec``'s module (a ``.py`` path or a module name; ``zoo``: :data:`ZOO`) and factory name, opening nothing."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise ConversionError(f"model {spec!r}: give it as path/to/file.py:factory or package.module:factory")
-    if where == "zoo":
-        where = ZOO
+    return (ZOO if where == "zoo" else where), name
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    """Resolve ``spec`` to the callable it names (``zoo:NAME``: a model of :data:`ZOO`)."""
+    where, name = factory_parts(spec)
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from stagewise.errors import ConversionError
+from stagewise.errors import ConversionError, unknown_choice
 
 HEAD_KINDS = ("gap_linear", "savchenko", "conv", "mlp")
 #: Heads fitted here on pooled features of a frozen backbone; the others are trained in torch.
@@ -63,7 +63,7 @@ class FineTuning:
         if not (self.lr > 0 and self.head_lr > 0):
             raise ConversionError(f"learning rates must be positive, got lr={self.lr}, head_lr={self.head_lr}")
         if self.augment not in AUGMENTATIONS:
-            raise ConversionError(f"unknown augmentation {self.augment!r}; choose from {', '.join(AUGMENTATIONS)}")
+            raise ConversionError(unknown_choice("augmentation", self.augment, AUGMENTATIONS))
         if self.exit_weights is not None and any(not w >= 0 for w in self.exit_weights):
             raise ConversionError(f"exit loss weights must be >= 0, got {self.exit_weights}")
 
@@ -94,11 +94,13 @@ class HeadTraining:
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
-            raise ConversionError(f"unknown exit head {self.kind!r}; choose from {', '.join(HEAD_KINDS)}")
+            raise ConversionError(unknown_choice("exit head", self.kind, HEAD_KINDS))
         if self.mode not in TRAINING_MODES:
-            raise ConversionError(f"unknown exit training {self.mode!r}; choose from {', '.join(TRAINING_MODES)}")
+            raise ConversionError(unknown_choice("exit training", self.mode, TRAINING_MODES))
         if not 0.0 <= self.distill <= 1.0:
             raise ConversionError(f"distill weight must lie in [0, 1], got {self.distill}")
+        if self.width is not None and self.width < 1:
+            raise ConversionError(f"the head width (channels or hidden units) must be at least 1, got {self.width}")
 
     @property
     def in_torch(self) -> bool:

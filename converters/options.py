@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stagewise.calibration import DEFAULT_DROPS
+from stagewise.calibration import DEFAULT_DROPS, Goal
 from stagewise.errors import ConversionError
 
 from .int8_gate import DEFAULT_MAX_DROP, Gate
@@ -36,9 +36,10 @@ class BuildOptions:
     ``openvino_route``: how OpenVINO reads a stage — ``auto`` (the source's measured best: ONNX
     for torch, the SavedModel for Keras), ``onnx``, ``native`` (from the framework model) or
     ``best`` (both, keep the one closer to the source). ``openvino_preset``: NNCF preset
-    (``performance``: symmetric activations, ``mixed``: asymmetric). ``goal``/``calibration``:
-    a :class:`stagewise.calibration.Goal` and ``Settings`` (default: the ``default_drop`` point
-    with ``target_drops`` on the front); ``labelled=False`` calibrates against the full model's
+    (``performance``: symmetric activations, ``mixed``: asymmetric). ``default_drop``: the
+    default operating point's allowed drop (also what automatic exit placement and the cascade
+    search keep within); ``goal``/``calibration``: a :class:`stagewise.calibration.Goal` instead
+    (:attr:`calibration_goal`) and ``Settings`` (default: ``target_drops`` on the front); ``labelled=False`` calibrates against the full model's
     own answers. ``pixel_input``: every stage that reads the image takes uint8 NHWC pixels, with
     the cast, mean/std and layout change inside its exported model (``False``: the float input,
     normalised on the device, of bundles written before).
@@ -66,7 +67,7 @@ class BuildOptions:
     openvino_route: str = "auto"
     openvino_preset: str = "performance"
     openvino_weights_per_channel: bool = True
-    goal: Any = None
+    goal: Goal | None = None
     calibration: Any = None
     labelled: bool = True
     pixel_input: bool = True
@@ -86,9 +87,20 @@ class BuildOptions:
         if not 0.0 <= self.int8_max_drop <= 1.0:
             raise ConversionError(f"int8_max_drop is a fraction of top-1 in [0, 1] (0.005 = half a point), "
                                   f"got {self.int8_max_drop}")
+        if self.threads < 1 or self.agreement_images < 1 or self.quantization_images < 1:
+            raise ConversionError(f"threads, agreement images and quantization images must be at least 1, got "
+                                  f"{self.threads}, {self.agreement_images}, {self.quantization_images}")
+        if not 0.0 <= self.default_drop <= 1.0:
+            raise ConversionError(f"the target drop is a fraction of top-1 in [0, 1] (0.005 = half a point; the "
+                                  f"flag --target-drop takes points, 0 to 100), got {self.default_drop}")
         if not self.int8_search_seconds >= 0:
             raise ConversionError(f"int8_search_seconds is a time in seconds (0: try one recipe only), "
                                   f"got {self.int8_search_seconds}")
+
+    @property
+    def calibration_goal(self) -> Goal:
+        """What the default operating point is chosen for: ``goal``, else a drop of ``default_drop``."""
+        return self.goal or Goal("drop", self.default_drop)
 
     @property
     def gate(self) -> Gate:

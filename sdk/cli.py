@@ -39,24 +39,6 @@ class _Choice(click.Choice):
             self.fail(unknown_choice("choice", value, self.choices), param, ctx)
 
 
-def _triple(value: str | None) -> tuple[float, float, float] | None:
-    if value is None:
-        return None
-    parts = [float(v) for v in value.split(",")]
-    if len(parts) != 3:
-        raise click.BadParameter("give three comma-separated numbers (R,G,B)")
-    return tuple(parts)
-
-
-def _floats(value: str | None, option: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"give comma-separated numbers, got {value!r}", param_hint=option) from None
-
-
 def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU", trusted_keys: tuple = (),
           require_device: bool = False):
     from .runtimes import load
@@ -91,161 +73,145 @@ def cli(debug: bool) -> None:
     """stagewise: image classifiers as sequences of stages that stop early."""
 
 
+class _RequestOption(click.Option):
+    """An option of ``convert`` that is an option of the conversion request: its help shows the request's
+    default (:func:`stagewise.converters.request.option_default`, read when the help is shown, so that other
+    commands import no converter), and a value left out reaches the request as ``None``."""
+
+    def get_help_extra(self, ctx: click.Context) -> dict:
+        extra = super().get_help_extra(ctx)
+        from .converters.request import option_default
+
+        default = option_default(self.name)
+        if isinstance(default, bool):
+            if self.secondary_opts:  # --int8/--no-int8 shows the one that is the default
+                extra["default"] = (self.opts if default else self.secondary_opts)[0].lstrip("-")
+        elif default not in (None, (), ""):
+            extra["default"] = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+        return extra
+
+
+def _request_option(*decls: str, **attrs: Any):
+    return click.option(*decls, cls=_RequestOption, **attrs)
+
+
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--stage", "stages", multiple=True, metavar="MODEL@SIZE[+ADAPT]",
-              help="cascade stage: a model factory and its input size (repeat, cheapest first); +bn or +head "
-                   "adapts that stage's model to its size")
-@click.option("--focus", metavar="MODEL@SIZE",
-              help="glance and focus (AnchorNet): the model that classifies CAM-chosen patches of the image, after one "
-                   "--stage (the glance model, ending in global pooling + linear)")
-@click.option("--patches", type=click.IntRange(min=1, max=64), help="glance and focus: patches (focus steps) [3]")
-@click.option("--iou", type=_Finite(min=0, max=1, min_open=True),
-              help="glance and focus: a patch is kept when its IoU with every kept one is below this [0.3]")
-@click.option("--patch-fraction", type=_Finite(min=0, max=1, min_open=True),
-              help="glance and focus: patch side over the shorter side of the glance view [0.7]")
-@click.option("--adapt", type=click.Choice(["none", "bn", "head"]),
-              help="adapt stage models to their input size: bn re-estimates BatchNorm statistics on the images "
-                   "(no labels used), head also fine-tunes the classifier with distillation [none]")
-@click.option("--search", "search_models", metavar="MODEL,MODEL,...",
-              help="cascade search: measure these factories at --sizes (and adapted with --adapt), search cascades "
-                   "and thresholds on their logits, build the cheapest within --target-drop of the best single one")
-@click.option("--sizes", help="cascade search: input sizes to try, comma-separated [each model's own]")
-@click.option("--max-stages", type=click.IntRange(min=1, max=4), help="cascade search: most stages in a cascade [3]")
-@click.option("--exits", help="early exit: cut points after which to attach exit heads, comma-separated")
-@click.option("--data", type=click.Path(path_type=Path), help="labelled images: class folders, an archive, or labels.tsv")
-@click.option("--calibration-data", type=click.Path(path_type=Path),
-              help="separate labelled images for thresholds (default: a stratified 20%% of --data)")
-@click.option("--format", "formats", help="artifact formats, comma-separated: onnx (default), openvino, tflite")
+@_request_option("--stage", "stages", multiple=True, metavar="MODEL@SIZE[+ADAPT]",
+                 help="cascade stage: a model factory and its input size (repeat, cheapest first); +bn or +head "
+                      "adapts that stage's model to its size")
+@_request_option("--focus", metavar="MODEL@SIZE",
+                 help="glance and focus (AnchorNet): the model that classifies CAM-chosen patches of the image, after "
+                      "one --stage (the glance model, ending in global pooling + linear)")
+@_request_option("--patches", type=int, help="glance and focus: patches (focus steps), 1 to 64")
+@_request_option("--iou", type=float,
+                 help="glance and focus: a patch is kept when its IoU with every kept one is below this")
+@_request_option("--patch-fraction", type=float,
+                 help="glance and focus: patch side over the shorter side of the glance view")
+@_request_option("--adapt",
+                 help="adapt stage models to their input size: none, bn re-estimates BatchNorm statistics on the "
+                      "images (no labels used), head also fine-tunes the classifier with distillation")
+@_request_option("--search", metavar="MODEL,MODEL,...",
+                 help="cascade search: measure these factories at --sizes (and adapted with --adapt), search cascades "
+                      "and thresholds on their logits, build the cheapest within --target-drop of the best single one")
+@_request_option("--sizes", help="cascade search: input sizes to try, comma-separated [each model's own]")
+@_request_option("--max-stages", type=int, help="cascade search: most stages in a cascade, 1 to 4")
+@_request_option("--exits", help="early exit: cut points after which to attach exit heads, comma-separated "
+                                 "(auto:N: at most N, placed by measurement)")
+@_request_option("--data", type=click.Path(path_type=Path),
+                 help="labelled images: class folders, an archive, or labels.tsv")
+@_request_option("--calibration-data", type=click.Path(path_type=Path),
+                 help="separate labelled images for thresholds (default: a stratified 20% of --data)")
+@_request_option("--format", "formats", help="artifact formats, comma-separated: onnx, openvino, tflite")
 @click.option("--backend", "legacy_formats", hidden=True, help="deprecated name of --format")
-@click.option("--int8/--no-int8", default=None, help="post-training INT8 quantization with the calibration images")
-@click.option("--int8-max-drop", type=click.FloatRange(min=0.0, max=100.0),
-              help="INT8 is kept where its top-1 on held-back calibration images is at most this many points below "
-                   "the float stage's (paired bootstrap; without labels, the float probabilities' expected top-1) [0.5]")
-@click.option("--int8-tolerance", type=float,
-              help="the old INT8 rule instead: kept where the 95%% lower bound of its top-1 agreement with float "
-                   "reaches this (e.g. 0.99); rejects INT8 that only flips boundary images")
-@click.option("--int8-mixed/--no-int8-mixed", default=None,
-              help="try other calibration recipes and keep a stage's most sensitive layers in float when full INT8 "
-                   "fails the gate [on]")
-@click.option("--int8-search-seconds", type=click.FloatRange(min=0.0),
-              help="time budget of each stage's INT8 search (recipes, then float layers); it stops at the first "
-                   "candidate that passes [240]")
-@click.option("--int8-min-speedup", type=click.FloatRange(min=0.0),
-              help="INT8 is kept only where it runs at least this many times as fast as float on this machine "
-                   "(e.g. 1.0 when converting on the device's CPU); 0 checks nothing [0]")
-@click.option("--agreement-images", type=click.IntRange(min=1),
-              help="held-back calibration images (not quantized on) that the INT8 gate judges on; more give a "
-                   "tighter interval [1000]")
-@click.option("--fp16/--no-fp16", default=None,
-              help="OpenVINO and TFLite artifacts: store weights as fp16 (half the size)")
-@click.option("--int8-io/--no-int8-io", default=None,
-              help="TFLite INT8 artifacts take and return int8 tensors (integer-only NPUs such as the Edge TPU)")
-@click.option("--head", "head_kind", type=click.Choice(["gap_linear", "savchenko", "conv", "mlp"]),
-              help="exit heads: GAP + linear trained on labels and the network's softmax [gap_linear], "
-                   "Savchenko's linear head on L2-normalised pooled features, conv (3x3 stride-2 convolution, "
-                   "pooling, linear) or mlp (pooling, hidden layer, linear); conv and mlp need a torch model")
-@click.option("--head-width", type=click.IntRange(min=1), help="channels of a conv head / hidden units of an mlp head")
-@click.option("--train-exits", type=click.Choice(["frozen", "joint", "given"]),
-              help="frozen: train heads on the fixed backbone; joint: fine-tune backbone and heads together "
-                   "(torch); given: export the heads the model carries [given if it carries heads, else frozen]")
-@click.option("--epochs", type=click.IntRange(min=1), help="joint/conv/mlp training: epochs over --data [4]")
-@click.option("--lr", type=_Finite(min=0), help="joint training: peak learning rate of the backbone [0.02]")
-@click.option("--head-lr", type=_Finite(min=0), help="peak learning rate of SGD-trained heads [0.1]")
-@click.option("--freeze", help="joint training: modules kept frozen, comma-separated (e.g. stem,layer1)")
-@click.option("--exit-weights", help="joint training: loss weight of each exit, comma-separated [1 each]")
-@click.option("--augment", type=click.Choice(["flip_crop", "flip", "none"]),
-              help="augmentation of SGD-trained heads and joint training [flip_crop]")
-@click.option("--npu", is_flag=True, default=None,
-              help="OpenVINO artifacts: NPU preset (static batch-1 shapes, fp16 weights, NPU INT8 scheme)")
-@click.option("--target-drop", type=_Finite(min=0, max=100),
-              help="allowed top-1 drop in points for the default operating point [0.5]")
-@click.option("--out", type=click.Path(path_type=Path), help="bundle directory, or a file ending in .swb")
-@click.option("--input-size", type=click.IntRange(min=1, max=4096), help="square input size (optional when the images or model fix it)")
-@click.option("--mean", help="input normalisation mean R,G,B in 0-255 units")
-@click.option("--std", help="input normalisation std R,G,B in 0-255 units")
-@click.option("--resize", type=click.Choice(["shorter_crop", "stretch"]), help="how images reach the input size")
-@click.option("--crop-fraction", type=_Finite(min=0.1, max=1), help="centre-crop fraction for shorter_crop [0.875]")
-@click.option("--resizer", type=click.Choice(["pillow", "opencv"]),
-              help="library that resizes the images, at calibration and on the device: pillow (antialiased) or "
-                   "opencv (6-9x faster; the device needs stagewise[opencv]) [pillow]")
-@click.option("--combine", type=click.Choice(["own", "mean_probs"]), help="cascade stages decide on own or averaged probabilities")
-@click.option("--score", type=click.Choice(["max_softmax", "margin", "entropy"]), help="exit score [max_softmax]")
-@click.option("--max-head-images", type=click.IntRange(min=1), help="cap on images used to train exit heads")
-@click.option("--max-calibration-images", type=click.IntRange(min=1), help="cap on images used to pick thresholds")
-@click.option("--threads", type=click.IntRange(min=1), help="runtime threads for calibration and profiling [1]")
-@click.option("--force", is_flag=True, help="replace an existing bundle at --out")
-@click.option("--new-classes", is_flag=True, default=None,
-              help="early exit: classify the data's own classes (class folders name them) on the frozen backbone's "
-                   "features: a linear head on every stage, the last on the penultimate features; without it, data "
-                   "whose classes are not the model's outputs is refused")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
-              help="folder that keeps extracted backbone features, so re-runs skip the backbone pass")
-@click.option("--device", "train_device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-              help="torch: where features are extracted and heads/joint training run (mixed precision on a GPU); "
-                   "Keras follows TensorFlow [auto]")
+@_request_option("--int8/--no-int8", default=None, help="post-training INT8 quantization with the calibration images")
+@_request_option("--int8-max-drop", type=float,
+                 help="INT8 is kept where its top-1 on held-back calibration images is at most this many points below "
+                      "the float stage's (paired bootstrap; without labels, the float probabilities' expected top-1)")
+@_request_option("--int8-tolerance", type=float,
+                 help="the old INT8 rule instead: kept where the 95% lower bound of its top-1 agreement with float "
+                      "reaches this (e.g. 0.99); rejects INT8 that only flips boundary images")
+@_request_option("--int8-mixed/--no-int8-mixed", default=None,
+                 help="try other calibration recipes and keep a stage's most sensitive layers in float when full INT8 "
+                      "fails the gate")
+@_request_option("--int8-search-seconds", type=float,
+                 help="time budget of each stage's INT8 search (recipes, then float layers); it stops at the first "
+                      "candidate that passes")
+@_request_option("--int8-min-speedup", type=float,
+                 help="INT8 is kept only where it runs at least this many times as fast as float on this machine "
+                      "(e.g. 1.0 when converting on the device's CPU); 0 checks nothing")
+@_request_option("--agreement-images", type=int,
+                 help="held-back calibration images (not quantized on) that the INT8 gate judges on; more give a "
+                      "tighter interval")
+@_request_option("--fp16/--no-fp16", default=None,
+                 help="OpenVINO and TFLite artifacts: store weights as fp16 (half the size)")
+@_request_option("--int8-io/--no-int8-io", default=None,
+                 help="TFLite INT8 artifacts take and return int8 tensors (integer-only NPUs such as the Edge TPU)")
+@_request_option("--head",
+                 help="exit heads: gap_linear (GAP + linear trained on labels and the network's softmax), "
+                      "savchenko (Savchenko's linear head on L2-normalised pooled features), conv (3x3 stride-2 "
+                      "convolution, pooling, linear) or mlp (pooling, hidden layer, linear); conv and mlp need a torch "
+                      "model")
+@_request_option("--head-width", type=int, help="channels of a conv head / hidden units of an mlp head")
+@_request_option("--train-exits",
+                 help="frozen: train heads on the fixed backbone; joint: fine-tune backbone and heads together "
+                      "(torch); given: export the heads the model carries; auto: given if it carries heads, else frozen")
+@_request_option("--epochs", type=int, help="joint/conv/mlp training: epochs over --data")
+@_request_option("--lr", type=float, help="joint training: peak learning rate of the backbone")
+@_request_option("--head-lr", type=float, help="peak learning rate of SGD-trained heads")
+@_request_option("--freeze", help="joint training: modules kept frozen, comma-separated (e.g. stem,layer1)")
+@_request_option("--exit-weights", help="joint training: loss weight of each exit, comma-separated [1 each]")
+@_request_option("--augment", help="augmentation of SGD-trained heads and joint training: flip_crop, flip or none")
+@_request_option("--npu", is_flag=True, default=None,
+                 help="OpenVINO artifacts: NPU preset (static batch-1 shapes, fp16 weights, NPU INT8 scheme)")
+@_request_option("--target-drop", type=float,
+                 help="allowed top-1 drop in points for the default operating point")
+@_request_option("--out", type=click.Path(path_type=Path), help="bundle directory, or a file ending in .swb")
+@_request_option("--name", help="the bundle's name [the stem of --out]")
+@_request_option("--input-size", type=int, help="square input size (optional when the images or model fix it)")
+@_request_option("--mean", help="input normalisation mean R,G,B in 0-255 units")
+@_request_option("--std", help="input normalisation std R,G,B in 0-255 units")
+@_request_option("--resize", help="how images reach the input size: shorter_crop or stretch")
+@_request_option("--crop-fraction", type=float, help="centre-crop fraction for shorter_crop")
+@_request_option("--resizer",
+                 help="library that resizes the images, at calibration and on the device: pillow (antialiased) or "
+                      "opencv (6-9x faster; the device needs stagewise[opencv])")
+@_request_option("--combine", help="cascade stages decide on own or averaged (mean_probs) probabilities")
+@_request_option("--score", type=click.Choice(["max_softmax", "margin", "entropy"]), help="exit score")
+@_request_option("--max-head-images", type=int, help="cap on images used to train exit heads")
+@_request_option("--max-calibration-images", type=int, help="cap on images used to pick thresholds")
+@_request_option("--threads", type=int, help="runtime threads for calibration and profiling")
+@_request_option("--force", is_flag=True, default=None, help="replace an existing bundle at --out")
+@_request_option("--new-classes", is_flag=True, default=None,
+                 help="early exit: classify the data's own classes (class folders name them) on the frozen backbone's "
+                      "features: a linear head on every stage, the last on the penultimate features; without it, data "
+                      "whose classes are not the model's outputs is refused")
+@_request_option("--cache", type=click.Path(file_okay=False, path_type=Path),
+                 help="folder that keeps extracted backbone features, so re-runs skip the backbone pass")
+@_request_option("--device",
+                 help="torch: where features are extracted and heads/joint training run (auto, cpu, cuda, mps; mixed "
+                      "precision on a GPU); Keras follows TensorFlow")
 @click.option("--verbose", is_flag=True, help="show the warnings of the libraries the conversion runs")
-def convert(model, stages, focus, patches, iou, patch_fraction, adapt, search_models, sizes, max_stages, exits, data,
-            calibration_data, formats, legacy_formats, int8, int8_max_drop, int8_tolerance, int8_mixed,
-            int8_search_seconds, int8_min_speedup, agreement_images, fp16,
-            int8_io, head_kind,
-            head_width, train_exits, epochs, lr, head_lr, freeze, exit_weights, augment, npu,
-            target_drop, out, input_size, mean, std, resize, crop_fraction, resizer, combine, score, max_head_images,
-            max_calibration_images, threads, force, new_classes, cache, train_device, verbose):
-    """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config."""
-    from .converters.convert import CascadeSearch, StageSource, job_from_toml, make_job, run_job, stage_source
+def convert(model, legacy_formats, verbose, **options):
+    """Build a bundle from a torch or Keras model (file.py:factory or module:factory) or a TOML config.
+
+    The options make one conversion request (stagewise.converters.ConversionRequest), checked whole
+    before any model or image is opened; a TOML config names the same options, and flags win over it.
+    """
+    from .converters.convert import run_job
+    from .converters.request import ConversionRequest, request_from_toml
 
     if legacy_formats:
         click.echo("warning: --backend is deprecated for convert; use --format (onnx, openvino, tflite)", err=True)
-        formats = formats or legacy_formats
-
-    spec = {k: v for k, v in (("mean", _triple(mean)), ("std", _triple(std)), ("resize", resize),
-                              ("crop_fraction", crop_fraction), ("resizer", resizer)) if v is not None}
-    flags = dict(out=out, data=data, calibration_data=calibration_data, formats=formats, int8=int8,
-                 int8_max_drop=int8_max_drop, int8_tolerance=int8_tolerance, int8_mixed=int8_mixed,
-                 int8_search_seconds=int8_search_seconds, int8_min_speedup=int8_min_speedup,
-                 agreement_images=agreement_images, fp16=fp16,
-                 npu=npu or None, int8_io=int8_io, head_kind=head_kind, head_width=head_width,
-                 train_exits=train_exits, epochs=epochs, lr=lr, head_lr=head_lr, freeze=freeze,
-                 exit_weights=_floats(exit_weights, "--exit-weights"), augment=augment,
-                 target_drop=target_drop, threads=threads, input_size=input_size, combine=combine, score=score,
-                 max_head_images=max_head_images, max_calibration_images=max_calibration_images,
-                 exits=exits.split(",") if exits else None, input=spec or None, force=force or None,
-                 patches=patches, iou=iou, patch_fraction=patch_fraction, new_classes=new_classes, cache=cache,
-                 device=train_device)
+        options["formats"] = options["formats"] or legacy_formats
+    options = {key: value for key, value in options.items() if value is not None and value != ()}
+    if model and model.endswith(".toml"):
+        request = request_from_toml(Path(model), options)
+    else:
+        request = ConversionRequest.from_options(dict(options, model=model))
     if not verbose:
         _silence_libraries()
-    search = None
-    if search_models:
-        if stages or model:
-            raise click.UsageError("--search chooses the stages itself; give it without MODEL or --stage")
-        try:
-            size_list = tuple(int(v) for v in sizes.split(",")) if sizes else ()
-        except ValueError:
-            raise click.BadParameter(f"{sizes!r}: give sizes as comma-separated integers, e.g. 128,160,224",
-                                     param_hint="--sizes") from None
-        search = CascadeSearch(models=tuple(m.strip() for m in search_models.split(",") if m.strip()),
-                               sizes=size_list, adapt=adapt or "none", max_stages=max_stages or 3,
-                               combines=(combine,) if combine else ("own", "mean_probs"))
-    elif sizes or max_stages:
-        raise click.UsageError("--sizes and --max-stages belong to a cascade search (--search MODEL,MODEL,...)")
-    if model and model.endswith(".toml"):
-        job = job_from_toml(Path(model), flags)
-    elif search is not None:
-        job = make_job(kind="search", sources=[StageSource(m) for m in search.models], search=search, **flags)
-    elif stages:
-        sources = [stage_source(s, adapt) for s in stages]
-        if focus:
-            job = make_job(kind="glance_focus", sources=sources, focus=stage_source(focus), **flags)
-        else:
-            job = make_job(kind="cascade", sources=sources, **flags)
-    elif adapt:
-        raise click.UsageError("--adapt adapts cascade stages (--stage) or search candidates (--search)")
-    elif model:
-        job = make_job(kind="early_exit", sources=[StageSource(model)], **flags)
-    else:
-        raise click.UsageError("give a MODEL (early exit, with --exits), --stage twice or more (cascade), or a .toml config")
-    path = run_job(job)
+    path = run_job(request)
     if path is None:  # a torchrun rank other than 0
         return
     click.echo(f"wrote {path}")

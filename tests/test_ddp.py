@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stagewise.converters.convert import StageSource, make_job, run_job
+from stagewise.converters import ConversionRequest, run_job
 from stagewise.converters.distributed import batch_share
 from stagewise.converters.heads import FineTuning, HeadTraining
 from stagewise.converters.torch_source import TorchSource
@@ -93,8 +93,8 @@ def test_two_gloo_processes_train_the_exits_as_one_process_does(tmp_path):
 
 def test_a_torchrun_launch_of_a_conversion_that_trains_no_exits_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    sources = [StageSource("a.py:f", 32), StageSource("b.py:g", 64)]
-    job = make_job(kind="cascade", sources=sources, out=tmp_path / "c.swb")
+    job = ConversionRequest.from_options({"stages": ["a.py:f@32", "b.py:g@64"], "out": tmp_path / "c.swb",
+                                          "data": tmp_path / "images"})
     with pytest.raises(ConversionError, match="without torchrun"):
         run_job(job)
     assert list(tmp_path.iterdir()) == []

@@ -225,12 +225,12 @@ def test_zoo_names_are_short_for_the_model_zoo():
 
 
 def test_a_toml_config_describes_a_glance_and_focus_conversion(tmp_path):
-    from stagewise.converters.convert import job_from_toml
+    from stagewise.converters import request_from_toml
 
     config = tmp_path / "glance.toml"
     config.write_text('kind = "glance_focus"\nout = "g.swb"\ndata = "images"\n\n[[stages]]\n'
                       'model = "zoo:efficientnet_lite0"\nsize = 224\n\n[focus]\nmodel = "zoo:efficientnet_lite0"\n'
                       'size = 224\npatches = 2\niou = 0.4\npatch_fraction = 0.6\n')
-    job = job_from_toml(config, {"patches": 3})
+    job = request_from_toml(config, {"patches": 3})
     assert job.kind == "glance_focus" and job.focus.model == "zoo:efficientnet_lite0" and job.focus.size == 224
-    assert (job.patches, job.iou, job.patch_fraction) == (3, 0.4, 0.6) and job.out == tmp_path / "g.swb"
+    assert (job.steps.patches, job.steps.iou, job.steps.patch_fraction) == (3, 0.4, 0.6) and job.out == tmp_path / "g.swb"

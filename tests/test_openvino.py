@@ -20,7 +20,7 @@ import stagewise  # noqa: E402
 from stagewise.bundle import read_bundle  # noqa: E402
 from stagewise.manifest import Manifest  # noqa: E402
 from stagewise.converters.build import build_bundle, stage_inputs  # noqa: E402
-from stagewise.converters.convert import StageSource, make_job  # noqa: E402
+from stagewise.converters import ConversionRequest  # noqa: E402
 from stagewise.converters.heads import HeadTraining  # noqa: E402
 from stagewise.converters.export import StageInputs, export_stage, exporter  # noqa: E402
 from stagewise.converters.openvino_export import check_npu_constraints, ir_inputs_static  # noqa: E402
@@ -366,10 +366,10 @@ def test_auto_backend_follows_the_preference_order(ee_bundle, monkeypatch):
 
 
 def test_cli_flags_reach_the_build_options(tmp_path):
-    job = make_job(kind="early_exit", sources=[StageSource("toy_models.py:residual_net")], out=tmp_path / "x",
-                   formats="onnx,openvino", int8=True, fp16=True, npu=True)
+    job = ConversionRequest.from_options(dict(model="toy_models.py:residual_net", exits="layer1", out=tmp_path / "x",
+                                              data=tmp_path, formats="onnx,openvino", int8=True, fp16=True, npu=True))
     assert job.build.formats == ("onnx", "openvino") and job.build.fp16 and job.build.npu and job.build.int8
-    plain = make_job(kind="early_exit", sources=[StageSource("m.py:f")], out=tmp_path / "y")
+    plain = ConversionRequest.from_options(dict(model="m.py:f", exits="layer1", out=tmp_path / "y", data=tmp_path))
     assert not plain.build.fp16 and not plain.build.npu
 
 

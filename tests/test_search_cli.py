@@ -51,13 +51,14 @@ def test_convert_adapts_named_stages_and_records_it(image_folder, tmp_path):
     assert "adaptation" not in stages[1]
 
 
-def test_search_and_adapt_errors_are_usage_errors(image_folder, tmp_path):
+def test_search_and_adapt_errors_are_request_errors(image_folder, tmp_path):
     runner = CliRunner()
     both = runner.invoke(cli, ["convert", "--search", f"{TOY}:residual_net", "--stage", f"{TOY}:residual_net@8",
                                "--data", str(image_folder), "--out", str(tmp_path / "x")])
-    assert both.exit_code == 2 and "--search chooses the stages itself" in both.output
-    sizes = runner.invoke(cli, ["convert", f"{TOY}:residual_net", "--sizes", "8", "--out", str(tmp_path / "y")])
-    assert sizes.exit_code == 2 and "belong to a cascade search" in sizes.output
+    assert both.exit_code != 0 and "give one of" in str(both.exception) and "stages and a search" in str(both.exception)
+    sizes = runner.invoke(cli, ["convert", f"{TOY}:residual_net", "--sizes", "8", "--data", str(image_folder),
+                                "--out", str(tmp_path / "y")])
+    assert sizes.exit_code != 0 and "belong to a cascade search" in str(sizes.exception)
     bad = runner.invoke(cli, ["convert", "--stage", f"{TOY}:residual_net@8+fixres", "--data", str(image_folder),
                               "--out", str(tmp_path / "z")])
     assert bad.exit_code != 0 and "MODEL@SIZE+ADAPT" in str(bad.exception)
@@ -67,22 +68,22 @@ def test_search_and_adapt_errors_are_usage_errors(image_folder, tmp_path):
 
 
 def test_toml_search_table_and_stage_adapt(tmp_path):
-    from stagewise.converters import job_from_toml, stage_source
+    from stagewise.converters import request_from_toml, stage_source
     from stagewise.errors import ConversionError
 
     config = tmp_path / "search.toml"
     config.write_text('out = "s.swb"\ndata = "images"\n[search]\nmodels = ["zoo:efficientnet_lite0"]\n'
                       'sizes = [128, 160]\nadapt = "bn"\nmax_stages = 2\ncombine = ["mean_probs"]\n')
-    job = job_from_toml(config, {})
+    job = request_from_toml(config, {})
     assert job.kind == "search" and job.search.sizes == (128, 160) and job.search.adapt == "bn"
     assert job.search.max_stages == 2 and job.search.combines == ("mean_probs",)
-    config.write_text('out = "c.swb"\n[build]\nint8 = true\nint8_min_speedup = 1.2\n'
+    config.write_text('out = "c.swb"\ndata = "images"\n[build]\nint8 = true\nint8_min_speedup = 1.2\n'
                       '[[stages]]\nmodel = "m.py:f"\nsize = 96\nadapt = "head"\n')
-    assert job_from_toml(config, {}).build.int8_min_speedup == 1.2
-    assert job_from_toml(config, {"agreement_images": 4000}).build.agreement_images == 4000
-    assert job_from_toml(config, {}).build.agreement_images == 1000
-    assert job_from_toml(config, {}).sources[0].adapt == "head"
-    config.write_text('out = "s.swb"\n[search]\nmodels = ["m.py:f"]\nbudget = 3\n')
+    assert request_from_toml(config, {}).build.int8_min_speedup == 1.2
+    assert request_from_toml(config, {"agreement_images": 4000}).build.agreement_images == 4000
+    assert request_from_toml(config, {}).build.agreement_images == 1000
+    assert request_from_toml(config, {}).stages[0].adapt == "head"
+    config.write_text('out = "s.swb"\ndata = "images"\n[search]\nmodels = ["m.py:f"]\nbudget = 3\n')
     with pytest.raises(ConversionError, match=r"\[search\] takes models"):
-        job_from_toml(config, {})
+        request_from_toml(config, {})
     assert stage_source("m.py:f@128", "bn").adapt == "bn" and stage_source("m.py:f@128+none", "bn").adapt == "none"
