@@ -15,6 +15,7 @@ import click
 import numpy as np
 
 from .errors import StagewiseError, unknown_choice
+from .exits import COMBINES, SCORES
 
 
 class _Finite(click.FloatRange):
@@ -169,8 +170,8 @@ def cli(debug: bool) -> None:
 @click.option("--resizer", type=click.Choice(["pillow", "opencv"]),
               help="library that resizes the images, at calibration and on the device: pillow (antialiased) or "
                    "opencv (6-9x faster; the device needs stagewise[opencv]) [pillow]")
-@click.option("--combine", type=click.Choice(["own", "mean_probs"]), help="cascade stages decide on own or averaged probabilities")
-@click.option("--score", type=click.Choice(["max_softmax", "margin", "entropy"]), help="exit score [max_softmax]")
+@click.option("--combine", type=click.Choice(COMBINES), help="cascade stages decide on own or averaged probabilities")
+@click.option("--score", type=click.Choice(list(SCORES)), help="exit score [max_softmax]")
 @click.option("--max-head-images", type=click.IntRange(min=1), help="cap on images used to train exit heads")
 @click.option("--max-calibration-images", type=click.IntRange(min=1), help="cap on images used to pick thresholds")
 @click.option("--threads", type=click.IntRange(min=1), help="runtime threads for calibration and profiling [1]")
@@ -226,7 +227,7 @@ def convert(model, stages, focus, patches, iou, patch_fraction, adapt, search_mo
                                      param_hint="--sizes") from None
         search = CascadeSearch(models=tuple(m.strip() for m in search_models.split(",") if m.strip()),
                                sizes=size_list, adapt=adapt or "none", max_stages=max_stages or 3,
-                               combines=(combine,) if combine else ("own", "mean_probs"))
+                               combines=(combine,) if combine else COMBINES)
     elif sizes or max_stages:
         raise click.UsageError("--sizes and --max-stages belong to a cascade search (--search MODEL,MODEL,...)")
     if model and model.endswith(".toml"):
@@ -451,7 +452,7 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
 @click.option("--risk-kind", type=click.Choice(["disagreement", "error_increase"]), default="disagreement",
               show_default=True, help="with --risk: disagreement with the full model, or error increase (needs labels)")
 @click.option("--no-labels", is_flag=True, help="calibrate against the full model's own answers (images need no labels)")
-@click.option("--score", type=click.Choice(["max_softmax", "margin", "entropy", "max_logit", "learned"]),
+@click.option("--score", type=click.Choice(list(SCORES)),
               help="switch the exit score of the non-final stages (default: keep the bundle's)")
 @click.option("--temperature/--no-temperature", default=True, show_default=True,
               help="fit each stage's softmax temperature by NLL before choosing thresholds")
