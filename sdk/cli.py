@@ -16,6 +16,8 @@ import numpy as np
 
 from .errors import StagewiseError, unknown_choice
 from .exits import COMBINES, SCORES
+from .formats import FORMATS
+from .runtimes.base import RUNTIMES
 
 
 class _Finite(click.FloatRange):
@@ -67,7 +69,7 @@ def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU", t
 
 
 backend_option = click.option("--runtime", "--backend", "backend", default="auto", show_default=True,
-                              help="runtime: onnxruntime, openvino, litert, auto, or a preference order "
+                              help=f"runtime: {', '.join(RUNTIMES)}, auto, or a preference order "
                                    "such as openvino,onnxruntime (--backend is the old name)")
 device_option = click.option("--device", default="CPU", show_default=True,
                              help="device for the runtime: CPU, or with OpenVINO also GPU, NPU, AUTO")
@@ -117,7 +119,7 @@ def cli(debug: bool) -> None:
 @click.option("--data", type=click.Path(path_type=Path), help="labelled images: class folders, an archive, or labels.tsv")
 @click.option("--calibration-data", type=click.Path(path_type=Path),
               help="separate labelled images for thresholds (default: a stratified 20%% of --data)")
-@click.option("--format", "formats", help="artifact formats, comma-separated: onnx (default), openvino, tflite")
+@click.option("--format", "formats", help=f"artifact formats, comma-separated: {', '.join(FORMATS)} [onnx]")
 @click.option("--backend", "legacy_formats", hidden=True, help="deprecated name of --format")
 @click.option("--int8/--no-int8", default=None, help="post-training INT8 quantization with the calibration images")
 @click.option("--int8-max-drop", type=click.FloatRange(min=0.0, max=100.0),
