@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterator, Mapping
 
-from stagewise.errors import ConversionError, MissingExtraError, unknown_choice
+from stagewise.errors import ConversionError, MissingExtraError, registered
 
 
 def package_version(package: str) -> str:
@@ -54,6 +54,4 @@ class Plugin:
 def plugin(table: Mapping[str, Plugin], key: str, kind: str, purpose: str) -> Any:
     """The loaded :class:`Plugin` ``table[key]`` (a source adapter or an exporter); an unknown ``key`` is a
     :class:`ConversionError` listing the ``kind``s there are."""
-    if key not in table:
-        raise ConversionError(unknown_choice(kind, key, table))
-    return table[key].load(purpose)
+    return registered(table, kind, key, ConversionError).load(purpose)

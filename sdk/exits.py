@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from .errors import InvalidOptionError, unknown_choice
+from .errors import InvalidOptionError, registered
 from .manifest import ExitRule
 
 
@@ -89,9 +89,7 @@ def register_exit_score(score: ExitScore) -> ExitScore:
 
 def score_named(name: str) -> ExitScore:
     """The registered exit score ``name``; an unknown name is an :class:`InvalidOptionError` that lists them."""
-    if name not in SCORES:
-        raise InvalidOptionError(unknown_choice("exit score", name, SCORES))
-    return SCORES[name]
+    return registered(SCORES, "exit score", name)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

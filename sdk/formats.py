@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InvalidOptionError, unknown_choice
+from .errors import InvalidOptionError, registered
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,7 @@ def register_format(fmt: Format) -> Format:
 
 def format_named(name: str) -> Format:
     """The registered format ``name``; an unknown name is an :class:`InvalidOptionError` that lists them."""
-    if name not in FORMATS:
-        raise InvalidOptionError(unknown_choice("artifact format", name, FORMATS))
-    return FORMATS[name]
+    return registered(FORMATS, "artifact format", name)
 
 
 register_format(Format("onnx", (".onnx",), "ONNX graph"))

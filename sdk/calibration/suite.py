@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..datasets import stratified_indices
-from ..errors import CalibrationError, unknown_choice
+from ..errors import CalibrationError, registered
 from ..exits import (LearnedExitScore, SCORES, all_stage_scores, softmax, stage_features, stage_probabilities,
                      wrong_class_scores)
 from .bh import bh_thresholds
@@ -94,11 +94,10 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
     for e in exits:
         e.pop("model", None)
     if settings.score is not None:
-        if settings.score not in SCORES:
-            raise CalibrationError(unknown_choice("exit score", settings.score, SCORES))
+        score = registered(SCORES, "exit score", settings.score, CalibrationError)
         for e in exits[:-1]:
             e["score"] = settings.score
-        if SCORES[settings.score].model is None:  # the last stage never exits: it needs no model
+        if score.model is None:  # the last stage never exits: it needs no model
             exits[-1]["score"] = settings.score
     kinds = [e["score"] for e in exits]
     combine = [e.get("combine", "own") for e in exits]
