@@ -32,7 +32,6 @@ from benchmarks import harness
 
 NAME = "exit_scores"
 
-SCORES = ("max_softmax", "margin", "entropy", "max_logit", "learned")
 DROPS = (0.005, 0.01, 0.02)
 
 
@@ -85,6 +84,7 @@ LAST_ALONE = [1.0]
 
 def compare_scores(cal_logits, cal_labels, test_logits, test_labels, costs, combine: str, seed: int = 0) -> dict:
     from stagewise.calibration import Goal, Settings, calibrate_stages
+    from stagewise.exits import SCORES
 
     k = len(costs)
     rows = {}

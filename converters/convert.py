@@ -133,8 +133,7 @@ def _early_exit(job: ConversionRequest, train: ImageSet,
     size = _size(job, job.model, model, train)
     source = source_of(model)
     prepared = source.prepare(model)
-    if hasattr(source, "check_formats"):  # formats the source cannot write, refused before any work
-        source.check_formats(prepared, job.build.formats)
+    source.check_formats(prepared, job.build.formats)  # formats the source cannot write, refused before any work
     if job.new_classes:
         check_training(job.head)
         if tuple(train.classes) != tuple(calib.classes):

@@ -35,6 +35,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from stagewise.errors import ConversionError, VerificationError
+from stagewise.formats import format_named
 from stagewise.machine import cpu_summary
 from stagewise.progress import note
 from stagewise.runtimes.base import RUNTIMES, LoadOptions, StageIO
@@ -42,7 +43,7 @@ from stagewise.runtimes.base import RUNTIMES, LoadOptions, StageIO
 from .int8_gate import Gate, Verdict
 from .options import BuildOptions
 from .plans import StagePlan
-from .tooling import plugin
+from .tooling import Plugin, plugin
 
 FP16_TOLERANCE = 2e-2
 """Relative tolerance (of the largest output magnitude) of fp16-weight models against the source."""
@@ -201,7 +202,6 @@ class Exporter:
 
     format: str = ""
     runtime: str = ""
-    suffixes: tuple[str, ...] = ()
     io_dtypes: tuple[str, ...] = ("float32",)
 
     def export(self, plan: StagePlan, workdir: Path, inputs: StageInputs, options: BuildOptions) -> Exported:
@@ -398,7 +398,7 @@ def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: Sta
     target = exporter.target(chosen.files, options)
     if target is not None:
         artifact["target"] = target
-    rels = [f"{exporter.format}/{plan.name}{suffix}" for suffix in exporter.suffixes]
+    rels = format_named(exporter.format).files(plan.name)
     artifact["files"] = [{"path": rel} for rel in rels]
     return StageExport(artifact, dict(zip(rels, chosen.files)), dict(zip(rels, reference.files)))
 
@@ -441,12 +441,22 @@ def _quantize_stage(exporter: Exporter, plan: StagePlan, fp32: Exported, referen
     return (quantized if kept else None), record
 
 
-EXPORTERS: dict[str, tuple[str, str, str]] = {
-    "onnx": ("stagewise.converters.onnx_export", "OnnxExporter", "onnxruntime"),
-    "openvino": ("stagewise.converters.openvino_export", "OpenVinoExporter", "openvino-convert"),
-    "tflite": ("stagewise.converters.tflite_export", "TFLiteExporter", "tflite"),
-}
-"""Artifact formats: exporter module, class and the ``stagewise[...]`` extra with its tools."""
+EXPORTERS: dict[str, Plugin] = {}
+"""The registered exporters by the artifact format they write (:func:`register_exporter` adds one)."""
+
+
+def register_exporter(exporter: Plugin) -> Plugin:
+    """Add the exporter of format ``exporter.name`` (or replace it); returns it. The format must be registered
+    (:func:`stagewise.formats.register_format`); ``exporter.target`` is an :class:`Exporter` subclass, imported on
+    first use, and ``exporter.extra`` the ``stagewise[...]`` extra that installs its tools."""
+    format_named(exporter.name)
+    EXPORTERS[exporter.name] = exporter
+    return exporter
+
+
+register_exporter(Plugin("onnx", "stagewise.converters.onnx_export:OnnxExporter", "onnxruntime"))
+register_exporter(Plugin("openvino", "stagewise.converters.openvino_export:OpenVinoExporter", "openvino-convert"))
+register_exporter(Plugin("tflite", "stagewise.converters.tflite_export:TFLiteExporter", "tflite"))
 
 
 def exporter(artifact_format: str) -> Exporter:

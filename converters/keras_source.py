@@ -38,7 +38,7 @@ from stagewise.errors import ConversionError, InvalidCutPointError  # noqa: E402
 from stagewise.extras import require  # noqa: E402
 
 from .heads import LinearHead  # noqa: E402
-from .source import UNSTABLE_BN_GAIN, CutPoint  # noqa: E402
+from .source import UNSTABLE_BN_GAIN, CutPoint, SourceAdapter  # noqa: E402
 from .tooling import package_version, quiet  # noqa: E402
 
 OPSET = 17
@@ -308,7 +308,7 @@ def attach_head(carry: Any, head: LinearHead, name: str) -> Any:
     return out
 
 
-class KerasSource:
+class KerasSource(SourceAdapter):
     """:class:`~stagewise.converters.source.SourceAdapter` for functional Keras 3 models (TensorFlow backend)."""
 
     framework = "keras"
@@ -317,9 +317,6 @@ class KerasSource:
 
     def version(self) -> str:
         return f"{keras.__version__} (tensorflow {tf.__version__})"
-
-    def accepts(self, model: Any) -> bool:
-        return isinstance(model, keras.Model)
 
     def prepare(self, model: Any) -> keras.Model:
         """The logit model (same weights), keeping the factory's ``stagewise_input``/``stagewise_labels``."""
@@ -364,16 +361,6 @@ class KerasSource:
     def split(self, model: keras.Model, cuts: Sequence[str]) -> list[keras.Model]:
         require_tensorflow_backend()
         return split_model(model, cuts)
-
-    def train_exits(self, *args: Any, **kwargs: Any) -> tuple[list, list, dict]:
-        """Not available: joint training and conv/mlp heads are implemented for torch models."""
-        raise ConversionError("joint exit training (--train-exits joint) and conv/mlp heads need a torch model; "
-                              "for Keras use --head gap_linear or savchenko with --train-exits frozen")
-
-    def given_exits(self, model: keras.Model, cuts: Sequence[str]) -> tuple[list, list, dict]:
-        """Not available: Keras models cannot carry trained exit heads yet."""
-        raise ConversionError("--train-exits given needs a torch model carrying trained exit heads; "
-                              "for Keras use --train-exits frozen")
 
     def exit_stage(self, segment: keras.Model, head: LinearHead, name: str) -> keras.Model:
         logits = attach_head(segment.outputs[0], head, name)

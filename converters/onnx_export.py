@@ -109,7 +109,6 @@ class OnnxExporter(Exporter):
 
     format = "onnx"
     runtime = "onnxruntime"
-    suffixes = (".onnx",)
 
     def export(self, plan: StagePlan, workdir: Path, inputs: StageInputs, options: BuildOptions) -> Exported:
         path = workdir / f"{plan.name}.onnx"

@@ -139,7 +139,6 @@ class OpenVinoExporter(Exporter):
 
     format = "openvino"
     runtime = "openvino"
-    suffixes = (".xml", ".bin")
     supports_fp16 = True
 
     def wants_fp16(self, options: BuildOptions) -> bool:

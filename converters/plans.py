@@ -196,9 +196,6 @@ def glance_focus_plans(glance: tuple[str, Any, tuple[int, int]], focus: tuple[An
     source = source_of(model)
     if source_of(focus_model).framework != source.framework:
         raise ConversionError("the glance and focus models must both be torch models or both Keras models")
-    if not hasattr(source, "glance_stage"):
-        raise ConversionError(f"glance stages (a CAM output) are built from torch models; this stagewise cannot add "
-                              f"one to a {source.framework} model yet: use a torch glance model")
     model = source.prepare(model)
     module, cam = source.glance_stage(model, size)
     shape = (1, 3, *size) if source.layout == "NCHW" else (1, *size, 3)

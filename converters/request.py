@@ -69,12 +69,12 @@ file; a key the file should not have is refused, naming the one it was meant to 
 from __future__ import annotations
 
 import sys
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from stagewise.errors import ConversionError, unknown_choice
-from stagewise.exits import SCORES
+from stagewise.exits import COMBINES, SCORES
 from stagewise.images import RESIZERS, Preprocess
 
 from .adapt import ADAPTATIONS, Adaptation
@@ -83,7 +83,6 @@ from .export import EXPORTERS
 from .factory import factory_parts
 from .heads import FineTuning, HeadTraining
 from .options import BuildOptions
-from .search import COMBINES
 
 if sys.version_info >= (3, 11):
     import tomllib

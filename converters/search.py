@@ -29,8 +29,8 @@ import numpy as np
 
 from stagewise.calibration import ExitTable, Outcome, fit_temperature
 from stagewise.errors import CalibrationError
+from stagewise.exits import COMBINES
 
-COMBINES = ("own", "mean_probs")
 EXACT_STAGES = 3
 """Cascades of up to this many stages get the exhaustive threshold front."""
 

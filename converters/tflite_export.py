@@ -120,7 +120,6 @@ class TFLiteExporter(Exporter):
 
     format = "tflite"
     runtime = "litert"
-    suffixes = (".tflite",)
     supports_fp16 = True
 
     def __init__(self) -> None:
@@ -155,9 +154,9 @@ class TFLiteExporter(Exporter):
     def fp16(self, plan: StagePlan, fp32: Exported, workdir: Path, example: np.ndarray,
              options: BuildOptions) -> Exported:
         out = workdir / f"{plan.name}.fp16.tflite"
-        native = getattr(plan.adapter, "tflite_fp16", None)
+        native = plan.adapter.tflite_fp16(plan, example, out)
         if native is not None:
-            return Exported((out,), native(plan, example, out))
+            return Exported((out,), native)
         _edge_quantize(fp32.files[0], _FP16_RECIPE, None, out)
         return Exported((out,), {"tool": "ai_edge_quantizer (float_casting)", "weights": "fp16",
                                  "compute": "fp32 on CPU"})
@@ -165,10 +164,8 @@ class TFLiteExporter(Exporter):
     def quantize(self, plan: StagePlan, fp32: Exported, workdir: Path, inputs: StageInputs,
                  options: BuildOptions) -> Exported:
         out = workdir / f"{plan.name}.int8.tflite"
-        native = getattr(plan.adapter, "tflite_int8", None)
-        if native is not None:
-            record = native(plan, inputs.verify[:1], out, inputs.calibrate, options.int8_io)
-        else:
+        record = plan.adapter.tflite_int8(plan, inputs.verify[:1], out, inputs.calibrate, options.int8_io)
+        if record is None:
             record = self._edge_int8(plan, fp32, inputs, options, out)
         record["io_quantization"] = self.open(plan, (out,)).quantization
         return Exported((out,), record)

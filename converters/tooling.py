@@ -6,10 +6,11 @@ import contextlib
 import importlib
 import io
 import warnings
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterator, Mapping
 
-from stagewise.errors import ConversionError, MissingExtraError, unknown_choice
+from stagewise.errors import ConversionError, MissingExtraError, registered
 
 
 def package_version(package: str) -> str:
@@ -29,18 +30,28 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def plugin(table: Mapping[str, tuple[str, str, str]], key: str, kind: str, purpose: str) -> Any:
-    """An instance of the class ``table[key]`` names (module, class, extra): a source adapter or an
-    exporter, imported on first use.
+@dataclass(frozen=True)
+class Plugin:
+    """A converter-side extension, imported on first use: the ``name`` it is registered under, the class it is
+    (``target``, as ``"package.module:Class"``) and the ``stagewise[...]`` ``extra`` that installs what the
+    module imports."""
 
-    An unknown ``key`` is a :class:`ConversionError` listing the ``kind``s there are; a missing
-    dependency of the module is a :class:`MissingExtraError` naming the extra.
-    """
-    if key not in table:
-        raise ConversionError(unknown_choice(kind, key, table))
-    module, name, extra = table[key]
-    try:
-        return getattr(importlib.import_module(module), name)()
-    except ImportError as exc:
-        raise MissingExtraError(f"{purpose} needs {exc.name or 'a package'}, which is not installed: "
-                                f'pip install "stagewise[{extra}]" ({exc})') from exc
+    name: str
+    target: str
+    extra: str
+
+    def load(self, purpose: str) -> Any:
+        """An instance of the ``target`` class; a missing dependency of its module is a :class:`MissingExtraError`
+        naming the extra (``purpose`` says what needed it)."""
+        module, _, name = self.target.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)()
+        except ImportError as exc:
+            raise MissingExtraError(f"{purpose} needs {exc.name or 'a package'}, which is not installed: "
+                                    f'pip install "stagewise[{self.extra}]" ({exc})') from exc
+
+
+def plugin(table: Mapping[str, Plugin], key: str, kind: str, purpose: str) -> Any:
+    """The loaded :class:`Plugin` ``table[key]`` (a source adapter or an exporter); an unknown ``key`` is a
+    :class:`ConversionError` listing the ``kind``s there are."""
+    return registered(table, kind, key, ConversionError).load(purpose)

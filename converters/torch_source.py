@@ -20,7 +20,7 @@ from stagewise.errors import ConversionError
 from stagewise.extras import require
 
 from .heads import LinearHead
-from .source import UNSTABLE_BN_GAIN, CutPoint
+from .source import UNSTABLE_BN_GAIN, CutPoint, SourceAdapter
 from .torch_heads import Head, Pool
 from .tooling import package_version, quiet
 from .torch_cam import glance_stage
@@ -83,7 +83,7 @@ def export_onnx(module: torch.nn.Module, example: np.ndarray, path: Path, input_
     return {"tool": "torch.onnx.export (TorchScript)", "version": torch.__version__, "opset": OPSET}
 
 
-class TorchSource:
+class TorchSource(SourceAdapter):
     """:class:`~stagewise.converters.source.SourceAdapter` for ``torch.nn.Module`` classifiers."""
 
     framework = "torch"
@@ -92,9 +92,6 @@ class TorchSource:
 
     def version(self) -> str:
         return torch.__version__
-
-    def accepts(self, model: Any) -> bool:
-        return isinstance(model, torch.nn.Module)
 
     def prepare(self, model: Any) -> torch.nn.Module:
         if not isinstance(model, torch.nn.Module):

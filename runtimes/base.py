@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 import numpy as np
 
 from stagewise.errors import BackendUnavailableError, MissingExtraError, unknown_choice
+from stagewise.formats import format_named
 from stagewise.manifest import StageSpec
 
 from .options import LiteRTOptions, OnnxRuntimeOptions, OpenVinoOptions, RuntimeOptions
@@ -123,7 +124,10 @@ Opener = Callable[[Sequence[Path], StageIO, LoadOptions], StageSession]
 
 @dataclass(frozen=True)
 class Runtime:
-    """A registered runtime: its name, the artifact format it reads, and how to open a stage."""
+    """A registered runtime: its ``name``, the artifact format it reads (a registered
+    :class:`~stagewise.formats.Format`'s name), and how to open a stage: ``module``'s
+    ``open_stage`` (an :data:`Opener`), imported on first use, once ``package`` (or one of
+    ``alternatives``) is installed (``install_hint`` says how)."""
 
     name: str
     artifact_format: str
@@ -148,27 +152,40 @@ class Runtime:
         return importlib.import_module(self.module).open_stage
 
 
-RUNTIMES: dict[str, Runtime] = {
-    "onnxruntime": Runtime("onnxruntime", "onnx", "stagewise.runtimes.onnxruntime_adapter", "onnxruntime",
-                           'pip install "stagewise[onnxruntime]"', options=OnnxRuntimeOptions),
-    "openvino": Runtime("openvino", "openvino", "stagewise.runtimes.openvino_adapter", "openvino",
-                        'pip install "stagewise[openvino]"', options=OpenVinoOptions),
-    "litert": Runtime("litert", "tflite", "stagewise.runtimes.litert_adapter", "ai_edge_litert",
-                      'pip install "stagewise[litert]"', alternatives=("tflite_runtime",), options=LiteRTOptions),
-}
+RUNTIMES: dict[str, Runtime] = {}
+"""The registered runtimes by name (:func:`register_runtime` adds one)."""
+
+
+def register_runtime(runtime: Runtime) -> Runtime:
+    """Add ``runtime`` (or replace the runtime of the same name); returns it. Its format must be registered
+    (:func:`stagewise.formats.register_format`)."""
+    format_named(runtime.artifact_format)
+    RUNTIMES[runtime.name] = runtime
+    return runtime
+
+
+register_runtime(Runtime("onnxruntime", "onnx", "stagewise.runtimes.onnxruntime_adapter", "onnxruntime",
+                         'pip install "stagewise[onnxruntime]"', options=OnnxRuntimeOptions))
+register_runtime(Runtime("openvino", "openvino", "stagewise.runtimes.openvino_adapter", "openvino",
+                         'pip install "stagewise[openvino]"', options=OpenVinoOptions))
+register_runtime(Runtime("litert", "tflite", "stagewise.runtimes.litert_adapter", "ai_edge_litert",
+                         'pip install "stagewise[litert]"', alternatives=("tflite_runtime",), options=LiteRTOptions))
 
 DEFAULT_PREFERENCE = ("onnxruntime", "openvino", "litert")
 
 
-def register_runtime(runtime: Runtime) -> None:
-    """Add or replace a runtime (tests use this for a mock backend)."""
-    RUNTIMES[runtime.name] = runtime
+def runtimes_for(artifact_format: str) -> list[Runtime]:
+    """The registered runtimes that run ``artifact_format``, in registration order."""
+    return [r for r in RUNTIMES.values() if r.artifact_format == artifact_format]
 
 
 def preference() -> tuple[str, ...]:
-    """The order ``"auto"`` tries runtimes in: ``$STAGEWISE_PREFER`` (comma-separated) or the default."""
+    """The order ``"auto"`` tries runtimes in: ``$STAGEWISE_PREFER`` (comma-separated), else the default
+    followed by every other registered runtime in registration order."""
     env = os.environ.get("STAGEWISE_PREFER", "").strip()
-    return tuple(n.strip() for n in env.split(",") if n.strip()) if env else DEFAULT_PREFERENCE
+    if env:
+        return tuple(n.strip() for n in env.split(",") if n.strip())
+    return (*DEFAULT_PREFERENCE, *(n for n in RUNTIMES if n not in DEFAULT_PREFERENCE))
 
 
 def resolve_runtime(requested: str, formats: Sequence[str], prefer: Sequence[str] | None = None) -> Runtime:
@@ -192,8 +209,9 @@ def resolve_runtime(requested: str, formats: Sequence[str], prefer: Sequence[str
         if runtime.artifact_format not in formats:
             raise BackendUnavailableError(
                 f"this bundle has no {runtime.artifact_format!r} artifacts for runtime {requested!r} "
-                f"(it carries: {', '.join(formats) or 'none'}); reconvert with --backend {runtime.artifact_format} "
-                "or load it with a runtime it supports")
+                f"(it carries: {', '.join(formats) or 'none'}); reconvert with --format {runtime.artifact_format} "
+                f"or load it with a runtime that runs what it carries: "
+                f"{', '.join(r.name for f in formats for r in runtimes_for(f)) or 'none is registered'}")
         return runtime
     candidates = [RUNTIMES[n] for n in prefer if n in RUNTIMES and RUNTIMES[n].artifact_format in formats]
     for runtime in candidates:

@@ -31,7 +31,7 @@ from stagewise.bundle import Bundle
 from stagewise.checks import index, nonnegative_budget, positive_count, positive_number
 from stagewise.errors import (BundleError, CascadeClosedError, DeadlineExceededError, StageOutputError,
                              UnknownOperatingPointError, UnknownOptionError)
-from stagewise.exits import exit_scores, load_exit_model, softmax
+from stagewise.exits import SCORES, deciding_probabilities, exit_scores, load_exit_model, softmax
 from stagewise.images import load_image
 from stagewise.manifest import StageSpec
 
@@ -107,7 +107,7 @@ class Cascade:
         self.preprocess.check_resizer()
         self.router = StageRouter.from_manifest(m)
         # a stage scores one image in Python floats unless some stage needs the running sum of probabilities
-        sums = any(s.exit.combine == "mean_probs" or s.exit.score == "learned" for s in m.stages)
+        sums = any(s.exit.combine == "mean_probs" or SCORES[s.exit.score].reads_earlier for s in m.stages)
         fast = not sums and len(m.classes) <= FAST_CLASSES
         self._stages = [self._plan(spec, session, bundle.root, fast) for spec, session in zip(m.stages, sessions)]
         self._names = tuple(st.name for st in self._stages)
@@ -476,7 +476,7 @@ class Cascade:
                 else:
                     total[rows] += own
                     summed = total[rows]
-                decider = summed / runs if st.combine == "mean_probs" else own
+                decider = deciding_probabilities(own, summed, runs, st.combine)
                 scores = exit_scores(st.score, decider, logits, st.temperature, summed, runs - 1, st.exit_model,
                                      own).tolist()
                 labels = decider.argmax(1).tolist()

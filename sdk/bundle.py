@@ -27,23 +27,34 @@ import jsonschema
 
 from . import archive, signing
 from .errors import BundleError, IntegrityError, ManifestError, UnsafeArchiveError
+from .exits import COMBINES, SCORES
+from .formats import FORMATS
 from .manifest import FORMAT, FORMAT_VERSION, Manifest
 
 MANIFEST = "manifest.json"
 SIGNATURE = signing.SIGNATURE
 MAX_MANIFEST_DEPTH = 32
 """Deepest nesting of a manifest document (a real one nests about 7 levels)."""
-ARTIFACT_FORMATS = ("onnx", "openvino", "tflite")
-PROBABILITY_SCORES = ("max_softmax", "margin", "entropy", "learned")
-"""Exit scores that lie in [0, 1] (``max_logit`` is a raw logit, bounded only by the schema)."""
 _SLACK = 1e-9
 
 
-@lru_cache(maxsize=1)
 def manifest_schema() -> dict:
-    """The JSON Schema of manifest format version 1, as shipped in the package."""
-    text = resources.files("stagewise").joinpath("schema/manifest.schema.json").read_text()
-    return json.loads(text)
+    """The JSON Schema of manifest format version 1: the shipped document, with the names of the registered
+    artifact formats (:data:`stagewise.formats.FORMATS`) and exit scores (:data:`stagewise.exits.SCORES`)."""
+    needs_model = tuple(name for name, score in SCORES.items() if score.model is not None)
+    return _schema(tuple(FORMATS), tuple(SCORES), needs_model)
+
+
+@lru_cache(maxsize=4)
+def _schema(formats: tuple[str, ...], scores: tuple[str, ...], needs_model: tuple[str, ...]) -> dict:
+    schema = json.loads(resources.files("stagewise").joinpath("schema/manifest.schema.json").read_text())
+    stage = schema["$defs"]["stage"]["properties"]
+    stage["artifacts"]["propertyNames"] = {"enum": list(formats)}
+    rule = stage["exit"]
+    rule["properties"]["score"]["enum"] = list(scores)
+    rule["properties"]["combine"]["enum"] = list(COMBINES)
+    rule["if"] = {"properties": {"score": {"enum": list(needs_model)}}}
+    return schema
 
 
 def _field_path(parts: Any) -> str:
@@ -99,7 +110,7 @@ def _check_references(m: dict) -> None:
                 f"({len(m['stages'])}), got {len(point['thresholds'])}")
         for k, (t, stage) in enumerate(zip(point["thresholds"], m["stages"])):
             score = stage["exit"]["score"]
-            if t is not None and score in PROBABILITY_SCORES and not -_SLACK <= t <= 1 + _SLACK:
+            if t is not None and SCORES[score].probability and not -_SLACK <= t <= 1 + _SLACK:
                 raise ManifestError(
                     f"manifest field operating_points[{j}].thresholds[{k}]: {t} is outside [0, 1], the range of the "
                     f"stage's {score} score (null: never exit); recalibrate the bundle")
@@ -169,7 +180,7 @@ class Bundle:
 
     def formats(self) -> list[str]:
         """Artifact formats that every stage carries."""
-        return [f for f in ARTIFACT_FORMATS if all(f in s.artifacts for s in self.manifest.stages)]
+        return [f for f in FORMATS if all(f in s.artifacts for s in self.manifest.stages)]
 
     def close(self) -> None:
         if self._tmp is not None:

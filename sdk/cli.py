@@ -15,6 +15,9 @@ import click
 import numpy as np
 
 from .errors import StagewiseError, unknown_choice
+from .exits import COMBINES, SCORES
+from .formats import FORMATS
+from .runtimes.base import RUNTIMES
 
 
 class _Finite(click.FloatRange):
@@ -48,7 +51,7 @@ def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU", t
 
 
 backend_option = click.option("--runtime", "--backend", "backend", default="auto", show_default=True,
-                              help="runtime: onnxruntime, openvino, litert, auto, or a preference order "
+                              help=f"runtime: {', '.join(RUNTIMES)}, auto, or a preference order "
                                    "such as openvino,onnxruntime (--backend is the old name)")
 device_option = click.option("--device", default="CPU", show_default=True,
                              help="device for the runtime: CPU, or with OpenVINO also GPU, NPU, AUTO")
@@ -122,7 +125,7 @@ def _request_option(*decls: str, **attrs: Any):
                  help="labelled images: class folders, an archive, or labels.tsv")
 @_request_option("--calibration-data", type=click.Path(path_type=Path),
                  help="separate labelled images for thresholds (default: a stratified 20% of --data)")
-@_request_option("--format", "formats", help="artifact formats, comma-separated: onnx, openvino, tflite")
+@_request_option("--format", "formats", help=f"artifact formats, comma-separated: {', '.join(FORMATS)}")
 @click.option("--backend", "legacy_formats", hidden=True, help="deprecated name of --format")
 @_request_option("--int8/--no-int8", default=None, help="post-training INT8 quantization with the calibration images")
 @_request_option("--int8-max-drop", type=float,
@@ -176,8 +179,8 @@ def _request_option(*decls: str, **attrs: Any):
 @_request_option("--resizer",
                  help="library that resizes the images, at calibration and on the device: pillow (antialiased) or "
                       "opencv (6-9x faster; the device needs stagewise[opencv])")
-@_request_option("--combine", help="cascade stages decide on own or averaged (mean_probs) probabilities")
-@_request_option("--score", type=click.Choice(["max_softmax", "margin", "entropy"]), help="exit score")
+@_request_option("--combine", help=f"cascade stages decide on own or averaged probabilities: {', '.join(COMBINES)}")
+@_request_option("--score", type=click.Choice(list(SCORES)), help="exit score")
 @_request_option("--max-head-images", type=int, help="cap on images used to train exit heads")
 @_request_option("--max-calibration-images", type=int, help="cap on images used to pick thresholds")
 @_request_option("--threads", type=int, help="runtime threads for calibration and profiling")
@@ -417,7 +420,7 @@ def bench(bundle, data, backend, device, threads, limit, seed, points, json_out,
 @click.option("--risk-kind", type=click.Choice(["disagreement", "error_increase"]), default="disagreement",
               show_default=True, help="with --risk: disagreement with the full model, or error increase (needs labels)")
 @click.option("--no-labels", is_flag=True, help="calibrate against the full model's own answers (images need no labels)")
-@click.option("--score", type=click.Choice(["max_softmax", "margin", "entropy", "max_logit", "learned"]),
+@click.option("--score", type=click.Choice(list(SCORES)),
               help="switch the exit score of the non-final stages (default: keep the bundle's)")
 @click.option("--temperature/--no-temperature", default=True, show_default=True,
               help="fit each stage's softmax temperature by NLL before choosing thresholds")

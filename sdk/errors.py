@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Iterable, Mapping, TypeVar
+
+T = TypeVar("T")
 
 
 class StagewiseError(Exception):
@@ -111,3 +113,11 @@ def unknown_choice(what: str, value: object, names: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(value), names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown {what} {value!r}{hint} (choose from {', '.join(names)})"
+
+
+def registered(table: Mapping[str, T], what: str, name: str, error: type[StagewiseError] | None = None) -> T:
+    """``table[name]`` of a registry; an unknown ``name`` raises ``error`` (default :class:`InvalidOptionError`)
+    with :func:`unknown_choice`'s message for ``what``."""
+    if name not in table:
+        raise (error or InvalidOptionError)(unknown_choice(what, name, table))
+    return table[name]

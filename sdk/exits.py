@@ -2,9 +2,13 @@
 
 Every score is computed on a batch of logits (N x C) after dividing by the stage's
 temperature. A stage may also decide on the mean of its own and all earlier stages'
-probabilities (``combine="mean_probs"``), so earlier work is not wasted.
+probabilities (``combine="mean_probs"``, :func:`deciding_probabilities`), so earlier work is not wasted.
 
-Scores:
+What a score is lives in one table, :data:`SCORES` (name to :class:`ExitScore`): how it is
+computed, whether it is a probability (thresholds in [0, 1]), whether it is the maximum over
+classes of a per-class value (Savchenko's false-acceptance rule applies exactly), and whether it
+needs a fitted per-stage model. The manifest schema, the bundle checks, the calibration suite and
+the CLI's ``--score`` choices read it; :func:`register_exit_score` adds one. Built in:
 
 * ``max_softmax``, ``margin``, ``entropy``: from the deciding probabilities;
 * ``max_logit``: the top raw logit; with a linear head whose outputs are decision values (a
@@ -22,15 +26,70 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
+from .errors import InvalidOptionError, registered
 from .manifest import ExitRule
 
-SCORES = ("max_softmax", "margin", "entropy", "max_logit", "learned")
-PER_CLASS_SCORES = ("max_softmax", "max_logit")
-"""Scores that are the maximum over classes of a per-class score (probability, decision value)."""
+
+class ScoreContext(NamedTuple):
+    """What a score may read besides the deciding probabilities and the logits: the stage's ``temperature``,
+    the running sum ``total`` of every stage's own probabilities so far (``None``: only this stage ran), the
+    stage's position ``k`` among the stages that ran, its fitted ``model`` and its own softmax ``own`` (when the
+    caller has it already)."""
+
+    temperature: float = 1.0
+    total: np.ndarray | None = None
+    k: int = 0
+    model: Any = None
+    own: np.ndarray | None = None
+
+
+ScoreFunction = Callable[[np.ndarray, "np.ndarray | None", ScoreContext], np.ndarray]
+"""``compute(probs, logits, context)``: the per-row scores (N) of a batch."""
+
+
+@dataclass(frozen=True)
+class ExitScore:
+    """One exit score: its ``name`` (the manifest's ``exit.score``) and how to ``compute`` it, plus what the rest
+    of stagewise must know about it:
+
+    * ``probability``: the score lies in [0, 1] (a bundle's thresholds for it are checked against that range);
+    * ``per_class``: ``"probs"`` or ``"logits"`` when the score is the maximum over classes of that array (then
+      the false-acceptance thresholds use the maximal wrong-class value, Savchenko's rule), else ``None``;
+    * ``model``: the class of the per-stage model the score needs (``fit(features, right)``, ``load(path)``,
+      ``save(path)`` on the :data:`LEARNED_FEATURES`), or ``None``; a stage with such a score names its model
+      file in the manifest (``exit.model``) and the last stage, which never exits, does without one;
+    * ``reads_earlier``: the score reads the earlier stages' probabilities (the executor keeps their running sum).
+    """
+
+    name: str
+    compute: ScoreFunction
+    description: str = ""
+    probability: bool = False
+    per_class: str | None = None
+    model: Any = None
+    reads_earlier: bool = False
+
+
+SCORES: dict[str, ExitScore] = {}
+"""The registered exit scores by name (:func:`register_exit_score` adds one)."""
+
+
+def register_exit_score(score: ExitScore) -> ExitScore:
+    """Add ``score`` (or replace the score of the same name); returns it."""
+    if score.per_class not in (None, "probs", "logits"):
+        raise InvalidOptionError(f"exit score {score.name!r}: per_class is 'probs', 'logits' or None, "
+                                 f"got {score.per_class!r}")
+    SCORES[score.name] = score
+    return score
+
+
+def score_named(name: str) -> ExitScore:
+    """The registered exit score ``name``; an unknown name is an :class:`InvalidOptionError` that lists them."""
+    return registered(SCORES, "exit score", name)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -50,29 +109,47 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def confidence(kind: str, probs: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:
-    """Per-row confidence of ``kind`` from probabilities (and raw logits for ``max_logit``).
+    """Per-row confidence of ``kind`` from probabilities (and raw logits for ``max_logit``), for a score
+    that needs no model (see :data:`SCORES`)."""
+    score = score_named(kind)
+    if score.model is not None:
+        raise InvalidOptionError(f"the {kind} exit score needs its model and the earlier stages' probabilities; "
+                                 "use exit_scores(..., model=...)")
+    return score.compute(probs, logits, _ALONE)
 
-    * ``max_softmax``: the top probability;
-    * ``margin``: top-1 minus top-2 probability;
-    * ``entropy``: ``1 - H(p) / log(C)`` (1 for a one-hot, 0 for uniform);
-    * ``max_logit``: the top raw logit (a linear head's decision value).
-    """
-    if kind == "max_softmax":
-        return probs.max(axis=1)
-    if kind == "margin":
-        top2 = np.partition(probs, -2, axis=1)[:, -2:]
-        return top2[:, 1] - top2[:, 0]
-    if kind == "entropy":
-        p = np.clip(probs, 1e-12, 1.0)
-        return 1.0 + (p * np.log(p)).sum(axis=1) / np.log(probs.shape[1])
-    if kind == "max_logit":
-        if logits is None:
-            raise ValueError("max_logit needs the logits")
-        return np.asarray(logits, dtype=np.float64).max(axis=1)
-    if kind == "learned":
-        raise ValueError("the learned exit score needs its model and the earlier stages' probabilities; "
-                         "use exit_scores(..., model=...)")
-    raise ValueError(f"unknown exit score {kind!r}; choose one of {', '.join(SCORES)}")
+
+_ALONE = ScoreContext()
+
+
+def _max_softmax(probs: np.ndarray, logits: np.ndarray | None, context: ScoreContext) -> np.ndarray:
+    return probs.max(axis=1)
+
+
+def _max_logit(probs: np.ndarray, logits: np.ndarray | None, context: ScoreContext) -> np.ndarray:
+    if logits is None:
+        raise InvalidOptionError("max_logit needs the logits")
+    return np.asarray(logits, dtype=np.float64).max(axis=1)
+
+
+def _margin(probs: np.ndarray, logits: np.ndarray | None, context: ScoreContext) -> np.ndarray:
+    top2 = np.partition(probs, -2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def _entropy(probs: np.ndarray, logits: np.ndarray | None, context: ScoreContext) -> np.ndarray:
+    p = np.clip(probs, 1e-12, 1.0)
+    return 1.0 + (p * np.log(p)).sum(axis=1) / np.log(probs.shape[1])
+
+
+COMBINES = ("own", "mean_probs")
+"""How a stage decides: on its ``own`` probabilities, or on the mean of its own and every earlier stage's
+(``mean_probs``)."""
+
+
+def deciding_probabilities(own: np.ndarray, summed: np.ndarray, count: int, combine: str) -> np.ndarray:
+    """The probabilities a stage decides on: its ``own``, or for ``mean_probs`` the mean of ``summed`` (the sum of
+    the own probabilities of the ``count`` stages that ran, this one included)."""
+    return summed / count if combine == "mean_probs" else own
 
 
 def stage_probabilities(stage_logits: list[np.ndarray], temperatures: list[float],
@@ -83,7 +160,7 @@ def stage_probabilities(stage_logits: list[np.ndarray], temperatures: list[float
     for k, (logits, t) in enumerate(zip(stage_logits, temperatures)):
         probs = softmax(logits, t)
         total = probs if total is None else total + probs
-        out.append(total / (k + 1) if combine[k] == "mean_probs" else probs)
+        out.append(deciding_probabilities(probs, total, k + 1, combine[k]))
     return out
 
 
@@ -112,7 +189,7 @@ def exit_features(logits: np.ndarray, own: np.ndarray, earlier: np.ndarray | Non
     return np.stack([
         np.log(top2[:, 1] + _EPS),
         np.log(top2[:, 1] + _EPS) - np.log(top2[:, 0] + _EPS),
-        confidence("entropy", own),
+        _entropy(own, None, _ALONE),
         np.asarray(logits, dtype=np.float64).max(axis=1),
         np.log(earlier[rows, pred] + _EPS),
         (earlier.argmax(axis=1) == pred).astype(np.float64),
@@ -177,14 +254,16 @@ class LearnedExitScore:
                        weights=z["weights"].astype(np.float64), bias=float(z["bias"]), features=features)
 
 
-def load_exit_model(root: str | Path | None, exit_rule: ExitRule | Mapping[str, Any]) -> LearnedExitScore | None:
-    """The learned exit score model a stage's exit rule (or its manifest record) names (``None`` for other scores)."""
+def load_exit_model(root: str | Path | None, exit_rule: ExitRule | Mapping[str, Any]) -> Any:
+    """The model a stage's exit rule (or its manifest record) names, for a score that needs one
+    (a :class:`LearnedExitScore` for ``learned``; ``None`` for other scores)."""
     rule = exit_rule if isinstance(exit_rule, ExitRule) else ExitRule.from_dict(exit_rule)
-    if rule.score != "learned":
+    model = score_named(rule.score).model
+    if model is None:
         return None
     if root is None or rule.model is None:
-        raise ValueError("a stage with the learned exit score must name its model file (exit.model)")
-    return LearnedExitScore.load(Path(root) / rule.model.path)
+        raise InvalidOptionError(f"a stage with the {rule.score} exit score must name its model file (exit.model)")
+    return model.load(Path(root) / rule.model.path)
 
 
 def earlier_mean(own: np.ndarray, total: np.ndarray | None, k: int) -> np.ndarray | None:
@@ -195,21 +274,26 @@ def earlier_mean(own: np.ndarray, total: np.ndarray | None, k: int) -> np.ndarra
 
 
 def exit_scores(kind: str, probs: np.ndarray, logits: np.ndarray, temperature: float = 1.0,
-                total: np.ndarray | None = None, k: int = 0, model: LearnedExitScore | None = None,
+                total: np.ndarray | None = None, k: int = 0, model: Any = None,
                 own: np.ndarray | None = None) -> np.ndarray:
     """Exit scores of any kind, as the executor computes them after stage ``k``.
 
     ``probs`` are the deciding probabilities, ``logits`` the raw logits, ``total`` the running
     sum of every stage's own probabilities up to and including this one (``None`` when only this
-    stage ran) and ``model`` the stage's :class:`LearnedExitScore` for ``kind="learned"``; ``own``
-    is the stage's own softmax when the caller has it already (it is not computed twice).
+    stage ran) and ``model`` the stage's model for a score that needs one (``learned``: a
+    :class:`LearnedExitScore`); ``own`` is the stage's own softmax when the caller has it already
+    (it is not computed twice).
     """
-    if kind != "learned":
-        return confidence(kind, probs, logits)
-    if model is None:
-        raise ValueError("the learned exit score needs the stage's model")
-    own = softmax(logits, temperature) if own is None else own
-    return model(exit_features(logits, own, earlier_mean(own, total, k), k if total is not None else 0))
+    score = score_named(kind)
+    if score.model is not None and model is None:
+        raise InvalidOptionError(f"the {kind} exit score needs the stage's model")
+    return score.compute(probs, logits, ScoreContext(temperature, total, k, model, own))
+
+
+def _learned(probs: np.ndarray, logits: np.ndarray | None, context: ScoreContext) -> np.ndarray:
+    own = softmax(logits, context.temperature) if context.own is None else context.own
+    k = context.k if context.total is not None else 0
+    return context.model(exit_features(logits, own, earlier_mean(own, context.total, context.k), k))
 
 
 def all_stage_scores(kinds: list[str], stage_logits: list[np.ndarray], temperatures: list[float], combine: list[str],
@@ -248,9 +332,20 @@ def wrong_class_scores(kind: str, probs: np.ndarray, logits: np.ndarray, targets
     """
     t = np.asarray(targets, dtype=np.int64)
     rows = np.arange(len(t))
-    if kind in PER_CLASS_SCORES:
-        values = np.array(probs if kind == "max_softmax" else logits, dtype=np.float64, copy=True)
+    per_class = score_named(kind).per_class
+    if per_class is not None:
+        values = np.array(probs if per_class == "probs" else logits, dtype=np.float64, copy=True)
         values[rows, t] = -np.inf
         return values.max(axis=1)
     s = confidence(kind, probs, logits) if scores is None else np.asarray(scores, dtype=np.float64)
     return np.where(np.asarray(probs).argmax(axis=1) == t, -np.inf, s)
+
+
+register_exit_score(ExitScore("max_softmax", _max_softmax, "the top probability", probability=True, per_class="probs"))
+register_exit_score(ExitScore("margin", _margin, "top-1 minus top-2 probability", probability=True))
+register_exit_score(ExitScore("entropy", _entropy, "1 - H(p) / log(C): 1 for a one-hot, 0 for uniform",
+                              probability=True))
+register_exit_score(ExitScore("max_logit", _max_logit, "the top raw logit (a linear head's decision value)",
+                              per_class="logits"))
+register_exit_score(ExitScore("learned", _learned, "a per-stage logistic model of 'this stage is already right'",
+                              probability=True, model=LearnedExitScore, reads_earlier=True))

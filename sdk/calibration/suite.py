@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..datasets import stratified_indices
-from ..errors import CalibrationError
-from ..exits import (LearnedExitScore, PER_CLASS_SCORES, SCORES, all_stage_scores, softmax, stage_features,
-                     stage_probabilities, wrong_class_scores)
+from ..errors import CalibrationError, registered
+from ..exits import (LearnedExitScore, SCORES, all_stage_scores, softmax, stage_features, stage_probabilities,
+                     wrong_class_scores)
 from .bh import bh_thresholds
 from .goals import Goal, Settings, threshold_point
 from .risk import control, loss_matrix
@@ -94,16 +94,15 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
     for e in exits:
         e.pop("model", None)
     if settings.score is not None:
-        if settings.score not in SCORES:
-            raise CalibrationError(f"unknown exit score {settings.score!r}; choose one of {', '.join(SCORES)}")
+        score = registered(SCORES, "exit score", settings.score, CalibrationError)
         for e in exits[:-1]:
             e["score"] = settings.score
-        if settings.score != "learned":
+        if score.model is None:  # the last stage never exits: it needs no model
             exits[-1]["score"] = settings.score
     kinds = [e["score"] for e in exits]
     combine = [e.get("combine", "own") for e in exits]
-    learned = any(kind == "learned" for kind in kinds[:-1])
-    if kinds[-1] == "learned":
+    learned = any(SCORES[kind].model is not None for kind in kinds[:-1])
+    if SCORES[kinds[-1]].model is not None:
         exits[-1]["score"] = kinds[-1] = "max_softmax"  # the last stage never exits: it needs no model
 
     # What a stage must answer: the targets, or the full model's own answers (computed with the current temperatures first).
@@ -132,8 +131,9 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
     if learned:
         feats = stage_features(stage_logits, temps)
         for j in range(k - 1):
-            if kinds[j] == "learned":
-                models[j] = LearnedExitScore.fit(feats[j][fit_idx], correct[j][fit_idx])
+            model = SCORES[kinds[j]].model
+            if model is not None:
+                models[j] = model.fit(feats[j][fit_idx], correct[j][fit_idx])
     scores = all_stage_scores(kinds, stage_logits, temps, combine, models)
 
     # Thresholds are chosen on images the fitted parts never saw when a learned score is used.
@@ -180,7 +180,7 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
         floor = scores[:, sel].min(axis=1)
         for alpha in alphas:
             thr = bh_thresholds(wrong, alpha, floor)
-            faithful = all(kinds[j] in PER_CLASS_SCORES for j in range(k - 1))
+            faithful = all(SCORES[kinds[j]].per_class is not None for j in range(k - 1))
             points.append(point(f"alpha-{alpha:g}", thr,
                                 {"kind": "false_acceptance_rate", "alpha": alpha, "reference": reference,
                                  "rule": "floor(alpha*m*n/M)-th largest maximal wrong-class score at stage m"
