@@ -121,15 +121,9 @@ def recalibrate(bundle: str | Path, data: str | Path, backend: str = "auto", thr
     """
     from .executor import load
 
-    goals = [g for g in (("drop", target_drop), ("budget", budget_ms), ("alpha", alpha), ("risk", risk)) if g[1] is not None]
-    if len(goals) != 1:
-        raise CalibrationError("give exactly one goal: a target drop, a budget, alpha, or risk with delta")
-    kind, value = goals[0]
-    if kind == "risk" and delta is None:
-        raise CalibrationError("the risk goal needs delta, the allowed probability that the bound fails (e.g. 0.1)")
-    if kind == "risk" and risk_kind == "error_increase" and not labels:
+    goal = Goal.from_options(target_drop, budget_ms, alpha, risk, delta, risk_kind)
+    if goal.kind == "risk" and risk_kind == "error_increase" and not labels:
         raise CalibrationError("bounding the error increase needs labels; without labels use the disagreement risk")
-    goal = Goal(kind, value / 100 if kind == "drop" else value, delta, risk_kind)
     images = open_image_set(data, labelled=labels)
     if limit and limit < len(images):
         images = images.subset(np.sort(np.random.default_rng(0).choice(len(images), limit, replace=False)))

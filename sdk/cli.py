@@ -459,17 +459,6 @@ def calibrate(bundle, data, from_log, target_drop, budget_ms, alpha, risk, delta
     if data is None:
         raise click.UsageError("give --data IMAGES (or --from-log TRACES to re-calibrate from field traces)")
 
-    goals = [g for g in (target_drop, budget_ms, alpha, risk) if g is not None]
-    if len(goals) != 1:
-        raise click.UsageError("give exactly one goal: --target-drop, --budget-ms, --alpha, or --risk with --delta")
-    if risk is not None and delta is None:
-        raise click.UsageError("--risk needs --delta, the allowed probability that the guarantee fails (e.g. 0.1)")
-    if delta is not None and risk is None:
-        raise click.UsageError("--delta goes with --risk")
-    if alpha is not None and not 0 < alpha < 1:
-        raise click.BadParameter("alpha must lie in (0, 1)", param_hint="--alpha")
-    if risk is not None and not (0 < risk < 1 and 0 < delta < 1):
-        raise click.BadParameter("risk and delta must lie in (0, 1) (fractions: 0.02 is 2%)", param_hint="--risk")
     settings = Settings(score=score, fit_temperature=temperature, front_points=front_points,
                         tune_fraction=tune_fraction, seed=seed)
     manifest = recalibrate(bundle, data, backend, threads, target_drop=target_drop, budget_ms=budget_ms, alpha=alpha,

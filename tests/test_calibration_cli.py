@@ -20,7 +20,7 @@ from PIL import Image
 from stagewise.bundle import read_bundle
 from stagewise.cli import cli
 from stagewise.datasets import open_image_set
-from stagewise.errors import DatasetError
+from stagewise.errors import CalibrationError, DatasetError
 from stagewise.runtimes import load
 from stagewise.runtimes.calibrate import exit_table
 from toy_bundle import toy_bundle, toy_manifest
@@ -133,9 +133,11 @@ def test_alpha_on_directory_bundle(bundle, data, tmp_path):
 def test_usage_errors(bundle, data):
     runner = CliRunner()
     both = runner.invoke(cli, ["calibrate", str(bundle), "--data", str(data[0]), "--alpha", "0.1", "--target-drop", "1"])
-    assert both.exit_code != 0 and "exactly one goal" in both.output
+    assert isinstance(both.exception, CalibrationError) and "exactly one goal" in str(both.exception)
     no_delta = runner.invoke(cli, ["calibrate", str(bundle), "--data", str(data[0]), "--risk", "0.05"])
-    assert no_delta.exit_code != 0 and "--delta" in no_delta.output
+    assert isinstance(no_delta.exception, CalibrationError) and "needs delta" in str(no_delta.exception)
+    bad_alpha = runner.invoke(cli, ["calibrate", str(bundle), "--data", str(data[0]), "--alpha", "1.5"])
+    assert isinstance(bad_alpha.exception, CalibrationError) and "alpha must lie in (0, 1)" in str(bad_alpha.exception)
     unlabelled = runner.invoke(cli, ["calibrate", str(bundle), "--data", str(data[1]), "--target-drop", "1"])
     assert unlabelled.exit_code != 0 and "one folder per class" in str(unlabelled.exception)
     error_needs_labels = runner.invoke(cli, ["calibrate", str(bundle), "--data", str(data[1]), "--no-labels",

@@ -199,7 +199,7 @@ def test_bad_requests_are_refused():
     logits, labels = synthetic_logits(n=50)
     with pytest.raises(CalibrationError, match="unknown exit score"):
         calibrate_stages(logits, EXITS, COSTS, labels, Goal("drop", 0.01), Settings(score="vibes"))
-    with pytest.raises(ValueError, match="needs delta"):
+    with pytest.raises(CalibrationError, match="needs delta"):
         Goal("risk", 0.05)
-    with pytest.raises(ValueError, match="unknown goal"):
+    with pytest.raises(CalibrationError, match="unknown goal"):
         Goal("speed", 1.0)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import CalibrationError
 from .table import ExitTable
 
 DEFAULT_DROPS = (0.0, 0.005, 0.01, 0.02)
@@ -38,11 +39,32 @@ class Goal:
 
     def __post_init__(self):
         if self.kind not in GOALS:
-            raise ValueError(f"unknown goal {self.kind!r}; choose one of {', '.join(GOALS)}")
+            raise CalibrationError(f"unknown goal {self.kind!r}; choose one of {', '.join(GOALS)}")
         if self.kind != "full" and self.value is None:
-            raise ValueError(f"the {self.kind} goal needs a value")
+            raise CalibrationError(f"the {self.kind} goal needs a value")
         if self.kind == "risk" and self.delta is None:
-            raise ValueError("the risk goal needs delta (the allowed probability of missing epsilon)")
+            raise CalibrationError("the risk goal needs delta, the allowed probability that the bound fails (e.g. 0.1)")
+        if self.kind == "alpha" and not 0 < self.value < 1:
+            raise CalibrationError(f"alpha must lie in (0, 1), got {self.value}")
+        if self.kind == "risk" and not (0 < self.value < 1 and 0 < self.delta < 1):
+            raise CalibrationError("risk and delta must lie in (0, 1) (fractions: 0.02 is 2%)")
+        if self.kind in ("drop", "budget") and not 0 <= self.value < float("inf"):
+            raise CalibrationError(f"the {self.kind} goal needs a finite value of at least 0, got {self.value}")
+        if self.delta is not None and self.kind != "risk":
+            raise CalibrationError("delta goes with the risk goal")
+
+    @classmethod
+    def from_options(cls, target_drop: float | None = None, budget_ms: float | None = None,
+                     alpha: float | None = None, risk: float | None = None, delta: float | None = None,
+                     risk_kind: str = "disagreement") -> "Goal":
+        """The one goal among the ``calibrate`` options (``target_drop`` in points of top-1); anything but exactly
+        one raises :class:`CalibrationError`."""
+        given = [(kind, value) for kind, value in (("drop", target_drop), ("budget", budget_ms), ("alpha", alpha),
+                                                   ("risk", risk)) if value is not None]
+        if len(given) != 1:
+            raise CalibrationError("give exactly one goal: --target-drop, --budget-ms, --alpha, or --risk with --delta")
+        kind, value = given[0]
+        return cls(kind, value / 100 if kind == "drop" else value, delta, risk_kind)
 
     def point_name(self, cost_unit: str) -> str:
         """The name of the operating point this goal produces (e.g. ``drop-0.5pt``)."""
