@@ -33,9 +33,9 @@ from stagewise.errors import (BundleError, CascadeClosedError, DeadlineExceededE
                              UnknownOperatingPointError, UnknownOptionError)
 from stagewise.exits import exit_scores, load_exit_model, softmax
 from stagewise.images import load_image
-from stagewise.manifest import StageSpec
+from stagewise.manifest import Manifest, StageSpec
 
-from .base import StageIO, StageRunner, StageSession, runner_for, stage_io
+from .base import RUNTIMES, StageIO, StageRunner, StageSession, runner_for, stage_io
 from .budget import cancel_timer_s, plan_start, skipped
 from .controller import MeanBudgetController
 from .latency import LatencyModel, profile_name
@@ -60,6 +60,7 @@ class _Stage:
     exit_model: Any = None  # the learned exit score's model (stagewise.exits.LearnedExitScore)
     cancellable: bool = False  # the runtime can stop a run (the session has run_within)
     fast: bool = False  # a single image's score from its own logits, in Python floats
+    decision: tuple[str, str] | None = None  # the graph's exit score and answer outputs (GraphDecision)
     ran_on: str | None = None  # where the runtime runs it (execution provider, device, delegate)
 
 
@@ -106,10 +107,13 @@ class Cascade:
         self.preprocess = m.input
         self.preprocess.check_resizer()
         self.router = StageRouter.from_manifest(m)
-        # a stage scores one image in Python floats unless some stage needs the running sum of probabilities
-        sums = any(s.exit.combine == "mean_probs" or s.exit.score == "learned" for s in m.stages)
+        # a stage's graph decides (or one image is scored in Python floats) unless some stage needs the running sum
+        # of probabilities
+        sums = sums_probabilities(m)
         fast = not sums and len(m.classes) <= FAST_CLASSES
-        self._stages = [self._plan(spec, session, bundle.root, fast) for spec, session in zip(m.stages, sessions)]
+        fmt = RUNTIMES[runtime].artifact_format if runtime in RUNTIMES else None
+        self._stages = [self._plan(spec, session, bundle.root, fast, stage_io(spec, fmt, not sums))
+                        for spec, session in zip(m.stages, sessions)]
         self._names = tuple(st.name for st in self._stages)
         self._cancellable = tuple(st.cancellable for st in self._stages)
         self._patch = tuple(s.source == "patch" for s in self.router.inputs)
@@ -169,11 +173,13 @@ class Cascade:
                                                              **self._controller_options)
 
     @staticmethod
-    def _plan(spec: StageSpec, session: StageSession, root: Path | None, fast: bool) -> _Stage:
+    def _plan(spec: StageSpec, session: StageSession, root: Path | None, fast: bool, io: StageIO) -> _Stage:
         fast = fast and spec.exit.score in ("max_softmax", "max_logit")
-        return _Stage(name=spec.name, session=session, io=stage_io(spec), logits=spec.outputs.logits,
+        decided = io.decision is not None and getattr(session, "decides", False)
+        return _Stage(name=spec.name, session=session, io=io, logits=spec.outputs.logits,
                       score=spec.exit.score, temperature=spec.exit.temperature, combine=spec.exit.combine,
                       exit_model=_exit_model(root, spec), cancellable=hasattr(session, "run_within"), fast=fast,
+                      decision=(io.decision.output, io.decision.label) if decided else None,
                       ran_on=getattr(session, "ran_on", None))
 
     @property
@@ -463,7 +469,10 @@ class Cascade:
             runs = 1 if alone else runs + 1
             logits = out[st.logits]
             m = len(live)
-            if m == 1 and st.fast:
+            if st.decision is not None:  # the graph's own exit score and answer: read, not computed
+                score_name, label_name = st.decision
+                scores, labels, decider = out[score_name].tolist(), out[label_name].tolist(), None
+            elif m == 1 and st.fast:
                 score, label = _fast_score(st.score, logits[0].tolist(), 1.0 / st.temperature)
                 scores, labels, decider = (score,), (label,), None
             else:
@@ -551,6 +560,12 @@ class Cascade:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sums_probabilities(manifest: Manifest) -> bool:
+    """Whether some stage decides on more than its own probabilities (``mean_probs``, or a ``learned`` score, which
+    reads the earlier stages' too): the executor then keeps the running sum and scores every stage itself."""
+    return any(s.exit.combine == "mean_probs" or s.exit.score == "learned" for s in manifest.stages)
 
 
 def _exit_model(root: Path | None, spec: StageSpec) -> Any:

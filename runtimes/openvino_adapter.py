@@ -48,7 +48,7 @@ import numpy as np
 from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailableError
 from stagewise.extras import require
 
-from .base import LoadOptions, StageIO
+from .base import GraphDecision, LoadOptions, StageIO
 from .deadline import finite_timeout
 from .model_cache import model_cache
 from .model_io import DeclaredIO, TensorInfo
@@ -202,6 +202,10 @@ class OpenVinoStage:
             raise BundleError(f"{name}: a stage has one input, this IR has {len(model.inputs)}")
         if needs_static_shapes(device, options, available) and model.inputs[0].get_partial_shape().is_dynamic:
             _static_batch_one(model, name)
+        decision = io.decision
+        self.decides = decision is not None  # the compiled model outputs the asked exit decision (add_decision)
+        if decision is not None:
+            add_decision(model, io.outputs[0], decision)
         self.device = device
         self.config = compile_config(ov_core, device, options)
         start = time.perf_counter()
@@ -220,7 +224,7 @@ class OpenVinoStage:
         self._input_dtype = port.get_element_type().to_dtype()
         self._outputs: dict[str, Any] = {}
         names = {n: out for out in compiled.outputs for n in out.get_names()}
-        for out_name in io.outputs:
+        for out_name in io.outputs + ((decision.output, decision.label) if decision is not None else ()):
             if out_name not in names:
                 raise BundleError(f"{name} has no output named {out_name!r} (it has: {', '.join(sorted(names))}); "
                                   "the manifest and the IR do not match, rebuild the bundle")
@@ -341,6 +345,34 @@ class OpenVinoRunner:
 
     def close(self) -> None:
         self._request = self._stage = self._x = None
+
+
+def add_decision(model: Any, logits: str, decision: GraphDecision) -> None:
+    """Add ``decision``'s outputs to ``model`` (an ``ov.Model`` read from a bundle): the exit score of the logits
+    output ``logits`` at the stage's temperature (a constant: the model is read and compiled with the manifest's
+    temperature at every load) and its argmax, computed in f32 like the exported ONNX decision."""
+    from openvino import opset13 as ops
+
+    port = next(r.input_value(0) for r in model.get_results() if logits in r.output(0).get_names())
+    x = port if port.get_element_type() == ov.Type.f32 else ops.convert(port, "f32").output(0)
+    if decision.score != "max_logit":
+        x = ops.softmax(ops.multiply(x, ops.constant(np.float32(decision.inverse_temperature))), 1).output(0)
+    top = ops.topk(x, ops.constant(np.int64(2 if decision.score == "margin" else 1)), 1, "max", "value",
+                   ov.Type.i64)
+    first = ops.constant(np.int64(0))
+    label = ops.gather(top.output(1), first, 1)
+    if decision.score == "margin":
+        score = ops.subtract(ops.gather(top.output(0), first, 1), ops.gather(top.output(0), ops.constant(np.int64(1)), 1))
+    elif decision.score == "entropy":  # 1 + sum(p log p) / log(C), p clipped below at 1e-12
+        classes = port.get_partial_shape()[1].get_length()
+        p = ops.maximum(x, ops.constant(np.float32(1e-12)))
+        total = ops.reduce_sum(ops.multiply(p, ops.log(p)), ops.constant(np.int64(1)), False)
+        score = ops.add(ops.multiply(total, ops.constant(np.float32(1.0 / np.log(classes)))), ops.constant(np.float32(1)))
+    else:
+        score = ops.gather(top.output(0), first, 1)
+    score.output(0).get_tensor().set_names({decision.output})
+    label.output(0).get_tensor().set_names({decision.label})
+    model.add_results([ops.result(score), ops.result(label)])
 
 
 def _property(compiled: Any, key: str, default: Any) -> Any:

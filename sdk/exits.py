@@ -31,6 +31,9 @@ from .manifest import ExitRule
 SCORES = ("max_softmax", "margin", "entropy", "max_logit", "learned")
 PER_CLASS_SCORES = ("max_softmax", "max_logit")
 """Scores that are the maximum over classes of a per-class score (probability, decision value)."""
+GRAPH_SCORES = ("max_softmax", "max_logit", "margin", "entropy")
+"""Scores a stage's own graph can compute from its logits (at a temperature fed as an input): with
+``combine="own"``, a stage whose artifact carries them hands the executor its exit score and answer."""
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
