@@ -208,7 +208,9 @@ class OnnxExporter(Exporter):
 def add_decision(src: Path, dst: Path, logits: str, score: str) -> dict:
     """Write ``src`` to ``dst`` with two more outputs: the exit score ``score`` of its ``logits`` (N) and their argmax
     (N, int64), computed in float32 on ``softmax(logits * s)`` where ``s`` (1 value) is fed to one more input, the
-    inverse of the stage's temperature (``max_logit`` reads the raw logits and has no such input). Temperatures are
+    inverse of the stage's temperature (``max_logit`` reads the raw logits and has no such input; the ONNX Runtime
+    adapter feeds 1 when it is not told the stage's temperature). An input with a default value (an initializer
+    listed as an input) would spare that, but ONNX Runtime warns about it at every load and cannot bind it. Temperatures are
     fitted after export and refitted by ``stagewise calibrate``, so the graph holds none. Only ops that kept their
     signature since opset 13 (and their meaning for 2-D logits since opset 1) are used, so any exported opset works.
     Returns the manifest's ``decision`` record."""

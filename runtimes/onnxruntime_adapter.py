@@ -21,7 +21,7 @@ import numpy as np
 from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailableError
 from stagewise.extras import require
 
-from .base import LoadOptions, StageIO
+from .base import INVERSE_TEMPERATURE, LoadOptions, StageIO
 from .deadline import WATCHDOG
 from .model_cache import ModelCache, discard, entry_key, model_cache
 from .model_io import DeclaredIO, TensorInfo
@@ -80,6 +80,8 @@ class OnnxRuntimeStage:
         self.decides = decision is not None and decision.exported  # the graph outputs the asked exit decision
         self._outputs = list(io.outputs) + ([decision.output, decision.label] if self.decides else [])
         self._feeds = dict(io.feeds)
+        if not self._feeds and any(i.name == INVERSE_TEMPERATURE for i in self._session.get_inputs()):
+            self._feeds[INVERSE_TEMPERATURE] = np.ones(1, np.float32)  # a graph decision opened without a manifest
         self._providers = list(providers)
         self.ran_on = self._session.get_providers()[0]
 
