@@ -206,8 +206,8 @@ class OnnxExporter(Exporter):
 
 
 def add_decision(src: Path, dst: Path, logits: str, score: str) -> dict:
-    """Write ``src`` to ``dst`` with two more outputs: the exit score ``score`` of its ``logits`` (N) and their argmax
-    (N, int64), computed in float32 on ``softmax(logits * s)`` where ``s`` (1 value) is fed to one more input, the
+    """Write ``src`` to ``dst`` with two more outputs: the exit score ``score`` of its ``logits`` (N x 1) and their
+    argmax (N x 1, int64), computed in float32 on ``softmax(logits * s)`` where ``s`` (1 value) is fed to one more input, the
     inverse of the stage's temperature (``max_logit`` reads the raw logits and has no such input; the ONNX Runtime
     adapter feeds 1 when it is not told the stage's temperature). An input with a default value (an initializer
     listed as an input) would spare that, but ONNX Runtime warns about it at every load and cannot bind it. Temperatures are
@@ -224,9 +224,8 @@ def add_decision(src: Path, dst: Path, logits: str, score: str) -> dict:
         raise ValueError(f"{src.name}: the logits {logits!r} are not N x classes with a known class count")
     classes = dims[1].dim_value
     names = {"output": DECISION_OUTPUTS[0], "label": DECISION_OUTPUTS[1], "inverse_temperature": INVERSE_TEMPERATURE}
-    constants = {"decision_one_d": np.array([-1], np.int64), "decision_first": np.array(0, np.int64),
-                 "decision_second": np.array(1, np.int64), "decision_eps": np.array(1e-12, np.float32),
-                 "decision_ones": np.ones((classes, 1), np.float32),
+    constants = {"decision_first": np.array([0], np.int64), "decision_second": np.array([1], np.int64),
+                 "decision_eps": np.array(1e-12, np.float32), "decision_ones": np.ones((classes, 1), np.float32),
                  "decision_entropy_scale": np.array(1.0 / np.log(classes), np.float32),
                  "decision_unit": np.array(1.0, np.float32)}
     nodes = []
@@ -243,27 +242,27 @@ def add_decision(src: Path, dst: Path, logits: str, score: str) -> dict:
         graph.input.append(helper.make_tensor_value_info(names["inverse_temperature"], TensorProto.FLOAT, [1]))
     top = 2 if score == "margin" else 1
     constants["decision_k"] = np.array([top], np.int64)
-    nodes.append(helper.make_node("TopK", [values, "decision_k"], ["decision_top", "decision_top_index"], axis=1))
-    nodes.append(helper.make_node("Gather", ["decision_top_index", "decision_first"], [names["label"]], axis=1))
-    if score in ("max_softmax", "max_logit"):
-        nodes.append(helper.make_node("Gather", ["decision_top", "decision_first"], [names["output"]], axis=1))
-    elif score == "margin":
-        nodes += [helper.make_node("Gather", ["decision_top", "decision_first"], ["decision_top1"], axis=1),
+    per_class = score in ("max_softmax", "max_logit")  # TopK's values are the score: no node more (each costs ~1 us)
+    nodes.append(helper.make_node("TopK", [values, "decision_k"], [names["output"] if per_class else "decision_top",
+                                                                   names["label"] if top == 1 else "decision_index"],
+                                  axis=1))
+    if score == "margin":
+        nodes += [helper.make_node("Gather", ["decision_index", "decision_first"], [names["label"]], axis=1),
+                  helper.make_node("Gather", ["decision_top", "decision_first"], ["decision_top1"], axis=1),
                   helper.make_node("Gather", ["decision_top", "decision_second"], ["decision_top2"], axis=1),
                   helper.make_node("Sub", ["decision_top1", "decision_top2"], [names["output"]])]
-    else:  # entropy: 1 + sum(p log p) / log(C), p clipped below at 1e-12 as stagewise.exits.confidence does
+    elif score == "entropy":  # 1 + sum(p log p) / log(C), p clipped below at 1e-12 as stagewise.exits.confidence does
         nodes += [helper.make_node("Max", [values, "decision_eps"], ["decision_clipped"]),
                   helper.make_node("Log", ["decision_clipped"], ["decision_log"]),
                   helper.make_node("Mul", ["decision_clipped", "decision_log"], ["decision_plogp"]),
                   helper.make_node("MatMul", ["decision_plogp", "decision_ones"], ["decision_sum"]),
-                  helper.make_node("Reshape", ["decision_sum", "decision_one_d"], ["decision_flat"]),
-                  helper.make_node("Mul", ["decision_flat", "decision_entropy_scale"], ["decision_scaled_sum"]),
+                  helper.make_node("Mul", ["decision_sum", "decision_entropy_scale"], ["decision_scaled_sum"]),
                   helper.make_node("Add", ["decision_scaled_sum", "decision_unit"], [names["output"]])]
     used = {i for n in nodes for i in n.input}
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items() if k in used)
     graph.node.extend(nodes)
-    graph.output.extend([helper.make_tensor_value_info(names["output"], TensorProto.FLOAT, ["n"]),
-                         helper.make_tensor_value_info(names["label"], TensorProto.INT64, ["n"])])
+    graph.output.extend([helper.make_tensor_value_info(names["output"], TensorProto.FLOAT, ["n", 1]),
+                         helper.make_tensor_value_info(names["label"], TensorProto.INT64, ["n", 1])])
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
     return {"score": score, **names}

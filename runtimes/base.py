@@ -107,7 +107,7 @@ class LoadOptions:
 
 
 DECISION_OUTPUTS = ("exit_score", "exit_label")
-"""The names of the exit score (N, float32) and answer (N, int64) outputs a graph decision has."""
+"""The names of the exit score (N x 1, float32) and answer (N x 1, int64) outputs a graph decision has."""
 INVERSE_TEMPERATURE = "exit_inverse_temperature"
 """The graph input an exported decision reads 1 / temperature from (1 float32 value)."""
 
@@ -115,7 +115,7 @@ INVERSE_TEMPERATURE = "exit_inverse_temperature"
 @dataclass(frozen=True)
 class GraphDecision:
     """A stage's exit decision computed in its graph: exit score ``score`` of the stage's own probabilities at
-    ``1 / inverse_temperature`` (``output``, N values) and their argmax (``label``). ``exported``: the artifact's
+    ``1 / inverse_temperature`` (``output``, N x 1) and their argmax (``label``). ``exported``: the artifact's
     graph has these outputs (its manifest ``decision`` record) and reads the inverse temperature from the input
     ``temperature_input``; otherwise a runtime that can extend a graph at load time (OpenVINO) adds them, with the
     inverse temperature as a constant, and one that cannot leaves the scoring to the executor."""

@@ -117,6 +117,8 @@ class Cascade:
         self._names = tuple(st.name for st in self._stages)
         self._cancellable = tuple(st.cancellable for st in self._stages)
         self._patch = tuple(s.source == "patch" for s in self.router.inputs)
+        self._keeps = tuple(c is not None or m is not None  # the stage hands on a carry or a CAM
+                            for c, m in zip(self.router.carry_outputs, self.router.cam_outputs))
         self._points = {p.name: _Point.of(p.name, p.threshold_array) for p in m.operating_points}
         self._chosen: dict[str, _Point] = {}  # the controller's points, resolved on first use
         self._all = _Point.of(None, np.full(len(self._stages), np.inf))
@@ -406,6 +408,7 @@ class Cascade:
         live = list(range(n))
         total: np.ndarray | None = None  # running sum of own probabilities (n x C), for mean_probs and learned
         runs = 0
+        timed: list[tuple[int, float]] = []  # an unbudgeted request's step times, for the latency model
         jumped = stopped = False
         now = clock()
         if order is None:
@@ -420,13 +423,14 @@ class Cascade:
                         steps[i].extend(planned)
             order = range(first, len(stages))
         first, last = order[0], order[-1]
+        keeps, patch = self._keeps, self._patch
+        predicted = left = needed = None
+        reason = "no_budget"
+        cancel = False
         for k in order:
             st, runner = stages[k], runners[k]
-            predicted = None if budget_ms is None else latency.predict(k)  # what the plan expected (and learns from)
-            left = needed = None
-            reason = "no_budget"
-            cancel = False
             if budget_ms is not None:
+                predicted = latency.predict(k)  # what the plan expected (and learns from)
                 left = budget_ms - (now - start) * 1e3
                 cancel = k != first and st.cancellable
                 needed = latency.needed(k, cancel)
@@ -471,7 +475,7 @@ class Cascade:
             m = len(live)
             if st.decision is not None:  # the graph's own exit score and answer: read, not computed
                 score_name, label_name = st.decision
-                scores, labels, decider = out[score_name].tolist(), out[label_name].tolist(), None
+                scores, labels, decider = out[score_name].ravel().tolist(), out[label_name].ravel().tolist(), None
             elif m == 1 and st.fast:
                 score, label = _fast_score(st.score, logits[0].tolist(), 1.0 / st.temperature)
                 scores, labels, decider = (score,), (label,), None
@@ -489,14 +493,18 @@ class Cascade:
                 scores = exit_scores(st.score, decider, logits, st.temperature, summed, runs - 1, st.exit_model,
                                      own).tolist()
                 labels = decider.argmax(1).tolist()
-            router.keep(k, out, carries, rows)
+            if keeps[k]:
+                router.keep(k, out, carries, rows)
             now = clock()
             ms = (now - t0) * 1e3
             if observe:
-                with self._observing:
-                    latency.observe(k, ms, predicted)
+                if budget_ms is None:  # fed after the loop, under one lock: no later stage of this request plans
+                    timed.append((k, ms))
+                else:
+                    with self._observing:
+                        latency.observe(k, ms, predicted)
             threshold, is_last, ran_on, limit = thresholds[k], k == last, st.ran_on, shown[k]
-            boxes = router.box(k, carries, rows) if self._patch[k] else None
+            boxes = router.box(k, carries, rows) if patch[k] else None
             keep = []
             for j, i in enumerate(live):
                 score = scores[j]
@@ -520,6 +528,8 @@ class Cascade:
         end = clock()
         if observe:
             with self._observing:
+                for k, ms in timed:
+                    latency.observe(k, ms)
                 latency.observe_return((end - now) * 1e3)
         end_ms = (end - start) * 1e3
         for i in live:  # undecided when a budget stopped the loop

@@ -350,7 +350,7 @@ class OpenVinoRunner:
 def add_decision(model: Any, logits: str, decision: GraphDecision) -> None:
     """Add ``decision``'s outputs to ``model`` (an ``ov.Model`` read from a bundle): the exit score of the logits
     output ``logits`` at the stage's temperature (a constant: the model is read and compiled with the manifest's
-    temperature at every load) and its argmax, computed in f32 like the exported ONNX decision."""
+    temperature at every load) and its argmax (N x 1 each), computed in f32 like the exported ONNX decision."""
     from openvino import opset13 as ops
 
     port = next(r.input_value(0) for r in model.get_results() if logits in r.output(0).get_names())
@@ -359,19 +359,19 @@ def add_decision(model: Any, logits: str, decision: GraphDecision) -> None:
         x = ops.softmax(ops.multiply(x, ops.constant(np.float32(decision.inverse_temperature))), 1).output(0)
     top = ops.topk(x, ops.constant(np.int64(2 if decision.score == "margin" else 1)), 1, "max", "value",
                    ov.Type.i64)
-    first = ops.constant(np.int64(0))
-    label = ops.gather(top.output(1), first, 1)
+    label, score = top.output(1), top.output(0)
     if decision.score == "margin":
-        score = ops.subtract(ops.gather(top.output(0), first, 1), ops.gather(top.output(0), ops.constant(np.int64(1)), 1))
+        first, second = ops.constant(np.array([0], np.int64)), ops.constant(np.array([1], np.int64))
+        label = ops.gather(label, first, 1).output(0)
+        score = ops.subtract(ops.gather(score, first, 1), ops.gather(score, second, 1)).output(0)
     elif decision.score == "entropy":  # 1 + sum(p log p) / log(C), p clipped below at 1e-12
         classes = port.get_partial_shape()[1].get_length()
         p = ops.maximum(x, ops.constant(np.float32(1e-12)))
-        total = ops.reduce_sum(ops.multiply(p, ops.log(p)), ops.constant(np.int64(1)), False)
-        score = ops.add(ops.multiply(total, ops.constant(np.float32(1.0 / np.log(classes)))), ops.constant(np.float32(1)))
-    else:
-        score = ops.gather(top.output(0), first, 1)
-    score.output(0).get_tensor().set_names({decision.output})
-    label.output(0).get_tensor().set_names({decision.label})
+        total = ops.reduce_sum(ops.multiply(p, ops.log(p)), ops.constant(np.array([1], np.int64)), True)
+        score = ops.add(ops.multiply(total, ops.constant(np.float32(1.0 / np.log(classes)))),
+                        ops.constant(np.float32(1))).output(0)
+    score.get_tensor().set_names({decision.output})
+    label.get_tensor().set_names({decision.label})
     model.add_results([ops.result(score), ops.result(label)])
 
 
