@@ -149,10 +149,11 @@ class OnnxExporter(Exporter):
 
     def decision(self, plan: StagePlan, exported: Exported, workdir: Path) -> Exported | None:
         """``exported`` with the exit decision outputs of ``plan``'s exit score in its graph (:func:`add_decision`;
-        ``None`` for a score the graph cannot compute or a stage that decides on more than its own probabilities).
+        ``None`` for a score the graph cannot compute, a stage that decides on more than its own probabilities, or a
+        plan that asks for none).
         The record is the manifest's ``decision`` entry of the artifact."""
         score = plan.exit["score"]
-        if score not in GRAPH_SCORES or plan.exit.get("combine", "own") != "own":
+        if not plan.decides or score not in GRAPH_SCORES or plan.exit.get("combine", "own") != "own":
             return None
         src = exported.files[0]
         out = workdir / f"{src.stem}.decision.onnx"
