@@ -131,26 +131,18 @@ class Recorded:
 def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
     """Round robin of ``cascade``, ``raw``, ``prep`` and ``null`` on ``images`` for the bundle at ``path``."""
     from stagewise.runtimes import Cascade, load
-    from stagewise.runtimes.routing import Carries
+    from stagewise.runtimes.bench import ready_inputs
 
     cascade = load(path, backend="onnxruntime", threads=threads)
     router = cascade.router
     stages = cascade._stages
     sessions = [st.session._session for st in stages]
+    tensors = {id(im): ready_inputs(cascade, im) for im in images}
 
-    def ready(image: np.ndarray) -> list[np.ndarray]:
-        carries, tensors = Carries(1), []
-        for k, st in enumerate(stages):
-            x = np.ascontiguousarray(router.input(k, [image], carries))
-            router.keep(k, st.session.run(x), carries)
-            tensors.append(x)
-        return tensors
-
-    tensors = {id(im): ready(im) for im in images}
-
-    # the plain chain runs every output of the same artifacts (the exit decision included) on ready tensors
-    fetches = [list(st.session._outputs) for st in stages]
-    feeds = [dict(st.session._feeds) for st in stages]
+    # the plain chain fetches what a caller of the same artifacts reads (logits, carry: not the exit decision, whose
+    # two more outputs cost the chain, not predict, a copy each) and feeds the decision's inverse temperature
+    fetches = [list(st.io.outputs) for st in stages]
+    feeds = [dict(st.io.feeds) for st in stages]
 
     names = [st.io.input for st in stages]
 
@@ -172,7 +164,8 @@ def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
             if router.reads_image(k):
                 router.input(k, [image], None)
 
-    recorded = [Recorded(st.session.run(x), st.decision is not None) for st, x in zip(stages, tensors[id(images[0])])]
+    recorded = [Recorded({name: v.copy() for name, v in runner.run(x).items()}, st.decision is not None)
+                for st, runner, x in zip(stages, bindings, tensors[id(images[0])])]
     null = Cascade(cascade.bundle, recorded, "onnxruntime", threads)
     runners = {"cascade": lambda im: cascade.predict(im, operating_point="full"), "raw": raw, "bound": bound,
                "prep": prep, "null": lambda im: null.predict(im, operating_point="full")}

@@ -78,7 +78,8 @@ class OnnxRuntimeStage:
         self._input = io.input
         decision = io.decision
         self.decides = decision is not None and decision.exported  # the graph outputs the asked exit decision
-        self._outputs = list(io.outputs) + ([decision.output, decision.label] if self.decides else [])
+        self._outputs = list(io.outputs)  # what run() returns: the executor reads the decision through a runner
+        self._decision = [decision.output, decision.label] if self.decides else []
         self._feeds = dict(io.feeds)
         if not self._feeds and any(i.name == INVERSE_TEMPERATURE for i in self._session.get_inputs()):
             self._feeds[INVERSE_TEMPERATURE] = np.ones(1, np.float32)  # a graph decision opened without a manifest
@@ -121,7 +122,7 @@ class OnnxRuntimeStage:
 
     def runner(self) -> "OnnxRuntimeRunner":
         """A runner with its own IO binding, output buffers and run options (one request at a time)."""
-        return OnnxRuntimeRunner(self._session, self._input, self._outputs, self._feeds)
+        return OnnxRuntimeRunner(self._session, self._input, self._outputs + self._decision, self._feeds)
 
     def close(self) -> None:
         """Drop the session (ONNX Runtime frees it with the last reference; runners hold one until closed)."""
