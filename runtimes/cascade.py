@@ -11,9 +11,11 @@ several threads neither share buffers nor cancel each other, and a carry passes 
 to the next inside the runtime's buffers.
 
 Per stage, the Python work of the loop is the backend call, a clock read, the exit score and a
-compare: with up to :data:`FAST_CLASSES` classes the own-probability scores (``max_softmax``,
-``max_logit``) of a single image are computed on the logits as Python floats, and the answering
-stage's probabilities only once, at the end.
+compare. A stage whose graph outputs its exit decision (:class:`~stagewise.runtimes.base.GraphDecision`:
+exported ONNX stages, every OpenVINO stage) hands over its score and answer, read as two values;
+otherwise, with up to :data:`FAST_CLASSES` classes, the own-probability scores (``max_softmax``,
+``max_logit``) of a single image are computed on the logits as Python floats, and else in numpy. The
+answering stage's probabilities are computed once, at the end.
 """
 
 from __future__ import annotations
