@@ -157,7 +157,8 @@ class OnnxExporter(Exporter):
             return None
         src = exported.files[0]
         out = workdir / f"{src.stem}.decision.onnx"
-        return Exported((out,), add_decision(src, out, "logits", score))
+        record = add_decision(src, out, "logits", score)
+        return None if record is None else Exported((out,), record)
 
     def prepared(self, fp32: Exported, workdir: Path) -> Path:
         """The float model after ONNX Runtime's quantization pre-processing (made once per stage)."""
@@ -206,7 +207,7 @@ class OnnxExporter(Exporter):
         return Exported(chosen.files, dict(chosen.record, **record))
 
 
-def add_decision(src: Path, dst: Path, logits: str, score: str) -> dict:
+def add_decision(src: Path, dst: Path, logits: str, score: str) -> dict | None:
     """Write ``src`` to ``dst`` with two more outputs: the exit score ``score`` of its ``logits`` (N x 1) and their
     argmax (N x 1, int64), computed in float32 on ``softmax(logits * s)`` where ``s`` (1 value) is fed to one more input, the
     inverse of the stage's temperature (``max_logit`` reads the raw logits and has no such input; the ONNX Runtime
@@ -214,15 +215,16 @@ def add_decision(src: Path, dst: Path, logits: str, score: str) -> dict:
     listed as an input) would spare that, but ONNX Runtime warns about it at every load and cannot bind it. Temperatures are
     fitted after export and refitted by ``stagewise calibrate``, so the graph holds none. Only ops that kept their
     signature since opset 13 (and their meaning for 2-D logits since opset 1) are used, so any exported opset works.
-    Returns the manifest's ``decision`` record."""
+    Returns the manifest's ``decision`` record, or ``None`` (nothing written) when the logits are not N x a known
+    number (at least 2) of classes."""
     from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(src))
     graph = model.graph
     declared = next(o for o in graph.output if o.name == logits)
     dims = declared.type.tensor_type.shape.dim
-    if len(dims) != 2 or not dims[1].dim_value:
-        raise ValueError(f"{src.name}: the logits {logits!r} are not N x classes with a known class count")
+    if len(dims) != 2 or dims[1].dim_value < 2:  # not N x a known class count: the executor scores the logits
+        return None
     classes = dims[1].dim_value
     names = {"output": DECISION_OUTPUTS[0], "label": DECISION_OUTPUTS[1], "inverse_temperature": INVERSE_TEMPERATURE}
     constants = {"decision_first": np.array([0], np.int64), "decision_second": np.array([1], np.int64),

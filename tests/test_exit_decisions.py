@@ -154,3 +154,17 @@ def test_openvino_adds_the_decision_at_load(tmp_path, score):
             _same(cascade.predict(im), expected)
         for got, expected in zip(cascade.predict_batch(images, max_batch=5), answers):
             _same(got, expected)
+
+
+def test_logits_without_a_known_class_count_get_no_decision(tmp_path):
+    """The exporter leaves a stage whose logits have no fixed class count to the executor's scoring."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["image"], ["logits"])], "s",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", "c"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", "c"])])
+    src = tmp_path / "s.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    assert add_decision(src, tmp_path / "d.onnx", "logits", "max_softmax") is None
+    assert not (tmp_path / "d.onnx").exists()
