@@ -86,8 +86,9 @@ def imagenet_bundle(out: Path, threads: int, resizer: str) -> Path:
 
 
 def cifar_bundle(out: Path, parts: harness.Parts, threads: int, int8: bool = False) -> Path:
-    """A CIFAR-10 early-exit ResNet (heads on 2,000 train images, calibrated on 500), in INT8 with ``int8``."""
-    if out.exists():
+    """A CIFAR-10 early-exit ResNet (heads on 2,000 train images, calibrated on 500), in INT8 with ``int8``; a
+    bundle left by an earlier run is reused when its stages decide in their graphs (else it is built again)."""
+    if out.exists() and decides(out):
         return out
     from stagewise.converters.build import build_bundle
     from stagewise.converters.heads import HeadTraining
@@ -100,14 +101,28 @@ def cifar_bundle(out: Path, parts: harness.Parts, threads: int, int8: bool = Fal
     plans = early_exit_plans(example.resnet_cifar(), ["layer1", "layer2"], pre, (32, 32),
                              harness.subset(parts.train, 2000, seed=0), HeadTraining())
     return build_bundle(out, "cifar10-resnet-ee", plans, pre, parts.images.classes,
-                        harness.subset(parts.calibration, 500, seed=0), BuildOptions(threads=threads, int8=int8))
+                        harness.subset(parts.calibration, 500, seed=0),
+                        BuildOptions(threads=threads, int8=int8, overwrite=True))
+
+
+def decides(path: Path) -> bool:
+    """Whether every ONNX stage of the bundle at ``path`` outputs its exit decision (a bundle of this version)."""
+    from stagewise.bundle import read_bundle
+
+    bundle = read_bundle(path)
+    try:
+        return all(stage.artifacts["onnx"].decision is not None for stage in bundle.manifest.stages)
+    finally:
+        bundle.close()
 
 
 class Recorded:
-    """A do-nothing session: returns one recorded output of the real stage, whatever the input."""
+    """A do-nothing session: returns one recorded output of the real stage (its exit decision included where the
+    real one has it), whatever the input."""
 
-    def __init__(self, outputs: dict[str, np.ndarray]):
+    def __init__(self, outputs: dict[str, np.ndarray], decides: bool):
         self.outputs = outputs
+        self.decides = decides
 
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
         return self.outputs
@@ -116,26 +131,24 @@ class Recorded:
 def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
     """Round robin of ``cascade``, ``raw``, ``prep`` and ``null`` on ``images`` for the bundle at ``path``."""
     from stagewise.runtimes import Cascade, load
-    from stagewise.runtimes.routing import Carries
+    from stagewise.runtimes.bench import ready_inputs
 
     cascade = load(path, backend="onnxruntime", threads=threads)
     router = cascade.router
     stages = cascade._stages
     sessions = [st.session._session for st in stages]
+    tensors = {id(im): ready_inputs(cascade, im) for im in images}
 
-    def ready(image: np.ndarray) -> list[np.ndarray]:
-        carries, tensors = Carries(1), []
-        for k, st in enumerate(stages):
-            x = np.ascontiguousarray(router.input(k, [image], carries))
-            router.keep(k, st.session.run(x), carries)
-            tensors.append(x)
-        return tensors
+    # the plain chain fetches what a caller of the same artifacts reads (logits, carry: not the exit decision, whose
+    # two more outputs cost the chain, not predict, a copy each) and feeds the decision's inverse temperature
+    fetches = [list(st.io.outputs) for st in stages]
+    feeds = [dict(st.io.feeds) for st in stages]
 
-    tensors = {id(im): ready(im) for im in images}
+    names = [st.io.input for st in stages]
 
     def raw(image: np.ndarray) -> None:
-        for st, session, x in zip(stages, sessions, tensors[id(image)]):
-            session.run(list(st.io.outputs), {st.io.input: x})
+        for session, fetch, extra, name, x in zip(sessions, fetches, feeds, names, tensors[id(image)]):
+            session.run(fetch, {name: x, **extra})
 
     bindings = [st.session.runner() for st in stages]
 
@@ -151,16 +164,18 @@ def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
             if router.reads_image(k):
                 router.input(k, [image], None)
 
-    recorded = [Recorded(st.session.run(x)) for st, x in zip(stages, tensors[id(images[0])])]
+    recorded = [Recorded({name: v.copy() for name, v in runner.run(x).items()}, st.decision is not None)
+                for st, runner, x in zip(stages, bindings, tensors[id(images[0])])]
     null = Cascade(cascade.bundle, recorded, "onnxruntime", threads)
     runners = {"cascade": lambda im: cascade.predict(im, operating_point="full"), "raw": raw, "bound": bound,
                "prep": prep, "null": lambda im: null.predict(im, operating_point="full")}
-    timing = harness.round_robin(runners, images, warmup=3, describe=f"timing {path.name}")
+    timing = harness.round_robin(runners, images, warmup=3, describe=f"timing {path.name}", rotate=True)
     per_stage_prep = {}
     for k, st in enumerate(stages):
         if router.reads_image(k):
             per_stage_prep[st.name] = float(np.median([_timed(lambda: router.input(k, [im], None)) for im in images]))
-    per_stage_raw = {st.name: float(np.median([_timed(lambda: s.run(list(st.io.outputs), {st.io.input: tensors[id(im)][k]}))
+    per_stage_raw = {st.name: float(np.median([_timed(lambda: s.run(fetches[k], {names[k]: tensors[id(im)][k],
+                                                                                  **feeds[k]}))
                                                for im in images]))
                      for k, (st, s) in enumerate(zip(stages, sessions))}
     medians = timing.medians()
@@ -168,6 +183,7 @@ def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
     n = len(stages)
     cascade.close()
     return {"bundle": path.name, "resizer": cascade.preprocess.resizer, "stages": [st.name for st in stages],
+            "graph_decisions": [st.decision is not None for st in stages],
             "images": len(images), "input": f"{images[0].shape[1]}x{images[0].shape[0]}", "median_ms": medians,
             "overhead_us_per_stage_null": float(np.median(ms["null"] - ms["prep"])) * 1e3 / n,
             "overhead_us_per_stage_real": float(np.median(ms["cascade"] - ms["raw"] - ms["prep"])) * 1e3 / n,
@@ -238,12 +254,15 @@ def markdown(result: dict) -> str:
              f"Measured {result['machine']['date']} on {result['machine']['cpu']} ({result['machine']['cores']} cores, "
              f"shared with other jobs; load average {result['load_average'][0]:.1f} when it started), ONNX Runtime, "
              f"1 thread. Command: `{result['command']}`.", "",
-             "| bundle | resizer | input | stages | cascade ms | raw backend ms | prep ms | executor overhead per "
-             "stage (null backend) | same on the real backend [95 % interval] | over the IO-bound chain |",
+             "| bundle | resizer | input | stages (deciding in the graph) | cascade ms | raw backend ms | prep ms | "
+             "executor overhead per stage (null backend) | same on the real backend [95 % interval] | over the "
+             "IO-bound chain |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["bundles"]:
         m, ci = r["median_ms"], r["overhead_us_per_stage_real_ci95"]
-        lines.append(f"| {r['bundle']} | {r['resizer']} | {r['input']} | {len(r['stages'])} | {m['cascade']:.2f} | "
+        decided = sum(r.get("graph_decisions", []))
+        lines.append(f"| {r['bundle']} | {r['resizer']} | {r['input']} | {len(r['stages'])} ({decided}) | "
+                     f"{m['cascade']:.2f} | "
                      f"{m['raw']:.2f} | "
                      f"{m['prep']:.3f} | {r['overhead_us_per_stage_null']:.0f} µs | "
                      f"{r['overhead_us_per_stage_real']:.1f} µs [{ci[0]:.1f}, {ci[1]:.1f}] | "

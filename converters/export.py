@@ -235,6 +235,11 @@ class Exporter:
         """A device-target record for the manifest (e.g. the OpenVINO NPU preset), or None."""
         return None
 
+    def decision(self, plan: StagePlan, exported: Exported, workdir: Path) -> Exported | None:
+        """``exported`` with the stage's exit decision in its graph (its record: the artifact's manifest ``decision``
+        entry), or ``None`` where this format does not add one (the runtime then scores the logits in numpy)."""
+        return None
+
     def load_options(self, threads: int) -> LoadOptions:
         return LoadOptions(threads=threads)
 
@@ -395,6 +400,10 @@ def export_stage(exporter: Exporter, plan: StagePlan, workdir: Path, inputs: Sta
         if quantized is not None:
             artifact["precision"], chosen = "int8", quantized
         artifact["quantization"] = record
+    decided = exporter.decision(plan, chosen, workdir)  # after verification and the gate: they judge the logits
+    if decided is not None:
+        artifact["decision"] = decided.record
+        chosen, reference = decided, (decided if reference is chosen else exporter.decision(plan, reference, workdir))
     target = exporter.target(chosen.files, options)
     if target is not None:
         artifact["target"] = target

@@ -33,7 +33,9 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from stagewise.exits import GRAPH_SCORES
 from stagewise.machine import family
+from stagewise.runtimes.base import DECISION_OUTPUTS, INVERSE_TEMPERATURE
 
 from .export import (RANKING_IMAGES, Exported, Exporter, Judge, SearchClock, StageInputs, TensorSpec,
                      exclude_most_sensitive, try_recipes)
@@ -144,6 +146,19 @@ class OnnxExporter(Exporter):
                                  "recipe": recipe.name,
                                  "calibration_images": int(len(calibrate)), "float_layers": list(exclude)})
 
+    def decision(self, plan: StagePlan, exported: Exported, workdir: Path) -> Exported | None:
+        """``exported`` with the exit decision outputs of ``plan``'s exit score in its graph (:func:`add_decision`;
+        ``None`` for a score the graph cannot compute, a stage that decides on more than its own probabilities, or a
+        plan that asks for none).
+        The record is the manifest's ``decision`` entry of the artifact."""
+        score = plan.exit["score"]
+        if not plan.decides or score not in GRAPH_SCORES or plan.exit.get("combine", "own") != "own":
+            return None
+        src = exported.files[0]
+        out = workdir / f"{src.stem}.decision.onnx"
+        record = add_decision(src, out, "logits", score)
+        return None if record is None else Exported((out,), record)
+
     def prepared(self, fp32: Exported, workdir: Path) -> Path:
         """The float model after ONNX Runtime's quantization pre-processing (made once per stage)."""
         path = workdir / f"{fp32.files[0].stem}.prepared.onnx"
@@ -189,3 +204,67 @@ class OnnxExporter(Exporter):
             judge, tried, recipe.name, clock)
         chosen = full if mixed is None else mixed
         return Exported(chosen.files, dict(chosen.record, **record))
+
+
+def add_decision(src: Path, dst: Path, logits: str, score: str) -> dict | None:
+    """Write ``src`` to ``dst`` with two more outputs: the exit score ``score`` of its ``logits`` (N x 1) and their
+    argmax (N x 1, int64), computed in float32 on ``softmax(logits * s)`` where ``s`` (1 value) is fed to one more input, the
+    inverse of the stage's temperature (``max_logit`` reads the raw logits and has no such input; the ONNX Runtime
+    adapter feeds 1 when it is not told the stage's temperature). An input with a default value (an initializer
+    listed as an input) would spare that, but ONNX Runtime warns about it at every load and cannot bind it. Temperatures are
+    fitted after export and refitted by ``stagewise calibrate``, so the graph holds none. Only ops that kept their
+    signature since opset 13 (and their meaning for 2-D logits since opset 1) are used, so any exported opset works.
+    Returns the manifest's ``decision`` record, or ``None`` (nothing written) when the logits are not N x a known
+    number (at least 2) of classes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    declared = next(o for o in graph.output if o.name == logits)
+    dims = declared.type.tensor_type.shape.dim
+    if len(dims) != 2 or dims[1].dim_value < 2:  # not N x a known class count: the executor scores the logits
+        return None
+    classes = dims[1].dim_value
+    names = {"output": DECISION_OUTPUTS[0], "label": DECISION_OUTPUTS[1], "inverse_temperature": INVERSE_TEMPERATURE}
+    constants = {"decision_first": np.array([0], np.int64), "decision_second": np.array([1], np.int64),
+                 "decision_eps": np.array(1e-12, np.float32), "decision_ones": np.ones((classes, 1), np.float32),
+                 "decision_entropy_scale": np.array(1.0 / np.log(classes), np.float32),
+                 "decision_unit": np.array(1.0, np.float32)}
+    nodes = []
+    values = logits
+    if declared.type.tensor_type.elem_type != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", [logits], ["decision_logits"], to=TensorProto.FLOAT))
+        values = "decision_logits"
+    if score == "max_logit":
+        del names["inverse_temperature"]
+    else:
+        nodes += [helper.make_node("Mul", [values, names["inverse_temperature"]], ["decision_scaled"]),
+                  helper.make_node("Softmax", ["decision_scaled"], ["decision_probs"], axis=1)]
+        values = "decision_probs"
+        graph.input.append(helper.make_tensor_value_info(names["inverse_temperature"], TensorProto.FLOAT, [1]))
+    top = 2 if score == "margin" else 1
+    constants["decision_k"] = np.array([top], np.int64)
+    per_class = score in ("max_softmax", "max_logit")  # TopK's values are the score: no node more (each costs ~1 us)
+    nodes.append(helper.make_node("TopK", [values, "decision_k"], [names["output"] if per_class else "decision_top",
+                                                                   names["label"] if top == 1 else "decision_index"],
+                                  axis=1))
+    if score == "margin":
+        nodes += [helper.make_node("Gather", ["decision_index", "decision_first"], [names["label"]], axis=1),
+                  helper.make_node("Gather", ["decision_top", "decision_first"], ["decision_top1"], axis=1),
+                  helper.make_node("Gather", ["decision_top", "decision_second"], ["decision_top2"], axis=1),
+                  helper.make_node("Sub", ["decision_top1", "decision_top2"], [names["output"]])]
+    elif score == "entropy":  # 1 + sum(p log p) / log(C), p clipped below at 1e-12 as stagewise.exits.confidence does
+        nodes += [helper.make_node("Max", [values, "decision_eps"], ["decision_clipped"]),
+                  helper.make_node("Log", ["decision_clipped"], ["decision_log"]),
+                  helper.make_node("Mul", ["decision_clipped", "decision_log"], ["decision_plogp"]),
+                  helper.make_node("MatMul", ["decision_plogp", "decision_ones"], ["decision_sum"]),
+                  helper.make_node("Mul", ["decision_sum", "decision_entropy_scale"], ["decision_scaled_sum"]),
+                  helper.make_node("Add", ["decision_scaled_sum", "decision_unit"], [names["output"]])]
+    used = {i for n in nodes for i in n.input}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items() if k in used)
+    graph.node.extend(nodes)
+    graph.output.extend([helper.make_tensor_value_info(names["output"], TensorProto.FLOAT, ["n", 1]),
+                         helper.make_tensor_value_info(names["label"], TensorProto.INT64, ["n", 1])])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return {"score": score, **names}

@@ -31,7 +31,9 @@ class StagePlan:
     (``cam``: its :class:`~stagewise.manifest.CamGrid` record) ``(logits, cam)``. ``source`` is
     the manifest's stage input without the tensor name: ``{"source": "image", "size": [h, w]}``,
     ``{"source": "carry", "from": <earlier stage name>}`` or a patch source. ``framework`` names
-    the source adapter that runs and exports ``module`` (``"torch"`` or ``"keras"``).
+    the source adapter that runs and exports ``module`` (``"torch"`` or ``"keras"``). ``decides``: the
+    exported graph also outputs the stage's exit decision (formats that can add one; off in a bundle where a
+    stage combines probabilities, whose stages the executor scores in numpy).
     """
 
     name: str
@@ -44,6 +46,7 @@ class StagePlan:
     head: dict | None = None
     framework: str = "torch"
     cam: dict | None = None
+    decides: bool = True
 
     @property
     def input_name(self) -> str:
@@ -173,7 +176,7 @@ def cascade_plans(models: Sequence[tuple[str, Any, tuple[int, int]]], combine: s
         plans.append(StagePlan(name=name, module=model, source={"source": "image", "size": list(size)},
                                has_carry=False, exit=exit_rule(score, combine if k else "own"),
                                macs=source.macs(model, shape), params=source.params(model),
-                               framework=source.framework))
+                               framework=source.framework, decides=combine == "own"))
     return plans
 
 
@@ -202,7 +205,7 @@ def glance_focus_plans(glance: tuple[str, Any, tuple[int, int]], focus: tuple[An
     # costs of the model itself: tracing inlines custom layers, which the MAC counter would not see
     plans = [StagePlan(name=name, module=module, source={"source": "image", "size": list(size)}, has_carry=False,
                        exit=exit_rule(score), macs=source.macs(model, shape), params=source.params(model),
-                       framework=source.framework, cam=cam.to_dict())]
+                       framework=source.framework, cam=cam.to_dict(), decides=False)]
     focus_model = source.prepare(focus_model)
     focus_shape = (1, 3, *focus_size) if source.layout == "NCHW" else (1, *focus_size, 3)
     macs, params = source.macs(focus_model, focus_shape), source.params(focus_model)
@@ -211,5 +214,5 @@ def glance_focus_plans(glance: tuple[str, Any, tuple[int, int]], focus: tuple[An
                  "patch_fraction": patch_fraction, "index": t}
         plans.append(StagePlan(name=f"focus{t}", module=focus_model, source=patch, has_carry=False,
                                exit=exit_rule(score, "mean_probs"), macs=macs, params=params,
-                               framework=source.framework))
+                               framework=source.framework, decides=False))
     return plans

@@ -18,6 +18,7 @@ import numpy as np
 
 from stagewise.errors import BackendUnavailableError, MissingExtraError, unknown_choice
 from stagewise.formats import format_named
+from stagewise.exits import GRAPH_SCORES
 from stagewise.manifest import StageSpec
 
 from .options import LiteRTOptions, OnnxRuntimeOptions, OpenVinoOptions, RuntimeOptions
@@ -106,17 +107,58 @@ class LoadOptions:
         return kind.from_mapping(self.runtime_options)
 
 
+DECISION_OUTPUTS = ("exit_score", "exit_label")
+"""The names of the exit score (N x 1, float32) and answer (N x 1, int64) outputs a graph decision has."""
+INVERSE_TEMPERATURE = "exit_inverse_temperature"
+"""The graph input an exported decision reads 1 / temperature from (1 float32 value)."""
+
+
+@dataclass(frozen=True)
+class GraphDecision:
+    """A stage's exit decision computed in its graph: exit score ``score`` of the stage's own probabilities at
+    ``1 / inverse_temperature`` (``output``, N x 1) and their argmax (``label``). ``exported``: the artifact's
+    graph has these outputs (its manifest ``decision`` record) and reads the inverse temperature from the input
+    ``temperature_input``; otherwise a runtime that can extend a graph at load time (OpenVINO) adds them, with the
+    inverse temperature as a constant, and one that cannot leaves the scoring to the executor."""
+
+    score: str
+    inverse_temperature: float
+    output: str = DECISION_OUTPUTS[0]
+    label: str = DECISION_OUTPUTS[1]
+    exported: bool = False
+    temperature_input: str | None = None
+
+
 @dataclass(frozen=True)
 class StageIO:
-    """Tensor names of one stage as recorded in the manifest."""
+    """Tensor names of one stage as recorded in the manifest: its input, its outputs (the decision outputs not
+    included), the exit decision the executor asks its graph for (``None``: none) and the graph's other inputs
+    with the values to feed them (``feeds``: the inverse temperature an exported decision reads)."""
 
     input: str
     outputs: tuple[str, ...]
+    decision: GraphDecision | None = None
+    feeds: tuple[tuple[str, np.ndarray], ...] = ()
 
 
-def stage_io(spec: StageSpec) -> StageIO:
-    """The tensor names of a manifest stage."""
-    return StageIO(spec.input.tensor, spec.outputs.names())
+def stage_io(spec: StageSpec, artifact_format: str | None = None, decide: bool = True) -> StageIO:
+    """The tensor names of a manifest stage, as its ``artifact_format`` artifact has them. With ``decide`` (the
+    executor reads each stage's exit decision alone: no stage of the bundle combines probabilities or has a
+    learned score) and an exit score the graph can compute, the stage asks for its :class:`GraphDecision`."""
+    artifact = spec.artifacts.get(artifact_format) if artifact_format else None
+    record = artifact.decision if artifact is not None else None
+    inverse = 1.0 / spec.exit.temperature
+    feeds = ()
+    if record is not None and record.get("inverse_temperature"):  # the graph reads it whether the executor uses it or not
+        feeds = ((record["inverse_temperature"], np.array([inverse], np.float32)),)
+    decision = None
+    if decide and spec.exit.score in GRAPH_SCORES and spec.exit.combine == "own":
+        if record is not None and record["score"] == spec.exit.score:
+            decision = GraphDecision(spec.exit.score, inverse, record["output"], record["label"], True,
+                                     record.get("inverse_temperature"))
+        else:
+            decision = GraphDecision(spec.exit.score, inverse)
+    return StageIO(spec.input.tensor, spec.outputs.names(), decision, feeds)
 
 
 Opener = Callable[[Sequence[Path], StageIO, LoadOptions], StageSession]

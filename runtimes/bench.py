@@ -6,6 +6,7 @@ slows all of them alike and the ratios stay meaningful.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ from stagewise.progress import progress_bar
 
 from .calibrate import exit_table
 from .executor import Cascade, Prediction
+from .routing import Carries
 
 
 def latency_stats(preds: Sequence[Prediction]) -> dict:
@@ -101,3 +103,59 @@ def benchmark(cascade: Cascade, images: Sequence[np.ndarray], labels: np.ndarray
     return {"runtime": cascade.runtime, "threads": cascade.threads, "n": len(images), "rows": rows,
             "stage_p50_ms": stage_ms.tolist(),
             "oracle": {"top1": oracle.accuracy, "mean_ms": oracle.mean_cost, "exit_rates": list(oracle.exit_rates)}}
+
+
+def ready_inputs(cascade: Cascade, image: np.ndarray) -> list[np.ndarray]:
+    """Every stage's input tensor for the decoded ``image`` (carries from running the stages), ready for a backend call."""
+    router, carries, tensors = cascade.router, Carries(1), []
+    for k, st in enumerate(cascade._stages):
+        x = np.ascontiguousarray(router.input(k, [image], carries))
+        router.keep(k, st.session.run(x), carries)
+        tensors.append(x)
+    return tensors
+
+
+def executor_overhead(cascade: Cascade, images: Sequence[np.ndarray], repeats: int = 3) -> dict:
+    """What :meth:`Cascade.predict` costs per stage over calling the stage sessions one after another on ready
+    tensors (``session.run``), every stage run (an operating point that never exits): per decoded image, predict,
+    the session chain and the image stages' input preparation run in turn (who goes first rotates), ``repeats``
+    times after one warm-up round; the overhead is the median of the paired differences (predict - chain -
+    preparation) over the stages."""
+    stages = cascade._stages
+    router = cascade.router
+    point = "full" if "full" in cascade.operating_points else None
+    ready = [ready_inputs(cascade, im) for im in images]
+    sessions = [st.session for st in stages]
+
+    def chain(tensors: list[np.ndarray]) -> None:
+        for session, x in zip(sessions, tensors):
+            session.run(x)
+
+    def prep(image: np.ndarray) -> None:
+        for k in range(len(stages)):
+            if router.reads_image(k):
+                router.input(k, [image], Carries(1))
+
+    def answer(image: np.ndarray) -> None:
+        if point is None:
+            cascade.run_all_stages(image)
+        else:
+            cascade.predict(image, operating_point=point)
+
+    times: dict[str, list[float]] = {"predict": [], "chain": [], "prep": []}
+    calls = [("predict", answer), ("chain", chain), ("prep", prep)]
+    for r in range(repeats + 1):
+        for i, (image, tensors) in enumerate(zip(images, ready)):
+            shift = (r + i) % len(calls)
+            for name, call in calls[shift:] + calls[:shift]:
+                arg = tensors if name == "chain" else image
+                t0 = time.perf_counter()
+                call(arg)
+                if r:  # the first round warms up
+                    times[name].append((time.perf_counter() - t0) * 1e6)
+    t = {name: np.asarray(v) for name, v in times.items()}
+    per_stage = (t["predict"] - t["chain"] - t["prep"]) / len(stages)
+    return {"overhead_us_per_stage": float(np.median(per_stage)), "chain_us": float(np.median(t["chain"])),
+            "predict_us": float(np.median(t["predict"])), "prep_us": float(np.median(t["prep"])),
+            "runs": len(per_stage), "stages": len(stages),
+            "graph_decisions": sum(st.decision is not None for st in stages)}

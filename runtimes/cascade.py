@@ -11,9 +11,11 @@ several threads neither share buffers nor cancel each other, and a carry passes 
 to the next inside the runtime's buffers.
 
 Per stage, the Python work of the loop is the backend call, a clock read, the exit score and a
-compare: with up to :data:`FAST_CLASSES` classes the own-probability scores (``max_softmax``,
-``max_logit``) of a single image are computed on the logits as Python floats, and the answering
-stage's probabilities only once, at the end.
+compare. A stage whose graph outputs its exit decision (:class:`~stagewise.runtimes.base.GraphDecision`:
+exported ONNX stages, every OpenVINO stage) hands over its score and answer, read as two values;
+otherwise, with up to :data:`FAST_CLASSES` classes, the own-probability scores (``max_softmax``,
+``max_logit``) of a single image are computed on the logits as Python floats, and else in numpy. The
+answering stage's probabilities are computed once, at the end.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from stagewise.errors import (BundleError, CascadeClosedError, DeadlineExceededE
                              UnknownOperatingPointError, UnknownOptionError)
 from stagewise.exits import SCORES, deciding_probabilities, exit_scores, load_exit_model, softmax
 from stagewise.images import load_image
-from stagewise.manifest import StageSpec
+from stagewise.manifest import Manifest, StageSpec
 
-from .base import StageIO, StageRunner, StageSession, runner_for, stage_io
+from .base import RUNTIMES, StageIO, StageRunner, StageSession, runner_for, stage_io
 from .budget import cancel_timer_s, plan_start, skipped
 from .controller import MeanBudgetController
 from .latency import LatencyModel, profile_name
@@ -60,6 +62,7 @@ class _Stage:
     exit_model: Any = None  # the learned exit score's model (stagewise.exits.LearnedExitScore)
     cancellable: bool = False  # the runtime can stop a run (the session has run_within)
     fast: bool = False  # a single image's score from its own logits, in Python floats
+    decision: tuple[str, str] | None = None  # the graph's exit score and answer outputs (GraphDecision)
     ran_on: str | None = None  # where the runtime runs it (execution provider, device, delegate)
 
 
@@ -106,13 +109,18 @@ class Cascade:
         self.preprocess = m.input
         self.preprocess.check_resizer()
         self.router = StageRouter.from_manifest(m)
-        # a stage scores one image in Python floats unless some stage needs the running sum of probabilities
-        sums = any(s.exit.combine == "mean_probs" or SCORES[s.exit.score].reads_earlier for s in m.stages)
+        # a stage's graph decides (or one image is scored in Python floats) unless some stage needs the running sum
+        # of probabilities
+        sums = sums_probabilities(m)
         fast = not sums and len(m.classes) <= FAST_CLASSES
-        self._stages = [self._plan(spec, session, bundle.root, fast) for spec, session in zip(m.stages, sessions)]
+        fmt = RUNTIMES[runtime].artifact_format if runtime in RUNTIMES else None
+        self._stages = [self._plan(spec, session, bundle.root, fast, stage_io(spec, fmt, not sums))
+                        for spec, session in zip(m.stages, sessions)]
         self._names = tuple(st.name for st in self._stages)
         self._cancellable = tuple(st.cancellable for st in self._stages)
         self._patch = tuple(s.source == "patch" for s in self.router.inputs)
+        self._keeps = tuple(c is not None or m is not None  # the stage hands on a carry or a CAM
+                            for c, m in zip(self.router.carry_outputs, self.router.cam_outputs))
         self._points = {p.name: _Point.of(p.name, p.threshold_array) for p in m.operating_points}
         self._chosen: dict[str, _Point] = {}  # the controller's points, resolved on first use
         self._all = _Point.of(None, np.full(len(self._stages), np.inf))
@@ -169,11 +177,13 @@ class Cascade:
                                                              **self._controller_options)
 
     @staticmethod
-    def _plan(spec: StageSpec, session: StageSession, root: Path | None, fast: bool) -> _Stage:
+    def _plan(spec: StageSpec, session: StageSession, root: Path | None, fast: bool, io: StageIO) -> _Stage:
         fast = fast and spec.exit.score in ("max_softmax", "max_logit")
-        return _Stage(name=spec.name, session=session, io=stage_io(spec), logits=spec.outputs.logits,
+        decided = io.decision is not None and getattr(session, "decides", False)
+        return _Stage(name=spec.name, session=session, io=io, logits=spec.outputs.logits,
                       score=spec.exit.score, temperature=spec.exit.temperature, combine=spec.exit.combine,
                       exit_model=_exit_model(root, spec), cancellable=hasattr(session, "run_within"), fast=fast,
+                      decision=(io.decision.output, io.decision.label) if decided else None,
                       ran_on=getattr(session, "ran_on", None))
 
     @property
@@ -400,6 +410,7 @@ class Cascade:
         live = list(range(n))
         total: np.ndarray | None = None  # running sum of own probabilities (n x C), for mean_probs and learned
         runs = 0
+        timed: list[tuple[int, float]] = []  # an unbudgeted request's step times, for the latency model
         jumped = stopped = False
         now = clock()
         if order is None:
@@ -414,13 +425,14 @@ class Cascade:
                         steps[i].extend(planned)
             order = range(first, len(stages))
         first, last = order[0], order[-1]
+        keeps, patch = self._keeps, self._patch
+        predicted = left = needed = None
+        reason = "no_budget"
+        cancel = False
         for k in order:
             st, runner = stages[k], runners[k]
-            predicted = None if budget_ms is None else latency.predict(k)  # what the plan expected (and learns from)
-            left = needed = None
-            reason = "no_budget"
-            cancel = False
             if budget_ms is not None:
+                predicted = latency.predict(k)  # what the plan expected (and learns from)
                 left = budget_ms - (now - start) * 1e3
                 cancel = k != first and st.cancellable
                 needed = latency.needed(k, cancel)
@@ -463,7 +475,10 @@ class Cascade:
             runs = 1 if alone else runs + 1
             logits = out[st.logits]
             m = len(live)
-            if m == 1 and st.fast:
+            if st.decision is not None:  # the graph's own exit score and answer: read, not computed
+                score_name, label_name = st.decision
+                scores, labels, decider = out[score_name].ravel().tolist(), out[label_name].ravel().tolist(), None
+            elif m == 1 and st.fast:
                 score, label = _fast_score(st.score, logits[0].tolist(), 1.0 / st.temperature)
                 scores, labels, decider = (score,), (label,), None
             else:
@@ -480,14 +495,18 @@ class Cascade:
                 scores = exit_scores(st.score, decider, logits, st.temperature, summed, runs - 1, st.exit_model,
                                      own).tolist()
                 labels = decider.argmax(1).tolist()
-            router.keep(k, out, carries, rows)
+            if keeps[k]:
+                router.keep(k, out, carries, rows)
             now = clock()
             ms = (now - t0) * 1e3
             if observe:
-                with self._observing:
-                    latency.observe(k, ms, predicted)
+                if budget_ms is None:  # fed after the loop, under one lock: no later stage of this request plans
+                    timed.append((k, ms))
+                else:
+                    with self._observing:
+                        latency.observe(k, ms, predicted)
             threshold, is_last, ran_on, limit = thresholds[k], k == last, st.ran_on, shown[k]
-            boxes = router.box(k, carries, rows) if self._patch[k] else None
+            boxes = router.box(k, carries, rows) if patch[k] else None
             keep = []
             for j, i in enumerate(live):
                 score = scores[j]
@@ -511,6 +530,8 @@ class Cascade:
         end = clock()
         if observe:
             with self._observing:
+                for k, ms in timed:
+                    latency.observe(k, ms)
                 latency.observe_return((end - now) * 1e3)
         end_ms = (end - start) * 1e3
         for i in live:  # undecided when a budget stopped the loop
@@ -551,6 +572,12 @@ class Cascade:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sums_probabilities(manifest: Manifest) -> bool:
+    """Whether some stage decides on more than its own probabilities (``mean_probs``, or a score that reads the
+    earlier stages' too, such as ``learned``): the executor then keeps the running sum and scores every stage itself."""
+    return any(s.exit.combine == "mean_probs" or SCORES[s.exit.score].reads_earlier for s in manifest.stages)
 
 
 def _exit_model(root: Path | None, spec: StageSpec) -> Any:

@@ -50,6 +50,7 @@ kept sorted incrementally (``bisect``), so a quantile is one index, not a numpy 
 from __future__ import annotations
 
 import math
+import threading
 from bisect import bisect_left, insort
 from collections import deque
 from typing import Iterable
@@ -135,6 +136,10 @@ class LatencyModel:
         self.max_margin = max_margin
         self.follow_last = follow_last
         self._recent = [SortedWindow(window) for _ in range(stages)]
+        # step times not yet sorted into _recent (appending is what a request pays; readers fold them in first,
+        # which leaves each window as if every value had been added when it came: it keeps the last `window`)
+        self._pending = [deque(maxlen=window) for _ in range(stages)]
+        self._folding = threading.Lock()
         self._seed: list[float | None] = [None] * stages
         self._errors = SortedWindow(error_window)
         self._return = SortedWindow(window)
@@ -165,7 +170,7 @@ class LatencyModel:
                 self._ref = self._seed[0] or ms
             self._speed.add(ms)
             self._factor = self._speed.quantile(0.5) / self._ref
-        self._recent[stage].add(ms / self._factor)
+        self._pending[stage].append(ms / self._factor)
         if predicted is not None and predicted > 0:
             self._errors.add(ms / predicted)
 
@@ -180,6 +185,7 @@ class LatencyModel:
         """Forget live measurements (of one stage, or all, the learned margin and the speed); seeds stay."""
         for k in range(self.stages) if stage is None else [stage]:
             self._recent[k].clear()
+            self._pending[k].clear()
         if stage is None:
             self._errors.clear()
             self._return.clear()
@@ -189,8 +195,17 @@ class LatencyModel:
             self._factor = 1.0
 
     # -- predicting ----------------------------------------------------------------------------
+    def _window(self, stage: int) -> SortedWindow:
+        """Stage ``stage``'s window of recent step times, with the pending ones sorted in."""
+        recent, pending = self._recent[stage], self._pending[stage]
+        if pending:
+            with self._folding:
+                while pending:
+                    recent.add(pending.popleft())
+        return recent
+
     def samples(self, stage: int) -> int:
-        return len(self._recent[stage])
+        return len(self._window(stage))
 
     def speed(self) -> float:
         """How many times slower than its reference the device runs now (1 until the first stage has run)."""
@@ -198,7 +213,7 @@ class LatencyModel:
 
     def predict(self, stage: int) -> float:
         """Predicted milliseconds for the next step of ``stage`` (0 when nothing is known)."""
-        recent = self._recent[stage]
+        recent = self._window(stage)
         if len(recent) >= self.min_samples:
             q = recent.quantile(self.quantile)
             return (max(q, recent.last()) if self.follow_last else q) * self.speed()
@@ -209,7 +224,7 @@ class LatencyModel:
 
     def mean(self, stage: int) -> float:
         """Expected (mean) step time of ``stage`` now: the window mean, else the seed."""
-        recent = self._recent[stage]
+        recent = self._window(stage)
         if len(recent) >= self.min_samples:
             return recent.mean() * self.speed()
         return self.predict(stage)
@@ -238,7 +253,7 @@ class LatencyModel:
 
     def median(self, stage: int) -> float:
         """Typical (median) step time of ``stage`` now: the window median, else :meth:`predict`."""
-        recent = self._recent[stage]
+        recent = self._window(stage)
         if len(recent) >= self.min_samples:
             return recent.quantile(0.5) * self._factor
         return self.predict(stage)

@@ -11,7 +11,7 @@ from stagewise.checks import positive_count, positive_number
 from stagewise.errors import DeviceUnavailableError
 
 from .base import LoadOptions, StageSession, resolve_runtime, stage_io
-from .cascade import Cascade
+from .cascade import Cascade, sums_probabilities
 from .model_io import check_stages
 from .options import RuntimeOptions
 
@@ -51,10 +51,11 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
         settings = runtime.options.from_mapping(options)
         load_options = LoadOptions(threads=threads, device=device, runtime_options=settings)
         opener = runtime.opener()
+        decide = not sums_probabilities(bundle.manifest)
         for k, spec in enumerate(bundle.manifest.stages):
             key = spec.artifacts[runtime.artifact_format].files[0].sha256  # the bundle verified it: no second hash
-            sessions.append(opener(bundle.artifact_paths(k, runtime.artifact_format), stage_io(spec),
-                                   replace(load_options, content_key=key)))
+            sessions.append(opener(bundle.artifact_paths(k, runtime.artifact_format),
+                                   stage_io(spec, runtime.artifact_format, decide), replace(load_options, content_key=key)))
         check_stages(bundle.manifest, sessions)
         if require_device:
             check_devices(runtime.name, device, bundle.manifest.stage_names, sessions)

@@ -14,14 +14,14 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailableError
 from stagewise.extras import require
 
-from .base import LoadOptions, StageIO
+from .base import INVERSE_TEMPERATURE, LoadOptions, StageIO
 from .deadline import WATCHDOG
 from .model_cache import ModelCache, discard, entry_key, model_cache
 from .model_io import DeclaredIO, TensorInfo
@@ -76,7 +76,13 @@ class OnnxRuntimeStage:
         cache = _cache(options, settings) if self_contained else None
         self._session, self.loaded_from_cache = _open(model, so, providers, cache)
         self._input = io.input
-        self._outputs = list(io.outputs)
+        decision = io.decision
+        self.decides = decision is not None and decision.exported  # the graph outputs the asked exit decision
+        self._outputs = list(io.outputs)  # what run() returns: the executor reads the decision through a runner
+        self._decision = [decision.output, decision.label] if self.decides else []
+        self._feeds = dict(io.feeds)
+        if not self._feeds and any(i.name == INVERSE_TEMPERATURE for i in self._session.get_inputs()):
+            self._feeds[INVERSE_TEMPERATURE] = np.ones(1, np.float32)  # a graph decision opened without a manifest
         self._providers = list(providers)
         self.ran_on = self._session.get_providers()[0]
 
@@ -95,7 +101,7 @@ class OnnxRuntimeStage:
         return provider_problem(device, self._providers, self._session.get_providers())
 
     def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
-        values = self._session.run(self._outputs, {self._input: tensor})
+        values = self._session.run(self._outputs, {self._input: tensor, **self._feeds})
         return dict(zip(self._outputs, values))
 
     def run_within(self, tensor: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
@@ -106,7 +112,7 @@ class OnnxRuntimeStage:
         run_options = ort.RunOptions()  # this call's own: a cancel reaches no other run
         deadline = WATCHDOG.arm(timeout_s, partial(setattr, run_options, "terminate", True))
         try:
-            values = self._session.run(self._outputs, {self._input: tensor}, run_options)
+            values = self._session.run(self._outputs, {self._input: tensor, **self._feeds}, run_options)
         except Exception as exc:  # onnxruntime reports a terminated run as a generic failure
             if WATCHDOG.disarm(deadline):
                 raise DeadlineExceededError(f"ONNX Runtime stage stopped after {timeout_s * 1e3:.1f} ms") from exc
@@ -116,7 +122,7 @@ class OnnxRuntimeStage:
 
     def runner(self) -> "OnnxRuntimeRunner":
         """A runner with its own IO binding, output buffers and run options (one request at a time)."""
-        return OnnxRuntimeRunner(self._session, self._input, self._outputs)
+        return OnnxRuntimeRunner(self._session, self._input, self._outputs + self._decision, self._feeds)
 
     def close(self) -> None:
         """Drop the session (ONNX Runtime frees it with the last reference; runners hold one until closed)."""
@@ -141,13 +147,17 @@ class OnnxRuntimeRunner:
     The outputs of the first run at a new input shape are allocated by ONNX Runtime; their
     ``OrtValue`` buffers are then bound as the outputs of every later run at that shape and read
     through numpy views (no copy, no allocation). An input array is bound by reference, and the
-    same array (a carry: the previous stage's output buffer) is not bound again. A deadline sets
+    same array (a carry: the previous stage's output buffer) is not bound again; the graph's other inputs
+    (``feeds``: an exported exit decision's inverse temperature) are bound once. A deadline sets
     this runner's own ``RunOptions.terminate`` from the process's watchdog.
     """
 
-    def __init__(self, session: Any, input_name: str, outputs: Sequence[str]):
+    def __init__(self, session: Any, input_name: str, outputs: Sequence[str], feeds: Mapping[str, np.ndarray] = {}):
         binding = session.io_binding()
         self._binding = binding._iobinding  # the C binding: the Python wrapper costs more than the run of a small stage
+        self._feeds = list(feeds.values())  # held: the binding reads their buffers
+        for name, value in feeds.items():  # bound once: the same for every run (the inverse temperature)
+            self._binding.bind_input(name, value)
         self._session = session
         self._call = session._sess.run_with_iobinding
         self._input = input_name

@@ -48,7 +48,7 @@ import numpy as np
 from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailableError
 from stagewise.extras import require
 
-from .base import LoadOptions, StageIO
+from .base import GraphDecision, LoadOptions, StageIO
 from .deadline import finite_timeout
 from .model_cache import model_cache
 from .model_io import DeclaredIO, TensorInfo
@@ -202,6 +202,10 @@ class OpenVinoStage:
             raise BundleError(f"{name}: a stage has one input, this IR has {len(model.inputs)}")
         if needs_static_shapes(device, options, available) and model.inputs[0].get_partial_shape().is_dynamic:
             _static_batch_one(model, name)
+        decision = io.decision
+        if decision is not None and not add_decision(model, io.outputs[0], decision):
+            decision = None
+        self.decides = decision is not None  # the compiled model outputs the asked exit decision (add_decision)
         self.device = device
         self.config = compile_config(ov_core, device, options)
         start = time.perf_counter()
@@ -220,7 +224,7 @@ class OpenVinoStage:
         self._input_dtype = port.get_element_type().to_dtype()
         self._outputs: dict[str, Any] = {}
         names = {n: out for out in compiled.outputs for n in out.get_names()}
-        for out_name in io.outputs:
+        for out_name in io.outputs + ((decision.output, decision.label) if decision is not None else ()):
             if out_name not in names:
                 raise BundleError(f"{name} has no output named {out_name!r} (it has: {', '.join(sorted(names))}); "
                                   "the manifest and the IR do not match, rebuild the bundle")
@@ -341,6 +345,39 @@ class OpenVinoRunner:
 
     def close(self) -> None:
         self._request = self._stage = self._x = None
+
+
+def add_decision(model: Any, logits: str, decision: GraphDecision) -> bool:
+    """Add ``decision``'s outputs to ``model`` (an ``ov.Model`` read from a bundle): the exit score of the logits
+    output ``logits`` at the stage's temperature (a constant: the model is read and compiled with the manifest's
+    temperature at every load) and its argmax (N x 1 each), computed in f32 like the exported ONNX decision.
+    Returns whether it did (not for logits that are not N x a known number, at least 2, of classes)."""
+    from openvino import opset13 as ops
+
+    port = next(r.input_value(0) for r in model.get_results() if logits in r.output(0).get_names())
+    shape = port.get_partial_shape()
+    if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic or shape[1].get_length() < 2:
+        return False  # not N x a known class count: the executor scores the logits
+    x = port if port.get_element_type() == ov.Type.f32 else ops.convert(port, "f32").output(0)
+    if decision.score != "max_logit":
+        x = ops.softmax(ops.multiply(x, ops.constant(np.float32(decision.inverse_temperature))), 1).output(0)
+    top = ops.topk(x, ops.constant(np.int64(2 if decision.score == "margin" else 1)), 1, "max", "value",
+                   ov.Type.i64)
+    label, score = top.output(1), top.output(0)
+    if decision.score == "margin":
+        first, second = ops.constant(np.array([0], np.int64)), ops.constant(np.array([1], np.int64))
+        label = ops.gather(label, first, 1).output(0)
+        score = ops.subtract(ops.gather(score, first, 1), ops.gather(score, second, 1)).output(0)
+    elif decision.score == "entropy":  # 1 + sum(p log p) / log(C), p clipped below at 1e-12
+        classes = shape[1].get_length()
+        p = ops.maximum(x, ops.constant(np.float32(1e-12)))
+        total = ops.reduce_sum(ops.multiply(p, ops.log(p)), ops.constant(np.array([1], np.int64)), True)
+        score = ops.add(ops.multiply(total, ops.constant(np.float32(1.0 / np.log(classes)))),
+                        ops.constant(np.float32(1))).output(0)
+    score.get_tensor().set_names({decision.output})
+    label.get_tensor().set_names({decision.label})
+    model.add_results([ops.result(score), ops.result(label)])
+    return True
 
 
 def _property(compiled: Any, key: str, default: Any) -> Any:

@@ -25,6 +25,9 @@ import click
 
 DEMO_IMAGES = "demo_data/imagenet-160"
 CIFAR10_IMAGES = "demo_data/cifar10-1000"
+#: Images the early-exit demo times the executor's overhead per stage on (each run three times: well under a second).
+OVERHEAD_IMAGES = 50
+
 #: Where the early-exit demo cuts the jointly trained CIFAR-10 ResNet.
 EARLY_EXIT_CUTS = ("layer1", "layer2")
 STAGES = (("lite0_224", "stagewise.converters.zoo:efficientnet_lite0", 224),
@@ -110,7 +113,7 @@ def run_early_exit_demo(out: Path, int8: bool = True, threads: int = 1) -> dict:
     from stagewise.images import Preprocess
     from stagewise.reports import bench_table, manifest_tables, print_tables
     from stagewise.runtimes import load
-    from stagewise.runtimes.bench import benchmark
+    from stagewise.runtimes.bench import benchmark, executor_overhead
 
     images = open_image_set(demo_images(CIFAR10_IMAGES))
     calibration, test = images.split([0.5, 0.5], seed=0)
@@ -126,10 +129,14 @@ def run_early_exit_demo(out: Path, int8: bool = True, threads: int = 1) -> dict:
     click.echo(f"wrote {bundle} and {plain}")
     with load(bundle, threads=threads) as cascade, load(plain, threads=threads) as network:
         print_tables(*manifest_tables(cascade.bundle.manifest))
-        result = benchmark(cascade, [test.image(i) for i in range(len(test))], test.targets,
-                           references={"plain ResNet (resnet_cifar)": network})
-    result.update(bundle=bundle.name, data=f"{len(test)} held-out CIFAR-10 demo images")
+        pictures = [test.image(i) for i in range(len(test))]
+        result = benchmark(cascade, pictures, test.targets, references={"plain ResNet (resnet_cifar)": network})
+        overhead = executor_overhead(cascade, pictures[:OVERHEAD_IMAGES])
+    result.update(bundle=bundle.name, data=f"{len(test)} held-out CIFAR-10 demo images", executor=overhead)
     print_tables(bench_table(result))
+    click.echo(f"executor: {overhead['overhead_us_per_stage']:.1f} µs per stage over calling the "
+               f"{overhead['stages']} stage sessions directly ({overhead['graph_decisions']} deciding in their graph; "
+               f"median of {overhead['runs']} paired runs on this machine, input preparation not counted)")
     (out / "bench-early-exit.json").write_text(json.dumps(result, indent=2))
     plain_row = next(r for r in result["rows"] if r["kind"] == "reference")
     at_equal = [r for r in result["rows"] if r["kind"] == "operating_point" and r["top1"] >= plain_row["top1"]]

@@ -92,6 +92,12 @@ def score_named(name: str) -> ExitScore:
     return registered(SCORES, "exit score", name)
 
 
+GRAPH_SCORES = ("max_softmax", "max_logit", "margin", "entropy")
+"""Scores a stage's own graph can compute from its logits (at a temperature fed as an input; the ONNX exporter's
+and the OpenVINO adapter's decision nodes): with ``combine="own"``, a stage whose artifact carries them hands the
+executor its exit score and answer."""
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax of ``logits / temperature`` in float64."""
     z = np.array(logits, dtype=np.float64)

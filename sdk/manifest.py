@@ -176,15 +176,17 @@ class Artifact:
     quantization: Mapping[str, Any] | None = None
     verification: Mapping[str, Any] | None = None
     target: Mapping[str, Any] | None = None
+    decision: Mapping[str, Any] | None = None  # the exit decision outputs the graph has (schema: artifact.decision)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Artifact":
         return cls(tuple(ArtifactFile.from_dict(f) for f in d["files"]), d["precision"],
-                   *(freeze(d[k]) if k in d else None for k in ("quantization", "verification", "target")))
+                   *(freeze(d[k]) if k in d else None for k in ("quantization", "verification", "target", "decision")))
 
     def to_dict(self) -> dict[str, Any]:
         return _optional({"files": [f.to_dict() for f in self.files], "precision": self.precision},
-                         quantization=self.quantization, verification=self.verification, target=self.target)
+                         quantization=self.quantization, verification=self.verification, target=self.target,
+                         decision=self.decision)
 
 
 @dataclass(frozen=True)

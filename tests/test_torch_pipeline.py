@@ -119,6 +119,23 @@ def test_batch_equals_single_on_real_runtime(int8_bundle, splits):
     assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
 
 
+def test_exported_stages_decide_in_their_graph(int8_bundle, splits):
+    """Every converted ONNX stage outputs its exit score and answer; they equal the executor's numpy scoring of
+    the same stage logits."""
+    from stagewise.exits import all_stage_scores
+
+    _, calib = splits
+    images = [calib.image(i) for i in range(20)]
+    with stagewise.load(int8_bundle, threads=1) as cascade:
+        stages = cascade.bundle.manifest.stages
+        assert all(s.artifacts["onnx"].decision["score"] == s.exit.score for s in stages)
+        assert all(st.decision is not None for st in cascade._stages)
+        expected = all_stage_scores([s.exit.score for s in stages], cascade.stage_logits(images),
+                                    [s.exit.temperature for s in stages], [s.exit.combine for s in stages])
+        got = np.array([[r.score for r in cascade.run_all_stages(im).trace] for im in images]).T
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_cascade_stages_see_their_own_resolution(tmp_path, splits):
     _, calib = splits
     class SizeProbe(torch.nn.Module):
