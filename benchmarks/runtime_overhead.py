@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import harness
+from stagewise.runtimes.base import StageSession
 
 NAME = "runtime_overhead"
 SIZE = (375, 500)  # height, width of the ImageNet inputs (500x375)
@@ -116,7 +117,7 @@ def decides(path: Path) -> bool:
         bundle.close()
 
 
-class Recorded:
+class Recorded(StageSession):
     """A do-nothing session: returns one recorded output of the real stage (its exit decision included where the
     real one has it), whatever the input."""
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 
-from stagewise.errors import BackendUnavailableError, MissingExtraError, unknown_choice
+from stagewise.errors import BackendUnavailableError, InvalidOptionError, MissingExtraError, unknown_choice
 from stagewise.formats import format_named
 from stagewise.exits import GRAPH_SCORES
 from stagewise.manifest import StageSpec
@@ -26,20 +26,44 @@ from .options import LiteRTOptions, OnnxRuntimeOptions, OpenVinoOptions, Runtime
 T = TypeVar("T", bound=RuntimeOptions)
 
 
-class StageSession(Protocol):
-    """One loaded stage: ``run`` takes the stage input batch, returns outputs by tensor name.
+class StageSession:
+    """One loaded stage, as a runtime adapter opens it: the base class of every session, whose defaults are what a
+    session without the capability does (a test double overrides ``run`` alone).
 
-    A session that can be stopped mid-run also has ``run_within(tensor, timeout_s)``, which
-    raises :class:`~stagewise.errors.DeadlineExceededError` when the run was cancelled at the
-    timeout (ONNX Runtime and OpenVINO have it; LiteRT cannot cancel a run).
-
-    The runtime adapters also have ``runner()`` (a :class:`StageRunner` for one request at a
-    time), ``ran_on`` (where the runtime really runs the stage: execution provider, device or
-    delegate), ``device_problem(device)`` (why the stage does not run on ``device``, or ``None``)
-    and ``close()``; the executor does without them for a session that lacks them (a test double).
+    * ``run(tensor)``: the stage input batch in, the outputs by tensor name;
+    * ``cancellable`` and ``run_within(tensor, timeout_s)``: a run stopped at the timeout, raising
+      :class:`~stagewise.errors.DeadlineExceededError` (ONNX Runtime and OpenVINO; LiteRT cannot cancel a run);
+    * ``runner()``: a :class:`StageRunner` for one request at a time (default: :class:`SessionRunner`);
+    * ``decides``: the session outputs the stage's exit decision (:class:`GraphDecision`) computed in its graph;
+    * ``ran_on``: where the runtime really runs the stage (execution provider, device or delegate), or ``None``;
+    * ``device_problem(device)``: why the stage does not run on ``device``, or ``None``;
+    * ``declared()``: what the model declares (:class:`~stagewise.runtimes.model_io.DeclaredIO`), or ``None``
+      when the session cannot tell (then the manifest is not checked against the model);
+    * ``close()``: release the runtime's session (idempotent).
     """
 
-    def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]: ...
+    cancellable: bool = False
+    decides: bool = False
+    ran_on: str | None = None
+
+    def run(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__} must implement run(tensor)")
+
+    def run_within(self, tensor: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
+        raise InvalidOptionError(f"{type(self).__name__} cannot cancel a run (cancellable is False); run it without "
+                                 "a timeout")
+
+    def runner(self) -> StageRunner:
+        return SessionRunner(self)
+
+    def device_problem(self, device: str) -> str | None:
+        return f"{type(self).__name__} does not report where it runs"
+
+    def declared(self) -> Any:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 class StageRunner(Protocol):
@@ -59,11 +83,11 @@ class StageRunner(Protocol):
 
 class SessionRunner:
     """The runner of a session without one of its own (a test double): its ``run``, or its
-    ``run_within`` under a timeout."""
+    ``run_within`` under a timeout when it is cancellable."""
 
     def __init__(self, session: StageSession):
         self._run = session.run
-        self._within = getattr(session, "run_within", None)
+        self._within = session.run_within if session.cancellable else None
 
     def run(self, tensor: np.ndarray, timeout_s: float | None = None) -> Mapping[str, np.ndarray]:
         if timeout_s is None or self._within is None:
@@ -75,9 +99,8 @@ class SessionRunner:
 
 
 def runner_for(session: StageSession) -> StageRunner:
-    """A new :class:`StageRunner` on ``session`` (its own ``runner()``, else a :class:`SessionRunner`)."""
-    runner = getattr(session, "runner", None)
-    return runner() if runner is not None else SessionRunner(session)
+    """A new :class:`StageRunner` on ``session``."""
+    return session.runner()
 
 
 @dataclass(frozen=True)

@@ -179,12 +179,12 @@ class Cascade:
     @staticmethod
     def _plan(spec: StageSpec, session: StageSession, root: Path | None, fast: bool, io: StageIO) -> _Stage:
         fast = fast and spec.exit.score in ("max_softmax", "max_logit")
-        decided = io.decision is not None and getattr(session, "decides", False)
+        decided = io.decision is not None and session.decides
         return _Stage(name=spec.name, session=session, io=io, logits=spec.outputs.logits,
                       score=spec.exit.score, temperature=spec.exit.temperature, combine=spec.exit.combine,
-                      exit_model=_exit_model(root, spec), cancellable=hasattr(session, "run_within"), fast=fast,
+                      exit_model=_exit_model(root, spec), cancellable=session.cancellable, fast=fast,
                       decision=(io.decision.output, io.decision.label) if decided else None,
-                      ran_on=getattr(session, "ran_on", None))
+                      ran_on=session.ran_on)
 
     @property
     def stage_names(self) -> list[str]:
@@ -562,9 +562,7 @@ class Cascade:
             for runner in self._idle.pop():
                 runner.close()
         for st in self._stages:
-            close = getattr(st.session, "close", None)
-            if close is not None:
-                close()
+            st.session.close()
         self.bundle.close()
 
     def __enter__(self) -> "Cascade":

@@ -53,7 +53,7 @@ import numpy as np
 
 from stagewise.errors import BackendUnavailableError, BundleError, DeviceUnavailableError, MissingExtraError
 
-from .base import LoadOptions, StageIO
+from .base import LoadOptions, StageIO, StageSession
 from .model_io import DeclaredIO, TensorInfo
 from .options import LiteRTOptions
 
@@ -142,7 +142,7 @@ class _Quant:
         return {"dtype": self.dtype.name, "scale": self.scale, "zero_point": self.zero_point}
 
 
-class LiteRTStage:
+class LiteRTStage(StageSession):
     """A stage on the LiteRT interpreter."""
 
     def __init__(self, model: Path, io: StageIO, options: LoadOptions):

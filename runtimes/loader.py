@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from stagewise.bundle import read_bundle
 from stagewise.checks import positive_count, positive_number
-from stagewise.errors import DeviceUnavailableError
+from stagewise.errors import DeviceUnavailableError, InvalidOptionError
 
 from .base import LoadOptions, StageSession, resolve_runtime, stage_io
 from .cascade import Cascade, sums_probabilities
@@ -54,8 +54,13 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
         decide = not sums_probabilities(bundle.manifest)
         for k, spec in enumerate(bundle.manifest.stages):
             key = spec.artifacts[runtime.artifact_format].files[0].sha256  # the bundle verified it: no second hash
-            sessions.append(opener(bundle.artifact_paths(k, runtime.artifact_format),
-                                   stage_io(spec, runtime.artifact_format, decide), replace(load_options, content_key=key)))
+            session = opener(bundle.artifact_paths(k, runtime.artifact_format),
+                             stage_io(spec, runtime.artifact_format, decide), replace(load_options, content_key=key))
+            if not isinstance(session, StageSession):
+                raise InvalidOptionError(f"runtime {runtime.name!r} opened stage {spec.name} as a "
+                                         f"{type(session).__name__}, not a stagewise.runtimes.StageSession: derive the "
+                                         "runtime's session class from StageSession (its defaults cover what it lacks)")
+            sessions.append(session)
         check_stages(bundle.manifest, sessions)
         if require_device:
             check_devices(runtime.name, device, bundle.manifest.stage_names, sessions)
@@ -63,9 +68,7 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
                           latency=latency, profile=profile)
     except BaseException:
         for session in sessions:
-            close = getattr(session, "close", None)
-            if close is not None:
-                close()
+            session.close()
         bundle.close()
         raise
     if warmup:
@@ -78,8 +81,7 @@ def check_devices(runtime: str, device: str, names: Sequence[str], sessions: Seq
     ``device_problem(device)``; a session that cannot tell where it runs counts as not running there)."""
     problems = []
     for name, session in zip(names, sessions):
-        check = getattr(session, "device_problem", None)
-        problem = check(device) if check is not None else f"runtime {runtime!r} does not report where it runs"
+        problem = session.device_problem(device)
         if problem:
             problems.append(f"stage {name}: {problem}")
     if problems:

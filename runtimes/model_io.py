@@ -108,10 +108,9 @@ def check_stages(manifest: Manifest, sessions: Sequence[object]) -> None:
     that each carry fits the stage that reads it (:func:`check_carry`)."""
     seen: dict[str, tuple[StageSpec, DeclaredIO]] = {}
     for k, (spec, session) in enumerate(zip(manifest.stages, sessions)):
-        declared = getattr(session, "declared", None)
-        if declared is None:
+        io = session.declared()
+        if io is None:
             continue
-        io = declared()
         check_stage(k, spec, io, manifest.input.layout, len(manifest.classes))
         if spec.input.source == "carry" and spec.input.from_stage in seen:
             check_carry(k, spec, io, *seen[spec.input.from_stage])

@@ -21,7 +21,7 @@ import numpy as np
 from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailableError
 from stagewise.extras import require
 
-from .base import INVERSE_TEMPERATURE, LoadOptions, StageIO
+from .base import INVERSE_TEMPERATURE, LoadOptions, StageIO, StageSession
 from .deadline import WATCHDOG
 from .model_cache import ModelCache, discard, entry_key, model_cache
 from .model_io import DeclaredIO, TensorInfo
@@ -59,8 +59,10 @@ def _cache(options: LoadOptions, settings: OnnxRuntimeOptions) -> ModelCache | N
     return ModelCache(folder, key, options.content_key, ".onnx")
 
 
-class OnnxRuntimeStage:
+class OnnxRuntimeStage(StageSession):
     """A stage on ONNX Runtime (CPU execution provider unless the ``providers`` option says otherwise)."""
+
+    cancellable = True  # run_within stops a run at its timeout
 
     def __init__(self, model: Path, io: StageIO, options: LoadOptions, self_contained: bool = True):
         settings = options.options_for(OnnxRuntimeOptions)

@@ -48,7 +48,7 @@ import numpy as np
 from stagewise.errors import BundleError, DeadlineExceededError, DeviceUnavailableError
 from stagewise.extras import require
 
-from .base import GraphDecision, LoadOptions, StageIO
+from .base import GraphDecision, LoadOptions, StageIO, StageSession
 from .deadline import finite_timeout
 from .model_cache import model_cache
 from .model_io import DeclaredIO, TensorInfo
@@ -183,13 +183,15 @@ def _static_batch_one(model: Any, name: str) -> None:
     model.reshape({model.inputs[0]: ov.PartialShape([1] + [d.get_length() for d in dims[1:]])})
 
 
-class OpenVinoStage:
+class OpenVinoStage(StageSession):
     """One stage compiled for an OpenVINO device, with one infer request reused by every call.
 
     Attributes useful for diagnostics: ``device`` (as asked), ``execution_devices`` (where it
     runs, e.g. ``['CPU']`` under AUTO), ``compile_ms``, ``loaded_from_cache``, ``static_batch``
     (the compiled batch size, or ``None`` when the batch is dynamic) and ``config``.
     """
+
+    cancellable = True  # run_within stops a run at its timeout
 
     def __init__(self, files: Sequence[Path], io: StageIO, options: LoadOptions, ov_core: Any | None = None):
         ov_core = ov_core or core()

@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from .bundle import read_bundle, write_bundle
-from .runtimes.base import RUNTIMES, LoadOptions, Opener, Runtime, StageIO, register_runtime
+from .runtimes.base import RUNTIMES, LoadOptions, Opener, Runtime, StageIO, StageSession, register_runtime
 from .runtimes.executor import Cascade
 
 
@@ -55,7 +55,7 @@ class FakeClock:
         return self.now
 
 
-class ScriptedSession:
+class ScriptedSession(StageSession):
     """A stage session whose answer is written in the image and whose run takes ``latency_ms`` on ``clock``.
 
     Stage ``k`` reads its confidence (0-255) at row 0, column ``k`` of channel 0 and the class at
@@ -173,7 +173,7 @@ def scripted_cascade(out: str | Path, latencies: Sequence[float | list[float]] =
     return ScriptedCascade(Cascade(read_bundle(path), sessions, "mock", 1, clock=clock, **options), sessions, clock)
 
 
-class EchoSession:
+class EchoSession(StageSession):
     """A stage session that answers at once, ``label`` with logit 5 (real clock, so time nothing on it)."""
 
     def __init__(self, classes: int = 3, label: int = 1):

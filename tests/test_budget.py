@@ -230,6 +230,8 @@ def test_device_slowdown_reaches_stages_that_did_not_run(tmp_path):
 class CancellableStage(ScriptedSession):
     """A scripted stage that a deadline can stop: ``run_within`` takes at most the timeout, then raises."""
 
+    cancellable = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.timeouts: list[float] = []

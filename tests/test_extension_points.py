@@ -17,7 +17,7 @@ from stagewise.bundle import read_bundle, write_bundle
 from stagewise.errors import InvalidOptionError, ManifestError
 from stagewise.exits import SCORES, ExitScore, ScoreContext, register_exit_score
 from stagewise.formats import FORMATS, Format, register_format
-from stagewise.runtimes import RUNTIMES, LoadOptions, Runtime, StageIO, register_runtime
+from stagewise.runtimes import RUNTIMES, LoadOptions, Runtime, StageIO, StageSession, register_runtime
 from stagewise.testing import manifest_for, scripted_image, stage_entry
 
 SIDE = 8
@@ -34,7 +34,7 @@ def registries():
         table.update(before)
 
 
-class LinearStage:
+class LinearStage(StageSession):
     """One stage of the ``npz`` format on numpy: ``logits = flat(x) @ w + b``, and ``x`` itself as the carry.
     ``seen`` keeps every input batch, so the test can recompute what the cascade should have decided."""
 

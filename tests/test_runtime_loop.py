@@ -16,7 +16,7 @@ from stagewise.testing import manifest_for, stage_entry
 from toy_bundle import nodes_for_seconds, onnx_stage_model
 from stagewise.bundle import write_bundle
 from stagewise.errors import CascadeClosedError, DeviceUnavailableError, InvalidOptionError
-from stagewise.runtimes import RUNTIMES, Runtime, load, register_runtime
+from stagewise.runtimes import RUNTIMES, Runtime, StageSession, load, register_runtime
 from stagewise.runtimes.deadline import FOREVER_S, WATCHDOG, Watchdog
 
 onnx = pytest.importorskip("onnx")
@@ -234,7 +234,7 @@ class _FallbackRuntime(Runtime):
     def opener(self):
         from stagewise.runtimes.onnxruntime_adapter import open_stage
 
-        class FellBack:
+        class FellBack(StageSession):
             def __init__(self, files, io, options):
                 self._stage = open_stage(files, io, options.__class__(threads=1))
                 self.run = self._stage.run
