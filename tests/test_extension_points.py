@@ -7,6 +7,7 @@ them is written, validated, loaded and run — no file of stagewise had to chang
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,20 @@ def test_the_manifest_check_follows_the_registries(tmp_path, registries):
 def test_registering_a_runtime_for_an_unknown_format_is_refused(registries):
     with pytest.raises(InvalidOptionError, match="did you mean 'onnx'"):
         register_runtime(Runtime("numpy-linear", "onx", module=__name__, package="numpy", install_hint="-"))
+
+
+def open_bare_stage(paths: list[Path], io: StageIO, options: LoadOptions) -> object:
+    """An opener whose session does not derive from StageSession."""
+
+    class Bare:
+        def run(self, x):
+            return {}
+    return Bare()
+
+
+def test_a_runtime_whose_sessions_are_not_stage_sessions_is_refused_at_load(tmp_path, registries, monkeypatch):
+    register_toys()
+    path = toy_bundle(tmp_path / "toy", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "open_stage", open_bare_stage)
+    with pytest.raises(InvalidOptionError, match="derive the runtime's session class from StageSession"):
+        stagewise.load(path, warmup=False)
