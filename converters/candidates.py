@@ -30,6 +30,7 @@ from stagewise.datasets import ImageSet
 from stagewise.errors import ConversionError
 from stagewise.exits import stage_probabilities
 from stagewise.images import Preprocess
+from stagewise.manifest import Manifest, freeze, thaw
 from stagewise.progress import progress_bar
 from stagewise.runtimes import load
 
@@ -182,22 +183,21 @@ def build_cascade(out: Path, name: str, point: CascadePoint, result: SearchResul
     path = build_bundle(out, name, plans, preprocess, labels, calibration, options, kind="cascade")
     mine = same_cascade(result, point)
 
-    def change(manifest: dict, root: Path) -> dict:
-        profile = manifest["calibration"]["cost"].split(":", 1)[1]
-        costs = [s["cost"]["latency_ms"][profile]["p50"] for s in manifest["stages"]]
-        temps = [s["exit"]["temperature"] for s in manifest["stages"]]
+    def change(manifest: Manifest, root: Path) -> Manifest:
+        profile = manifest.calibration["cost"].split(":", 1)[1]
+        costs = [s.cost.latency(profile).p50 for s in manifest.stages]
+        temps = [s.exit.temperature for s in manifest.stages]
         targets = np.asarray(calibration.targets)
         stage_logits = [logits[n] for n in point.stages]
         labelled = sequence_table(stage_logits, targets, costs, temps, point.combine, score)
         full = stage_probabilities(stage_logits, temps, ["own"] + [point.combine] * (len(temps) - 1))[-1]
         agree = sequence_table(stage_logits, full.argmax(axis=1), costs, temps, point.combine, score)
-        for i, p in enumerate(mine, start=1):
-            manifest["operating_points"].append(threshold_point(
-                point_name(result, p), np.array(p.thresholds), {"kind": "search", "rank": i, "reference": "labels",
-                                                        "searched_accuracy": p.accuracy,
-                                                        "searched_mean_cost": p.mean_cost}, agree, labelled, "ms"))
-        manifest["default_operating_point"] = point_name(result, point)
-        manifest["producer"]["search"] = record
+        searched = [threshold_point(point_name(result, p), np.array(p.thresholds),
+                                    {"kind": "search", "rank": i, "reference": "labels", "searched_accuracy": p.accuracy,
+                                     "searched_mean_cost": p.mean_cost}, agree, labelled, "ms")
+                    for i, p in enumerate(mine, start=1)]
+        manifest = manifest.with_points([*manifest.operating_points, *searched], point_name(result, point))
+        manifest = replace(manifest, producer=freeze({**thaw(manifest.producer), "search": record}))
         return with_adaptations(manifest, [s.adaptation for s in chosen])
 
     update_manifest(path, change)
@@ -214,10 +214,7 @@ def point_name(result: SearchResult, point: CascadePoint) -> str:
     return f"search-{same_cascade(result, point).index(point) + 1}"
 
 
-def with_adaptations(manifest: dict, records: Sequence[dict]) -> dict:
+def with_adaptations(manifest: Manifest, records: Sequence[dict]) -> Manifest:
     """``manifest`` with each adapted stage's record (in stage order) as its ``adaptation``."""
-    for entry, record in zip(manifest["stages"], records):
-        if record["kind"] != "none":
-            entry["adaptation"] = record
-    return manifest
-
+    return manifest.with_stages(lambda k, stage: stage if k >= len(records) or records[k]["kind"] == "none"
+                                else replace(stage, adaptation=freeze(records[k])))

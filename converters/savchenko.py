@@ -27,7 +27,7 @@ bundle's manifest as operating points ``alpha-<value>``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,6 +36,7 @@ from stagewise.calibration import bh_thresholds
 from stagewise.datasets import stratified_indices
 from stagewise.errors import ConversionError
 from stagewise.extras import require
+from stagewise.manifest import Manifest, OperatingPoint, freeze, thaw
 
 from .heads import LinearHead, l2_normalised
 
@@ -193,21 +194,19 @@ def alpha_points(result: SavchenkoResult, stage_costs: np.ndarray, cost_unit: st
     return points
 
 
-def add_alpha_points(manifest: dict, result: SavchenkoResult, default_alpha: float | None = None,
-                     profile: str | None = None) -> dict:
-    """Add the method's ``alpha-*`` operating points to a built bundle's manifest (costs from its latency profile)."""
-    stages = manifest["stages"]
+def add_alpha_points(manifest: Manifest, result: SavchenkoResult, default_alpha: float | None = None,
+                     profile: str | None = None) -> Manifest:
+    """A built bundle's ``manifest`` with the method's ``alpha-*`` operating points (costs from its latency profile)."""
     if profile is None:
-        profiles = [set(s["cost"].get("latency_ms", {})) for s in stages]
+        profiles = [set(s.cost.latency_ms or {}) for s in manifest.stages]
         common = set.intersection(*profiles) if profiles else set()
         profile = sorted(common)[0] if common else None
     if profile is None:
         raise ConversionError("the bundle has no latency profile; run `stagewise profile` first")
-    costs = np.array([s["cost"]["latency_ms"][profile]["p50"] for s in stages])
-    new = alpha_points(result, costs)
-    names = {p["name"] for p in new}
-    manifest["operating_points"] = [p for p in manifest["operating_points"] if p["name"] not in names] + new
-    if default_alpha is not None:
-        manifest["default_operating_point"] = f"alpha-{default_alpha:g}"
-    manifest.setdefault("calibration", {})["savchenko"] = dict(result.record, cost=f"latency_ms:{profile}")
-    return manifest
+    costs = np.array([s.cost.latency(profile).p50 for s in manifest.stages])
+    new = [OperatingPoint.from_dict(p) for p in alpha_points(result, costs)]
+    names = {p.name for p in new}
+    kept = [p for p in manifest.operating_points if p.name not in names]
+    manifest = manifest.with_points(kept + new, f"alpha-{default_alpha:g}" if default_alpha is not None else None)
+    record = {**thaw(manifest.calibration or {}), "savchenko": dict(result.record, cost=f"latency_ms:{profile}")}
+    return replace(manifest, calibration=freeze(record))

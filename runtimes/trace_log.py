@@ -17,7 +17,7 @@ median step times the full runs measured on the device.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -26,6 +26,7 @@ import numpy as np
 from stagewise.bundle import update_manifest
 from stagewise.calibration import DEFAULT_DROPS, ExitTable, spread, threshold_point
 from stagewise.errors import CalibrationError, TraceLogError
+from stagewise.manifest import Manifest, freeze, thaw
 
 from .agreement import Sample
 from .executor import Prediction, StageRecord
@@ -136,19 +137,17 @@ def field_points(table: ExitTable, drop: float, drops: tuple[float, ...] = DEFAU
     return points
 
 
-def recalibrate_from_log(bundle: str | Path, log: str | Path, target_drop: float) -> dict:
+def recalibrate_from_log(bundle: str | Path, log: str | Path, target_drop: float) -> Manifest:
     """``stagewise calibrate BUNDLE --from-log LOG --target-drop D``: new operating points from the log's agreement
     samples (``target_drop`` in points), written atomically; returns the new manifest."""
     bundle = Path(bundle)
     samples = [s for _, s in read_log(log) if s is not None]
     drop = target_drop / 100
 
-    def change(manifest: dict, _root: Path) -> dict:
-        table = field_table(samples, len(manifest["stages"]))
+    def change(manifest: Manifest, _root: Path) -> Manifest:
+        table = field_table(samples, len(manifest.stages))
         points = field_points(table, drop)
-        manifest["operating_points"] = points
-        manifest["default_operating_point"] = f"drop-{100 * drop:g}pt"
-        record = dict(manifest.get("calibration") or {})
+        record = thaw(manifest.calibration or {})
         for stale in ("stage_accuracy", "guarantee"):
             record.pop(stale, None)
         oracle = table.oracle()
@@ -160,7 +159,6 @@ def recalibrate_from_log(bundle: str | Path, log: str | Path, target_drop: float
                       oracle={"accuracy": oracle.accuracy, "mean_cost": oracle.mean_cost,
                               "exit_rates": list(oracle.exit_rates)},
                       monitor=monitor_reference(table, points))
-        manifest["calibration"] = record
-        return manifest
+        return replace(manifest.with_points(points, f"drop-{100 * drop:g}pt"), calibration=freeze(record))
 
     return update_manifest(bundle, change)

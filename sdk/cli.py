@@ -484,8 +484,8 @@ def calibrate(bundle, data, from_log, target_drop, budget_ms, alpha, risk, delta
 
         manifest = recalibrate_from_log(bundle, from_log, target_drop)
         print_tables(manifest_tables(manifest)[1])
-        click.echo(f"re-calibrated on {manifest['calibration']['n']} agreement samples from {from_log} (no labels): "
-                   f"default point {manifest['default_operating_point']}")
+        click.echo(f"re-calibrated on {manifest.calibration['n']} agreement samples from {from_log} (no labels): "
+                   f"default point {manifest.default_operating_point}")
         return
     if data is None:
         raise click.UsageError("give --data IMAGES (or --from-log TRACES to re-calibrate from field traces)")
@@ -507,17 +507,16 @@ def calibrate(bundle, data, from_log, target_drop, budget_ms, alpha, risk, delta
                            risk=risk, delta=delta, risk_kind=risk_kind, labels=not no_labels, settings=settings,
                            limit=limit)
     print_tables(manifest_tables(manifest)[1])
-    cal = manifest["calibration"]
+    cal = manifest.calibration
     what = "agreement with the full model" if no_labels else "top-1"
     click.echo(f"calibrated on {cal['n']} images ({'no labels' if no_labels else 'labels'}): expected {what} and mean "
                f"latency per point above; oracle exit rule {100 * cal['oracle']['accuracy']:.1f}% at "
-               f"{cal['oracle']['mean_cost']:.2f} ms; default point: {manifest['default_operating_point']}")
-    point = next(p for p in manifest["operating_points"] if p["name"] == manifest["default_operating_point"])
-    g = point.get("guarantee")
+               f"{cal['oracle']['mean_cost']:.2f} ms; default point: {manifest.default_operating_point}")
+    g = manifest.point(manifest.default_operating_point).guarantee
     if g:
-        click.echo(f"guarantee: {g['risk']} <= {100 * g['epsilon']:g}% with probability >= {1 - g['delta']:g} "
-                   f"(n={g['n']} test images, {g['n_tune']} tune; observed {100 * g['empirical_risk']:.2f}%, "
-                   f"{1 - g['delta']:g} upper bound {100 * g['upper_bound']:.2f}%)")
+        click.echo(f"guarantee: {g.risk} <= {100 * g.epsilon:g}% with probability >= {1 - g.delta:g} "
+                   f"(n={g.n} test images, {g.n_tune} tune; observed {100 * g.empirical_risk:.2f}%, "
+                   f"{1 - g.delta:g} upper bound {100 * g.upper_bound:.2f}%)")
 
 
 @cli.command()
@@ -598,6 +597,7 @@ def profile(bundle, data, backend, device, require_device, threads, count, repea
     from .bundle import update_manifest
     from .datasets import open_image_set
     from .machine import cpu_record, cpu_summary
+    from .runtimes.executor import profile_name
     from .runtimes.profiling import measure_return_overhead, measure_stage_latency, record_profile
 
     with _load(bundle, backend, threads, device, require_device=require_device) as cascade:
@@ -615,16 +615,9 @@ def profile(bundle, data, backend, device, require_device, threads, count, repea
                  "python": platform.python_version(), "ran_on": cascade.ran_on}
         if load_before is not None:
             extra["loadavg_1min"] = [load_before, os.getloadavg()[0]]
-        profile_id = None
-
-        def store(manifest: dict) -> dict:
-            nonlocal profile_id
-            profile_id = record_profile(manifest, cascade, stats, name=name, extra=extra)
-            return manifest
-        if dry_run:
-            store(cascade.bundle.manifest.to_dict())
-        else:
-            update_manifest(bundle, lambda manifest, _root: store(manifest))
+        profile_id = name or profile_name(cascade.runtime, cascade.threads, cascade.device)
+        if not dry_run:
+            update_manifest(bundle, lambda manifest, _root: record_profile(manifest, cascade, stats, profile_id, extra))
         stage_names = cascade.stage_names
     if as_json:
         click.echo(json.dumps({"profile": profile_id, "cpu": cpu_record(), "stages": dict(zip(stage_names, stats)),
