@@ -139,12 +139,10 @@ def main() -> None:
         stats = measure_stage_latency(cascade, profile_frames)
         load_during_profile = os.getloadavg()
 
-        def finish(m: dict, root) -> dict:
-            record_profile(m, cascade, stats)
-            return add_alpha_points(m, result, default_alpha=0.05)
-        manifest = update_manifest(out, finish)
+        manifest = update_manifest(out, lambda m, root: add_alpha_points(record_profile(m, cascade, stats), result,
+                                                                         default_alpha=0.05))
     profile = f"onnxruntime-cpu-{args.threads}t"
-    stage_ms = np.array([s["cost"]["latency_ms"][profile]["p50"] for s in manifest["stages"]])
+    stage_ms = np.array([s.cost.latency(profile).p50 for s in manifest.stages])
 
     main_eval = evaluate(result.heads, test, y_test, stage_ms, result.thresholds)
 

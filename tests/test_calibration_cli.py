@@ -61,13 +61,13 @@ def _run(*args: str):
 def test_target_drop_prints_table(bundle, data):
     output = _run(str(bundle), "--data", str(data[0]), "--target-drop", "1")
     manifest = read_bundle(bundle).manifest
-    assert manifest["default_operating_point"] == "drop-1pt"
-    names = [p["name"] for p in manifest["operating_points"]]
+    assert manifest.default_operating_point == "drop-1pt"
+    names = [p.name for p in manifest.operating_points]
     assert {"full", "drop-1pt", "pareto-1"} <= set(names)
     assert "drop-1pt" in output and "expected top-1" in output and "oracle" in output
-    point = next(p for p in manifest["operating_points"] if p["name"] == "drop-1pt")
-    assert point["expected"]["accuracy"] >= manifest["calibration"]["reference_accuracy"] - 0.01 - 1e-12
-    assert all(s["exit"]["temperature"] != 1.0 for s in manifest["stages"])  # fitted by NLL
+    point = manifest.point("drop-1pt")
+    assert point.expected.accuracy >= manifest.calibration["reference_accuracy"] - 0.01 - 1e-12
+    assert all(s.exit.temperature != 1.0 for s in manifest.stages)  # fitted by NLL
 
 
 def test_label_free_learned_score_with_guarantee(bundle, data):
@@ -191,13 +191,12 @@ def test_label_free_conversion_end_to_end(tmp_path, data):
                            calibration=Settings(score="learned"))
     out = build_bundle(tmp_path / "lf.swb", "lf", plans, pre, ["a", "b", "c"], teacher_set, options)
     built = read_bundle(out)
-    assert built.manifest["stages"][0]["exit"]["score"] == "learned"
-    assert (built.root / built.manifest["stages"][0]["exit"]["model"]["path"]).is_file()
-    assert built.manifest["calibration"]["targets"] == "full_model_agreement"
-    assert built.manifest["default_operating_point"] == "risk-disagree-10pt-d0.2"
+    assert built.manifest.stages[0].exit.score == "learned"
+    assert (built.root / built.manifest.stages[0].exit.model.path).is_file()
+    assert built.manifest.calibration["targets"] == "full_model_agreement"
+    assert built.manifest.default_operating_point == "risk-disagree-10pt-d0.2"
     built.close()
     manifest = recalibrate(out, flat, labels=False, target_drop=2.0, settings=Settings(score="max_softmax"))
-    assert manifest["calibration"]["targets"] == "full_model_agreement"
-    point = next(p for p in manifest["operating_points"] if p["name"] == "drop-2pt")
-    assert point["expected"]["agreement"] >= 0.98 - 1e-12
-    assert "model" not in manifest["stages"][0]["exit"]
+    assert manifest.calibration["targets"] == "full_model_agreement"
+    assert manifest.point("drop-2pt").expected.agreement >= 0.98 - 1e-12
+    assert manifest.stages[0].exit.model is None

@@ -27,7 +27,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stagewise.testing import manifest_for  # noqa: E402
-from stagewise.bundle import artifact_files, write_bundle  # noqa: E402
+from stagewise.bundle import write_bundle  # noqa: E402
+from stagewise.manifest import document_files  # noqa: E402
 from toy_bundle import toy_bundle, toy_image  # noqa: E402
 
 POOL = [None, True, False, 0, -1, 1, 0.5, 1.5, 1e308, -1e308, 10 ** 6, 10 ** 20, float("nan"), float("inf"),
@@ -57,7 +58,7 @@ def _uint8_nchw(doc: dict, rng: random.Random) -> None:
 
 
 def _control_character_path(doc: dict, rng: random.Random) -> None:
-    entry = rng.choice(list(artifact_files(doc)))
+    entry = rng.choice(list(document_files(doc)))
     at = rng.randrange(len(entry["path"]) + 1)
     entry["path"] = entry["path"][:at] + rng.choice(["\0", "\n", "\x1f"]) + entry["path"][at:]
 

@@ -121,17 +121,17 @@ def test_keras_bundle_on_litert_agrees_with_keras(cli_bundle, image_folder):
 
 def test_keras_int8_io_tflite_honours_quantization(multi_bundle, splits):
     with stagewise.load(multi_bundle, backend="litert", threads=1) as cascade:
-        stages = cascade.bundle.manifest["stages"]
+        stages = cascade.bundle.manifest.stages
         for k, stage in enumerate(stages):
-            art = stage["artifacts"]["tflite"]
-            assert art["precision"] == "int8" and art["quantization"]["io"] == "int8"
+            art = stage.artifacts["tflite"]
+            assert art.precision == "int8" and art.quantization["io"] == "int8"
             info = describe(cascade.bundle.artifact_paths(k, "tflite")[0])
             assert {dtype for _, dtype in info["inputs"] + info["outputs"]} == {"int8"}
             assert "DEQUANTIZE" not in info["ops"] and "QUANTIZE" not in info["ops"]  # full integer
-            assert cascade._stages[k].session.quantization == art["quantization"]["io_quantization"]
+            assert cascade._stages[k].session.quantization == art.quantization["io_quantization"]
         x = PRE.tensor([splits[1].image(i) for i in range(8)], (16, 16))
         out = cascade._stages[0].session.run(x)
-    q = stages[0]["artifacts"]["tflite"]["quantization"]["io_quantization"]
+    q = stages[0].artifacts["tflite"].quantization["io_quantization"]
     # dequantized outputs lie on the model's own grid: scale * (integer - zero point)
     for name in ("carry", "logits"):
         steps = out[name] / q[name]["scale"] + q[name]["zero_point"]

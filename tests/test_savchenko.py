@@ -91,11 +91,10 @@ def test_bundle_heads_match_and_alpha_points_drive_the_runtime(tmp_path, image_f
     plans = plans_from_heads(model, cuts, pre, (16, 16), result.heads, result.record)
     out = build_bundle(tmp_path / "sav.swb", "sav", plans, pre, images.classes, calib, BuildOptions(profile_images=5))
     manifest = update_manifest(out, lambda m, root: add_alpha_points(m, result, default_alpha=0.3))
-    assert manifest["default_operating_point"] == "alpha-0.3"
-    assert manifest["stages"][0]["exit"]["score"] == "max_logit"
-    assert manifest["stages"][0]["head"]["classifier"] == "linear_svm_squared_hinge"
-    point = next(p for p in manifest["operating_points"] if p["name"] == "alpha-0.3")
-    assert point["thresholds"][0] == pytest.approx(result.thresholds[0.3][0])
+    assert manifest.default_operating_point == "alpha-0.3"
+    assert manifest.stages[0].exit.score == "max_logit"
+    assert manifest.stages[0].head["classifier"] == "linear_svm_squared_hinge"
+    assert manifest.point("alpha-0.3").thresholds[0] == pytest.approx(result.thresholds[0.3][0])
     frames = [calib.image(i) for i in range(len(calib))]
     with load(out, threads=1) as cascade:
         logits = cascade.stage_logits(frames)

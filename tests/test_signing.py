@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,9 +83,8 @@ def test_any_changed_byte_of_manifest_or_artifacts_is_refused(signed, keys):
 
 
 def test_recomputed_hashes_do_not_fool_the_signature(signed, keys):
-    def relabel(document, root):
-        document["task"]["labels"] = ["blue", "green", "red"]
-        return document
+    def relabel(manifest, root):
+        return replace(manifest, task=replace(manifest.task, labels=("blue", "green", "red")))
 
     update_manifest(signed, relabel)  # a valid, re-hashed bundle, but not the one that was signed
     _load(signed).close()

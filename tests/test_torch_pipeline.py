@@ -101,12 +101,12 @@ def test_calibration_expectation_matches_runtime_on_calibration_images(int8_bund
     _, calib = splits
     images = [calib.image(i) for i in range(len(calib))]
     with stagewise.load(int8_bundle, threads=1) as cascade:
-        for point in cascade.bundle.manifest["operating_points"]:
-            preds = cascade.predict_batch(images, operating_point=point["name"])
+        for point in cascade.bundle.manifest.operating_points:
+            preds = cascade.predict_batch(images, operating_point=point.name)
             acc = np.mean([p.label == y for p, y in zip(preds, calib.targets)])
-            assert acc == pytest.approx(point["expected"]["accuracy"])
+            assert acc == pytest.approx(point.expected.accuracy)
             rates = np.bincount([p.stage for p in preds], minlength=2) / len(preds)
-            np.testing.assert_allclose(rates, point["expected"]["exit_rates"])
+            np.testing.assert_allclose(rates, point.expected.exit_rates)
 
 
 def test_batch_equals_single_on_real_runtime(int8_bundle, splits):
@@ -134,9 +134,9 @@ def test_cascade_stages_see_their_own_resolution(tmp_path, splits):
     plans = cascade_plans([("small", SizeProbe(), (8, 8)), ("large", SizeProbe(), (16, 12))], combine="mean_probs")
     out = build_bundle(tmp_path / "c", "c", plans, PRE, calib.classes, calib, BuildOptions(profile_images=3))
     with stagewise.load(out, threads=1) as cascade:
-        inputs = [s["input"] for s in cascade.bundle.manifest["stages"]]
-        assert [i["size"] for i in inputs] == [[8, 8], [16, 12]]
-        assert [(i["dtype"], i["layout"]) for i in inputs] == [("uint8", "NHWC")] * 2
+        inputs = [s.input for s in cascade.bundle.manifest.stages]
+        assert [i.size for i in inputs] == [(8, 8), (16, 12)]
+        assert [(i.dtype, i.layout) for i in inputs] == [("uint8", "NHWC")] * 2
         shapes = []
         runners = cascade._acquire()  # the warmed-up runners the next request takes
         for runner in runners:
