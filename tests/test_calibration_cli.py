@@ -76,15 +76,15 @@ def test_label_free_learned_score_with_guarantee(bundle, data):
                   "--risk", "0.1", "--delta", "0.2")
     b = read_bundle(bundle)  # verifies every file's sha256, the learned models included
     m = b.manifest
-    assert [s["exit"]["score"] for s in m["stages"]] == ["learned", "learned", "max_softmax"]
-    model_files = [s["exit"]["model"]["path"] for s in m["stages"][:2]]
+    assert [s.exit.score for s in m.stages] == ["learned", "learned", "max_softmax"]
+    model_files = [s.exit.model.path for s in m.stages[:2]]
     assert all(p.startswith("exits/") and (b.root / p).is_file() for p in model_files)
-    assert m["calibration"]["targets"] == "full_model_agreement"
-    point = next(p for p in m["operating_points"] if p["name"] == m["default_operating_point"])
-    assert m["default_operating_point"] == "risk-disagree-10pt-d0.2"
-    g = point["guarantee"]
-    assert (g["epsilon"], g["delta"], g["risk"], g["n"] + g["n_tune"]) == (0.1, 0.2, "disagreement", 180)
-    assert "accuracy" not in point["expected"] and "agreement" in point["expected"]
+    assert m.calibration["targets"] == "full_model_agreement"
+    assert m.default_operating_point == "risk-disagree-10pt-d0.2"
+    point = m.point(m.default_operating_point)
+    g = point.guarantee
+    assert (g.epsilon, g.delta, g.risk, g.n + g.n_tune) == (0.1, 0.2, "disagreement", 180)
+    assert point.expected.accuracy is None and point.expected.agreement is not None
     assert "guarantee: disagreement <= 10%" in output
     shown = CliRunner().invoke(cli, ["inspect", str(bundle)], env={"COLUMNS": "250"})
     assert "disagreement <= 10% w.p. >= 0.8" in shown.output
@@ -93,7 +93,7 @@ def test_label_free_learned_score_with_guarantee(bundle, data):
     images = open_image_set(labelled)
     frames = [images.image(i) for i in range(0, len(images), 7)]
     with load(bundle, threads=1) as cascade:
-        cascade.use(m["default_operating_point"])
+        cascade.use(m.default_operating_point)
         single = [cascade.predict(f) for f in frames]
         batch = cascade.predict_batch(frames)
         assert [p.stage for p in single] == [p.stage for p in batch]

@@ -102,11 +102,11 @@ def test_keras_bundle_on_litert_agrees_with_keras(cli_bundle, image_folder):
     pictures = [images.image(i) for i in range(len(images))]
     with stagewise.load(cli_bundle, backend="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
-        assert m["producer"]["source_framework"] == "keras" and m["input"]["layout"] == "NHWC"
-        assert m["stages"][0]["head"]["kind"] == "savchenko" and m["stages"][0]["head"]["after"] == "block1_out"
-        assert all(s["artifacts"]["tflite"]["precision"] == "fp32" for s in m["stages"])
+        assert m.producer["source_framework"] == "keras" and m.input.layout == "NHWC"
+        assert m.stages[0].head["kind"] == "savchenko" and m.stages[0].head["after"] == "block1_out"
+        assert all(s.artifacts["tflite"].precision == "fp32" for s in m.stages)
         got = cascade.stage_logits(pictures, batch_size=32)
-        heads = [s.get("head") for s in m["stages"]]
+        heads = [s.head for s in m.stages]
     # the same Keras stages, rebuilt through the API with the CLI's settings (heads trained on all the images)
     model = toys.factory()
     plans = early_exit_plans(model, ["block1_out"], PRE, (16, 16), images, HeadTraining(kind="savchenko"))
@@ -193,9 +193,9 @@ def test_keras_resolution_cascade_fp16(tmp_path, splits):
                        BuildOptions(formats=("tflite",), fp16=True, **QUICK))
     with stagewise.load(out, backend="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
-        assert [s["input"]["size"] for s in m["stages"]] == [[8, 8], [16, 16]]
-        art = m["stages"][1]["artifacts"]["tflite"]
-        assert art["precision"] == "fp16" and art["verification"]["fp16"]["weights"] == "fp16"
+        assert [s.input.size for s in m.stages] == [(8, 8), (16, 16)]
+        art = m.stages[1].artifacts["tflite"]
+        assert art.precision == "fp16" and art.verification["fp16"]["weights"] == "fp16"
         shapes = []
         runners = cascade._acquire()  # the warmed-up runners the next request takes
         for runner in runners:

@@ -70,11 +70,10 @@ def test_torch_bundle_on_litert_agrees_with_torch(fp32_bundle, plans, image_fold
     pictures = [images.image(i) for i in range(len(images))]
     with stagewise.load(fp32_bundle, backend="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
-        assert m["producer"]["source_framework"] == "torch"
-        assert [s["artifacts"]["tflite"]["files"][0]["path"] for s in m["stages"]] == ["tflite/exit0.tflite",
-                                                                                     "tflite/final.tflite"]
-        assert all(s["artifacts"]["tflite"]["precision"] == "fp32" for s in m["stages"])
-        assert all(s["cost"]["latency_ms"]["litert-cpu-1t"]["p50"] > 0 for s in m["stages"])
+        assert m.producer["source_framework"] == "torch"
+        assert [s.artifacts["tflite"].files[0].path for s in m.stages] == ["tflite/exit0.tflite", "tflite/final.tflite"]
+        assert all(s.artifacts["tflite"].precision == "fp32" for s in m.stages)
+        assert all(s.cost.latency("litert-cpu-1t").p50 > 0 for s in m.stages)
         logits = cascade.stage_logits(pictures, batch_size=32)  # batches of 32 and a remainder
         single = cascade.predict_stage(pictures[0], 1)
     with torch.no_grad():
@@ -100,8 +99,8 @@ def test_int8_io_quantization_parameters_are_honoured(int8_bundle, splits):
     with stagewise.load(int8_bundle, backend="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
         path = cascade.bundle.artifact_paths(0, "tflite")[0]
-        record = m["stages"][0]["artifacts"]["tflite"]
-        assert record["precision"] == "int8" and record["quantization"]["io"] == "int8"
+        record = m.stages[0].artifacts["tflite"]
+        assert record.precision == "int8" and record.quantization["io"] == "int8"
         stage = cascade._stages[0].session
         x = PRE.tensor([splits[1].image(i) for i in range(6)], (16, 16))
         got = stage.run(x)

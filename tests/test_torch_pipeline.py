@@ -65,11 +65,11 @@ def int8_bundle(tmp_path_factory, splits):
 def test_bundle_records_precision_agreement_and_calibration(int8_bundle, splits):
     with stagewise.load(int8_bundle, threads=1) as cascade:
         m = cascade.bundle.manifest
-        for stage in m["stages"]:
-            onnx = stage["artifacts"]["onnx"]
-            q = onnx["quantization"]
+        for stage in m.stages:
+            onnx = stage.artifacts["onnx"]
+            q = onnx.quantization
             assert 0.0 <= q["agreement_with_fp32"] <= 1.0
-            assert onnx["precision"] == ("fp32" if q["kept_fp32"] else "int8")
+            assert onnx.precision == ("fp32" if q["kept_fp32"] else "int8")
             low, high = q["agreement_interval"]
             assert low <= q["agreement_with_fp32"] <= high
             low, high = q["difference_interval"]
@@ -79,21 +79,21 @@ def test_bundle_records_precision_agreement_and_calibration(int8_bundle, splits)
             assert q["decided_by"] == ("point estimate" if low < -0.005 <= high else "interval")
             assert q["host_speedup"] == pytest.approx(q["host_latency_ms"]["float"] / q["host_latency_ms"]["int8"],
                                                       rel=1e-2)
-            assert stage["cost"]["latency_ms"]["onnxruntime-cpu-1t"]["p50"] > 0
+            assert stage.cost.latency("onnxruntime-cpu-1t").p50 > 0
         from stagewise.reports import manifest_tables
 
         artifacts = manifest_tables(m)[0].columns[2]._cells  # what `stagewise inspect` prints per stage
-        assert all("float speed when built" in cell for cell in artifacts) and len(artifacts) == len(m["stages"])
-        cal = m["calibration"]
-        quantized = any(stage["artifacts"]["onnx"]["precision"] == "int8" for stage in m["stages"])
+        assert all("float speed when built" in cell for cell in artifacts) and len(artifacts) == len(m.stages)
+        cal = m.calibration
+        quantized = any(stage.artifacts["onnx"].precision == "int8" for stage in m.stages)
         assert ("float_reference_accuracy" in cal) == quantized
-        for point in m["operating_points"]:
-            goal = point["goal"]
+        for point in m.operating_points:
+            goal = point.goal
             if goal["kind"] == "max_accuracy_drop":
                 assert goal.get("reference_model") == ("float" if quantized else None)
                 if goal.get("reached", True):  # drops from the float full model, the INT8 loss inside them
-                    assert point["expected"]["accuracy"] >= goal["reference_accuracy"] - goal["drop"] - 1e-12
-        assert m["default_operating_point"] == "drop-0.5pt"
+                    assert point.expected.accuracy >= goal["reference_accuracy"] - goal["drop"] - 1e-12
+        assert m.default_operating_point == "drop-0.5pt"
         assert cal["n"] == len(splits[1])
 
 
