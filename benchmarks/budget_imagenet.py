@@ -292,7 +292,7 @@ def main() -> None:
     started = time.time()
     load_avg = [os.getloadavg()[0]]
 
-    cascade = load(bundle, backend="onnxruntime", threads=args.threads)
+    cascade = load(bundle, runtime="onnxruntime", threads=args.threads)
     if args.controller_only:
         result = harness.load_result(args.out)
         result["controller"] = controller_experiment(cascade, images, labels, args.controller_requests, args.heavy_load)

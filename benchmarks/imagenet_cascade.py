@@ -254,7 +254,7 @@ def main() -> None:
             bundles[f"{name} {tag}"] = path
             kinds[f"{name} {tag}"] = "cascade"
 
-    cascades = {name: load(path, backend="onnxruntime", threads=args.threads) for name, path in bundles.items()}
+    cascades = {name: load(path, runtime="onnxruntime", threads=args.threads) for name, path in bundles.items()}
     all_images = harness.decode_all(data, "decoding all sample images")
     agreement = {}
     for name in args.singles.split(","):

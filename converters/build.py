@@ -161,9 +161,9 @@ def _calibrate_on_runtime(staged: Path, manifest: Manifest, calibration: ImageSe
     images = [calibration.image(i) for i in progress_bar(range(len(calibration)), "decoding calibration images")]
     float_logits = None
     if float_reference is not None:
-        with load(float_reference, backend=runtime, threads=options.threads, warmup=False) as floating:
+        with load(float_reference, runtime=runtime, threads=options.threads, warmup=False) as floating:
             float_logits = floating.stage_logits(images)
-    with load(staged, backend=runtime, threads=options.threads) as cascade:
+    with load(staged, runtime=runtime, threads=options.threads) as cascade:
         manifest = calibrate_manifest(cascade, manifest, images, calibration.targets if options.labelled else None,
                                       calibration.origin, default_drop=options.default_drop,
                                       target_drops=options.target_drops, seed=options.seed,

@@ -135,7 +135,7 @@ def measure_candidates(stages: Sequence[StageCandidate], preprocess: Preprocess,
         paths.append(path)
     if images is None:
         images = [calibration.image(i) for i in progress_bar(range(len(calibration)), "decoding calibration images")]
-    cascades = [load(p, backend=primary_runtime(options.formats), threads=options.threads) for p in paths]
+    cascades = [load(p, runtime=primary_runtime(options.formats), threads=options.threads) for p in paths]
     try:
         logits = [c.stage_logits(images)[0] for c in progress_bar(cascades, "candidate logits")]
         timed = images[:max(1, min(timing_images, len(images)))]

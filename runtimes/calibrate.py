@@ -20,6 +20,7 @@ import numpy as np
 from stagewise.calibration import DEFAULT_DROPS, Calibration, ExitTable, Goal, Settings, calibrate_stages
 from stagewise.bundle import update_manifest
 from stagewise.datasets import open_image_set
+from stagewise.deprecation import renamed_keywords
 from stagewise.errors import CalibrationError
 from stagewise.exits import load_exit_model
 from stagewise.manifest import ArtifactFile, ExitRule, Manifest, StageSpec, freeze, thaw
@@ -117,16 +118,18 @@ def calibrate_manifest(cascade: Cascade, manifest: Manifest, images: Sequence[np
                              monitor=monitor_reference(result.table, result.points))
 
 
-def recalibrate(bundle: str | Path, data: str | Path, backend: str = "auto", threads: int | None = 1,
+@renamed_keywords(backend="runtime", labels="labelled")
+def recalibrate(bundle: str | Path, data: str | Path, runtime: str = "auto", threads: int | None = 1,
                 target_drop: float | None = None, budget_ms: float | None = None, alpha: float | None = None,
                 risk: float | None = None, delta: float | None = None, risk_kind: str = "disagreement",
-                labels: bool = True, settings: Settings | None = None, limit: int | None = None) -> Manifest:
+                labelled: bool = True, settings: Settings | None = None, limit: int | None = None) -> Manifest:
     """``stagewise calibrate``: re-pick a bundle's operating points on ``data``, atomically.
 
     Exactly one goal: ``target_drop`` (points of top-1), ``budget_ms``, ``alpha`` (Savchenko's
     false-acceptance rate) or ``risk`` with ``delta`` (a guarantee on ``risk_kind``). With
-    ``labels=False`` the images need no labels (a flat folder is fine): the targets are the full
-    model's own answers. Returns the new manifest.
+    ``labelled=False`` the images need no labels (a flat folder is fine): the targets are the full
+    model's own answers. ``runtime`` is as :func:`stagewise.load` takes it. Returns the new manifest.
+    (``backend=`` and ``labels=`` are the deprecated names of ``runtime=`` and ``labelled=``.)
     """
     from .executor import load
 
@@ -136,16 +139,16 @@ def recalibrate(bundle: str | Path, data: str | Path, backend: str = "auto", thr
     kind, value = goals[0]
     if kind == "risk" and delta is None:
         raise CalibrationError("the risk goal needs delta, the allowed probability that the bound fails (e.g. 0.1)")
-    if kind == "risk" and risk_kind == "error_increase" and not labels:
+    if kind == "risk" and risk_kind == "error_increase" and not labelled:
         raise CalibrationError("bounding the error increase needs labels; without labels use the disagreement risk")
     goal = Goal(kind, value / 100 if kind == "drop" else value, delta, risk_kind)
-    images = open_image_set(data, labelled=labels)
+    images = open_image_set(data, labelled=labelled)
     if limit and limit < len(images):
         images = images.subset(np.sort(np.random.default_rng(0).choice(len(images), limit, replace=False)))
     frames = [images.image(i) for i in range(len(images))]
     bundle = Path(bundle)
-    with load(bundle, backend=backend, threads=threads) as cascade:
+    with load(bundle, runtime=runtime, threads=threads) as cascade:
         def change(manifest: Manifest, root: Path) -> Manifest:
-            return calibrate_manifest(cascade, manifest, frames, images.targets if labels else None, images.origin,
+            return calibrate_manifest(cascade, manifest, frames, images.targets if labelled else None, images.origin,
                                       goal=goal, settings=settings or Settings(), model_root=root)
         return update_manifest(bundle, change)

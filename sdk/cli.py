@@ -61,7 +61,7 @@ def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU", t
           require_device: bool = False):
     from .runtimes import load
 
-    return load(bundle, backend=backend, threads=threads, device=device, trusted_keys=list(trusted_keys) or None,
+    return load(bundle, runtime=backend, threads=threads, device=device, trusted_keys=list(trusted_keys) or None,
                 require_device=require_device)
 
 
@@ -504,7 +504,7 @@ def calibrate(bundle, data, from_log, target_drop, budget_ms, alpha, risk, delta
     settings = Settings(score=score, fit_temperature=temperature, front_points=front_points,
                         tune_fraction=tune_fraction, seed=seed)
     manifest = recalibrate(bundle, data, backend, threads, target_drop=target_drop, budget_ms=budget_ms, alpha=alpha,
-                           risk=risk, delta=delta, risk_kind=risk_kind, labels=not no_labels, settings=settings,
+                           risk=risk, delta=delta, risk_kind=risk_kind, labelled=not no_labels, settings=settings,
                            limit=limit)
     print_tables(manifest_tables(manifest)[1])
     cal = manifest.calibration
@@ -696,7 +696,7 @@ def serve(bundle, host, port, backend, device, threads, operating_point, max_bat
                          max_body_bytes=int(max_body_mb * 2 ** 20), max_pixels=max_pixels, decode_slots=decode_slots,
                          max_pixels_in_flight=2 * max_pixels, client_timeout_s=client_timeout, model_name=model_name,
                          reload_on_sighup=True, reload_dir=reload_dir, monitor=monitor)
-    run_service(bundle, host, port, backend=backend, threads=threads, device=device, config=config,
+    run_service(bundle, host, port, runtime=backend, threads=threads, device=device, config=config,
                 operating_point=operating_point, drain_timeout_s=drain_timeout, log_level=log_level,
                 trusted_keys=list(trusted_keys) or None, max_connections=max_connections)
 

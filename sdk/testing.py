@@ -14,7 +14,7 @@ or load a bundle by name through a runtime that exists only inside a ``with`` bl
 and :func:`stagewise.load` then work end to end)::
 
     with fake_runtime("fake"):
-        cascade = stagewise.load(scripted_bundle(tmp_path / "bundle"), backend="fake")
+        cascade = stagewise.load(scripted_bundle(tmp_path / "bundle"), runtime="fake")
 
 What is here:
 

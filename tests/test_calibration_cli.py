@@ -196,7 +196,7 @@ def test_label_free_conversion_end_to_end(tmp_path, data):
     assert built.manifest.calibration["targets"] == "full_model_agreement"
     assert built.manifest.default_operating_point == "risk-disagree-10pt-d0.2"
     built.close()
-    manifest = recalibrate(out, flat, labels=False, target_drop=2.0, settings=Settings(score="max_softmax"))
+    manifest = recalibrate(out, flat, labelled=False, target_drop=2.0, settings=Settings(score="max_softmax"))
     assert manifest.calibration["targets"] == "full_model_agreement"
     assert manifest.point("drop-2pt").expected.agreement >= 0.98 - 1e-12
     assert manifest.stages[0].exit.model is None

@@ -105,7 +105,7 @@ def test_tflite_runtime_extra_alone_runs_a_tflite_bundle(tmp_path, image_folder)
     from stagewise.runtimes import load
     # the toy's exit threshold sits at a score of 1 - 2e-10, where fp32 kernels of two runtimes may decide
     # differently; the "full" point runs both stages, so the answers must agree up to rounding
-    with load(TOY_BUNDLE, backend="onnxruntime") as reference:
+    with load(TOY_BUNDLE, runtime="onnxruntime") as reference:
         for image in sorted(image_folder.glob("class*/000.png")):
             answer = run_image(bin_, image, "auto", "--operating-point", "full")
             expected = reference.predict(image, operating_point="full")

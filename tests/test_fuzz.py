@@ -181,7 +181,7 @@ BUNDLES = {"image": toy_bundle, "carry": carry_bundle}
 
 
 def _answers(path: Path) -> tuple:
-    with stagewise.load(path, backend="onnxruntime", warmup=False) as cascade:
+    with stagewise.load(path, runtime="onnxruntime", warmup=False) as cascade:
         image = toy_image()
         out = []
         for point in cascade.operating_points:

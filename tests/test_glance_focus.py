@@ -210,7 +210,7 @@ def test_other_runtimes_run_the_glance_and_focus_bundle_like_onnx_runtime(tmp_pa
     images = [calib.image(i) for i in range(30)]
     answers = {}
     for name in ("onnxruntime", runtime):
-        with stagewise.load(out, backend=name, threads=1) as cascade:
+        with stagewise.load(out, runtime=name, threads=1) as cascade:
             answers[name] = [(p.label, p.stage, p.trace[-1].box) for p in cascade.predict_batch(images, "full")]
     assert answers[runtime] == answers["onnxruntime"]
 

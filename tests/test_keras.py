@@ -100,7 +100,7 @@ def test_cut_points_follow_the_layer_graph():
 def test_keras_bundle_on_litert_agrees_with_keras(cli_bundle, image_folder):
     images = open_image_set(image_folder)
     pictures = [images.image(i) for i in range(len(images))]
-    with stagewise.load(cli_bundle, backend="litert", threads=1) as cascade:
+    with stagewise.load(cli_bundle, runtime="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
         assert m.producer["source_framework"] == "keras" and m.input.layout == "NHWC"
         assert m.stages[0].head["kind"] == "savchenko" and m.stages[0].head["after"] == "block1_out"
@@ -120,7 +120,7 @@ def test_keras_bundle_on_litert_agrees_with_keras(cli_bundle, image_folder):
 
 
 def test_keras_int8_io_tflite_honours_quantization(multi_bundle, splits):
-    with stagewise.load(multi_bundle, backend="litert", threads=1) as cascade:
+    with stagewise.load(multi_bundle, runtime="litert", threads=1) as cascade:
         stages = cascade.bundle.manifest.stages
         for k, stage in enumerate(stages):
             art = stage.artifacts["tflite"]
@@ -151,7 +151,7 @@ def test_keras_bundle_carries_onnx_and_openvino(multi_bundle, splits):
         assert stage["artifacts"]["openvino"]["verification"]["conversion"]["route"] == "native"
     labels = {}
     for backend in ("litert", "onnxruntime", "openvino"):
-        with stagewise.load(multi_bundle, backend=backend, threads=1) as cascade:
+        with stagewise.load(multi_bundle, runtime=backend, threads=1) as cascade:
             labels[backend] = np.array([p.label for p in cascade.predict_batch(images, operating_point="full")])
     # three independent INT8 quantizers of the same stages still mostly agree
     assert np.mean(labels["litert"] == labels["onnxruntime"]) >= 0.8
@@ -191,7 +191,7 @@ def test_keras_resolution_cascade_fp16(tmp_path, splits):
     assert plans[1].macs - dense == 4 * (plans[0].macs - dense)  # the convolution sees 4x the pixels
     out = build_bundle(tmp_path / "c", "c", plans, PRE, calib.classes, calib,
                        BuildOptions(formats=("tflite",), fp16=True, **QUICK))
-    with stagewise.load(out, backend="litert", threads=1) as cascade:
+    with stagewise.load(out, runtime="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
         assert [s.input.size for s in m.stages] == [(8, 8), (16, 16)]
         art = m.stages[1].artifacts["tflite"]

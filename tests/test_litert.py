@@ -68,7 +68,7 @@ def int8_bundle(tmp_path_factory, splits, plans):
 def test_torch_bundle_on_litert_agrees_with_torch(fp32_bundle, plans, image_folder):
     images = open_image_set(image_folder)
     pictures = [images.image(i) for i in range(len(images))]
-    with stagewise.load(fp32_bundle, backend="litert", threads=1) as cascade:
+    with stagewise.load(fp32_bundle, runtime="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
         assert m.producer["source_framework"] == "torch"
         assert [s.artifacts["tflite"].files[0].path for s in m.stages] == ["tflite/exit0.tflite", "tflite/final.tflite"]
@@ -88,7 +88,7 @@ def test_torch_bundle_on_litert_agrees_with_torch(fp32_bundle, plans, image_fold
 
 def test_batch_equals_single_on_litert(fp32_bundle, splits):
     images = [splits[1].image(i) for i in range(len(splits[1]))]
-    with stagewise.load(fp32_bundle, backend="litert", threads=1) as cascade:
+    with stagewise.load(fp32_bundle, runtime="litert", threads=1) as cascade:
         cascade.use("drop-2pt")
         single = [cascade.predict(im) for im in images]
         batch = cascade.predict_batch(images)
@@ -96,7 +96,7 @@ def test_batch_equals_single_on_litert(fp32_bundle, splits):
 
 
 def test_int8_io_quantization_parameters_are_honoured(int8_bundle, splits):
-    with stagewise.load(int8_bundle, backend="litert", threads=1) as cascade:
+    with stagewise.load(int8_bundle, runtime="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
         path = cascade.bundle.artifact_paths(0, "tflite")[0]
         record = m.stages[0].artifacts["tflite"]
@@ -132,7 +132,7 @@ def test_tampered_tflite_is_refused(fp32_bundle, tmp_path):
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="final.tflite"):
-        stagewise.load(copy, backend="litert")
+        stagewise.load(copy, runtime="litert")
 
 
 def test_garbage_tflite_is_a_bundle_error(tmp_path):
@@ -169,7 +169,7 @@ def test_tflite_runtime_counts_as_installed():
 
 def test_device_side_imports_only_the_interpreter(fp32_bundle):
     code = ("import json, sys, stagewise\n"
-            f"c = stagewise.load({str(fp32_bundle)!r}, backend='litert', threads=1)\n"
+            f"c = stagewise.load({str(fp32_bundle)!r}, runtime='litert', threads=1)\n"
             "c.predict(__import__('numpy').zeros((16, 16, 3), 'uint8'))\n"
             "print(json.dumps(sorted(sys.modules)))")
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -40,7 +40,7 @@ def models(tmp_path) -> dict[str, Path]:
 
 
 def _load(path, **kw):
-    return stagewise.load(path, backend="onnxruntime", warmup=False, **kw)
+    return stagewise.load(path, runtime="onnxruntime", warmup=False, **kw)
 
 
 def _swb(path: Path, members: list[tuple[str, bytes]], compression: int = zipfile.ZIP_DEFLATED) -> Path:

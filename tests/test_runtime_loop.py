@@ -89,7 +89,7 @@ def slow(tmp_path_factory):
 
 
 def _open(path, **kw):
-    return load(path, backend="onnxruntime", threads=1, options={"cache_dir": False}, **kw)
+    return load(path, runtime="onnxruntime", threads=1, options={"cache_dir": False}, **kw)
 
 
 def test_load_predict_close_cycles_leave_the_thread_count_flat(toy):
@@ -210,7 +210,7 @@ def test_batch_equals_single_with_carries_kept_in_the_runtime(tmp_path):
     images = [rng.integers(0, 256, (8, 8, 3)).astype(np.uint8) for _ in range(40)]
     runtimes = ["onnxruntime"] + (["openvino"] if "openvino/s0.xml" in files else [])
     for runtime in runtimes:
-        with load(bundle, backend=runtime, threads=1, options={"cache_dir": False}) as cascade:
+        with load(bundle, runtime=runtime, threads=1, options={"cache_dir": False}) as cascade:
             single = [cascade.predict(im) for im in images]
             batch = cascade.predict_batch(images, max_batch=16)
             assert len({p.stage for p in single}) == 3  # every exit is exercised
@@ -250,11 +250,11 @@ def test_require_device_fails_clearly_when_a_stage_falls_back(toy):
     saved = dict(RUNTIMES)
     register_runtime(_FallbackRuntime("fallback", "onnx", "unused", "unused", "nothing to install"))
     try:
-        with load(toy, backend="fallback", device="NPU", warmup=False) as cascade:  # without the flag: runs, and says where
+        with load(toy, runtime="fallback", device="NPU", warmup=False) as cascade:  # without the flag: runs, and says where
             assert cascade.ran_on == ["CPUExecutionProvider"] * 3
         with pytest.raises(DeviceUnavailableError, match=r"stage s0: it runs on CPUExecutionProvider, not on 'NPU'"):
-            load(toy, backend="fallback", device="NPU", require_device=True)
-        load(toy, backend="fallback", device="CPU", require_device=True).close()
+            load(toy, runtime="fallback", device="NPU", require_device=True)
+        load(toy, runtime="fallback", device="CPU", require_device=True).close()
     finally:
         RUNTIMES.clear()
         RUNTIMES.update(saved)

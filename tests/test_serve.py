@@ -21,7 +21,7 @@ tritonclient_http = pytest.importorskip("tritonclient.http")
 
 @pytest.fixture(scope="module")
 def reference():
-    with load(TOY_BUNDLE, backend="onnxruntime", threads=1) as cascade:
+    with load(TOY_BUNDLE, runtime="onnxruntime", threads=1) as cascade:
         yield cascade
 
 

@@ -33,7 +33,7 @@ def signed(request, tmp_path, keys) -> Path:
 
 
 def _load(path, **kw):
-    return stagewise.load(path, backend="onnxruntime", warmup=False, **kw)
+    return stagewise.load(path, runtime="onnxruntime", warmup=False, **kw)
 
 
 def test_signed_bundle_loads_with_its_key_and_unsigned_without_keys(tmp_path, signed, keys):

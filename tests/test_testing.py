@@ -30,10 +30,10 @@ def test_fake_runtime_loads_bundles_by_name_and_restores_the_registry(tmp_path):
     before = dict(RUNTIMES)
     with fake_runtime("fake") as runtime:
         assert RUNTIMES["fake"] is runtime and runtime.installed()
-        with stagewise.load(bundle, backend="fake") as cascade:
+        with stagewise.load(bundle, runtime="fake") as cascade:
             assert cascade.predict(scripted_image([0, 0, 0], label=0)).name == "b"  # EchoSession answers class 1
     assert RUNTIMES == before
     with fake_runtime("onnxruntime", open_stage=lambda paths, io, options: EchoSession(label=2)):
-        with stagewise.load(bundle, backend="onnxruntime") as cascade:
+        with stagewise.load(bundle, runtime="onnxruntime") as cascade:
             assert cascade.predict(scripted_image([0, 0, 0], label=0)).name == "c"
     assert RUNTIMES == before

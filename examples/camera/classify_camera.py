@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     writer, shown, last = None, None, None
     remembered = Remembered()
     log = args.log.open("w") if args.log else None
-    with load(args.bundle, backend=args.backend, threads=args.threads) as cascade:
+    with load(args.bundle, runtime=args.backend, threads=args.threads) as cascade:
         stream = Stream(cascade, fps=fps, budget_ms=args.budget_ms, on_late="drop", pace=not live)
         print(f"{args.source}: {fps:g} fps, per-frame budget {stream.budget_ms:.1f} ms, stages "
               f"{', '.join(cascade.stage_names)} ({cascade.runtime}, {args.threads} thread(s))")
