@@ -113,7 +113,7 @@ def decisions(cascade, images: list[np.ndarray], labels: np.ndarray) -> tuple[li
         out[point["name"]] = (label, stage)
     batch = cascade.predict_batch(images)
     label, stage = out[cascade.operating_point]
-    cascade.executor_check = float(np.mean([(p.label, p.stage) == (a, b) for p, a, b in zip(batch, label, stage)]))
+    cascade.executor_check = float(np.mean([(p.label, p.stage_index) == (a, b) for p, a, b in zip(batch, label, stage)]))
     return logits, out
 
 

@@ -347,7 +347,9 @@ def inspect(bundle, as_json):
 @click.option("--budget-ms", type=_Finite(min=0, min_open=True), help="latency budget per image (a late stage is cancelled)")
 @click.option("--mean-budget-ms", type=_Finite(min=0, min_open=True),
               help="average-budget mode: pick each image's operating point so the mean latency stays at this")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
+@click.option("--json", "as_json", is_flag=True,
+              help="one JSON object per image: its path and the prediction (label, class_name, score, stage_index, "
+                   "stage_name, elapsed_ms, budget_ms, budget_limited, operating_point, trace)")
 @click.option("--explain", type=click.Path(path_type=Path),
               help="glance and focus: write a PNG of the glance CAM and the patches the steps read (several images: "
                    "NAME-1.png, NAME-2.png, ...)")
@@ -370,13 +372,10 @@ def run(bundle, images, backend, device, require_device, threads, operating_poin
                 _explain(cascade, path, p, explain if len(images) == 1 else
                          explain.with_name(f"{explain.stem}-{i + 1}{explain.suffix or '.png'}"))
             if as_json:
-                click.echo(json.dumps({"image": path, "label": p.label, "name": p.name, "score": p.score,
-                                       "stage": cascade.stage_names[p.stage], "elapsed_ms": p.elapsed_ms,
-                                       "budget_limited": p.budget_limited, "operating_point": p.operating_point,
-                                       "trace": [r.__dict__ for r in p.trace]}))
+                click.echo(json.dumps({"image": path, **p.to_dict()}))
             else:
                 flag = " (budget-limited)" if p.budget_limited else ""
-                click.echo(f"{path}: {p.name} [{p.label}] score {p.score:.3f} at {cascade.stage_names[p.stage]} "
+                click.echo(f"{path}: {p.name} [{p.label}] score {p.score:.3f} at {p.stage_name} "
                            f"in {p.elapsed_ms:.2f} ms{flag}")
 
 

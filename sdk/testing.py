@@ -8,7 +8,7 @@ service) on *scripted* stages whose answers and latencies you choose::
     def test_my_app_takes_the_early_answer(tmp_path):
         cascade, sessions, clock = scripted_cascade(tmp_path / "bundle", latencies=(2.0, 5.0, 20.0))
         p = cascade.predict(scripted_image([240, 0, 0], label=2))   # stage 0 is 94 % sure of class 2
-        assert (p.stage, p.label, p.elapsed_ms) == (0, 2, 2.0)
+        assert (p.stage_index, p.label, p.elapsed_ms) == (0, 2, 2.0)
 
 or load a bundle by name through a runtime that exists only inside a ``with`` block (the CLI
 and :func:`stagewise.load` then work end to end)::

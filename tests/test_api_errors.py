@@ -39,7 +39,7 @@ def test_predict_stage_takes_only_an_existing_stage_index(cascade, stage):
 
 
 def test_predict_stage_still_answers_for_every_stage(cascade):
-    assert [cascade.predict_stage(toy_image(), k).stage for k in range(3)] == [0, 1, 2]
+    assert [cascade.predict_stage(toy_image(), k).stage_index for k in range(3)] == [0, 1, 2]
 
 
 def test_a_closed_cascade_says_so(bundle):

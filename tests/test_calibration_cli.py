@@ -96,7 +96,7 @@ def test_label_free_learned_score_with_guarantee(bundle, data):
         cascade.use(m.default_operating_point)
         single = [cascade.predict(f) for f in frames]
         batch = cascade.predict_batch(frames)
-        assert [p.stage for p in single] == [p.stage for p in batch]
+        assert [p.stage_index for p in single] == [p.stage_index for p in batch]
         assert [p.label for p in single] == [p.label for p in batch]
         offline = exit_table(cascade, frames, images.targets[::7], np.ones(3)).scores
         online = [[r.score for r in p.trace] for p in single]

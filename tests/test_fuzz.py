@@ -189,8 +189,8 @@ def _answers(path: Path) -> tuple:
             if not (0 <= p.label < len(cascade.classes) and p.name == cascade.classes[p.label]
                     and np.isfinite(p.score) and np.all(np.isfinite(p.probabilities))):
                 raise AssertionError(f"malformed prediction {p}")
-            out.append((point, p.name, p.stage, round(p.score, 6)))
-        out.extend((b.name, b.stage) for b in cascade.predict_batch([image, image], max_batch=1))
+            out.append((point, p.name, p.stage_index, round(p.score, 6)))
+        out.extend((b.name, b.stage_index) for b in cascade.predict_batch([image, image], max_batch=1))
         return tuple(out)
 
 

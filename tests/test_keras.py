@@ -230,7 +230,7 @@ assert result.exit_code == 0, result.output + repr(result.exception)
 import stagewise
 with stagewise.load({str(out)!r}, threads=1) as cascade:
     p = cascade.predict(next(iter(__import__("pathlib").Path({str(image_folder)!r}).rglob("*.png"))))
-print(json.dumps({{"torch": "torch" in sys.modules, "stage": p.stage, "label": p.label}}))
+print(json.dumps({{"torch": "torch" in sys.modules, "stage": p.stage_index, "label": p.label}}))
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

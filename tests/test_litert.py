@@ -92,7 +92,7 @@ def test_batch_equals_single_on_litert(fp32_bundle, splits):
         cascade.use("drop-2pt")
         single = [cascade.predict(im) for im in images]
         batch = cascade.predict_batch(images)
-    assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
+    assert [(p.label, p.stage_index) for p in batch] == [(p.label, p.stage_index) for p in single]
 
 
 def test_int8_io_quantization_parameters_are_honoured(int8_bundle, splits):

@@ -102,7 +102,7 @@ def npu_bundle(tmp_path_factory, splits, ee_plans):
 
 def _decisions(cascade, images, point):
     preds = cascade.predict_batch(images, operating_point=point)
-    return [(p.label, p.stage) for p in preds], preds
+    return [(p.label, p.stage_index) for p in preds], preds
 
 
 @pytest.mark.parametrize("which", ["ee_bundle", "cascade_bundle"])
@@ -122,7 +122,7 @@ def test_openvino_agrees_with_onnxruntime(request, which, images):
                 # a score within float noise of a threshold may fall either side; none should here
                 near = any(r.threshold is not None and abs(r.score - r.threshold) < 1e-5 for r in p.trace)
                 assert od == vd or near, (point, od, vd, thresholds)
-        one_by_one = [(p.label, p.stage) for p in map(ov_c.predict, images)]
+        one_by_one = [(p.label, p.stage_index) for p in map(ov_c.predict, images)]
         assert one_by_one == _decisions(ov_c, images, ov_c.operating_point)[0]
 
 
@@ -271,7 +271,7 @@ def test_npu_preset_is_static_and_runs_any_batch_on_cpu(npu_bundle, images):
         assert [s.session.static_batch for s in c._stages] == [1] * 3
         batch = c.predict_batch(images)
         single = [c.predict(im) for im in images]
-        assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
+        assert [(p.label, p.stage_index) for p in batch] == [(p.label, p.stage_index) for p in single]
         logits = c.stage_logits(images[:5], batch_size=5)
         rows = np.concatenate([c.stage_logits([im])[2] for im in images[:5]])
         np.testing.assert_allclose(logits[2], rows, rtol=1e-6, atol=1e-6)
@@ -400,7 +400,7 @@ def test_swb_bundle_loads_on_openvino(cascade_bundle, images):
     finally:
         bundle.close()
     with stagewise.load(cascade_bundle, runtime="openvino", threads=1) as c:
-        assert c.predict(images[0]).stage in (0, 1)
+        assert c.predict(images[0]).stage_index in (0, 1)
 
 
 def test_openvino_accuracy_control_reverts_the_fragile_layer(tmp_path):

@@ -103,4 +103,4 @@ def test_bundle_heads_match_and_alpha_points_drive_the_runtime(tmp_path, image_f
             np.testing.assert_allclose(logits[k], result.heads[k].decision(expected[k]), atol=1e-4)
         t = result.thresholds[0.3][0]
         for frame, d0 in zip(frames, logits[0]):
-            assert (cascade.predict(frame).stage == 0) == (d0.max() >= t)
+            assert (cascade.predict(frame).stage_index == 0) == (d0.max() >= t)

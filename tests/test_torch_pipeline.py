@@ -105,7 +105,7 @@ def test_calibration_expectation_matches_runtime_on_calibration_images(int8_bund
             preds = cascade.predict_batch(images, operating_point=point.name)
             acc = np.mean([p.label == y for p, y in zip(preds, calib.targets)])
             assert acc == pytest.approx(point.expected.accuracy)
-            rates = np.bincount([p.stage for p in preds], minlength=2) / len(preds)
+            rates = np.bincount([p.stage_index for p in preds], minlength=2) / len(preds)
             np.testing.assert_allclose(rates, point.expected.exit_rates)
 
 
@@ -116,7 +116,7 @@ def test_batch_equals_single_on_real_runtime(int8_bundle, splits):
         cascade.use("drop-2pt")
         single = [cascade.predict(im) for im in images]
         batch = cascade.predict_batch(images)
-    assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
+    assert [(p.label, p.stage_index) for p in batch] == [(p.label, p.stage_index) for p in single]
 
 
 def test_cascade_stages_see_their_own_resolution(tmp_path, splits):

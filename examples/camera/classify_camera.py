@@ -52,7 +52,7 @@ def overlay(cv2: Any, rgb: np.ndarray, result: FrameResult, stage_names: list[st
     scale = max(bgr.shape[1] / 640, 0.35)
     colour = {"ok": GREEN, "budget_limited": AMBER}.get(result.status, RED)
     lines = [f"{p.name} {p.score:.2f}",
-             f"stage {stage_names[p.stage]}  {result.end_ms - result.start_ms:.1f} ms  {result.status}"]
+             f"stage {stage_names[p.stage_index]}  {result.end_ms - result.start_ms:.1f} ms  {result.status}"]
     for i, text in enumerate(lines):
         y = int((28 + 26 * i) * scale)
         cv2.putText(bgr, text, (int(8 * scale), y), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, (0, 0, 0),
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             for r in stream.run(remembered.wrap(video_frames(source, args.limit))):
                 if log:
-                    log.write(json.dumps(r.to_dict(cascade.stage_names, trace=args.trace)) + "\n")
+                    log.write(json.dumps(r.to_dict(trace=args.trace)) + "\n")
                 if r.prediction is not None:
                     last = overlay(cv2, remembered.image, r, cascade.stage_names)
                 if last is None:

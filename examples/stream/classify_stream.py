@@ -63,14 +63,14 @@ def main() -> None:
         try:
             for r in stream.run(frames_of(args.source, args.limit)):
                 if trace:
-                    trace.write(json.dumps(r.to_dict(cascade.stage_names)) + "\n")
+                    trace.write(json.dumps(r.to_dict()) + "\n")
                 if args.quiet:
                     continue
                 if r.status == "dropped":
                     print(f"frame {r.index:4d}  dropped")
                 else:
                     p = r.prediction
-                    print(f"frame {r.index:4d}  {p.name:28.28s} {p.score:.2f}  stage {cascade.stage_names[p.stage]:10s} "
+                    print(f"frame {r.index:4d}  {p.name:28.28s} {p.score:.2f}  stage {p.stage_name:10s} "
                           f"{r.end_ms - r.start_ms:6.1f} ms  {r.status}")
         finally:
             if trace:
