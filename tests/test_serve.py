@@ -258,7 +258,7 @@ def test_serve_command_takes_its_settings_from_the_environment(monkeypatch):
     assert result.exit_code == 0, result.output
     (args, kwargs), = calls
     assert args == (str(TOY_BUNDLE), "127.0.0.1", 9123)
-    assert (kwargs["backend"], kwargs["threads"], kwargs["operating_point"]) == ("litert", 3, "full")
+    assert (kwargs["runtime"], kwargs["threads"], kwargs["operating_point"]) == ("litert", 3, "full")
     config = kwargs["config"]
     assert (config.max_batch, config.queue_size, config.max_body_bytes, config.reload_on_sighup) == \
         (4, 12, 2 ** 20, True)  # the command line wins over the environment

@@ -16,6 +16,7 @@ import socket
 from typing import Any, Sequence
 
 from stagewise import checks
+from stagewise.deprecation import renamed_keywords
 from stagewise.errors import InvalidOptionError, StagewiseError
 from stagewise.extras import require
 
