@@ -27,6 +27,7 @@ import numpy as np
 import stagewise
 from stagewise.bundle import write_bundle
 from stagewise.datasets import ImageSet
+from stagewise.deprecation import renamed_keywords
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
 from stagewise.manifest import (Artifact, CamGrid, ExitRule, Manifest, OperatingPoint, StageCost, StageInput, StageOutputs,
@@ -72,10 +73,12 @@ def primary_runtime(formats: Sequence[str]) -> str:
     raise ConversionError(f"no runtime reads {formats[0]!r} artifacts")
 
 
+@renamed_keywords(labels="classes")
 def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preprocess: Preprocess,
-                 labels: Sequence[str], calibration: ImageSet, options: BuildOptions = BuildOptions(),
+                 classes: Sequence[str], calibration: ImageSet, options: BuildOptions = BuildOptions(),
                  kind: str = "early_exit") -> Path:
-    """Export, verify, quantize, calibrate on ``calibration`` images and write the bundle at ``out``."""
+    """Export, verify, quantize, calibrate on ``calibration`` images and write the bundle at ``out``
+    (``classes``: the class names, in target order; ``labels=`` is its deprecated name)."""
     frameworks = {plan.framework for plan in plans}
     if len(frameworks) != 1:
         raise ConversionError(f"all stages must come from one framework; got {sorted(frameworks)}")
@@ -88,9 +91,9 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
     wanted = options.quantization_images + options.agreement_images if options.int8 else options.quantization_images
     n_small = min(len(calibration), max(wanted, 64))
     inputs_per_stage = sample_stage_inputs(plans, preprocess, calibration, n_small, options.seed)
-    classes = plans[-1].outputs(inputs_per_stage[-1][:1])["logits"].shape[1]
-    if classes != len(labels):
-        raise ConversionError(f"the model predicts {classes} classes but {len(labels)} labels were given; "
+    predicted = plans[-1].outputs(inputs_per_stage[-1][:1])["logits"].shape[1]
+    if predicted != len(classes):
+        raise ConversionError(f"the model predicts {predicted} classes but {len(classes)} class names were given; "
                               "the images' classes must match the model's outputs")
     # the quantizer calibrates on the first images; the INT8 gate judges on the others (with their labels)
     split = min(options.quantization_images, max(1, n_small // 2))
@@ -117,7 +120,7 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
             producer=freeze({"stagewise": stagewise.__version__, "source_framework": source.framework,
                              "source_version": source.version(),
                              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "kind": kind}),
-            task=Task(tuple(labels), top_k=min(5, len(labels))), input=preprocess, stages=tuple(stages),
+            task=Task(tuple(classes), top_k=min(5, len(classes))), input=preprocess, stages=tuple(stages),
             operating_points=(OperatingPoint("full", (None,) * len(stages), freeze({"kind": "full"})),),
             default_operating_point="full")
         staged = write_bundle(work / "staged", manifest, files)

@@ -27,6 +27,7 @@ import numpy as np
 from stagewise.bundle import update_manifest
 from stagewise.calibration import threshold_point
 from stagewise.datasets import ImageSet
+from stagewise.deprecation import renamed_keywords
 from stagewise.errors import ConversionError
 from stagewise.exits import stage_probabilities
 from stagewise.images import Preprocess
@@ -112,7 +113,8 @@ def candidate_stages(stages: Sequence[tuple[str, int, str]], preprocess: Preproc
     return out
 
 
-def measure_candidates(stages: Sequence[StageCandidate], preprocess: Preprocess, labels: Sequence[str],
+@renamed_keywords(labels="classes")
+def measure_candidates(stages: Sequence[StageCandidate], preprocess: Preprocess, classes: Sequence[str],
                        calibration: ImageSet, options: BuildOptions, timing_images: int = 50,
                        images: Sequence[np.ndarray] | None = None, work: Path | None = None) -> list[Candidate]:
     """Each candidate's logits on ``calibration`` and step latency (median ms) on this device's runtime.
@@ -122,7 +124,7 @@ def measure_candidates(stages: Sequence[StageCandidate], preprocess: Preprocess,
     """
     if work is None:
         with tempfile.TemporaryDirectory(prefix="stagewise-candidates-") as tmp:
-            return measure_candidates(stages, preprocess, labels, calibration, options, timing_images, images, Path(tmp))
+            return measure_candidates(stages, preprocess, classes, calibration, options, timing_images, images, Path(tmp))
     quantizer = options.quantization_images + options.agreement_images if options.int8 else 64
     small = calibration if len(calibration) <= quantizer else calibration.split([quantizer / len(calibration)],
                                                                                seed=options.seed)[0]
@@ -130,7 +132,7 @@ def measure_candidates(stages: Sequence[StageCandidate], preprocess: Preprocess,
     paths = []
     for stage in stages:
         path = work / stage.name
-        build_bundle(path, stage.name, cascade_plans([(stage.name, stage.model, stage.size)]), preprocess, labels,
+        build_bundle(path, stage.name, cascade_plans([(stage.name, stage.model, stage.size)]), preprocess, classes,
                      small, one, kind="cascade")
         paths.append(path)
     if images is None:
@@ -166,8 +168,9 @@ def search_record(result: SearchResult, candidates: Sequence[Candidate], stages:
             "cost": "median step latency (ms) on the first format's runtime, candidates timed round robin"}
 
 
+@renamed_keywords(labels="classes")
 def build_cascade(out: Path, name: str, point: CascadePoint, result: SearchResult, stages: Sequence[StageCandidate],
-                  candidates: Sequence[Candidate], preprocess: Preprocess, labels: Sequence[str], calibration: ImageSet,
+                  candidates: Sequence[Candidate], preprocess: Preprocess, classes: Sequence[str], calibration: ImageSet,
                   options: BuildOptions, record: dict, score: str = "max_softmax") -> Path:
     """Build the cascade of ``point`` and give it the searched points of its stages (``search-1``...; ``point``
     the default), each stage's adaptation record and ``producer.search = record``.
@@ -180,7 +183,7 @@ def build_cascade(out: Path, name: str, point: CascadePoint, result: SearchResul
     logits = {c.name: c.logits for c in candidates}
     chosen = [by_name[n] for n in point.stages]
     plans = cascade_plans([(s.name, s.model, s.size) for s in chosen], combine=point.combine, score=score)
-    path = build_bundle(out, name, plans, preprocess, labels, calibration, options, kind="cascade")
+    path = build_bundle(out, name, plans, preprocess, classes, calibration, options, kind="cascade")
     mine = same_cascade(result, point)
 
     def change(manifest: Manifest, root: Path) -> Manifest:

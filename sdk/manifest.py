@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import jsonschema
 import numpy as np
 
+from .deprecation import renamed_attribute
 from .errors import ManifestError
 from .images import Preprocess
 
@@ -66,17 +67,20 @@ def _others(d: Mapping[str, Any], known: tuple[str, ...]) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class Task:
-    """What the bundle predicts: ``labels`` are the class names, in target order."""
+    """What the bundle predicts: ``classes`` are the class names, in target order (the document's
+    ``task.labels``; ``labels`` is the attribute's deprecated name)."""
 
-    labels: tuple[str, ...]
+    classes: tuple[str, ...]
     top_k: int | None = None
+
+    labels = renamed_attribute("labels", "classes")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Task":
-        return cls(labels=tuple(d["labels"]), top_k=d.get("top_k"))
+        return cls(classes=tuple(d["labels"]), top_k=d.get("top_k"))
 
     def to_dict(self) -> dict[str, Any]:
-        return _optional({"type": "classification", "labels": list(self.labels)}, top_k=self.top_k)
+        return _optional({"type": "classification", "labels": list(self.classes)}, top_k=self.top_k)
 
 
 @dataclass(frozen=True)
@@ -483,7 +487,7 @@ class Manifest:
     @property
     def classes(self) -> list[str]:
         """The class names, in target order (the document's ``task.labels``)."""
-        return list(self.task.labels)
+        return list(self.task.classes)
 
     @property
     def stage_names(self) -> list[str]:

@@ -45,7 +45,7 @@ def test_thresholds_follow_the_bh_rule_then_heads_are_retrained():
     for alpha, thr in result.thresholds.items():
         assert np.isinf(thr[-1])
         for m in (1, 2):
-            wrong = max_wrong_class(result.held_out_decisions[m - 1], result.held_out_labels)
+            wrong = max_wrong_class(result.held_out_decisions[m - 1], result.held_out_targets)
             rank = int(np.floor(alpha * m * 300 / m_total))
             if rank == 0:
                 assert np.isinf(thr[m - 1])

@@ -84,7 +84,7 @@ def test_any_changed_byte_of_manifest_or_artifacts_is_refused(signed, keys):
 
 def test_recomputed_hashes_do_not_fool_the_signature(signed, keys):
     def relabel(manifest, root):
-        return replace(manifest, task=replace(manifest.task, labels=("blue", "green", "red")))
+        return replace(manifest, task=replace(manifest.task, classes=("blue", "green", "red")))
 
     update_manifest(signed, relabel)  # a valid, re-hashed bundle, but not the one that was signed
     _load(signed).close()
