@@ -87,7 +87,7 @@ def test_onnxruntime_and_serve_extras_run_and_serve_a_bundle_without_frameworks(
         _, err = server.communicate(timeout=30)
     # uvicorn shuts down gracefully, then re-raises the signal: the exit systemd counts as clean for SIGTERM
     assert server.returncode in (0, -signal.SIGTERM), err
-    assert (served["label"], served["stage_name"]) == (answer["label"], answer["stage"])
+    assert (served["label"], served["stage_name"]) == (answer["label"], answer["stage_name"])
     assert served["score"] == pytest.approx(answer["score"], abs=1e-6)
     print(f"device venv: install {installed:.0f} s, total {time.monotonic() - started:.0f} s")
 
