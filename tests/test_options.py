@@ -58,5 +58,5 @@ def test_load_refuses_an_unknown_option_before_opening_anything(tmp_path: Path):
 
 def test_load_shows_its_signature():
     params = inspect.signature(stagewise.load).parameters
-    assert list(params)[:5] == ["path", "backend", "device", "threads", "options"]
+    assert list(params)[:5] == ["path", "runtime", "device", "threads", "options"]
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

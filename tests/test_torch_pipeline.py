@@ -151,7 +151,7 @@ def test_label_mismatch_fails_without_writing(tmp_path, splits):
     train, calib = splits
     plans = early_exit_plans(residual_net(), ["layer1"], PRE, (16, 16), train, FAST_HEADS)
     out = tmp_path / "never.swb"
-    with pytest.raises(ConversionError, match="predicts 3 classes but 2 labels"):
+    with pytest.raises(ConversionError, match="predicts 3 classes but 2 class names"):
         build_bundle(out, "x", plans, PRE, ["a", "b"], calib, BuildOptions())
     assert list(tmp_path.iterdir()) == []
 
