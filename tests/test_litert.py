@@ -109,7 +109,7 @@ def test_int8_io_quantization_parameters_are_honoured(int8_bundle, splits):
     ind, outd = runner.get_input_details()["image"], runner.get_output_details()
     assert ind["dtype"] == np.int8
     scale, zero = ind["quantization_parameters"]["scales"][0], ind["quantization_parameters"]["zero_points"][0]
-    assert record["quantization"]["io_quantization"]["input"] == pytest.approx(
+    assert dict(record.quantization["io_quantization"]["input"]) == pytest.approx(
         {"dtype": "int8", "scale": float(scale), "zero_point": int(zero)})
     for row in range(len(x)):
         q = np.clip(np.rint(x[row:row + 1] / scale) + zero, -128, 127).astype(np.int8)
