@@ -118,7 +118,7 @@ def sweep(cascade, images, labels, budgets, points) -> dict:
                     "misses_cancelled_late": int((~hit & cancelled).sum()), "cancelled": float(cancelled.mean()),
                     "budget_limited": float(np.mean([p.budget_limited for p in preds])),
                     "planned_skip": float(planned.mean()),
-                    "answered_by_stage": np.bincount([p.stage for p in preds], minlength=2).tolist(),
+                    "answered_by_stage": np.bincount([p.stage_index for p in preds], minlength=2).tolist(),
                     "latency_ms": dist(ms)})
     return out
 
@@ -145,7 +145,7 @@ class ControllerRun:
             costs.append(ms)
             correct.append(bool(p.label == self.labels[i]))
             points.append(p.operating_point)
-            stages.append(p.stage)
+            stages.append(p.stage_index)
         return {"phase": name, "costs": costs, "correct": correct, "points": points, "stages": stages,
                 "feasible": feasible,
                 "state_at_end": dict(vars(self.cascade.controller.state()))}
@@ -292,7 +292,7 @@ def main() -> None:
     started = time.time()
     load_avg = [os.getloadavg()[0]]
 
-    cascade = load(bundle, backend="onnxruntime", threads=args.threads)
+    cascade = load(bundle, runtime="onnxruntime", threads=args.threads)
     if args.controller_only:
         result = harness.load_result(args.out)
         result["controller"] = controller_experiment(cascade, images, labels, args.controller_requests, args.heavy_load)

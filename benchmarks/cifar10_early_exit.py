@@ -184,7 +184,7 @@ def main() -> None:
                 built = built or make()  # the same plans (and exit placement) for both precisions
                 build_bundle(path, f"cifar10-{stem}", built, pre, parts.images.classes, calib,
                              BuildOptions(int8=precision == "int8", threads=args.threads, overwrite=True))
-            cascades[(name, precision)] = load(path, backend="onnxruntime", threads=args.threads)
+            cascades[(name, precision)] = load(path, runtime="onnxruntime", threads=args.threads)
     if only is not None:
         print(f"built {', '.join(sorted(only))}; run again with --reuse to measure")
         return

@@ -147,7 +147,7 @@ def main() -> None:
     labels = np.asarray(test.targets)
     settings = MonitorSettings(points=(args.point,))
     result = harness.metadata(NAME)
-    with load(path, backend="onnxruntime", threads=args.threads) as cascade:
+    with load(path, runtime="onnxruntime", threads=args.threads) as cascade:
         manifest = cascade.bundle.manifest
         point = manifest.point(args.point)
         promised = float(point.goal["drop"])

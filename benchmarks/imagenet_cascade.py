@@ -258,7 +258,7 @@ def main() -> None:
     if args.build_only:
         return
 
-    cascades = {name: load(path, backend="onnxruntime", threads=args.threads) for name, path in bundles.items()}
+    cascades = {name: load(path, runtime="onnxruntime", threads=args.threads) for name, path in bundles.items()}
     all_images = harness.decode_all(data, "decoding all sample images")
     agreement = {}
     for name in args.singles.split(","):

@@ -207,7 +207,7 @@ def main() -> None:
     for point in ("drop-0pt", "drop-0.5pt", "drop-1pt", "drop-2pt"):
         bundles[f"lite0@224 > lite2@260 mean @ {point}"] = (current, point, "current cascade")
 
-    cascades = {path: load(path, backend="onnxruntime", threads=args.threads) for path, _, _ in bundles.values()}
+    cascades = {path: load(path, runtime="onnxruntime", threads=args.threads) for path, _, _ in bundles.values()}
     images = harness.decode_all(test, "decoding test images")
     decisions = {name: cascades[path].predict_batch(images, operating_point=point)
                  for name, (path, point, _) in bundles.items()}

@@ -61,7 +61,7 @@ def derive(base: Path, out: Path, count: int, fraction: float, mode: str, seed: 
     doc.pop("calibration", None)
     files = {f["path"]: bundle.root / f["path"] for s in stages for a in s["artifacts"].values() for f in a["files"]}
     write_bundle(out, doc, files, overwrite=True)
-    with load(out, backend="onnxruntime", threads=1) as cascade:
+    with load(out, runtime="onnxruntime", threads=1) as cascade:
         cascade.choose_patches(mode, seed)
         update_manifest(out, lambda m, root: calibrate_manifest(cascade, m, images, calib.targets, calib.origin,
                                                                 default_drop=0.005, model_root=root))
@@ -210,7 +210,7 @@ def main() -> None:
         out = root / f"gf{args.patches}_cam_f{f:g}"
         if not (args.reuse and out.exists()):
             derive(base, out, args.patches, f, "cam", args.patch_seed, calib, calib_images)
-        with load(out, backend="onnxruntime", threads=1) as c:
+        with load(out, runtime="onnxruntime", threads=1) as c:
             choice[f"{f:g}"] = float(c.bundle.manifest.calibration["reference_accuracy"])
     fraction = float(max(choice, key=lambda f: (choice[f], -float(f))))
     print(f"patch size chosen on the calibration half: {fraction:g} ({choice})")
@@ -223,7 +223,7 @@ def main() -> None:
 
     cascades = {}
     for name, (kind, path, mode) in bundles.items():
-        cascades[name] = load(path, backend="onnxruntime", threads=args.threads)
+        cascades[name] = load(path, runtime="onnxruntime", threads=args.threads)
         cascades[name].choose_patches(mode, args.patch_seed)
     images = harness.decode_all(test, "decoding test images")
     configs, kinds, aliases = {}, {}, {}

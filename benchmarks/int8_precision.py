@@ -146,7 +146,7 @@ def _measure(name: str, plans, pre, classes, calibration, test, args) -> dict:
     stages, points = [], []
     for fmt in formats:
         runtime = RUNTIMES[fmt]
-        loaded = {tag: load(path, backend=runtime, threads=args.threads) for tag, path in paths.items()}
+        loaded = {tag: load(path, runtime=runtime, threads=args.threads) for tag, path in paths.items()}
         logits = {tag: c.stage_logits(images) for tag, c in loaded.items()}
         runs = harness.round_robin({tag: c.run_all_stages for tag, c in loaded.items()}, timed, warmup=5,
                                    rotate=True).outputs

@@ -102,8 +102,8 @@ def _measure(args: argparse.Namespace, built: dict, images: list[np.ndarray], la
 
     configs, meta, loaded = {}, {}, []
     for (runtime, precision), paths in built.items():
-        full = load(paths["full"], backend=runtime, threads=args.threads)
-        cascade = load(paths["bundle"], backend=runtime, threads=args.threads)
+        full = load(paths["full"], runtime=runtime, threads=args.threads)
+        cascade = load(paths["bundle"], runtime=runtime, threads=args.threads)
         loaded += [full, cascade]
         ref = f"{runtime} {precision} full model"
         configs[ref] = lambda im, c=full: c.predict(im, operating_point="full")
@@ -137,7 +137,7 @@ def _agreement(paths: dict, reference: list[np.ndarray], images: list[np.ndarray
     """Per-stage top-1 agreement of the LiteRT fp32 bundle with the source framework's logits."""
     from stagewise.runtimes import load
 
-    with load(paths["bundle"], backend="litert", threads=threads) as cascade:
+    with load(paths["bundle"], runtime="litert", threads=threads) as cascade:
         got = cascade.stage_logits(images, batch_size=64)
         names = cascade.stage_names
     return {name: {"top1_agreement": float(np.mean(g.argmax(1) == r.argmax(1))),

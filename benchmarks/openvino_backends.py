@@ -55,7 +55,7 @@ import stagewise
 from stagewise.runtimes.base import RUNTIMES
 RUNTIMES[sys.argv[2]].opener()          # import the backend before timing the load itself
 t1 = time.perf_counter()
-c = stagewise.load(sys.argv[1], backend=sys.argv[2], threads=int(sys.argv[3]), warmup=False)
+c = stagewise.load(sys.argv[1], runtime=sys.argv[2], threads=int(sys.argv[3]), warmup=False)
 t2 = time.perf_counter()
 c.run_all_stages(__import__("numpy").full((320, 320, 3), 128, dtype="uint8"))
 t3 = time.perf_counter()
@@ -113,7 +113,7 @@ def decisions(cascade, images: list[np.ndarray], labels: np.ndarray) -> tuple[li
         out[point["name"]] = (label, stage)
     batch = cascade.predict_batch(images)
     label, stage = out[cascade.operating_point]
-    cascade.executor_check = float(np.mean([(p.label, p.stage) == (a, b) for p, a, b in zip(batch, label, stage)]))
+    cascade.executor_check = float(np.mean([(p.label, p.stage_index) == (a, b) for p, a, b in zip(batch, label, stage)]))
     return logits, out
 
 
@@ -134,7 +134,7 @@ def measure_part(part: str, bundles: dict[str, Path], test_images: list[np.ndarr
     from stagewise.runtimes import load
     from stagewise.runtimes.bench import summarize
 
-    cascades = {(prec, rt): load(bundles[prec], backend=rt, threads=threads) for prec in bundles for rt in RUNTIMES}
+    cascades = {(prec, rt): load(bundles[prec], runtime=rt, threads=threads) for prec in bundles for rt in RUNTIMES}
     default = {prec: cascades[(prec, "onnxruntime")].operating_point for prec in bundles}
     configs, meta = {}, {}
     for (prec, rt), c in cascades.items():

@@ -55,7 +55,7 @@ import time, sys
 t0 = time.perf_counter()
 import stagewise
 t1 = time.perf_counter()
-cascade = stagewise.load(sys.argv[1], backend="onnxruntime", threads=1)
+cascade = stagewise.load(sys.argv[1], runtime="onnxruntime", threads=1)
 t2 = time.perf_counter()
 import numpy as np
 cascade.predict(np.load(sys.argv[2]))
@@ -134,7 +134,7 @@ def measure(path: Path, images: list[np.ndarray], threads: int) -> dict:
     from stagewise.runtimes import Cascade, load
     from stagewise.runtimes.bench import ready_inputs
 
-    cascade = load(path, backend="onnxruntime", threads=threads)
+    cascade = load(path, runtime="onnxruntime", threads=threads)
     router = cascade.router
     stages = cascade._stages
     sessions = [st.session._session for st in stages]
@@ -240,7 +240,7 @@ def resizer_agreement(pillow: Path, opencv: Path, test, threads: int) -> dict:
     targets = np.asarray(test.targets)
     logits = {}
     for resizer, path in (("pillow", pillow), ("opencv", opencv)):
-        with load(path, backend="onnxruntime", threads=threads) as cascade:
+        with load(path, runtime="onnxruntime", threads=threads) as cascade:
             names = cascade.stage_names
             logits[resizer] = [x.argmax(1) for x in cascade.stage_logits(images)]
     return {"images": len(images), "stages": {

@@ -135,16 +135,14 @@ def main() -> None:
                        BuildOptions(threads=args.threads, profile_images=20, overwrite=True))
     # a longer latency profile (every stage on each image in turn, so machine load hits all stages alike)
     profile_frames = [parts["calibration"].image(i) for i in range(0, len(parts["calibration"]), 10)]
-    with load(out, backend="onnxruntime", threads=args.threads) as cascade:
+    with load(out, runtime="onnxruntime", threads=args.threads) as cascade:
         stats = measure_stage_latency(cascade, profile_frames)
         load_during_profile = os.getloadavg()
 
-        def finish(m: dict, root) -> dict:
-            record_profile(m, cascade, stats)
-            return add_alpha_points(m, result, default_alpha=0.05)
-        manifest = update_manifest(out, finish)
+        manifest = update_manifest(out, lambda m, root: add_alpha_points(record_profile(m, cascade, stats), result,
+                                                                         default_alpha=0.05))
     profile = f"onnxruntime-cpu-{args.threads}t"
-    stage_ms = np.array([s["cost"]["latency_ms"][profile]["p50"] for s in manifest["stages"]])
+    stage_ms = np.array([s.cost.latency(profile).p50 for s in manifest.stages])
 
     main_eval = evaluate(result.heads, test, y_test, stage_ms, result.thresholds)
 
@@ -160,7 +158,7 @@ def main() -> None:
     check_idx = np.arange(0, len(test_images), max(1, len(test_images) // 64))[:64]
     frames = [test_images.image(int(i)) for i in check_idx]
     measured = {}
-    with load(out, backend="onnxruntime", threads=args.threads) as cascade:
+    with load(out, runtime="onnxruntime", threads=args.threads) as cascade:
         logits = cascade.stage_logits(frames)
         numpy_dec = [h.decision(f[check_idx]) for h, f in zip(result.heads, test)]
         check = {"images": len(frames),

@@ -214,7 +214,7 @@ def summary(run: dict, labels: list[int], stages: int) -> dict:
     lat = np.array(run["latencies"]) if run["latencies"] else np.zeros(1)
     histogram = [0] * stages
     for _, a in run["answers"]:
-        histogram[a["stage"]] += 1
+        histogram[a["stage_index"]] += 1
     correct = sum(a["label"] == labels[i] for i, a in run["answers"])
     batch = [a["batch_size"] for _, a in run["answers"]]
     return {"requests": run["sent"],

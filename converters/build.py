@@ -15,10 +15,10 @@ The pipeline, shared by early-exit and cascade conversions from any source frame
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import platform
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,8 +27,11 @@ import numpy as np
 import stagewise
 from stagewise.bundle import write_bundle
 from stagewise.datasets import ImageSet
+from stagewise.deprecation import renamed_keywords
 from stagewise.errors import ConversionError
 from stagewise.images import Preprocess
+from stagewise.manifest import (Artifact, CamGrid, ExitRule, Manifest, OperatingPoint, StageCost, StageInput, StageOutputs,
+                                StageSpec, Task, freeze, thaw)
 from stagewise.progress import progress_bar
 from stagewise.runtimes import load
 from stagewise.runtimes.base import RUNTIMES
@@ -70,10 +73,12 @@ def primary_runtime(formats: Sequence[str]) -> str:
     raise ConversionError(f"no runtime reads {formats[0]!r} artifacts")
 
 
+@renamed_keywords(labels="classes")
 def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preprocess: Preprocess,
-                 labels: Sequence[str], calibration: ImageSet, options: BuildOptions = BuildOptions(),
+                 classes: Sequence[str], calibration: ImageSet, options: BuildOptions = BuildOptions(),
                  kind: str = "early_exit") -> Path:
-    """Export, verify, quantize, calibrate on ``calibration`` images and write the bundle at ``out``."""
+    """Export, verify, quantize, calibrate on ``calibration`` images and write the bundle at ``out``
+    (``classes``: the class names, in target order; ``labels=`` is its deprecated name)."""
     frameworks = {plan.framework for plan in plans}
     if len(frameworks) != 1:
         raise ConversionError(f"all stages must come from one framework; got {sorted(frameworks)}")
@@ -86,9 +91,9 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
     wanted = options.quantization_images + options.agreement_images if options.int8 else options.quantization_images
     n_small = min(len(calibration), max(wanted, 64))
     inputs_per_stage = sample_stage_inputs(plans, preprocess, calibration, n_small, options.seed)
-    classes = plans[-1].outputs(inputs_per_stage[-1][:1])["logits"].shape[1]
-    if classes != len(labels):
-        raise ConversionError(f"the model predicts {classes} classes but {len(labels)} labels were given; "
+    predicted = plans[-1].outputs(inputs_per_stage[-1][:1])["logits"].shape[1]
+    if predicted != len(classes):
+        raise ConversionError(f"the model predicts {predicted} classes but {len(classes)} class names were given; "
                               "the images' classes must match the model's outputs")
     # the quantizer calibrates on the first images; the INT8 gate judges on the others (with their labels)
     split = min(options.quantization_images, max(1, n_small // 2))
@@ -109,64 +114,61 @@ def build_bundle(out: str | Path, name: str, plans: Sequence[StagePlan], preproc
                 artifacts[fmt] = exported.artifact
                 files.update(exported.files)
                 float_files.update(exported.float_files)
-            stages.append(_stage_entry(plan, artifacts))
-        manifest = {
-            "format": "stagewise-bundle", "format_version": 1, "name": name,
-            "producer": {"stagewise": stagewise.__version__, "source_framework": source.framework,
-                         "source_version": source.version(),
-                         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "kind": kind},
-            "task": {"type": "classification", "labels": list(labels), "top_k": min(5, len(labels))},
-            "input": preprocess.to_manifest(),
-            "stages": stages,
-            "operating_points": [{"name": "full", "thresholds": [None] * len(stages), "goal": {"kind": "full"}}],
-            "default_operating_point": "full",
-        }
+            stages.append(_stage_spec(plan, artifacts))
+        manifest = Manifest(
+            name=name,
+            producer=freeze({"stagewise": stagewise.__version__, "source_framework": source.framework,
+                             "source_version": source.version(),
+                             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "kind": kind}),
+            task=Task(tuple(classes), top_k=min(5, len(classes))), input=preprocess, stages=tuple(stages),
+            operating_points=(OperatingPoint("full", (None,) * len(stages), freeze({"kind": "full"})),),
+            default_operating_point="full")
         staged = write_bundle(work / "staged", manifest, files)
         reference = _float_reference(work / "float", manifest, float_files, options) if options.int8 else None
         manifest = _calibrate_on_runtime(staged, manifest, calibration, options, files, reference)
         return write_bundle(out, manifest, files, overwrite=options.overwrite)
 
 
-def _float_reference(where: Path, manifest: dict, float_files: dict[str, Path], options: BuildOptions) -> Path | None:
+def _float_reference(where: Path, manifest: Manifest, float_files: dict[str, Path], options: BuildOptions
+                     ) -> Path | None:
     """A staged copy of the bundle with every stage of the calibrated format in float (``None`` when none of them
     is quantized): the float full model that a quantized bundle's drops are measured from."""
     fmt = options.formats[0]
-    if all(stage["artifacts"][fmt]["precision"] != "int8" for stage in manifest["stages"]):
+    if all(stage.artifacts[fmt].precision != "int8" for stage in manifest.stages):
         return None
-    floating = copy.deepcopy(manifest)
-    for stage in floating["stages"]:
-        artifact = stage["artifacts"][fmt]
-        quantization = artifact.pop("quantization", {})
-        if artifact["precision"] == "int8":
-            artifact["precision"] = "fp16" if quantization.get("float_reference") else "fp32"
-        stage["artifacts"] = {fmt: artifact}
-    return write_bundle(where, floating, {path: f for path, f in float_files.items() if path.startswith(f"{fmt}/")})
+
+    def floating(_k: int, stage: StageSpec) -> StageSpec:
+        artifact = stage.artifacts[fmt]
+        precision = artifact.precision
+        if precision == "int8":
+            precision = "fp16" if (artifact.quantization or {}).get("float_reference") else "fp32"
+        return replace(stage, artifacts={fmt: replace(artifact, precision=precision, quantization=None)})
+
+    return write_bundle(where, manifest.with_stages(floating),
+                        {path: f for path, f in float_files.items() if path.startswith(f"{fmt}/")})
 
 
-def _stage_entry(plan: StagePlan, artifacts: dict) -> dict:
-    source = dict(plan.source, tensor=plan.input_name)
-    entry = {"name": plan.name, "input": source, "artifacts": artifacts,
-             "outputs": {name: name for name in plan.output_names}, "exit": plan.exit,
-             "cost": {"macs": plan.macs, "params": plan.params}}
-    if plan.head:
-        entry["head"] = plan.head
-    if plan.cam:
-        entry["cam"] = plan.cam
-    return entry
+def _stage_spec(plan: StagePlan, artifacts: dict[str, dict]) -> StageSpec:
+    """The manifest record of one exported stage (its files' sha256 and sizes are filled in when written)."""
+    names = {name: name for name in plan.output_names}
+    return StageSpec(plan.name, replace(StageInput.from_dict(plan.source), tensor=plan.input_name),
+                     {fmt: Artifact.from_dict(a) for fmt, a in artifacts.items()},
+                     StageOutputs(names["logits"], names.get("carry"), names.get("cam")), ExitRule.from_dict(plan.exit),
+                     StageCost(plan.macs, plan.params), freeze(plan.head) if plan.head else None,
+                     CamGrid.from_dict(plan.cam) if plan.cam else None)
 
 
-def _calibrate_on_runtime(staged: Path, manifest: dict, calibration: ImageSet, options: BuildOptions,
-                          files: dict | None = None, float_reference: Path | None = None) -> dict:
+def _calibrate_on_runtime(staged: Path, manifest: Manifest, calibration: ImageSet, options: BuildOptions,
+                          files: dict | None = None, float_reference: Path | None = None) -> Manifest:
     runtime = primary_runtime(options.formats)
     images = [calibration.image(i) for i in progress_bar(range(len(calibration)), "decoding calibration images")]
     float_logits = None
     if float_reference is not None:
-        with load(float_reference, backend=runtime, threads=options.threads, warmup=False) as floating:
+        with load(float_reference, runtime=runtime, threads=options.threads, warmup=False) as floating:
             float_logits = floating.stage_logits(images)
-    with load(staged, backend=runtime, threads=options.threads) as cascade:
+    with load(staged, runtime=runtime, threads=options.threads) as cascade:
         manifest = calibrate_manifest(cascade, manifest, images, calibration.targets if options.labelled else None,
                                       calibration.origin, target_drops=options.target_drops, seed=options.seed,
                                       profile_images=options.profile_images, goal=options.calibration_goal,
                                       settings=options.calibration, files=files, float_logits=float_logits)
-    manifest["producer"]["machine"] = platform.machine()
-    return manifest
+    return replace(manifest, producer=freeze({**thaw(manifest.producer), "machine": platform.machine()}))

@@ -27,9 +27,11 @@ import numpy as np
 from stagewise.bundle import update_manifest
 from stagewise.calibration import threshold_point
 from stagewise.datasets import ImageSet
+from stagewise.deprecation import renamed_keywords
 from stagewise.errors import ConversionError
 from stagewise.exits import stage_probabilities
 from stagewise.images import Preprocess
+from stagewise.manifest import Manifest, freeze, thaw
 from stagewise.progress import progress_bar
 from stagewise.runtimes import load
 
@@ -111,7 +113,8 @@ def candidate_stages(stages: Sequence[tuple[str, int, str]], preprocess: Preproc
     return out
 
 
-def measure_candidates(stages: Sequence[StageCandidate], preprocess: Preprocess, labels: Sequence[str],
+@renamed_keywords(labels="classes")
+def measure_candidates(stages: Sequence[StageCandidate], preprocess: Preprocess, classes: Sequence[str],
                        calibration: ImageSet, options: BuildOptions, timing_images: int = 50,
                        images: Sequence[np.ndarray] | None = None, work: Path | None = None) -> list[Candidate]:
     """Each candidate's logits on ``calibration`` and step latency (median ms) on this device's runtime.
@@ -121,7 +124,7 @@ def measure_candidates(stages: Sequence[StageCandidate], preprocess: Preprocess,
     """
     if work is None:
         with tempfile.TemporaryDirectory(prefix="stagewise-candidates-") as tmp:
-            return measure_candidates(stages, preprocess, labels, calibration, options, timing_images, images, Path(tmp))
+            return measure_candidates(stages, preprocess, classes, calibration, options, timing_images, images, Path(tmp))
     quantizer = options.quantization_images + options.agreement_images if options.int8 else 64
     small = calibration if len(calibration) <= quantizer else calibration.split([quantizer / len(calibration)],
                                                                                seed=options.seed)[0]
@@ -129,12 +132,12 @@ def measure_candidates(stages: Sequence[StageCandidate], preprocess: Preprocess,
     paths = []
     for stage in stages:
         path = work / stage.name
-        build_bundle(path, stage.name, cascade_plans([(stage.name, stage.model, stage.size)]), preprocess, labels,
+        build_bundle(path, stage.name, cascade_plans([(stage.name, stage.model, stage.size)]), preprocess, classes,
                      small, one, kind="cascade")
         paths.append(path)
     if images is None:
         images = [calibration.image(i) for i in progress_bar(range(len(calibration)), "decoding calibration images")]
-    cascades = [load(p, backend=primary_runtime(options.formats), threads=options.threads) for p in paths]
+    cascades = [load(p, runtime=primary_runtime(options.formats), threads=options.threads) for p in paths]
     try:
         logits = [c.stage_logits(images)[0] for c in progress_bar(cascades, "candidate logits")]
         timed = images[:max(1, min(timing_images, len(images)))]
@@ -165,8 +168,9 @@ def search_record(result: SearchResult, candidates: Sequence[Candidate], stages:
             "cost": "median step latency (ms) on the first format's runtime, candidates timed round robin"}
 
 
+@renamed_keywords(labels="classes")
 def build_cascade(out: Path, name: str, point: CascadePoint, result: SearchResult, stages: Sequence[StageCandidate],
-                  candidates: Sequence[Candidate], preprocess: Preprocess, labels: Sequence[str], calibration: ImageSet,
+                  candidates: Sequence[Candidate], preprocess: Preprocess, classes: Sequence[str], calibration: ImageSet,
                   options: BuildOptions, record: dict, score: str = "max_softmax") -> Path:
     """Build the cascade of ``point`` and give it the searched points of its stages (``search-1``...; ``point``
     the default), each stage's adaptation record and ``producer.search = record``.
@@ -179,25 +183,24 @@ def build_cascade(out: Path, name: str, point: CascadePoint, result: SearchResul
     logits = {c.name: c.logits for c in candidates}
     chosen = [by_name[n] for n in point.stages]
     plans = cascade_plans([(s.name, s.model, s.size) for s in chosen], combine=point.combine, score=score)
-    path = build_bundle(out, name, plans, preprocess, labels, calibration, options, kind="cascade")
+    path = build_bundle(out, name, plans, preprocess, classes, calibration, options, kind="cascade")
     mine = same_cascade(result, point)
 
-    def change(manifest: dict, root: Path) -> dict:
-        profile = manifest["calibration"]["cost"].split(":", 1)[1]
-        costs = [s["cost"]["latency_ms"][profile]["p50"] for s in manifest["stages"]]
-        temps = [s["exit"]["temperature"] for s in manifest["stages"]]
+    def change(manifest: Manifest, root: Path) -> Manifest:
+        profile = manifest.calibration["cost"].split(":", 1)[1]
+        costs = [s.cost.latency(profile).p50 for s in manifest.stages]
+        temps = [s.exit.temperature for s in manifest.stages]
         targets = np.asarray(calibration.targets)
         stage_logits = [logits[n] for n in point.stages]
         labelled = sequence_table(stage_logits, targets, costs, temps, point.combine, score)
         full = stage_probabilities(stage_logits, temps, ["own"] + [point.combine] * (len(temps) - 1))[-1]
         agree = sequence_table(stage_logits, full.argmax(axis=1), costs, temps, point.combine, score)
-        for i, p in enumerate(mine, start=1):
-            manifest["operating_points"].append(threshold_point(
-                point_name(result, p), np.array(p.thresholds), {"kind": "search", "rank": i, "reference": "labels",
-                                                        "searched_accuracy": p.accuracy,
-                                                        "searched_mean_cost": p.mean_cost}, agree, labelled, "ms"))
-        manifest["default_operating_point"] = point_name(result, point)
-        manifest["producer"]["search"] = record
+        searched = [threshold_point(point_name(result, p), np.array(p.thresholds),
+                                    {"kind": "search", "rank": i, "reference": "labels", "searched_accuracy": p.accuracy,
+                                     "searched_mean_cost": p.mean_cost}, agree, labelled, "ms")
+                    for i, p in enumerate(mine, start=1)]
+        manifest = manifest.with_points([*manifest.operating_points, *searched], point_name(result, point))
+        manifest = replace(manifest, producer=freeze({**thaw(manifest.producer), "search": record}))
         return with_adaptations(manifest, [s.adaptation for s in chosen])
 
     update_manifest(path, change)
@@ -214,10 +217,7 @@ def point_name(result: SearchResult, point: CascadePoint) -> str:
     return f"search-{same_cascade(result, point).index(point) + 1}"
 
 
-def with_adaptations(manifest: dict, records: Sequence[dict]) -> dict:
+def with_adaptations(manifest: Manifest, records: Sequence[dict]) -> Manifest:
     """``manifest`` with each adapted stage's record (in stage order) as its ``adaptation``."""
-    for entry, record in zip(manifest["stages"], records):
-        if record["kind"] != "none":
-            entry["adaptation"] = record
-    return manifest
-
+    return manifest.with_stages(lambda k, stage: stage if k >= len(records) or records[k]["kind"] == "none"
+                                else replace(stage, adaptation=freeze(records[k])))

@@ -16,7 +16,7 @@ Example::
     heads_part, calib_part = teacher_set.split([0.8, 0.2], seed=0)
     plans = early_exit_plans(model, cuts, pre, (224, 224), heads_part, TEACHER_ONLY)
     bundle = build_bundle(out, name, plans, pre, classes, calib_part)
-    recalibrate(bundle, calib_folder, labels=False, target_drop=1.0)
+    recalibrate(bundle, calib_folder, labelled=False, target_drop=1.0)
 
 See ``docs/calibration.md`` for when calibrating against the model itself is appropriate.
 """

@@ -27,15 +27,17 @@ bundle's manifest as operating points ``alpha-<value>``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from stagewise.calibration import bh_thresholds
 from stagewise.datasets import stratified_indices
+from stagewise.deprecation import renamed_attribute, renamed_keywords
 from stagewise.errors import ConversionError
 from stagewise.extras import require
+from stagewise.manifest import Manifest, OperatingPoint, freeze, thaw
 
 from .heads import LinearHead, l2_normalised
 
@@ -55,14 +57,16 @@ class SavchenkoSettings:
     max_iter: int = 5000
 
 
-def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int, settings: SavchenkoSettings) -> LinearHead:
-    """A linear SVM (squared hinge) or logistic regression on L2-normalised ``features``."""
+@renamed_keywords(labels="targets")
+def fit_linear_head(features: np.ndarray, targets: np.ndarray, classes: int, settings: SavchenkoSettings) -> LinearHead:
+    """A linear SVM (squared hinge) or logistic regression on L2-normalised ``features`` and their integer ``targets``
+    (``classes``: how many classes the head scores)."""
     LogisticRegression = require("sklearn.linear_model", "torch", "Savchenko heads").LogisticRegression
     LinearSVC = require("sklearn.svm", "torch", "Savchenko heads").LinearSVC
     if settings.classifier not in CLASSIFIERS:
         raise ConversionError(f"unknown classifier {settings.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
     x = l2_normalised(features)
-    y = np.asarray(labels)
+    y = np.asarray(targets)
     present = np.unique(y)
     if len(present) < 2:
         raise ConversionError("Savchenko heads need images of at least two classes")
@@ -82,28 +86,34 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, classes: int, sett
     return LinearHead(weight, bias, normalise=True)
 
 
-def max_wrong_class(decisions: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per image, the highest decision value of a class other than its own."""
+@renamed_keywords(labels="targets")
+def max_wrong_class(decisions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per image, the highest decision value of a class other than its own (its integer target)."""
     d = np.array(decisions, dtype=np.float64, copy=True)
-    d[np.arange(len(d)), np.asarray(labels)] = -np.inf
+    d[np.arange(len(d)), np.asarray(targets)] = -np.inf
     return d.max(axis=1)
 
 
 @dataclass
 class SavchenkoResult:
-    """Heads refitted on all images, thresholds per alpha, and what the estimation saw."""
+    """Heads refitted on all images, thresholds per alpha, and what the estimation saw (``held_out_labels``
+    is the deprecated name of ``held_out_targets``)."""
 
     heads: list[LinearHead]
     thresholds: dict[float, np.ndarray]
     held_out_decisions: list[np.ndarray]   # decision values of the delta-heads on the N - K images
-    held_out_labels: np.ndarray
+    held_out_targets: np.ndarray
     record: dict
 
+    held_out_labels = renamed_attribute("held_out_labels", "held_out_targets")
 
-def savchenko_heads(stage_features: Sequence[np.ndarray], labels: np.ndarray, classes: int,
+
+@renamed_keywords(labels="targets")
+def savchenko_heads(stage_features: Sequence[np.ndarray], targets: np.ndarray, classes: int,
                     settings: SavchenkoSettings = SavchenkoSettings()) -> SavchenkoResult:
-    """Steps 1-3 of the method on pooled features (one N x D_m matrix per stage, same images)."""
-    labels = np.asarray(labels, dtype=np.int64)
+    """Steps 1-3 of the method on pooled features (one N x D_m matrix per stage, same images) and the images'
+    integer ``targets``."""
+    labels = np.asarray(targets, dtype=np.int64)
     if not 0 < settings.delta < 1:
         raise ConversionError(f"delta (share of images training the heads) must lie in (0, 1), got {settings.delta}")
     train, rest = stratified_indices(labels, [settings.delta, 1 - settings.delta], seed=settings.seed)
@@ -180,7 +190,7 @@ def alpha_points(result: SavchenkoResult, stage_costs: np.ndarray, cost_unit: st
     decisions = result.held_out_decisions
     scores = np.stack([d.max(axis=1) for d in decisions])
     answers = np.stack([d.argmax(axis=1) for d in decisions])
-    correct = answers == result.held_out_labels[None, :]
+    correct = answers == result.held_out_targets[None, :]
     agree = answers == answers[-1][None, :]
     costs = np.asarray(stage_costs, dtype=np.float64)
     agree_table, label_table = ExitTable(scores, agree, costs), ExitTable(scores, correct, costs)
@@ -193,21 +203,19 @@ def alpha_points(result: SavchenkoResult, stage_costs: np.ndarray, cost_unit: st
     return points
 
 
-def add_alpha_points(manifest: dict, result: SavchenkoResult, default_alpha: float | None = None,
-                     profile: str | None = None) -> dict:
-    """Add the method's ``alpha-*`` operating points to a built bundle's manifest (costs from its latency profile)."""
-    stages = manifest["stages"]
+def add_alpha_points(manifest: Manifest, result: SavchenkoResult, default_alpha: float | None = None,
+                     profile: str | None = None) -> Manifest:
+    """A built bundle's ``manifest`` with the method's ``alpha-*`` operating points (costs from its latency profile)."""
     if profile is None:
-        profiles = [set(s["cost"].get("latency_ms", {})) for s in stages]
+        profiles = [set(s.cost.latency_ms or {}) for s in manifest.stages]
         common = set.intersection(*profiles) if profiles else set()
         profile = sorted(common)[0] if common else None
     if profile is None:
         raise ConversionError("the bundle has no latency profile; run `stagewise profile` first")
-    costs = np.array([s["cost"]["latency_ms"][profile]["p50"] for s in stages])
-    new = alpha_points(result, costs)
-    names = {p["name"] for p in new}
-    manifest["operating_points"] = [p for p in manifest["operating_points"] if p["name"] not in names] + new
-    if default_alpha is not None:
-        manifest["default_operating_point"] = f"alpha-{default_alpha:g}"
-    manifest.setdefault("calibration", {})["savchenko"] = dict(result.record, cost=f"latency_ms:{profile}")
-    return manifest
+    costs = np.array([s.cost.latency(profile).p50 for s in manifest.stages])
+    new = [OperatingPoint.from_dict(p) for p in alpha_points(result, costs)]
+    names = {p.name for p in new}
+    kept = [p for p in manifest.operating_points if p.name not in names]
+    manifest = manifest.with_points(kept + new, f"alpha-{default_alpha:g}" if default_alpha is not None else None)
+    record = {**thaw(manifest.calibration or {}), "savchenko": dict(result.record, cost=f"latency_ms:{profile}")}
+    return replace(manifest, calibration=freeze(record))

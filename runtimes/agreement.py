@@ -64,7 +64,7 @@ def sample_of(prediction: Any, full: Any | None) -> Sample:
     came from the last stage and is the full model's answer)."""
     full = full or prediction
     probs = full.probabilities
-    return Sample(prediction.operating_point, int(prediction.stage), int(prediction.label), int(full.label),
+    return Sample(prediction.operating_point, int(prediction.stage_index), int(prediction.label), int(full.label),
                   float(probs[prediction.label]), float(probs[full.label]), tuple(full.trace), tuple(prediction.trace))
 
 
@@ -135,7 +135,7 @@ class AgreementSampler:
         last stage (``last_stage``) and not cut short by a budget is recorded at once."""
         if not self.fraction or self._random() >= self.fraction:
             return False
-        if prediction.stage == last_stage and not prediction.budget_limited:
+        if prediction.stage_index == last_stage and not prediction.budget_limited:
             self._on_sample(sample_of(prediction, None))
             return True
         with self._lock:

@@ -37,7 +37,7 @@ def summarize(name: str, kind: str, preds: list[Prediction], labels: np.ndarray,
         "top1": float(np.mean([p.label == labels[i] for i, p in enumerate(preds)])),
         "top5": float(np.mean([labels[i] in [c for c, _ in p.top_k(5)] for i, p in enumerate(preds)])),
         **latency_stats(preds if timed is None else timed),
-        "exit_histogram": np.bincount([p.stage for p in preds], minlength=stages).tolist(),
+        "exit_histogram": np.bincount([p.stage_index for p in preds], minlength=stages).tolist(),
     }
 
 

@@ -154,7 +154,7 @@ class LiteRTStage(StageSession):
         if options.device.upper() != "CPU" and not delegate_specs:
             raise DeviceUnavailableError(
                 f"LiteRT runs on the CPU unless a delegate is attached; for device {options.device!r} pass its "
-                "delegate library, e.g. stagewise.load(..., backend='litert', options={'delegates': "
+                "delegate library, e.g. stagewise.load(..., runtime='litert', options={'delegates': "
                 "['libedgetpu.so.1']}), or use device='CPU'")
         self.batch_mode = settings.batch
         if self.batch_mode not in BATCH_MODES:

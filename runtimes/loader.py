@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from stagewise.bundle import read_bundle
 from stagewise.checks import positive_count, positive_number
+from stagewise.deprecation import renamed_keywords
 from stagewise.errors import DeviceUnavailableError, InvalidOptionError
 
 from .base import LoadOptions, StageSession, resolve_runtime, stage_io
@@ -16,14 +17,15 @@ from .model_io import check_stages
 from .options import RuntimeOptions
 
 
-def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: int | None = None,
+@renamed_keywords(backend="runtime")
+def load(path: str | Path, runtime: str = "auto", device: str = "CPU", threads: int | None = None,
          prefer: Sequence[str] | None = None, warmup: bool = True,
          options: RuntimeOptions | Mapping[str, Any] | None = None, mean_budget_ms: float | None = None,
          profile: str | None = None, latency: dict | None = None,
          trusted_keys: Sequence[Any] | None = None, require_device: bool = False) -> Cascade:
     """Open a bundle (directory or ``.swb``) on a runtime and return a ready :class:`Cascade`.
 
-    ``backend`` is ``"onnxruntime"``, ``"openvino"``, ``"litert"`` or ``"auto"`` (the first
+    ``runtime`` is ``"onnxruntime"``, ``"openvino"``, ``"litert"`` or ``"auto"`` (the first
     of ``prefer`` that is installed and that the bundle carries artifacts for; ``prefer`` defaults to
     ``$STAGEWISE_PREFER`` or onnxruntime, openvino, litert) or a comma-separated preference list such
     as ``"openvino,onnxruntime"``. ``device`` is the runtime's device (OpenVINO: CPU, GPU, NPU, AUTO). ``threads`` sets
@@ -39,6 +41,7 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
     really run on ``device`` (a runtime that fell back to the CPU: an ONNX Runtime session without
     the asked execution provider, an OpenVINO AUTO/HETERO device that compiled for the CPU) instead
     of running there; what each stage ran on is in :attr:`Cascade.ran_on` and every trace.
+    ``backend=`` is the deprecated name of ``runtime=``.
     """
     if threads is not None:
         threads = positive_count("threads", threads)
@@ -47,24 +50,24 @@ def load(path: str | Path, backend: str = "auto", device: str = "CPU", threads: 
     bundle = read_bundle(path, trusted_keys=trusted_keys)
     sessions: list[StageSession] = []
     try:
-        runtime = resolve_runtime(backend, bundle.formats(), prefer)
-        settings = runtime.options.from_mapping(options)
+        chosen = resolve_runtime(runtime, bundle.formats(), prefer)
+        settings = chosen.options.from_mapping(options)
         load_options = LoadOptions(threads=threads, device=device, runtime_options=settings)
-        opener = runtime.opener()
+        opener = chosen.opener()
         decide = not sums_probabilities(bundle.manifest)
         for k, spec in enumerate(bundle.manifest.stages):
-            key = spec.artifacts[runtime.artifact_format].files[0].sha256  # the bundle verified it: no second hash
-            session = opener(bundle.artifact_paths(k, runtime.artifact_format),
-                             stage_io(spec, runtime.artifact_format, decide), replace(load_options, content_key=key))
+            key = spec.artifacts[chosen.artifact_format].files[0].sha256  # the bundle verified it: no second hash
+            session = opener(bundle.artifact_paths(k, chosen.artifact_format),
+                             stage_io(spec, chosen.artifact_format, decide), replace(load_options, content_key=key))
             if not isinstance(session, StageSession):
-                raise InvalidOptionError(f"runtime {runtime.name!r} opened stage {spec.name} as a "
+                raise InvalidOptionError(f"runtime {chosen.name!r} opened stage {spec.name} as a "
                                          f"{type(session).__name__}, not a stagewise.runtimes.StageSession: derive the "
                                          "runtime's session class from StageSession (its defaults cover what it lacks)")
             sessions.append(session)
         check_stages(bundle.manifest, sessions)
         if require_device:
-            check_devices(runtime.name, device, bundle.manifest.stage_names, sessions)
-        cascade = Cascade(bundle, sessions, runtime.name, threads, device, mean_budget_ms=mean_budget_ms,
+            check_devices(chosen.name, device, bundle.manifest.stage_names, sessions)
+        cascade = Cascade(bundle, sessions, chosen.name, threads, device, mean_budget_ms=mean_budget_ms,
                           latency=latency, profile=profile)
     except BaseException:
         for session in sessions:

@@ -248,7 +248,7 @@ class DriftMonitor:
                 row = row[:row.index(None)]
             rows.append(row + pad[len(row):] if len(row) < k else row)
         scores = np.array(rows, dtype=np.float64)
-        stage = np.fromiter([p.stage for p in batch], np.int64, n)
+        stage = np.fromiter([p.stage_index for p in batch], np.int64, n)
         points = [p.operating_point for p in batch]
         self.requests += n
         kinds = set(points)

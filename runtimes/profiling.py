@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+from dataclasses import replace
+from types import MappingProxyType
 from typing import Sequence
 
 import numpy as np
 
 from stagewise.machine import cpu_summary
+from stagewise.manifest import LatencyStats, Manifest, StageSpec, freeze, thaw
 
 from .base import RUNTIMES
 from .executor import Cascade, profile_name
@@ -44,9 +47,10 @@ def measure_return_overhead(cascade: Cascade, image: np.ndarray, runs: int = 50)
     return _distribution(samples)
 
 
-def record_profile(manifest: dict, cascade: Cascade, stats: list[dict], name: str | None = None,
-                   extra: dict | None = None) -> str:
-    """Store ``stats`` in ``manifest`` as a device profile (default name: this runtime/device/threads).
+def record_profile(manifest: Manifest, cascade: Cascade, stats: list[dict], name: str | None = None,
+                   extra: dict | None = None) -> Manifest:
+    """``manifest`` with ``stats`` stored as a device profile ``name`` (default: this runtime/device/threads,
+    :func:`~stagewise.runtimes.executor.profile_name`).
 
     Each stage gets ``cost.latency_ms[<name>]`` (its step-time distribution); the profile entry
     records the runtime, device, threads, the stages' precisions, the machine and the date,
@@ -55,13 +59,15 @@ def record_profile(manifest: dict, cascade: Cascade, stats: list[dict], name: st
     name = name or profile_name(cascade.runtime, cascade.threads, cascade.device)
     runtime = RUNTIMES.get(cascade.runtime)
     fmt = runtime.artifact_format if runtime else None
-    manifest.setdefault("profiles", {})[name] = {
-        "runtime": cascade.runtime, "device": cascade.device, "threads": cascade.threads or 0,
-        "precision": [s.get("artifacts", {}).get(fmt, {}).get("precision") for s in manifest["stages"]] if fmt else None,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu": cpu_summary(),
-        "date": _dt.date.today().isoformat(), **(extra or {})}
-    if manifest["profiles"][name]["precision"] is None:
-        del manifest["profiles"][name]["precision"]
-    for spec, s in zip(manifest["stages"], stats):
-        spec["cost"].setdefault("latency_ms", {})[name] = dict(s)
-    return name
+    entry = {"runtime": cascade.runtime, "device": cascade.device, "threads": cascade.threads or 0}
+    if fmt:
+        entry["precision"] = [s.artifacts[fmt].precision if fmt in s.artifacts else None for s in manifest.stages]
+    entry.update(machine=f"{platform.machine()} {platform.processor() or ''}".strip(), cpu=cpu_summary(),
+                 date=_dt.date.today().isoformat(), **(extra or {}))
+
+    def timed(k: int, stage: StageSpec) -> StageSpec:
+        latency = dict(stage.cost.latency_ms or {}, **{name: LatencyStats.from_dict(stats[k])})
+        return replace(stage, cost=replace(stage.cost, latency_ms=MappingProxyType(latency)))
+
+    profiled = manifest.with_stages(timed)
+    return replace(profiled, profiles=freeze(dict(thaw(manifest.profiles or {}), **{name: entry})))

@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from stagewise.deprecation import deprecated
 from stagewise.errors import StagewiseError
 from stagewise.extras import require
 
 from .executor import Cascade, Prediction, StageRecord
+from .records import PREDICTION_KEYS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -70,18 +72,16 @@ class FrameResult:
         return None if self.end_ms is None else self.end_ms - self.due_ms
 
     def to_dict(self, stage_names: list[str] | None = None, trace: bool = True) -> dict:
-        """A JSON-ready record of the frame (one line of a frame log); ``stage_names`` names the exit stage."""
+        """A JSON-ready record of the frame (one line of a frame log): ``frame``, ``status``, ``due_ms``,
+        ``start_ms``, ``end_ms``, ``budget_ms`` and the prediction's JSON
+        (:meth:`~stagewise.runtimes.Prediction.to_dict`; its keys ``None`` for a dropped frame, which has no
+        trace). ``stage_names`` is deprecated: the prediction names its stage itself."""
+        if stage_names is not None:
+            deprecated("FrameResult.to_dict(stage_names)", "FrameResult.to_dict() (the prediction names its stage)")
         p = self.prediction
-        doc = {"frame": self.index, "status": self.status, "due_ms": self.due_ms, "start_ms": self.start_ms,
-               "end_ms": self.end_ms, "budget_ms": self.budget_ms,
-               "label": p.label if p else None, "class_name": p.name if p else None,
-               "score": p.score if p else None, "stage": p.stage if p else None,
-               "operating_point": p.operating_point if p else None}
-        if p and stage_names:
-            doc["stage_name"] = stage_names[p.stage]
-        if trace:
-            doc["trace"] = [asdict(s) for s in self.trace]
-        return doc
+        answer = p.to_dict(trace=trace) if p else dict(dict.fromkeys(PREDICTION_KEYS), **({"trace": []} if trace else {}))
+        return {"frame": self.index, "status": self.status, "due_ms": self.due_ms, "start_ms": self.start_ms,
+                "end_ms": self.end_ms, **answer, "budget_ms": self.budget_ms}
 
 
 @dataclass
@@ -105,7 +105,7 @@ class StreamStats:
         self.processed += 1
         self.late += r.status == "late"
         self.budget_limited += r.prediction.budget_limited
-        k = r.prediction.stage
+        k = r.prediction.stage_index
         self.exit_histogram.extend([0] * (k + 1 - len(self.exit_histogram)))
         self.exit_histogram[k] += 1
         self.latencies_ms.append(r.latency_ms)

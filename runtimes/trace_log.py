@@ -17,7 +17,7 @@ median step times the full runs measured on the device.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -26,6 +26,7 @@ import numpy as np
 from stagewise.bundle import update_manifest
 from stagewise.calibration import DEFAULT_DROPS, ExitTable, spread, threshold_point
 from stagewise.errors import CalibrationError, TraceLogError
+from stagewise.manifest import Manifest, freeze, thaw
 
 from .agreement import Sample
 from .executor import Prediction, StageRecord
@@ -38,9 +39,9 @@ FRONT_POINTS = 6
 def sample_line(sample: Sample) -> dict:
     """The JSON line of an agreement sample: the answered request and its full run."""
     return {"operating_point": sample.point, "label": sample.label, "stage": sample.stage,
-            "trace": [asdict(r) for r in sample.answered],
+            "trace": [r.to_dict() for r in sample.answered],
             "full": {"label": sample.full_label, "p_label": sample.p_full_of_label, "p_full": sample.p_full_of_full,
-                     "trace": [asdict(r) for r in sample.trace]}}
+                     "trace": [r.to_dict() for r in sample.trace]}}
 
 
 def write_sample(file: IO[str], sample: Sample) -> None:
@@ -52,10 +53,8 @@ def write_sample(file: IO[str], sample: Sample) -> None:
 def _records(doc: object, where: str) -> tuple[StageRecord, ...]:
     if not isinstance(doc, list):
         raise TraceLogError(f"{where}: 'trace' must be a list of stage records")
-    fields = set(StageRecord.__dataclass_fields__)
     try:
-        return tuple(StageRecord(**{k: (tuple(v) if k == "box" and v is not None else v)
-                                    for k, v in r.items() if k in fields}) for r in doc)
+        return tuple(StageRecord.from_dict(r) for r in doc)
     except (TypeError, AttributeError) as exc:
         raise TraceLogError(f"{where}: a stage record lacks a field ({exc})") from None
 
@@ -69,7 +68,7 @@ def _prediction(doc: dict, where: str) -> Prediction:
     label = doc.get("label", scored[-1].label)
     return Prediction(int(label), str(doc.get("class_name", doc.get("name", ""))), float(scored[-1].score), stage,
                       float(doc.get("elapsed_ms") or 0.0), trace, np.empty(0), bool(doc.get("budget_limited", False)),
-                      None, doc.get("operating_point"))
+                      None, doc.get("operating_point"), scored[-1].stage_name)
 
 
 def read_log(path: str | Path) -> Iterator[tuple[Prediction, Sample | None]]:
@@ -98,7 +97,7 @@ def read_log(path: str | Path) -> Iterator[tuple[Prediction, Sample | None]]:
             sample = None
             if isinstance(full, dict):
                 try:
-                    sample = Sample(prediction.operating_point, prediction.stage, prediction.label, int(full["label"]),
+                    sample = Sample(prediction.operating_point, prediction.stage_index, prediction.label, int(full["label"]),
                                     float(full["p_label"]), float(full["p_full"]), _records(full.get("trace"), where),
                                     prediction.trace)
                 except (KeyError, TypeError, ValueError) as exc:
@@ -136,19 +135,17 @@ def field_points(table: ExitTable, drop: float, drops: tuple[float, ...] = DEFAU
     return points
 
 
-def recalibrate_from_log(bundle: str | Path, log: str | Path, target_drop: float) -> dict:
+def recalibrate_from_log(bundle: str | Path, log: str | Path, target_drop: float) -> Manifest:
     """``stagewise calibrate BUNDLE --from-log LOG --target-drop D``: new operating points from the log's agreement
     samples (``target_drop`` in points), written atomically; returns the new manifest."""
     bundle = Path(bundle)
     samples = [s for _, s in read_log(log) if s is not None]
     drop = target_drop / 100
 
-    def change(manifest: dict, _root: Path) -> dict:
-        table = field_table(samples, len(manifest["stages"]))
+    def change(manifest: Manifest, _root: Path) -> Manifest:
+        table = field_table(samples, len(manifest.stages))
         points = field_points(table, drop)
-        manifest["operating_points"] = points
-        manifest["default_operating_point"] = f"drop-{100 * drop:g}pt"
-        record = dict(manifest.get("calibration") or {})
+        record = thaw(manifest.calibration or {})
         for stale in ("stage_accuracy", "guarantee"):
             record.pop(stale, None)
         oracle = table.oracle()
@@ -160,7 +157,6 @@ def recalibrate_from_log(bundle: str | Path, log: str | Path, target_drop: float
                       oracle={"accuracy": oracle.accuracy, "mean_cost": oracle.mean_cost,
                               "exit_rates": list(oracle.exit_rates)},
                       monitor=monitor_reference(table, points))
-        manifest["calibration"] = record
-        return manifest
+        return replace(manifest.with_points(points, f"drop-{100 * drop:g}pt"), calibration=freeze(record))
 
     return update_manifest(bundle, change)

@@ -1,7 +1,7 @@
 """Bundles on disk: a directory or a ``.swb`` zip holding ``manifest.json`` and model files.
 
-Reading parses ``manifest.json`` as strict JSON, validates it against the shipped JSON Schema
-plus the cross-field rules the schema cannot express, checks its signature when trusted keys are
+Reading parses ``manifest.json`` as strict JSON, validates and parses it
+(:meth:`stagewise.manifest.Manifest.from_dict`), checks its signature when trusted keys are
 given (:mod:`stagewise.signing`), unpacks a ``.swb`` under the limits of :mod:`stagewise.archive`,
 and verifies the sha256 of every file the manifest names before anything uses it. Writing is
 atomic: a bundle appears complete at its final path or not at all, and only a bundle is ever
@@ -18,123 +18,18 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
-
-import jsonschema
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import archive, signing
 from .errors import BundleError, IntegrityError, ManifestError, UnsafeArchiveError
-from .exits import COMBINES, SCORES
 from .formats import FORMATS
-from .manifest import FORMAT, FORMAT_VERSION, Manifest
+from .manifest import FORMAT, FORMAT_VERSION, ArtifactFile, Manifest, document_files
 
 MANIFEST = "manifest.json"
 SIGNATURE = signing.SIGNATURE
 MAX_MANIFEST_DEPTH = 32
 """Deepest nesting of a manifest document (a real one nests about 7 levels)."""
-_SLACK = 1e-9
-
-
-def manifest_schema() -> dict:
-    """The JSON Schema of manifest format version 1: the shipped document, with the names of the registered
-    artifact formats (:data:`stagewise.formats.FORMATS`) and exit scores (:data:`stagewise.exits.SCORES`)."""
-    needs_model = tuple(name for name, score in SCORES.items() if score.model is not None)
-    return _schema(tuple(FORMATS), tuple(SCORES), needs_model)
-
-
-@lru_cache(maxsize=4)
-def _schema(formats: tuple[str, ...], scores: tuple[str, ...], needs_model: tuple[str, ...]) -> dict:
-    schema = json.loads(resources.files("stagewise").joinpath("schema/manifest.schema.json").read_text())
-    stage = schema["$defs"]["stage"]["properties"]
-    stage["artifacts"]["propertyNames"] = {"enum": list(formats)}
-    rule = stage["exit"]
-    rule["properties"]["score"]["enum"] = list(scores)
-    rule["properties"]["combine"]["enum"] = list(COMBINES)
-    rule["if"] = {"properties": {"score": {"enum": list(needs_model)}}}
-    return schema
-
-
-def _field_path(parts: Any) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
-
-
-def validate_manifest(manifest: Any) -> None:
-    """Raise :class:`ManifestError` naming the offending field if ``manifest`` is not valid."""
-    validator = jsonschema.Draft202012Validator(manifest_schema())
-    error = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
-    if error is not None:
-        raise ManifestError(f"manifest field {_field_path(error.absolute_path)}: {error.message}")
-    _check_references(manifest)
-
-
-def _check_references(m: dict) -> None:
-    names = [s["name"] for s in m["stages"]]
-    if len(set(names)) != len(names):
-        raise ManifestError(f"manifest field stages: stage names must be unique, got {names}")
-    for i, stage in enumerate(m["stages"]):
-        source = stage["input"]
-        if source.get("dtype") == "uint8" and source.get("layout") != "NHWC":
-            raise ManifestError(f"manifest field stages[{i}].input.layout: a uint8 input is the resized pixels in NHWC "
-                                f"layout, got {source.get('layout')!r}; rebuild the bundle")
-        if source["source"] == "carry":
-            earlier = {s["name"]: s for s in m["stages"][:i]}
-            if source["from"] not in earlier or "carry" not in earlier[source["from"]]["outputs"]:
-                raise ManifestError(
-                    f"manifest field stages[{i}].input.from: {source['from']!r} must name an earlier stage "
-                    "that has a carry output")
-        elif source["source"] == "patch":
-            _check_patch_source(m["stages"], i)
-        if ("cam" in stage["outputs"]) != ("cam" in stage):
-            raise ManifestError(f"manifest field stages[{i}]: stage {stage['name']!r} needs both outputs.cam (the CAM "
-                                "tensor) and cam (where its cells sit on the input), or neither")
-    paths = [f["path"] for s in m["stages"] for a in s["artifacts"].values() for f in a["files"]]
-    for entry in artifact_files(m):
-        if any(ord(c) < 32 for c in entry["path"]):
-            raise ManifestError(f"manifest field stages[].artifacts: the file path {entry['path']!r} holds a control "
-                                "character (e.g. a NUL byte); the bundle is corrupt, rebuild it")
-    if len(set(paths)) != len(paths):
-        raise ManifestError("manifest field stages[].artifacts: each file may be named only once")
-    points = [p["name"] for p in m["operating_points"]]
-    if len(set(points)) != len(points):
-        raise ManifestError(f"manifest field operating_points: names must be unique, got {points}")
-    for j, point in enumerate(m["operating_points"]):
-        if len(point["thresholds"]) != len(m["stages"]):
-            raise ManifestError(
-                f"manifest field operating_points[{j}].thresholds: needs one entry per stage "
-                f"({len(m['stages'])}), got {len(point['thresholds'])}")
-        for k, (t, stage) in enumerate(zip(point["thresholds"], m["stages"])):
-            score = stage["exit"]["score"]
-            if t is not None and SCORES[score].probability and not -_SLACK <= t <= 1 + _SLACK:
-                raise ManifestError(
-                    f"manifest field operating_points[{j}].thresholds[{k}]: {t} is outside [0, 1], the range of the "
-                    f"stage's {score} score (null: never exit); recalibrate the bundle")
-    if m["default_operating_point"] not in points:
-        raise ManifestError(
-            f"manifest field default_operating_point: {m['default_operating_point']!r} is not one of {points}")
-
-
-def _check_patch_source(stages: list[dict], i: int) -> None:
-    stage, source = stages[i], stages[i]["input"]
-    earlier = {s["name"]: s for s in stages[:i]}
-    glance = earlier.get(source["from"])
-    if glance is None:
-        raise ManifestError(f"manifest field stages[{i}].input.from: stage {stage['name']!r} reads patches of "
-                            f"{source['from']!r}, which is not an earlier stage; name an earlier stage with a CAM output")
-    if "cam" not in glance["outputs"]:
-        raise ManifestError(
-            f"manifest field stages[{i}].input.from: stage {stage['name']!r} reads patches chosen from the CAM of "
-            f"{source['from']!r}, but that stage has no CAM output; convert its model as a glance stage "
-            "(`stagewise convert --stage MODEL@SIZE --focus MODEL@SIZE`, its last block must be global pooling + "
-            "linear) or let this stage read the image")
-    if source["index"] >= source["count"]:
-        raise ManifestError(f"manifest field stages[{i}].input.index: stage {stage['name']!r} reads patch "
-                            f"{source['index']} of {source['count']}; the index must be below count")
 
 
 def sha256_file(path: Path) -> str:
@@ -144,15 +39,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def artifact_files(manifest: dict) -> Iterator[dict]:
-    """Every ``{path, sha256}`` entry of a manifest document, in stage order (model files, then exit-score models)."""
-    for stage in manifest["stages"]:
-        for artifact in stage["artifacts"].values():
-            yield from artifact["files"]
-        if "model" in stage.get("exit", {}):
-            yield stage["exit"]["model"]
 
 
 @dataclass
@@ -211,12 +97,12 @@ def read_bundle(path: str | Path, verify: bool = True,
         root = path
     else:
         if path.is_dir():
-            _refuse_unlisted(path, document)
+            _refuse_unlisted(path, manifest)
         tmp = tempfile.TemporaryDirectory(prefix="stagewise-")
         root = Path(tmp.name)
     try:
         if tmp is not None:
-            wanted = {e["path"]: e.get("bytes") for e in artifact_files(document)}
+            wanted = {f.path: f.bytes for f in manifest.files()}
             if path.is_dir():
                 _snapshot(path, root, wanted)
             else:
@@ -225,7 +111,7 @@ def read_bundle(path: str | Path, verify: bool = True,
             if signature is not None:
                 (root / SIGNATURE).write_bytes(signature)
         if verify or trusted_keys is not None:
-            verify_files(root, document)
+            verify_files(root, manifest)
     except BaseException:
         if tmp is not None:
             tmp.cleanup()
@@ -283,16 +169,16 @@ def _read_optional(file: Path) -> bytes | None:
     return file.read_bytes()
 
 
-def unlisted_files(root: Path, document: dict) -> list[str]:
-    """The files (and links) in bundle directory ``root`` that its manifest ``document`` does not name."""
-    named = {e["path"] for e in artifact_files(document)} | {MANIFEST, SIGNATURE}
+def unlisted_files(root: Path, manifest: Manifest) -> list[str]:
+    """The files (and links) in bundle directory ``root`` that its ``manifest`` does not name."""
+    named = {f.path for f in manifest.files()} | {MANIFEST, SIGNATURE}
     return [rel for file in sorted(root.rglob("*"))
             if (file.is_symlink() or file.is_file()) and (rel := file.relative_to(root).as_posix()) not in named]
 
 
-def _refuse_unlisted(root: Path, document: dict) -> None:
+def _refuse_unlisted(root: Path, manifest: Manifest) -> None:
     """A signed bundle directory holds only what its manifest names: a runtime must read no unverified file."""
-    for rel in unlisted_files(root, document)[:1]:
+    for rel in unlisted_files(root, manifest)[:1]:
         raise IntegrityError(
             f"{root} holds {rel}, which its manifest does not name: a runtime could read it unverified "
             "(e.g. ONNX external data). Remove it, or rebuild and re-sign the bundle")
@@ -332,24 +218,24 @@ def parse_manifest(text: bytes | str, origin: Path | str) -> dict:
     return manifest
 
 
-def verify_files(root: Path, manifest: dict) -> None:
+def verify_files(root: Path, manifest: Manifest) -> None:
     """Check that every named file exists inside ``root`` with its recorded sha256."""
-    _verify_entries(root, artifact_files(manifest))
+    _verify_entries(root, manifest.files())
 
 
-def _verify_entries(root: Path, entries: Iterable[dict]) -> None:
+def _verify_entries(root: Path, entries: Iterable[ArtifactFile]) -> None:
     resolved_root = root.resolve()
     for entry in entries:
-        file = (root / entry["path"]).resolve()
+        file = (root / entry.path).resolve()
         if resolved_root not in file.parents:
-            raise UnsafeArchiveError(f"manifest names {entry['path']!r}, which lies outside the bundle")
+            raise UnsafeArchiveError(f"manifest names {entry.path!r}, which lies outside the bundle")
         if not file.is_file():
-            raise IntegrityError(f"bundle file {entry['path']} is missing; the bundle is incomplete, rebuild or re-copy it")
+            raise IntegrityError(f"bundle file {entry.path} is missing; the bundle is incomplete, rebuild or re-copy it")
         actual = sha256_file(file)
-        if actual != entry["sha256"]:
+        if actual != entry.sha256:
             raise IntegrityError(
-                f"bundle file {entry['path']} has sha256 {actual[:12]}…, the manifest records "
-                f"{entry['sha256'][:12]}…: the file was modified or corrupted; rebuild or re-copy the bundle")
+                f"bundle file {entry.path} has sha256 {actual[:12]}…, the manifest records "
+                f"{(entry.sha256 or '')[:12]}…: the file was modified or corrupted; rebuild or re-copy the bundle")
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -374,7 +260,7 @@ def check_output(out: str | Path, overwrite: bool) -> None:
         if out.is_symlink() or not is_bundle(out):
             raise BundleError(f"{out} exists and is not a stagewise bundle; --force replaces only a bundle, so "
                               "nothing was changed. Choose another --out or move it away yourself")
-        extra = unlisted_files(out, parse_manifest(raw_manifest(out)[0], out)) if out.is_dir() else []
+        extra = unlisted_files(out, Manifest.from_dict(parse_manifest(raw_manifest(out)[0], out))) if out.is_dir() else []
         if extra:
             raise BundleError(f"{out} is a bundle folder that also holds {len(extra)} file(s) its manifest does not "
                               f"name ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}); --force would delete "
@@ -434,28 +320,28 @@ def remove_stale_build_dirs(now: float | None = None) -> list[Path]:
     return removed
 
 
-def _completed(manifest: dict | Manifest, files: dict[str, Path]) -> dict:
-    """A copy of the manifest document with each file's sha256 and size filled in from ``files``, validated."""
-    manifest = manifest.to_dict() if isinstance(manifest, Manifest) else json.loads(json.dumps(manifest))
-    for entry in artifact_files(manifest):
+def _completed(manifest: Manifest | Mapping[str, Any], files: dict[str, Path]) -> Manifest:
+    """The manifest with each file's sha256 and size filled in from ``files``, validated."""
+    document = manifest.to_dict() if isinstance(manifest, Manifest) else json.loads(json.dumps(manifest))
+    for entry in document_files(document):
         if entry["path"] not in files:
             raise BundleError(f"no content given for bundle file {entry['path']}")
         entry["sha256"] = sha256_file(files[entry["path"]])
         entry["bytes"] = os.path.getsize(files[entry["path"]])
-    validate_manifest(manifest)
-    return manifest
+    return Manifest.from_dict(document)
 
 
-def _manifest_bytes(manifest: dict) -> bytes:
-    """The bytes of ``manifest.json`` as :func:`write_bundle` writes them."""
-    return (json.dumps(manifest, indent=2) + "\n").encode()
+def _manifest_bytes(manifest: Manifest) -> bytes:
+    """The bytes of ``manifest.json`` as :func:`write_bundle` writes them (the one place a manifest becomes JSON)."""
+    return (json.dumps(manifest.to_dict(), indent=2) + "\n").encode()
 
 
-def write_bundle(out: str | Path, manifest: dict | Manifest, files: dict[str, Path], overwrite: bool = False,
-                 signature: bytes | None = None) -> Path:
+def write_bundle(out: str | Path, manifest: Manifest | Mapping[str, Any], files: dict[str, Path],
+                 overwrite: bool = False, signature: bytes | None = None) -> Path:
     """Write a bundle atomically: fill in each file's sha256 and size, validate, then publish.
 
-    ``manifest`` is the JSON document (a dict) or a parsed :class:`Manifest`.
+    ``manifest`` is a :class:`Manifest` (its files' sha256 and sizes may be ``None``), or a
+    hand-written JSON document of one (its files may leave out ``sha256`` and ``bytes``).
 
     ``files`` maps each manifest path to the local file holding its content. ``out`` ending in
     ``.swb`` gives the single-file form, anything else a directory. On any error nothing is
@@ -527,13 +413,13 @@ def pack(bundle_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     return write_bundle(out, bundle.manifest, files, overwrite=overwrite, signature=_read_optional(bundle.root / SIGNATURE))
 
 
-def update_manifest(path: str | Path, change: Callable[[dict, Path], dict]) -> dict:
-    """Rewrite a bundle's manifest atomically with ``change(document, root) -> document``.
+def update_manifest(path: str | Path, change: Callable[[Manifest, Path], Manifest]) -> Manifest:
+    """Rewrite a bundle's manifest atomically with ``change(manifest, root) -> manifest``.
 
-    The bundle's files are verified first. ``change`` gets a copy of the manifest's JSON document
-    (:meth:`Manifest.to_dict`) and ``root``, the
-    folder holding the bundle's files (the bundle directory itself, or where a ``.swb`` is
-    unpacked); it may add files under ``root`` and name them in the manifest with their sha256
+    The bundle's files are verified first. ``change`` gets the bundle's :class:`Manifest` and
+    ``root``, the folder holding the bundle's files (the bundle directory itself, or where a
+    ``.swb`` is unpacked); it returns the new manifest (built with :func:`dataclasses.replace`). It
+    may add files under ``root`` and name them in the manifest with their sha256
     and size, but must not modify a file the current manifest names (new content gets a new,
     e.g. content-addressed, name). The new manifest is validated and every file it adds verified
     before it replaces the old one: a bundle directory gets it with one rename (the old manifest
@@ -548,22 +434,21 @@ def update_manifest(path: str | Path, change: Callable[[dict, Path], dict]) -> d
         before = _file_tree(root)
         old_entries = {(f.path, f.sha256) for f in bundle.manifest.files()}
         try:
-            manifest = change(bundle.manifest.to_dict(), root)
-            validate_manifest(manifest)
-            _verify_entries(root, (e for e in artifact_files(manifest) if (e["path"], e["sha256"]) not in old_entries))
+            manifest = Manifest.from_dict(change(bundle.manifest, root).to_dict())  # validated
+            _verify_entries(root, (f for f in manifest.files() if (f.path, f.sha256) not in old_entries))
             if path.is_dir():
                 tmp = path / f".{MANIFEST}.part"
                 tmp.write_bytes(_manifest_bytes(manifest))
                 os.replace(tmp, path / MANIFEST)
             else:
-                files = {e["path"]: root / e["path"] for e in artifact_files(manifest)}
+                files = {f.path: root / f.path for f in manifest.files()}
                 write_bundle(path, manifest, files, overwrite=True)
         except BaseException:
             if path.is_dir():
                 _remove_files(root, _file_tree(root) - before)
             raise
         if path.is_dir():
-            named = {e["path"] for e in artifact_files(manifest)}
+            named = {f.path for f in manifest.files()}
             unnamed = ({p for p, _ in old_entries} | (_file_tree(root) - before)) - named
             _remove_files(root, unnamed)
     finally:
@@ -606,9 +491,9 @@ def sign_bundle(path: str | Path, private_key: Any) -> str:
             os.replace(tmp, path / SIGNATURE)
         else:
             files = {f.path: bundle.root / f.path for f in bundle.manifest.files()}
-            document = _completed(bundle.manifest, files)
-            content = signing.sign(_manifest_bytes(document), key, existing)
-            write_bundle(path, document, files, overwrite=True, signature=content)
+            completed = _completed(bundle.manifest, files)
+            content = signing.sign(_manifest_bytes(completed), key, existing)
+            write_bundle(path, completed, files, overwrite=True, signature=content)
     finally:
         bundle.close()
     return signing.key_id(key.public_key())

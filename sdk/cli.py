@@ -46,7 +46,7 @@ def _load(bundle: str, backend: str, threads: int | None, device: str = "CPU", t
           require_device: bool = False):
     from .runtimes import load
 
-    return load(bundle, backend=backend, threads=threads, device=device, trusted_keys=list(trusted_keys) or None,
+    return load(bundle, runtime=backend, threads=threads, device=device, trusted_keys=list(trusted_keys) or None,
                 require_device=require_device)
 
 
@@ -316,7 +316,9 @@ def inspect(bundle, as_json):
 @click.option("--budget-ms", type=_Finite(min=0, min_open=True), help="latency budget per image (a late stage is cancelled)")
 @click.option("--mean-budget-ms", type=_Finite(min=0, min_open=True),
               help="average-budget mode: pick each image's operating point so the mean latency stays at this")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
+@click.option("--json", "as_json", is_flag=True,
+              help="one JSON object per image: its path and the prediction (label, class_name, score, stage_index, "
+                   "stage_name, elapsed_ms, budget_ms, budget_limited, operating_point, trace)")
 @click.option("--explain", type=click.Path(path_type=Path),
               help="glance and focus: write a PNG of the glance CAM and the patches the steps read (several images: "
                    "NAME-1.png, NAME-2.png, ...)")
@@ -339,13 +341,10 @@ def run(bundle, images, backend, device, require_device, threads, operating_poin
                 _explain(cascade, path, p, explain if len(images) == 1 else
                          explain.with_name(f"{explain.stem}-{i + 1}{explain.suffix or '.png'}"))
             if as_json:
-                click.echo(json.dumps({"image": path, "label": p.label, "name": p.name, "score": p.score,
-                                       "stage": cascade.stage_names[p.stage], "elapsed_ms": p.elapsed_ms,
-                                       "budget_limited": p.budget_limited, "operating_point": p.operating_point,
-                                       "trace": [r.__dict__ for r in p.trace]}))
+                click.echo(json.dumps({"image": path, **p.to_dict()}))
             else:
                 flag = " (budget-limited)" if p.budget_limited else ""
-                click.echo(f"{path}: {p.name} [{p.label}] score {p.score:.3f} at {cascade.stage_names[p.stage]} "
+                click.echo(f"{path}: {p.name} [{p.label}] score {p.score:.3f} at {p.stage_name} "
                            f"in {p.elapsed_ms:.2f} ms{flag}")
 
 
@@ -453,8 +452,8 @@ def calibrate(bundle, data, from_log, target_drop, budget_ms, alpha, risk, delta
 
         manifest = recalibrate_from_log(bundle, from_log, target_drop)
         print_tables(manifest_tables(manifest)[1])
-        click.echo(f"re-calibrated on {manifest['calibration']['n']} agreement samples from {from_log} (no labels): "
-                   f"default point {manifest['default_operating_point']}")
+        click.echo(f"re-calibrated on {manifest.calibration['n']} agreement samples from {from_log} (no labels): "
+                   f"default point {manifest.default_operating_point}")
         return
     if data is None:
         raise click.UsageError("give --data IMAGES (or --from-log TRACES to re-calibrate from field traces)")
@@ -462,20 +461,19 @@ def calibrate(bundle, data, from_log, target_drop, budget_ms, alpha, risk, delta
     settings = Settings(score=score, fit_temperature=temperature, front_points=front_points,
                         tune_fraction=tune_fraction, seed=seed)
     manifest = recalibrate(bundle, data, backend, threads, target_drop=target_drop, budget_ms=budget_ms, alpha=alpha,
-                           risk=risk, delta=delta, risk_kind=risk_kind, labels=not no_labels, settings=settings,
+                           risk=risk, delta=delta, risk_kind=risk_kind, labelled=not no_labels, settings=settings,
                            limit=limit)
     print_tables(manifest_tables(manifest)[1])
-    cal = manifest["calibration"]
+    cal = manifest.calibration
     what = "agreement with the full model" if no_labels else "top-1"
     click.echo(f"calibrated on {cal['n']} images ({'no labels' if no_labels else 'labels'}): expected {what} and mean "
                f"latency per point above; oracle exit rule {100 * cal['oracle']['accuracy']:.1f}% at "
-               f"{cal['oracle']['mean_cost']:.2f} ms; default point: {manifest['default_operating_point']}")
-    point = next(p for p in manifest["operating_points"] if p["name"] == manifest["default_operating_point"])
-    g = point.get("guarantee")
+               f"{cal['oracle']['mean_cost']:.2f} ms; default point: {manifest.default_operating_point}")
+    g = manifest.point(manifest.default_operating_point).guarantee
     if g:
-        click.echo(f"guarantee: {g['risk']} <= {100 * g['epsilon']:g}% with probability >= {1 - g['delta']:g} "
-                   f"(n={g['n']} test images, {g['n_tune']} tune; observed {100 * g['empirical_risk']:.2f}%, "
-                   f"{1 - g['delta']:g} upper bound {100 * g['upper_bound']:.2f}%)")
+        click.echo(f"guarantee: {g.risk} <= {100 * g.epsilon:g}% with probability >= {1 - g.delta:g} "
+                   f"(n={g.n} test images, {g.n_tune} tune; observed {100 * g.empirical_risk:.2f}%, "
+                   f"{1 - g.delta:g} upper bound {100 * g.upper_bound:.2f}%)")
 
 
 @cli.command()
@@ -556,6 +554,7 @@ def profile(bundle, data, backend, device, require_device, threads, count, repea
     from .bundle import update_manifest
     from .datasets import open_image_set
     from .machine import cpu_record, cpu_summary
+    from .runtimes.executor import profile_name
     from .runtimes.profiling import measure_return_overhead, measure_stage_latency, record_profile
 
     with _load(bundle, backend, threads, device, require_device=require_device) as cascade:
@@ -573,16 +572,9 @@ def profile(bundle, data, backend, device, require_device, threads, count, repea
                  "python": platform.python_version(), "ran_on": cascade.ran_on}
         if load_before is not None:
             extra["loadavg_1min"] = [load_before, os.getloadavg()[0]]
-        profile_id = None
-
-        def store(manifest: dict) -> dict:
-            nonlocal profile_id
-            profile_id = record_profile(manifest, cascade, stats, name=name, extra=extra)
-            return manifest
-        if dry_run:
-            store(cascade.bundle.manifest.to_dict())
-        else:
-            update_manifest(bundle, lambda manifest, _root: store(manifest))
+        profile_id = name or profile_name(cascade.runtime, cascade.threads, cascade.device)
+        if not dry_run:
+            update_manifest(bundle, lambda manifest, _root: record_profile(manifest, cascade, stats, profile_id, extra))
         stage_names = cascade.stage_names
     if as_json:
         click.echo(json.dumps({"profile": profile_id, "cpu": cpu_record(), "stages": dict(zip(stage_names, stats)),
@@ -661,7 +653,7 @@ def serve(bundle, host, port, backend, device, threads, operating_point, max_bat
                          max_body_bytes=int(max_body_mb * 2 ** 20), max_pixels=max_pixels, decode_slots=decode_slots,
                          max_pixels_in_flight=2 * max_pixels, client_timeout_s=client_timeout, model_name=model_name,
                          reload_on_sighup=True, reload_dir=reload_dir, monitor=monitor)
-    run_service(bundle, host, port, backend=backend, threads=threads, device=device, config=config,
+    run_service(bundle, host, port, runtime=backend, threads=threads, device=device, config=config,
                 operating_point=operating_point, drain_timeout_s=drain_timeout, log_level=log_level,
                 trusted_keys=list(trusted_keys) or None, max_connections=max_connections)
 

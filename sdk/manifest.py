@@ -1,28 +1,38 @@
-"""The bundle manifest as typed, frozen records.
+"""The bundle manifest as typed, frozen records, and its validation.
 
-:meth:`Manifest.from_dict` validates a ``manifest.json`` document (JSON Schema plus the
-cross-field rules of :func:`stagewise.bundle.validate_manifest`) and parses it once; readers then
-use attributes (``manifest.stages[k].exit.score``). :meth:`Manifest.to_dict` gives back the JSON
-document: ``Manifest.from_dict(d).to_dict() == d`` for every valid ``d``, so writers keep working
-on plain dicts and old bundles keep their bytes' meaning.
+:meth:`Manifest.from_dict` validates a ``manifest.json`` document (:func:`validate_manifest`: the
+shipped JSON Schema plus the cross-field rules the schema cannot express) and parses it once;
+readers use attributes (``manifest.stages[k].exit.score``), writers build new records with
+:func:`dataclasses.replace`. :meth:`Manifest.to_dict` gives back the JSON document, and only
+:func:`stagewise.bundle.write_bundle` calls it: ``Manifest.from_dict(d).to_dict() == d`` for every
+valid ``d``, so bundles written by older versions keep their bytes' meaning.
 
 Free-form records (producer, calibration, profiles, goal, head, adaptation, quantization and verification
-records) are read-only mappings; sequences are tuples.
+records) are read-only mappings; sequences are tuples. :func:`thaw` gives one back as plain JSON to extend.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from importlib import resources
 from types import MappingProxyType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+import jsonschema
 import numpy as np
 
+from .deprecation import renamed_attribute
+from .errors import ManifestError
+from .formats import FORMATS
 from .images import Preprocess
 
 FORMAT = "stagewise-bundle"
 FORMAT_VERSION = 1
+"""Exit scores that lie in [0, 1] (``max_logit`` is a raw logit, bounded only by the schema)."""
+_SLACK = 1e-9
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -57,17 +67,20 @@ def _others(d: Mapping[str, Any], known: tuple[str, ...]) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class Task:
-    """What the bundle predicts: ``labels`` are the class names, in target order."""
+    """What the bundle predicts: ``classes`` are the class names, in target order (the document's
+    ``task.labels``; ``labels`` is the attribute's deprecated name)."""
 
-    labels: tuple[str, ...]
+    classes: tuple[str, ...]
     top_k: int | None = None
+
+    labels = renamed_attribute("labels", "classes")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Task":
-        return cls(labels=tuple(d["labels"]), top_k=d.get("top_k"))
+        return cls(classes=tuple(d["labels"]), top_k=d.get("top_k"))
 
     def to_dict(self) -> dict[str, Any]:
-        return _optional({"type": "classification", "labels": list(self.labels)}, top_k=self.top_k)
+        return _optional({"type": "classification", "labels": list(self.classes)}, top_k=self.top_k)
 
 
 @dataclass(frozen=True)
@@ -153,18 +166,19 @@ class StageInput:
 
 @dataclass(frozen=True)
 class ArtifactFile:
-    """One file of a bundle: its path inside the bundle, sha256 and size."""
+    """One file of a bundle: its path inside the bundle, sha256 and size (``None`` in a manifest not yet
+    written: :func:`~stagewise.bundle.write_bundle` fills them in from the file's content)."""
 
     path: str
-    sha256: str
+    sha256: str | None = None
     bytes: int | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ArtifactFile":
-        return cls(d["path"], d["sha256"], d.get("bytes"))
+        return cls(d["path"], d.get("sha256"), d.get("bytes"))
 
     def to_dict(self) -> dict[str, Any]:
-        return _optional({"path": self.path, "sha256": self.sha256}, bytes=self.bytes)
+        return _optional({"path": self.path}, sha256=self.sha256, bytes=self.bytes)
 
 
 @dataclass(frozen=True)
@@ -427,14 +441,14 @@ _INPUT_DEFAULTS = ("crop_fraction", "interpolation", "resizer")
 
 
 @dataclass(frozen=True)
-class Manifest(Mapping):
-    """A validated bundle manifest.
+class Manifest:
+    """A bundle manifest.
 
-    Read it through attributes. As a read-only :class:`~collections.abc.Mapping` it also shows
-    its JSON form (``manifest["stages"]`` is a fresh list of dicts), for code that still reads
-    the document by key; :meth:`to_dict` gives a copy to edit and write back. ``input_keys``
-    are the optional ``input`` keys the document wrote (``crop_fraction``, ``interpolation``, ``resizer``),
-    so :meth:`to_dict` writes back what was read.
+    Read it through attributes; change it with :func:`dataclasses.replace` (or :meth:`with_stages`)
+    and write it with :func:`~stagewise.bundle.write_bundle`. One read from a document
+    (:meth:`from_dict`) is validated; one built in code is validated when it is written.
+    ``input_keys`` are the optional ``input`` keys the document wrote (``crop_fraction``,
+    ``interpolation``, ``resizer``), so :meth:`to_dict` writes back what was read.
     """
 
     name: str
@@ -451,8 +465,6 @@ class Manifest(Mapping):
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
         """Validate ``d`` (raises :class:`~stagewise.errors.ManifestError` naming the field) and parse it."""
-        from .bundle import validate_manifest
-
         validate_manifest(d)
         return cls(d["name"], freeze(d["producer"]), Task.from_dict(d["task"]), Preprocess.from_manifest(d["input"]),
                    tuple(StageSpec.from_dict(s) for s in d["stages"]),
@@ -477,7 +489,7 @@ class Manifest(Mapping):
     @property
     def classes(self) -> list[str]:
         """The class names, in target order (the document's ``task.labels``)."""
-        return list(self.task.labels)
+        return list(self.task.classes)
 
     @property
     def stage_names(self) -> list[str]:
@@ -498,11 +510,124 @@ class Manifest(Mapping):
             if stage.exit.model is not None:
                 yield stage.exit.model
 
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
+    def with_stages(self, change: Callable[[int, StageSpec], StageSpec]) -> "Manifest":
+        """A copy whose stage ``k`` is ``change(k, stage)`` (a new :class:`StageSpec`)."""
+        return replace(self, stages=tuple(change(k, stage) for k, stage in enumerate(self.stages)))
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
+    def with_points(self, points: Iterable[OperatingPoint | Mapping[str, Any]], default: str | None = None) -> "Manifest":
+        """A copy with operating points ``points`` (records or their documents), ``default`` the default when given."""
+        parsed = tuple(p if isinstance(p, OperatingPoint) else OperatingPoint.from_dict(p) for p in points)
+        return replace(self, operating_points=parsed, default_operating_point=default or self.default_operating_point)
 
-    def __len__(self) -> int:
-        return len(self.to_dict())
+
+def manifest_schema() -> dict:
+    """The JSON Schema of manifest format version 1: the shipped document, with the names of the registered
+    artifact formats (:data:`stagewise.formats.FORMATS`) and exit scores (:data:`stagewise.exits.SCORES`)."""
+    from .exits import COMBINES, SCORES  # exits reads manifest records: imported here, not at the top
+
+    needs_model = tuple(name for name, score in SCORES.items() if score.model is not None)
+    return _schema(tuple(FORMATS), tuple(SCORES), tuple(COMBINES), needs_model)
+
+
+@lru_cache(maxsize=4)
+def _schema(formats: tuple[str, ...], scores: tuple[str, ...], combines: tuple[str, ...],
+            needs_model: tuple[str, ...]) -> dict:
+    schema = json.loads(resources.files("stagewise").joinpath("schema/manifest.schema.json").read_text())
+    stage = schema["$defs"]["stage"]["properties"]
+    stage["artifacts"]["propertyNames"] = {"enum": list(formats)}
+    rule = stage["exit"]
+    rule["properties"]["score"]["enum"] = list(scores)
+    rule["properties"]["combine"]["enum"] = list(combines)
+    rule["if"] = {"properties": {"score": {"enum": list(needs_model)}}}
+    return schema
+
+
+def _field_path(parts: Any) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def validate_manifest(manifest: Any) -> None:
+    """Raise :class:`ManifestError` naming the offending field if ``manifest`` is not valid."""
+    validator = jsonschema.Draft202012Validator(manifest_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
+    if error is not None:
+        raise ManifestError(f"manifest field {_field_path(error.absolute_path)}: {error.message}")
+    _check_references(manifest)
+
+
+def _check_references(m: dict) -> None:
+    from .exits import SCORES
+
+    names = [s["name"] for s in m["stages"]]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"manifest field stages: stage names must be unique, got {names}")
+    for i, stage in enumerate(m["stages"]):
+        source = stage["input"]
+        if source.get("dtype") == "uint8" and source.get("layout") != "NHWC":
+            raise ManifestError(f"manifest field stages[{i}].input.layout: a uint8 input is the resized pixels in NHWC "
+                                f"layout, got {source.get('layout')!r}; rebuild the bundle")
+        if source["source"] == "carry":
+            earlier = {s["name"]: s for s in m["stages"][:i]}
+            if source["from"] not in earlier or "carry" not in earlier[source["from"]]["outputs"]:
+                raise ManifestError(
+                    f"manifest field stages[{i}].input.from: {source['from']!r} must name an earlier stage "
+                    "that has a carry output")
+        elif source["source"] == "patch":
+            _check_patch_source(m["stages"], i)
+        if ("cam" in stage["outputs"]) != ("cam" in stage):
+            raise ManifestError(f"manifest field stages[{i}]: stage {stage['name']!r} needs both outputs.cam (the CAM "
+                                "tensor) and cam (where its cells sit on the input), or neither")
+    paths = [f["path"] for s in m["stages"] for a in s["artifacts"].values() for f in a["files"]]
+    for entry in document_files(m):
+        if any(ord(c) < 32 for c in entry["path"]):
+            raise ManifestError(f"manifest field stages[].artifacts: the file path {entry['path']!r} holds a control "
+                                "character (e.g. a NUL byte); the bundle is corrupt, rebuild it")
+    if len(set(paths)) != len(paths):
+        raise ManifestError("manifest field stages[].artifacts: each file may be named only once")
+    points = [p["name"] for p in m["operating_points"]]
+    if len(set(points)) != len(points):
+        raise ManifestError(f"manifest field operating_points: names must be unique, got {points}")
+    for j, point in enumerate(m["operating_points"]):
+        if len(point["thresholds"]) != len(m["stages"]):
+            raise ManifestError(
+                f"manifest field operating_points[{j}].thresholds: needs one entry per stage "
+                f"({len(m['stages'])}), got {len(point['thresholds'])}")
+        for k, (t, stage) in enumerate(zip(point["thresholds"], m["stages"])):
+            score = stage["exit"]["score"]
+            if t is not None and SCORES[score].probability and not -_SLACK <= t <= 1 + _SLACK:
+                raise ManifestError(
+                    f"manifest field operating_points[{j}].thresholds[{k}]: {t} is outside [0, 1], the range of the "
+                    f"stage's {score} score (null: never exit); recalibrate the bundle")
+    if m["default_operating_point"] not in points:
+        raise ManifestError(
+            f"manifest field default_operating_point: {m['default_operating_point']!r} is not one of {points}")
+
+
+def _check_patch_source(stages: list[dict], i: int) -> None:
+    stage, source = stages[i], stages[i]["input"]
+    earlier = {s["name"]: s for s in stages[:i]}
+    glance = earlier.get(source["from"])
+    if glance is None:
+        raise ManifestError(f"manifest field stages[{i}].input.from: stage {stage['name']!r} reads patches of "
+                            f"{source['from']!r}, which is not an earlier stage; name an earlier stage with a CAM output")
+    if "cam" not in glance["outputs"]:
+        raise ManifestError(
+            f"manifest field stages[{i}].input.from: stage {stage['name']!r} reads patches chosen from the CAM of "
+            f"{source['from']!r}, but that stage has no CAM output; convert its model as a glance stage "
+            "(`stagewise convert --stage MODEL@SIZE --focus MODEL@SIZE`, its last block must be global pooling + "
+            "linear) or let this stage read the image")
+    if source["index"] >= source["count"]:
+        raise ManifestError(f"manifest field stages[{i}].input.index: stage {stage['name']!r} reads patch "
+                            f"{source['index']} of {source['count']}; the index must be below count")
+
+
+def document_files(manifest: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """Every file entry of a manifest document, for the checks that run before it is parsed."""
+    for stage in manifest["stages"]:
+        for artifact in stage["artifacts"].values():
+            yield from artifact["files"]
+        if "model" in stage.get("exit", {}):
+            yield stage["exit"]["model"]

@@ -59,10 +59,8 @@ def _input_text(stage: Any) -> str:
     return where
 
 
-def manifest_tables(manifest: Manifest | Mapping[str, Any]) -> list[Table]:
-    """Stages (inputs, precision per format, cost) and operating points of a bundle (parsed or its JSON document)."""
-    if not isinstance(manifest, Manifest):
-        manifest = Manifest.from_dict(manifest)
+def manifest_tables(manifest: Manifest) -> list[Table]:
+    """Stages (inputs, precision per format, cost) and operating points of a bundle."""
     producer = manifest.producer
     pre = manifest.input
     resize = pre.resize + (f" {pre.crop_fraction:g}" if pre.resize == "shorter_crop" else "")

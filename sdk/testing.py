@@ -8,13 +8,13 @@ service) on *scripted* stages whose answers and latencies you choose::
     def test_my_app_takes_the_early_answer(tmp_path):
         cascade, sessions, clock = scripted_cascade(tmp_path / "bundle", latencies=(2.0, 5.0, 20.0))
         p = cascade.predict(scripted_image([240, 0, 0], label=2))   # stage 0 is 94 % sure of class 2
-        assert (p.stage, p.label, p.elapsed_ms) == (0, 2, 2.0)
+        assert (p.stage_index, p.label, p.elapsed_ms) == (0, 2, 2.0)
 
 or load a bundle by name through a runtime that exists only inside a ``with`` block (the CLI
 and :func:`stagewise.load` then work end to end)::
 
     with fake_runtime("fake"):
-        cascade = stagewise.load(scripted_bundle(tmp_path / "bundle"), backend="fake")
+        cascade = stagewise.load(scripted_bundle(tmp_path / "bundle"), runtime="fake")
 
 What is here:
 
@@ -41,6 +41,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from .bundle import read_bundle, write_bundle
+from .deprecation import renamed_keywords
 from .runtimes.base import RUNTIMES, LoadOptions, Opener, Runtime, StageIO, StageSession, register_runtime
 from .runtimes.executor import Cascade
 
@@ -101,13 +102,14 @@ def stage_entry(name: str, source: dict, files: list[str], carry: bool, score: s
             "exit": {"score": score, "temperature": 1.0, "combine": combine}, "cost": {"macs": 1}}
 
 
-def manifest_for(stages: list[dict], labels: Sequence[str], thresholds: Mapping[str, Sequence[float | None]]) -> dict:
+@renamed_keywords(labels="classes")
+def manifest_for(stages: list[dict], classes: Sequence[str], thresholds: Mapping[str, Sequence[float | None]]) -> dict:
     """A valid manifest document around ``stages`` (float NCHW input, mean 0, std 1, stretched) with one
     operating point per entry of ``thresholds`` (name: a threshold per stage), the first the default."""
     return {
         "format": "stagewise-bundle", "format_version": 1, "name": "test",
         "producer": {"stagewise": "0.1.0", "source_framework": "torch"},
-        "task": {"type": "classification", "labels": list(labels)},
+        "task": {"type": "classification", "labels": list(classes)},
         "input": {"color": "RGB", "layout": "NCHW", "dtype": "float32", "mean": [0, 0, 0], "std": [1, 1, 1],
                   "resize": "stretch"},
         "stages": stages,
@@ -116,9 +118,10 @@ def manifest_for(stages: list[dict], labels: Sequence[str], thresholds: Mapping[
     }
 
 
+@renamed_keywords(labels="classes")
 def scripted_bundle(out: str | Path, stages: int = 3, *, chained: bool = True, combine: str = "own",
                     thresholds: Mapping[str, Sequence[float | None]] | None = None,
-                    labels: Sequence[str] = ("a", "b", "c"), profile: Sequence[float] | None = None,
+                    classes: Sequence[str] = ("a", "b", "c"), profile: Sequence[float] | None = None,
                     edit: Callable[[dict], None] | None = None) -> Path:
     """Write a valid bundle of ``stages`` stages ``s0``, ``s1``, ... to ``out`` (a directory or a ``.swb``);
     its model files are placeholder bytes, so it runs on :class:`ScriptedSession` or a :func:`fake_runtime`.
@@ -138,7 +141,7 @@ def scripted_bundle(out: str | Path, stages: int = 3, *, chained: bool = True, c
     for entry, p95 in zip(entries, profile or ()):
         entry["cost"]["latency_ms"] = {"mock-cpu-1t": {"p50": p95 / 2, "p95": p95, "n": 10}}
     thresholds = thresholds or {"default": [round(0.8 - 0.2 * k, 2) for k in range(stages - 1)] + [None]}
-    manifest = manifest_for(entries, labels, thresholds)
+    manifest = manifest_for(entries, classes, thresholds)
     if edit is not None:
         edit(manifest)
     with tempfile.TemporaryDirectory(prefix="stagewise-scripted-") as folder:
@@ -157,19 +160,20 @@ class ScriptedCascade(NamedTuple):
     clock: FakeClock
 
 
+@renamed_keywords(labels="classes")
 def scripted_cascade(out: str | Path, latencies: Sequence[float | list[float]] = (2.0, 5.0, 20.0), *,
                      clock: FakeClock | None = None, chained: bool = True, combine: str = "own",
                      thresholds: Mapping[str, Sequence[float | None]] | None = None,
-                     labels: Sequence[str] = ("a", "b", "c"), profile: Sequence[float] | None = None,
+                     classes: Sequence[str] = ("a", "b", "c"), profile: Sequence[float] | None = None,
                      edit: Callable[[dict], None] | None = None, **options) -> ScriptedCascade:
     """A :func:`scripted_bundle` written to ``out`` with one stage per entry of ``latencies`` (ms per run,
     or a list of them, see :class:`ScriptedSession`), loaded as a :class:`~stagewise.runtimes.Cascade`
     on scripted sessions timed by ``clock`` (default: a new :class:`FakeClock`) under runtime name
     ``mock``, 1 thread. ``options`` go to the cascade (``latency``, ``mean_budget_ms``, ``controller``, ...)."""
     path = scripted_bundle(out, len(latencies), chained=chained, combine=combine, thresholds=thresholds,
-                           labels=labels, profile=profile, edit=edit)
+                           classes=classes, profile=profile, edit=edit)
     clock = clock or FakeClock()
-    sessions = [ScriptedSession(k, clock, ms, len(labels)) for k, ms in enumerate(latencies)]
+    sessions = [ScriptedSession(k, clock, ms, len(classes)) for k, ms in enumerate(latencies)]
     return ScriptedCascade(Cascade(read_bundle(path), sessions, "mock", 1, clock=clock, **options), sessions, clock)
 
 

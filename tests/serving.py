@@ -21,7 +21,7 @@ TOY_BUNDLE = Path(__file__).parent / "data" / "toy.swb"
 
 def toy_service(config: ServeConfig | None = None, bundle: Path = TOY_BUNDLE) -> Service:
     def loader(path: str):
-        return load(path, backend="onnxruntime", threads=1)
+        return load(path, runtime="onnxruntime", threads=1)
     return Service(loader(str(bundle)), loader, str(bundle), config or ServeConfig())
 
 

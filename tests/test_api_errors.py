@@ -21,7 +21,7 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture()
 def cascade(bundle):
-    with stagewise.load(bundle, backend="onnxruntime", warmup=False) as c:
+    with stagewise.load(bundle, runtime="onnxruntime", warmup=False) as c:
         yield c
 
 
@@ -39,11 +39,11 @@ def test_predict_stage_takes_only_an_existing_stage_index(cascade, stage):
 
 
 def test_predict_stage_still_answers_for_every_stage(cascade):
-    assert [cascade.predict_stage(toy_image(), k).stage for k in range(3)] == [0, 1, 2]
+    assert [cascade.predict_stage(toy_image(), k).stage_index for k in range(3)] == [0, 1, 2]
 
 
 def test_a_closed_cascade_says_so(bundle):
-    cascade = stagewise.load(bundle, backend="onnxruntime", warmup=False)
+    cascade = stagewise.load(bundle, runtime="onnxruntime", warmup=False)
     cascade.close()
     for call in (lambda: cascade.predict(toy_image()), lambda: cascade.predict_batch([toy_image()]),
                  lambda: cascade.predict_stage(toy_image(), 0)):
@@ -55,13 +55,13 @@ def test_a_closed_cascade_says_so(bundle):
                                            ({"cache_dir": 3}, "cache_dir"), ("cache_dir", "options must be")])
 def test_typed_runtime_options_of_the_wrong_type_are_refused(bundle, options, name):
     with pytest.raises(InvalidOptionError, match=name):
-        stagewise.load(bundle, backend="onnxruntime", warmup=False, options=options)
+        stagewise.load(bundle, runtime="onnxruntime", warmup=False, options=options)
 
 
 def test_a_stage_that_answers_nan_is_an_error_not_an_answer(tmp_path):
     files = toy_files(tmp_path / "models")
     onnx_stage_model(files["onnx/s0.onnx"], 4, 4, scale=float("nan"))
     out = write_bundle(tmp_path / "nan", toy_manifest(), files)
-    with stagewise.load(out, backend="onnxruntime", warmup=False) as cascade:
+    with stagewise.load(out, runtime="onnxruntime", warmup=False) as cascade:
         with pytest.raises(StagewiseError, match="(?i)nan|finite"):
             cascade.predict(toy_image(), operating_point="fast")

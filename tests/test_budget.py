@@ -70,7 +70,7 @@ def test_cold_start_uses_the_bundle_profile_then_live_measurements(tmp_path):
         cascade.predict(UNSURE)
     assert cascade.latency.predict(2) == pytest.approx(8.0)
     p = cascade.predict(UNSURE, budget_ms=20)
-    assert p.stage == 2 and not p.budget_limited and not p.deadline_missed
+    assert p.stage_index == 2 and not p.budget_limited and not p.deadline_missed
     assert [r.reason for r in p.trace] == ["first", "fits", "fits"]
 
 
@@ -95,7 +95,7 @@ def test_first_stage_always_runs_and_a_late_answer_is_flagged(tmp_path):
     cascade, _, _ = scripted_cascade(tmp_path / "bundle", latencies=(4.0, 5.0, 20.0))
     cascade.warm_up()
     p = cascade.predict(UNSURE, budget_ms=3)
-    assert p.stage == 0 and p.budget_limited and p.deadline_missed
+    assert p.stage_index == 0 and p.budget_limited and p.deadline_missed
     assert p.trace[0].reason == "first" and p.trace[0].needed_ms > p.trace[0].left_ms
 
 
@@ -112,7 +112,7 @@ def test_overheads_outside_the_backend_are_counted(tmp_path):
     for budget in np.arange(20.0, 40.0, 0.25):
         p = cascade.predict(UNSURE, budget_ms=float(budget))
         assert not p.deadline_missed, (budget, [r.explain() for r in p.trace])
-    assert cascade.predict(UNSURE, budget_ms=30.0).stage == 2 or cascade.latency.needed(2) > 30.0 - 8.0
+    assert cascade.predict(UNSURE, budget_ms=30.0).stage_index == 2 or cascade.latency.needed(2) > 30.0 - 8.0
 
 
 def test_never_late_by_choice_under_noisy_latencies(tmp_path):
@@ -130,7 +130,7 @@ def test_never_late_by_choice_under_noisy_latencies(tmp_path):
     for i in range(n):
         budget = float(rng.choice([rng.uniform(7.5, 10.0), rng.uniform(27.5, 33.0)]))
         p = cascade.predict(UNSURE, budget_ms=budget)
-        if p.stage > 0:
+        if p.stage_index > 0:
             ran_later += 1
             late_by_choice += p.deadline_missed
     assert ran_later > n / 2
@@ -152,17 +152,17 @@ def test_margin_grows_after_mispredictions_and_skips_a_borderline_stage(tmp_path
 def test_stage_slowdown_is_learned_quickly_and_speedup_recovers(tmp_path):
     cascade, sessions, _ = scripted_cascade(tmp_path / "bundle", latencies=(2.0, 5.0, 20.0))
     cascade.warm_up()
-    assert cascade.predict(UNSURE, budget_ms=28).stage == 2
+    assert cascade.predict(UNSURE, budget_ms=28).stage_index == 2
     sessions[2].latency = 40.0
     # one slow run is enough: the prediction never drops below the latest measurement
     cascade.predict(UNSURE, budget_ms=100)
     assert cascade.latency.predict(2) == pytest.approx(40.0)
     p = cascade.predict(UNSURE, budget_ms=45)
-    assert p.stage == 1 and p.trace[2].reason == "over_budget" and not p.deadline_missed
+    assert p.stage_index == 1 and p.trace[2].reason == "over_budget" and not p.deadline_missed
     sessions[2].latency = 20.0
     for _ in range(70):  # a full window of fast runs
         cascade.predict(UNSURE, budget_ms=100)
-    assert cascade.predict(UNSURE, budget_ms=27 * cascade.latency.margin()).stage == 2
+    assert cascade.predict(UNSURE, budget_ms=27 * cascade.latency.margin()).stage_index == 2
 
 
 def make_resolution_cascade(tmp_path, combine="own"):
@@ -179,7 +179,7 @@ def test_plan_skips_cheap_stages_when_only_a_better_one_fits(tmp_path, budget, s
     for s in sessions:
         s.calls.clear()
     p = cascade.predict(UNSURE, budget_ms=budget)
-    assert p.stage == answer and not p.deadline_missed
+    assert p.stage_index == answer and not p.deadline_missed
     assert [r.reason for r in p.trace[:start]] == ["planned_skip"] * start
     assert p.trace[start].reason == "first"
     assert [len(s.calls) for s in sessions][:start] == [0] * start
@@ -210,7 +210,7 @@ def test_device_slowdown_reaches_stages_that_did_not_run(tmp_path):
         s.latency = ms
     for _ in range(6):  # a budget where stage 2 never fits: it is not re-measured
         p = cascade.predict(UNSURE, budget_ms=30)
-        assert p.stage <= 1 and not p.deadline_missed
+        assert p.stage_index <= 1 and not p.deadline_missed
     assert sessions[2].calls[-1:] and len(sessions[2].calls) == 11  # 1 warm-up run + 10 before the slowdown
     assert cascade.latency.speed() == pytest.approx(2.0)
     assert cascade.latency.predict(2) == pytest.approx(40.0)
@@ -220,7 +220,7 @@ def test_device_slowdown_reaches_stages_that_did_not_run(tmp_path):
     for _ in range(6):
         cascade.predict(UNSURE, budget_ms=10)
     assert cascade.latency.predict(2) == pytest.approx(20.0)
-    assert cascade.predict(UNSURE, budget_ms=28).stage == 2
+    assert cascade.predict(UNSURE, budget_ms=28).stage_index == 2
     without = LatencyModel(3, track_speed=False)
     without.observe(0, 2.0)
     without.observe(0, 4.0)
@@ -252,13 +252,13 @@ def test_a_running_stage_is_cancelled_at_the_budget_and_the_best_answer_returned
     sessions[2].latency = 200.0  # stage 2 slows down after it was measured: predicted to fit, it overruns
     p = cascade.predict(UNSURE, budget_ms=40.0)
     assert [r.decision for r in p.trace] == ["continue", "continue", "cancelled_budget"]
-    assert p.budget_limited and p.stage == 1
+    assert p.budget_limited and p.stage_index == 1
     assert p.trace[2].reason == "cancelled" and p.elapsed_ms == pytest.approx(40.0)  # stopped at the deadline
     assert p.trace[2].explain().startswith("s2: cancelled after 33.00 ms when the budget ran out")
     assert sessions[0].timeouts == []  # the first stage always runs to the end
     assert sessions[2].timeouts == [pytest.approx((40.0 - 7.0) / 1e3)]
     batch = cascade.predict_batch([UNSURE] * 3, budget_ms=40.0)
-    assert all(b.budget_limited and b.stage == 1 and b.label == p.label for b in batch)
+    assert all(b.budget_limited and b.stage_index == 1 and b.label == p.label for b in batch)
 
 
 def test_a_cancellable_stage_is_admitted_on_its_median_a_plain_one_on_its_p95(tmp_path):
@@ -279,7 +279,7 @@ def test_a_cancellable_stage_is_admitted_on_its_median_a_plain_one_on_its_p95(tm
         answers[cancellable] = cascade.predict(UNSURE, budget_ms=24.0)
     plain, cancelling = answers[False], answers[True]
     assert plain.trace[2].decision == "skipped_budget" and plain.trace[2].reason == "over_budget"
-    assert plain.budget_limited and plain.stage == 1
+    assert plain.budget_limited and plain.stage_index == 1
     assert cancelling.trace[2].decision == "last" and cancelling.trace[2].reason == "fits"
     assert cancelling.trace[2].needed_ms == pytest.approx(10.0, abs=0.5) and not cancelling.budget_limited
     assert cancelling.elapsed_ms <= 24.0
@@ -309,7 +309,7 @@ def test_the_cancel_lead_is_learned_so_late_cancellations_stop_missing_the_deadl
     elapsed = []
     for _ in range(4):
         p = cascade.predict(UNSURE, budget_ms=40.0)
-        assert p.trace[2].decision == "cancelled_budget" and p.stage == 1
+        assert p.trace[2].decision == "cancelled_budget" and p.stage_index == 1
         elapsed.append(p.elapsed_ms)
     assert elapsed[0] == pytest.approx(43.0)  # the first late cancellation misses by the lag
     assert cascade.latency.cancel_lead() == pytest.approx(3.0)

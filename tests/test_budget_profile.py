@@ -48,9 +48,9 @@ def test_profile_stores_the_distribution_and_the_runtime_seeds_from_it(bundle, m
     m = read_bundle(bundle).manifest
     assert set(m.profiles) == {"mockrt-cpu-1t", "busy-device"}
     # the runtime seeds its latency model from the profile of its configuration, or the one named
-    with load(bundle, backend=mock_runtime, threads=1, warmup=False) as c:
+    with load(bundle, runtime=mock_runtime, threads=1, warmup=False) as c:
         assert c.profile == "mockrt-cpu-1t"
         assert c.latency.predict(1) == pytest.approx(m.stages[1].cost.latency("mockrt-cpu-1t").p95)
         assert c.latency.return_overhead() == pytest.approx(prof["return_ms"]["p95"])
-    with load(bundle, backend=mock_runtime, threads=1, warmup=False, profile="busy-device") as c:
+    with load(bundle, runtime=mock_runtime, threads=1, warmup=False, profile="busy-device") as c:
         assert c.latency.predict(0) == pytest.approx(m.stages[0].cost.latency("busy-device").p95)

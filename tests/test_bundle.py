@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from dataclasses import replace
 
 import pytest
 
-from stagewise.bundle import pack, read_bundle, update_manifest, validate_manifest, write_bundle
+from stagewise.bundle import pack, read_bundle, update_manifest, write_bundle
+from stagewise.manifest import ArtifactFile, Manifest, validate_manifest
 from stagewise.errors import BundleError, IntegrityError, ManifestError, UnsafeArchiveError
 from stagewise.testing import manifest_for, stage_entry
 
@@ -33,8 +35,8 @@ def files(tmp_path):
 def test_roundtrip_records_and_checks_sha256(tmp_path, files, suffix):
     out = write_bundle(tmp_path / f"bundle{suffix}", two_stage_manifest(), files)
     bundle = read_bundle(out)
-    entry = bundle.manifest["stages"][0]["artifacts"]["onnx"]["files"][0]
-    assert len(entry["sha256"]) == 64 and entry["bytes"] == 200
+    entry = bundle.manifest.stages[0].artifacts["onnx"].files[0]
+    assert len(entry.sha256) == 64 and entry.bytes == 200
     assert bundle.artifact_paths(1, "onnx")[0].read_bytes() == b"s1" * 100
     assert bundle.formats() == ["onnx"]
     bundle.close()
@@ -142,37 +144,35 @@ def test_existing_bundle_is_kept_unless_overwrite(tmp_path, files):
     changed = two_stage_manifest()
     changed["name"] = "second"
     write_bundle(out, changed, files, overwrite=True)
-    assert read_bundle(out).manifest["name"] == "second"
+    assert read_bundle(out).manifest.name == "second"
 
 
 @pytest.mark.parametrize("suffix", ["", ".swb"])
 def test_update_manifest_is_atomic(tmp_path, files, suffix):
     out = write_bundle(tmp_path / f"b{suffix}", two_stage_manifest(), files)
 
-    def rename(m, root):
-        m["name"] = "renamed"
-        return m
-
-    update_manifest(out, rename)
-    assert read_bundle(out).manifest["name"] == "renamed"
+    update_manifest(out, lambda m, root: replace(m, name="renamed"))
+    assert read_bundle(out).manifest.name == "renamed"
 
     def break_it(m, root):
-        m["stages"][0]["exit"]["temperature"] = -1
-        return m
+        return m.with_stages(lambda k, s: replace(s, exit=replace(s.exit, temperature=-1)) if k == 0 else s)
 
     with pytest.raises(ManifestError, match="stages\\[0\\].exit.temperature"):
         update_manifest(out, break_it)
-    assert read_bundle(out).manifest["name"] == "renamed"
+    assert read_bundle(out).manifest.name == "renamed"
 
 
-def _add_exit_model(m: dict, root, content: bytes) -> dict:
+def _with_exit_model(m: Manifest, model: ArtifactFile | None) -> Manifest:
+    return m.with_stages(lambda k, s: replace(s, exit=replace(s.exit, model=model)) if k == 0 else s)
+
+
+def _add_exit_model(m: Manifest, root, content: bytes, sha256: str | None = None) -> Manifest:
     """Name a new content-addressed file (stage 0's exit-score model) written under ``root``."""
     digest = hashlib.sha256(content).hexdigest()
     rel = f"exits/s0-{digest[:12]}.npz"
     (root / "exits").mkdir(exist_ok=True)
     (root / rel).write_bytes(content)
-    m["stages"][0]["exit"]["model"] = {"path": rel, "sha256": digest, "bytes": len(content)}
-    return m
+    return _with_exit_model(m, ArtifactFile(rel, sha256 or digest, len(content)))
 
 
 @pytest.mark.parametrize("suffix", ["", ".swb"])
@@ -180,11 +180,11 @@ def test_update_manifest_adds_files_atomically(tmp_path, files, suffix):
     out = write_bundle(tmp_path / f"b{suffix}", two_stage_manifest(), files)
 
     def add(m, root):
-        _add_exit_model(m, root, b"first model")
-        assert "model" not in read_bundle(out).manifest["stages"][0]["exit"]  # the old bundle is still whole
+        m = _add_exit_model(m, root, b"first model")
+        assert read_bundle(out).manifest.stages[0].exit.model is None  # the old bundle is still whole
         return m
 
-    first = update_manifest(out, add)["stages"][0]["exit"]["model"]["path"]
+    first = update_manifest(out, add).stages[0].exit.model.path
     bundle = read_bundle(out)
     assert (bundle.root / first).read_bytes() == b"first model"
     bundle.close()
@@ -196,30 +196,21 @@ def test_update_manifest_adds_files_atomically(tmp_path, files, suffix):
     with pytest.raises(RuntimeError, match="interrupted"):
         update_manifest(out, fail)
     bundle = read_bundle(out)
-    assert bundle.manifest["stages"][0]["exit"]["model"]["path"] == first
+    assert bundle.manifest.stages[0].exit.model.path == first
     assert sorted(p.relative_to(bundle.root).as_posix() for p in (bundle.root / "exits").iterdir()) == [first]
     bundle.close()
 
-    def wrong_sha(m, root):
-        _add_exit_model(m, root, b"second model")
-        m["stages"][0]["exit"]["model"]["sha256"] = "0" * 64
-        return m
-
     with pytest.raises(IntegrityError, match="exits/s0-"):
-        update_manifest(out, wrong_sha)
-    assert read_bundle(out).manifest["stages"][0]["exit"]["model"]["path"] == first
+        update_manifest(out, lambda m, root: _add_exit_model(m, root, b"second model", sha256="0" * 64))
+    assert read_bundle(out).manifest.stages[0].exit.model.path == first
 
     second = update_manifest(out, lambda m, root: _add_exit_model(m, root, b"second model"))
     bundle = read_bundle(out)
     names = sorted(p.relative_to(bundle.root).as_posix() for p in (bundle.root / "exits").iterdir())
-    assert names == [second["stages"][0]["exit"]["model"]["path"]] and first not in names  # the old file is gone
+    assert names == [second.stages[0].exit.model.path] and first not in names  # the old file is gone
     bundle.close()
 
-    def drop_model(m, root):
-        del m["stages"][0]["exit"]["model"]
-        return m
-
-    update_manifest(out, drop_model)
+    update_manifest(out, lambda m, root: _with_exit_model(m, None))
     bundle = read_bundle(out)
     assert not (bundle.root / "exits").exists()
     assert sorted(p.relative_to(bundle.root).as_posix() for p in bundle.root.rglob("*") if p.is_file()) == [
@@ -230,4 +221,4 @@ def test_update_manifest_adds_files_atomically(tmp_path, files, suffix):
 def test_pack_directory_to_swb(tmp_path, files):
     out = write_bundle(tmp_path / "dir", two_stage_manifest(), files)
     swb = pack(out, tmp_path / "packed.swb")
-    assert read_bundle(swb).manifest["stages"] == read_bundle(out).manifest["stages"]
+    assert read_bundle(swb).manifest.stages == read_bundle(out).manifest.stages

@@ -61,13 +61,13 @@ def _run(*args: str):
 def test_target_drop_prints_table(bundle, data):
     output = _run(str(bundle), "--data", str(data[0]), "--target-drop", "1")
     manifest = read_bundle(bundle).manifest
-    assert manifest["default_operating_point"] == "drop-1pt"
-    names = [p["name"] for p in manifest["operating_points"]]
+    assert manifest.default_operating_point == "drop-1pt"
+    names = [p.name for p in manifest.operating_points]
     assert {"full", "drop-1pt", "pareto-1"} <= set(names)
     assert "drop-1pt" in output and "expected top-1" in output and "oracle" in output
-    point = next(p for p in manifest["operating_points"] if p["name"] == "drop-1pt")
-    assert point["expected"]["accuracy"] >= manifest["calibration"]["reference_accuracy"] - 0.01 - 1e-12
-    assert all(s["exit"]["temperature"] != 1.0 for s in manifest["stages"])  # fitted by NLL
+    point = manifest.point("drop-1pt")
+    assert point.expected.accuracy >= manifest.calibration["reference_accuracy"] - 0.01 - 1e-12
+    assert all(s.exit.temperature != 1.0 for s in manifest.stages)  # fitted by NLL
 
 
 def test_label_free_learned_score_with_guarantee(bundle, data):
@@ -76,15 +76,15 @@ def test_label_free_learned_score_with_guarantee(bundle, data):
                   "--risk", "0.1", "--delta", "0.2")
     b = read_bundle(bundle)  # verifies every file's sha256, the learned models included
     m = b.manifest
-    assert [s["exit"]["score"] for s in m["stages"]] == ["learned", "learned", "max_softmax"]
-    model_files = [s["exit"]["model"]["path"] for s in m["stages"][:2]]
+    assert [s.exit.score for s in m.stages] == ["learned", "learned", "max_softmax"]
+    model_files = [s.exit.model.path for s in m.stages[:2]]
     assert all(p.startswith("exits/") and (b.root / p).is_file() for p in model_files)
-    assert m["calibration"]["targets"] == "full_model_agreement"
-    point = next(p for p in m["operating_points"] if p["name"] == m["default_operating_point"])
-    assert m["default_operating_point"] == "risk-disagree-10pt-d0.2"
-    g = point["guarantee"]
-    assert (g["epsilon"], g["delta"], g["risk"], g["n"] + g["n_tune"]) == (0.1, 0.2, "disagreement", 180)
-    assert "accuracy" not in point["expected"] and "agreement" in point["expected"]
+    assert m.calibration["targets"] == "full_model_agreement"
+    assert m.default_operating_point == "risk-disagree-10pt-d0.2"
+    point = m.point(m.default_operating_point)
+    g = point.guarantee
+    assert (g.epsilon, g.delta, g.risk, g.n + g.n_tune) == (0.1, 0.2, "disagreement", 180)
+    assert point.expected.accuracy is None and point.expected.agreement is not None
     assert "guarantee: disagreement <= 10%" in output
     shown = CliRunner().invoke(cli, ["inspect", str(bundle)], env={"COLUMNS": "250"})
     assert "disagreement <= 10% w.p. >= 0.8" in shown.output
@@ -93,10 +93,10 @@ def test_label_free_learned_score_with_guarantee(bundle, data):
     images = open_image_set(labelled)
     frames = [images.image(i) for i in range(0, len(images), 7)]
     with load(bundle, threads=1) as cascade:
-        cascade.use(m["default_operating_point"])
+        cascade.use(m.default_operating_point)
         single = [cascade.predict(f) for f in frames]
         batch = cascade.predict_batch(frames)
-        assert [p.stage for p in single] == [p.stage for p in batch]
+        assert [p.stage_index for p in single] == [p.stage_index for p in batch]
         assert [p.label for p in single] == [p.label for p in batch]
         offline = exit_table(cascade, frames, images.targets[::7], np.ones(3)).scores
         online = [[r.score for r in p.trace] for p in single]
@@ -193,13 +193,12 @@ def test_label_free_conversion_end_to_end(tmp_path, data):
                            calibration=Settings(score="learned"))
     out = build_bundle(tmp_path / "lf.swb", "lf", plans, pre, ["a", "b", "c"], teacher_set, options)
     built = read_bundle(out)
-    assert built.manifest["stages"][0]["exit"]["score"] == "learned"
-    assert (built.root / built.manifest["stages"][0]["exit"]["model"]["path"]).is_file()
-    assert built.manifest["calibration"]["targets"] == "full_model_agreement"
-    assert built.manifest["default_operating_point"] == "risk-disagree-10pt-d0.2"
+    assert built.manifest.stages[0].exit.score == "learned"
+    assert (built.root / built.manifest.stages[0].exit.model.path).is_file()
+    assert built.manifest.calibration["targets"] == "full_model_agreement"
+    assert built.manifest.default_operating_point == "risk-disagree-10pt-d0.2"
     built.close()
-    manifest = recalibrate(out, flat, labels=False, target_drop=2.0, settings=Settings(score="max_softmax"))
-    assert manifest["calibration"]["targets"] == "full_model_agreement"
-    point = next(p for p in manifest["operating_points"] if p["name"] == "drop-2pt")
-    assert point["expected"]["agreement"] >= 0.98 - 1e-12
-    assert "model" not in manifest["stages"][0]["exit"]
+    manifest = recalibrate(out, flat, labelled=False, target_drop=2.0, settings=Settings(score="max_softmax"))
+    assert manifest.calibration["targets"] == "full_model_agreement"
+    assert manifest.point("drop-2pt").expected.agreement >= 0.98 - 1e-12
+    assert manifest.stages[0].exit.model is None

@@ -58,7 +58,7 @@ def test_camera_example_writes_overlay_video_and_frame_log(clip, tmp_path):
 
 def test_the_overlay_writes_the_answer_on_the_frame_top():
     rgb = np.full((96, 96, 3), 128, dtype=np.uint8)
-    with load(TOY_BUNDLE, backend="onnxruntime") as cascade:
+    with load(TOY_BUNDLE, runtime="onnxruntime") as cascade:
         result = FrameResult(0, "ok", 0.0, 100.0, 0.0, 4.0, 100.0, cascade.predict(rgb))
         bgr = camera_example().overlay(cv2, rgb, result, cascade.stage_names)
     changed = np.abs(bgr.astype(int) - 128).sum(axis=(1, 2)) > 0

@@ -43,7 +43,9 @@ def test_inspect_run_bench(converted, image_folder, tmp_path):
     ran = runner.invoke(cli, ["run", str(out), str(image), "--json", "--threads", "1"])
     assert ran.exit_code == 0, ran.output
     answer = json.loads(ran.output)
-    assert answer["name"] in {"class0", "class1", "class2"} and answer["stage"] in {"exit0", "final"}
+    assert answer["class_name"] in {"class0", "class1", "class2"} and answer["stage_name"] in {"exit0", "final"}
+    assert answer["stage_index"] == ["exit0", "final"].index(answer["stage_name"])
+    assert [r["stage_name"] for r in answer["trace"]][-1] == answer["stage_name"]
     report = tmp_path / "bench.json"
     plot = tmp_path / "pareto.png"
     benched = runner.invoke(cli, ["bench", str(out), "--data", str(image_folder), "--json", str(report),

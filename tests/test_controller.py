@@ -48,7 +48,7 @@ class Requests:
 
 def run(cascade, requests, n, **kw):
     preds = [cascade.predict(requests(), **kw) for _ in range(n)]
-    return np.array([p.elapsed_ms for p in preds]), np.array([p.stage for p in preds]), preds
+    return np.array([p.elapsed_ms for p in preds]), np.array([p.stage_index for p in preds]), preds
 
 
 def test_hull_keeps_only_points_worth_mixing(tmp_path):

@@ -87,7 +87,7 @@ def test_onnxruntime_and_serve_extras_run_and_serve_a_bundle_without_frameworks(
         _, err = server.communicate(timeout=30)
     # uvicorn shuts down gracefully, then re-raises the signal: the exit systemd counts as clean for SIGTERM
     assert server.returncode in (0, -signal.SIGTERM), err
-    assert (served["label"], served["stage_name"]) == (answer["label"], answer["stage"])
+    assert (served["label"], served["stage_name"]) == (answer["label"], answer["stage_name"])
     assert served["score"] == pytest.approx(answer["score"], abs=1e-6)
     print(f"device venv: install {installed:.0f} s, total {time.monotonic() - started:.0f} s")
 
@@ -105,9 +105,9 @@ def test_tflite_runtime_extra_alone_runs_a_tflite_bundle(tmp_path, image_folder)
     from stagewise.runtimes import load
     # the toy's exit threshold sits at a score of 1 - 2e-10, where fp32 kernels of two runtimes may decide
     # differently; the "full" point runs both stages, so the answers must agree up to rounding
-    with load(TOY_BUNDLE, backend="onnxruntime") as reference:
+    with load(TOY_BUNDLE, runtime="onnxruntime") as reference:
         for image in sorted(image_folder.glob("class*/000.png")):
             answer = run_image(bin_, image, "auto", "--operating-point", "full")
             expected = reference.predict(image, operating_point="full")
-            assert (answer["label"], answer["stage"]) == (expected.label, reference.stage_names[expected.stage])
+            assert (answer["label"], answer["stage_name"]) == (expected.label, expected.stage_name)
             assert answer["score"] == pytest.approx(expected.score, abs=1e-4)

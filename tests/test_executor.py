@@ -19,23 +19,23 @@ def make_cascade(tmp_path, thresholds=None, **options):
 def test_exits_at_first_confident_stage(tmp_path):
     cascade, sessions, _ = make_cascade(tmp_path)
     early = cascade.predict(scripted_image([240, 0, 0], label=2))
-    assert (early.stage, early.label, early.name) == (0, 2, "c")
+    assert (early.stage_index, early.label, early.name) == (0, 2, "c")
     assert [r.decision for r in early.trace] == ["exit"]
     assert early.score == pytest.approx(240 / 255, abs=1e-3)
     middle = cascade.predict(scripted_image([100, 200, 0], label=1))
-    assert middle.stage == 1 and [r.decision for r in middle.trace] == ["continue", "exit"]
+    assert middle.stage_index == 1 and [r.decision for r in middle.trace] == ["continue", "exit"]
     last = cascade.predict(scripted_image([100, 100, 10], label=0))
-    assert last.stage == 2 and [r.decision for r in last.trace] == ["continue", "continue", "last"]
+    assert last.stage_index == 2 and [r.decision for r in last.trace] == ["continue", "continue", "last"]
     assert [len(s.calls) for s in sessions] == [3, 2, 1]
 
 
 def test_operating_points_switch_and_unknown_name_is_refused(tmp_path):
     cascade, _, _ = make_cascade(tmp_path)
     image = scripted_image([240, 0, 0], label=1)
-    assert cascade.predict(image).stage == 0
-    assert cascade.predict(image, operating_point="strict").stage == 2
+    assert cascade.predict(image).stage_index == 0
+    assert cascade.predict(image, operating_point="strict").stage_index == 2
     cascade.use("strict")
-    assert cascade.predict(image).stage == 2
+    assert cascade.predict(image).stage_index == 2
     with pytest.raises(UnknownOperatingPointError, match="default, strict"):
         cascade.predict(image, operating_point="fastest")
     with pytest.raises(UnknownOperatingPointError):
@@ -48,19 +48,19 @@ def test_budget_skips_stage_that_would_overrun(tmp_path):
     cascade.warm_up()
     unsure = scripted_image([10, 10, 10], label=1)
     p = cascade.predict(unsure, budget_ms=10)
-    assert p.budget_limited and p.stage == 1
+    assert p.budget_limited and p.stage_index == 1
     assert [r.decision for r in p.trace] == ["continue", "continue", "skipped_budget"]
     assert p.trace[2].predicted_ms == pytest.approx(20.0)
     assert p.elapsed_ms <= 10
     roomy = cascade.predict(unsure, budget_ms=30)
-    assert not roomy.budget_limited and roomy.stage == 2
+    assert not roomy.budget_limited and roomy.stage_index == 2
 
 
 def test_budget_always_runs_first_stage(tmp_path):
     cascade, _, _ = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0))
     cascade.warm_up()
     p = cascade.predict(scripted_image([10, 10, 10], label=0), budget_ms=0.5)
-    assert p.stage == 0 and p.budget_limited
+    assert p.stage_index == 0 and p.budget_limited
     assert [r.decision for r in p.trace] == ["continue", "skipped_budget", "skipped_budget"]
 
 
@@ -68,12 +68,12 @@ def test_latency_model_learns_a_slower_stage(tmp_path):
     cascade, sessions, _ = make_cascade(tmp_path, latencies=(2.0, 5.0, 20.0))
     cascade.warm_up()
     unsure = scripted_image([10, 10, 10], label=0)
-    assert cascade.predict(unsure, budget_ms=12).stage == 1
+    assert cascade.predict(unsure, budget_ms=12).stage_index == 1
     sessions[1].latency = 15.0
     for _ in range(10):
         cascade.predict(unsure, budget_ms=100)
     p = cascade.predict(unsure, budget_ms=12)
-    assert p.stage == 0 and p.trace[1].decision == "skipped_budget"
+    assert p.stage_index == 0 and p.trace[1].decision == "skipped_budget"
 
 
 def test_batch_routing_matches_one_by_one(tmp_path):
@@ -84,14 +84,14 @@ def test_batch_routing_matches_one_by_one(tmp_path):
     for s in sessions:
         s.calls.clear()
     batch = cascade.predict_batch(images)
-    assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
+    assert [(p.label, p.stage_index) for p in batch] == [(p.label, p.stage_index) for p in single]
     np.testing.assert_allclose([p.score for p in batch], [p.score for p in single], rtol=1e-6)
-    exited_first = sum(p.stage == 0 for p in single)
+    exited_first = sum(p.stage_index == 0 for p in single)
     assert sessions[0].calls == [40]
     assert sessions[1].calls == [40 - exited_first]
-    assert sessions[2].calls == [sum(p.stage == 2 for p in single)]
+    assert sessions[2].calls == [sum(p.stage_index == 2 for p in single)]
     chunked = cascade.predict_batch(images, max_batch=7)
-    assert [(p.label, p.stage) for p in chunked] == [(p.label, p.stage) for p in single]
+    assert [(p.label, p.stage_index) for p in chunked] == [(p.label, p.stage_index) for p in single]
     assert sessions[0].calls[1:] == [7, 7, 7, 7, 7, 5]
 
 

@@ -38,7 +38,7 @@ def _images(n: int = 24) -> list[np.ndarray]:
 
 def _with_thresholds(manifest: dict, plain: Path, images: list[np.ndarray]) -> dict:
     """``manifest`` with operating point ``mid``: each stage exits at the median of its scores on ``images``."""
-    with load(plain, backend="onnxruntime", warmup=False) as cascade:
+    with load(plain, runtime="onnxruntime", warmup=False) as cascade:
         scores = np.array([[r.score for r in cascade.run_all_stages(im).trace] for im in images])
     manifest = copy.deepcopy(manifest)
     mid = [float(v) for v in np.median(scores, axis=0)[:-1]] + [None]
@@ -65,7 +65,7 @@ def _bundles(tmp_path: Path, score: str, images: list[np.ndarray]) -> tuple[Path
 
 
 def _same(got, expected) -> None:
-    assert (got.label, got.stage, got.budget_limited) == (expected.label, expected.stage, expected.budget_limited)
+    assert (got.label, got.stage_index, got.budget_limited) == (expected.label, expected.stage_index, expected.budget_limited)
     assert got.score == pytest.approx(expected.score, rel=1e-5, abs=1e-6)
     assert [(r.decision, r.label) for r in got.trace] == [(r.decision, r.label) for r in expected.trace]
     assert [r.score for r in got.trace] == pytest.approx([r.score for r in expected.trace], rel=1e-5, abs=1e-6)
@@ -78,11 +78,11 @@ def test_onnx_graph_decision_answers_as_numpy(tmp_path, score):
     plain, graph = _bundles(tmp_path, score, images)
     doc = json.loads((graph / "manifest.json").read_text())
     assert Manifest.from_dict(doc).to_dict() == doc and Manifest.from_dict(doc).stages[0].artifacts["onnx"].decision
-    with load(plain, backend="onnxruntime") as reference, load(graph, backend="onnxruntime") as cascade:
+    with load(plain, runtime="onnxruntime") as reference, load(graph, runtime="onnxruntime") as cascade:
         assert [st.decision for st in reference._stages] == [None] * 3
         assert all(st.decision == ("exit_score", "exit_label") for st in cascade._stages)
         answers = [reference.predict(im) for im in images]
-        assert len({a.stage for a in answers}) > 1  # the thresholds let some images exit early and others not
+        assert len({a.stage_index for a in answers}) > 1  # the thresholds let some images exit early and others not
         for im, expected in zip(images, answers):
             _same(cascade.predict(im), expected)
         for got, expected in zip(cascade.predict_batch(images, max_batch=7), answers):
@@ -97,12 +97,12 @@ def test_refitted_temperature_reaches_the_graph(tmp_path):
     images = _images(4)
     _, graph = _bundles(tmp_path, "max_softmax", images)
     doc = json.loads((graph / "manifest.json").read_text())
-    with load(graph, backend="onnxruntime") as cascade:
+    with load(graph, runtime="onnxruntime") as cascade:
         before = [r.score for r in cascade.run_all_stages(images[0]).trace]
     for stage in doc["stages"]:
         stage["exit"]["temperature"] = 4.0
     (graph / "manifest.json").write_text(json.dumps(doc))
-    with load(graph, backend="onnxruntime") as cascade:
+    with load(graph, runtime="onnxruntime") as cascade:
         after = cascade.run_all_stages(images[0])
     logits = np.stack([lg[0] for lg in cascade_logits(graph, images[0])])
     expected = [float(np.max(np.exp(z / 4.0 - np.max(z / 4.0)) / np.exp(z / 4.0 - np.max(z / 4.0)).sum())) for z in logits]
@@ -111,7 +111,7 @@ def test_refitted_temperature_reaches_the_graph(tmp_path):
 
 
 def cascade_logits(bundle: Path, image: np.ndarray) -> list[np.ndarray]:
-    with load(bundle, backend="onnxruntime", warmup=False) as cascade:
+    with load(bundle, runtime="onnxruntime", warmup=False) as cascade:
         return cascade.stage_logits([image])
 
 
@@ -124,7 +124,7 @@ def test_a_changed_score_falls_back_to_numpy(tmp_path):
         for stage in doc["stages"]:
             stage["exit"]["score"] = "margin"
         (folder / "manifest.json").write_text(json.dumps(doc))
-    with load(plain, backend="onnxruntime") as reference, load(graph, backend="onnxruntime") as cascade:
+    with load(plain, runtime="onnxruntime") as reference, load(graph, runtime="onnxruntime") as cascade:
         assert [st.decision for st in cascade._stages] == [None] * 3
         for im in images:
             _same(cascade.predict(im), reference.predict(im))
@@ -146,8 +146,8 @@ def test_openvino_adds_the_decision_at_load(tmp_path, score):
         stage["artifacts"]["openvino"] = artifact
         files.update({f"openvino/{name}.xml": xml, f"openvino/{name}.bin": xml.with_suffix(".bin")})
     bundle = write_bundle(tmp_path / "ov", doc, files)
-    with load(plain, backend="onnxruntime") as reference, \
-            load(bundle, backend="openvino", options={"cache_dir": False}) as cascade:
+    with load(plain, runtime="onnxruntime") as reference, \
+            load(bundle, runtime="openvino", options={"cache_dir": False}) as cascade:
         assert all(st.decision == ("exit_score", "exit_label") for st in cascade._stages)
         answers = [reference.predict(im) for im in images]
         for im, expected in zip(images, answers):

@@ -109,8 +109,8 @@ def test_a_registered_format_runtime_and_exit_score_run_a_bundle_end_to_end(tmp_
     first = OPENED[0]
     gaps = [float(logit_gap(None, x.reshape(1, -1) @ first.w + first.b, ScoreContext())[0]) for x in first.seen]
     assert gaps[0] >= 2.0 > gaps[1]  # the toy score decided: the bright image exits at stage 0, the dark one not
-    assert (early.stage, early.name) == (0, "a") and early.score == pytest.approx(gaps[0], rel=1e-6)
-    assert (late.stage, late.name) == (1, "c")
+    assert (early.stage_index, early.name) == (0, "a") and early.score == pytest.approx(gaps[0], rel=1e-6)
+    assert (late.stage_index, late.name) == (1, "c")
 
 
 def test_the_manifest_check_follows_the_registries(tmp_path, registries):

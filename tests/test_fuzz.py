@@ -27,7 +27,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stagewise.testing import manifest_for  # noqa: E402
-from stagewise.bundle import artifact_files, write_bundle  # noqa: E402
+from stagewise.bundle import write_bundle  # noqa: E402
+from stagewise.manifest import document_files  # noqa: E402
 from toy_bundle import toy_bundle, toy_image  # noqa: E402
 
 POOL = [None, True, False, 0, -1, 1, 0.5, 1.5, 1e308, -1e308, 10 ** 6, 10 ** 20, float("nan"), float("inf"),
@@ -57,7 +58,7 @@ def _uint8_nchw(doc: dict, rng: random.Random) -> None:
 
 
 def _control_character_path(doc: dict, rng: random.Random) -> None:
-    entry = rng.choice(list(artifact_files(doc)))
+    entry = rng.choice(list(document_files(doc)))
     at = rng.randrange(len(entry["path"]) + 1)
     entry["path"] = entry["path"][:at] + rng.choice(["\0", "\n", "\x1f"]) + entry["path"][at:]
 
@@ -180,7 +181,7 @@ BUNDLES = {"image": toy_bundle, "carry": carry_bundle}
 
 
 def _answers(path: Path) -> tuple:
-    with stagewise.load(path, backend="onnxruntime", warmup=False) as cascade:
+    with stagewise.load(path, runtime="onnxruntime", warmup=False) as cascade:
         image = toy_image()
         out = []
         for point in cascade.operating_points:
@@ -188,8 +189,8 @@ def _answers(path: Path) -> tuple:
             if not (0 <= p.label < len(cascade.classes) and p.name == cascade.classes[p.label]
                     and np.isfinite(p.score) and np.all(np.isfinite(p.probabilities))):
                 raise AssertionError(f"malformed prediction {p}")
-            out.append((point, p.name, p.stage, round(p.score, 6)))
-        out.extend((b.name, b.stage) for b in cascade.predict_batch([image, image], max_batch=1))
+            out.append((point, p.name, p.stage_index, round(p.score, 6)))
+        out.extend((b.name, b.stage_index) for b in cascade.predict_batch([image, image], max_batch=1))
         return tuple(out)
 
 

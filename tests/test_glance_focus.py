@@ -132,7 +132,7 @@ def test_batch_equals_one_by_one_with_patch_stages(bundle, calib):
             cascade.choose_patches(mode, seed=3)
             single = [cascade.predict(im, operating_point=point) for im in images]
             batch = cascade.predict_batch(images, operating_point=point, max_batch=16)
-            assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
+            assert [(p.label, p.stage_index) for p in batch] == [(p.label, p.stage_index) for p in single]
             np.testing.assert_allclose([p.score for p in batch], [p.score for p in single], rtol=1e-5)
             assert [[r.box for r in p.trace] for p in batch] == [[r.box for r in p.trace] for p in single]
         full = [cascade.run_all_stages(im) for im in images[:10]]
@@ -210,8 +210,8 @@ def test_other_runtimes_run_the_glance_and_focus_bundle_like_onnx_runtime(tmp_pa
     images = [calib.image(i) for i in range(30)]
     answers = {}
     for name in ("onnxruntime", runtime):
-        with stagewise.load(out, backend=name, threads=1) as cascade:
-            answers[name] = [(p.label, p.stage, p.trace[-1].box) for p in cascade.predict_batch(images, "full")]
+        with stagewise.load(out, runtime=name, threads=1) as cascade:
+            answers[name] = [(p.label, p.stage_index, p.trace[-1].box) for p in cascade.predict_batch(images, "full")]
     assert answers[runtime] == answers["onnxruntime"]
 
 

@@ -100,13 +100,13 @@ def test_cut_points_follow_the_layer_graph():
 def test_keras_bundle_on_litert_agrees_with_keras(cli_bundle, image_folder):
     images = open_image_set(image_folder)
     pictures = [images.image(i) for i in range(len(images))]
-    with stagewise.load(cli_bundle, backend="litert", threads=1) as cascade:
+    with stagewise.load(cli_bundle, runtime="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
-        assert m["producer"]["source_framework"] == "keras" and m["input"]["layout"] == "NHWC"
-        assert m["stages"][0]["head"]["kind"] == "savchenko" and m["stages"][0]["head"]["after"] == "block1_out"
-        assert all(s["artifacts"]["tflite"]["precision"] == "fp32" for s in m["stages"])
+        assert m.producer["source_framework"] == "keras" and m.input.layout == "NHWC"
+        assert m.stages[0].head["kind"] == "savchenko" and m.stages[0].head["after"] == "block1_out"
+        assert all(s.artifacts["tflite"].precision == "fp32" for s in m.stages)
         got = cascade.stage_logits(pictures, batch_size=32)
-        heads = [s.get("head") for s in m["stages"]]
+        heads = [s.head for s in m.stages]
     # the same Keras stages, rebuilt through the API with the CLI's settings (heads trained on all the images)
     model = toys.factory()
     plans = early_exit_plans(model, ["block1_out"], PRE, (16, 16), images, HeadTraining(kind="savchenko"))
@@ -120,18 +120,18 @@ def test_keras_bundle_on_litert_agrees_with_keras(cli_bundle, image_folder):
 
 
 def test_keras_int8_io_tflite_honours_quantization(multi_bundle, splits):
-    with stagewise.load(multi_bundle, backend="litert", threads=1) as cascade:
-        stages = cascade.bundle.manifest["stages"]
+    with stagewise.load(multi_bundle, runtime="litert", threads=1) as cascade:
+        stages = cascade.bundle.manifest.stages
         for k, stage in enumerate(stages):
-            art = stage["artifacts"]["tflite"]
-            assert art["precision"] == "int8" and art["quantization"]["io"] == "int8"
+            art = stage.artifacts["tflite"]
+            assert art.precision == "int8" and art.quantization["io"] == "int8"
             info = describe(cascade.bundle.artifact_paths(k, "tflite")[0])
             assert {dtype for _, dtype in info["inputs"] + info["outputs"]} == {"int8"}
             assert "DEQUANTIZE" not in info["ops"] and "QUANTIZE" not in info["ops"]  # full integer
-            assert cascade._stages[k].session.quantization == art["quantization"]["io_quantization"]
+            assert cascade._stages[k].session.quantization == art.quantization["io_quantization"]
         x = PRE.tensor([splits[1].image(i) for i in range(8)], (16, 16))
         out = cascade._stages[0].session.run(x)
-    q = stages[0]["artifacts"]["tflite"]["quantization"]["io_quantization"]
+    q = stages[0].artifacts["tflite"].quantization["io_quantization"]
     # dequantized outputs lie on the model's own grid: scale * (integer - zero point)
     for name in ("carry", "logits"):
         steps = out[name] / q[name]["scale"] + q[name]["zero_point"]
@@ -151,7 +151,7 @@ def test_keras_bundle_carries_onnx_and_openvino(multi_bundle, splits):
         assert stage["artifacts"]["openvino"]["verification"]["conversion"]["route"] == "native"
     labels = {}
     for backend in ("litert", "onnxruntime", "openvino"):
-        with stagewise.load(multi_bundle, backend=backend, threads=1) as cascade:
+        with stagewise.load(multi_bundle, runtime=backend, threads=1) as cascade:
             labels[backend] = np.array([p.label for p in cascade.predict_batch(images, operating_point="full")])
     # three independent INT8 quantizers of the same stages still mostly agree
     assert np.mean(labels["litert"] == labels["onnxruntime"]) >= 0.8
@@ -191,11 +191,11 @@ def test_keras_resolution_cascade_fp16(tmp_path, splits):
     assert plans[1].macs - dense == 4 * (plans[0].macs - dense)  # the convolution sees 4x the pixels
     out = build_bundle(tmp_path / "c", "c", plans, PRE, calib.classes, calib,
                        BuildOptions(formats=("tflite",), fp16=True, **QUICK))
-    with stagewise.load(out, backend="litert", threads=1) as cascade:
+    with stagewise.load(out, runtime="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
-        assert [s["input"]["size"] for s in m["stages"]] == [[8, 8], [16, 16]]
-        art = m["stages"][1]["artifacts"]["tflite"]
-        assert art["precision"] == "fp16" and art["verification"]["fp16"]["weights"] == "fp16"
+        assert [s.input.size for s in m.stages] == [(8, 8), (16, 16)]
+        art = m.stages[1].artifacts["tflite"]
+        assert art.precision == "fp16" and art.verification["fp16"]["weights"] == "fp16"
         shapes = []
         runners = cascade._acquire()  # the warmed-up runners the next request takes
         for runner in runners:
@@ -230,7 +230,7 @@ assert result.exit_code == 0, result.output + repr(result.exception)
 import stagewise
 with stagewise.load({str(out)!r}, threads=1) as cascade:
     p = cascade.predict(next(iter(__import__("pathlib").Path({str(image_folder)!r}).rglob("*.png"))))
-print(json.dumps({{"torch": "torch" in sys.modules, "stage": p.stage, "label": p.label}}))
+print(json.dumps({{"torch": "torch" in sys.modules, "stage": p.stage_index, "label": p.label}}))
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -68,13 +68,12 @@ def int8_bundle(tmp_path_factory, splits, plans):
 def test_torch_bundle_on_litert_agrees_with_torch(fp32_bundle, plans, image_folder):
     images = open_image_set(image_folder)
     pictures = [images.image(i) for i in range(len(images))]
-    with stagewise.load(fp32_bundle, backend="litert", threads=1) as cascade:
+    with stagewise.load(fp32_bundle, runtime="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
-        assert m["producer"]["source_framework"] == "torch"
-        assert [s["artifacts"]["tflite"]["files"][0]["path"] for s in m["stages"]] == ["tflite/exit0.tflite",
-                                                                                     "tflite/final.tflite"]
-        assert all(s["artifacts"]["tflite"]["precision"] == "fp32" for s in m["stages"])
-        assert all(s["cost"]["latency_ms"]["litert-cpu-1t"]["p50"] > 0 for s in m["stages"])
+        assert m.producer["source_framework"] == "torch"
+        assert [s.artifacts["tflite"].files[0].path for s in m.stages] == ["tflite/exit0.tflite", "tflite/final.tflite"]
+        assert all(s.artifacts["tflite"].precision == "fp32" for s in m.stages)
+        assert all(s.cost.latency("litert-cpu-1t").p50 > 0 for s in m.stages)
         logits = cascade.stage_logits(pictures, batch_size=32)  # batches of 32 and a remainder
         single = cascade.predict_stage(pictures[0], 1)
     with torch.no_grad():
@@ -89,19 +88,19 @@ def test_torch_bundle_on_litert_agrees_with_torch(fp32_bundle, plans, image_fold
 
 def test_batch_equals_single_on_litert(fp32_bundle, splits):
     images = [splits[1].image(i) for i in range(len(splits[1]))]
-    with stagewise.load(fp32_bundle, backend="litert", threads=1) as cascade:
+    with stagewise.load(fp32_bundle, runtime="litert", threads=1) as cascade:
         cascade.use("drop-2pt")
         single = [cascade.predict(im) for im in images]
         batch = cascade.predict_batch(images)
-    assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
+    assert [(p.label, p.stage_index) for p in batch] == [(p.label, p.stage_index) for p in single]
 
 
 def test_int8_io_quantization_parameters_are_honoured(int8_bundle, splits):
-    with stagewise.load(int8_bundle, backend="litert", threads=1) as cascade:
+    with stagewise.load(int8_bundle, runtime="litert", threads=1) as cascade:
         m = cascade.bundle.manifest
         path = cascade.bundle.artifact_paths(0, "tflite")[0]
-        record = m["stages"][0]["artifacts"]["tflite"]
-        assert record["precision"] == "int8" and record["quantization"]["io"] == "int8"
+        record = m.stages[0].artifacts["tflite"]
+        assert record.precision == "int8" and record.quantization["io"] == "int8"
         stage = cascade._stages[0].session
         x = PRE.tensor([splits[1].image(i) for i in range(6)], (16, 16))
         got = stage.run(x)
@@ -110,7 +109,7 @@ def test_int8_io_quantization_parameters_are_honoured(int8_bundle, splits):
     ind, outd = runner.get_input_details()["image"], runner.get_output_details()
     assert ind["dtype"] == np.int8
     scale, zero = ind["quantization_parameters"]["scales"][0], ind["quantization_parameters"]["zero_points"][0]
-    assert record["quantization"]["io_quantization"]["input"] == pytest.approx(
+    assert dict(record.quantization["io_quantization"]["input"]) == pytest.approx(
         {"dtype": "int8", "scale": float(scale), "zero_point": int(zero)})
     for row in range(len(x)):
         q = np.clip(np.rint(x[row:row + 1] / scale) + zero, -128, 127).astype(np.int8)
@@ -133,7 +132,7 @@ def test_tampered_tflite_is_refused(fp32_bundle, tmp_path):
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="final.tflite"):
-        stagewise.load(copy, backend="litert")
+        stagewise.load(copy, runtime="litert")
 
 
 def test_garbage_tflite_is_a_bundle_error(tmp_path):
@@ -170,7 +169,7 @@ def test_tflite_runtime_counts_as_installed():
 
 def test_device_side_imports_only_the_interpreter(fp32_bundle):
     code = ("import json, sys, stagewise\n"
-            f"c = stagewise.load({str(fp32_bundle)!r}, backend='litert', threads=1)\n"
+            f"c = stagewise.load({str(fp32_bundle)!r}, runtime='litert', threads=1)\n"
             "c.predict(__import__('numpy').zeros((16, 16, 3), 'uint8'))\n"
             "print(json.dumps(sorted(sys.modules)))")
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -102,12 +103,16 @@ def test_records_are_read_only():
         m.stages[0].head["after"] = "layer2"
 
 
-def test_json_view_for_key_readers():
+def test_writers_change_records_not_documents():
     doc = calibrated_document()
     m = Manifest.from_dict(doc)
-    assert m["stages"] == doc["stages"] and m.get("profiles") == doc["profiles"] and set(m) == set(doc)
-    m["stages"][0]["name"] = "changed"  # a fresh copy each time: the manifest itself does not change
-    assert m.stages[0].name == "s0"
+    renamed = m.with_stages(lambda k, s: replace(s, name=f"x{k}") if k == 0 else s)
+    assert [s.name for s in renamed.stages][:1] == ["x0"] and m.stages[0].name == "s0"  # the original is unchanged
+    full = m.with_points([{"name": "only", "thresholds": [None] * len(m.stages)}], "only")
+    assert [p.name for p in full.operating_points] == ["only"] and full.default_operating_point == "only"
+    assert Manifest.from_dict(full.to_dict()) == full
+    with pytest.raises(TypeError):
+        m["stages"]  # no JSON view: read attributes, write with write_bundle
 
 
 @pytest.mark.parametrize("change, field", [
@@ -140,10 +145,8 @@ def test_bundles_read_typed_and_write_either_form(tmp_path, suffix):
     second = write_bundle(tmp_path / f"second{suffix}", bundle.manifest, {"a.onnx": data})
     assert read_bundle(second).manifest == bundle.manifest
 
-    def rename(d: dict, root) -> dict:
-        assert d == doc_with_files
-        d["name"] = "renamed"
-        return d
-    doc_with_files = bundle.manifest.to_dict()
-    assert update_manifest(second, rename)["name"] == "renamed" and read_bundle(second).manifest.name == "renamed"
+    def rename(m: Manifest, root) -> Manifest:
+        assert m == bundle.manifest
+        return replace(m, name="renamed")
+    assert update_manifest(second, rename).name == "renamed" and read_bundle(second).manifest.name == "renamed"
     bundle.close()

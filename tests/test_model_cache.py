@@ -32,7 +32,7 @@ def bundle(tmp_path) -> Path:
 
 
 def _load(path: Path, cache: Path):
-    return stagewise.load(path, backend="onnxruntime", warmup=False, options={"cache_dir": str(cache)})
+    return stagewise.load(path, runtime="onnxruntime", warmup=False, options={"cache_dir": str(cache)})
 
 
 def _from_cache(path: Path, cache: Path) -> list[bool]:
@@ -88,7 +88,7 @@ def test_a_full_disk_during_the_first_load_publishes_nothing(tmp_path, bundle):
         resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.RLIM_INFINITY))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            c = stagewise.load({str(bundle)!r}, backend="onnxruntime", warmup=False,
+            c = stagewise.load({str(bundle)!r}, runtime="onnxruntime", warmup=False,
                                options={{"cache_dir": {str(cache)!r}}})
         print(c.predict(__import__("toy_bundle").toy_image()).name, len(caught))
     """)

@@ -146,7 +146,7 @@ def test_old_bundle_loads_and_the_monitor_says_it_has_no_reference(calibrated):
     from stagewise.runtimes.monitor import DriftMonitor
 
     _, data, old = calibrated
-    with load(old, backend="onnxruntime", threads=1) as cascade:
+    with load(old, runtime="onnxruntime", threads=1) as cascade:
         monitor = DriftMonitor.attach(cascade)
         cascade.predict_batch([data / "class0" / "000.png", data / "class1" / "001.png"])
         report = monitor.report()
@@ -163,7 +163,7 @@ def test_monitor_is_quiet_in_distribution_and_alarms_and_switches_under_shift(ca
     same = sorted(data.glob("*/*.png"))
     shifted = sorted(_images(tmp_path / "shifted", shift=25, seed=1).glob("*/*.png"))  # no colour cue left
     seen = []
-    with load(bundle, backend="onnxruntime", threads=1) as cascade:
+    with load(bundle, runtime="onnxruntime", threads=1) as cascade:
         monitor = DriftMonitor.attach(cascade, MonitorSettings(fallback="full", agreement=1.0, block=16, capacity=200),
                                       on_alarm=seen.append)
         images = [np.asarray(Image.open(p).convert("RGB")) for p in same]
@@ -192,7 +192,7 @@ def test_sample_log_replays_and_recalibrates_label_free(calibrated, tmp_path):
     bundle, data, _ = calibrated
     copy = shutil.copy(bundle, tmp_path / "field.swb")
     log = tmp_path / "samples.jsonl"
-    with load(copy, backend="onnxruntime", threads=1) as cascade:
+    with load(copy, runtime="onnxruntime", threads=1) as cascade:
         monitor = DriftMonitor.attach(cascade, MonitorSettings(agreement=1.0, capacity=500, log=str(log)))
         for path in sorted(data.glob("*/*.png")):
             monitor.offer(path, cascade.predict(path))

@@ -72,7 +72,7 @@ def bundles(tmp_path_factory, new_images) -> dict[str, Path]:
 def test_every_stage_answers_the_folder_classes(bundles, new_images, name):
     out, exits = bundles[name], name == "early"
     manifest = read_bundle(out).manifest
-    assert list(manifest.task.labels) == ["accordion", "bonsai", "cougar", "dalmatian"]
+    assert list(manifest.task.classes) == ["accordion", "bonsai", "cougar", "dalmatian"]
     assert len(manifest.stages) == (2 if exits else 1)
     final = manifest.stages[-1].head
     assert final["after"] == "pool" and final["classes"] == "new"  # the penultimate (pooled) features
@@ -119,7 +119,7 @@ def test_python_and_toml_take_new_classes_and_savchenko_heads(tmp_path, new_imag
     result = CliRunner().invoke(cli, ["convert", str(config)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "the backbone ran on 0 images" in result.output  # every feature came from the Python run's cache
-    assert list(read_bundle(tmp_path / "toml.swb").manifest.task.labels)[0] == "accordion"
+    assert list(read_bundle(tmp_path / "toml.swb").manifest.task.classes)[0] == "accordion"
 
 
 def test_automatic_placement_with_new_classes(tmp_path, new_images):
@@ -130,7 +130,7 @@ def test_automatic_placement_with_new_classes(tmp_path, new_images):
     manifest = read_bundle(out).manifest
     placement = manifest.stages[0].head["placement"]
     assert all(c["macs"] > 0 for c in placement["candidates"])
-    assert manifest.stages[-1].head["after"] == "pool" and len(manifest.task.labels) == 4
+    assert manifest.stages[-1].head["after"] == "pool" and len(manifest.task.classes) == 4
 
 
 def test_features_are_extracted_once_for_all_cuts_and_cached(tmp_path, new_images):
@@ -206,7 +206,7 @@ def test_a_keras_backbone_takes_new_classes(tmp_path, new_images):
     out = convert(residual_net(), out=tmp_path / "keras.swb", data=new_images, exits=["block1_out"], new_classes=True,
                   target_drop=2.0)
     manifest = read_bundle(out).manifest
-    assert list(manifest.task.labels) == ["accordion", "bonsai", "cougar", "dalmatian"]
+    assert list(manifest.task.classes) == ["accordion", "bonsai", "cougar", "dalmatian"]
     assert [s.head["after"] for s in manifest.stages][0] == "block1_out" and len(manifest.stages) == 2
     images = open_image_set(new_images).take_per_class(3, seed=1)
     with load(out) as cascade:

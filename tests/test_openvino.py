@@ -102,14 +102,14 @@ def npu_bundle(tmp_path_factory, splits, ee_plans):
 
 def _decisions(cascade, images, point):
     preds = cascade.predict_batch(images, operating_point=point)
-    return [(p.label, p.stage) for p in preds], preds
+    return [(p.label, p.stage_index) for p in preds], preds
 
 
 @pytest.mark.parametrize("which", ["ee_bundle", "cascade_bundle"])
 def test_openvino_agrees_with_onnxruntime(request, which, images):
     bundle = request.getfixturevalue(which)
-    with stagewise.load(bundle, backend="onnxruntime", threads=1) as ort_c, \
-            stagewise.load(bundle, backend="openvino", threads=1) as ov_c:
+    with stagewise.load(bundle, runtime="onnxruntime", threads=1) as ort_c, \
+            stagewise.load(bundle, runtime="openvino", threads=1) as ov_c:
         assert ov_c.runtime == "openvino"
         for a, b in zip(ort_c.stage_logits(images), ov_c.stage_logits(images)):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max())))
@@ -122,7 +122,7 @@ def test_openvino_agrees_with_onnxruntime(request, which, images):
                 # a score within float noise of a threshold may fall either side; none should here
                 near = any(r.threshold is not None and abs(r.score - r.threshold) < 1e-5 for r in p.trace)
                 assert od == vd or near, (point, od, vd, thresholds)
-        one_by_one = [(p.label, p.stage) for p in map(ov_c.predict, images)]
+        one_by_one = [(p.label, p.stage_index) for p in map(ov_c.predict, images)]
         assert one_by_one == _decisions(ov_c, images, ov_c.operating_point)[0]
 
 
@@ -143,7 +143,7 @@ def test_manifest_lists_xml_then_bin_with_verification(ee_bundle):
 def test_unknown_device_lists_available_devices(ee_bundle):
     for device in ("NPU", "GPU.3", "AUTO:FPGA,CPU", "TPU"):
         with pytest.raises(DeviceUnavailableError) as err:
-            stagewise.load(ee_bundle, backend="openvino", device=device, warmup=False)
+            stagewise.load(ee_bundle, runtime="openvino", device=device, warmup=False)
         message = str(err.value)
         assert "available devices: " in message and "CPU" in message.split("available devices: ")[1]
 
@@ -173,7 +173,7 @@ def test_missing_bin_is_reported(tmp_path, ee_bundle):
     bundle = _copy(ee_bundle, tmp_path / "b")
     (bundle / "openvino" / "final.bin").unlink()
     with pytest.raises(IntegrityError, match="openvino/final.bin is missing"):
-        stagewise.load(bundle, backend="openvino")
+        stagewise.load(bundle, runtime="openvino")
     files, io = _stage_files(bundle)
     with pytest.raises(BundleError, match=r"weights \(\.bin\) file .*final\.bin is missing"):
         openvino_adapter.open_stage(files, io, LoadOptions(threads=1))
@@ -187,7 +187,7 @@ def test_tampered_xml_is_reported(tmp_path, ee_bundle):
     text = xml.read_text()
     xml.write_text(text[: len(text) // 2])
     with pytest.raises(IntegrityError, match="openvino/final.xml has sha256"):
-        stagewise.load(bundle, backend="openvino")
+        stagewise.load(bundle, runtime="openvino")
     files, io = _stage_files(bundle)
     with pytest.raises(BundleError, match="OpenVINO cannot read final.xml"):
         openvino_adapter.open_stage(files, io, LoadOptions(threads=1))
@@ -200,24 +200,24 @@ def test_tampered_xml_is_reported(tmp_path, ee_bundle):
 def test_second_load_comes_from_the_content_keyed_cache(tmp_path, ee_bundle, npu_bundle, images):
     cache = tmp_path / "cache"
     opts = {"cache_dir": str(cache)}
-    with stagewise.load(ee_bundle, backend="openvino", threads=1, options=opts, warmup=False) as c:
+    with stagewise.load(ee_bundle, runtime="openvino", threads=1, options=opts, warmup=False) as c:
         assert [s.session.loaded_from_cache for s in c._stages] == [False] * 3
     assert any(cache.iterdir())
-    with stagewise.load(ee_bundle, backend="openvino", threads=1, options=opts, warmup=False) as c:
+    with stagewise.load(ee_bundle, runtime="openvino", threads=1, options=opts, warmup=False) as c:
         assert [s.session.loaded_from_cache for s in c._stages] == [True] * 3
         expected = c.stage_logits(images[:8])
     # other content at the same path must not be served from the cache (a path-keyed cache would)
     same_path = tmp_path / "bundle"
     _copy(npu_bundle, same_path)
-    with stagewise.load(same_path, backend="openvino", threads=1, options=opts, warmup=False) as c:
+    with stagewise.load(same_path, runtime="openvino", threads=1, options=opts, warmup=False) as c:
         assert [s.session.loaded_from_cache for s in c._stages] == [False] * 3
     shutil.rmtree(same_path)
     _copy(ee_bundle, same_path)
-    with stagewise.load(same_path, backend="openvino", threads=1, options=opts, warmup=False) as c:
+    with stagewise.load(same_path, runtime="openvino", threads=1, options=opts, warmup=False) as c:
         assert [s.session.loaded_from_cache for s in c._stages] == [True] * 3
         for a, b in zip(expected, c.stage_logits(images[:8])):
             np.testing.assert_array_equal(a, b)
-    with stagewise.load(ee_bundle, backend="openvino", threads=1, options={"cache_dir": False}, warmup=False) as c:
+    with stagewise.load(ee_bundle, runtime="openvino", threads=1, options={"cache_dir": False}, warmup=False) as c:
         assert "CACHE_DIR" not in c._stages[0].session.config
 
 
@@ -242,8 +242,8 @@ def test_cpu_runs_in_f32_with_latency_hint_and_threads(ee_bundle):
 
 
 def test_auto_device_configures_cpu_through_device_properties(ee_bundle, images):
-    with stagewise.load(ee_bundle, backend="openvino", device="AUTO", threads=1) as auto, \
-            stagewise.load(ee_bundle, backend="openvino", device="CPU", threads=1) as cpu:
+    with stagewise.load(ee_bundle, runtime="openvino", device="AUTO", threads=1) as auto, \
+            stagewise.load(ee_bundle, runtime="openvino", device="CPU", threads=1) as cpu:
         session = auto._stages[0].session
         assert session.config["DEVICE_PROPERTIES"]["CPU"] == {"INFERENCE_NUM_THREADS": 1, "ENABLE_CPU_PINNING": False,
                                                               "INFERENCE_PRECISION_HINT": "f32"}
@@ -267,19 +267,19 @@ def test_npu_preset_is_static_and_runs_any_batch_on_cpu(npu_bundle, images):
         assert "onnx" in stage["artifacts"]  # the ONNX artifacts of the same bundle stay dynamic
     # calibrated on OpenVINO, the first format
     assert "openvino-cpu-1t" in m["stages"][0]["cost"]["latency_ms"]
-    with stagewise.load(npu_bundle, backend="openvino", threads=1) as c:
+    with stagewise.load(npu_bundle, runtime="openvino", threads=1) as c:
         assert [s.session.static_batch for s in c._stages] == [1] * 3
         batch = c.predict_batch(images)
         single = [c.predict(im) for im in images]
-        assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
+        assert [(p.label, p.stage_index) for p in batch] == [(p.label, p.stage_index) for p in single]
         logits = c.stage_logits(images[:5], batch_size=5)
         rows = np.concatenate([c.stage_logits([im])[2] for im in images[:5]])
         np.testing.assert_allclose(logits[2], rows, rtol=1e-6, atol=1e-6)
 
 
 def test_static_shapes_option_matches_dynamic(ee_bundle, images):
-    with stagewise.load(ee_bundle, backend="openvino", threads=1, options={"static_shapes": True}) as static, \
-            stagewise.load(ee_bundle, backend="openvino", threads=1) as dynamic:
+    with stagewise.load(ee_bundle, runtime="openvino", threads=1, options={"static_shapes": True}) as static, \
+            stagewise.load(ee_bundle, runtime="openvino", threads=1) as dynamic:
         assert [s.session.static_batch for s in static._stages] == [1] * 3
         for a, b in zip(static.stage_logits(images[:7]), dynamic.stage_logits(images[:7])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -357,12 +357,12 @@ def test_auto_backend_follows_the_preference_order(ee_bundle, monkeypatch):
             return c.runtime
     assert runtime() == "onnxruntime"
     assert runtime(prefer=("openvino", "onnxruntime")) == "openvino"
-    assert runtime(backend="openvino,onnxruntime") == "openvino"
+    assert runtime(runtime="openvino,onnxruntime") == "openvino"
     monkeypatch.setenv("STAGEWISE_PREFER", "openvino,onnxruntime")
     assert runtime() == "openvino"
-    assert runtime(backend="onnxruntime") == "onnxruntime"
+    assert runtime(runtime="onnxruntime") == "onnxruntime"
     with pytest.raises(BackendUnavailableError, match="'tensorrt'"):
-        runtime(backend="tensorrt,openvino")
+        runtime(runtime="tensorrt,openvino")
 
 
 def test_cli_flags_reach_the_build_options(tmp_path):
@@ -399,8 +399,8 @@ def test_swb_bundle_loads_on_openvino(cascade_bundle, images):
         assert bundle.formats() == ["onnx", "openvino"]
     finally:
         bundle.close()
-    with stagewise.load(cascade_bundle, backend="openvino", threads=1) as c:
-        assert c.predict(images[0]).stage in (0, 1)
+    with stagewise.load(cascade_bundle, runtime="openvino", threads=1) as c:
+        assert c.predict(images[0]).stage_index in (0, 1)
 
 
 def test_openvino_accuracy_control_reverts_the_fragile_layer(tmp_path):

@@ -53,10 +53,10 @@ def test_load_refuses_an_unknown_option_before_opening_anything(tmp_path: Path):
     stages = [stage_entry("s0", {"source": "image", "size": [8, 8], "tensor": "image"}, ["s0.onnx"], carry=False)]
     bundle = write_bundle(tmp_path / "b", manifest_for(stages, ["a", "b"], {"full": [None]}), {"s0.onnx": model})
     with pytest.raises(stagewise.UnknownOptionError, match="'provider'.*valid options: providers, session_config"):
-        stagewise.load(bundle, backend="onnxruntime", options={"provider": ["CPUExecutionProvider"]})
+        stagewise.load(bundle, runtime="onnxruntime", options={"provider": ["CPUExecutionProvider"]})
 
 
 def test_load_shows_its_signature():
     params = inspect.signature(stagewise.load).parameters
-    assert list(params)[:5] == ["path", "backend", "device", "threads", "options"]
+    assert list(params)[:5] == ["path", "runtime", "device", "threads", "options"]
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -40,7 +40,7 @@ def models(tmp_path) -> dict[str, Path]:
 
 
 def _load(path, **kw):
-    return stagewise.load(path, backend="onnxruntime", warmup=False, **kw)
+    return stagewise.load(path, runtime="onnxruntime", warmup=False, **kw)
 
 
 def _swb(path: Path, members: list[tuple[str, bytes]], compression: int = zipfile.ZIP_DEFLATED) -> Path:
@@ -297,7 +297,7 @@ def test_options_are_checked_at_the_boundary(tmp_path):
                 cascade.predict(toy_image(), mean_budget_ms=bad)
             with pytest.raises(InvalidOptionError, match="mean_budget_ms"):
                 cascade.set_mean_budget(bad)
-        assert cascade.predict(toy_image(), budget_ms=0).stage == 0
+        assert cascade.predict(toy_image(), budget_ms=0).stage_index == 0
         assert list(map(cascade.predict, [toy_image()] * 3))[0].name == "green"
         for bad in (0, -1):
             with pytest.raises(InvalidOptionError, match="max_batch"):

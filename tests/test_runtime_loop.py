@@ -89,7 +89,7 @@ def slow(tmp_path_factory):
 
 
 def _open(path, **kw):
-    return load(path, backend="onnxruntime", threads=1, options={"cache_dir": False}, **kw)
+    return load(path, runtime="onnxruntime", threads=1, options={"cache_dir": False}, **kw)
 
 
 def test_load_predict_close_cycles_leave_the_thread_count_flat(toy):
@@ -101,7 +101,7 @@ def test_load_predict_close_cycles_leave_the_thread_count_flat(toy):
         cascade = _open(toy, warmup=False)
         p = cascade.predict(image, budget_ms=1e4, operating_point="full")
         cascade.close()
-        assert p.stage == 2 and not p.budget_limited
+        assert p.stage_index == 2 and not p.budget_limited
     assert threading.active_count() == before
     assert WATCHDOG.pending() == 0
     with pytest.raises(CascadeClosedError, match="load the bundle again"):
@@ -115,7 +115,7 @@ def test_two_concurrent_budgeted_requests_honour_their_own_deadlines(slow):
         t0 = time.perf_counter()
         full = cascade.predict(image, operating_point="full")
         stage_s = time.perf_counter() - t0
-        assert full.stage == 1 and stage_s > SHORT_MS / 1e3 + CANCEL_BOUND_S  # long enough to tell
+        assert full.stage_index == 1 and stage_s > SHORT_MS / 1e3 + CANCEL_BOUND_S  # long enough to tell
         for _ in range(3):
             cascade.latency.reset()  # nothing measured: both requests admit the slow stage
             answers = {}
@@ -128,7 +128,7 @@ def test_two_concurrent_budgeted_requests_honour_their_own_deadlines(slow):
             short_s = time.perf_counter() - t0
             long.join()
             assert [r.decision for r in short.trace] == ["continue", "cancelled_budget"]
-            assert short.stage == 0 and short.budget_limited and short_s < SHORT_MS / 1e3 + CANCEL_BOUND_S
+            assert short.stage_index == 0 and short.budget_limited and short_s < SHORT_MS / 1e3 + CANCEL_BOUND_S
             kept = answers["long"]
             assert [r.decision for r in kept.trace] == ["continue", "last"] and not kept.budget_limited
             np.testing.assert_allclose(kept.probabilities, full.probabilities, rtol=1e-5)
@@ -140,7 +140,7 @@ def test_huge_budgets_mean_no_deadline_and_later_budgets_are_still_enforced(slow
     image = toy_image()
     with _open(slow, warmup=False) as cascade:
         p = cascade.predict(image, budget_ms=budget, operating_point="full")
-        assert p.stage == 1 and not p.budget_limited and p.budget_ms == (1e308 if budget == 1e308 else math.inf)
+        assert p.stage_index == 1 and not p.budget_limited and p.budget_ms == (1e308 if budget == 1e308 else math.inf)
         assert [r.reason for r in p.trace] == ["first", "fits"] and WATCHDOG.pending() == 0
         cascade.latency.reset()
         t0 = time.perf_counter()
@@ -210,15 +210,15 @@ def test_batch_equals_single_with_carries_kept_in_the_runtime(tmp_path):
     images = [rng.integers(0, 256, (8, 8, 3)).astype(np.uint8) for _ in range(40)]
     runtimes = ["onnxruntime"] + (["openvino"] if "openvino/s0.xml" in files else [])
     for runtime in runtimes:
-        with load(bundle, backend=runtime, threads=1, options={"cache_dir": False}) as cascade:
+        with load(bundle, runtime=runtime, threads=1, options={"cache_dir": False}) as cascade:
             single = [cascade.predict(im) for im in images]
             batch = cascade.predict_batch(images, max_batch=16)
-            assert len({p.stage for p in single}) == 3  # every exit is exercised
-            assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
+            assert len({p.stage_index for p in single}) == 3  # every exit is exercised
+            assert [(p.label, p.stage_index) for p in batch] == [(p.label, p.stage_index) for p in single]
             np.testing.assert_allclose([p.score for p in batch], [p.score for p in single], rtol=1e-5)
             logits = cascade.stage_logits(images)  # plain session.run, carries copied through numpy
             for p, i in zip(single, range(len(images))):
-                np.testing.assert_allclose(p.probabilities, np.exp(logits[p.stage][i]) / np.exp(logits[p.stage][i]).sum(),
+                np.testing.assert_allclose(p.probabilities, np.exp(logits[p.stage_index][i]) / np.exp(logits[p.stage_index][i]).sum(),
                                            rtol=1e-4, atol=1e-6)
             assert all(r.ran_on == cascade.ran_on[0] for p in single for r in p.trace)
             assert cascade.ran_on[0] == ("CPUExecutionProvider" if runtime == "onnxruntime" else "CPU")
@@ -250,11 +250,11 @@ def test_require_device_fails_clearly_when_a_stage_falls_back(toy):
     saved = dict(RUNTIMES)
     register_runtime(_FallbackRuntime("fallback", "onnx", "unused", "unused", "nothing to install"))
     try:
-        with load(toy, backend="fallback", device="NPU", warmup=False) as cascade:  # without the flag: runs, and says where
+        with load(toy, runtime="fallback", device="NPU", warmup=False) as cascade:  # without the flag: runs, and says where
             assert cascade.ran_on == ["CPUExecutionProvider"] * 3
         with pytest.raises(DeviceUnavailableError, match=r"stage s0: it runs on CPUExecutionProvider, not on 'NPU'"):
-            load(toy, backend="fallback", device="NPU", require_device=True)
-        load(toy, backend="fallback", device="CPU", require_device=True).close()
+            load(toy, runtime="fallback", device="NPU", require_device=True)
+        load(toy, runtime="fallback", device="CPU", require_device=True).close()
     finally:
         RUNTIMES.clear()
         RUNTIMES.update(saved)

@@ -45,7 +45,7 @@ def test_thresholds_follow_the_bh_rule_then_heads_are_retrained():
     for alpha, thr in result.thresholds.items():
         assert np.isinf(thr[-1])
         for m in (1, 2):
-            wrong = max_wrong_class(result.held_out_decisions[m - 1], result.held_out_labels)
+            wrong = max_wrong_class(result.held_out_decisions[m - 1], result.held_out_targets)
             rank = int(np.floor(alpha * m * 300 / m_total))
             if rank == 0:
                 assert np.isinf(thr[m - 1])
@@ -91,11 +91,10 @@ def test_bundle_heads_match_and_alpha_points_drive_the_runtime(tmp_path, image_f
     plans = plans_from_heads(model, cuts, pre, (16, 16), result.heads, result.record)
     out = build_bundle(tmp_path / "sav.swb", "sav", plans, pre, images.classes, calib, BuildOptions(profile_images=5))
     manifest = update_manifest(out, lambda m, root: add_alpha_points(m, result, default_alpha=0.3))
-    assert manifest["default_operating_point"] == "alpha-0.3"
-    assert manifest["stages"][0]["exit"]["score"] == "max_logit"
-    assert manifest["stages"][0]["head"]["classifier"] == "linear_svm_squared_hinge"
-    point = next(p for p in manifest["operating_points"] if p["name"] == "alpha-0.3")
-    assert point["thresholds"][0] == pytest.approx(result.thresholds[0.3][0])
+    assert manifest.default_operating_point == "alpha-0.3"
+    assert manifest.stages[0].exit.score == "max_logit"
+    assert manifest.stages[0].head["classifier"] == "linear_svm_squared_hinge"
+    assert manifest.point("alpha-0.3").thresholds[0] == pytest.approx(result.thresholds[0.3][0])
     frames = [calib.image(i) for i in range(len(calib))]
     with load(out, threads=1) as cascade:
         logits = cascade.stage_logits(frames)
@@ -104,4 +103,4 @@ def test_bundle_heads_match_and_alpha_points_drive_the_runtime(tmp_path, image_f
             np.testing.assert_allclose(logits[k], result.heads[k].decision(expected[k]), atol=1e-4)
         t = result.thresholds[0.3][0]
         for frame, d0 in zip(frames, logits[0]):
-            assert (cascade.predict(frame).stage == 0) == (d0.max() >= t)
+            assert (cascade.predict(frame).stage_index == 0) == (d0.max() >= t)

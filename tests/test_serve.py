@@ -21,7 +21,7 @@ tritonclient_http = pytest.importorskip("tritonclient.http")
 
 @pytest.fixture(scope="module")
 def reference():
-    with load(TOY_BUNDLE, backend="onnxruntime", threads=1) as cascade:
+    with load(TOY_BUNDLE, runtime="onnxruntime", threads=1) as cascade:
         yield cascade
 
 
@@ -31,7 +31,8 @@ def image_files(image_folder):
 
 
 def same(answer: dict, p) -> None:
-    assert (answer["label"], answer["stage"], answer["class_name"]) == (p.label, p.stage, p.name)
+    assert (answer["label"], answer["stage_index"], answer["stage_name"], answer["class_name"]) == \
+        (p.label, p.stage_index, p.stage_name, p.name)
     assert answer["score"] == pytest.approx(p.score, abs=1e-5)
 
 
@@ -49,7 +50,13 @@ def test_classify_answers_equal_predict_alone_and_in_micro_batches(reference, im
                                  params={"top_k": 2, "trace": "true", "budget_ms": 1000}).json()
             same(answer, reference.predict(image_files[0]))
             assert [t["label"] for t in answer["top_k"]] == [i for i, _ in reference.predict(image_files[0]).top_k(2)]
-            assert answer["trace"][0]["stage"] == "exit0" and answer["budget_limited"] is False
+            assert answer["trace"][0]["stage_name"] == "exit0" and answer["budget_limited"] is False
+            # the prediction's JSON is the one the CLI and stream write, plus the request's own keys
+            expected = reference.predict(image_files[0]).to_dict(top_k=2, classes=reference.classes)
+            assert set(expected) | {"request_ms", "queue_ms", "batch_size", "deadline_missed"} <= set(answer)
+            # the keys of 0.1 stay readable, with their old meaning, until 0.3.0 (CHANGELOG.md)
+            assert answer["stage"] == answer["stage_index"] and answer["elapsed_ms"] == answer["request_ms"]
+            assert answer["compute_ms"] <= answer["request_ms"]
 
         def one(path):
             with httpx.Client(base_url=url) as c:
@@ -73,10 +80,11 @@ def test_kserve_v2_with_tritonclient(reference, image_files):
             tensor = tritonclient_http.InferInput("image", list(images.shape), "UINT8")
             tensor.set_data_from_numpy(images, binary_data=binary)
             outputs = [tritonclient_http.InferRequestedOutput(n, binary_data=binary)
-                       for n in ("label", "score", "stage", "class_name")]
+                       for n in ("label", "score", "stage_index", "stage", "class_name")]
             result = client.infer("toy", [tensor], outputs=outputs)
             assert result.as_numpy("label").tolist() == [p.label for p in expected]
-            assert result.as_numpy("stage").tolist() == [p.stage for p in expected]
+            assert result.as_numpy("stage_index").tolist() == [p.stage_index for p in expected]
+            assert result.as_numpy("stage").tolist() == [p.stage_index for p in expected]  # its 0.1 name, until 0.3.0
             np.testing.assert_allclose(result.as_numpy("score"), [p.score for p in expected], atol=1e-5)
             assert [n.decode() if isinstance(n, bytes) else n for n in result.as_numpy("class_name")] == \
                 [p.name for p in expected]
@@ -227,7 +235,7 @@ def test_micro_batches_route_per_sample_and_budgeted_jobs_run_alone(tmp_path):
     batcher.submit(jobs)
     answers = [job.future.result(10) for job in jobs]
     batcher.close()
-    assert [a.prediction.stage for a in answers] == [0, 2, 0, 2, 0]
+    assert [a.prediction.stage_index for a in answers] == [0, 2, 0, 2, 0]
     assert {a.batch_size for a in answers} == {5}
     # ran alone, with its own deadline counted from its arrival (the 200 ms window has passed)
     assert 600 < answers[3].prediction.budget_ms <= 800  # 1000 less the 200 ms window, once (slow machines: less)
@@ -250,7 +258,7 @@ def test_serve_command_takes_its_settings_from_the_environment(monkeypatch):
     assert result.exit_code == 0, result.output
     (args, kwargs), = calls
     assert args == (str(TOY_BUNDLE), "127.0.0.1", 9123)
-    assert (kwargs["backend"], kwargs["threads"], kwargs["operating_point"]) == ("litert", 3, "full")
+    assert (kwargs["runtime"], kwargs["threads"], kwargs["operating_point"]) == ("litert", 3, "full")
     config = kwargs["config"]
     assert (config.max_batch, config.queue_size, config.max_body_bytes, config.reload_on_sighup) == \
         (4, 12, 2 ** 20, True)  # the command line wins over the environment

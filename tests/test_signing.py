@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def signed(request, tmp_path, keys) -> Path:
 
 
 def _load(path, **kw):
-    return stagewise.load(path, backend="onnxruntime", warmup=False, **kw)
+    return stagewise.load(path, runtime="onnxruntime", warmup=False, **kw)
 
 
 def test_signed_bundle_loads_with_its_key_and_unsigned_without_keys(tmp_path, signed, keys):
@@ -82,9 +83,8 @@ def test_any_changed_byte_of_manifest_or_artifacts_is_refused(signed, keys):
 
 
 def test_recomputed_hashes_do_not_fool_the_signature(signed, keys):
-    def relabel(document, root):
-        document["task"]["labels"] = ["blue", "green", "red"]
-        return document
+    def relabel(manifest, root):
+        return replace(manifest, task=replace(manifest.task, classes=("blue", "green", "red")))
 
     update_manifest(signed, relabel)  # a valid, re-hashed bundle, but not the one that was signed
     _load(signed).close()

@@ -43,7 +43,7 @@ def test_paces_to_the_frame_rate_and_fits_stages_into_each_frame(tmp_path):
     results = list(stream(cascade, [UNSURE] * 20, fps=50, clock=clock, sleep=sleep))  # 20 ms per frame
     assert [r.index for r in results] == list(range(20))
     assert all(r.status == "budget_limited" for r in results)  # stage 2 (20 ms) never fits in 20 ms - 7 ms
-    assert all(r.prediction.stage == 1 and r.trace[2].reason == "over_budget" for r in results)
+    assert all(r.prediction.stage_index == 1 and r.trace[2].reason == "over_budget" for r in results)
     assert [r.start_ms for r in results] == pytest.approx([20.0 * i for i in range(20)])
     assert all(r.latency_ms == pytest.approx(7.0) for r in results)
     assert len(sleep.calls) == 19  # waited for every frame after the first
@@ -62,7 +62,7 @@ def test_drops_frames_when_behind_and_never_decodes_them(tmp_path):
     assert all(not frames[i].decoded for i in dropped) and all(frames[r.index].decoded for r in processed)
     # the first stage alone (30 ms) cannot meet a 20 ms frame deadline: every processed frame is late,
     # but the backlog never grows: each processed frame started at most one period after it was due
-    assert all(r.status == "late" and r.prediction.stage == 0 for r in processed)
+    assert all(r.status == "late" and r.prediction.stage_index == 0 for r in processed)
     assert max(r.start_ms - r.due_ms for r in processed) <= 20.0 + 1e-6
     assert s.stats.dropped == len(dropped) and s.stats.processed == len(processed) == s.stats.late
     assert 0.0 <= s.stats.deadline_hit_rate < 0.01 and statuses[0] == "late"
@@ -105,9 +105,9 @@ def test_degrade_processes_every_frame_with_what_is_left(tmp_path):
     results = list(s.run(frames))
     assert [r.status for r in results].count("dropped") == 0
     # the frame after the slow one starts late, gets only the first stage, and the stream catches up
-    assert results[2].start_ms > results[2].due_ms and results[2].prediction.stage == 0
+    assert results[2].start_ms > results[2].due_ms and results[2].prediction.stage_index == 0
     assert results[2].budget_ms < 20.0 and results[2].prediction.budget_limited
-    assert all(r.prediction.stage == 1 for r in results[4:])
+    assert all(r.prediction.stage_index == 1 for r in results[4:])
     assert all(r.status != "late" for r in results[3:])
 
 

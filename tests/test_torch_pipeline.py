@@ -65,11 +65,11 @@ def int8_bundle(tmp_path_factory, splits):
 def test_bundle_records_precision_agreement_and_calibration(int8_bundle, splits):
     with stagewise.load(int8_bundle, threads=1) as cascade:
         m = cascade.bundle.manifest
-        for stage in m["stages"]:
-            onnx = stage["artifacts"]["onnx"]
-            q = onnx["quantization"]
+        for stage in m.stages:
+            onnx = stage.artifacts["onnx"]
+            q = onnx.quantization
             assert 0.0 <= q["agreement_with_fp32"] <= 1.0
-            assert onnx["precision"] == ("fp32" if q["kept_fp32"] else "int8")
+            assert onnx.precision == ("fp32" if q["kept_fp32"] else "int8")
             low, high = q["agreement_interval"]
             assert low <= q["agreement_with_fp32"] <= high
             low, high = q["difference_interval"]
@@ -79,21 +79,21 @@ def test_bundle_records_precision_agreement_and_calibration(int8_bundle, splits)
             assert q["decided_by"] == ("point estimate" if low < -0.005 <= high else "interval")
             assert q["host_speedup"] == pytest.approx(q["host_latency_ms"]["float"] / q["host_latency_ms"]["int8"],
                                                       rel=1e-2)
-            assert stage["cost"]["latency_ms"]["onnxruntime-cpu-1t"]["p50"] > 0
+            assert stage.cost.latency("onnxruntime-cpu-1t").p50 > 0
         from stagewise.reports import manifest_tables
 
         artifacts = manifest_tables(m)[0].columns[2]._cells  # what `stagewise inspect` prints per stage
-        assert all("float speed when built" in cell for cell in artifacts) and len(artifacts) == len(m["stages"])
-        cal = m["calibration"]
-        quantized = any(stage["artifacts"]["onnx"]["precision"] == "int8" for stage in m["stages"])
+        assert all("float speed when built" in cell for cell in artifacts) and len(artifacts) == len(m.stages)
+        cal = m.calibration
+        quantized = any(stage.artifacts["onnx"].precision == "int8" for stage in m.stages)
         assert ("float_reference_accuracy" in cal) == quantized
-        for point in m["operating_points"]:
-            goal = point["goal"]
+        for point in m.operating_points:
+            goal = point.goal
             if goal["kind"] == "max_accuracy_drop":
                 assert goal.get("reference_model") == ("float" if quantized else None)
                 if goal.get("reached", True):  # drops from the float full model, the INT8 loss inside them
-                    assert point["expected"]["accuracy"] >= goal["reference_accuracy"] - goal["drop"] - 1e-12
-        assert m["default_operating_point"] == "drop-0.5pt"
+                    assert point.expected.accuracy >= goal["reference_accuracy"] - goal["drop"] - 1e-12
+        assert m.default_operating_point == "drop-0.5pt"
         assert cal["n"] == len(splits[1])
 
 
@@ -101,12 +101,12 @@ def test_calibration_expectation_matches_runtime_on_calibration_images(int8_bund
     _, calib = splits
     images = [calib.image(i) for i in range(len(calib))]
     with stagewise.load(int8_bundle, threads=1) as cascade:
-        for point in cascade.bundle.manifest["operating_points"]:
-            preds = cascade.predict_batch(images, operating_point=point["name"])
+        for point in cascade.bundle.manifest.operating_points:
+            preds = cascade.predict_batch(images, operating_point=point.name)
             acc = np.mean([p.label == y for p, y in zip(preds, calib.targets)])
-            assert acc == pytest.approx(point["expected"]["accuracy"])
-            rates = np.bincount([p.stage for p in preds], minlength=2) / len(preds)
-            np.testing.assert_allclose(rates, point["expected"]["exit_rates"])
+            assert acc == pytest.approx(point.expected.accuracy)
+            rates = np.bincount([p.stage_index for p in preds], minlength=2) / len(preds)
+            np.testing.assert_allclose(rates, point.expected.exit_rates)
 
 
 def test_batch_equals_single_on_real_runtime(int8_bundle, splits):
@@ -116,7 +116,7 @@ def test_batch_equals_single_on_real_runtime(int8_bundle, splits):
         cascade.use("drop-2pt")
         single = [cascade.predict(im) for im in images]
         batch = cascade.predict_batch(images)
-    assert [(p.label, p.stage) for p in batch] == [(p.label, p.stage) for p in single]
+    assert [(p.label, p.stage_index) for p in batch] == [(p.label, p.stage_index) for p in single]
 
 
 def test_exported_stages_decide_in_their_graph(int8_bundle, splits):
@@ -151,9 +151,9 @@ def test_cascade_stages_see_their_own_resolution(tmp_path, splits):
     plans = cascade_plans([("small", SizeProbe(), (8, 8)), ("large", SizeProbe(), (16, 12))], combine="mean_probs")
     out = build_bundle(tmp_path / "c", "c", plans, PRE, calib.classes, calib, BuildOptions(profile_images=3))
     with stagewise.load(out, threads=1) as cascade:
-        inputs = [s["input"] for s in cascade.bundle.manifest["stages"]]
-        assert [i["size"] for i in inputs] == [[8, 8], [16, 12]]
-        assert [(i["dtype"], i["layout"]) for i in inputs] == [("uint8", "NHWC")] * 2
+        inputs = [s.input for s in cascade.bundle.manifest.stages]
+        assert [i.size for i in inputs] == [(8, 8), (16, 12)]
+        assert [(i.dtype, i.layout) for i in inputs] == [("uint8", "NHWC")] * 2
         shapes = []
         runners = cascade._acquire()  # the warmed-up runners the next request takes
         for runner in runners:
@@ -168,7 +168,7 @@ def test_label_mismatch_fails_without_writing(tmp_path, splits):
     train, calib = splits
     plans = early_exit_plans(residual_net(), ["layer1"], PRE, (16, 16), train, FAST_HEADS)
     out = tmp_path / "never.swb"
-    with pytest.raises(ConversionError, match="predicts 3 classes but 2 labels"):
+    with pytest.raises(ConversionError, match="predicts 3 classes but 2 class names"):
         build_bundle(out, "x", plans, PRE, ["a", "b"], calib, BuildOptions())
     assert list(tmp_path.iterdir()) == []
 

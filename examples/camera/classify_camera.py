@@ -52,7 +52,7 @@ def overlay(cv2: Any, rgb: np.ndarray, result: FrameResult, stage_names: list[st
     scale = max(bgr.shape[1] / 640, 0.35)
     colour = {"ok": GREEN, "budget_limited": AMBER}.get(result.status, RED)
     lines = [f"{p.name} {p.score:.2f}",
-             f"stage {stage_names[p.stage]}  {result.end_ms - result.start_ms:.1f} ms  {result.status}"]
+             f"stage {stage_names[p.stage_index]}  {result.end_ms - result.start_ms:.1f} ms  {result.status}"]
     for i, text in enumerate(lines):
         y = int((28 + 26 * i) * scale)
         cv2.putText(bgr, text, (int(8 * scale), y), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, (0, 0, 0),
@@ -76,14 +76,14 @@ def run(args: argparse.Namespace) -> dict:
     writer, shown, last = None, None, None
     remembered = Remembered()
     log = args.log.open("w") if args.log else None
-    with load(args.bundle, backend=args.backend, threads=args.threads) as cascade:
+    with load(args.bundle, runtime=args.backend, threads=args.threads) as cascade:
         stream = Stream(cascade, fps=fps, budget_ms=args.budget_ms, on_late="drop", pace=not live)
         print(f"{args.source}: {fps:g} fps, per-frame budget {stream.budget_ms:.1f} ms, stages "
               f"{', '.join(cascade.stage_names)} ({cascade.runtime}, {args.threads} thread(s))")
         try:
             for r in stream.run(remembered.wrap(video_frames(source, args.limit))):
                 if log:
-                    log.write(json.dumps(r.to_dict(cascade.stage_names, trace=args.trace)) + "\n")
+                    log.write(json.dumps(r.to_dict(trace=args.trace)) + "\n")
                 if r.prediction is not None:
                     last = overlay(cv2, remembered.image, r, cascade.stage_names)
                 if last is None:

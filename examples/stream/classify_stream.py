@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
 
     fps = args.fps or (video_fps(args.source) if not Path(args.source).is_dir() and not args.source.isdigit() else None) or 15.0
-    with load(args.bundle, backend=args.backend, threads=args.threads, mean_budget_ms=args.mean_budget_ms) as cascade:
+    with load(args.bundle, runtime=args.backend, threads=args.threads, mean_budget_ms=args.mean_budget_ms) as cascade:
         stream = Stream(cascade, fps=fps, budget_ms=args.budget_ms, on_late=args.on_late, pace=not args.no_pace)
         print(f"{args.source}: {fps:g} fps, per-frame budget {stream.budget_ms:.1f} ms, on late: {args.on_late}, "
               f"stages {', '.join(cascade.stage_names)} ({cascade.runtime}, {args.threads} thread(s))")
@@ -63,14 +63,14 @@ def main() -> None:
         try:
             for r in stream.run(frames_of(args.source, args.limit)):
                 if trace:
-                    trace.write(json.dumps(r.to_dict(cascade.stage_names)) + "\n")
+                    trace.write(json.dumps(r.to_dict()) + "\n")
                 if args.quiet:
                     continue
                 if r.status == "dropped":
                     print(f"frame {r.index:4d}  dropped")
                 else:
                     p = r.prediction
-                    print(f"frame {r.index:4d}  {p.name:28.28s} {p.score:.2f}  stage {cascade.stage_names[p.stage]:10s} "
+                    print(f"frame {r.index:4d}  {p.name:28.28s} {p.score:.2f}  stage {p.stage_name:10s} "
                           f"{r.end_ms - r.start_ms:6.1f} ms  {r.status}")
         finally:
             if trace:

@@ -3,7 +3,7 @@
 Python use::
 
     from stagewise.runtimes.serve import ServeConfig, serve
-    serve("model.swb", port=8080, backend="onnxruntime", threads=2, config=ServeConfig(max_batch=8))
+    serve("model.swb", port=8080, runtime="onnxruntime", threads=2, config=ServeConfig(max_batch=8))
 
 or build the app around a loaded cascade (``Service`` + ``create_app``) and run it with any ASGI
 server. The service needs Starlette, uvicorn, prometheus-client and python-multipart
@@ -16,6 +16,7 @@ import socket
 from typing import Any, Sequence
 
 from stagewise import checks
+from stagewise.deprecation import renamed_keywords
 from stagewise.errors import InvalidOptionError, StagewiseError
 from stagewise.extras import require
 
@@ -29,7 +30,8 @@ from .errors import (ForbiddenError, PayloadTooLargeError, QueueFullError, Reque
 from .model import ModelSlot  # noqa: E402
 
 
-def serve(bundle: str, host: str = "127.0.0.1", port: int = 8080, backend: str = "auto", threads: int | None = None,
+@renamed_keywords(backend="runtime")
+def serve(bundle: str, host: str = "127.0.0.1", port: int = 8080, runtime: str = "auto", threads: int | None = None,
           device: str = "CPU", config: ServeConfig | None = None, operating_point: str | None = None,
           drain_timeout_s: float = 30.0, log_level: str = "info", trusted_keys: Sequence[Any] | None = None,
           max_connections: int = 256) -> None:
@@ -43,6 +45,7 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8080, backend: str =
     At most ``max_connections`` connections are served at once (503 beyond), and a client that
     has not sent its request headers within ``config.client_timeout_s`` is disconnected. A port
     that cannot be listened on raises :class:`~stagewise.errors.InvalidOptionError` before the bundle is loaded.
+    ``runtime`` is as :func:`stagewise.load` takes it (``backend=``: its deprecated name).
     """
     import uvicorn
 
@@ -54,7 +57,7 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8080, backend: str =
     listener = _listen(host, port)
 
     def loader(path: str):
-        cascade = load(path, backend=backend, threads=threads, device=device, trusted_keys=trusted_keys)
+        cascade = load(path, runtime=runtime, threads=threads, device=device, trusted_keys=trusted_keys)
         if operating_point:
             try:
                 cascade.use(operating_point)

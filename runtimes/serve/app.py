@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -221,8 +221,24 @@ class Service:
 
     def answered(self, answer: Answer, elapsed_ms: float, budget_ms: float | None) -> None:
         """Count an answer in the metrics."""
-        self.metrics.answered(answer.prediction, answer.stage_names[answer.prediction.stage],
+        self.metrics.answered(answer.prediction, answer.prediction.stage_name,
                               answer.operating_point, elapsed_ms, budget_ms)
+
+
+def classify_answer(prediction: dict[str, Any], request_ms: float, queue_ms: float, batch_size: int,
+                    budget_ms: float | None, operating_point: str) -> dict[str, Any]:
+    """The ``/v1/classify`` answer: the prediction's JSON (:meth:`~stagewise.runtimes.Prediction.to_dict`) plus
+    ``request_ms`` (from the request's arrival to its answer), ``queue_ms``, ``batch_size`` and ``deadline_missed``
+    (``request_ms`` over the request's ``budget_ms``).
+
+    Until 0.3.0 the answer keeps the keys of 0.1 with their old meaning (CHANGELOG.md): ``stage`` (the
+    ``stage_index``), ``compute_ms`` (the prediction's ``elapsed_ms``) and ``elapsed_ms`` as the time in
+    the server (``request_ms``); from 0.3.0 ``elapsed_ms`` is the prediction's, as everywhere else.
+    """
+    doc = dict(prediction, request_ms=request_ms, queue_ms=queue_ms, batch_size=batch_size, budget_ms=budget_ms,
+               deadline_missed=budget_ms is not None and request_ms > budget_ms, operating_point=operating_point)
+    doc.update(stage=prediction["stage_index"], compute_ms=prediction["elapsed_ms"], elapsed_ms=request_ms)
+    return doc
 
 
 def _error(exc: Exception, service: Service) -> Response:
@@ -347,17 +363,8 @@ def create_app(service: Service) -> Starlette:
         elapsed = (time.perf_counter() - request.state.start) * 1e3
         service.answered(answer, elapsed, budget)
         p = answer.prediction
-        labels = cascade.classes
-        doc: dict[str, Any] = {
-            "label": p.label, "class_name": p.name, "score": p.score, "stage": p.stage,
-            "stage_name": answer.stage_names[p.stage], "elapsed_ms": elapsed, "compute_ms": p.elapsed_ms,
-            "queue_ms": answer.waited_ms, "batch_size": answer.batch_size, "budget_ms": budget,
-            "budget_limited": p.budget_limited, "deadline_missed": budget is not None and elapsed > budget,
-            "operating_point": answer.operating_point}
-        if top_k:
-            doc["top_k"] = [{"label": i, "class_name": labels[i], "probability": pr} for i, pr in p.top_k(top_k)]
-        if trace:
-            doc["trace"] = [asdict(r) for r in p.trace]
+        doc = classify_answer(p.to_dict(trace=trace, top_k=top_k or 0, classes=cascade.classes), elapsed,
+                              answer.waited_ms, answer.batch_size, budget, answer.operating_point)
         return JSONResponse(doc)
 
     async def reload(request: Request) -> Response:
@@ -419,8 +426,9 @@ def create_app(service: Service) -> Starlette:
         for answer in answers:
             service.answered(answer, elapsed, req.budget_ms)
         ps = [a.prediction for a in answers]
-        values = {"label": [p.label for p in ps], "score": [p.score for p in ps], "stage": [p.stage for p in ps],
-                  "class_name": [p.name for p in ps]}
+        stages = [p.stage_index for p in ps]
+        values = {"label": [p.label for p in ps], "score": [p.score for p in ps], "stage_index": stages,
+                  "stage": stages, "class_name": [p.name for p in ps]}
         content, headers = infer_response(service.model_name, str(service.slot.generation), req, values)
         return Response(content, headers=headers)
 

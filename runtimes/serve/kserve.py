@@ -27,7 +27,8 @@ from stagewise.checks import MAX_BUDGET_MS
 from .errors import PayloadTooLargeError, RequestError
 
 HEADER = "Inference-Header-Content-Length"
-OUTPUTS = {"label": "INT64", "score": "FP32", "stage": "INT32", "class_name": "BYTES"}
+OUTPUTS = {"label": "INT64", "score": "FP32", "stage_index": "INT32", "stage": "INT32", "class_name": "BYTES"}
+"""The outputs of an infer answer; ``stage`` is ``stage_index`` under its 0.1 name, kept until 0.3.0 (CHANGELOG.md)."""
 _NUMPY = {"INT64": np.int64, "FP32": np.float32, "INT32": np.int32}
 
 
