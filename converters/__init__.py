@@ -28,9 +28,10 @@ model comes from is imported when the model is.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
+
+from stagewise.deprecation import deprecated
 
 from .adapt import Adaptation
 from .convert import run_job
@@ -114,7 +115,7 @@ def __getattr__(name: str) -> Any:
     """The names of earlier releases, with a :class:`DeprecationWarning` naming the new one."""
     if name in _RENAMED:
         new, value = _RENAMED[name]
-        warnings.warn(f"stagewise.converters.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+        deprecated(f"stagewise.converters.{name}", new)
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
