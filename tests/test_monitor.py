@@ -161,6 +161,7 @@ def test_monitor_is_quiet_in_distribution_and_alarms_and_switches_under_shift(ca
 
     bundle, data, _ = calibrated
     same = sorted(data.glob("*/*.png"))
+    same = [same[i] for i in np.random.default_rng(0).permutation(len(same))]  # in distribution: no run of one class
     shifted = sorted(_images(tmp_path / "shifted", shift=25, seed=1).glob("*/*.png"))  # no colour cue left
     seen = []
     with load(bundle, backend="onnxruntime", threads=1) as cascade:
@@ -194,7 +195,9 @@ def test_sample_log_replays_and_recalibrates_label_free(calibrated, tmp_path):
     log = tmp_path / "samples.jsonl"
     with load(copy, backend="onnxruntime", threads=1) as cascade:
         monitor = DriftMonitor.attach(cascade, MonitorSettings(agreement=1.0, capacity=500, log=str(log)))
-        for path in sorted(data.glob("*/*.png")):
+        paths = sorted(data.glob("*/*.png"))
+        for i in np.random.default_rng(0).permutation(len(paths)):  # in distribution: no run of one class
+            path = paths[i]
             monitor.offer(path, cascade.predict(path))
         monitor.drain()
         live = monitor.report()
