@@ -189,6 +189,7 @@ def test_calibration_writes_the_monitor_record(calibrated):
         entry = record["points"][point.name]
         assert entry["reached"][0] == 180 and sum(entry["exited"]) == 180
         assert all(sum(h) == r for h, r in zip(entry["histograms"], entry["reached"]))
+        assert all(sum(a) == r for a, r in zip(entry["answers"], entry["reached"]))
         expected = point.expected.to_dict()["exit_rates"]
         assert np.allclose(np.array(entry["exited"]) / 180, expected)
 
@@ -205,6 +206,21 @@ def test_old_bundle_loads_and_the_monitor_says_it_has_no_reference(calibrated):
     assert report["reference"] is False and "no monitor reference" in report["message"]
     assert report["requests"] == 2 and report["alarm"] is False
     assert report["points"]["full"]["stages"][2]["exit_rate"] == 1.0
+
+
+def test_a_record_without_class_counts_runs_the_rate_tests_only(calibrated):
+    """A monitor record written before the stages' answers were kept: the rate tests run, no class test."""
+    from stagewise.manifest import Manifest
+    from stagewise.runtimes.monitor import DriftMonitor
+
+    bundle, _, _ = calibrated
+    doc = read_bundle(bundle).manifest.to_dict()
+    for entry in doc["calibration"]["monitor"]["points"].values():
+        assert len(entry.pop("answers")) == 3
+    older = DriftMonitor(Manifest.from_dict(doc))
+    current = DriftMonitor(read_bundle(bundle).manifest)
+    assert older.tests and not older.class_tests and current.class_tests
+    assert older.report()["reference"] is True
 
 
 def test_monitor_is_quiet_in_distribution_and_alarms_and_switches_under_shift(calibrated, tmp_path):
