@@ -258,7 +258,7 @@ class DriftMonitor:
             row = [r.score for r in trace]
             if None in row:  # a stage skipped or cancelled by a budget: what follows is not a calibration path
                 row = row[:row.index(None)]
-            answers.append([r.label for r in trace[:len(row)]] + [-1] * (k - len(row)))
+            answers.append([-1 if r.label is None else r.label for r in trace[:len(row)]] + [-1] * (k - len(row)))
             rows.append(row + pad[len(row):] if len(row) < k else row)
         scores = np.array(rows, dtype=np.float64)
         stage = np.fromiter([p.stage for p in batch], np.int64, n)
@@ -284,6 +284,7 @@ class DriftMonitor:
         ratios = bernoulli_ratios(block, self._stat, self._l0, self._l1)
         if self.class_tests:
             labels = np.array(answers, dtype=np.int64)
+            labels[labels >= len(self._bets[0].p)] = -1  # a class this bundle does not have (a foreign trace log)
             columns = []
             for t, bet in zip(self.class_tests, self._bets):
                 cells = np.full(n, -1, np.int64)
