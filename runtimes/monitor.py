@@ -2,14 +2,14 @@
 
 :class:`DriftMonitor` listens to a :class:`~stagewise.runtimes.Cascade` (``Cascade.add_listener``)
 and keeps, per operating point and stage, the live exit rates and exit-score histograms. It tests
-them, and the distribution of the class each stage predicts, against the bundle's calibration
-record (:mod:`stagewise.runtimes.monitor_reference`) with an anytime-valid sequential test
-(:mod:`stagewise.runtimes.edetector`): at most ``false_alarms_per_10k`` false alarms per 10,000 in-distribution requests on average, however
-often it is read. With ``agreement > 0`` it also runs a random share of answered requests through
-every stage (:mod:`stagewise.runtimes.agreement`) and estimates the live accuracy loss without
-labels; a second e-detector raises a ``loss`` alarm when the estimate exceeds the point's promised
-drop. On an alarm it calls the ``on_alarm`` callbacks and, when ``fallback`` names an operating
-point, switches the cascade to it.
+them, and the distribution of the class each stage predicts, against the bundle's calibration record
+(:mod:`stagewise.runtimes.monitor_reference`) with an anytime-valid sequential test
+(:mod:`stagewise.runtimes.edetector`): at most ``false_alarms_per_10k`` false alarms per 10,000
+in-distribution requests on average, however often it is read. With ``agreement > 0`` it also runs a
+random share of answered requests through every stage (:mod:`stagewise.runtimes.agreement`) and
+estimates the live accuracy loss without labels; a second e-detector raises a ``loss`` alarm when
+the estimate exceeds the point's promised drop. On an alarm it calls the ``on_alarm`` callbacks and,
+when ``fallback`` names an operating point, switches the cascade to it.
 
 The listener only appends the prediction to a queue (well under a microsecond); every ``block``
 requests, or when read, the queued predictions are binned and tested in one vectorised pass.
