@@ -133,3 +133,67 @@ class EDetector:
             start += i + 1
         self.seen += len(ratios)
         return alarms
+
+
+#: Chance that the calibration's class shares lie outside the null set of a :class:`MultinomialBet` ...
+NULL_LEVEL = 1e-3
+#: ... plus this much chi-square distance, for what differs between calibration and a fresh sample.
+CHI2_FLOOR = 5e-4
+#: Live observations the plug-in alternative remembers (exponential forgetting) ...
+WINDOW = 200
+#: ... and the weight, in observations, of the calibration distribution it starts from.
+PRIOR = 20.0
+
+
+def chi2_quantile(dof: int, level: float) -> float:
+    """The upper ``level`` quantile of a chi-square distribution (Wilson-Hilferty; within 1 % for dof >= 3)."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1.0 - level)
+    h = 2.0 / (9.0 * dof)
+    return dof * max(1.0 - h + z * math.sqrt(h), 0.0) ** 3
+
+
+class MultinomialBet:
+    """An adaptive e-value for "the live distribution over ``K`` cells is still the calibration's".
+
+    The calibration counted ``counts`` (``n`` in all; ``p`` is their share, with half a count added to
+    each cell). The null set allows every live distribution ``P`` with chi-square distance
+    ``sum_x (P(x) - p(x))^2 / p(x) <= rho``, ``rho = chi2_{K-1}(1 - NULL_LEVEL) / n + CHI2_FLOOR`` (the
+    calibration's own sampling error, as the rate tests' band). Request ``i`` in cell ``x`` contributes
+
+        L_i = q_i(x) / (p(x) S_i),   S_i = 1 + sqrt(rho * chi2(q_i, p)),
+
+    where ``q_i`` is a plug-in estimate of the live distribution from the requests *before* ``i`` (the last
+    ~``window`` observations, starting from ``prior`` pseudo-observations of ``p``). For every ``P`` in the
+    null set ``E_P[q(X)/p(X)] = 1 + sum_x (P(x) - p(x)) (q(x)/p(x) - 1) <= S`` (Cauchy-Schwarz), so
+    ``E[L_i | past] <= 1``: ``L`` is an e-value, usable in :class:`EDetector` like a likelihood ratio
+    with a fixed alternative, but betting on whatever the live distribution has become (no size or
+    direction to guess). A request with no observation (cell ``-1``) contributes ``L = 1``.
+    """
+
+    def __init__(self, counts: np.ndarray, window: float = WINDOW, prior: float = PRIOR,
+                 level: float = NULL_LEVEL, floor: float = CHI2_FLOOR):
+        counts = np.asarray(counts, dtype=np.float64)
+        n = counts.sum()
+        self.p = (counts + 0.5) / (n + 0.5 * len(counts))
+        self.rho = chi2_quantile(len(counts) - 1, level) / max(n, 1.0) + floor
+        self.prior = prior
+        self.decay = 1.0 - 1.0 / window
+        self.live = np.zeros(len(counts))  # exponentially forgotten live counts
+
+    def log_ratios(self, cells: np.ndarray) -> np.ndarray:
+        """``log L`` of each request of a block (``cells``: the observed cell, ``-1`` for none), in order."""
+        seen = cells >= 0
+        at = np.flatnonzero(seen)
+        onehot = np.zeros((len(cells), len(self.p)))
+        onehot[at, cells[at]] = 1.0
+        before = np.cumsum(onehot, axis=0) - onehot
+        q = self.live + before + self.prior * self.p
+        q /= q.sum(axis=1, keepdims=True)
+        ratio = q / self.p
+        spread = 1.0 + np.sqrt(self.rho * ((ratio - 1.0) ** 2 @ self.p))
+        out = np.zeros(len(cells))
+        out[at] = np.log(ratio[at, cells[at]] / spread[at])
+        self.live = (self.live + onehot.sum(axis=0)) * self.decay ** len(at)
+        return out

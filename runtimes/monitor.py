@@ -2,14 +2,14 @@
 
 :class:`DriftMonitor` listens to a :class:`~stagewise.runtimes.Cascade` (``Cascade.add_listener``)
 and keeps, per operating point and stage, the live exit rates and exit-score histograms. It tests
-them against the bundle's calibration record (:mod:`stagewise.runtimes.monitor_reference`) with
-an anytime-valid sequential test (:mod:`stagewise.runtimes.edetector`): at most
-``false_alarms_per_10k`` false alarms per 10,000 in-distribution requests on average, however
-often it is read. With ``agreement > 0`` it also runs a random share of answered requests through
-every stage (:mod:`stagewise.runtimes.agreement`) and estimates the live accuracy loss without
-labels; a second e-detector raises a ``loss`` alarm when the estimate exceeds the point's promised
-drop. On an alarm it calls the ``on_alarm`` callbacks and, when ``fallback`` names an operating
-point, switches the cascade to it.
+them, and the distribution of the class each stage predicts, against the bundle's calibration record
+(:mod:`stagewise.runtimes.monitor_reference`) with an anytime-valid sequential test
+(:mod:`stagewise.runtimes.edetector`): at most ``false_alarms_per_10k`` false alarms per 10,000
+in-distribution requests on average, however often it is read. With ``agreement > 0`` it also runs a
+random share of answered requests through every stage (:mod:`stagewise.runtimes.agreement`) and
+estimates the live accuracy loss without labels; a second e-detector raises a ``loss`` alarm when
+the estimate exceeds the point's promised drop. On an alarm it calls the ``on_alarm`` callbacks and,
+when ``fallback`` names an operating point, switches the cascade to it.
 
 The listener only appends the prediction to a queue (well under a microsecond); every ``block``
 requests, or when read, the queued predictions are binned and tested in one vectorised pass.
@@ -39,14 +39,16 @@ from stagewise.checks import positive_count
 from stagewise.errors import InvalidOptionError, UnknownOperatingPointError
 
 from .agreement import AgreementSampler, Sample, estimate
-from .edetector import EDetector, bernoulli_ratios, bets, tolerance
-from .monitor_reference import RateTest, rate_tests, reference_of
+from .edetector import EDetector, MultinomialBet, bernoulli_ratios, bets, tolerance
+from .monitor_reference import ClassTest, RateTest, class_tests, rate_tests, reference_of
 from .trace_log import write_sample
 
 NO_REFERENCE = ("this bundle has no monitor reference (it was calibrated before stagewise recorded one); "
                 "run `stagewise calibrate BUNDLE --data IMAGES ...` to add it. Exit rates are counted, not tested.")
 #: Fractions of the promised drop the loss detector's alternatives lie above it (and its threshold's share).
 LOSS_BETS = (0.05, 0.1, 0.2, 0.4, 0.8)
+#: Share of the drift test's weight on the class tests (the rate tests share the rest), where the record has them.
+CLASS_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,13 @@ class DriftMonitor:
                 columns[point] = np.arange(len(self.tests), len(self.tests) + len(found))
                 self.tests.extend(found)
         self._columns = columns
+        self.class_tests: list[ClassTest] = []
+        if self.reference is not None:
+            for point in points:
+                self.class_tests.extend(class_tests(self.reference, point))
+        classes = len(self.manifest.classes)
+        self._bets = [MultinomialBet(np.pad(t.counts, (0, max(classes - len(t.counts), 0)))) for t in self.class_tests]
+        share = CLASS_WEIGHT if self.class_tests and self.tests else (1.0 if self.class_tests else 0.0)
         stat, l0, l1, weight, direction = [], [], [], [], []
         per_point = {p: sum(1 for t in self.tests if t.point == p) for p in points}
         for s, t in enumerate(self.tests):
@@ -215,7 +224,9 @@ class DriftMonitor:
                 l0.append(log0)
                 l1.append(log1)
                 direction.append(d)
-                weight.append(1.0 / (len(points) * per_point[t.point] * len(made)))
+                weight.append((1.0 - share) / (len(points) * per_point[t.point] * len(made)))
+        per_point = {p: sum(1 for t in self.class_tests if t.point == p) for p in points}
+        weight.extend(share / (len(points) * per_point[t.point]) for t in self.class_tests)
         self._stat, self._l0, self._l1 = np.array(stat, np.int64), np.array(l0), np.array(l1)
         self._direction = direction
         weight = np.array(weight)
@@ -241,11 +252,13 @@ class DriftMonitor:
         k = len(self.stage_names)
         n = len(batch)
         pad = [math.nan] * k
-        rows = []
+        rows, answers = [], []
         for p in batch:
-            row = [r.score for r in p.trace]
+            trace = p.trace
+            row = [r.score for r in trace]
             if None in row:  # a stage skipped or cancelled by a budget: what follows is not a calibration path
                 row = row[:row.index(None)]
+            answers.append([-1 if r.label is None else r.label for r in trace[:len(row)]] + [-1] * (k - len(row)))
             rows.append(row + pad[len(row):] if len(row) < k else row)
         scores = np.array(rows, dtype=np.float64)
         stage = np.fromiter([p.stage_index for p in batch], np.int64, n)
@@ -257,7 +270,7 @@ class DriftMonitor:
         self._unbinned.append((groups, scores, stage))
         if len(self._unbinned) >= 32:
             self._bin()
-        if not len(self._stat):
+        if not len(self.detector.weight):
             return []
         block = np.full((n, len(self.tests)), -1, np.int8)
         for point, cols in self._columns.items():
@@ -268,22 +281,53 @@ class DriftMonitor:
             block[np.ix_(at, cols)] = np.where(np.isnan(values), -1, values >= self._test_cut[cols])
         self._observed += (block >= 0).sum(axis=0)
         self._hits += (block == 1).sum(axis=0)
+        ratios = bernoulli_ratios(block, self._stat, self._l0, self._l1)
+        if self.class_tests:
+            labels = np.array(answers, dtype=np.int64)
+            labels[labels >= len(self._bets[0].p)] = -1  # a class this bundle does not have (a foreign trace log)
+            columns = []
+            for t, bet in zip(self.class_tests, self._bets):
+                cells = np.full(n, -1, np.int64)
+                at = groups.get(t.point)
+                if at is not None:
+                    cells[at] = labels[at, t.stage]
+                columns.append(bet.log_ratios(cells))
+            ratios = np.hstack([ratios, np.array(columns).T])
         raised = []
-        for crossing in self.detector.update(bernoulli_ratios(block, self._stat, self._l0, self._l1)):
+        for crossing in self.detector.update(ratios):
+            at = self._start + crossing.index + 1
+            evidence = _exp(crossing.log_evidence)
+            if crossing.detector >= len(self._stat):
+                raised.append(self._class_alarm(crossing.detector - len(self._stat), at, evidence))
+                continue
             t = self.tests[self._stat[crossing.detector]]
             s = int(self._stat[crossing.detector])
             live = self._hits[s] / max(self._observed[s], 1)
             what = "exit rate" if t.kind == "exit" else f"share of scores >= {t.cut:.3f}"
-            message = (f"drift at request {self._start + crossing.index + 1} ({t.point}): stage {self.stage_names[t.stage]} "
+            message = (f"drift at request {at} ({t.point}): stage {self.stage_names[t.stage]} "
                        f"{what} is {live:.3f} live vs {t.mean:.3f} at calibration (n={t.n}); e-value "
-                       f"{_exp(crossing.log_evidence):.3g} >= {self.detector.threshold:g}")
-            raised.append(Alarm("drift", self._start + crossing.index + 1, t.point, _exp(crossing.log_evidence),
+                       f"{evidence:.3g} >= {self.detector.threshold:g}")
+            raised.append(Alarm("drift", at, t.point, evidence,
                                 message, {"stage": self.stage_names[t.stage], "statistic": t.kind, "cut": t.cut,
                                           "direction": self._direction[crossing.detector], "live": float(live),
                                           "reference": t.mean}))
             self._observed[:] = 0
             self._hits[:] = 0
         return raised
+
+    def _class_alarm(self, index: int, request: int, evidence: float) -> Alarm:
+        """The alarm of class test ``index``: the classes whose live share moved most."""
+        test, bet = self.class_tests[index], self._bets[index]
+        live = bet.live / max(bet.live.sum(), 1e-12)
+        moved = np.argsort(-np.abs(live - bet.p))[:3]
+        classes = list(self.manifest.classes)
+        shares = ", ".join(f"{classes[c] if c < len(classes) else c} {live[c]:.3f} vs {bet.p[c]:.3f}" for c in moved)
+        message = (f"drift at request {request} ({test.point}): the classes stage {self.stage_names[test.stage]} "
+                   f"predicts moved (recent share vs calibration: {shares}); e-value {evidence:.3g} >= "
+                   f"{self.detector.threshold:g}")
+        return Alarm("drift", request, test.point, evidence, message,
+                     {"stage": self.stage_names[test.stage], "statistic": "classes",
+                      "live": [float(v) for v in live], "reference": [float(v) for v in bet.p]})
 
     def _bin(self) -> None:
         """Fold the blocks processed since the last call into the live counters (in one go: cheaper per block)."""

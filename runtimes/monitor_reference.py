@@ -5,12 +5,13 @@
 traces (:mod:`stagewise.runtimes.trace_log`); it stores, in the manifest's
 ``calibration.monitor``, per stage the bin edges of its exit score (quantiles over the
 calibration images) and per operating point, per stage, how many calibration images reached the
-stage, how many left there and the histogram of the stage's score among those that reached it.
+stage, how many left there, the histogram of the stage's score among those that reached it and (when
+the calibration kept the stages' answers) how often the stage predicted each class among them.
 The scores are the ones the thresholds were chosen on (the held-out part when a learned score was
 fitted), computed exactly as the runtime computes them.
 
 :func:`rate_tests` turns the record into the 0/1 statistics the monitor tests for one operating
-point (:class:`RateTest`); :func:`reference_of` reads it from a manifest (``None`` for a bundle
+point (:class:`RateTest`), and the class shares into :class:`ClassTest` s; :func:`reference_of` reads it from a manifest (``None`` for a bundle
 calibrated before the record existed).
 """
 
@@ -34,8 +35,10 @@ QUANTILES = (1 / 3, 2 / 3)
 
 def monitor_reference(table: ExitTable, points: list[dict], bins: int = BINS) -> dict:
     """The ``calibration.monitor`` record of a calibration (its exit ``table`` and manifest operating ``points``):
-    score bin edges per stage and, per operating point, reached / exited counts and score histograms per stage."""
+    score bin edges per stage and, per operating point, reached / exited counts, score histograms and (when the table
+    has the stages' answers) predicted-class counts per stage."""
     scores = table.scores
+    classes = int(table.answers.max()) + 1 if table.answers is not None and table.answers.size else 0
     edges = []
     for row in scores:
         finite = row[np.isfinite(row)]
@@ -44,14 +47,18 @@ def monitor_reference(table: ExitTable, points: list[dict], bins: int = BINS) ->
     record = {}
     for point in points:
         stage = table.exit_stage(thresholds_of(point))
-        reached, exited, hists = [], [], []
+        reached, exited, hists, answers = [], [], [], []
         for k in range(table.k):
             here = stage >= k
             reached.append(int(here.sum()))
             exited.append(int((stage == k).sum()))
             bin_of = np.searchsorted(np.asarray(edges[k]), scores[k, here], side="right")
             hists.append([int(c) for c in np.bincount(bin_of, minlength=len(edges[k]) + 1)])
+            if table.answers is not None:
+                answers.append([int(c) for c in np.bincount(table.answers[k, here], minlength=classes)])
         record[point["name"]] = {"reached": reached, "exited": exited, "histograms": hists}
+        if table.answers is not None:
+            record[point["name"]]["answers"] = answers
     return {"version": VERSION, "n": int(table.n), "edges": edges, "points": record}
 
 
@@ -74,6 +81,26 @@ class RateTest:
     mean: float
     n: int
     kind: str
+
+
+@dataclass(frozen=True)
+class ClassTest:
+    """The predicted-class distribution of stage ``stage`` among requests at ``point`` that reach it; calibration
+    counted ``counts`` (one per class)."""
+
+    point: str
+    stage: int
+    counts: tuple[int, ...]
+
+
+def class_tests(reference: Mapping[str, Any], point: str) -> list[ClassTest]:
+    """The class tests of operating ``point`` (none for a record written before answers were kept)."""
+    record = reference["points"].get(point)
+    if record is None or "answers" not in record:
+        return []
+    return [ClassTest(point, k, tuple(int(c) for c in counts))
+            for k, (reached, counts) in enumerate(zip(record["reached"], record["answers"]))
+            if reached >= MIN_REACHED and sum(1 for c in counts if c) > 1]
 
 
 def rate_tests(reference: Mapping[str, Any], point: str, thresholds: np.ndarray) -> list[RateTest]:

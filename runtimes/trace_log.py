@@ -116,7 +116,7 @@ def field_table(samples: list[Sample], stages: int) -> ExitTable:
     scores = np.array([[r.score for r in t] for t in rows]).T
     labels = np.array([[r.label for r in t] for t in rows]).T
     costs = np.array([np.median([t[k].latency_ms or 0.0 for t in rows]) for k in range(stages)])
-    return ExitTable(scores, labels == labels[-1], costs)
+    return ExitTable(scores, labels == labels[-1], costs, labels)
 
 
 def field_points(table: ExitTable, drop: float, drops: tuple[float, ...] = DEFAULT_DROPS) -> list[dict]:

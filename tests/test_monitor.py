@@ -18,7 +18,7 @@ from toy_bundle import onnx_stage_model
 from stagewise.bundle import read_bundle, write_bundle
 from stagewise.cli import cli
 from stagewise.runtimes.agreement import Sample, clopper_pearson, estimate
-from stagewise.runtimes.edetector import EDetector, bernoulli_ratios, bets, tolerance
+from stagewise.runtimes.edetector import EDetector, MultinomialBet, bernoulli_ratios, bets, chi2_quantile, tolerance
 from stagewise.runtimes.monitor import MonitorSettings
 
 
@@ -79,6 +79,58 @@ def test_the_bound_is_tight_enough_to_fail_when_the_null_is_wrong():
     assert stat[crossings[0].detector] == 0
 
 
+def _class_alarms(counts, live, requests, threshold, seed, block=128, rho=None) -> list:
+    """Alarms of one class test (reference ``counts``; ``rho`` replaces its null set's radius) on a stream drawn
+    from ``live`` class shares."""
+    bet = MultinomialBet(np.asarray(counts))
+    if rho is not None:
+        bet.rho = rho
+    detector = EDetector(np.ones(1), threshold)
+    rng = np.random.default_rng(seed)
+    alarms = []
+    for _ in range(requests // block):
+        cells = rng.choice(len(live), block, p=live)
+        cells[rng.random(block) < 0.2] = -1  # some requests do not reach the stage
+        alarms += detector.update(bet.log_ratios(cells)[:, None])
+    return alarms
+
+
+def _edge_of_null_set(counts) -> np.ndarray:
+    """A live distribution on the edge of the class test's null set (chi-square distance rho from the reference)."""
+    bet = MultinomialBet(np.asarray(counts))
+    direction = np.zeros(len(bet.p))
+    direction[::2], direction[1::2] = 1.0, -1.0
+    direction -= bet.p * direction.sum() / bet.p.sum()
+    scale = np.sqrt(bet.rho / np.sum(direction ** 2 / bet.p))
+    return bet.p + 0.95 * scale * direction
+
+
+def test_chi2_quantile_matches_the_table():
+    assert chi2_quantile(9, 0.001) == pytest.approx(27.877, rel=0.01)
+    assert chi2_quantile(3, 0.05) == pytest.approx(7.815, rel=0.01)
+
+
+def test_class_test_false_alarm_rate_holds_on_null_streams():
+    """Live class shares near the edge of the null set: fewer alarms than 1 per c requests (c = 500 here)."""
+    counts = np.array([52, 48, 45, 51, 50, 53, 49, 50, 52, 50])  # few calibration images: a wide null set
+    live = _edge_of_null_set(counts)
+    requests, threshold = 200_000, 500.0
+    alarms = sum(len(_class_alarms(counts, live, requests // 4, threshold, seed)) for seed in range(4))
+    assert alarms / requests <= 1 / threshold
+
+
+def test_the_class_test_can_fail():
+    """Without its composite-null factor (rho = 0) the same null stream alarms more than the bound allows, and a
+    real change of the class shares alarms within a few hundred requests: the false-alarm check above is not vacuous."""
+    counts = np.array([52, 48, 45, 51, 50, 53, 49, 50, 52, 50])  # few calibration images: a wide null set
+    live = _edge_of_null_set(counts)
+    naive = len(_class_alarms(counts, live, 50_000, 500.0, 0, rho=0.0))
+    assert naive / 50_000 > 1 / 500
+    shifted = counts / counts.sum() * np.array([1.8, 1.8, 0.2, 1, 1, 1, 1, 0.2, 1, 1])
+    alarms = _class_alarms(10 * counts, shifted / shifted.sum(), 2000, 1e4, 0)  # 5,000 calibration images
+    assert alarms and alarms[0].index < 500
+
+
 def test_agreement_estimate_and_intervals():
     low, high = clopper_pearson(5, 100)
     assert 0.016 < low < 0.02 and 0.11 < high < 0.12  # the textbook exact interval of 5/100
@@ -137,6 +189,7 @@ def test_calibration_writes_the_monitor_record(calibrated):
         entry = record["points"][point.name]
         assert entry["reached"][0] == 180 and sum(entry["exited"]) == 180
         assert all(sum(h) == r for h, r in zip(entry["histograms"], entry["reached"]))
+        assert all(sum(a) == r for a, r in zip(entry["answers"], entry["reached"]))
         expected = point.expected.to_dict()["exit_rates"]
         assert np.allclose(np.array(entry["exited"]) / 180, expected)
 
@@ -155,12 +208,28 @@ def test_old_bundle_loads_and_the_monitor_says_it_has_no_reference(calibrated):
     assert report["points"]["full"]["stages"][2]["exit_rate"] == 1.0
 
 
+def test_a_record_without_class_counts_runs_the_rate_tests_only(calibrated):
+    """A monitor record written before the stages' answers were kept: the rate tests run, no class test."""
+    from stagewise.manifest import Manifest
+    from stagewise.runtimes.monitor import DriftMonitor
+
+    bundle, _, _ = calibrated
+    doc = read_bundle(bundle).manifest.to_dict()
+    for entry in doc["calibration"]["monitor"]["points"].values():
+        assert len(entry.pop("answers")) == 3
+    older = DriftMonitor(Manifest.from_dict(doc))
+    current = DriftMonitor(read_bundle(bundle).manifest)
+    assert older.tests and not older.class_tests and current.class_tests
+    assert older.report()["reference"] is True
+
+
 def test_monitor_is_quiet_in_distribution_and_alarms_and_switches_under_shift(calibrated, tmp_path):
     from stagewise.runtimes import load
     from stagewise.runtimes.monitor import DriftMonitor, MonitorSettings
 
     bundle, data, _ = calibrated
     same = sorted(data.glob("*/*.png"))
+    same = [same[i] for i in np.random.default_rng(0).permutation(len(same))]  # in distribution: no run of one class
     shifted = sorted(_images(tmp_path / "shifted", shift=25, seed=1).glob("*/*.png"))  # no colour cue left
     seen = []
     with load(bundle, runtime="onnxruntime", threads=1) as cascade:
@@ -183,6 +252,43 @@ def test_monitor_is_quiet_in_distribution_and_alarms_and_switches_under_shift(ca
     assert report["watching"] == ["full"]
 
 
+def test_monitor_watches_several_operating_points_and_keeps_testing_after_a_switch(calibrated, tmp_path):
+    """Traffic split over two operating points: each is tested against its own reference; after the monitor switched
+    the cascade to its fallback, the fallback's own test still raises an alarm on shifted traffic."""
+    from stagewise.runtimes import load
+    from stagewise.runtimes.monitor import DriftMonitor, MonitorSettings
+
+    bundle, data, _ = calibrated
+    same = sorted(data.glob("*/*.png"))
+    same = [same[i] for i in np.random.default_rng(1).permutation(len(same))]
+    shifted = sorted(_images(tmp_path / "shifted", shift=25, seed=1).glob("*/*.png"))
+    with load(bundle, backend="onnxruntime", threads=1) as cascade:
+        default = cascade.operating_point
+        points = (default, "full")
+        both = DriftMonitor.attach(cascade, MonitorSettings(points=points, block=16))
+        assert {t.point for t in both.class_tests} == set(points)
+        for i, path in enumerate(same):
+            cascade.predict(path, operating_point=points[i % 2])
+        quiet = both.report()
+        assert quiet["alarm_count"] == 0 and quiet["watching"] == list(points)
+        assert {p: quiet["points"][p]["requests"] for p in points} == {default: 90, "full": 90}
+        for _ in range(3):
+            for i, path in enumerate(shifted):
+                cascade.predict(path, operating_point=points[i % 2])
+        assert both.report()["alarm_count"] >= 1
+        both.detach()
+
+        switching = DriftMonitor.attach(cascade, MonitorSettings(fallback="full", block=16))
+        for _ in range(3):
+            cascade.predict_batch(shifted)
+        assert cascade.operating_point == "full" and switching.watching == ("full",)
+        before = len(switching.alarms)
+        for _ in range(3):
+            cascade.predict_batch(shifted)  # still shifted: the fallback's own reference sees it too
+        switching.report()
+        assert len(switching.alarms) > before and switching.alarms[-1].point == "full"
+
+
 def test_sample_log_replays_and_recalibrates_label_free(calibrated, tmp_path):
     import shutil
 
@@ -194,7 +300,9 @@ def test_sample_log_replays_and_recalibrates_label_free(calibrated, tmp_path):
     log = tmp_path / "samples.jsonl"
     with load(copy, runtime="onnxruntime", threads=1) as cascade:
         monitor = DriftMonitor.attach(cascade, MonitorSettings(agreement=1.0, capacity=500, log=str(log)))
-        for path in sorted(data.glob("*/*.png")):
+        paths = sorted(data.glob("*/*.png"))
+        for i in np.random.default_rng(0).permutation(len(paths)):  # in distribution: no run of one class
+            path = paths[i]
             monitor.offer(path, cascade.predict(path))
         monitor.drain()
         live = monitor.report()

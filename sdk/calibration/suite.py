@@ -139,8 +139,8 @@ def calibrate_stages(stage_logits: list[np.ndarray], exits: list[dict], stage_co
     # Thresholds are chosen on images the fitted parts never saw when a learned score is used.
     sel = rest_idx if learned else np.arange(n)
     costs = np.asarray(stage_costs, dtype=np.float64)
-    agree_table = ExitTable(scores[:, sel], agree[:, sel], costs)
-    label_table = ExitTable(scores[:, sel], correct[:, sel], costs) if targets is not None else None
+    agree_table = ExitTable(scores[:, sel], agree[:, sel], costs, answers[:, sel])
+    label_table = ExitTable(scores[:, sel], correct[:, sel], costs, answers[:, sel]) if targets is not None else None
     table = label_table if label_table is not None else agree_table
     reference = "labels" if targets is not None else "full_model_agreement"
     if float_answer is not None and targets is None:

@@ -32,11 +32,14 @@ class Outcome:
 
 
 class ExitTable:
-    """Scores (K x N), correctness (K x N) and per-stage costs (K) of a K-stage sequence."""
+    """Scores (K x N), correctness (K x N) and per-stage costs (K) of a K-stage sequence; ``answers`` (K x N,
+    optional): each stage's predicted class (the drift monitor's reference records their distribution)."""
 
-    def __init__(self, scores: np.ndarray, correct: np.ndarray, stage_costs: np.ndarray):
+    def __init__(self, scores: np.ndarray, correct: np.ndarray, stage_costs: np.ndarray,
+                 answers: np.ndarray | None = None):
         self.scores = np.asarray(scores, dtype=np.float64)
         self.correct = np.asarray(correct, dtype=bool)
+        self.answers = None if answers is None else np.asarray(answers, dtype=np.int64)
         if self.scores.shape != self.correct.shape or self.scores.ndim != 2:
             raise ValueError("scores and correct must both be K x N")
         self.cum_cost = np.cumsum(np.asarray(stage_costs, dtype=np.float64))
@@ -58,7 +61,8 @@ class ExitTable:
     def subset(self, idx: np.ndarray) -> "ExitTable":
         """The same stages on the samples ``idx`` only."""
         costs = np.diff(np.concatenate([[0.0], self.cum_cost]))
-        return ExitTable(self.scores[:, idx], self.correct[:, idx], costs)
+        return ExitTable(self.scores[:, idx], self.correct[:, idx], costs,
+                         None if self.answers is None else self.answers[:, idx])
 
     def exit_stage(self, thresholds: np.ndarray) -> np.ndarray:
         """Index of the stage each sample exits at."""
