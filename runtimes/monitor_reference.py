@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from stagewise.calibration import ExitTable, thresholds_of
+from stagewise.manifest import Manifest
 
 VERSION = 1
 #: Score bins per stage (quantiles of the calibration scores; ties merge bins).
@@ -62,10 +63,9 @@ def monitor_reference(table: ExitTable, points: list[dict], bins: int = BINS) ->
     return {"version": VERSION, "n": int(table.n), "edges": edges, "points": record}
 
 
-def reference_of(manifest: Any) -> Mapping[str, Any] | None:
-    """The monitor record of a manifest (typed or dict), or ``None`` when the bundle has none."""
-    calibration = manifest.calibration if hasattr(manifest, "calibration") else manifest.get("calibration")
-    record = (calibration or {}).get("monitor")
+def reference_of(manifest: Manifest) -> Mapping[str, Any] | None:
+    """The monitor record of a manifest, or ``None`` when the bundle has none."""
+    record = (manifest.calibration or {}).get("monitor")
     return record if record and record.get("version") == VERSION else None
 
 

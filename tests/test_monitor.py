@@ -262,7 +262,7 @@ def test_monitor_watches_several_operating_points_and_keeps_testing_after_a_swit
     same = sorted(data.glob("*/*.png"))
     same = [same[i] for i in np.random.default_rng(1).permutation(len(same))]
     shifted = sorted(_images(tmp_path / "shifted", shift=25, seed=1).glob("*/*.png"))
-    with load(bundle, backend="onnxruntime", threads=1) as cascade:
+    with load(bundle, runtime="onnxruntime", threads=1) as cascade:
         default = cascade.operating_point
         points = (default, "full")
         both = DriftMonitor.attach(cascade, MonitorSettings(points=points, block=16))
