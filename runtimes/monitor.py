@@ -254,11 +254,11 @@ class DriftMonitor:
         pad = [math.nan] * k
         rows, answers = [], []
         for p in batch:
-            trace = p.trace
-            row = [r.score for r in trace]
+            steps = p.stage_answers()
+            row = [score for score, _ in steps]
             if None in row:  # a stage skipped or cancelled by a budget: what follows is not a calibration path
                 row = row[:row.index(None)]
-            answers.append([-1 if r.label is None else r.label for r in trace[:len(row)]] + [-1] * (k - len(row)))
+            answers.append([-1 if label is None else label for _, label in steps[:len(row)]] + [-1] * (k - len(row)))
             rows.append(row + pad[len(row):] if len(row) < k else row)
         scores = np.array(rows, dtype=np.float64)
         stage = np.fromiter([p.stage_index for p in batch], np.int64, n)

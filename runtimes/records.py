@@ -149,6 +149,13 @@ class Prediction:
             self._trace = tuple(StageRecord(names[s[0]], *s[1:]) for s in self._steps)
         return self._trace
 
+    def stage_answers(self) -> list[tuple[float | None, int | None]]:
+        """Each considered stage's ``(score, label)`` in order, as in :attr:`trace` but without building its
+        records (the drift monitor reads this on every request)."""
+        if self._trace is not None:
+            return [(r.score, r.label) for r in self._trace]
+        return [(s[2], s[3]) for s in self._steps]
+
     @property
     def deadline_missed(self) -> bool:
         """True when a per-request budget was given and the answer took longer."""
