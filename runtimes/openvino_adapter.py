@@ -353,10 +353,13 @@ def add_decision(model: Any, logits: str, decision: GraphDecision) -> bool:
     """Add ``decision``'s outputs to ``model`` (an ``ov.Model`` read from a bundle): the exit score of the logits
     output ``logits`` at the stage's temperature (a constant: the model is read and compiled with the manifest's
     temperature at every load) and its argmax (N x 1 each), computed in f32 like the exported ONNX decision.
-    Returns whether it did (not for logits that are not N x a known number, at least 2, of classes)."""
+    Returns whether it did (not for a model without that output, nor for logits that are not N x a known number,
+    at least 2, of classes)."""
     from openvino import opset13 as ops
 
-    port = next(r.input_value(0) for r in model.get_results() if logits in r.output(0).get_names())
+    port = next((r.input_value(0) for r in model.get_results() if logits in r.output(0).get_names()), None)
+    if port is None:
+        return False  # no such output: the stage's output check names what the IR has
     shape = port.get_partial_shape()
     if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic or shape[1].get_length() < 2:
         return False  # not N x a known class count: the executor scores the logits
