@@ -53,6 +53,7 @@ SLOW = (
     "test_serve.py::test_a_full_queue_sheds_requests_with_503_and_retry_after",
     "test_int8_gate.py::test_calibration_runs_once_per_stage_and_method",
     "test_openvino.py::test_second_load_comes_from_the_content_keyed_cache",
+    "test_exit_decisions.py::test_openvino_adds_the_decision_at_load",
 )
 SLOW_FIXTURES = (
     "test_adapt.py::trained",
@@ -63,6 +64,7 @@ SLOW_FIXTURES = (
     "test_openvino.py::cascade_bundle",
     "test_openvino.py::ee_bundle",
     "test_openvino.py::npu_bundle",
+    "test_runtime_loop.py::slow",
 )
 # What each test exercises beyond ONNX Runtime and numpy: `-m openvino` after a change to the OpenVINO
 # adapter or exporter, `-m "not keras"` where TensorFlow is not installed.
