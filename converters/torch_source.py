@@ -46,8 +46,8 @@ class PixelInput(torch.nn.Module):
     """A stage that takes uint8 NHWC pixels ``width`` wide: cast, ``(x - mean) / std`` and NHWC->NCHW in the graph.
 
     The mean and std are stored as one row of pixels (1 x 1 x width x 3): ONNX Runtime broadcasts a trailing
-    axis of 3 channels element by element, which took 1.5 ms of an INT8 EfficientNet-Lite0's 7 ms at 224 x 224,
-    and broadcasts a whole row in a tenth of that (same values, bit for bit; its transpose optimizer keeps these
+    axis of 3 channels element by element, which took 1.5 ms of an INT8 EfficientNet-Lite0's 7 ms at 224 x 224
+    (1 thread, Intel Xeon with AVX-512 VNNI; docs/int8.md), and broadcasts a whole row in a tenth of that (same values, bit for bit; its transpose optimizer keeps these
     ops in NHWC whatever order they are written in). OpenVINO and LiteRT run either form at the same speed."""
 
     def __init__(self, module: torch.nn.Module, mean: Sequence[float], std: Sequence[float], width: int):
